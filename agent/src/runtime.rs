@@ -1,0 +1,435 @@
+//! Model loading and execution with tract.
+//!
+//! A [`Model`] is an optimized tract plan with its input facts pinned to the
+//! manifest's shapes; a [`Session`] holds one tract state and is owned by one
+//! worker thread. The same code backs the device and `fleetctl bundle pack`,
+//! so a bundle that packs is a bundle that loads.
+
+use std::sync::Arc;
+
+use edgefleet_wire::bundle::VerifiedModel;
+use edgefleet_wire::manifest::{GoldenSet, ModelFormat, NonFiniteInputs};
+use edgefleet_wire::tensor::{DType, NamedTensor, Tensor as WireTensor, TensorSpec, max_abs_diff};
+use tract_onnx::prelude::*;
+
+use crate::error::{Result, RuntimeError};
+
+#[cfg(target_endian = "big")]
+compile_error!("edgefleet's tensor encoding assumes a little-endian target");
+
+/// The tract version this build runs (recorded in manifests at pack time).
+pub const TRACT_VERSION: &str = "0.23.9";
+
+/// Collapses a tract error chain into one line ("node #12 \"If_0\" If: ...").
+fn one_line(e: &TractError) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let s = cause.to_string().replace('\n', " ");
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ")
+}
+
+fn load_err(e: TractError) -> RuntimeError {
+    RuntimeError::Load {
+        detail: one_line(&e),
+    }
+}
+
+fn to_datum(dtype: DType) -> DatumType {
+    match dtype {
+        DType::F32 => DatumType::F32,
+        DType::F64 => DatumType::F64,
+        DType::F16 => DatumType::F16,
+        DType::I8 => DatumType::I8,
+        DType::I16 => DatumType::I16,
+        DType::I32 => DatumType::I32,
+        DType::I64 => DatumType::I64,
+        DType::U8 => DatumType::U8,
+        DType::U16 => DatumType::U16,
+        DType::U32 => DatumType::U32,
+        DType::U64 => DatumType::U64,
+        DType::Bool => DatumType::Bool,
+    }
+}
+
+fn from_datum(dt: DatumType) -> Option<DType> {
+    Some(match dt.unquantized() {
+        DatumType::F32 => DType::F32,
+        DatumType::F64 => DType::F64,
+        DatumType::F16 => DType::F16,
+        DatumType::I8 => DType::I8,
+        DatumType::I16 => DType::I16,
+        DatumType::I32 => DType::I32,
+        DatumType::I64 => DType::I64,
+        DatumType::U8 => DType::U8,
+        DatumType::U16 => DType::U16,
+        DatumType::U32 => DType::U32,
+        DatumType::U64 => DType::U64,
+        DatumType::Bool => DType::Bool,
+        _ => return None,
+    })
+}
+
+fn usize_shape(shape: &[u64]) -> Result<Vec<usize>> {
+    shape
+        .iter()
+        .map(|&d| {
+            usize::try_from(d).map_err(|_| RuntimeError::Inference {
+                detail: format!("dimension {d} does not fit this platform"),
+            })
+        })
+        .collect()
+}
+
+/// Copies a wire tensor into a tract tensor (one memcpy).
+pub fn to_tract(t: &WireTensor) -> Result<Tensor> {
+    let shape = usize_shape(t.shape())?;
+    let mut out =
+        Tensor::zero_dt(to_datum(t.dtype()), &shape).map_err(|e| RuntimeError::Inference {
+            detail: one_line(&e),
+        })?;
+    // Both sides are dense, row-major and little-endian.
+    out.as_bytes_mut().copy_from_slice(t.data());
+    Ok(out)
+}
+
+/// Copies a tract tensor out into a wire tensor.
+pub fn from_tract(t: &Tensor) -> Result<WireTensor> {
+    let dtype = from_datum(t.datum_type()).ok_or_else(|| RuntimeError::UnsupportedDtype {
+        what: "model output".into(),
+        dtype: format!("{:?}", t.datum_type()),
+    })?;
+    let shape = t.shape().iter().map(|&d| d as u64).collect();
+    WireTensor::from_bytes(dtype, shape, t.as_bytes().to_vec()).map_err(|e| {
+        RuntimeError::Inference {
+            detail: e.to_string(),
+        }
+    })
+}
+
+/// Names of a model's inputs, in order, without pinning or optimizing it.
+/// Used by the packer to match golden files against the model.
+pub fn declared_inputs(format: ModelFormat, bytes: &[u8]) -> Result<Vec<String>> {
+    match format {
+        ModelFormat::Onnx => {
+            let model = tract_onnx::onnx()
+                .model_for_read(&mut &bytes[..])
+                .map_err(load_err)?;
+            outlet_names(&model, model.input_outlets().map_err(load_err)?)
+        }
+        ModelFormat::Nnef => {
+            let model = nnef().model_for_read(&mut &bytes[..]).map_err(load_err)?;
+            outlet_names(&model, model.input_outlets().map_err(load_err)?)
+        }
+    }
+}
+
+fn outlet_names<F, O>(model: &Graph<F, O>, outlets: &[OutletId]) -> Result<Vec<String>>
+where
+    F: Fact + Clone + 'static,
+    O: std::fmt::Debug + std::fmt::Display + AsRef<dyn Op> + AsMut<dyn Op> + Clone + 'static,
+{
+    Ok(outlets
+        .iter()
+        .map(|o| {
+            model
+                .outlet_label(*o)
+                .map(str::to_string)
+                .unwrap_or_else(|| model.node(o.node).name.clone())
+        })
+        .collect())
+}
+
+fn nnef() -> tract_nnef::framework::Nnef {
+    tract_nnef::nnef().with_onnx()
+}
+
+/// An optimized, runnable model with pinned input shapes.
+#[derive(Clone)]
+pub struct Model {
+    plan: Arc<TypedRunnableModel>,
+    inputs: Vec<TensorSpec>,
+    outputs: Vec<TensorSpec>,
+    non_finite: NonFiniteInputs,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("inputs", &self.inputs)
+            .field("outputs", &self.outputs)
+            .finish()
+    }
+}
+
+impl Model {
+    /// Loads a model whose bytes came out of a verified bundle.
+    pub fn from_verified(
+        model: &VerifiedModel,
+        inputs: &[TensorSpec],
+        non_finite: NonFiniteInputs,
+    ) -> Result<Model> {
+        let mut m = Model::load(model.format(), model.bytes(), inputs)?;
+        m.non_finite = non_finite;
+        Ok(m)
+    }
+
+    /// Parses, pins and optimizes model bytes. Devices only call this through
+    /// [`Model::from_verified`]; the packer calls it on the operator's file.
+    pub fn load(format: ModelFormat, bytes: &[u8], inputs: &[TensorSpec]) -> Result<Model> {
+        let typed = pinned_typed(format, bytes, inputs)?;
+        let optimized = typed.into_optimized().map_err(load_err)?;
+        Model::from_optimized(optimized, inputs)
+    }
+
+    fn from_optimized(model: TypedModel, inputs: &[TensorSpec]) -> Result<Model> {
+        let names = outlet_names(&model, model.output_outlets().map_err(load_err)?)?;
+        let mut outputs = Vec::with_capacity(names.len());
+        for (i, name) in names.into_iter().enumerate() {
+            let fact = model.output_fact(i).map_err(load_err)?;
+            let dtype =
+                from_datum(fact.datum_type).ok_or_else(|| RuntimeError::UnsupportedDtype {
+                    what: format!("output {name:?}"),
+                    dtype: format!("{:?}", fact.datum_type),
+                })?;
+            let shape = fact
+                .shape
+                .as_concrete()
+                .ok_or_else(|| RuntimeError::Load {
+                    detail: format!(
+                        "output {name:?} has a symbolic shape {:?} after pinning the inputs",
+                        fact.shape
+                    ),
+                })?
+                .iter()
+                .map(|&d| d as u64)
+                .collect();
+            outputs.push(TensorSpec { name, dtype, shape });
+        }
+        let plan = model.into_runnable().map_err(load_err)?;
+        Ok(Model {
+            plan,
+            inputs: inputs.to_vec(),
+            outputs,
+            non_finite: NonFiniteInputs::Allow,
+        })
+    }
+
+    pub fn inputs(&self) -> &[TensorSpec] {
+        &self.inputs
+    }
+
+    pub fn outputs(&self) -> &[TensorSpec] {
+        &self.outputs
+    }
+
+    /// A fresh tract state: one per worker thread.
+    pub fn session(&self) -> Result<Session> {
+        let state = self.plan.spawn().map_err(|e| RuntimeError::Inference {
+            detail: one_line(&e),
+        })?;
+        Ok(Session {
+            state,
+            model: self.clone(),
+        })
+    }
+
+    /// Checks named inputs against the pinned specs and orders them.
+    pub fn check_inputs<'a>(&self, given: &'a [NamedTensor]) -> Result<Vec<&'a WireTensor>> {
+        let expected = || {
+            self.inputs
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if let Some(extra) = given
+            .iter()
+            .find(|t| self.inputs.iter().all(|s| s.name != t.name))
+        {
+            return Err(RuntimeError::UnknownInput {
+                name: extra.name.clone(),
+                expected: expected(),
+            });
+        }
+        self.inputs
+            .iter()
+            .map(|spec| {
+                let t = given.iter().find(|t| t.name == spec.name).ok_or_else(|| {
+                    RuntimeError::MissingInput {
+                        name: spec.name.clone(),
+                    }
+                })?;
+                if t.tensor.dtype() != spec.dtype {
+                    return Err(RuntimeError::WrongDtype {
+                        name: spec.name.clone(),
+                        got: t.tensor.dtype(),
+                        expected: spec.dtype,
+                    });
+                }
+                if t.tensor.shape() != spec.shape.as_slice() {
+                    return Err(RuntimeError::WrongShape {
+                        name: spec.name.clone(),
+                        got: t.tensor.shape().to_vec(),
+                        expected: spec.shape.clone(),
+                    });
+                }
+                if self.non_finite == NonFiniteInputs::Reject && t.tensor.has_non_finite() {
+                    return Err(RuntimeError::NonFinite {
+                        name: spec.name.clone(),
+                    });
+                }
+                Ok(&t.tensor)
+            })
+            .collect()
+    }
+}
+
+/// Applies the manifest's input shapes and types the model, without
+/// optimizing (NNEF export needs the decluttered, not the optimized, form).
+fn pinned_typed(format: ModelFormat, bytes: &[u8], inputs: &[TensorSpec]) -> Result<TypedModel> {
+    match format {
+        ModelFormat::Onnx => {
+            let mut model = tract_onnx::onnx()
+                .model_for_read(&mut &bytes[..])
+                .map_err(load_err)?;
+            let declared = outlet_names(&model, model.input_outlets().map_err(load_err)?)?;
+            check_declared(&declared, inputs)?;
+            for (i, name) in declared.iter().enumerate() {
+                let spec = inputs
+                    .iter()
+                    .find(|s| &s.name == name)
+                    .ok_or_else(|| RuntimeError::MissingInput { name: name.clone() })?;
+                let fact = InferenceFact::dt_shape(to_datum(spec.dtype), usize_shape(&spec.shape)?);
+                model = model.with_input_fact(i, fact).map_err(load_err)?;
+            }
+            model.into_typed().map_err(load_err)
+        }
+        ModelFormat::Nnef => {
+            let mut model = nnef().model_for_read(&mut &bytes[..]).map_err(load_err)?;
+            let declared = outlet_names(&model, model.input_outlets().map_err(load_err)?)?;
+            check_declared(&declared, inputs)?;
+            for (i, name) in declared.iter().enumerate() {
+                let spec = inputs
+                    .iter()
+                    .find(|s| &s.name == name)
+                    .ok_or_else(|| RuntimeError::MissingInput { name: name.clone() })?;
+                let fact =
+                    TypedFact::dt_shape(to_datum(spec.dtype), usize_shape(&spec.shape)?.as_slice());
+                model = model.with_input_fact(i, fact).map_err(load_err)?;
+            }
+            Ok(model)
+        }
+    }
+}
+
+fn check_declared(declared: &[String], inputs: &[TensorSpec]) -> Result<()> {
+    if let Some(extra) = inputs.iter().find(|s| !declared.contains(&s.name)) {
+        return Err(RuntimeError::UnknownInput {
+            name: extra.name.clone(),
+            expected: declared.join(", "),
+        });
+    }
+    Ok(())
+}
+
+/// Converts an ONNX model to a decluttered tract NNEF tar (FACTS.md: the
+/// optimized form has no serializer; devices optimize after loading).
+pub fn onnx_to_nnef(bytes: &[u8], inputs: &[TensorSpec]) -> Result<Vec<u8>> {
+    let model = pinned_typed(ModelFormat::Onnx, bytes, inputs)?
+        .into_decluttered()
+        .map_err(load_err)?;
+    nnef()
+        .write_to_tar(&model, Vec::new())
+        .map_err(|e| RuntimeError::Load {
+            detail: format!("NNEF export: {}", one_line(&e)),
+        })
+}
+
+/// One worker's inference state.
+pub struct Session {
+    state: TypedSimpleState,
+    model: Model,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("model", &self.model)
+            .finish()
+    }
+}
+
+impl Session {
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Validates inputs and runs one inference.
+    pub fn run(&mut self, inputs: &[NamedTensor]) -> Result<Vec<NamedTensor>> {
+        let ordered = self.model.check_inputs(inputs)?;
+        let values = ordered
+            .into_iter()
+            .map(|t| to_tract(t).map(IntoTValue::into_tvalue))
+            .collect::<Result<TVec<TValue>>>()?;
+        let outs = self
+            .state
+            .run(values)
+            .map_err(|e| RuntimeError::Inference {
+                detail: one_line(&e),
+            })?;
+        outs.iter()
+            .zip(&self.model.outputs)
+            .map(|(v, spec)| Ok(NamedTensor::new(spec.name.clone(), from_tract(v)?)))
+            .collect()
+    }
+}
+
+/// Result of a passing self-test.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SelfTestReport {
+    pub cases: usize,
+    /// Largest difference seen over all cases and outputs.
+    pub max_abs_diff: f64,
+}
+
+/// Runs every golden case and compares each output with the reference.
+/// The first output outside the tolerance fails the test, naming it.
+pub fn self_test(session: &mut Session, golden: &GoldenSet) -> Result<SelfTestReport> {
+    let mut worst = 0.0f64;
+    for (case, gc) in golden.cases.iter().enumerate() {
+        let outs = session.run(&gc.inputs)?;
+        for expected in &gc.outputs {
+            let actual = outs
+                .iter()
+                .find(|o| o.name == expected.name)
+                .ok_or_else(|| RuntimeError::SelfTestShape {
+                    case,
+                    detail: format!("the model produced no output {:?}", expected.name),
+                })?;
+            let diff = max_abs_diff(&actual.tensor, &expected.tensor).map_err(|e| {
+                RuntimeError::SelfTestShape {
+                    case,
+                    detail: format!("output {:?}: {e}", expected.name),
+                }
+            })?;
+            if diff.max_abs.is_nan() || diff.max_abs > f64::from(golden.tolerance) {
+                return Err(RuntimeError::SelfTest {
+                    case,
+                    output: expected.name.clone(),
+                    max_abs: diff.max_abs,
+                    at: diff.at,
+                    tolerance: golden.tolerance,
+                });
+            }
+            worst = worst.max(diff.max_abs);
+        }
+    }
+    Ok(SelfTestReport {
+        cases: golden.cases.len(),
+        max_abs_diff: worst,
+    })
+}

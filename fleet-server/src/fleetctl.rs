@@ -1,0 +1,409 @@
+//! `fleetctl`, the operator CLI. Command shapes here are a public interface
+//! (scripts and CI pipelines call them); extend, never rename.
+
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use edgefleet_wire::bundle::{Limits, read_signed};
+use edgefleet_wire::keys::{
+    KeyId, decode_public_key, decode_secret_key, encode_public_key, encode_secret_key,
+    signing_key_from_seed,
+};
+use edgefleet_wire::manifest::{Manifest, NonFiniteInputs, TargetArch};
+use edgefleet_wire::names::ModelName;
+use edgefleet_wire::verify::{Expiry, TrustRoot, open_bundle};
+use serde_json::json;
+
+use crate::duration::{parse_duration, rfc3339};
+use crate::error::{Error, Result};
+use crate::pack::{PackRequest, pack};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fleetctl",
+    version,
+    about = "Operate an edgefleet fleet: keys, model bundles, rollouts"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate an ed25519 signing key pair: PREFIX.key (0600) and PREFIX.pub.
+    Keygen {
+        #[arg(long, value_name = "PREFIX")]
+        out: PathBuf,
+        /// Overwrite existing key files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Pack, verify and inspect signed model bundles.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BundleCommand {
+    /// Check a model against golden vectors and write a signed bundle.
+    Pack(Box<PackArgs>),
+    /// Verify signatures, expiry and payload digests. Exit 0 if valid.
+    Verify {
+        file: PathBuf,
+        /// Trusted public key file (repeatable).
+        #[arg(long = "trust", value_name = "KEY.pub", required = true)]
+        trust: Vec<PathBuf>,
+        /// Distinct trusted signatures required (default 1).
+        #[arg(long, default_value_t = 1)]
+        threshold: usize,
+    },
+    /// Show a bundle's manifest (signatures are listed, not verified).
+    Inspect {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct PackArgs {
+    /// The ONNX model file.
+    #[arg(long, value_name = "M.onnx")]
+    model: PathBuf,
+    #[arg(long)]
+    name: String,
+    /// Semantic version, e.g. 1.2.0.
+    #[arg(long)]
+    version: String,
+    /// Anti-rollback counter: must increase with every release of NAME.
+    #[arg(long)]
+    sequence: u64,
+    /// Golden inputs (.npz keyed by input name). Repeat for more cases; the
+    /// first file's shapes become the model's pinned input shapes.
+    #[arg(long = "golden-inputs", value_name = "IN.npz", required = true)]
+    golden_inputs: Vec<PathBuf>,
+    /// Reference outputs from ONNX Runtime or the training framework, one per
+    /// --golden-inputs, in the same order.
+    #[arg(long = "golden-outputs", value_name = "OUT.npz")]
+    golden_outputs: Vec<PathBuf>,
+    /// Largest accepted absolute difference per output element.
+    #[arg(long, default_value_t = 1e-4)]
+    tolerance: f32,
+    /// Signing key (repeatable, one signature each).
+    #[arg(long = "key", value_name = "PREFIX.key", required = true)]
+    keys: Vec<PathBuf>,
+    /// Validity period: 30s, 10m, 12h, 90d.
+    #[arg(long = "expires-in", default_value = "90d")]
+    expires_in: String,
+    /// Store the decluttered tract NNEF form (faster device start).
+    #[arg(long)]
+    nnef: bool,
+    /// Target architecture (repeatable; default: x86_64, aarch64, armv7).
+    #[arg(long = "target", value_name = "ARCH")]
+    targets: Vec<String>,
+    /// Oldest agent version that may install this bundle.
+    #[arg(long = "min-agent-version", default_value = edge_agent::AGENT_VERSION)]
+    min_agent_version: String,
+    /// Let the serving API accept NaN/inf inputs (rejected by default).
+    #[arg(long)]
+    allow_non_finite: bool,
+    #[arg(long, value_name = "FILE.bundle")]
+    out: PathBuf,
+}
+
+/// Exit status a command failure maps to.
+pub fn exit_code(e: &Error) -> i32 {
+    match e {
+        Error::Usage(_) => 2,
+        _ => 1,
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Keygen { out, force } => keygen(&out, force),
+        Command::Bundle(BundleCommand::Pack(args)) => pack_cmd(*args),
+        Command::Bundle(BundleCommand::Verify {
+            file,
+            trust,
+            threshold,
+        }) => verify_cmd(&file, &trust, threshold),
+        Command::Bundle(BundleCommand::Inspect { file, json }) => inspect_cmd(&file, json),
+    }
+}
+
+fn with_ext(prefix: &Path, ext: &str) -> PathBuf {
+    let mut s = prefix.as_os_str().to_owned();
+    s.push(".");
+    s.push(ext);
+    PathBuf::from(s)
+}
+
+fn write_file(path: &Path, bytes: &[u8], mode: u32, force: bool) -> Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).mode(mode);
+    if force {
+        opts.create(true).truncate(true);
+    } else {
+        opts.create_new(true);
+    }
+    let mut f = opts.open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            Error::Usage(format!(
+                "{} exists; pass --force to overwrite",
+                path.display()
+            ))
+        } else {
+            Error::io(path, e)
+        }
+    })?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(path, e))
+}
+
+fn keygen(prefix: &Path, force: bool) -> Result<()> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed)
+        .map_err(|e| Error::io(prefix, std::io::Error::other(e.to_string())))?;
+    let sk = signing_key_from_seed(seed);
+    let key_path = with_ext(prefix, "key");
+    let pub_path = with_ext(prefix, "pub");
+    write_file(&key_path, encode_secret_key(&sk).as_bytes(), 0o600, force)?;
+    write_file(
+        &pub_path,
+        encode_public_key(&sk.verifying_key()).as_bytes(),
+        0o644,
+        force,
+    )?;
+    println!(
+        "wrote {} and {} (key id {})",
+        key_path.display(),
+        pub_path.display(),
+        KeyId::of(&sk.verifying_key())
+    );
+    Ok(())
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+}
+
+fn pack_cmd(a: PackArgs) -> Result<()> {
+    let usage = |e: edgefleet_wire::Error| Error::Usage(e.to_string());
+    let keys = a
+        .keys
+        .iter()
+        .map(|p| {
+            decode_secret_key(&read_text(p)?).map_err(|source| Error::File {
+                path: p.clone(),
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let targets = if a.targets.is_empty() {
+        TargetArch::ALL.to_vec()
+    } else {
+        a.targets
+            .iter()
+            .map(|t| t.parse().map_err(usage))
+            .collect::<Result<Vec<_>>>()?
+    };
+    let req = PackRequest {
+        model: a.model,
+        name: ModelName::new(a.name).map_err(usage)?,
+        version: semver::Version::parse(&a.version)
+            .map_err(|e| Error::Usage(format!("--version {:?}: {e}", a.version)))?,
+        sequence: a.sequence,
+        golden_inputs: a.golden_inputs,
+        golden_outputs: a.golden_outputs,
+        tolerance: a.tolerance,
+        keys,
+        now: now_unix(),
+        expires_in: parse_duration(&a.expires_in)?,
+        nnef: a.nnef,
+        targets,
+        min_agent_version: semver::Version::parse(&a.min_agent_version).map_err(|e| {
+            Error::Usage(format!(
+                "--min-agent-version {:?}: {e}",
+                a.min_agent_version
+            ))
+        })?,
+        non_finite_inputs: if a.allow_non_finite {
+            NonFiniteInputs::Allow
+        } else {
+            NonFiniteInputs::Reject
+        },
+    };
+    let packed = pack(&req)?;
+    for w in &packed.warnings {
+        eprintln!("warning: {w}");
+    }
+    write_file(&a.out, &packed.bundle, 0o644, true)?;
+    let m = &packed.manifest;
+    println!(
+        "packed {} {} (sequence {}, {}) -> {}: {} bytes, {} golden case(s) pass, max abs diff {:e} (tolerance {:e}), {} signature(s)",
+        m.name,
+        m.version,
+        m.sequence,
+        m.payload.format,
+        a.out.display(),
+        packed.bundle.len(),
+        m.golden.cases.len(),
+        packed.max_abs_diff,
+        m.golden.tolerance,
+        req.keys.len()
+    );
+    Ok(())
+}
+
+fn verify_cmd(file: &Path, trust: &[PathBuf], threshold: usize) -> Result<()> {
+    let keys = trust
+        .iter()
+        .map(|p| {
+            decode_public_key(&read_text(p)?).map_err(|source| Error::File {
+                path: p.clone(),
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let root = TrustRoot::new(keys, threshold).map_err(|e| Error::Usage(e.to_string()))?;
+    let f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
+    let (manifest, _model) = open_bundle(
+        std::io::BufReader::new(f),
+        &root,
+        Expiry::Enforce { now: now_unix() },
+        &Limits::default(),
+    )
+    .map_err(|source| Error::File {
+        path: file.to_path_buf(),
+        source,
+    })?;
+    println!(
+        "ok: {} {} (sequence {}) signed by {} of {} required trusted key(s), expires {}",
+        manifest.name,
+        manifest.version,
+        manifest.sequence,
+        manifest.signers().len(),
+        root.threshold(),
+        rfc3339(manifest.expires_at)
+    );
+    Ok(())
+}
+
+fn inspect_cmd(file: &Path, as_json: bool) -> Result<()> {
+    let f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
+    let file_err = |source| Error::File {
+        path: file.to_path_buf(),
+        source,
+    };
+    let signed =
+        read_signed(&mut std::io::BufReader::new(f), &Limits::default()).map_err(file_err)?;
+    let m = signed.peek_unverified().map_err(file_err)?;
+    let key_ids: Vec<String> = signed
+        .signatures()
+        .iter()
+        .map(|s| s.key_id.short())
+        .collect();
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&manifest_json(&m, &key_ids)).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    let spec_line = |s: &edgefleet_wire::tensor::TensorSpec| {
+        format!("    {:<24} {:<5} {:?}", s.name, s.dtype, s.shape)
+    };
+    println!("bundle      {}", file.display());
+    println!(
+        "model       {} {} (sequence {})",
+        m.name, m.version, m.sequence
+    );
+    println!("created     {}", rfc3339(m.created_at));
+    println!("expires     {}", rfc3339(m.expires_at));
+    println!(
+        "payload     {} zstd, {} bytes ({} compressed), sha256 {}",
+        m.payload.format,
+        m.payload.len,
+        m.payload.compressed_len,
+        hex::encode(m.payload.sha256)
+    );
+    println!("tract       {}", m.tract_version);
+    println!(
+        "targets     {}",
+        m.targets
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("min agent   {}", m.min_agent_version);
+    println!("inputs");
+    m.inputs.iter().for_each(|s| println!("{}", spec_line(s)));
+    println!("outputs");
+    m.outputs.iter().for_each(|s| println!("{}", spec_line(s)));
+    println!(
+        "golden      {} case(s), tolerance {:e}, reference {:?}",
+        m.golden.cases.len(),
+        m.golden.tolerance,
+        m.golden.reference
+    );
+    println!("non-finite  {:?}", m.non_finite_inputs);
+    println!(
+        "drift       {}",
+        if m.drift_baseline.is_some() {
+            "baseline present"
+        } else {
+            "no baseline"
+        }
+    );
+    println!(
+        "signatures  {} (NOT verified here; use `fleetctl bundle verify`)",
+        key_ids.join(", ")
+    );
+    Ok(())
+}
+
+fn manifest_json(m: &Manifest, key_ids: &[String]) -> serde_json::Value {
+    let specs = |v: &[edgefleet_wire::tensor::TensorSpec]| {
+        v.iter()
+            .map(|s| json!({"name": s.name, "dtype": s.dtype, "shape": s.shape}))
+            .collect::<Vec<_>>()
+    };
+    json!({
+        "name": m.name,
+        "version": m.version.to_string(),
+        "sequence": m.sequence,
+        "created_at": m.created_at,
+        "expires_at": m.expires_at,
+        "payload": {
+            "format": m.payload.format,
+            "compression": m.payload.compression,
+            "len": m.payload.len,
+            "sha256": hex::encode(m.payload.sha256),
+            "compressed_len": m.payload.compressed_len,
+            "compressed_sha256": hex::encode(m.payload.compressed_sha256),
+        },
+        "tract_version": m.tract_version,
+        "inputs": specs(&m.inputs),
+        "outputs": specs(&m.outputs),
+        "targets": m.targets,
+        "min_agent_version": m.min_agent_version.to_string(),
+        "non_finite_inputs": m.non_finite_inputs,
+        "golden": {"cases": m.golden.cases.len(), "tolerance": m.golden.tolerance, "reference": m.golden.reference},
+        "drift_baseline": m.drift_baseline.is_some(),
+        "signatures": key_ids,
+        "signatures_verified": false,
+    })
+}

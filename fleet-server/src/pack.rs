@@ -1,0 +1,236 @@
+//! `fleetctl bundle pack`: turn an operator's model file and golden vectors
+//! into a signed bundle, refusing anything that would fail on a device.
+//!
+//! The packer loads the model with the device runtime, pins the inputs to the
+//! golden shapes, and runs every golden case. With an independent reference
+//! (ONNX Runtime, the training framework) a disagreement beyond the tolerance
+//! is fatal: FACTS.md documents real tract bugs on quantized graphs that this
+//! catches. With `--nnef`, the converted model is loaded back and checked
+//! against the same references, so the stored form is the tested form.
+
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::SigningKey;
+use edge_agent::runtime::{Model, TRACT_VERSION, declared_inputs, onnx_to_nnef, self_test};
+use edgefleet_wire::bundle::{Signed, compress_model, write_bundle};
+use edgefleet_wire::manifest::{
+    GoldenCase, GoldenSet, Manifest, ModelFormat, NonFiniteInputs, ReferenceSource, TargetArch,
+};
+use edgefleet_wire::names::ModelName;
+use edgefleet_wire::npz::{NpzLimits, read_npz};
+use edgefleet_wire::tensor::{NamedTensor, TensorSpec};
+
+use crate::error::{Error, Result};
+
+/// zstd level for payloads: float weights compress poorly, higher levels buy
+/// little and cost seconds per pack; decompression speed barely depends on it.
+const ZSTD_LEVEL: i32 = 9;
+
+/// Everything `bundle pack` needs.
+#[derive(Debug)]
+pub struct PackRequest {
+    pub model: PathBuf,
+    pub name: ModelName,
+    pub version: semver::Version,
+    pub sequence: u64,
+    /// One golden case per entry: inputs, and optionally reference outputs.
+    pub golden_inputs: Vec<PathBuf>,
+    pub golden_outputs: Vec<PathBuf>,
+    pub tolerance: f32,
+    pub keys: Vec<SigningKey>,
+    pub now: u64,
+    pub expires_in: u64,
+    pub nnef: bool,
+    pub targets: Vec<TargetArch>,
+    pub min_agent_version: semver::Version,
+    pub non_finite_inputs: NonFiniteInputs,
+}
+
+/// What a successful pack produced.
+#[derive(Debug)]
+pub struct Packed {
+    pub bundle: Vec<u8>,
+    pub manifest: Manifest,
+    pub max_abs_diff: f64,
+    pub warnings: Vec<String>,
+}
+
+fn read_npz_file(path: &Path) -> Result<Vec<NamedTensor>> {
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    read_npz(std::io::BufReader::new(f), NpzLimits::default()).map_err(|source| Error::File {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Orders `tensors` like `names`, refusing missing or extra entries.
+fn match_names(
+    what: &str,
+    path: &Path,
+    mut tensors: Vec<NamedTensor>,
+    names: &[String],
+) -> Result<Vec<NamedTensor>> {
+    if let Some(extra) = tensors.iter().find(|t| !names.contains(&t.name)) {
+        return Err(Error::Golden(format!(
+            "{}: {:?} is not a model {what} (the model's {what}s are: {})",
+            path.display(),
+            extra.name,
+            names.join(", ")
+        )));
+    }
+    names
+        .iter()
+        .map(|n| {
+            let i = tensors.iter().position(|t| &t.name == n).ok_or_else(|| {
+                Error::Golden(format!("{}: lacks model {what} {n:?}", path.display()))
+            })?;
+            Ok(tensors.swap_remove(i))
+        })
+        .collect()
+}
+
+/// Packs and signs a bundle; see the module docs for the checks.
+pub fn pack(req: &PackRequest) -> Result<Packed> {
+    if req.keys.is_empty() {
+        return Err(Error::Usage("at least one --key is required".into()));
+    }
+    if req.golden_inputs.is_empty() {
+        return Err(Error::Usage(
+            "at least one --golden-inputs file is required".into(),
+        ));
+    }
+    if !req.golden_outputs.is_empty() && req.golden_outputs.len() != req.golden_inputs.len() {
+        return Err(Error::Usage(format!(
+            "{} --golden-inputs but {} --golden-outputs: give one reference per input file, or none",
+            req.golden_inputs.len(),
+            req.golden_outputs.len()
+        )));
+    }
+    if !req.tolerance.is_finite() || req.tolerance < 0.0 {
+        return Err(Error::Usage(format!(
+            "--tolerance {} must be a non-negative number",
+            req.tolerance
+        )));
+    }
+    let onnx = std::fs::read(&req.model).map_err(|e| Error::io(&req.model, e))?;
+    let load_err = |source| Error::Load {
+        path: req.model.clone(),
+        source,
+    };
+    let input_names = declared_inputs(ModelFormat::Onnx, &onnx).map_err(load_err)?;
+
+    // Golden inputs fix the input specs (case 0) and must agree across cases.
+    let mut cases_in = Vec::new();
+    for path in &req.golden_inputs {
+        cases_in.push(match_names(
+            "input",
+            path,
+            read_npz_file(path)?,
+            &input_names,
+        )?);
+    }
+    let specs: Vec<TensorSpec> = cases_in[0].iter().map(NamedTensor::spec).collect();
+    for (path, case) in req.golden_inputs.iter().zip(&cases_in) {
+        for (t, spec) in case.iter().zip(&specs) {
+            if t.spec() != *spec {
+                return Err(Error::Golden(format!(
+                    "{}: input {} does not match {} from the first golden file",
+                    path.display(),
+                    t.spec(),
+                    spec
+                )));
+            }
+        }
+    }
+
+    let model = Model::load(ModelFormat::Onnx, &onnx, &specs).map_err(load_err)?;
+    let output_names: Vec<String> = model.outputs().iter().map(|s| s.name.clone()).collect();
+    let mut session = model.session()?;
+    let mut warnings = Vec::new();
+    let (reference, cases) = if req.golden_outputs.is_empty() {
+        warnings.push(
+            "no --golden-outputs: recording tract's own outputs as the reference; they are not an independent check of tract itself"
+                .to_string(),
+        );
+        let mut cases = Vec::new();
+        for inputs in cases_in {
+            let outputs = session.run(&inputs)?;
+            cases.push(GoldenCase { inputs, outputs });
+        }
+        (ReferenceSource::TractSelf, cases)
+    } else {
+        let mut cases = Vec::new();
+        for (inputs, path) in cases_in.into_iter().zip(&req.golden_outputs) {
+            let outputs = match_names("output", path, read_npz_file(path)?, &output_names)?;
+            for (t, spec) in outputs.iter().zip(model.outputs()) {
+                if t.tensor.dtype() != spec.dtype || t.tensor.shape() != spec.shape.as_slice() {
+                    return Err(Error::Golden(format!(
+                        "{}: reference output {} does not match the model's output {}",
+                        path.display(),
+                        t.spec(),
+                        spec
+                    )));
+                }
+            }
+            cases.push(GoldenCase { inputs, outputs });
+        }
+        (ReferenceSource::External, cases)
+    };
+    let golden = GoldenSet {
+        tolerance: req.tolerance,
+        reference,
+        cases,
+    };
+    let mut report =
+        self_test(&mut session, &golden).map_err(|source| Error::ReferenceMismatch {
+            form: "onnx",
+            source,
+        })?;
+
+    let (format, payload) = if req.nnef {
+        let nnef = onnx_to_nnef(&onnx, &specs).map_err(load_err)?;
+        // The stored form is the tested form: reload the NNEF and re-check.
+        let reloaded = Model::load(ModelFormat::Nnef, &nnef, &specs).map_err(load_err)?;
+        report = self_test(&mut reloaded.session()?, &golden).map_err(|source| {
+            Error::ReferenceMismatch {
+                form: "nnef",
+                source,
+            }
+        })?;
+        (ModelFormat::Nnef, nnef)
+    } else {
+        (ModelFormat::Onnx, onnx)
+    };
+
+    let (payload_info, compressed) = compress_model(&payload, format, ZSTD_LEVEL)?;
+    let expires_at = req
+        .now
+        .checked_add(req.expires_in)
+        .ok_or_else(|| Error::Usage("--expires-in overflows".into()))?;
+    let manifest = Manifest {
+        name: req.name.clone(),
+        version: req.version.clone(),
+        sequence: req.sequence,
+        created_at: req.now,
+        expires_at,
+        payload: payload_info,
+        tract_version: TRACT_VERSION.to_string(),
+        inputs: specs,
+        outputs: model.outputs().to_vec(),
+        targets: req.targets.clone(),
+        min_agent_version: req.min_agent_version.clone(),
+        non_finite_inputs: req.non_finite_inputs,
+        golden,
+        drift_baseline: None,
+    };
+    let keys: Vec<&SigningKey> = req.keys.iter().collect();
+    let signed = Signed::sign(&manifest, &keys)?;
+    let mut bundle = Vec::new();
+    write_bundle(&mut bundle, &signed, &compressed)?;
+    Ok(Packed {
+        bundle,
+        manifest,
+        max_abs_diff: report.max_abs_diff,
+        warnings,
+    })
+}

@@ -1,0 +1,478 @@
+//! End-to-end tests of `fleetctl keygen` and `fleetctl bundle pack|verify|inspect`
+//! on the real models in models/. They run the real binary and check exit
+//! codes and the one-line reasons operators see.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn model(rel: &str) -> PathBuf {
+    let p = root().join(rel);
+    assert!(
+        p.exists(),
+        "missing fixture {} (see models/README.md)",
+        p.display()
+    );
+    p
+}
+
+fn fleetctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[track_caller]
+fn ok(o: Output) -> Output {
+    assert!(
+        o.status.success(),
+        "expected success, got {:?}\nstdout: {}\nstderr: {}",
+        o.status,
+        stdout(&o),
+        stderr(&o)
+    );
+    o
+}
+
+/// Asserts failure with exactly one line on stderr containing `reason`.
+#[track_caller]
+fn refused(o: &Output, reason: &str) {
+    assert!(
+        !o.status.success(),
+        "expected failure, got success\nstdout: {}",
+        stdout(o)
+    );
+    let err = stderr(o);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line on stderr, got:\n{err}");
+    assert!(
+        lines[0].contains(reason),
+        "expected {reason:?} in: {}",
+        lines[0]
+    );
+}
+
+struct Keys {
+    dir: tempfile::TempDir,
+}
+
+impl Keys {
+    fn new(names: &[&str]) -> Keys {
+        let dir = tempfile::tempdir().unwrap();
+        for n in names {
+            ok(fleetctl(&[
+                "keygen",
+                "--out",
+                dir.path().join(n).to_str().unwrap(),
+            ]));
+        }
+        Keys { dir }
+    }
+    fn key(&self, n: &str) -> String {
+        self.path(&format!("{n}.key"))
+    }
+    fn public(&self, n: &str) -> String {
+        self.path(&format!("{n}.pub"))
+    }
+    fn path(&self, f: &str) -> String {
+        self.dir.path().join(f).to_str().unwrap().to_string()
+    }
+}
+
+fn golden_args(dir: &str, cases: usize, with_outputs: bool) -> Vec<String> {
+    let mut v = Vec::new();
+    for i in 0..cases {
+        v.push("--golden-inputs".into());
+        v.push(
+            model(&format!("{dir}/golden/in_{i}.npz"))
+                .to_str()
+                .unwrap()
+                .into(),
+        );
+        if with_outputs {
+            v.push("--golden-outputs".into());
+            v.push(
+                model(&format!("{dir}/golden/out_{i}.npz"))
+                    .to_str()
+                    .unwrap()
+                    .into(),
+            );
+        }
+    }
+    v
+}
+
+fn pack(
+    keys: &Keys,
+    signers: &[&str],
+    model_path: &str,
+    name: &str,
+    golden: Vec<String>,
+    extra: &[&str],
+    out: &str,
+) -> Output {
+    let mut args: Vec<String> = vec![
+        "bundle".into(),
+        "pack".into(),
+        "--model".into(),
+        model(model_path).to_str().unwrap().into(),
+        "--name".into(),
+        name.into(),
+        "--version".into(),
+        "1.0.0".into(),
+        "--sequence".into(),
+        "1".into(),
+        "--out".into(),
+        out.into(),
+    ];
+    args.extend(golden);
+    for s in signers {
+        args.push("--key".into());
+        args.push(keys.key(s));
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    fleetctl(&refs)
+}
+
+fn cls_bundle(keys: &Keys, signers: &[&str], extra: &[&str], out: &str) -> Output {
+    pack(
+        keys,
+        signers,
+        "models/cls/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+        "ppocr-cls",
+        golden_args("models/cls", 4, true),
+        extra,
+        out,
+    )
+}
+
+fn verify(file: &str, trust: &[String], threshold: Option<&str>) -> Output {
+    let mut args = vec!["bundle", "verify", file];
+    for t in trust {
+        args.push("--trust");
+        args.push(t);
+    }
+    if let Some(t) = threshold {
+        args.push("--threshold");
+        args.push(t);
+    }
+    fleetctl(&args)
+}
+
+#[test]
+fn keygen_writes_a_0600_secret_key_and_a_public_key_and_never_overwrites() {
+    use std::os::unix::fs::PermissionsExt;
+    let keys = Keys::new(&["ops"]);
+    let mode = std::fs::metadata(keys.key("ops"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let public = std::fs::read_to_string(keys.public("ops")).unwrap();
+    assert!(public.starts_with("edgefleet-ed25519-public "), "{public}");
+    let again = fleetctl(&["keygen", "--out", &keys.path("ops")]);
+    refused(&again, "exists");
+    assert_eq!(again.status.code(), Some(2));
+}
+
+#[test]
+fn packs_verifies_and_inspects_the_cls_model_against_ort_references() {
+    let keys = Keys::new(&["a"]);
+    let out = keys.path("cls.bundle");
+    let packed = ok(cls_bundle(&keys, &["a"], &[], &out));
+    assert!(
+        stdout(&packed).contains("4 golden case(s) pass"),
+        "{}",
+        stdout(&packed)
+    );
+    assert!(
+        stderr(&packed).is_empty(),
+        "no warning expected with references: {}",
+        stderr(&packed)
+    );
+    let v = ok(verify(&out, &[keys.public("a")], None));
+    assert!(
+        stdout(&v).starts_with("ok: ppocr-cls 1.0.0"),
+        "{}",
+        stdout(&v)
+    );
+
+    let inspected = ok(fleetctl(&["bundle", "inspect", &out, "--json"]));
+    let j: serde_json::Value = serde_json::from_slice(&inspected.stdout).unwrap();
+    assert_eq!(j["name"], "ppocr-cls");
+    assert_eq!(j["sequence"], 1);
+    assert_eq!(j["payload"]["format"], "onnx");
+    assert_eq!(j["inputs"][0]["name"], "x");
+    assert_eq!(j["inputs"][0]["shape"], serde_json::json!([1, 3, 48, 192]));
+    assert_eq!(j["outputs"][0]["shape"], serde_json::json!([1, 2]));
+    assert_eq!(j["golden"]["cases"], 4);
+    assert_eq!(j["golden"]["reference"], "external");
+    assert_eq!(j["tract_version"], "0.23.9");
+    assert_eq!(
+        j["targets"],
+        serde_json::json!(["x86_64", "aarch64", "armv7"])
+    );
+    let text = ok(fleetctl(&["bundle", "inspect", &out]));
+    assert!(stdout(&text).contains("NOT verified"), "{}", stdout(&text));
+}
+
+#[test]
+fn packs_the_cls_model_as_nnef_and_the_nnef_form_passes_the_same_references() {
+    let keys = Keys::new(&["a"]);
+    let out = keys.path("cls-nnef.bundle");
+    ok(cls_bundle(&keys, &["a"], &["--nnef"], &out));
+    ok(verify(&out, &[keys.public("a")], None));
+    let j: serde_json::Value =
+        serde_json::from_slice(&ok(fleetctl(&["bundle", "inspect", &out, "--json"])).stdout)
+            .unwrap();
+    assert_eq!(j["payload"]["format"], "nnef");
+}
+
+#[test]
+fn packs_and_verifies_the_rec_model() {
+    let keys = Keys::new(&["a"]);
+    let out = keys.path("rec.bundle");
+    ok(pack(
+        &keys,
+        &["a"],
+        "models/rec/ch_PP-OCRv4_rec_infer.onnx",
+        "ppocr-rec",
+        golden_args("models/rec", 2, true),
+        &[],
+        &out,
+    ));
+    ok(verify(&out, &[keys.public("a")], None));
+}
+
+#[test]
+fn packs_the_int8_classifier_that_tract_runs_correctly() {
+    let keys = Keys::new(&["a"]);
+    let out = keys.path("int8.bundle");
+    ok(pack(
+        &keys,
+        &["a"],
+        "models/cls-int8/cls_int8.onnx",
+        "ppocr-cls-int8",
+        golden_args("models/cls-int8", 4, true),
+        &[],
+        &out,
+    ));
+    ok(verify(&out, &[keys.public("a")], None));
+}
+
+#[test]
+fn refuses_a_model_tract_cannot_load_with_one_line_naming_node_and_op() {
+    let keys = Keys::new(&["a"]);
+    let out = keys.path("vad.bundle");
+    let dir = tempfile::tempdir().unwrap();
+    // Golden inputs shaped like Silero's: input [1,512], state [2,1,128], sr scalar.
+    let golden = dir.path().join("vad_in.npz");
+    let tensors = vec![
+        edgefleet_wire::tensor::NamedTensor::new(
+            "input",
+            edgefleet_wire::tensor::Tensor::from_f32(vec![1, 512], &[0.0; 512]).unwrap(),
+        ),
+        edgefleet_wire::tensor::NamedTensor::new(
+            "state",
+            edgefleet_wire::tensor::Tensor::from_f32(vec![2, 1, 128], &[0.0; 256]).unwrap(),
+        ),
+        edgefleet_wire::tensor::NamedTensor::new(
+            "sr",
+            edgefleet_wire::tensor::Tensor::from_i64(vec![], &[16000]).unwrap(),
+        ),
+    ];
+    std::fs::write(
+        &golden,
+        edgefleet_wire::npz::to_npz_bytes(&tensors).unwrap(),
+    )
+    .unwrap();
+    let o = pack(
+        &keys,
+        &["a"],
+        "tests/data/silero_vad_16k_op15.onnx",
+        "silero-vad",
+        vec!["--golden-inputs".into(), golden.to_str().unwrap().into()],
+        &[],
+        &out,
+    );
+    refused(&o, "cannot load model");
+    let line = stderr(&o);
+    assert!(line.contains("If"), "names the failing op: {line}");
+    assert!(line.contains("node"), "names the failing node: {line}");
+    assert!(!Path::new(&out).exists(), "no bundle may be written");
+}
+
+#[test]
+fn refuses_a_model_whose_tract_outputs_disagree_with_the_reference() {
+    let keys = Keys::new(&["a"]);
+    let out = keys.path("qdq.bundle");
+    let o = pack(
+        &keys,
+        &["a"],
+        "tests/data/cls_qdq_softmax.onnx",
+        "cls-qdq",
+        vec![
+            "--golden-inputs".into(),
+            model("tests/data/cls_qdq_softmax_golden/in_0.npz")
+                .to_str()
+                .unwrap()
+                .into(),
+            "--golden-outputs".into(),
+            model("tests/data/cls_qdq_softmax_golden/out_0.npz")
+                .to_str()
+                .unwrap()
+                .into(),
+        ],
+        &[],
+        &out,
+    );
+    refused(&o, "refusing to pack");
+    let line = stderr(&o);
+    assert!(line.contains("max abs"), "{line}");
+    assert!(line.contains("tolerance"), "{line}");
+    assert!(line.contains("output \""), "names the output: {line}");
+    assert!(!Path::new(&out).exists());
+}
+
+#[test]
+fn without_references_records_tract_outputs_and_warns() {
+    let keys = Keys::new(&["a"]);
+    let out = keys.path("selfref.bundle");
+    let o = ok(pack(
+        &keys,
+        &["a"],
+        "models/cls/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+        "ppocr-cls",
+        golden_args("models/cls", 1, false),
+        &[],
+        &out,
+    ));
+    assert!(
+        stderr(&o).contains("warning: no --golden-outputs"),
+        "{}",
+        stderr(&o)
+    );
+    let j: serde_json::Value =
+        serde_json::from_slice(&ok(fleetctl(&["bundle", "inspect", &out, "--json"])).stdout)
+            .unwrap();
+    assert_eq!(j["golden"]["reference"], "tract_self");
+}
+
+#[test]
+fn refuses_golden_files_that_do_not_match_the_model() {
+    let keys = Keys::new(&["a"]);
+    let out = keys.path("x.bundle");
+    // The multi-input model's goldens do not carry the classifier's input "x".
+    let o = pack(
+        &keys,
+        &["a"],
+        "models/cls/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+        "ppocr-cls",
+        golden_args("models/multi", 1, false),
+        &[],
+        &out,
+    );
+    refused(&o, "is not a model input");
+    let bad_duration = cls_bundle(&keys, &["a"], &["--expires-in", "90"], &out);
+    refused(&bad_duration, "bad duration");
+    assert_eq!(bad_duration.status.code(), Some(2));
+}
+
+#[test]
+fn every_tamper_case_exits_nonzero_with_its_reason() {
+    let keys = Keys::new(&["a", "b", "stranger"]);
+    let good = keys.path("good.bundle");
+    ok(cls_bundle(&keys, &["a"], &[], &good));
+    let bytes = std::fs::read(&good).unwrap();
+    let tampered = |name: &str, f: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = bytes.clone();
+        f(&mut b);
+        let p = keys.path(name);
+        std::fs::write(&p, b).unwrap();
+        p
+    };
+    let trust_a = [keys.public("a")];
+    let manifest_len = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
+    let sig_len = u32::from_le_bytes(bytes[16..20].try_into().unwrap()) as usize;
+
+    let magic = tampered("magic.bundle", &|b| b[0] ^= 0x01);
+    refused(&verify(&magic, &trust_a, None), "bad magic");
+    let version = tampered("version.bundle", &|b| b[8] = 9);
+    refused(&verify(&version, &trust_a, None), "bad version");
+    let manifest = tampered("manifest.bundle", &|b| b[20 + manifest_len / 2] ^= 0x10);
+    refused(&verify(&manifest, &trust_a, None), "bad signature");
+    let signature = tampered("sig.bundle", &|b| b[20 + manifest_len + 2 + 32 + 5] ^= 0x04);
+    refused(&verify(&signature, &trust_a, None), "bad signature");
+    let payload_at = 20 + manifest_len + sig_len + 100;
+    let payload = tampered("payload.bundle", &|b| b[payload_at] ^= 0x80);
+    refused(&verify(&payload, &trust_a, None), "hash mismatch");
+    let truncated = tampered("truncated.bundle", &|b| b.truncate(b.len() - 1));
+    refused(&verify(&truncated, &trust_a, None), "truncated");
+    let too_large = tampered("large.bundle", &|b| {
+        b[12..16].copy_from_slice(&u32::MAX.to_le_bytes())
+    });
+    refused(&verify(&too_large, &trust_a, None), "too large");
+
+    refused(
+        &verify(&good, &[keys.public("stranger")], None),
+        "unknown key",
+    );
+    refused(
+        &verify(&good, &[keys.public("a"), keys.public("b")], Some("2")),
+        "threshold not met",
+    );
+
+    let both = keys.path("both.bundle");
+    ok(cls_bundle(&keys, &["a", "b"], &[], &both));
+    ok(verify(
+        &both,
+        &[keys.public("a"), keys.public("b")],
+        Some("2"),
+    ));
+
+    // Mix and match: cls manifest + signatures with another bundle's payload.
+    let nnef = keys.path("nnef.bundle");
+    ok(cls_bundle(&keys, &["a"], &["--nnef"], &nnef));
+    let other = std::fs::read(&nnef).unwrap();
+    let other_manifest_len = u32::from_le_bytes(other[12..16].try_into().unwrap()) as usize;
+    let other_sig_len = u32::from_le_bytes(other[16..20].try_into().unwrap()) as usize;
+    let mixed = tampered("mixed.bundle", &|b| {
+        b.truncate(20 + manifest_len + sig_len);
+        b.extend_from_slice(&other[20 + other_manifest_len + other_sig_len..]);
+    });
+    let o = verify(&mixed, &trust_a, None);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("hash mismatch") || e.contains("truncated") || e.contains("trailing data"),
+        "{e}"
+    );
+
+    let short_lived = keys.path("short.bundle");
+    ok(cls_bundle(
+        &keys,
+        &["a"],
+        &["--expires-in", "1s"],
+        &short_lived,
+    ));
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    refused(&verify(&short_lived, &trust_a, None), "expired");
+}

@@ -1,0 +1,437 @@
+//! The bundle file: one self-contained, signed artifact per model version.
+//!
+//! ```text
+//! offset  size  field
+//! 0       8     magic  "EDGEFLT\0"
+//! 8       2     format version (u16 LE) = 1
+//! 10      2     reserved, must be 0
+//! 12      4     manifest length M (u32 LE)
+//! 16      4     signature block length S (u32 LE)
+//! 20      M     manifest (postcard, see crate::manifest)
+//! 20+M    S     signature block: count (u16 LE), then count × (key id [32], ed25519 signature [64])
+//! 20+M+S  C     payload: the model, zstd-compressed; C = manifest.payload.compressed_len
+//! ```
+//!
+//! Reading order is the security argument: sizes are checked against
+//! [`Limits`] before anything is allocated, the manifest bytes are only
+//! decoded after the signatures over *those exact bytes* verify, and payload
+//! bytes are hashed before the decompressor or any model parser sees them.
+
+use std::io::{Read, Write};
+use std::marker::PhantomData;
+
+use ed25519_dalek::{Signature, Signer, SigningKey};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::keys::KeyId;
+use crate::manifest::{Compression, Manifest, ModelFormat, PayloadInfo};
+use crate::verify::Verified;
+
+pub const MAGIC: [u8; 8] = *b"EDGEFLT\0";
+pub const FORMAT_VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 20;
+/// Prepended to the manifest bytes before signing, so that a signature over
+/// a bundle manifest can never be replayed as a signature over anything else.
+pub const SIGNING_DOMAIN: &[u8] = b"edgefleet/v1/bundle-manifest\0";
+const SIGNATURE_ENTRY_LEN: usize = 32 + 64;
+
+/// Size caps applied before reading. Defaults suit a 1 GB board.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Manifest bytes (golden vectors live here, so allow a few MB).
+    pub max_manifest_bytes: u32,
+    /// Signatures in one bundle.
+    pub max_signatures: u16,
+    /// Compressed payload bytes.
+    pub max_payload_bytes: u64,
+    /// Uncompressed model bytes.
+    pub max_model_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_manifest_bytes: 64 * 1024 * 1024,
+            max_signatures: 16,
+            max_payload_bytes: 512 * 1024 * 1024,
+            max_model_bytes: 1024 * 1024 * 1024,
+        }
+    }
+}
+
+/// One signature in the bundle's signature block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignatureEntry {
+    pub key_id: KeyId,
+    pub signature: Signature,
+}
+
+/// A manifest as it travels: the exact encoded bytes plus signatures over
+/// them. Nothing here has been checked; see [`crate::verify::verify`].
+#[derive(Clone, Debug)]
+pub struct Signed<T> {
+    bytes: Vec<u8>,
+    signatures: Vec<SignatureEntry>,
+    _kind: PhantomData<fn() -> T>,
+}
+
+/// The message each key signs: domain tag, then the manifest bytes.
+pub(crate) fn signing_message(manifest_bytes: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(SIGNING_DOMAIN.len() + manifest_bytes.len());
+    m.extend_from_slice(SIGNING_DOMAIN);
+    m.extend_from_slice(manifest_bytes);
+    m
+}
+
+impl Signed<Manifest> {
+    /// Encodes and signs a manifest with every given key.
+    pub fn sign(manifest: &Manifest, keys: &[&SigningKey]) -> Result<Self> {
+        manifest.validate()?;
+        let bytes = postcard::to_allocvec(manifest).map_err(|e| Error::invalid("manifest", e))?;
+        let msg = signing_message(&bytes);
+        let signatures = keys
+            .iter()
+            .map(|k| SignatureEntry {
+                key_id: KeyId::of(&k.verifying_key()),
+                signature: k.sign(&msg),
+            })
+            .collect();
+        Ok(Signed {
+            bytes,
+            signatures,
+            _kind: PhantomData,
+        })
+    }
+
+    /// Decodes the manifest **without** checking signatures: for display
+    /// (`fleetctl bundle inspect`) only. Nothing that installs or serves a
+    /// model accepts a plain `Manifest`.
+    pub fn peek_unverified(&self) -> Result<Manifest> {
+        decode_manifest(&self.bytes)
+    }
+}
+
+impl<T> Signed<T> {
+    /// The exact bytes the signatures cover (without the domain tag).
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub fn signatures(&self) -> &[SignatureEntry] {
+        &self.signatures
+    }
+}
+
+pub(crate) fn decode_manifest(bytes: &[u8]) -> Result<Manifest> {
+    let (m, rest): (Manifest, &[u8]) =
+        postcard::take_from_bytes(bytes).map_err(|e| Error::malformed("manifest", e))?;
+    if !rest.is_empty() {
+        return Err(Error::malformed(
+            "manifest",
+            format!("{} trailing bytes", rest.len()),
+        ));
+    }
+    Ok(m)
+}
+
+/// Reads exactly `buf.len()` bytes or reports how many were there.
+fn fill(r: &mut impl Read, buf: &mut [u8], region: &'static str) -> Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => {
+                return Err(Error::Truncated {
+                    region,
+                    needed: buf.len() as u64,
+                    available: got as u64,
+                });
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(Error::Io {
+                    what: region,
+                    source: e,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads the header, manifest bytes and signatures, leaving `r` at the first
+/// payload byte. Nothing is decoded or trusted yet.
+pub fn read_signed<R: Read>(r: &mut R, limits: &Limits) -> Result<Signed<Manifest>> {
+    let mut header = [0u8; HEADER_LEN];
+    fill(r, &mut header, "header")?;
+    if header[..8] != MAGIC {
+        return Err(Error::BadMagic);
+    }
+    let version = u16::from_le_bytes([header[8], header[9]]);
+    if version != FORMAT_VERSION {
+        return Err(Error::UnsupportedVersion {
+            found: version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    if header[10..12] != [0, 0] {
+        return Err(Error::malformed("header", "reserved bytes are not zero"));
+    }
+    let manifest_len = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
+    let sig_len = u32::from_le_bytes([header[16], header[17], header[18], header[19]]);
+    if manifest_len > limits.max_manifest_bytes {
+        return Err(Error::TooLarge {
+            what: "manifest",
+            size: manifest_len.into(),
+            limit: limits.max_manifest_bytes.into(),
+        });
+    }
+    let max_sig_len = 2 + SIGNATURE_ENTRY_LEN * usize::from(limits.max_signatures);
+    if sig_len as usize > max_sig_len {
+        return Err(Error::TooLarge {
+            what: "signature block",
+            size: sig_len.into(),
+            limit: max_sig_len as u64,
+        });
+    }
+    let mut bytes = vec![0u8; manifest_len as usize];
+    fill(r, &mut bytes, "manifest")?;
+    let mut block = vec![0u8; sig_len as usize];
+    fill(r, &mut block, "signature block")?;
+    let signatures = parse_signature_block(&block)?;
+    Ok(Signed {
+        bytes,
+        signatures,
+        _kind: PhantomData,
+    })
+}
+
+fn parse_signature_block(block: &[u8]) -> Result<Vec<SignatureEntry>> {
+    let Some((count, entries)) = block.split_first_chunk::<2>() else {
+        return Err(Error::malformed(
+            "signature block",
+            "shorter than its count field",
+        ));
+    };
+    let count = usize::from(u16::from_le_bytes(*count));
+    if entries.len() != count * SIGNATURE_ENTRY_LEN {
+        return Err(Error::malformed(
+            "signature block",
+            format!(
+                "{count} signatures need {} bytes, block has {}",
+                count * SIGNATURE_ENTRY_LEN,
+                entries.len()
+            ),
+        ));
+    }
+    Ok(entries
+        .chunks_exact(SIGNATURE_ENTRY_LEN)
+        .map(|e| {
+            let mut key_id = [0u8; 32];
+            key_id.copy_from_slice(&e[..32]);
+            let mut sig = [0u8; 64];
+            sig.copy_from_slice(&e[32..]);
+            SignatureEntry {
+                key_id: KeyId(key_id),
+                signature: Signature::from_bytes(&sig),
+            }
+        })
+        .collect())
+}
+
+/// Writes a complete bundle.
+pub fn write_bundle<W: Write>(
+    mut w: W,
+    signed: &Signed<Manifest>,
+    compressed_payload: &[u8],
+) -> Result<()> {
+    let io = |e| Error::Io {
+        what: "bundle output",
+        source: e,
+    };
+    let manifest_len = u32::try_from(signed.bytes.len()).map_err(|_| Error::TooLarge {
+        what: "manifest",
+        size: signed.bytes.len() as u64,
+        limit: u32::MAX.into(),
+    })?;
+    let count = u16::try_from(signed.signatures.len())
+        .map_err(|_| Error::invalid("signatures", "too many"))?;
+    let sig_len = 2 + SIGNATURE_ENTRY_LEN * signed.signatures.len();
+    let mut header = Vec::with_capacity(HEADER_LEN);
+    header.extend_from_slice(&MAGIC);
+    header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header.extend_from_slice(&[0, 0]);
+    header.extend_from_slice(&manifest_len.to_le_bytes());
+    header.extend_from_slice(&(sig_len as u32).to_le_bytes());
+    w.write_all(&header).map_err(io)?;
+    w.write_all(&signed.bytes).map_err(io)?;
+    w.write_all(&count.to_le_bytes()).map_err(io)?;
+    for s in &signed.signatures {
+        w.write_all(&s.key_id.0).map_err(io)?;
+        w.write_all(&s.signature.to_bytes()).map_err(io)?;
+    }
+    w.write_all(compressed_payload).map_err(io)?;
+    Ok(())
+}
+
+/// Compresses model bytes and describes them for the manifest.
+pub fn compress_model(
+    model: &[u8],
+    format: ModelFormat,
+    level: i32,
+) -> Result<(PayloadInfo, Vec<u8>)> {
+    let compressed = zstd::bulk::compress(model, level).map_err(|e| Error::Io {
+        what: "zstd compression",
+        source: e,
+    })?;
+    let info = PayloadInfo {
+        compression: Compression::Zstd,
+        format,
+        len: model.len() as u64,
+        sha256: Sha256::digest(model).into(),
+        compressed_len: compressed.len() as u64,
+        compressed_sha256: Sha256::digest(&compressed).into(),
+    };
+    Ok((info, compressed))
+}
+
+/// Model bytes whose compressed and uncompressed digests matched a verified
+/// manifest. Only [`read_payload`] builds one.
+#[derive(Clone)]
+pub struct VerifiedModel {
+    format: ModelFormat,
+    bytes: Vec<u8>,
+}
+
+impl std::fmt::Debug for VerifiedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifiedModel")
+            .field("format", &self.format)
+            .field("bytes", &self.bytes.len())
+            .finish()
+    }
+}
+
+impl VerifiedModel {
+    pub fn format(&self) -> ModelFormat {
+        self.format
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// Incremental sha256 + length over a byte stream, compared against a signed
+/// expectation at the end. Used for downloads that arrive in pieces.
+#[derive(Clone, Debug, Default)]
+pub struct StreamDigest {
+    hasher: Sha256,
+    len: u64,
+}
+
+impl StreamDigest {
+    pub fn update(&mut self, chunk: &[u8]) {
+        self.hasher.update(chunk);
+        self.len += chunk.len() as u64;
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Checks the accumulated bytes against the expected length and digest.
+    pub fn check(self, what: &'static str, expected_len: u64, expected: &[u8; 32]) -> Result<()> {
+        if self.len != expected_len {
+            return Err(Error::LengthMismatch {
+                what,
+                expected: expected_len,
+                actual: self.len,
+            });
+        }
+        let actual: [u8; 32] = self.hasher.finalize().into();
+        if &actual != expected {
+            return Err(Error::HashMismatch {
+                what,
+                expected: hex::encode(expected),
+                actual: hex::encode(actual),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Reads the payload that follows a verified manifest, checks the compressed
+/// bytes' length and sha256 *before* decompressing, then decompresses with a
+/// hard cap and checks the model's length and sha256.
+pub fn read_payload<R: Read>(
+    manifest: &Verified<Manifest>,
+    mut r: R,
+    limits: &Limits,
+) -> Result<VerifiedModel> {
+    let p = &manifest.payload;
+    if p.compressed_len > limits.max_payload_bytes {
+        return Err(Error::TooLarge {
+            what: "payload",
+            size: p.compressed_len,
+            limit: limits.max_payload_bytes,
+        });
+    }
+    if p.len > limits.max_model_bytes {
+        return Err(Error::TooLarge {
+            what: "model",
+            size: p.len,
+            limit: limits.max_model_bytes,
+        });
+    }
+    let mut compressed = Vec::new();
+    (&mut r)
+        .take(p.compressed_len)
+        .read_to_end(&mut compressed)
+        .map_err(|e| Error::Io {
+            what: "payload",
+            source: e,
+        })?;
+    if (compressed.len() as u64) < p.compressed_len {
+        return Err(Error::Truncated {
+            region: "payload",
+            needed: p.compressed_len,
+            available: compressed.len() as u64,
+        });
+    }
+    let mut extra = [0u8; 1];
+    if r.read(&mut extra).map_err(|e| Error::Io {
+        what: "payload",
+        source: e,
+    })? != 0
+    {
+        return Err(Error::TrailingData);
+    }
+    let mut digest = StreamDigest::default();
+    digest.update(&compressed);
+    digest.check("compressed payload", p.compressed_len, &p.compressed_sha256)?;
+
+    // Only now does the decompressor see the bytes: they are exactly the
+    // ones the signers hashed.
+    let decoder = zstd::stream::read::Decoder::new(&compressed[..]).map_err(|e| Error::Io {
+        what: "payload decompression",
+        source: e,
+    })?;
+    let mut bytes = Vec::with_capacity(p.len as usize);
+    decoder
+        .take(p.len + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::malformed("payload", format!("zstd: {e}")))?;
+    let mut digest = StreamDigest::default();
+    digest.update(&bytes);
+    digest.check("model", p.len, &p.sha256)?;
+    Ok(VerifiedModel {
+        format: p.format,
+        bytes,
+    })
+}

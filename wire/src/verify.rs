@@ -1,0 +1,161 @@
+//! Signature verification: the trust root and the only constructor of
+//! [`Verified`]. (Modelled on TUF's rule that metadata is decoded from the
+//! bytes that were verified, never from a re-serialization.)
+
+use std::collections::BTreeMap;
+use std::ops::Deref;
+
+use ed25519_dalek::VerifyingKey;
+use sha2::{Digest, Sha256};
+
+use crate::bundle::{
+    Limits, Signed, VerifiedModel, decode_manifest, read_payload, read_signed, signing_message,
+};
+use crate::error::{Error, Result};
+use crate::keys::KeyId;
+use crate::manifest::Manifest;
+
+/// The keys a verifier trusts and how many of them must sign.
+#[derive(Clone, Debug)]
+pub struct TrustRoot {
+    keys: BTreeMap<KeyId, VerifyingKey>,
+    threshold: usize,
+}
+
+impl TrustRoot {
+    /// `threshold` distinct trusted keys must sign. Duplicate keys collapse.
+    pub fn new(keys: impl IntoIterator<Item = VerifyingKey>, threshold: usize) -> Result<Self> {
+        let keys: BTreeMap<_, _> = keys.into_iter().map(|k| (KeyId::of(&k), k)).collect();
+        if threshold == 0 || threshold > keys.len() {
+            return Err(Error::invalid(
+                "trust root",
+                format!("threshold {threshold} with {} distinct key(s)", keys.len()),
+            ));
+        }
+        Ok(TrustRoot { keys, threshold })
+    }
+
+    pub fn threshold(&self) -> usize {
+        self.threshold
+    }
+
+    pub fn key_ids(&self) -> impl Iterator<Item = &KeyId> {
+        self.keys.keys()
+    }
+}
+
+/// Whether to enforce the manifest's expiry, and against which clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expiry {
+    /// Refuse if `now` (unix seconds) is at or past `expires_at`.
+    Enforce { now: u64 },
+    /// Skip the check (inspection tools only).
+    Ignore,
+}
+
+/// A value whose signatures met a trust root's threshold. It has no public
+/// constructor and no `Deserialize`: [`verify`] is the only way to get one.
+#[derive(Clone, Debug)]
+pub struct Verified<T> {
+    value: T,
+    bytes: Vec<u8>,
+    signers: Vec<KeyId>,
+}
+
+impl<T> Verified<T> {
+    /// The signed bytes the value was decoded from.
+    pub fn signed_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Trusted keys whose signatures verified.
+    pub fn signers(&self) -> &[KeyId] {
+        &self.signers
+    }
+
+    /// sha256 of the signed bytes: a stable id for this exact manifest.
+    pub fn digest(&self) -> [u8; 32] {
+        Sha256::digest(&self.bytes).into()
+    }
+}
+
+impl<T> Deref for Verified<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+/// Checks signatures against the trust root, then decodes and validates the
+/// manifest from exactly the verified bytes, then checks expiry.
+///
+/// Order of checks (TUF 5.2-style): signatures first, so that nothing from an
+/// untrusted party reaches the decoder; a signature by a *trusted* key that
+/// fails is reported as tampering even if others would meet the threshold.
+pub fn verify(
+    root: &TrustRoot,
+    signed: &Signed<Manifest>,
+    expiry: Expiry,
+) -> Result<Verified<Manifest>> {
+    let msg = signing_message(signed.bytes());
+    let mut signers: Vec<KeyId> = Vec::new();
+    let mut unknown: Vec<KeyId> = Vec::new();
+    for entry in signed.signatures() {
+        match root.keys.get(&entry.key_id) {
+            Some(key) => {
+                key.verify_strict(&msg, &entry.signature)
+                    .map_err(|_| Error::BadSignature {
+                        key_id: entry.key_id.short(),
+                    })?;
+                if !signers.contains(&entry.key_id) {
+                    signers.push(entry.key_id);
+                }
+            }
+            None => unknown.push(entry.key_id),
+        }
+    }
+    if signers.len() < root.threshold {
+        if signers.is_empty() && !unknown.is_empty() {
+            return Err(Error::UnknownKey {
+                key_ids: unknown
+                    .iter()
+                    .map(KeyId::short)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        return Err(Error::ThresholdNotMet {
+            valid: signers.len(),
+            threshold: root.threshold,
+        });
+    }
+    let value = decode_manifest(signed.bytes())?;
+    value.validate()?;
+    if let Expiry::Enforce { now } = expiry
+        && now >= value.expires_at
+    {
+        return Err(Error::Expired {
+            expires_at: value.expires_at,
+            now,
+        });
+    }
+    Ok(Verified {
+        value,
+        bytes: signed.bytes().to_vec(),
+        signers,
+    })
+}
+
+/// Reads and fully verifies a bundle from a stream: header, signatures,
+/// manifest, then the payload's digests.
+pub fn open_bundle<R: std::io::Read>(
+    mut r: R,
+    root: &TrustRoot,
+    expiry: Expiry,
+    limits: &Limits,
+) -> Result<(Verified<Manifest>, VerifiedModel)> {
+    let signed = read_signed(&mut r, limits)?;
+    let manifest = verify(root, &signed, expiry)?;
+    let model = read_payload(&manifest, r, limits)?;
+    Ok((manifest, model))
+}

@@ -1,0 +1,374 @@
+//! Tamper suite for the bundle format: every manipulation an attacker or a
+//! flaky link can produce must be rejected with the right reason.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use ed25519_dalek::SigningKey;
+use edgefleet_wire::bundle::{Limits, Signed, compress_model, write_bundle};
+use edgefleet_wire::keys::signing_key_from_seed;
+use edgefleet_wire::manifest::{
+    GoldenCase, GoldenSet, Manifest, ModelFormat, NonFiniteInputs, ReferenceSource, TargetArch,
+};
+use edgefleet_wire::names::ModelName;
+use edgefleet_wire::tensor::{DType, NamedTensor, Tensor, TensorSpec};
+use edgefleet_wire::verify::{Expiry, TrustRoot, open_bundle};
+use edgefleet_wire::{Error, bundle::HEADER_LEN};
+use proptest::prelude::*;
+
+const NOW: u64 = 1_800_000_000;
+
+fn key(seed: u8) -> SigningKey {
+    signing_key_from_seed([seed; 32])
+}
+
+fn manifest_for(payload: &[u8], sequence: u64) -> (Manifest, Vec<u8>) {
+    let (info, compressed) = compress_model(payload, ModelFormat::Onnx, 3).unwrap();
+    let x = Tensor::from_f32(vec![1, 2], &[0.5, -1.0]).unwrap();
+    let y = Tensor::from_f32(vec![1, 1], &[0.25]).unwrap();
+    let m = Manifest {
+        name: ModelName::new("cls").unwrap(),
+        version: semver::Version::new(1, 0, sequence),
+        sequence,
+        created_at: NOW - 10,
+        expires_at: NOW + 3600,
+        payload: info,
+        tract_version: "0.23.9".into(),
+        inputs: vec![TensorSpec {
+            name: "x".into(),
+            dtype: DType::F32,
+            shape: vec![1, 2],
+        }],
+        outputs: vec![TensorSpec {
+            name: "y".into(),
+            dtype: DType::F32,
+            shape: vec![1, 1],
+        }],
+        targets: TargetArch::ALL.to_vec(),
+        min_agent_version: semver::Version::new(0, 1, 0),
+        non_finite_inputs: NonFiniteInputs::Reject,
+        golden: GoldenSet {
+            tolerance: 1e-4,
+            reference: ReferenceSource::External,
+            cases: vec![GoldenCase {
+                inputs: vec![NamedTensor::new("x", x)],
+                outputs: vec![NamedTensor::new("y", y)],
+            }],
+        },
+        drift_baseline: None,
+    };
+    (m, compressed)
+}
+
+fn build(payload: &[u8], sequence: u64, keys: &[&SigningKey]) -> Vec<u8> {
+    let (m, compressed) = manifest_for(payload, sequence);
+    let signed = Signed::sign(&m, keys).unwrap();
+    let mut out = Vec::new();
+    write_bundle(&mut out, &signed, &compressed).unwrap();
+    out
+}
+
+fn payload() -> Vec<u8> {
+    (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
+/// Region boundaries of a bundle built by `build`.
+struct Regions {
+    manifest: std::ops::Range<usize>,
+    sigs: std::ops::Range<usize>,
+    payload: std::ops::Range<usize>,
+}
+
+fn regions(b: &[u8]) -> Regions {
+    let m = u32::from_le_bytes(b[12..16].try_into().unwrap()) as usize;
+    let s = u32::from_le_bytes(b[16..20].try_into().unwrap()) as usize;
+    Regions {
+        manifest: HEADER_LEN..HEADER_LEN + m,
+        sigs: HEADER_LEN + m..HEADER_LEN + m + s,
+        payload: HEADER_LEN + m + s..b.len(),
+    }
+}
+
+fn open(b: &[u8], root: &TrustRoot) -> Result<(), Error> {
+    open_with(b, root, &Limits::default())
+}
+
+fn open_with(b: &[u8], root: &TrustRoot, limits: &Limits) -> Result<(), Error> {
+    open_bundle(b, root, Expiry::Enforce { now: NOW }, limits).map(|_| ())
+}
+
+fn root_a() -> TrustRoot {
+    TrustRoot::new([key(1).verifying_key()], 1).unwrap()
+}
+
+fn flipped(b: &[u8], at: usize, bit: u8) -> Vec<u8> {
+    let mut c = b.to_vec();
+    c[at] ^= 1 << bit;
+    c
+}
+
+#[test]
+fn accepts_an_untouched_bundle_and_returns_the_exact_model() {
+    let b = build(&payload(), 1, &[&key(1)]);
+    let (m, model) = open_bundle(
+        &b[..],
+        &root_a(),
+        Expiry::Enforce { now: NOW },
+        &Limits::default(),
+    )
+    .unwrap();
+    assert_eq!(m.sequence, 1);
+    assert_eq!(model.bytes(), payload().as_slice());
+    assert_eq!(m.signers().len(), 1);
+}
+
+#[test]
+fn rejects_a_flipped_bit_in_the_magic() {
+    let b = build(&payload(), 1, &[&key(1)]);
+    for at in 0..8 {
+        for bit in 0..8 {
+            let err = open(&flipped(&b, at, bit), &root_a()).unwrap_err();
+            assert_eq!(err.code(), "bad_magic", "byte {at} bit {bit}: {err}");
+        }
+    }
+}
+
+#[test]
+fn rejects_a_flipped_bit_in_the_format_version() {
+    let b = build(&payload(), 1, &[&key(1)]);
+    for at in 8..10 {
+        let err = open(&flipped(&b, at, 1), &root_a()).unwrap_err();
+        assert_eq!(err.code(), "unsupported_version", "{err}");
+        assert!(err.to_string().starts_with("bad version"), "{err}");
+    }
+}
+
+#[test]
+fn rejects_any_flipped_bit_in_the_manifest_as_a_bad_signature() {
+    let b = build(&payload(), 1, &[&key(1)]);
+    let r = regions(&b);
+    for at in r.manifest.clone() {
+        for bit in [0, 3, 7] {
+            let err = open(&flipped(&b, at, bit), &root_a()).unwrap_err();
+            assert_eq!(err.code(), "bad_signature", "byte {at} bit {bit}: {err}");
+        }
+    }
+}
+
+#[test]
+fn rejects_flipped_bits_in_the_signature_block() {
+    let b = build(&payload(), 1, &[&key(1)]);
+    let r = regions(&b);
+    let count = r.sigs.start..r.sigs.start + 2;
+    let key_id = r.sigs.start + 2..r.sigs.start + 34;
+    let sig = r.sigs.start + 34..r.sigs.end;
+    for at in count {
+        let err = open(&flipped(&b, at, 0), &root_a()).unwrap_err();
+        assert_eq!(err.code(), "malformed", "{err}");
+    }
+    for at in key_id {
+        let err = open(&flipped(&b, at, 2), &root_a()).unwrap_err();
+        assert_eq!(err.code(), "unknown_key", "{err}");
+    }
+    for at in sig {
+        for bit in [0, 5] {
+            let err = open(&flipped(&b, at, bit), &root_a()).unwrap_err();
+            assert_eq!(err.code(), "bad_signature", "byte {at} bit {bit}: {err}");
+        }
+    }
+}
+
+#[test]
+fn rejects_any_flipped_bit_in_the_payload_as_a_hash_mismatch() {
+    let b = build(&payload(), 1, &[&key(1)]);
+    let r = regions(&b);
+    for at in r.payload.clone() {
+        let err = open(&flipped(&b, at, (at % 8) as u8), &root_a()).unwrap_err();
+        assert_eq!(err.code(), "hash_mismatch", "byte {at}: {err}");
+        assert!(err.to_string().contains("compressed payload"), "{err}");
+    }
+}
+
+#[test]
+fn rejects_truncation_at_every_offset() {
+    let b = build(&payload(), 1, &[&key(1)]);
+    for len in 0..b.len() {
+        let err = open(&b[..len], &root_a()).unwrap_err();
+        assert_eq!(err.code(), "truncated", "cut at {len}: {err}");
+    }
+}
+
+#[test]
+fn rejects_bytes_appended_after_the_payload() {
+    let mut b = build(&payload(), 1, &[&key(1)]);
+    b.push(0);
+    assert_eq!(open(&b, &root_a()).unwrap_err().code(), "trailing_data");
+}
+
+#[test]
+fn rejects_a_bundle_signed_by_an_unknown_key() {
+    let b = build(&payload(), 1, &[&key(2)]);
+    let err = open(&b, &root_a()).unwrap_err();
+    assert_eq!(err.code(), "unknown_key", "{err}");
+}
+
+#[test]
+fn rejects_a_bundle_below_the_signature_threshold() {
+    let root = TrustRoot::new([key(1).verifying_key(), key(2).verifying_key()], 2).unwrap();
+    let one = build(&payload(), 1, &[&key(1)]);
+    let err = open(&one, &root).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::ThresholdNotMet {
+                valid: 1,
+                threshold: 2
+            }
+        ),
+        "{err}"
+    );
+    // The same key twice is still one signer.
+    let twice = build(&payload(), 1, &[&key(1), &key(1)]);
+    assert_eq!(open(&twice, &root).unwrap_err().code(), "threshold_not_met");
+    // An untrusted third key does not help either.
+    let with_stranger = build(&payload(), 1, &[&key(1), &key(3)]);
+    assert_eq!(
+        open(&with_stranger, &root).unwrap_err().code(),
+        "threshold_not_met"
+    );
+    let both = build(&payload(), 1, &[&key(2), &key(1)]);
+    open(&both, &root).unwrap();
+}
+
+#[test]
+fn rejects_an_expired_bundle_unless_expiry_is_ignored() {
+    let b = build(&payload(), 1, &[&key(1)]);
+    let late = Expiry::Enforce { now: NOW + 3600 };
+    let err = open_bundle(&b[..], &root_a(), late, &Limits::default()).unwrap_err();
+    assert_eq!(err.code(), "expired");
+    open_bundle(&b[..], &root_a(), Expiry::Ignore, &Limits::default()).unwrap();
+}
+
+#[test]
+fn rejects_oversized_manifest_and_payload_before_reading_them() {
+    let b = build(&payload(), 1, &[&key(1)]);
+    let r = regions(&b);
+    let small_manifest = Limits {
+        max_manifest_bytes: (r.manifest.len() - 1) as u32,
+        ..Limits::default()
+    };
+    let err = open_with(&b, &root_a(), &small_manifest).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::TooLarge {
+                what: "manifest",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let small_payload = Limits {
+        max_payload_bytes: (r.payload.len() - 1) as u64,
+        ..Limits::default()
+    };
+    let err = open_with(&b, &root_a(), &small_payload).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::TooLarge {
+                what: "payload",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let small_model = Limits {
+        max_model_bytes: 100,
+        ..Limits::default()
+    };
+    let err = open_with(&b, &root_a(), &small_model).unwrap_err();
+    assert!(
+        matches!(err, Error::TooLarge { what: "model", .. }),
+        "{err}"
+    );
+    // A header that claims a 4 GiB manifest is refused without allocating.
+    let mut huge = b.clone();
+    huge[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert_eq!(open(&huge, &root_a()).unwrap_err().code(), "too_large");
+}
+
+#[test]
+fn rejects_a_payload_swapped_in_from_another_valid_bundle() {
+    let a = build(&payload(), 1, &[&key(1)]);
+    let mut other_payload = payload();
+    other_payload.reverse();
+    let b = build(&other_payload, 2, &[&key(1)]);
+    let (ra, rb) = (regions(&a), regions(&b));
+    let mut mixed = a[..ra.payload.start].to_vec();
+    mixed.extend_from_slice(&b[rb.payload.clone()]);
+    let err = open(&mixed, &root_a()).unwrap_err();
+    assert!(
+        matches!(err.code(), "hash_mismatch" | "truncated" | "trailing_data"),
+        "{err}"
+    );
+    // Same-length payloads isolate the hash check itself.
+    let mut other_same_len = payload();
+    other_same_len[0] ^= 0xff;
+    let c = build(&other_same_len, 2, &[&key(1)]);
+    let rc = regions(&c);
+    if rc.payload.len() == ra.payload.len() {
+        let mut mixed = a[..ra.payload.start].to_vec();
+        mixed.extend_from_slice(&c[rc.payload]);
+        assert_eq!(open(&mixed, &root_a()).unwrap_err().code(), "hash_mismatch");
+    }
+}
+
+#[test]
+fn rejects_a_manifest_and_signatures_swapped_between_bundles() {
+    // Signatures from bundle B grafted onto bundle A's manifest.
+    let a = build(&payload(), 1, &[&key(1)]);
+    let b = build(&payload(), 2, &[&key(1)]);
+    let (ra, rb) = (regions(&a), regions(&b));
+    let mut mixed = a[..ra.sigs.start].to_vec();
+    mixed.extend_from_slice(&b[rb.sigs.clone()]);
+    mixed.extend_from_slice(&a[ra.payload.clone()]);
+    assert_eq!(open(&mixed, &root_a()).unwrap_err().code(), "bad_signature");
+}
+
+#[test]
+fn signing_refuses_an_inconsistent_manifest() {
+    let (mut m, _) = manifest_for(&payload(), 1);
+    m.golden.cases[0].inputs[0].name = "not-x".into();
+    assert_eq!(Signed::sign(&m, &[&key(1)]).unwrap_err().code(), "invalid");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn decoder_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        let _ = open(&bytes, &root_a());
+    }
+
+    #[test]
+    fn decoder_never_panics_on_mutated_bundles(edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
+        let mut b = build(&payload(), 1, &[&key(1)]);
+        let n = b.len();
+        for (at, v) in edits {
+            b[at % n] = v;
+        }
+        prop_assert!(open(&b, &root_a()).is_err() || b == build(&payload(), 1, &[&key(1)]));
+    }
+
+    #[test]
+    fn manifest_postcard_round_trips(seq in any::<u64>(), tol in 0f32..1.0, major in 0u64..100) {
+        let (mut m, _) = manifest_for(&payload(), 1);
+        m.sequence = seq;
+        m.golden.tolerance = tol;
+        m.version = semver::Version::new(major, 2, 3);
+        let bytes = postcard::to_allocvec(&m).unwrap();
+        let back: Manifest = postcard::from_bytes(&bytes).unwrap();
+        prop_assert_eq!(back, m);
+    }
+}
