@@ -66,3 +66,60 @@ impl RuntimeError {
 }
 
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
+
+/// Errors of the agent outside the model runtime.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bundle {path}: {source}")]
+    Bundle {
+        path: String,
+        #[source]
+        source: edgefleet_wire::Error,
+    },
+    #[error("wrong arch: the bundle targets {targets}, this device is {this}")]
+    WrongArch { targets: String, this: String },
+    #[error("agent too old: the bundle needs agent {required}, this is {ours}")]
+    AgentTooOld { required: String, ours: String },
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("internal error: {0}")]
+    Invariant(String),
+}
+
+impl AgentError {
+    pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
+        AgentError::Io {
+            path: path.as_ref().display().to_string(),
+            source,
+        }
+    }
+
+    /// Stable code for reports and events.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AgentError::Io { .. } => "io",
+            AgentError::Bundle { source, .. } => source.code(),
+            AgentError::WrongArch { .. } => "wrong_arch",
+            AgentError::AgentTooOld { .. } => "agent_too_old",
+            AgentError::Runtime(e) => e.code(),
+            AgentError::Listen { .. } => "listen",
+            AgentError::Config(_) => "config",
+            AgentError::Invariant(_) => "internal",
+        }
+    }
+}

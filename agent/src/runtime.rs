@@ -170,19 +170,64 @@ impl Model {
     pub fn from_verified(
         model: &VerifiedModel,
         inputs: &[TensorSpec],
+        outputs: &[TensorSpec],
         non_finite: NonFiniteInputs,
     ) -> Result<Model> {
-        let mut m = Model::load(model.format(), model.bytes(), inputs)?;
+        let mut m = Model::load(model.format(), model.bytes(), inputs, Some(outputs))?;
         m.non_finite = non_finite;
         Ok(m)
     }
 
     /// Parses, pins and optimizes model bytes. Devices only call this through
     /// [`Model::from_verified`]; the packer calls it on the operator's file.
-    pub fn load(format: ModelFormat, bytes: &[u8], inputs: &[TensorSpec]) -> Result<Model> {
+    ///
+    /// ONNX inputs are matched by name. NNEF sanitizes identifiers (`a/b`
+    /// becomes `a_b`), so NNEF inputs and outputs are matched by position
+    /// and take their names from the specs, which the packer recorded from
+    /// the original ONNX model in the same order.
+    pub fn load(
+        format: ModelFormat,
+        bytes: &[u8],
+        inputs: &[TensorSpec],
+        outputs: Option<&[TensorSpec]>,
+    ) -> Result<Model> {
         let typed = pinned_typed(format, bytes, inputs)?;
         let optimized = typed.into_optimized().map_err(load_err)?;
-        Model::from_optimized(optimized, inputs)
+        let mut model = Model::from_optimized(optimized, inputs)?;
+        if let Some(expected) = outputs {
+            model.adopt_output_names(expected)?;
+        }
+        Ok(model)
+    }
+
+    /// Checks the model's outputs against `expected` by position and takes
+    /// their names.
+    fn adopt_output_names(&mut self, expected: &[TensorSpec]) -> Result<()> {
+        let same = self.outputs.len() == expected.len()
+            && self
+                .outputs
+                .iter()
+                .zip(expected)
+                .all(|(a, b)| a.dtype == b.dtype && a.shape == b.shape);
+        if !same {
+            return Err(RuntimeError::Load {
+                detail: format!(
+                    "the model's outputs [{}] differ from the declared [{}]",
+                    self.outputs
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    expected
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
+        self.outputs = expected.to_vec();
+        Ok(())
     }
 
     fn from_optimized(model: TypedModel, inputs: &[TensorSpec]) -> Result<Model> {
@@ -310,13 +355,16 @@ fn pinned_typed(format: ModelFormat, bytes: &[u8], inputs: &[TensorSpec]) -> Res
         }
         ModelFormat::Nnef => {
             let mut model = nnef().model_for_read(&mut &bytes[..]).map_err(load_err)?;
-            let declared = outlet_names(&model, model.input_outlets().map_err(load_err)?)?;
-            check_declared(&declared, inputs)?;
-            for (i, name) in declared.iter().enumerate() {
-                let spec = inputs
-                    .iter()
-                    .find(|s| &s.name == name)
-                    .ok_or_else(|| RuntimeError::MissingInput { name: name.clone() })?;
+            let declared = model.input_outlets().map_err(load_err)?.len();
+            if declared != inputs.len() {
+                return Err(RuntimeError::Load {
+                    detail: format!(
+                        "the NNEF model has {declared} inputs, the specs declare {}",
+                        inputs.len()
+                    ),
+                });
+            }
+            for (i, spec) in inputs.iter().enumerate() {
                 let fact =
                     TypedFact::dt_shape(to_datum(spec.dtype), usize_shape(&spec.shape)?.as_slice());
                 model = model.with_input_fact(i, fact).map_err(load_err)?;
@@ -385,6 +433,15 @@ impl Session {
             .zip(&self.model.outputs)
             .map(|(v, spec)| Ok(NamedTensor::new(spec.name.clone(), from_tract(v)?)))
             .collect()
+    }
+}
+
+impl Session {
+    /// Runs pre-built tract values with no validation (benchmarks only).
+    pub fn run_values(&mut self, values: TVec<TValue>) -> Result<TVec<TValue>> {
+        self.state.run(values).map_err(|e| RuntimeError::Inference {
+            detail: one_line(&e),
+        })
     }
 }
 

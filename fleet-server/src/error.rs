@@ -25,7 +25,7 @@ pub enum Error {
     Wire(#[from] edgefleet_wire::Error),
     #[error("golden vectors: {0}")]
     Golden(String),
-    #[error("cannot load model {path}: {source}")]
+    #[error("{path}: {source}")]
     Load {
         path: PathBuf,
         #[source]

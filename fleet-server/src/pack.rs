@@ -143,7 +143,7 @@ pub fn pack(req: &PackRequest) -> Result<Packed> {
         }
     }
 
-    let model = Model::load(ModelFormat::Onnx, &onnx, &specs).map_err(load_err)?;
+    let model = Model::load(ModelFormat::Onnx, &onnx, &specs, None).map_err(load_err)?;
     let output_names: Vec<String> = model.outputs().iter().map(|s| s.name.clone()).collect();
     let mut session = model.session()?;
     let mut warnings = Vec::new();
@@ -190,7 +190,8 @@ pub fn pack(req: &PackRequest) -> Result<Packed> {
     let (format, payload) = if req.nnef {
         let nnef = onnx_to_nnef(&onnx, &specs).map_err(load_err)?;
         // The stored form is the tested form: reload the NNEF and re-check.
-        let reloaded = Model::load(ModelFormat::Nnef, &nnef, &specs).map_err(load_err)?;
+        let reloaded = Model::load(ModelFormat::Nnef, &nnef, &specs, Some(model.outputs()))
+            .map_err(load_err)?;
         report = self_test(&mut reloaded.session()?, &golden).map_err(|source| {
             Error::ReferenceMismatch {
                 form: "nnef",

@@ -1,0 +1,370 @@
+//! The local inference API (HTTP/1.1, JSON or `.npz` bodies).
+//!
+//! Routes: `POST /v1/infer`, `GET /v1/model`, `GET /healthz`, `GET /metrics`.
+//! Every failure is `{"error": {"code", "message"}}` with a 4xx for bad
+//! input (never a 500), 503 + `Retry-After` when the queue is full.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use edgefleet_wire::npz::{NpzLimits, from_npz_bytes, to_npz_bytes};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::{decode_request, encode_tensor};
+use crate::engine::{Engine, InferError, SubmitError};
+use crate::error::AgentError;
+use crate::metrics::Metrics;
+
+pub const NPZ_CONTENT_TYPE: &str = "application/x-npz";
+
+/// Settings of the local API.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// Where to listen. Default `127.0.0.1:8080`; anything but loopback
+    /// needs a token.
+    pub listen: SocketAddr,
+    /// Largest accepted request body. Default 64 MiB.
+    pub max_body_bytes: usize,
+    /// Bearer token required on `/v1/*` and `/metrics` when set.
+    pub token: Option<String>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 64 * 1024 * 1024,
+            token: None,
+        }
+    }
+}
+
+impl ApiConfig {
+    /// Binding beyond loopback exposes inference to the network: require a token.
+    pub fn validate(&self) -> Result<(), AgentError> {
+        if !self.listen.ip().is_loopback() && self.token.as_deref().is_none_or(str::is_empty) {
+            return Err(AgentError::Config(format!(
+                "listening on {} (not loopback) requires an API bearer token",
+                self.listen
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    engine: Arc<Engine>,
+    metrics: Arc<Metrics>,
+    max_body_bytes: usize,
+    token: Option<Arc<str>>,
+}
+
+/// An API error: status, stable code, client-safe message.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let mut r = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        r
+    }
+}
+
+/// Builds the router.
+pub fn router(engine: Arc<Engine>, metrics: Arc<Metrics>, config: &ApiConfig) -> Router {
+    let state = AppState {
+        engine,
+        metrics,
+        max_body_bytes: config.max_body_bytes,
+        token: config.token.as_deref().map(Arc::from),
+    };
+    let protected = Router::new()
+        .route("/v1/infer", post(infer))
+        .route("/v1/model", get(model))
+        .route("/metrics", get(metrics_text))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .merge(protected)
+        .route("/healthz", get(healthz))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .with_state(state)
+}
+
+/// Serves until `shutdown` is cancelled.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(token) = &s.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+            s.metrics.record_request(401, Some("unauthorized"));
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a valid bearer token is required",
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn healthz(State(s): State<AppState>) -> Response {
+    match s.engine.active() {
+        Some(m) => (
+            StatusCode::OK,
+            format!("ok {} {}\n", m.info.name, m.info.version),
+        )
+            .into_response(),
+        None => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_model",
+            "no model is serving",
+        )
+        .into_response(),
+    }
+}
+
+async fn model(State(s): State<AppState>) -> Response {
+    match s.engine.active() {
+        Some(m) => axum::Json(&m.info).into_response(),
+        None => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_model",
+            "no model is serving",
+        )
+        .into_response(),
+    }
+}
+
+async fn metrics_text(State(s): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BodyKind {
+    Json,
+    Npz,
+}
+
+fn body_kind(headers: &HeaderMap) -> Result<BodyKind, ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match mime.as_str() {
+        "application/json" => Ok(BodyKind::Json),
+        NPZ_CONTENT_TYPE => Ok(BodyKind::Npz),
+        other => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("content type {other:?}: send application/json or {NPZ_CONTENT_TYPE}"),
+        )),
+    }
+}
+
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<axum::body::Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the request body exceeds the {limit}-byte limit"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let inner = e.into_inner();
+        if inner
+            .downcast_ref::<http_body_util::LengthLimitError>()
+            .is_some()
+        {
+            too_large()
+        } else {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "body_read_failed",
+                format!("reading the body: {inner}"),
+            )
+        }
+    })
+}
+
+async fn infer(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    match infer_inner(&s, &headers, body).await {
+        Ok(r) => {
+            s.metrics.record_request(200, None);
+            r
+        }
+        Err(e) => {
+            s.metrics.record_request(e.status.as_u16(), Some(e.code));
+            e.into_response()
+        }
+    }
+}
+
+async fn infer_inner(s: &AppState, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let kind = body_kind(headers)?;
+    let bytes = read_body(body, headers, s.max_body_bytes).await?;
+    let inputs = match kind {
+        BodyKind::Json => decode_request(&bytes)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code, e.message))?,
+        BodyKind::Npz => from_npz_bytes(
+            &bytes,
+            NpzLimits {
+                max_entries: 256,
+                max_total_bytes: s.max_body_bytes as u64 * 4,
+            },
+        )
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_npz", e.to_string()))?,
+    };
+    let active = s.engine.active().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_model",
+            "no model is serving",
+        )
+    })?;
+    // Validate before queueing so bad input never occupies a worker.
+    active
+        .model
+        .check_inputs(&inputs)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
+    let t0 = Instant::now();
+    let out = s.engine.infer(inputs).await.map_err(|e| match e {
+        InferError::Submit(SubmitError::QueueFull) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "queue_full",
+            "all inference workers are busy and the queue is full; retry shortly",
+        ),
+        InferError::Submit(SubmitError::NoModel) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_model",
+            "no model is serving",
+        ),
+        InferError::Submit(SubmitError::Stopped) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the agent is shutting down",
+        ),
+        // The model changed between validation and execution.
+        InferError::Runtime(e) if e.code() != "inference_failed" => {
+            ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string())
+        }
+        InferError::Runtime(e) => {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.code(), e.to_string())
+        }
+    })?;
+    let latency = t0.elapsed();
+    s.metrics.latency.observe(latency);
+    let latency_ms = latency.as_secs_f64() * 1e3;
+    let info = &out.model.info;
+    match kind {
+        BodyKind::Json => {
+            let outputs: serde_json::Map<String, serde_json::Value> = out
+                .outputs
+                .iter()
+                .map(|t| {
+                    let v = serde_json::to_value(encode_tensor(&t.tensor))
+                        .unwrap_or(serde_json::Value::Null);
+                    (t.name.clone(), v)
+                })
+                .collect();
+            let body = json!({
+                "outputs": outputs,
+                "model": {"name": info.name, "version": info.version},
+                "latency_ms": latency_ms,
+            });
+            Ok(axum::Json(body).into_response())
+        }
+        BodyKind::Npz => {
+            let bytes = to_npz_bytes(&out.outputs).map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "encode_failed",
+                    e.to_string(),
+                )
+            })?;
+            let mut r = (StatusCode::OK, bytes).into_response();
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(NPZ_CONTENT_TYPE),
+            );
+            for (k, v) in [
+                ("x-model-name", info.name.clone()),
+                ("x-model-version", info.version.clone()),
+                ("x-latency-ms", format!("{latency_ms:.3}")),
+            ] {
+                if let Ok(v) = HeaderValue::from_str(&v) {
+                    h.insert(k, v);
+                }
+            }
+            Ok(r)
+        }
+    }
+}

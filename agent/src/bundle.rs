@@ -1,0 +1,111 @@
+//! Opening bundle files on the device: the wire crate's verification plus
+//! the checks only a device can make (its architecture, its agent version).
+
+use std::path::Path;
+
+use edgefleet_wire::bundle::{Limits, VerifiedModel};
+use edgefleet_wire::keys::decode_public_key;
+use edgefleet_wire::manifest::{Manifest, TargetArch};
+use edgefleet_wire::verify::{Expiry, TrustRoot, Verified, open_bundle};
+
+use crate::error::AgentError;
+
+/// A bundle whose signatures, expiry, digests, target and agent version
+/// all passed. Only [`open_file`] and [`open_bytes`] make one.
+#[derive(Debug, Clone)]
+pub struct TrustedBundle {
+    pub manifest: Verified<Manifest>,
+    pub model: VerifiedModel,
+}
+
+/// Current unix time in seconds.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Reads public key files into a trust root.
+pub fn trust_root_from_files(
+    paths: &[impl AsRef<Path>],
+    threshold: usize,
+) -> Result<TrustRoot, AgentError> {
+    let mut keys = Vec::new();
+    for p in paths {
+        let p = p.as_ref();
+        let text = std::fs::read_to_string(p).map_err(|e| AgentError::io(p, e))?;
+        keys.push(
+            decode_public_key(&text).map_err(|source| AgentError::Bundle {
+                path: p.display().to_string(),
+                source,
+            })?,
+        );
+    }
+    TrustRoot::new(keys, threshold).map_err(|source| AgentError::Bundle {
+        path: "trust root".into(),
+        source,
+    })
+}
+
+/// Device-side checks after the signature: architecture and agent version.
+fn check_device(manifest: &Manifest) -> Result<(), AgentError> {
+    let arch = TargetArch::current();
+    if !arch.is_some_and(|a| manifest.targets.contains(&a)) {
+        return Err(AgentError::WrongArch {
+            targets: manifest
+                .targets
+                .iter()
+                .map(|t| t.name())
+                .collect::<Vec<_>>()
+                .join(", "),
+            this: arch.map_or("unknown", TargetArch::name).to_string(),
+        });
+    }
+    let ours = semver::Version::parse(crate::AGENT_VERSION)
+        .map_err(|e| AgentError::Invariant(e.to_string()))?;
+    if ours < manifest.min_agent_version {
+        return Err(AgentError::AgentTooOld {
+            required: manifest.min_agent_version.to_string(),
+            ours: ours.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Verifies a bundle held in memory.
+pub fn open_bytes(
+    bytes: &[u8],
+    root: &TrustRoot,
+    limits: &Limits,
+    label: &str,
+) -> Result<TrustedBundle, AgentError> {
+    let (manifest, model) = open_bundle(bytes, root, Expiry::Enforce { now: now_unix() }, limits)
+        .map_err(|source| AgentError::Bundle {
+        path: label.to_string(),
+        source,
+    })?;
+    check_device(&manifest)?;
+    Ok(TrustedBundle { manifest, model })
+}
+
+/// Verifies a bundle file.
+pub fn open_file(
+    path: &Path,
+    root: &TrustRoot,
+    limits: &Limits,
+) -> Result<TrustedBundle, AgentError> {
+    let f = std::fs::File::open(path).map_err(|e| AgentError::io(path, e))?;
+    let (manifest, model) = open_bundle(
+        std::io::BufReader::new(f),
+        root,
+        Expiry::Enforce { now: now_unix() },
+        limits,
+    )
+    .map_err(|source| AgentError::Bundle {
+        path: path.display().to_string(),
+        source,
+    })?;
+    check_device(&manifest)?;
+    Ok(TrustedBundle { manifest, model })
+}

@@ -1,0 +1,457 @@
+//! `edge-agent` subcommands. Shapes are a public interface: extend, never rename.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use edgefleet_wire::bundle::Limits;
+use edgefleet_wire::npz::{NpzLimits, read_npz, to_npz_bytes};
+use edgefleet_wire::tensor::NamedTensor;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tract_onnx::prelude::*;
+
+use crate::api::{self, ApiConfig};
+use crate::bundle::{TrustedBundle, open_file, trust_root_from_files};
+use crate::engine::{Engine, EngineConfig, prepare};
+use crate::error::AgentError;
+use crate::metrics::Metrics;
+use crate::procstat;
+use crate::runtime::to_tract;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "edge-agent",
+    version,
+    about = "edgefleet device agent: serve verified ONNX model bundles with tract"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BundleArgs {
+    /// A signed model bundle.
+    #[arg(long, value_name = "FILE")]
+    pub bundle: PathBuf,
+    /// Trusted public key (repeatable).
+    #[arg(long = "trust", value_name = "KEY.pub", required = true)]
+    pub trust: Vec<PathBuf>,
+    /// Distinct trusted signatures required.
+    #[arg(long, default_value_t = 1)]
+    pub threshold: usize,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve a verified bundle on the local HTTP API.
+    Serve {
+        #[command(flatten)]
+        bundle: BundleArgs,
+        /// Listen address; non-loopback addresses require --token.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Inference worker threads (one tract state each).
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        /// Requests that may wait for a worker before 503.
+        #[arg(long, default_value_t = 16)]
+        queue: usize,
+        /// Largest request body in bytes.
+        #[arg(long, default_value_t = 64 * 1024 * 1024)]
+        max_body_bytes: usize,
+        /// Bearer token for /v1/* and /metrics.
+        #[arg(long, env = "EDGE_AGENT_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// Offline inference on .npz files (no server).
+    Infer {
+        #[command(flatten)]
+        bundle: BundleArgs,
+        #[arg(
+            long,
+            value_name = "IN.npz",
+            requires = "outputs",
+            conflicts_with = "input_dir"
+        )]
+        inputs: Option<PathBuf>,
+        #[arg(long, value_name = "OUT.npz")]
+        outputs: Option<PathBuf>,
+        /// Run every .npz file in this folder.
+        #[arg(long, value_name = "DIR", requires = "output_dir")]
+        input_dir: Option<PathBuf>,
+        #[arg(long, value_name = "DIR")]
+        output_dir: Option<PathBuf>,
+    },
+    /// Measure load time and inference latency of a bundle.
+    Bench {
+        #[command(flatten)]
+        bundle: BundleArgs,
+        #[arg(long, default_value_t = 100)]
+        iterations: usize,
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// Which path to time.
+        #[arg(long, value_enum, default_value_t = BenchMode::InProcess)]
+        mode: BenchMode,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// What `bench` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchMode {
+    /// The agent's engine: validation, queue, worker thread, conversion.
+    InProcess,
+    /// Local HTTP API with JSON bodies (client in the same process).
+    HttpJson,
+    /// Local HTTP API with .npz bodies.
+    HttpNpz,
+    /// tract alone: a plan run on pre-built input values, nothing else.
+    Bare,
+}
+
+pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), AgentError> {
+    match cli.command {
+        Command::Serve {
+            bundle,
+            listen,
+            workers,
+            queue,
+            max_body_bytes,
+            token,
+        } => {
+            let api = ApiConfig {
+                listen,
+                max_body_bytes,
+                token,
+            };
+            serve(&bundle, EngineConfig { workers, queue }, api, shutdown).await
+        }
+        Command::Infer {
+            bundle,
+            inputs,
+            outputs,
+            input_dir,
+            output_dir,
+        } => tokio::task::spawn_blocking(move || {
+            infer_files(&bundle, inputs, outputs, input_dir, output_dir)
+        })
+        .await
+        .map_err(|e| AgentError::Invariant(e.to_string()))?,
+        Command::Bench {
+            bundle,
+            iterations,
+            warmup,
+            mode,
+            json,
+        } => bench(&bundle, iterations.max(1), warmup, mode, json).await,
+    }
+}
+
+fn open(args: &BundleArgs) -> Result<TrustedBundle, AgentError> {
+    let root = trust_root_from_files(&args.trust, args.threshold)?;
+    open_file(&args.bundle, &root, &Limits::default())
+}
+
+async fn serve(
+    args: &BundleArgs,
+    engine_cfg: EngineConfig,
+    api_cfg: ApiConfig,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    api_cfg.validate()?;
+    let bundle = open(args)?;
+    let (active, _) = tokio::task::spawn_blocking(move || prepare(&bundle))
+        .await
+        .map_err(|e| AgentError::Invariant(e.to_string()))??;
+    let metrics = Arc::new(Metrics::default());
+    let engine = Engine::start(engine_cfg, metrics.clone())?;
+    let info = engine.activate(active).info.clone();
+    let listener = tokio::net::TcpListener::bind(api_cfg.listen)
+        .await
+        .map_err(|source| AgentError::Listen {
+            addr: api_cfg.listen.to_string(),
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| AgentError::Invariant(e.to_string()))?;
+    // Tests and scripts read this line to find an ephemeral port.
+    println!(
+        "listening on http://{addr} serving {} {}",
+        info.name, info.version
+    );
+    tracing::info!(%addr, model = %info.name, version = %info.version, "serving");
+    api::serve(listener, api::router(engine, metrics, &api_cfg), shutdown)
+        .await
+        .map_err(|source| AgentError::Listen {
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+fn read_npz_file(path: &Path) -> Result<Vec<NamedTensor>, AgentError> {
+    let f = std::fs::File::open(path).map_err(|e| AgentError::io(path, e))?;
+    read_npz(std::io::BufReader::new(f), NpzLimits::default()).map_err(|source| {
+        AgentError::Bundle {
+            path: path.display().to_string(),
+            source,
+        }
+    })
+}
+
+fn infer_files(
+    args: &BundleArgs,
+    inputs: Option<PathBuf>,
+    outputs: Option<PathBuf>,
+    input_dir: Option<PathBuf>,
+    output_dir: Option<PathBuf>,
+) -> Result<(), AgentError> {
+    let bundle = open(args)?;
+    let (active, _) = prepare(&bundle)?;
+    let mut session = active.model.session()?;
+    let mut run_one = |src: &Path, dst: &Path| -> Result<(), AgentError> {
+        let outs = session.run(&read_npz_file(src)?)?;
+        let bytes = to_npz_bytes(&outs).map_err(|source| AgentError::Bundle {
+            path: dst.display().to_string(),
+            source,
+        })?;
+        std::fs::write(dst, bytes).map_err(|e| AgentError::io(dst, e))
+    };
+    match (inputs, outputs, input_dir, output_dir) {
+        (Some(i), Some(o), None, None) => run_one(&i, &o),
+        (None, None, Some(idir), Some(odir)) => {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&idir)
+                .map_err(|e| AgentError::io(&idir, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "npz"))
+                .collect();
+            files.sort();
+            std::fs::create_dir_all(&odir).map_err(|e| AgentError::io(&odir, e))?;
+            let bar = indicatif::ProgressBar::new(files.len() as u64);
+            for f in &files {
+                let name = f.file_name().unwrap_or_default();
+                run_one(f, &odir.join(name))?;
+                bar.inc(1);
+            }
+            bar.finish();
+            eprintln!("{} file(s) -> {}", files.len(), odir.display());
+            Ok(())
+        }
+        _ => Err(AgentError::Config(
+            "give --inputs with --outputs, or --input-dir with --output-dir".into(),
+        )),
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+async fn bench(
+    args: &BundleArgs,
+    iterations: usize,
+    warmup: usize,
+    mode: BenchMode,
+    as_json: bool,
+) -> Result<(), AgentError> {
+    let t0 = Instant::now();
+    let bundle = open(args)?;
+    let verify = t0.elapsed();
+    let inputs = bundle.manifest.golden.cases[0].inputs.clone();
+    let name = format!("{} {}", bundle.manifest.name, bundle.manifest.version);
+    let format = bundle.manifest.payload.format;
+
+    let (active, timings) = {
+        let b = bundle.clone();
+        tokio::task::spawn_blocking(move || prepare(&b))
+            .await
+            .map_err(|e| AgentError::Invariant(e.to_string()))??
+    };
+    let metrics = Arc::new(Metrics::default());
+    let engine = Engine::start(EngineConfig::default(), metrics.clone())?;
+    engine.activate(active);
+
+    let mut samples = Vec::with_capacity(iterations);
+    let first;
+    match mode {
+        BenchMode::InProcess => {
+            let t = Instant::now();
+            engine.infer(inputs.clone()).await.map_err(infer_err)?;
+            first = t.elapsed();
+            for i in 0..warmup + iterations {
+                let t = Instant::now();
+                engine.infer(inputs.clone()).await.map_err(infer_err)?;
+                if i >= warmup {
+                    samples.push(ms(t.elapsed()));
+                }
+            }
+        }
+        BenchMode::HttpJson | BenchMode::HttpNpz => {
+            let listener =
+                tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .map_err(|source| AgentError::Listen {
+                        addr: "127.0.0.1:0".into(),
+                        source,
+                    })?;
+            let addr = listener
+                .local_addr()
+                .map_err(|e| AgentError::Invariant(e.to_string()))?;
+            let stop = CancellationToken::new();
+            let app = api::router(engine.clone(), metrics.clone(), &ApiConfig::default());
+            let server = tokio::spawn(api::serve(listener, app, stop.clone()));
+            let client = reqwest::Client::new();
+            let url = format!("http://{addr}/v1/infer");
+            let (ct, body) = if mode == BenchMode::HttpNpz {
+                let b = to_npz_bytes(&inputs).map_err(|e| AgentError::Invariant(e.to_string()))?;
+                (api::NPZ_CONTENT_TYPE, b)
+            } else {
+                let map: serde_json::Map<String, serde_json::Value> = inputs
+                    .iter()
+                    .map(|t| {
+                        (
+                            t.name.clone(),
+                            serde_json::to_value(crate::codec::encode_tensor(&t.tensor))
+                                .unwrap_or_default(),
+                        )
+                    })
+                    .collect();
+                (
+                    "application/json",
+                    serde_json::to_vec(&json!({"inputs": map})).unwrap_or_default(),
+                )
+            };
+            let post = || async {
+                let r = client
+                    .post(&url)
+                    .header("content-type", ct)
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .map_err(|e| AgentError::Invariant(format!("bench request: {e}")))?;
+                if !r.status().is_success() {
+                    return Err(AgentError::Invariant(format!(
+                        "bench request: HTTP {}",
+                        r.status()
+                    )));
+                }
+                r.bytes()
+                    .await
+                    .map_err(|e| AgentError::Invariant(format!("bench response: {e}")))
+            };
+            let t = Instant::now();
+            post().await?;
+            first = t.elapsed();
+            for i in 0..warmup + iterations {
+                let t = Instant::now();
+                post().await?;
+                if i >= warmup {
+                    samples.push(ms(t.elapsed()));
+                }
+            }
+            stop.cancel();
+            let _ = server.await;
+        }
+        BenchMode::Bare => {
+            let (f, s) = tokio::task::spawn_blocking(move || {
+                bare_tract(&bundle, &inputs, warmup, iterations)
+            })
+            .await
+            .map_err(|e| AgentError::Invariant(e.to_string()))??;
+            first = f;
+            samples = s;
+        }
+    }
+    samples.sort_by(f64::total_cmp);
+    let mean = samples.iter().sum::<f64>() / samples.len() as f64;
+    let report = json!({
+        "model": name,
+        "format": format,
+        "mode": format!("{mode:?}"),
+        "iterations": samples.len(),
+        "verify_ms": ms(verify),
+        "load_ms": ms(timings.load),
+        "self_test_ms": ms(timings.self_test),
+        "first_inference_ms": ms(first),
+        "min_ms": samples[0],
+        "median_ms": percentile(&samples, 0.5),
+        "p90_ms": percentile(&samples, 0.9),
+        "p99_ms": percentile(&samples, 0.99),
+        "mean_ms": mean,
+        "rss_bytes": procstat::rss_bytes(),
+    });
+    if as_json {
+        println!("{report}");
+    } else {
+        println!(
+            "{name} ({format}), mode {mode:?}, {} iterations",
+            samples.len()
+        );
+        println!(
+            "  load: verify {:.1} ms, load+optimize {:.1} ms, self-test {:.1} ms, first inference {:.2} ms",
+            ms(verify),
+            ms(timings.load),
+            ms(timings.self_test),
+            ms(first)
+        );
+        println!(
+            "  latency ms: min {:.3}  median {:.3}  p90 {:.3}  p99 {:.3}",
+            samples[0],
+            percentile(&samples, 0.5),
+            percentile(&samples, 0.9),
+            percentile(&samples, 0.99)
+        );
+        println!("  rss: {:.1} MiB", procstat::rss_bytes() as f64 / 1048576.0);
+    }
+    Ok(())
+}
+
+fn infer_err(e: crate::engine::InferError) -> AgentError {
+    match e {
+        crate::engine::InferError::Runtime(r) => AgentError::Runtime(r),
+        crate::engine::InferError::Submit(s) => AgentError::Invariant(format!("{s:?}")),
+    }
+}
+
+/// tract with nothing around it: its own plan, inputs converted once.
+fn bare_tract(
+    bundle: &TrustedBundle,
+    inputs: &[NamedTensor],
+    warmup: usize,
+    iterations: usize,
+) -> Result<(Duration, Vec<f64>), AgentError> {
+    let model = crate::runtime::Model::load(
+        bundle.model.format(),
+        bundle.model.bytes(),
+        &bundle.manifest.inputs,
+        Some(&bundle.manifest.outputs),
+    )?;
+    let mut session = model.session()?;
+    let values: TVec<TValue> = inputs
+        .iter()
+        .map(|t| to_tract(&t.tensor).map(IntoTValue::into_tvalue))
+        .collect::<Result<_, _>>()?;
+    let t = Instant::now();
+    session.run_values(values.clone())?;
+    let first = t.elapsed();
+    let mut samples = Vec::with_capacity(iterations);
+    for i in 0..warmup + iterations {
+        let t = Instant::now();
+        session.run_values(values.clone())?;
+        if i >= warmup {
+            samples.push(ms(t.elapsed()));
+        }
+    }
+    Ok((first, samples))
+}

@@ -1,0 +1,286 @@
+//! The inference engine: the active model, a bounded queue and dedicated
+//! worker threads, each owning one tract state.
+//!
+//! Models are swapped atomically ([`Engine::activate`]): a worker notices a
+//! new generation before its next job and builds a fresh session, so a job
+//! that was already running finishes on the old model and no request sees a
+//! half-installed one.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use edgefleet_wire::manifest::Manifest;
+use edgefleet_wire::tensor::{NamedTensor, TensorSpec};
+use edgefleet_wire::verify::Verified;
+use serde::Serialize;
+
+use crate::bundle::{TrustedBundle, now_unix};
+use crate::error::{AgentError, RuntimeError};
+use crate::metrics::Metrics;
+use crate::runtime::{Model, SelfTestReport, Session, self_test};
+
+/// What clients and reports see about a model.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ModelInfo {
+    pub name: String,
+    pub version: String,
+    pub sequence: u64,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    /// Unix seconds.
+    pub loaded_at: u64,
+    /// sha256 of the signed manifest, hex.
+    pub manifest_digest: String,
+}
+
+/// A loaded, self-tested model ready to serve.
+#[derive(Debug)]
+pub struct ActiveModel {
+    pub info: ModelInfo,
+    pub model: Model,
+    pub manifest: Verified<Manifest>,
+    pub self_test: SelfTestReport,
+    generation: u64,
+}
+
+/// Timings of [`prepare`], for `bench` and reports.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PrepareTimings {
+    pub load: Duration,
+    pub self_test: Duration,
+}
+
+static GENERATION: AtomicU64 = AtomicU64::new(1);
+
+/// Loads and optimizes a trusted bundle's model and runs its golden
+/// self-test. A model that fails is never returned, so it is never served.
+pub fn prepare(bundle: &TrustedBundle) -> Result<(ActiveModel, PrepareTimings), AgentError> {
+    let m = &bundle.manifest;
+    let t0 = Instant::now();
+    let model = Model::from_verified(&bundle.model, &m.inputs, &m.outputs, m.non_finite_inputs)?;
+    let load = t0.elapsed();
+    let t1 = Instant::now();
+    let report = self_test(&mut model.session()?, &m.golden)?;
+    let timings = PrepareTimings {
+        load,
+        self_test: t1.elapsed(),
+    };
+    let info = ModelInfo {
+        name: m.name.to_string(),
+        version: m.version.to_string(),
+        sequence: m.sequence,
+        inputs: m.inputs.clone(),
+        outputs: m.outputs.clone(),
+        loaded_at: now_unix(),
+        manifest_digest: hex::encode(m.digest()),
+    };
+    Ok((
+        ActiveModel {
+            info,
+            model,
+            manifest: m.clone(),
+            self_test: report,
+            generation: GENERATION.fetch_add(1, Ordering::Relaxed),
+        },
+        timings,
+    ))
+}
+
+/// A finished inference.
+#[derive(Debug)]
+pub struct InferOutput {
+    pub outputs: Vec<NamedTensor>,
+    pub model: Arc<ActiveModel>,
+    /// Time spent in the worker (queue wait excluded).
+    pub compute: Duration,
+}
+
+/// Why a job could not be queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The queue is full: the client should retry later (HTTP 503).
+    QueueFull,
+    /// No model is active.
+    NoModel,
+    /// The workers are gone (shutdown).
+    Stopped,
+}
+
+type Reply = tokio::sync::oneshot::Sender<Result<InferOutput, RuntimeError>>;
+
+struct Job {
+    inputs: Vec<NamedTensor>,
+    reply: Reply,
+}
+
+/// Sizing of the worker pool.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineConfig {
+    /// Worker threads, each with its own tract state. Default 1.
+    pub workers: usize,
+    /// Jobs that may wait for a worker before requests get 503. Default 16.
+    pub queue: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            workers: 1,
+            queue: 16,
+        }
+    }
+}
+
+/// The active model plus the worker pool that serves it.
+pub struct Engine {
+    slot: Arc<ArcSwapOption<ActiveModel>>,
+    tx: crossbeam_channel::Sender<Job>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("queued", &self.tx.len())
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Starts the workers. They exit when the engine is dropped.
+    pub fn start(config: EngineConfig, metrics: Arc<Metrics>) -> Result<Arc<Engine>, AgentError> {
+        if config.workers == 0 || config.queue == 0 {
+            return Err(AgentError::Config(
+                "workers and queue must be at least 1".into(),
+            ));
+        }
+        let (tx, rx) = crossbeam_channel::bounded::<Job>(config.queue);
+        let slot: Arc<ArcSwapOption<ActiveModel>> = Arc::new(ArcSwapOption::empty());
+        for i in 0..config.workers {
+            let rx = rx.clone();
+            let slot = slot.clone();
+            let metrics = metrics.clone();
+            std::thread::Builder::new()
+                .name(format!("infer-{i}"))
+                .spawn(move || worker(rx, slot, metrics))
+                .map_err(|e| AgentError::Invariant(format!("cannot spawn worker: {e}")))?;
+        }
+        Ok(Arc::new(Engine { slot, tx, metrics }))
+    }
+
+    /// Makes `model` the active model. Jobs already running finish on the
+    /// previous one; every job taken after this call runs on the new one.
+    pub fn activate(&self, model: ActiveModel) -> Arc<ActiveModel> {
+        let model = Arc::new(model);
+        self.metrics.set_active_model(&model.info);
+        self.slot.store(Some(model.clone()));
+        model
+    }
+
+    /// Stops serving (nothing active).
+    pub fn deactivate(&self) {
+        self.slot.store(None);
+    }
+
+    pub fn active(&self) -> Option<Arc<ActiveModel>> {
+        self.slot.load_full()
+    }
+
+    /// Jobs waiting for a worker.
+    pub fn queue_depth(&self) -> usize {
+        self.tx.len()
+    }
+
+    /// Queues an inference. Fails fast when the queue is full.
+    pub fn submit(
+        &self,
+        inputs: Vec<NamedTensor>,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<InferOutput, RuntimeError>>, SubmitError>
+    {
+        if self.slot.load().is_none() {
+            return Err(SubmitError::NoModel);
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        match self.tx.try_send(Job { inputs, reply }) {
+            Ok(()) => {
+                self.metrics
+                    .queue_depth
+                    .store(self.tx.len() as u64, Ordering::Relaxed);
+                Ok(rx)
+            }
+            Err(crossbeam_channel::TrySendError::Full(_)) => Err(SubmitError::QueueFull),
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => Err(SubmitError::Stopped),
+        }
+    }
+
+    /// Runs one inference and waits for it (for callers outside HTTP).
+    pub async fn infer(&self, inputs: Vec<NamedTensor>) -> Result<InferOutput, InferError> {
+        let rx = self.submit(inputs).map_err(InferError::Submit)?;
+        rx.await
+            .map_err(|_| InferError::Submit(SubmitError::Stopped))?
+            .map_err(InferError::Runtime)
+    }
+}
+
+/// Either side of a failed [`Engine::infer`].
+#[derive(Debug)]
+pub enum InferError {
+    Submit(SubmitError),
+    Runtime(RuntimeError),
+}
+
+fn worker(
+    rx: crossbeam_channel::Receiver<Job>,
+    slot: Arc<ArcSwapOption<ActiveModel>>,
+    metrics: Arc<Metrics>,
+) {
+    let mut current: Option<(Arc<ActiveModel>, Session)> = None;
+    for job in rx.iter() {
+        metrics
+            .queue_depth
+            .store(rx.len() as u64, Ordering::Relaxed);
+        let Some(active) = slot.load_full() else {
+            let _ = job.reply.send(Err(RuntimeError::Inference {
+                detail: "no model is active".into(),
+            }));
+            continue;
+        };
+        let stale = current
+            .as_ref()
+            .is_none_or(|(m, _)| m.generation != active.generation);
+        if stale {
+            match active.model.session() {
+                Ok(s) => current = Some((active.clone(), s)),
+                Err(e) => {
+                    let _ = job.reply.send(Err(e));
+                    continue;
+                }
+            }
+        }
+        let Some((model, session)) = current.as_mut() else {
+            continue;
+        };
+        let t0 = Instant::now();
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| session.run(&job.inputs)));
+        let compute = t0.elapsed();
+        let result = match result {
+            Ok(r) => r.map(|outputs| InferOutput {
+                outputs,
+                model: model.clone(),
+                compute,
+            }),
+            Err(_) => {
+                // A panicking op may leave the state inconsistent: rebuild it.
+                metrics.worker_panics.fetch_add(1, Ordering::Relaxed);
+                current = None;
+                Err(RuntimeError::Inference {
+                    detail: "the inference worker panicked; the session was rebuilt".into(),
+                })
+            }
+        };
+        let _ = job.reply.send(result);
+    }
+}

@@ -1,0 +1,185 @@
+//! Prometheus metrics of the serving path, rendered by hand (text format
+//! 0.0.4): a few atomics and a fixed-bucket histogram need no framework.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::engine::ModelInfo;
+use crate::procstat;
+
+/// Upper bounds of the latency histogram buckets, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+];
+
+/// A cumulative latency histogram.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        for (i, le) in BUCKETS.iter().enumerate() {
+            if s <= *le {
+                self.counts[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+/// Counters and gauges of one agent process.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<u16, u64>>,
+    errors: Mutex<BTreeMap<&'static str, u64>>,
+    pub latency: Histogram,
+    pub queue_depth: AtomicU64,
+    pub worker_panics: AtomicU64,
+    active: Mutex<Option<ModelInfo>>,
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl Metrics {
+    /// Counts a finished request by HTTP status, and by error code if any.
+    pub fn record_request(&self, status: u16, error_code: Option<&'static str>) {
+        if let Ok(mut m) = self.requests.lock() {
+            *m.entry(status).or_default() += 1;
+        }
+        if let Some(code) = error_code
+            && let Ok(mut m) = self.errors.lock()
+        {
+            *m.entry(code).or_default() += 1;
+        }
+    }
+
+    pub fn set_active_model(&self, info: &ModelInfo) {
+        if let Ok(mut a) = self.active.lock() {
+            *a = Some(info.clone());
+        }
+    }
+
+    /// Requests answered with this status so far.
+    pub fn requests_with_status(&self, status: u16) -> u64 {
+        self.requests
+            .lock()
+            .map(|m| m.get(&status).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let _ = writeln!(
+            out,
+            "# HELP edge_agent_requests_total Inference requests by HTTP status."
+        );
+        let _ = writeln!(out, "# TYPE edge_agent_requests_total counter");
+        if let Ok(m) = self.requests.lock() {
+            for (status, n) in m.iter() {
+                let _ = writeln!(out, "edge_agent_requests_total{{status=\"{status}\"}} {n}");
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP edge_agent_errors_total Failed inference requests by error code."
+        );
+        let _ = writeln!(out, "# TYPE edge_agent_errors_total counter");
+        if let Ok(m) = self.errors.lock() {
+            for (code, n) in m.iter() {
+                let _ = writeln!(out, "edge_agent_errors_total{{code=\"{code}\"}} {n}");
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP edge_agent_inference_seconds Time in the inference worker per request."
+        );
+        let _ = writeln!(out, "# TYPE edge_agent_inference_seconds histogram");
+        for (i, le) in BUCKETS.iter().enumerate() {
+            let n = self.latency.counts[i].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "edge_agent_inference_seconds_bucket{{le=\"{le}\"}} {n}"
+            );
+        }
+        let count = self.latency.count();
+        let _ = writeln!(
+            out,
+            "edge_agent_inference_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let sum = self.latency.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "edge_agent_inference_seconds_sum {sum}");
+        let _ = writeln!(out, "edge_agent_inference_seconds_count {count}");
+        let _ = writeln!(
+            out,
+            "# HELP edge_agent_queue_depth Requests waiting for an inference worker."
+        );
+        let _ = writeln!(out, "# TYPE edge_agent_queue_depth gauge");
+        let _ = writeln!(
+            out,
+            "edge_agent_queue_depth {}",
+            self.queue_depth.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP edge_agent_worker_panics_total Inference worker panics (each rebuilt its session)."
+        );
+        let _ = writeln!(out, "# TYPE edge_agent_worker_panics_total counter");
+        let _ = writeln!(
+            out,
+            "edge_agent_worker_panics_total {}",
+            self.worker_panics.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP edge_agent_active_model The model being served (value 1)."
+        );
+        let _ = writeln!(out, "# TYPE edge_agent_active_model gauge");
+        if let Ok(a) = self.active.lock()
+            && let Some(info) = a.as_ref()
+        {
+            let _ = writeln!(
+                out,
+                "edge_agent_active_model{{name=\"{}\",version=\"{}\",sequence=\"{}\"}} 1",
+                escape(&info.name),
+                escape(&info.version),
+                info.sequence
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP process_resident_memory_bytes Resident memory size in bytes."
+        );
+        let _ = writeln!(out, "# TYPE process_resident_memory_bytes gauge");
+        let _ = writeln!(
+            out,
+            "process_resident_memory_bytes {}",
+            procstat::rss_bytes()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds."
+        );
+        let _ = writeln!(out, "# TYPE process_cpu_seconds_total counter");
+        let _ = writeln!(out, "process_cpu_seconds_total {}", procstat::cpu_seconds());
+        out
+    }
+}

@@ -1,0 +1,651 @@
+//! The agent's serving path end to end: real models from models/, packed
+//! into signed bundles, verified, self-tested and served over a real HTTP
+//! server on 127.0.0.1:0.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use edge_agent::api::{self, ApiConfig, NPZ_CONTENT_TYPE};
+use edge_agent::bundle::{TrustedBundle, now_unix, open_bytes};
+use edge_agent::engine::{Engine, EngineConfig, prepare};
+use edge_agent::metrics::Metrics;
+use edge_agent::runtime::{Model, TRACT_VERSION};
+use edgefleet_wire::bundle::{Limits, Signed, compress_model, write_bundle};
+use edgefleet_wire::keys::signing_key_from_seed;
+use edgefleet_wire::manifest::{
+    GoldenCase, GoldenSet, Manifest, ModelFormat, NonFiniteInputs, ReferenceSource, TargetArch,
+};
+use edgefleet_wire::names::ModelName;
+use edgefleet_wire::npz::{NpzLimits, from_npz_bytes, to_npz_bytes};
+use edgefleet_wire::tensor::{NamedTensor, Tensor, max_abs_diff};
+use edgefleet_wire::verify::TrustRoot;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+fn repo(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .join(rel)
+}
+
+fn npz(rel: &str) -> Vec<NamedTensor> {
+    from_npz_bytes(&std::fs::read(repo(rel)).unwrap(), NpzLimits::default()).unwrap()
+}
+
+/// A real model with its ORT golden cases.
+struct Fixture {
+    name: &'static str,
+    model: &'static str,
+    dir: &'static str,
+    cases: usize,
+    tolerance: f32,
+}
+
+const CLS: Fixture = Fixture {
+    name: "ppocr-cls",
+    model: "models/cls/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+    dir: "models/cls",
+    cases: 4,
+    tolerance: 1e-4,
+};
+const REC: Fixture = Fixture {
+    name: "ppocr-rec",
+    model: "models/rec/ch_PP-OCRv4_rec_infer.onnx",
+    dir: "models/rec",
+    cases: 2,
+    tolerance: 1e-4,
+};
+const INT8: Fixture = Fixture {
+    name: "ppocr-cls-int8",
+    model: "models/cls-int8/cls_int8.onnx",
+    dir: "models/cls-int8",
+    cases: 4,
+    tolerance: 1e-4,
+};
+const MULTI: Fixture = Fixture {
+    name: "multi-io",
+    model: "models/multi/multi_io.onnx",
+    dir: "models/multi",
+    cases: 2,
+    tolerance: 1e-5,
+};
+
+fn cases(f: &Fixture) -> Vec<GoldenCase> {
+    (0..f.cases)
+        .map(|i| GoldenCase {
+            inputs: npz(&format!("{}/golden/in_{i}.npz", f.dir)),
+            outputs: npz(&format!("{}/golden/out_{i}.npz", f.dir)),
+        })
+        .collect()
+}
+
+/// Packs a bundle the way fleetctl does (minus its checks, which are
+/// fleetctl's own tests), optionally with reference outputs shifted.
+fn bundle_bytes(f: &Fixture, sequence: u64, shift_reference: f32) -> Vec<u8> {
+    let onnx = std::fs::read(repo(f.model)).unwrap();
+    let mut cases = cases(f);
+    let specs: Vec<_> = cases[0].inputs.iter().map(NamedTensor::spec).collect();
+    let model = Model::load(ModelFormat::Onnx, &onnx, &specs, None).unwrap();
+    // Order golden tensors like the model's specs.
+    for c in &mut cases {
+        c.outputs
+            .sort_by_key(|t| model.outputs().iter().position(|s| s.name == t.name));
+        if shift_reference != 0.0 {
+            let t = &mut c.outputs[0];
+            let shifted: Vec<f32> = t
+                .tensor
+                .as_f32()
+                .unwrap()
+                .iter()
+                .map(|v| v + shift_reference)
+                .collect();
+            t.tensor = Tensor::from_f32(t.tensor.shape().to_vec(), &shifted).unwrap();
+        }
+    }
+    let (payload, compressed) = compress_model(&onnx, ModelFormat::Onnx, 3).unwrap();
+    let now = now_unix();
+    let manifest = Manifest {
+        name: ModelName::new(f.name).unwrap(),
+        version: semver::Version::new(1, 0, sequence),
+        sequence,
+        created_at: now,
+        expires_at: now + 3600,
+        payload,
+        tract_version: TRACT_VERSION.into(),
+        inputs: specs,
+        outputs: model.outputs().to_vec(),
+        targets: TargetArch::ALL.to_vec(),
+        min_agent_version: semver::Version::new(0, 1, 0),
+        non_finite_inputs: NonFiniteInputs::Reject,
+        golden: GoldenSet {
+            tolerance: f.tolerance,
+            reference: ReferenceSource::External,
+            cases,
+        },
+        drift_baseline: None,
+    };
+    let key = signing_key_from_seed([9; 32]);
+    let signed = Signed::sign(&manifest, &[&key]).unwrap();
+    let mut out = Vec::new();
+    write_bundle(&mut out, &signed, &compressed).unwrap();
+    out
+}
+
+fn root() -> TrustRoot {
+    TrustRoot::new([signing_key_from_seed([9; 32]).verifying_key()], 1).unwrap()
+}
+
+fn trusted(f: &Fixture) -> TrustedBundle {
+    open_bytes(
+        &bundle_bytes(f, 1, 0.0),
+        &root(),
+        &Limits::default(),
+        f.name,
+    )
+    .unwrap()
+}
+
+struct Server {
+    url: String,
+    engine: Arc<Engine>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn serve(f: Option<&Fixture>, engine_cfg: EngineConfig, api_cfg: ApiConfig) -> Server {
+    let metrics = Arc::new(Metrics::default());
+    let engine = Engine::start(engine_cfg, metrics.clone()).unwrap();
+    if let Some(f) = f {
+        let b = trusted(f);
+        let (active, _) = tokio::task::spawn_blocking(move || prepare(&b))
+            .await
+            .unwrap()
+            .unwrap();
+        engine.activate(active);
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    let app = api::router(engine.clone(), metrics.clone(), &api_cfg);
+    tokio::spawn(api::serve(listener, app, stop.clone()));
+    Server {
+        url,
+        engine,
+        metrics,
+        stop,
+    }
+}
+
+fn json_inputs(inputs: &[NamedTensor]) -> Value {
+    let map: serde_json::Map<String, Value> = inputs
+        .iter()
+        .map(|t| {
+            (
+                t.name.clone(),
+                serde_json::to_value(edge_agent::codec::encode_tensor(&t.tensor)).unwrap(),
+            )
+        })
+        .collect();
+    json!({ "inputs": map })
+}
+
+fn tensor_from_json(v: &Value) -> Tensor {
+    let dtype = v["dtype"].as_str().unwrap();
+    let shape: Vec<u64> = v["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_u64().unwrap())
+        .collect();
+    let data = v["data"].as_array().unwrap();
+    match dtype {
+        "f32" => Tensor::from_f32(
+            shape,
+            &data
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect::<Vec<_>>(),
+        )
+        .unwrap(),
+        "i64" => Tensor::from_i64(
+            shape,
+            &data.iter().map(|x| x.as_i64().unwrap()).collect::<Vec<_>>(),
+        )
+        .unwrap(),
+        other => panic!("unexpected output dtype {other}"),
+    }
+}
+
+async fn post_json(url: &str, body: &Value) -> (u16, Value, reqwest::header::HeaderMap) {
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/infer"))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(body).unwrap())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    (status, r.json().await.unwrap(), headers)
+}
+
+async fn post_raw(
+    url: &str,
+    ct: &str,
+    body: Vec<u8>,
+) -> (u16, Vec<u8>, reqwest::header::HeaderMap) {
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/infer"))
+        .header("content-type", ct)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    (status, r.bytes().await.unwrap().to_vec(), headers)
+}
+
+async fn assert_serves_references(f: &Fixture) {
+    let server = serve(Some(f), EngineConfig::default(), ApiConfig::default()).await;
+    for (i, case) in cases(f).iter().enumerate() {
+        // JSON form.
+        let (status, body, _) = post_json(&server.url, &json_inputs(&case.inputs)).await;
+        assert_eq!(status, 200, "{}: {body}", f.name);
+        assert_eq!(body["model"]["name"], f.name);
+        assert!(body["latency_ms"].as_f64().unwrap() > 0.0);
+        for expected in &case.outputs {
+            let got = tensor_from_json(&body["outputs"][&expected.name]);
+            let d = max_abs_diff(&got, &expected.tensor).unwrap();
+            assert!(
+                d.max_abs <= f64::from(f.tolerance),
+                "{} case {i} output {}: {d:?}",
+                f.name,
+                expected.name
+            );
+        }
+        // npz form, answered in npz.
+        let (status, bytes, headers) = post_raw(
+            &server.url,
+            NPZ_CONTENT_TYPE,
+            to_npz_bytes(&case.inputs).unwrap(),
+        )
+        .await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
+        assert_eq!(headers["content-type"], NPZ_CONTENT_TYPE);
+        assert_eq!(headers["x-model-name"], f.name);
+        let outs = from_npz_bytes(&bytes, NpzLimits::default()).unwrap();
+        for expected in &case.outputs {
+            let got = outs.iter().find(|o| o.name == expected.name).unwrap();
+            let d = max_abs_diff(&got.tensor, &expected.tensor).unwrap();
+            assert!(
+                d.max_abs <= f64::from(f.tolerance),
+                "{} npz case {i} output {}: {d:?}",
+                f.name,
+                expected.name
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn serves_the_cls_model_with_outputs_matching_ort() {
+    assert_serves_references(&CLS).await;
+}
+
+#[tokio::test]
+async fn serves_the_rec_model_with_outputs_matching_ort() {
+    assert_serves_references(&REC).await;
+}
+
+#[tokio::test]
+async fn serves_the_int8_classifier_with_outputs_matching_ort() {
+    assert_serves_references(&INT8).await;
+}
+
+#[tokio::test]
+async fn serves_a_multi_input_int64_two_output_model() {
+    assert_serves_references(&MULTI).await;
+}
+
+#[tokio::test]
+async fn reports_the_active_model_and_health() {
+    let server = serve(Some(&CLS), EngineConfig::default(), ApiConfig::default()).await;
+    let m: Value = reqwest::get(format!("{}/v1/model", server.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(m["name"], "ppocr-cls");
+    assert_eq!(m["version"], "1.0.1");
+    assert_eq!(m["sequence"], 1);
+    assert_eq!(m["inputs"][0]["name"], "x");
+    assert_eq!(m["outputs"][0]["shape"], json!([1, 2]));
+    assert!(m["loaded_at"].as_u64().unwrap() > 1_700_000_000);
+    let h = reqwest::get(format!("{}/healthz", server.url))
+        .await
+        .unwrap();
+    assert_eq!(h.status(), 200);
+
+    let empty = serve(None, EngineConfig::default(), ApiConfig::default()).await;
+    let h = reqwest::get(format!("{}/healthz", empty.url))
+        .await
+        .unwrap();
+    assert_eq!(h.status(), 503);
+    let (status, body, _) = post_json(&empty.url, &json!({"inputs": {}})).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("no_model"))
+    );
+}
+
+#[tokio::test]
+async fn every_bad_input_gets_a_specific_4xx_and_the_model_keeps_serving() {
+    let server = serve(
+        Some(&MULTI),
+        EngineConfig::default(),
+        ApiConfig {
+            max_body_bytes: 64 * 1024,
+            ..ApiConfig::default()
+        },
+    )
+    .await;
+    let good = cases(&MULTI)[0].inputs.clone();
+    let good_json = json_inputs(&good);
+    let with = |edit: &dyn Fn(&mut Value)| {
+        let mut v = good_json.clone();
+        edit(&mut v);
+        v
+    };
+    let json_cases: Vec<(&str, Value, u16, &str)> = vec![
+        (
+            "unknown input",
+            with(&|v| {
+                v["inputs"]["nope"] = json!({"dtype": "f32", "shape": [1], "data": [1.0]});
+            }),
+            400,
+            "unknown_input",
+        ),
+        (
+            "missing input",
+            with(&|v| {
+                v["inputs"].as_object_mut().unwrap().remove("step/ids");
+            }),
+            400,
+            "missing_input",
+        ),
+        (
+            "wrong dtype",
+            with(&|v| {
+                v["inputs"]["step/ids"]["dtype"] = json!("i32");
+            }),
+            400,
+            "wrong_dtype",
+        ),
+        (
+            "wrong shape",
+            with(&|v| {
+                v["inputs"]["x"]["shape"] = json!([2, 4]);
+            }),
+            400,
+            "wrong_shape",
+        ),
+        (
+            "element count",
+            with(&|v| {
+                v["inputs"]["x"]["data"].as_array_mut().unwrap().pop();
+            }),
+            400,
+            "element_count",
+        ),
+        (
+            "NaN (null) when the manifest forbids it",
+            with(&|v| {
+                v["inputs"]["x"]["data"][0] = Value::Null;
+            }),
+            400,
+            "non_finite_input",
+        ),
+        (
+            "unknown dtype",
+            with(&|v| {
+                v["inputs"]["x"]["dtype"] = json!("complex64");
+            }),
+            400,
+            "unknown_dtype",
+        ),
+        (
+            "no inputs field",
+            json!({"input": {}}),
+            400,
+            "malformed_json",
+        ),
+    ];
+    for (what, body, status, code) in json_cases {
+        let (s, b, _) = post_json(&server.url, &body).await;
+        assert_eq!(
+            (s, b["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{what}: {b}"
+        );
+        assert!(!b["error"]["message"].as_str().unwrap().is_empty());
+    }
+    let raw_cases: Vec<(&str, &str, Vec<u8>, u16, &str)> = vec![
+        (
+            "malformed JSON",
+            "application/json",
+            b"{\"inputs\": {".to_vec(),
+            400,
+            "malformed_json",
+        ),
+        (
+            "malformed npz",
+            NPZ_CONTENT_TYPE,
+            b"PK\x03\x04 garbage".to_vec(),
+            400,
+            "malformed_npz",
+        ),
+        (
+            "body over the limit",
+            "application/json",
+            vec![b' '; 65 * 1024],
+            413,
+            "body_too_large",
+        ),
+        (
+            "unsupported media type",
+            "text/plain",
+            b"hello".to_vec(),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "NaN in an npz body",
+            NPZ_CONTENT_TYPE,
+            {
+                let mut ts = good.clone();
+                let x = ts.iter_mut().find(|t| t.name == "x").unwrap();
+                let mut v = x.tensor.as_f32().unwrap();
+                v[3] = f32::NAN;
+                x.tensor = Tensor::from_f32(x.tensor.shape().to_vec(), &v).unwrap();
+                to_npz_bytes(&ts).unwrap()
+            },
+            400,
+            "non_finite_input",
+        ),
+    ];
+    for (what, ct, body, status, code) in raw_cases {
+        let (s, b, _) = post_raw(&server.url, ct, body).await;
+        let v: Value = serde_json::from_slice(&b)
+            .unwrap_or_else(|_| panic!("{what}: not JSON: {}", String::from_utf8_lossy(&b)));
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{what}: {v}"
+        );
+    }
+    // After all of that, the model still answers correctly.
+    let (s, b, _) = post_json(&server.url, &good_json).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(server.metrics.requests_with_status(200), 1);
+    assert!(server.metrics.requests_with_status(400) >= 10);
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_503_with_retry_after() {
+    let server = serve(
+        Some(&REC),
+        EngineConfig {
+            workers: 1,
+            queue: 1,
+        },
+        ApiConfig::default(),
+    )
+    .await;
+    let body = json_inputs(&cases(&REC)[0].inputs);
+    let mut handles = Vec::new();
+    for _ in 0..12 {
+        let url = server.url.clone();
+        let body = body.clone();
+        handles.push(tokio::spawn(async move { post_json(&url, &body).await }));
+    }
+    let (mut ok, mut busy) = (0, 0);
+    for h in handles {
+        let (s, b, headers) = h.await.unwrap();
+        match s {
+            200 => ok += 1,
+            503 => {
+                busy += 1;
+                assert_eq!(b["error"]["code"], "queue_full");
+                assert_eq!(headers["retry-after"], "1");
+            }
+            other => panic!("unexpected status {other}: {b}"),
+        }
+    }
+    assert!(ok >= 1, "the queue still serves");
+    assert!(
+        busy >= 1,
+        "12 concurrent rec inferences through a 1-slot queue must overflow"
+    );
+    assert_eq!(server.engine.queue_depth(), 0);
+}
+
+#[tokio::test]
+async fn exposes_prometheus_metrics() {
+    let server = serve(Some(&CLS), EngineConfig::default(), ApiConfig::default()).await;
+    let body = json_inputs(&cases(&CLS)[0].inputs);
+    post_json(&server.url, &body).await;
+    post_json(&server.url, &json!({"bad": 1})).await;
+    let text = reqwest::get(format!("{}/metrics", server.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "edge_agent_requests_total{status=\"200\"} 1",
+        "edge_agent_requests_total{status=\"400\"} 1",
+        "edge_agent_errors_total{code=\"malformed_json\"} 1",
+        "edge_agent_inference_seconds_count 1",
+        "edge_agent_inference_seconds_bucket{le=\"+Inf\"} 1",
+        "edge_agent_queue_depth 0",
+        "edge_agent_active_model{name=\"ppocr-cls\",version=\"1.0.1\",sequence=\"1\"} 1",
+        "process_resident_memory_bytes ",
+        "process_cpu_seconds_total ",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn requires_a_bearer_token_when_one_is_configured() {
+    let cfg = ApiConfig {
+        token: Some("s3cret".into()),
+        ..ApiConfig::default()
+    };
+    let server = serve(Some(&CLS), EngineConfig::default(), cfg).await;
+    let client = reqwest::Client::new();
+    let r = client
+        .get(format!("{}/v1/model", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = client
+        .get(format!("{}/v1/model", server.url))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = client
+        .get(format!("{}/v1/model", server.url))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Health stays open for supervisors.
+    assert_eq!(
+        client
+            .get(format!("{}/healthz", server.url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[test]
+fn binding_beyond_loopback_requires_a_token() {
+    let open = ApiConfig {
+        listen: "0.0.0.0:8080".parse().unwrap(),
+        ..ApiConfig::default()
+    };
+    assert_eq!(open.validate().unwrap_err().code(), "config");
+    let with_token = ApiConfig {
+        token: Some("t".into()),
+        ..open
+    };
+    with_token.validate().unwrap();
+    ApiConfig::default().validate().unwrap();
+}
+
+#[test]
+fn a_model_failing_its_self_test_is_never_prepared() {
+    let b = open_bytes(
+        &bundle_bytes(&CLS, 1, 0.5),
+        &root(),
+        &Limits::default(),
+        "shifted",
+    )
+    .unwrap();
+    let err = prepare(&b).unwrap_err();
+    assert_eq!(err.code(), "self_test_failed");
+    let msg = err.to_string();
+    assert!(msg.contains("output"), "{msg}");
+    assert!(msg.contains("max abs"), "{msg}");
+}
+
+#[test]
+fn rejects_a_bundle_from_an_untrusted_key_before_loading_it() {
+    let other = TrustRoot::new([signing_key_from_seed([8; 32]).verifying_key()], 1).unwrap();
+    let err = open_bytes(
+        &bundle_bytes(&MULTI, 1, 0.0),
+        &other,
+        &Limits::default(),
+        "x",
+    )
+    .unwrap_err();
+    assert_eq!(err.code(), "unknown_key");
+}
