@@ -272,6 +272,20 @@ async fn bench(
     let name = format!("{} {}", bundle.manifest.name, bundle.manifest.version);
     let format = bundle.manifest.payload.format;
 
+    if mode == BenchMode::Bare {
+        // tract alone: no engine, no self-test, nothing else resident.
+        let (load, first, samples) =
+            tokio::task::spawn_blocking(move || bare_tract(&bundle, &inputs, warmup, iterations))
+                .await
+                .map_err(|e| AgentError::Invariant(e.to_string()))??;
+        let timings = crate::engine::PrepareTimings {
+            load,
+            self_test: Duration::ZERO,
+        };
+        return report(
+            &name, format, mode, verify, timings, first, samples, as_json,
+        );
+    }
     let (active, timings) = {
         let b = bundle.clone();
         tokio::task::spawn_blocking(move || prepare(&b))
@@ -284,101 +298,104 @@ async fn bench(
 
     let mut samples = Vec::with_capacity(iterations);
     let first;
-    match mode {
-        BenchMode::InProcess => {
+    if mode == BenchMode::InProcess {
+        let t = Instant::now();
+        engine.infer(inputs.clone()).await.map_err(infer_err)?;
+        first = t.elapsed();
+        for i in 0..warmup + iterations {
             let t = Instant::now();
             engine.infer(inputs.clone()).await.map_err(infer_err)?;
-            first = t.elapsed();
-            for i in 0..warmup + iterations {
-                let t = Instant::now();
-                engine.infer(inputs.clone()).await.map_err(infer_err)?;
-                if i >= warmup {
-                    samples.push(ms(t.elapsed()));
-                }
+            if i >= warmup {
+                samples.push(ms(t.elapsed()));
             }
         }
-        BenchMode::HttpJson | BenchMode::HttpNpz => {
-            let listener =
-                tokio::net::TcpListener::bind("127.0.0.1:0")
-                    .await
-                    .map_err(|source| AgentError::Listen {
-                        addr: "127.0.0.1:0".into(),
-                        source,
-                    })?;
-            let addr = listener
-                .local_addr()
-                .map_err(|e| AgentError::Invariant(e.to_string()))?;
-            let stop = CancellationToken::new();
-            let app = api::router(engine.clone(), metrics.clone(), &ApiConfig::default());
-            let server = tokio::spawn(api::serve(listener, app, stop.clone()));
-            let client = reqwest::Client::new();
-            let url = format!("http://{addr}/v1/infer");
-            let (ct, body) = if mode == BenchMode::HttpNpz {
-                let b = to_npz_bytes(&inputs).map_err(|e| AgentError::Invariant(e.to_string()))?;
-                (api::NPZ_CONTENT_TYPE, b)
-            } else {
-                let map: serde_json::Map<String, serde_json::Value> = inputs
-                    .iter()
-                    .map(|t| {
-                        (
-                            t.name.clone(),
-                            serde_json::to_value(crate::codec::encode_tensor(&t.tensor))
-                                .unwrap_or_default(),
-                        )
-                    })
-                    .collect();
-                (
-                    "application/json",
-                    serde_json::to_vec(&json!({"inputs": map})).unwrap_or_default(),
-                )
-            };
-            let post = || async {
-                let r = client
-                    .post(&url)
-                    .header("content-type", ct)
-                    .body(body.clone())
-                    .send()
-                    .await
-                    .map_err(|e| AgentError::Invariant(format!("bench request: {e}")))?;
-                if !r.status().is_success() {
-                    return Err(AgentError::Invariant(format!(
-                        "bench request: HTTP {}",
-                        r.status()
-                    )));
-                }
-                r.bytes()
-                    .await
-                    .map_err(|e| AgentError::Invariant(format!("bench response: {e}")))
-            };
+    } else {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|source| AgentError::Listen {
+                addr: "127.0.0.1:0".into(),
+                source,
+            })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| AgentError::Invariant(e.to_string()))?;
+        let stop = CancellationToken::new();
+        let app = api::router(engine.clone(), metrics.clone(), &ApiConfig::default());
+        let server = tokio::spawn(api::serve(listener, app, stop.clone()));
+        let client = reqwest::Client::new();
+        let url = format!("http://{addr}/v1/infer");
+        let (ct, body) = if mode == BenchMode::HttpNpz {
+            let b = to_npz_bytes(&inputs).map_err(|e| AgentError::Invariant(e.to_string()))?;
+            (api::NPZ_CONTENT_TYPE, b)
+        } else {
+            let map: serde_json::Map<String, serde_json::Value> = inputs
+                .iter()
+                .map(|t| {
+                    (
+                        t.name.clone(),
+                        serde_json::to_value(crate::codec::encode_tensor(&t.tensor))
+                            .unwrap_or_default(),
+                    )
+                })
+                .collect();
+            (
+                "application/json",
+                serde_json::to_vec(&json!({"inputs": map})).unwrap_or_default(),
+            )
+        };
+        let post = || async {
+            let r = client
+                .post(&url)
+                .header("content-type", ct)
+                .body(body.clone())
+                .send()
+                .await
+                .map_err(|e| AgentError::Invariant(format!("bench request: {e}")))?;
+            if !r.status().is_success() {
+                return Err(AgentError::Invariant(format!(
+                    "bench request: HTTP {}",
+                    r.status()
+                )));
+            }
+            r.bytes()
+                .await
+                .map_err(|e| AgentError::Invariant(format!("bench response: {e}")))
+        };
+        let t = Instant::now();
+        post().await?;
+        first = t.elapsed();
+        for i in 0..warmup + iterations {
             let t = Instant::now();
             post().await?;
-            first = t.elapsed();
-            for i in 0..warmup + iterations {
-                let t = Instant::now();
-                post().await?;
-                if i >= warmup {
-                    samples.push(ms(t.elapsed()));
-                }
+            if i >= warmup {
+                samples.push(ms(t.elapsed()));
             }
-            stop.cancel();
-            let _ = server.await;
         }
-        BenchMode::Bare => {
-            let (f, s) = tokio::task::spawn_blocking(move || {
-                bare_tract(&bundle, &inputs, warmup, iterations)
-            })
-            .await
-            .map_err(|e| AgentError::Invariant(e.to_string()))??;
-            first = f;
-            samples = s;
-        }
+        stop.cancel();
+        let _ = server.await;
     }
+    report(
+        &name, format, mode, verify, timings, first, samples, as_json,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    name: &str,
+    format: edgefleet_wire::manifest::ModelFormat,
+    mode: BenchMode,
+    verify: Duration,
+    timings: crate::engine::PrepareTimings,
+    first: Duration,
+    mut samples: Vec<f64>,
+    as_json: bool,
+) -> Result<(), AgentError> {
     samples.sort_by(f64::total_cmp);
     let mean = samples.iter().sum::<f64>() / samples.len() as f64;
     let report = json!({
         "model": name,
         "format": format,
-        "mode": format!("{mode:?}"),
+        "mode": mode.to_possible_value().map(|v| v.get_name().to_string()),
         "iterations": samples.len(),
         "verify_ms": ms(verify),
         "load_ms": ms(timings.load),
@@ -430,7 +447,8 @@ fn bare_tract(
     inputs: &[NamedTensor],
     warmup: usize,
     iterations: usize,
-) -> Result<(Duration, Vec<f64>), AgentError> {
+) -> Result<(Duration, Duration, Vec<f64>), AgentError> {
+    let t0 = Instant::now();
     let model = crate::runtime::Model::load(
         bundle.model.format(),
         bundle.model.bytes(),
@@ -438,6 +456,7 @@ fn bare_tract(
         Some(&bundle.manifest.outputs),
     )?;
     let mut session = model.session()?;
+    let load = t0.elapsed();
     let values: TVec<TValue> = inputs
         .iter()
         .map(|t| to_tract(&t.tensor).map(IntoTValue::into_tvalue))
@@ -453,5 +472,5 @@ fn bare_tract(
             samples.push(ms(t.elapsed()));
         }
     }
-    Ok((first, samples))
+    Ok((load, first, samples))
 }

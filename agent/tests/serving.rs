@@ -649,3 +649,143 @@ fn rejects_a_bundle_from_an_untrusted_key_before_loading_it() {
     .unwrap_err();
     assert_eq!(err.code(), "unknown_key");
 }
+
+/// Writes a bundle and its trusted public key into `dir`.
+fn bundle_on_disk(f: &Fixture, dir: &Path) -> (PathBuf, PathBuf) {
+    let bundle = dir.join(format!("{}.bundle", f.name));
+    std::fs::write(&bundle, bundle_bytes(f, 1, 0.0)).unwrap();
+    let key = dir.join("trusted.pub");
+    std::fs::write(
+        &key,
+        edgefleet_wire::keys::encode_public_key(&signing_key_from_seed([9; 32]).verifying_key()),
+    )
+    .unwrap();
+    (bundle, key)
+}
+
+fn agent(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn infer_cli_runs_a_file_and_a_folder_matching_ort() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bundle, key) = bundle_on_disk(&MULTI, dir.path());
+    let (b, k) = (bundle.to_str().unwrap(), key.to_str().unwrap());
+    let out = dir.path().join("out.npz");
+    let o = agent(&[
+        "infer",
+        "--bundle",
+        b,
+        "--trust",
+        k,
+        "--inputs",
+        repo("models/multi/golden/in_0.npz").to_str().unwrap(),
+        "--outputs",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let check = |got: &Path, case: usize| {
+        let outs = from_npz_bytes(&std::fs::read(got).unwrap(), NpzLimits::default()).unwrap();
+        for expected in npz(&format!("models/multi/golden/out_{case}.npz")) {
+            let g = outs.iter().find(|t| t.name == expected.name).unwrap();
+            assert!(max_abs_diff(&g.tensor, &expected.tensor).unwrap().max_abs <= 1e-5);
+        }
+    };
+    check(&out, 0);
+
+    let input_dir = dir.path().join("in");
+    let output_dir = dir.path().join("out");
+    std::fs::create_dir(&input_dir).unwrap();
+    for i in 0..2 {
+        std::fs::copy(
+            repo(&format!("models/multi/golden/in_{i}.npz")),
+            input_dir.join(format!("case{i}.npz")),
+        )
+        .unwrap();
+    }
+    let o = agent(&[
+        "infer",
+        "--bundle",
+        b,
+        "--trust",
+        k,
+        "--input-dir",
+        input_dir.to_str().unwrap(),
+        "--output-dir",
+        output_dir.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    check(&output_dir.join("case0.npz"), 0);
+    check(&output_dir.join("case1.npz"), 1);
+
+    // An untrusted key is refused before anything runs.
+    let other = dir.path().join("other.pub");
+    std::fs::write(
+        &other,
+        edgefleet_wire::keys::encode_public_key(&signing_key_from_seed([3; 32]).verifying_key()),
+    )
+    .unwrap();
+    let o = agent(&[
+        "infer",
+        "--bundle",
+        b,
+        "--trust",
+        other.to_str().unwrap(),
+        "--inputs",
+        "x.npz",
+        "--outputs",
+        "y.npz",
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown key"));
+}
+
+#[test]
+fn bench_cli_prints_the_documented_json_keys_for_every_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bundle, key) = bundle_on_disk(&CLS, dir.path());
+    for mode in ["in-process", "http-json", "http-npz", "bare"] {
+        let o = agent(&[
+            "bench",
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--trust",
+            key.to_str().unwrap(),
+            "--iterations",
+            "3",
+            "--warmup",
+            "1",
+            "--mode",
+            mode,
+            "--json",
+        ]);
+        assert!(
+            o.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(j["mode"], mode);
+        assert_eq!(j["iterations"], 3);
+        for k in [
+            "verify_ms",
+            "load_ms",
+            "self_test_ms",
+            "min_ms",
+            "median_ms",
+            "p90_ms",
+            "p99_ms",
+        ] {
+            assert!(
+                j[k].as_f64().is_some_and(|v| v >= 0.0),
+                "{mode}: {k} in {j}"
+            );
+        }
+        assert!(j["rss_bytes"].as_u64().unwrap() > 1 << 20, "{mode}: {j}");
+        assert!(j["min_ms"].as_f64() <= j["p99_ms"].as_f64());
+    }
+}

@@ -372,3 +372,31 @@ proptest! {
         prop_assert_eq!(back, m);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn bundles_round_trip(payload in proptest::collection::vec(any::<u8>(), 0..4096), seq in 1u64..1_000_000) {
+        let b = build(&payload, seq, &[&key(1), &key(2)]);
+        let root = TrustRoot::new([key(1).verifying_key(), key(2).verifying_key()], 2).unwrap();
+        let (m, model) = open_bundle(&b[..], &root, Expiry::Enforce { now: NOW }, &Limits::default()).unwrap();
+        prop_assert_eq!(m.sequence, seq);
+        prop_assert_eq!(model.bytes(), payload.as_slice());
+        prop_assert_eq!(m.signers().len(), 2);
+        let (expected, _) = manifest_for(&payload, seq);
+        prop_assert_eq!(&*m, &expected);
+    }
+
+    #[test]
+    fn model_names_round_trip_or_are_rejected(s in "[a-z0-9._/-]{0,70}") {
+        match ModelName::new(s.clone()) {
+            Ok(n) => {
+                let bytes = postcard::to_allocvec(&n).unwrap();
+                prop_assert_eq!(postcard::from_bytes::<ModelName>(&bytes).unwrap(), n);
+                prop_assert!(!s.contains('/') && !s.contains("..") && s.len() <= 64);
+            }
+            Err(e) => prop_assert_eq!(e.code(), "invalid"),
+        }
+    }
+}
