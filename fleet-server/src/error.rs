@@ -41,6 +41,8 @@ pub enum Error {
     },
     #[error("{0}")]
     Runtime(#[from] RuntimeError),
+    #[error("store: {0}")]
+    Store(String),
 }
 
 impl Error {

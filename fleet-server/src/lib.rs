@@ -4,9 +4,19 @@
 //! - [`fleetctl`]: CLI definitions and command implementations.
 //! - [`pack`]: bundle packing with golden-vector checks.
 //! - [`duration`]: `30s`/`10m`/`12h`/`90d` parsing, RFC 3339 formatting.
+//! - [`server`]: startup; [`config`]: `fleet-server.toml`.
+//! - [`api`]: the HTTP API; [`auth`]: operator roles and device credentials.
+//! - [`store`]: the `Store` trait and its sled implementation.
+//! - [`registry`]: content-addressed bundle files.
 //! - [`error`]: the error type.
 
+pub mod api;
+pub mod auth;
+pub mod config;
 pub mod duration;
 pub mod error;
 pub mod fleetctl;
 pub mod pack;
+pub mod registry;
+pub mod server;
+pub mod store;

@@ -13,10 +13,12 @@
 //! - [`keys`]: ed25519 key files and key ids.
 //! - [`manifest`]: the v1 bundle manifest (postcard-encoded, signed).
 //! - [`bundle`]: the bundle file layout, [`bundle::Signed`], limits, payload checks.
+//! - [`device`]: the device ↔ server protocol (enroll, desired, report).
 //! - [`verify`]: the trust root and the only way to obtain a [`verify::Verified`] manifest.
 //! - [`error`]: the error type and its stable reason codes.
 
 pub mod bundle;
+pub mod device;
 pub mod error;
 pub mod keys;
 pub mod manifest;

@@ -1,0 +1,551 @@
+//! The fleet server's HTTP API (`/api/v1/...`). Every endpoint but
+//! `/healthz` and enrollment requires a bearer token: an operator token with
+//! a role, or a device credential. Errors are `{"error": {"code", "message"}}`;
+//! bad input is always a 4xx.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use edgefleet_wire::bundle::Limits;
+use edgefleet_wire::device::{DesiredState, DeviceReport, EnrollRequest, EnrollResponse};
+use edgefleet_wire::verify::{Expiry, TrustRoot, open_bundle};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
+
+use crate::auth::{Caller, Tokens, authenticate, require_device, require_role, sha256_hex};
+use crate::config::Role;
+use crate::error::Error;
+use crate::registry::Registry;
+use crate::store::{AuditEntry, BundleRecord, DeviceRecord, Store};
+
+/// Shared state of the API handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub registry: Registry,
+    pub trust: TrustRoot,
+    pub tokens: Tokens,
+    pub enrollment_tokens: Vec<String>,
+    pub max_bundle_bytes: u64,
+}
+
+/// An API error: status, stable code, client-safe message.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    fn not_found(what: &str) -> Self {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no such {what}"),
+        )
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        // Details go to the log; the client gets a stable code.
+        tracing::error!(error = %e, "internal error");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the server log",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            axum::Json(json!({"error": {"code": self.code, "message": self.message}})),
+        )
+            .into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("registry", &self.registry)
+            .finish_non_exhaustive()
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/api/v1/bundles", post(push_bundle).get(list_bundles))
+        .route("/api/v1/bundles/{id}", get(get_bundle))
+        .route("/api/v1/bundles/{id}/download", get(download_bundle))
+        .route("/api/v1/devices/enroll", post(enroll))
+        .route("/api/v1/devices", get(list_devices))
+        .route("/api/v1/devices/{id}", get(get_device).patch(patch_device))
+        .route("/api/v1/device/desired", get(device_desired))
+        .route("/api/v1/device/report", post(device_report))
+        .route("/api/v1/audit", get(list_audit))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .with_state(state)
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn auth(s: &AppState, headers: &HeaderMap) -> ApiResult<Caller> {
+    authenticate(headers, &s.tokens, s.store.as_ref())
+}
+
+fn audit(s: &AppState, who: &Caller, action: &str, target: &str) -> ApiResult<()> {
+    s.store.append_audit(&AuditEntry {
+        at: now(),
+        who: who.name(),
+        action: action.into(),
+        target: target.into(),
+    })?;
+    Ok(())
+}
+
+async fn push_bundle(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let caller = auth(&s, &headers)?;
+    require_role(&caller, Role::Operator)?;
+    if body.len() as u64 > s.max_bundle_bytes {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("bundles are limited to {} bytes", s.max_bundle_bytes),
+        ));
+    }
+    let (manifest, _model) = open_bundle(
+        &body[..],
+        &s.trust,
+        Expiry::Enforce { now: now() },
+        &Limits::default(),
+    )
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            e.code(),
+            format!("bundle rejected: {e}"),
+        )
+    })?;
+    let id = Registry::id_of(&body);
+    let rec = BundleRecord {
+        id: id.clone(),
+        name: manifest.name.to_string(),
+        version: manifest.version.to_string(),
+        sequence: manifest.sequence,
+        size: body.len() as u64,
+        format: manifest.payload.format.to_string(),
+        targets: manifest
+            .targets
+            .iter()
+            .map(|t| t.name().to_string())
+            .collect(),
+        expires_at: manifest.expires_at,
+        uploaded_at: now(),
+        uploaded_by: caller.name(),
+    };
+    // The file first: a record never points at a missing file.
+    s.registry.put(&body)?;
+    match s.store.insert_bundle(&rec)? {
+        None => {
+            audit(&s, &caller, "bundle.push", &id)?;
+            Ok((StatusCode::CREATED, axum::Json(rec)).into_response())
+        }
+        Some(existing) if existing.id == id => {
+            Ok((StatusCode::OK, axum::Json(existing)).into_response())
+        }
+        Some(existing) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "bundle_conflict",
+            format!(
+                "{} {} already exists with different bytes (id {}); bundles are immutable, bump the version",
+                existing.name, existing.version, existing.id
+            ),
+        )),
+    }
+}
+
+async fn list_bundles(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
+    require_role(&auth(&s, &headers)?, Role::Viewer)?;
+    Ok(axum::Json(s.store.list_bundles()?).into_response())
+}
+
+async fn get_bundle(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    require_role(&auth(&s, &headers)?, Role::Viewer)?;
+    let rec = s
+        .store
+        .get_bundle(&id)?
+        .ok_or_else(|| ApiError::not_found("bundle"))?;
+    Ok(axum::Json(rec).into_response())
+}
+
+/// Parses a single `bytes=` range against a file size.
+fn parse_range(value: &str, size: u64) -> Option<Result<(u64, u64), ()>> {
+    let spec = value.strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None; // multiple ranges: answer with the whole file
+    }
+    let (a, b) = spec.split_once('-')?;
+    let range = match (a.trim(), b.trim()) {
+        ("", suffix) => suffix
+            .parse::<u64>()
+            .ok()
+            .filter(|&n| n > 0)
+            .map(|n| (size.saturating_sub(n), size - 1)),
+        (start, "") => start
+            .parse::<u64>()
+            .ok()
+            .map(|s| (s, size.saturating_sub(1))),
+        (start, end) => match (start.parse::<u64>(), end.parse::<u64>()) {
+            (Ok(s), Ok(e)) if s <= e => Some((s, e.min(size.saturating_sub(1)))),
+            _ => None,
+        },
+    };
+    Some(match range {
+        Some((s, e)) if s < size && s <= e => Ok((s, e)),
+        _ => Err(()),
+    })
+}
+
+async fn download_bundle(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let caller = auth(&s, &headers)?;
+    if let Caller::Operator { .. } = caller {
+        require_role(&caller, Role::Viewer)?;
+    }
+    let rec = s
+        .store
+        .get_bundle(&id)?
+        .ok_or_else(|| ApiError::not_found("bundle"))?;
+    let path = s
+        .registry
+        .path(&rec.id)
+        .ok_or_else(|| ApiError::not_found("bundle"))?;
+    let etag = format!("\"{}\"", rec.id);
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+    {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    let size = rec.size;
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_range(v, size));
+    let (status, start, end) = match range {
+        None => (StatusCode::OK, 0, size.saturating_sub(1)),
+        Some(Ok((s, e))) => (StatusCode::PARTIAL_CONTENT, s, e),
+        Some(Err(())) => {
+            return Ok((
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                [(header::CONTENT_RANGE, format!("bytes */{size}"))],
+                axum::Json(json!({"error": {"code": "range_not_satisfiable", "message": format!("the bundle has {size} bytes")}})),
+            )
+                .into_response());
+        }
+    };
+    let mut file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| Error::io(&path, e))?;
+    file.seek(std::io::SeekFrom::Start(start))
+        .await
+        .map_err(|e| Error::io(&path, e))?;
+    let len = if size == 0 { 0 } else { end - start + 1 };
+    let stream = tokio_util::io::ReaderStream::new(file.take(len));
+    let mut r = Response::new(Body::from_stream(stream));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
+    }
+    if status == StatusCode::PARTIAL_CONTENT
+        && let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{size}"))
+    {
+        h.insert(header::CONTENT_RANGE, v);
+    }
+    Ok(r)
+}
+
+/// Device ids: 1..=64 of `[A-Za-z0-9._-]`, safe in paths and MQTT topics.
+fn valid_device_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+async fn enroll(State(s): State<AppState>, body: Bytes) -> ApiResult<Response> {
+    let req: EnrollRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("malformed_json", format!("enroll request: {e}")))?;
+    let token_ok = s
+        .enrollment_tokens
+        .iter()
+        .any(|t| sha256_hex(t) == sha256_hex(&req.enrollment_token));
+    if !token_ok {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "bad_enrollment_token",
+            "the enrollment token is not valid",
+        ));
+    }
+    if !valid_device_id(&req.device_id) {
+        return Err(ApiError::bad_request(
+            "bad_device_id",
+            "device ids are 1-64 characters of A-Z a-z 0-9 . _ -, not starting with '.'",
+        ));
+    }
+    if s.store.get_device(&req.device_id)?.is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "device_exists",
+            format!("device {:?} is already enrolled", req.device_id),
+        ));
+    }
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| Error::Store(format!("random: {e}")))?;
+    let credential = hex::encode(secret);
+    let device = DeviceRecord {
+        id: req.device_id.clone(),
+        tags: req.tags,
+        arch: req.arch,
+        agent_version: req.agent_version,
+        credential_sha256: sha256_hex(&credential),
+        enrolled_at: now(),
+        last_seen: Some(now()),
+        desired: None,
+        desired_rollout: None,
+        report: None,
+    };
+    s.store.put_device(&device)?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(EnrollResponse {
+            device_id: device.id,
+            credential,
+        }),
+    )
+        .into_response())
+}
+
+/// The device as operators see it (no credential hash).
+fn device_view(d: &DeviceRecord) -> serde_json::Value {
+    let report = d.report.as_ref();
+    json!({
+        "id": d.id,
+        "tags": d.tags,
+        "arch": d.arch,
+        "agent_version": d.agent_version,
+        "enrolled_at": d.enrolled_at,
+        "last_seen": d.last_seen,
+        "desired": d.desired,
+        "rollout": d.desired_rollout,
+        "active": report.and_then(|r| r.active.clone()),
+        "staged": report.and_then(|r| r.staged.clone()),
+        "last_failed": report.and_then(|r| r.last_failed.clone()),
+        "state": report.map(|r| r.state),
+        "reason": report.and_then(|r| r.reason.clone()),
+        "health": report.map(|r| r.health.clone()),
+    })
+}
+
+fn parse_tag(s: &str) -> ApiResult<(String, String)> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| ApiError::bad_request("bad_filter", format!("tag filter {s:?}: use k=v")))
+}
+
+async fn list_devices(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<Vec<(String, String)>>,
+) -> ApiResult<Response> {
+    require_role(&auth(&s, &headers)?, Role::Viewer)?;
+    let mut tags = Vec::new();
+    let (mut status, mut version) = (None, None);
+    for (k, v) in q {
+        match k.as_str() {
+            "tag" => tags.push(parse_tag(&v)?),
+            "status" => status = Some(v),
+            "version" => version = Some(v),
+            other => {
+                return Err(ApiError::bad_request(
+                    "bad_filter",
+                    format!("unknown filter {other:?}; use tag, status, version"),
+                ));
+            }
+        }
+    }
+    let devices: Vec<_> = s
+        .store
+        .list_devices()?
+        .iter()
+        .filter(|d| tags.iter().all(|(k, v)| d.tags.get(k) == Some(v)))
+        .filter(|d| {
+            status.as_ref().is_none_or(|st| {
+                let state = d
+                    .report
+                    .as_ref()
+                    .map(|r| serde_json::to_value(r.state).unwrap_or_default());
+                state.as_ref().and_then(|v| v.as_str()) == Some(st.as_str())
+            })
+        })
+        .filter(|d| {
+            version.as_ref().is_none_or(|ver| {
+                d.report
+                    .as_ref()
+                    .and_then(|r| r.active.as_ref())
+                    .is_some_and(|a| &a.version == ver)
+            })
+        })
+        .map(device_view)
+        .collect();
+    Ok(axum::Json(devices).into_response())
+}
+
+async fn get_device(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    require_role(&auth(&s, &headers)?, Role::Viewer)?;
+    let d = s
+        .store
+        .get_device(&id)?
+        .ok_or_else(|| ApiError::not_found("device"))?;
+    Ok(axum::Json(device_view(&d)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchDevice {
+    tags: BTreeMap<String, String>,
+}
+
+async fn patch_device(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let caller = auth(&s, &headers)?;
+    require_role(&caller, Role::Operator)?;
+    let patch: PatchDevice = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("malformed_json", format!("patch: {e}")))?;
+    let mut d = s
+        .store
+        .get_device(&id)?
+        .ok_or_else(|| ApiError::not_found("device"))?;
+    d.tags = patch.tags;
+    s.store.put_device(&d)?;
+    audit(&s, &caller, "device.tags", &id)?;
+    Ok(axum::Json(device_view(&d)).into_response())
+}
+
+fn desired_of(d: &DeviceRecord) -> DesiredState {
+    DesiredState {
+        download: d
+            .desired
+            .as_ref()
+            .map(|b| format!("/api/v1/bundles/{}/download", b.id)),
+        bundle: d.desired.clone(),
+        rollout_id: d.desired_rollout.clone(),
+        rollback: false,
+    }
+}
+
+async fn device_desired(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
+    // The credential names the device: there is no way to ask for another's.
+    let device = require_device(auth(&s, &headers)?)?;
+    let desired = desired_of(&device);
+    let body = serde_json::to_vec(&desired).map_err(|e| Error::Store(e.to_string()))?;
+    let etag = format!("\"{}\"", &sha256_hex(&String::from_utf8_lossy(&body))[..32]);
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim() == etag)
+    {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    Ok((
+        StatusCode::OK,
+        [
+            (header::ETAG, etag),
+            (header::CONTENT_TYPE, "application/json".to_string()),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+async fn device_report(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let mut device = require_device(auth(&s, &headers)?)?;
+    let report: DeviceReport = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("malformed_json", format!("report: {e}")))?;
+    // The device is the source of truth for what it runs: record it as is,
+    // including a fallback to an older bundle.
+    device.report = Some(report);
+    device.last_seen = Some(now());
+    s.store.put_device(&device)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn list_audit(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
+    require_role(&auth(&s, &headers)?, Role::Viewer)?;
+    Ok(axum::Json(s.store.list_audit()?).into_response())
+}

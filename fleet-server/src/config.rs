@@ -1,0 +1,131 @@
+//! `fleet-server.toml`, with every field defaulted and environment
+//! overrides (`FLEET_SERVER_LISTEN`, `FLEET_SERVER_DATA_DIR`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Operator roles, least to most privileged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Read everything.
+    Viewer,
+    /// Bundles and rollouts.
+    Operator,
+    /// Keys and tokens.
+    Admin,
+}
+
+/// One operator bearer token. Prefer `token_sha256` in files that others
+/// can read; `token` is accepted for development.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    pub name: String,
+    pub role: Role,
+    pub token: Option<String>,
+    pub token_sha256: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Default `127.0.0.1:7070`.
+    pub listen: SocketAddr,
+    /// Largest accepted bundle upload. Default 512 MiB.
+    pub max_bundle_bytes: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            max_bundle_bytes: 512 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrustConfig {
+    /// Public key files (`fleetctl keygen` output).
+    pub keys: Vec<PathBuf>,
+    /// Distinct signatures required. Default 1.
+    pub threshold: usize,
+}
+
+impl Default for TrustConfig {
+    fn default() -> Self {
+        TrustConfig {
+            keys: Vec::new(),
+            threshold: 1,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub tokens: Vec<TokenConfig>,
+    /// Tokens devices present once, at enrollment.
+    pub enrollment_tokens: Vec<String>,
+}
+
+/// The whole server configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// sled store and bundle files. Default `./fleet-data`.
+    pub data_dir: PathBuf,
+    pub http: HttpConfig,
+    pub trust: TrustConfig,
+    pub auth: AuthConfig,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            data_dir: PathBuf::from("fleet-data"),
+            http: HttpConfig::default(),
+            trust: TrustConfig::default(),
+            auth: AuthConfig::default(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Reads a TOML file (relative key paths resolve against its folder),
+    /// then applies environment overrides.
+    pub fn load(path: &Path) -> Result<ServerConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let mut cfg: ServerConfig =
+            toml::from_str(&text).map_err(|e| Error::Usage(format!("{}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for k in &mut cfg.trust.keys {
+            if k.is_relative() {
+                *k = base.join(&*k);
+            }
+        }
+        if cfg.data_dir.is_relative() {
+            cfg.data_dir = base.join(&cfg.data_dir);
+        }
+        cfg.apply_env()?;
+        Ok(cfg)
+    }
+
+    pub fn apply_env(&mut self) -> Result<()> {
+        if let Ok(v) = std::env::var("FLEET_SERVER_LISTEN") {
+            self.http.listen = v
+                .parse()
+                .map_err(|e| Error::Usage(format!("FLEET_SERVER_LISTEN={v:?}: {e}")))?;
+        }
+        if let Ok(v) = std::env::var("FLEET_SERVER_DATA_DIR") {
+            self.data_dir = PathBuf::from(v);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,74 @@
+//! Starting the fleet server: open the store and registry, build the trust
+//! root and the router, serve until cancelled.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use edgefleet_wire::keys::decode_public_key;
+use edgefleet_wire::verify::TrustRoot;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{AppState, router};
+use crate::auth::Tokens;
+use crate::config::ServerConfig;
+use crate::error::{Error, Result};
+use crate::registry::Registry;
+use crate::store::SledStore;
+
+/// Builds the shared state from a configuration.
+pub fn state(config: &ServerConfig) -> Result<AppState> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::io(&config.data_dir, e))?;
+    let mut keys = Vec::new();
+    for p in &config.trust.keys {
+        let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+        keys.push(decode_public_key(&text).map_err(|source| Error::File {
+            path: p.clone(),
+            source,
+        })?);
+    }
+    let trust = TrustRoot::new(keys, config.trust.threshold).map_err(|e| {
+        Error::Usage(format!(
+            "[trust]: {e} (list the release public keys in trust.keys)"
+        ))
+    })?;
+    Ok(AppState {
+        store: Arc::new(SledStore::open(&config.data_dir.join("store"))?),
+        registry: Registry::open(&config.data_dir)?,
+        trust,
+        tokens: Tokens::from_config(&config.auth.tokens)
+            .map_err(|e| Error::Usage(format!("[auth]: {e}")))?,
+        enrollment_tokens: config.auth.enrollment_tokens.clone(),
+        max_bundle_bytes: config.http.max_bundle_bytes,
+    })
+}
+
+/// Binds the configured address; returns the bound address (useful with
+/// port 0) and a future that serves until `shutdown` is cancelled.
+pub async fn bind(
+    config: &ServerConfig,
+    shutdown: CancellationToken,
+) -> Result<(SocketAddr, impl Future<Output = Result<()>> + use<>)> {
+    let state = state(config)?;
+    let listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .map_err(|e| Error::io(config.http.listen.to_string(), e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::io("listener", e))?;
+    let app = router(state);
+    let serve = async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+            .map_err(|e| Error::io("http server", e))
+    };
+    Ok((addr, serve))
+}
+
+/// Runs the server until `shutdown` is cancelled.
+pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<()> {
+    let (addr, serve) = bind(&config, shutdown).await?;
+    println!("fleet-server listening on http://{addr}");
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), "fleet server started");
+    serve.await
+}

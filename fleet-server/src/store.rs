@@ -1,0 +1,221 @@
+//! Persistent state of the fleet server behind a [`Store`] trait, with sled
+//! as the embedded default. Records are JSON so they stay readable and can
+//! gain fields. Bundle files themselves live on disk, content-addressed
+//! (see [`crate::registry`]).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use edgefleet_wire::device::{BundleRef, DeviceReport};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// A bundle in the registry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BundleRecord {
+    /// sha256 of the bundle file, hex.
+    pub id: String,
+    pub name: String,
+    pub version: String,
+    pub sequence: u64,
+    pub size: u64,
+    pub format: String,
+    pub targets: Vec<String>,
+    pub expires_at: u64,
+    pub uploaded_at: u64,
+    pub uploaded_by: String,
+}
+
+impl BundleRecord {
+    pub fn to_ref(&self) -> BundleRef {
+        BundleRef {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            version: self.version.clone(),
+            sequence: self.sequence,
+        }
+    }
+}
+
+/// A device in the inventory. `report` is what the device last said it
+/// runs: the source of truth.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub id: String,
+    pub tags: BTreeMap<String, String>,
+    pub arch: String,
+    pub agent_version: String,
+    /// sha256 of the device credential, hex. The credential itself is never stored.
+    pub credential_sha256: String,
+    pub enrolled_at: u64,
+    pub last_seen: Option<u64>,
+    pub desired: Option<BundleRef>,
+    pub desired_rollout: Option<String>,
+    pub report: Option<DeviceReport>,
+}
+
+/// One operator action, append-only.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub at: u64,
+    pub who: String,
+    pub action: String,
+    pub target: String,
+}
+
+/// Storage operations the server needs. Implementations must make every
+/// `put` durable before returning.
+pub trait Store: Send + Sync + 'static {
+    fn get_bundle(&self, id: &str) -> Result<Option<BundleRecord>>;
+    fn find_bundle(&self, name: &str, version: &str) -> Result<Option<BundleRecord>>;
+    /// Inserts a bundle unless one with the same name and version exists;
+    /// returns the existing record in that case.
+    fn insert_bundle(&self, rec: &BundleRecord) -> Result<Option<BundleRecord>>;
+    fn list_bundles(&self) -> Result<Vec<BundleRecord>>;
+    fn get_device(&self, id: &str) -> Result<Option<DeviceRecord>>;
+    fn put_device(&self, d: &DeviceRecord) -> Result<()>;
+    fn list_devices(&self) -> Result<Vec<DeviceRecord>>;
+    fn device_by_credential(&self, credential_sha256: &str) -> Result<Option<DeviceRecord>>;
+    fn append_audit(&self, e: &AuditEntry) -> Result<()>;
+    fn list_audit(&self) -> Result<Vec<AuditEntry>>;
+}
+
+/// The sled-backed store (sled 0.34; FACTS.md: flush after writes that matter).
+#[derive(Debug)]
+pub struct SledStore {
+    db: sled::Db,
+    bundles: sled::Tree,
+    bundle_names: sled::Tree,
+    devices: sled::Tree,
+    credentials: sled::Tree,
+    audit: sled::Tree,
+}
+
+fn db_err(e: sled::Error) -> Error {
+    Error::Store(e.to_string())
+}
+
+fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| Error::Store(e.to_string()))
+}
+
+fn dec<T: DeserializeOwned>(b: &[u8]) -> Result<T> {
+    serde_json::from_slice(b).map_err(|e| Error::Store(format!("corrupt record: {e}")))
+}
+
+impl SledStore {
+    pub fn open(path: &Path) -> Result<SledStore> {
+        let db = sled::open(path).map_err(db_err)?;
+        let tree = |n: &str| db.open_tree(n).map_err(db_err);
+        Ok(SledStore {
+            bundles: tree("bundles")?,
+            bundle_names: tree("bundle_names")?,
+            devices: tree("devices")?,
+            credentials: tree("credentials")?,
+            audit: tree("audit")?,
+            db,
+        })
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.db.flush().map(|_| ()).map_err(db_err)
+    }
+
+    fn all<T: DeserializeOwned>(tree: &sled::Tree) -> Result<Vec<T>> {
+        tree.iter()
+            .values()
+            .map(|v| dec(&v.map_err(db_err)?))
+            .collect()
+    }
+}
+
+impl Store for SledStore {
+    fn get_bundle(&self, id: &str) -> Result<Option<BundleRecord>> {
+        self.bundles
+            .get(id)
+            .map_err(db_err)?
+            .map(|v| dec(&v))
+            .transpose()
+    }
+
+    fn find_bundle(&self, name: &str, version: &str) -> Result<Option<BundleRecord>> {
+        match self
+            .bundle_names
+            .get(format!("{name}@{version}"))
+            .map_err(db_err)?
+        {
+            Some(id) => self.get_bundle(&String::from_utf8_lossy(&id)),
+            None => Ok(None),
+        }
+    }
+
+    fn insert_bundle(&self, rec: &BundleRecord) -> Result<Option<BundleRecord>> {
+        let key = format!("{}@{}", rec.name, rec.version);
+        // compare_and_swap makes name@version claims race-free.
+        match self
+            .bundle_names
+            .compare_and_swap(&key, None as Option<&[u8]>, Some(rec.id.as_bytes()))
+            .map_err(db_err)?
+        {
+            Ok(()) => {
+                self.bundles.insert(&rec.id, enc(rec)?).map_err(db_err)?;
+                self.flush()?;
+                Ok(None)
+            }
+            Err(existing) => {
+                let id = existing
+                    .current
+                    .map(|v| String::from_utf8_lossy(&v).into_owned())
+                    .unwrap_or_default();
+                Ok(self.get_bundle(&id)?)
+            }
+        }
+    }
+
+    fn list_bundles(&self) -> Result<Vec<BundleRecord>> {
+        Self::all(&self.bundles)
+    }
+
+    fn get_device(&self, id: &str) -> Result<Option<DeviceRecord>> {
+        self.devices
+            .get(id)
+            .map_err(db_err)?
+            .map(|v| dec(&v))
+            .transpose()
+    }
+
+    fn put_device(&self, d: &DeviceRecord) -> Result<()> {
+        self.devices.insert(&d.id, enc(d)?).map_err(db_err)?;
+        self.credentials
+            .insert(&d.credential_sha256, d.id.as_bytes())
+            .map_err(db_err)?;
+        self.flush()
+    }
+
+    fn list_devices(&self) -> Result<Vec<DeviceRecord>> {
+        Self::all(&self.devices)
+    }
+
+    fn device_by_credential(&self, credential_sha256: &str) -> Result<Option<DeviceRecord>> {
+        match self.credentials.get(credential_sha256).map_err(db_err)? {
+            Some(id) => {
+                let d = self.get_device(&String::from_utf8_lossy(&id))?;
+                // A re-enrolled device has a new credential; the old one is dead.
+                Ok(d.filter(|d| d.credential_sha256 == credential_sha256))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn append_audit(&self, e: &AuditEntry) -> Result<()> {
+        let key = self.db.generate_id().map_err(db_err)?.to_be_bytes();
+        self.audit.insert(key, enc(e)?).map_err(db_err)?;
+        self.flush()
+    }
+
+    fn list_audit(&self) -> Result<Vec<AuditEntry>> {
+        Self::all(&self.audit)
+    }
+}

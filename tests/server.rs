@@ -1,0 +1,546 @@
+//! The fleet server over real HTTP on 127.0.0.1:0 with a real sled store:
+//! auth, the bundle registry (verify on push, immutability, Range/ETag
+//! downloads) and the device side (enroll, desired with ETag, report).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use edgefleet_wire::keys::{encode_public_key, signing_key_from_seed};
+use edgefleet_wire::manifest::{NonFiniteInputs, TargetArch};
+use fleet_server::config::{Role, ServerConfig, TokenConfig};
+use fleet_server::pack::{PackRequest, pack};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+const ADMIN: &str = "admin-token";
+const OPERATOR: &str = "operator-token";
+const VIEWER: &str = "viewer-token";
+const ENROLL: &str = "enroll-me";
+
+fn repo(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .join(rel)
+}
+
+/// A multi_io bundle signed by key `seed`, version 1.0.`patch`.
+fn bundle(seed: u8, patch: u64, expires_in: u64) -> Vec<u8> {
+    let req = PackRequest {
+        model: repo("models/multi/multi_io.onnx"),
+        name: "multi-io".parse().unwrap(),
+        version: semver::Version::new(1, 0, patch),
+        sequence: patch + 1,
+        golden_inputs: vec![repo("models/multi/golden/in_0.npz")],
+        golden_outputs: vec![repo("models/multi/golden/out_0.npz")],
+        tolerance: 1e-5,
+        keys: vec![signing_key_from_seed([seed; 32])],
+        now: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+        expires_in,
+        nnef: false,
+        targets: TargetArch::ALL.to_vec(),
+        min_agent_version: semver::Version::new(0, 1, 0),
+        non_finite_inputs: NonFiniteInputs::Reject,
+    };
+    pack(&req).unwrap().bundle
+}
+
+struct Server {
+    url: String,
+    _dir: tempfile::TempDir,
+    stop: CancellationToken,
+    client: reqwest::Client,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Server {
+    async fn start() -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("release.pub");
+        std::fs::write(
+            &key,
+            encode_public_key(&signing_key_from_seed([1; 32]).verifying_key()),
+        )
+        .unwrap();
+        let mut cfg = ServerConfig {
+            data_dir: dir.path().join("data"),
+            ..ServerConfig::default()
+        };
+        cfg.http.listen = "127.0.0.1:0".parse().unwrap();
+        cfg.trust.keys = vec![key];
+        let token = |name: &str, role, t: &str| TokenConfig {
+            name: name.into(),
+            role,
+            token: Some(t.into()),
+            token_sha256: None,
+        };
+        cfg.auth.tokens = vec![
+            token("root", Role::Admin, ADMIN),
+            token("ops", Role::Operator, OPERATOR),
+            token("dash", Role::Viewer, VIEWER),
+        ];
+        cfg.auth.enrollment_tokens = vec![ENROLL.into()];
+        let stop = CancellationToken::new();
+        let (addr, serve) = fleet_server::server::bind(&cfg, stop.clone())
+            .await
+            .unwrap();
+        tokio::spawn(serve);
+        Server {
+            url: format!("http://{addr}"),
+            _dir: dir,
+            stop,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    fn req(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        let r = self.client.request(method, format!("{}{path}", self.url));
+        match token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    async fn push(&self, token: Option<&str>, bytes: Vec<u8>) -> (StatusCode, Value) {
+        let r = self
+            .req(reqwest::Method::POST, "/api/v1/bundles", token)
+            .body(bytes)
+            .send()
+            .await
+            .unwrap();
+        let s = r.status();
+        (s, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn enroll(&self, id: &str, board: &str) -> (StatusCode, Value) {
+        let body = json!({"enrollment_token": ENROLL, "device_id": id, "tags": {"board": board}, "arch": "aarch64", "agent_version": "0.1.0"});
+        let r = self
+            .req(reqwest::Method::POST, "/api/v1/devices/enroll", None)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let s = r.status();
+        (s, r.json().await.unwrap())
+    }
+}
+
+fn code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("")
+}
+
+#[tokio::test]
+async fn pushes_valid_bundles_and_rejects_tampered_untrusted_and_conflicting_ones() {
+    let s = Server::start().await;
+    let good = bundle(1, 0, 86_400);
+    let (status, rec) = s.push(Some(OPERATOR), good.clone()).await;
+    assert_eq!(status, StatusCode::CREATED, "{rec}");
+    assert_eq!(rec["name"], "multi-io");
+    assert_eq!(rec["size"], good.len());
+    // Same bytes again: idempotent.
+    assert_eq!(s.push(Some(OPERATOR), good.clone()).await.0, StatusCode::OK);
+    // Same name+version, different bytes (another expiry): immutable.
+    let (status, body) = s.push(Some(OPERATOR), bundle(1, 0, 3600)).await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::CONFLICT, "bundle_conflict"),
+        "{body}"
+    );
+    // Tampered payload.
+    let mut evil = bundle(1, 1, 86_400);
+    let n = evil.len();
+    evil[n - 10] ^= 0x01;
+    let (status, body) = s.push(Some(OPERATOR), evil).await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "hash_mismatch"),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("hash mismatch")
+    );
+    // Signed by a key the server does not trust.
+    let (status, body) = s.push(Some(OPERATOR), bundle(2, 2, 86_400)).await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "unknown_key"),
+        "{body}"
+    );
+    // Garbage.
+    let (status, body) = s
+        .push(
+            Some(OPERATOR),
+            b"this is definitely not an edgefleet bundle".to_vec(),
+        )
+        .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "bad_magic"),
+        "{body}"
+    );
+    // Roles.
+    assert_eq!(
+        s.push(Some(VIEWER), good.clone()).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(s.push(None, good.clone()).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(s.push(Some("nope"), good).await.0, StatusCode::UNAUTHORIZED);
+
+    let list: Value = s
+        .req(reqwest::Method::GET, "/api/v1/bundles", Some(VIEWER))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        list.as_array().unwrap().len(),
+        1,
+        "only the valid bundle is stored: {list}"
+    );
+    let audit: Value = s
+        .req(reqwest::Method::GET, "/api/v1/audit", Some(ADMIN))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(audit[0]["who"], "ops");
+    assert_eq!(audit[0]["action"], "bundle.push");
+}
+
+#[tokio::test]
+async fn downloads_resume_with_range_and_revalidate_with_etag() {
+    let s = Server::start().await;
+    let bytes = bundle(1, 0, 86_400);
+    let (_, rec) = s.push(Some(OPERATOR), bytes.clone()).await;
+    let id = rec["id"].as_str().unwrap().to_string();
+    let path = format!("/api/v1/bundles/{id}/download");
+    let (_, dev) = s.enroll("pi-1", "rpi4").await;
+    let cred = dev["credential"].as_str().unwrap().to_string();
+
+    // A first attempt that "broke" after 1000 bytes, then a resume.
+    let first = s
+        .req(reqwest::Method::GET, &path, Some(&cred))
+        .header("range", "bytes=0-999")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        first.headers()["content-range"],
+        format!("bytes 0-999/{}", bytes.len())
+    );
+    let etag = first.headers()["etag"].to_str().unwrap().to_string();
+    let mut got = first.bytes().await.unwrap().to_vec();
+    let rest = s
+        .req(reqwest::Method::GET, &path, Some(&cred))
+        .header("range", "bytes=1000-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rest.status(), StatusCode::PARTIAL_CONTENT);
+    got.extend_from_slice(&rest.bytes().await.unwrap());
+    assert_eq!(got, bytes);
+
+    let full = s
+        .req(reqwest::Method::GET, &path, Some(VIEWER))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(full.status(), StatusCode::OK);
+    assert_eq!(full.headers()["accept-ranges"], "bytes");
+    assert_eq!(full.bytes().await.unwrap().to_vec(), bytes);
+
+    let cached = s
+        .req(reqwest::Method::GET, &path, Some(&cred))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cached.status(), StatusCode::NOT_MODIFIED);
+    let past_end = s
+        .req(reqwest::Method::GET, &path, Some(&cred))
+        .header("range", format!("bytes={}-", bytes.len()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(past_end.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    let missing = s
+        .req(
+            reqwest::Method::GET,
+            &format!("/api/v1/bundles/{}/download", "0".repeat(64)),
+            Some(&cred),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    let traversal = s
+        .req(
+            reqwest::Method::GET,
+            "/api/v1/bundles/..%2F..%2Fetc/download",
+            Some(&cred),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(traversal.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn devices_enroll_read_only_their_own_desired_state_and_report() {
+    let s = Server::start().await;
+    let (status, a) = s.enroll("pi-a", "rpi4").await;
+    assert_eq!(status, StatusCode::CREATED, "{a}");
+    let cred_a = a["credential"].as_str().unwrap().to_string();
+    let (_, b) = s.enroll("jetson-b", "jetson-orin").await;
+    let cred_b = b["credential"].as_str().unwrap().to_string();
+    assert_ne!(cred_a, cred_b);
+
+    // Enrollment refusals.
+    let (status, body) = s.enroll("pi-a", "rpi4").await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::CONFLICT, "device_exists")
+    );
+    let (status, body) = s.enroll("../etc", "rpi4").await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::BAD_REQUEST, "bad_device_id")
+    );
+    let r = s
+        .req(reqwest::Method::POST, "/api/v1/devices/enroll", None)
+        .json(&json!({"enrollment_token": "wrong", "device_id": "x", "arch": "aarch64", "agent_version": "0.1.0"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = s
+        .req(reqwest::Method::POST, "/api/v1/devices/enroll", None)
+        .body("{")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+
+    // Desired state: the credential names the device; ETag revalidation.
+    let r = s
+        .req(
+            reqwest::Method::GET,
+            "/api/v1/device/desired",
+            Some(&cred_a),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let etag = r.headers()["etag"].to_str().unwrap().to_string();
+    let desired: Value = r.json().await.unwrap();
+    assert_eq!(desired["bundle"], Value::Null);
+    let r = s
+        .req(
+            reqwest::Method::GET,
+            "/api/v1/device/desired",
+            Some(&cred_a),
+        )
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+    // Operators and strangers cannot use the device endpoints, devices cannot use operator ones.
+    let r = s
+        .req(
+            reqwest::Method::GET,
+            "/api/v1/device/desired",
+            Some(OPERATOR),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = s
+        .req(
+            reqwest::Method::GET,
+            "/api/v1/device/desired",
+            Some("forged"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = s
+        .req(
+            reqwest::Method::GET,
+            "/api/v1/devices/jetson-b",
+            Some(&cred_a),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+
+    // Report: the device is the source of truth, including a fallback.
+    let report = json!({
+        "active": {"id": "aa", "name": "multi-io", "version": "1.0.0", "sequence": 1},
+        "staged": null,
+        "last_failed": {"id": "bb", "name": "multi-io", "version": "1.0.1", "sequence": 2},
+        "state": "rolled_back",
+        "reason": "p95 latency 80 ms above 40 ms",
+        "health": {"inferences": 10, "errors": 0, "p95_latency_ms": 3.5}
+    });
+    let r = s
+        .req(
+            reqwest::Method::POST,
+            "/api/v1/device/report",
+            Some(&cred_b),
+        )
+        .json(&report)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let r = s
+        .req(
+            reqwest::Method::POST,
+            "/api/v1/device/report",
+            Some(&cred_b),
+        )
+        .body("{\"state\": 3}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let dev: Value = s
+        .req(
+            reqwest::Method::GET,
+            "/api/v1/devices/jetson-b",
+            Some(VIEWER),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(dev["active"]["version"], "1.0.0");
+    assert_eq!(dev["last_failed"]["version"], "1.0.1");
+    assert_eq!(dev["state"], "rolled_back");
+    assert!(
+        dev.get("credential_sha256").is_none(),
+        "hashes are not exposed"
+    );
+
+    // Filters and tag edits.
+    let list: Value = s
+        .req(
+            reqwest::Method::GET,
+            "/api/v1/devices?tag=board=rpi4",
+            Some(VIEWER),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["id"], "pi-a");
+    let list: Value = s
+        .req(
+            reqwest::Method::GET,
+            "/api/v1/devices?version=1.0.0",
+            Some(VIEWER),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list[0]["id"], "jetson-b");
+    let list: Value = s
+        .req(
+            reqwest::Method::GET,
+            "/api/v1/devices?status=rolled_back",
+            Some(VIEWER),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let r = s
+        .req(
+            reqwest::Method::GET,
+            "/api/v1/devices?color=red",
+            Some(VIEWER),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let r = s
+        .req(
+            reqwest::Method::PATCH,
+            "/api/v1/devices/pi-a",
+            Some(OPERATOR),
+        )
+        .json(&json!({"tags": {"board": "rpi5", "site": "lab"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = s
+        .req(reqwest::Method::PATCH, "/api/v1/devices/pi-a", Some(VIEWER))
+        .json(&json!({"tags": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = s
+        .req(
+            reqwest::Method::PATCH,
+            "/api/v1/devices/pi-a",
+            Some(OPERATOR),
+        )
+        .body("[]")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let r = s
+        .req(reqwest::Method::GET, "/api/v1/devices/nobody", Some(VIEWER))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let health = s
+        .req(reqwest::Method::GET, "/healthz", None)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+}
