@@ -64,6 +64,10 @@ impl Drop for Server {
 
 impl Server {
     async fn start() -> Server {
+        Server::start_with_tick(5000).await
+    }
+
+    async fn start_with_tick(tick_ms: u64) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("release.pub");
         std::fs::write(
@@ -89,6 +93,7 @@ impl Server {
             token("dash", Role::Viewer, VIEWER),
         ];
         cfg.auth.enrollment_tokens = vec![ENROLL.into()];
+        cfg.rollout_tick_ms = tick_ms;
         let stop = CancellationToken::new();
         let (addr, serve) = fleet_server::server::bind(&cfg, stop.clone())
             .await
@@ -543,4 +548,290 @@ async fn devices_enroll_read_only_their_own_desired_state_and_report() {
         .await
         .unwrap();
     assert_eq!(health.status(), StatusCode::OK);
+}
+
+/// A simulated device: polls its desired state and reports it runs it,
+/// with the latency it would measure on that bundle.
+struct SimDevice {
+    id: String,
+    cred: String,
+    active: Value,
+}
+
+impl SimDevice {
+    async fn step(&mut self, s: &Server, p95_for: &dyn Fn(&str) -> f64) {
+        let desired: Value = s
+            .req(
+                reqwest::Method::GET,
+                "/api/v1/device/desired",
+                Some(&self.cred),
+            )
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if !desired["bundle"].is_null() {
+            self.active = desired["bundle"].clone();
+        }
+        let version = self.active["version"].as_str().unwrap_or("").to_string();
+        let report = json!({
+            "active": self.active, "staged": null, "last_failed": null, "state": "committed", "reason": null,
+            "health": {"inferences": 100, "errors": 0, "p95_latency_ms": p95_for(&version)}
+        });
+        let r = s
+            .req(
+                reqwest::Method::POST,
+                "/api/v1/device/report",
+                Some(&self.cred),
+            )
+            .json(&report)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    }
+}
+
+/// How many devices the server wants on version 1.0.1.
+async fn desired_v2(s: &Server) -> usize {
+    let devs: Value = s
+        .req(reqwest::Method::GET, "/api/v1/devices", Some(VIEWER))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    devs.as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["desired"]["version"] == "1.0.1")
+        .count()
+}
+
+/// Polls a rollout until `done` holds (bounded: 5 s).
+async fn wait_for(s: &Server, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    for _ in 0..100 {
+        let st = rollout_status(s, id).await;
+        if done(&st) {
+            return st;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!(
+        "rollout {id} never reached the expected state: {}",
+        rollout_status(s, id).await
+    );
+}
+
+async fn rollout_status(s: &Server, id: &str) -> Value {
+    s.req(
+        reqwest::Method::GET,
+        &format!("/api/v1/rollouts/{id}"),
+        Some(VIEWER),
+    )
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_rollout_over_20_devices_advances_pauses_on_a_breached_gate_and_aborts_back() {
+    let s = Server::start_with_tick(50).await;
+    let mut ids = Vec::new();
+    for patch in 0..3 {
+        let (status, rec) = s.push(Some(OPERATOR), bundle(1, patch, 86_400)).await;
+        assert_eq!(status, StatusCode::CREATED);
+        ids.push(rec["id"].as_str().unwrap().to_string());
+    }
+    let v1 = json!({"id": ids[0], "name": "multi-io", "version": "1.0.0", "sequence": 1});
+    let mut fleet = Vec::new();
+    for i in 0..20 {
+        let board = ["rpi4", "jetson-nano"][i % 2];
+        let (_, e) = s.enroll(&format!("sim-{i:02}"), board).await;
+        fleet.push(SimDevice {
+            id: format!("sim-{i:02}"),
+            cred: e["credential"].as_str().unwrap().into(),
+            active: v1.clone(),
+        });
+    }
+    let healthy = |_: &str| 4.0;
+    for d in &mut fleet {
+        d.step(&s, &healthy).await;
+    }
+
+    // v2: three stages, no bake time, gated on latency.
+    let create = json!({"bundle": ids[1], "selector": {}, "stages": [{"percent": 25, "bake_minutes": 0}, {"percent": 50, "bake_minutes": 0}, {"percent": 100, "bake_minutes": 0}],
+                        "gates": {"max_p95_latency_ms": 50.0, "min_reporting_devices": 1}});
+    let r = s
+        .req(reqwest::Method::POST, "/api/v1/rollouts", Some(OPERATOR))
+        .json(&create)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let created: Value = r.json().await.unwrap();
+    let rid = created["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        created["stages"][0]["devices"], 6,
+        "25% of each board (5 of 10, rounded up: 3 + 3)"
+    );
+    assert_eq!(desired_v2(&s).await, 6, "only the canaries are told first");
+
+    // Devices poll and report in rounds until the rollout completes.
+    for _ in 0..40 {
+        for d in &mut fleet {
+            d.step(&s, &healthy).await;
+        }
+        if rollout_status(&s, &rid).await["phase"]["state"] == "completed" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    let st = wait_for(&s, &rid, |st| st["phase"]["state"] == "completed").await;
+    assert_eq!(st["stages"][2]["running"], 20);
+    // Each automatic step explains itself: 6 canaries, then +4, then +10.
+    let steps: Vec<(String, usize)> = st["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["action"].as_str().unwrap().to_string(),
+                d["devices"].as_array().unwrap().len(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        vec![
+            ("advance".into(), 4),
+            ("advance".into(), 10),
+            ("complete".into(), 0)
+        ],
+        "{st}"
+    );
+    let on_v2: Value = s
+        .req(
+            reqwest::Method::GET,
+            "/api/v1/devices?version=1.0.1",
+            Some(VIEWER),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(on_v2.as_array().unwrap().len(), 20);
+
+    // v3 is slow in production: the canaries report p95 120 ms.
+    let slow_v3 = |v: &str| if v == "1.0.2" { 120.0 } else { 4.0 };
+    let create = json!({"bundle": ids[2], "stages": [{"percent": 10, "bake_minutes": 0}, {"percent": 100, "bake_minutes": 0}],
+                        "gates": {"max_p95_latency_ms": 50.0}});
+    let r = s
+        .req(reqwest::Method::POST, "/api/v1/rollouts", Some(OPERATOR))
+        .json(&create)
+        .send()
+        .await
+        .unwrap();
+    let rid3 = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut paused = Value::Null;
+    for _ in 0..40 {
+        for d in &mut fleet {
+            d.step(&s, &slow_v3).await;
+        }
+        paused = rollout_status(&s, &rid3).await;
+        if paused["phase"]["state"] == "paused" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    assert_eq!(
+        paused["phase"]["state"], "paused",
+        "the latency gate must pause v3"
+    );
+    assert_eq!(
+        paused["phase"]["stage"], 0,
+        "it never left the canary stage"
+    );
+    let decision = &paused["decisions"][0];
+    assert_eq!(decision["gate"], "max_p95_latency_ms");
+    assert_eq!(decision["threshold"], 50.0);
+    assert_eq!(decision["observed"], 120.0);
+    let canaries: Vec<String> = decision["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap().to_string())
+        .collect();
+    assert!(!canaries.is_empty() && canaries.len() <= 2, "{canaries:?}");
+
+    // Abort: the canaries go back to v2, explicitly as a rollback.
+    let r = s
+        .req(
+            reqwest::Method::POST,
+            &format!("/api/v1/rollouts/{rid3}/abort"),
+            Some(OPERATOR),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    for d in fleet.iter_mut().filter(|d| canaries.contains(&d.id)) {
+        d.step(&s, &slow_v3).await;
+        assert_eq!(d.active["version"], "1.0.1", "{} returned to v2", d.id);
+    }
+    let r = s
+        .req(
+            reqwest::Method::POST,
+            &format!("/api/v1/rollouts/{rid3}/resume"),
+            Some(OPERATOR),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CONFLICT, "aborted is final");
+    let r = s
+        .req(
+            reqwest::Method::POST,
+            &format!("/api/v1/rollouts/{rid3}/explode"),
+            Some(OPERATOR),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let bad = json!({"bundle": ids[2], "stages": [{"percent": 50, "bake_minutes": 0}]});
+    let r = s
+        .req(reqwest::Method::POST, "/api/v1/rollouts", Some(OPERATOR))
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let r = s
+        .req(reqwest::Method::POST, "/api/v1/rollouts", Some(VIEWER))
+        .json(&create)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let unknown =
+        json!({"bundle": "0".repeat(64), "stages": [{"percent": 100, "bake_minutes": 0}]});
+    let r = s
+        .req(reqwest::Method::POST, "/api/v1/rollouts", Some(OPERATOR))
+        .json(&unknown)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
 }

@@ -387,9 +387,22 @@ fn check_declared(declared: &[String], inputs: &[TensorSpec]) -> Result<()> {
 /// Converts an ONNX model to a decluttered tract NNEF tar (FACTS.md: the
 /// optimized form has no serializer; devices optimize after loading).
 pub fn onnx_to_nnef(bytes: &[u8], inputs: &[TensorSpec]) -> Result<Vec<u8>> {
-    let model = pinned_typed(ModelFormat::Onnx, bytes, inputs)?
+    let mut model = pinned_typed(ModelFormat::Onnx, bytes, inputs)?
         .into_decluttered()
         .map_err(load_err)?;
+    // tract 0.23.9 writes string properties with Rust's `{:?}` escaping,
+    // which its own NNEF parser cannot read back (PP-OCRv4 rec keeps its
+    // 6625-character dictionary in ONNX metadata). Such properties are not
+    // needed to run the model: drop them rather than produce an unloadable tar.
+    model.properties.retain(|_, v| {
+        v.to_plain_array_view::<String>()
+            .map(|strings| {
+                strings
+                    .iter()
+                    .all(|s| format!("{s:?}").len() == s.len() + 2)
+            })
+            .unwrap_or(true)
+    });
     nnef()
         .write_to_tar(&model, Vec::new())
         .map_err(|e| RuntimeError::Load {

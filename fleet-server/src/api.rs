@@ -21,8 +21,10 @@ use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 
 use crate::auth::{Caller, Tokens, authenticate, require_device, require_role, sha256_hex};
 use crate::config::Role;
+use crate::controller::{Controller, ControllerError};
 use crate::error::Error;
 use crate::registry::Registry;
+use crate::rollout::{Command, Gates, RolloutSpec, Stage};
 use crate::store::{AuditEntry, BundleRecord, DeviceRecord, Store};
 
 /// Shared state of the API handlers.
@@ -34,6 +36,7 @@ pub struct AppState {
     pub tokens: Tokens,
     pub enrollment_tokens: Vec<String>,
     pub max_bundle_bytes: u64,
+    pub controller: Arc<Controller>,
 }
 
 /// An API error: status, stable code, client-safe message.
@@ -110,6 +113,9 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/device/desired", get(device_desired))
         .route("/api/v1/device/report", post(device_report))
         .route("/api/v1/audit", get(list_audit))
+        .route("/api/v1/rollouts", post(create_rollout).get(list_rollouts))
+        .route("/api/v1/rollouts/{id}", get(get_rollout))
+        .route("/api/v1/rollouts/{id}/{action}", post(rollout_action))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .with_state(state)
 }
@@ -366,6 +372,7 @@ async fn enroll(State(s): State<AppState>, body: Bytes) -> ApiResult<Response> {
         last_seen: Some(now()),
         desired: None,
         desired_rollout: None,
+        desired_rollback: false,
         report: None,
     };
     s.store.put_device(&device)?;
@@ -501,7 +508,7 @@ fn desired_of(d: &DeviceRecord) -> DesiredState {
             .map(|b| format!("/api/v1/bundles/{}/download", b.id)),
         bundle: d.desired.clone(),
         rollout_id: d.desired_rollout.clone(),
-        rollback: false,
+        rollback: d.desired_rollback,
     }
 }
 
@@ -548,4 +555,111 @@ async fn device_report(
 async fn list_audit(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     require_role(&auth(&s, &headers)?, Role::Viewer)?;
     Ok(axum::Json(s.store.list_audit()?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRollout {
+    /// Bundle id (sha256) as returned by `POST /api/v1/bundles`.
+    bundle: String,
+    #[serde(default)]
+    selector: BTreeMap<String, String>,
+    stages: Vec<Stage>,
+    #[serde(default)]
+    gates: Gates,
+}
+
+impl From<ControllerError> for ApiError {
+    fn from(e: ControllerError) -> Self {
+        match e {
+            ControllerError::NotFound => ApiError::not_found("rollout"),
+            ControllerError::Rollout(r @ crate::rollout::RolloutError::NotAllowed(..)) => {
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "transition_not_allowed",
+                    r.to_string(),
+                )
+            }
+            ControllerError::Rollout(r) => ApiError::bad_request("invalid_rollout", r.to_string()),
+            ControllerError::Store(e) => e.into(),
+        }
+    }
+}
+
+async fn create_rollout(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let caller = auth(&s, &headers)?;
+    require_role(&caller, Role::Operator)?;
+    let req: CreateRollout = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("malformed_json", format!("rollout: {e}")))?;
+    let bundle = s.store.get_bundle(&req.bundle)?.ok_or_else(|| {
+        ApiError::bad_request(
+            "unknown_bundle",
+            format!("no bundle {:?}; push it first", req.bundle),
+        )
+    })?;
+    let mut id_bytes = [0u8; 8];
+    getrandom::fill(&mut id_bytes).map_err(|e| Error::Store(format!("random: {e}")))?;
+    let spec = RolloutSpec {
+        bundle: bundle.to_ref(),
+        selector: req.selector,
+        stages: req.stages,
+        gates: req.gates,
+    };
+    let r = s
+        .controller
+        .create(hex::encode(id_bytes), bundle.to_ref(), spec, now())
+        .await?;
+    audit(&s, &caller, "rollout.create", &r.id)?;
+    Ok((StatusCode::CREATED, axum::Json(s.controller.progress(&r)?)).into_response())
+}
+
+async fn list_rollouts(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
+    require_role(&auth(&s, &headers)?, Role::Viewer)?;
+    let all = s
+        .store
+        .list_rollouts()?
+        .iter()
+        .map(|r| s.controller.progress(r))
+        .collect::<crate::error::Result<Vec<_>>>()?;
+    Ok(axum::Json(all).into_response())
+}
+
+async fn get_rollout(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    require_role(&auth(&s, &headers)?, Role::Viewer)?;
+    let r = s
+        .store
+        .get_rollout(&id)?
+        .ok_or_else(|| ApiError::not_found("rollout"))?;
+    Ok(axum::Json(s.controller.progress(&r)?).into_response())
+}
+
+async fn rollout_action(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let caller = auth(&s, &headers)?;
+    require_role(&caller, Role::Operator)?;
+    let cmd = match action.as_str() {
+        "pause" => Command::Pause,
+        "resume" => Command::Resume,
+        "abort" => Command::Abort,
+        "promote" => Command::Promote,
+        other => {
+            return Err(ApiError::not_found(&format!(
+                "action {other:?} (use pause, resume, abort, promote)"
+            )));
+        }
+    };
+    let r = s.controller.command(&id, cmd, now()).await?;
+    audit(&s, &caller, &format!("rollout.{action}"), &id)?;
+    Ok(axum::Json(s.controller.progress(&r)?).into_response())
 }

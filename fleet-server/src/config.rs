@@ -84,6 +84,8 @@ pub struct ServerConfig {
     pub http: HttpConfig,
     pub trust: TrustConfig,
     pub auth: AuthConfig,
+    /// How often running rollouts are evaluated. Default 5000 ms.
+    pub rollout_tick_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -93,6 +95,7 @@ impl Default for ServerConfig {
             http: HttpConfig::default(),
             trust: TrustConfig::default(),
             auth: AuthConfig::default(),
+            rollout_tick_ms: 5000,
         }
     }
 }

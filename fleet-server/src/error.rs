@@ -43,6 +43,8 @@ pub enum Error {
     Runtime(#[from] RuntimeError),
     #[error("store: {0}")]
     Store(String),
+    #[error("server: {0}")]
+    Remote(String),
 }
 
 impl Error {

@@ -16,6 +16,7 @@ use edgefleet_wire::names::ModelName;
 use edgefleet_wire::verify::{Expiry, TrustRoot, open_bundle};
 use serde_json::json;
 
+use crate::client::Client;
 use crate::duration::{parse_duration, rfc3339};
 use crate::error::{Error, Result};
 use crate::pack::{PackRequest, pack};
@@ -27,6 +28,12 @@ use crate::pack::{PackRequest, pack};
     about = "Operate an edgefleet fleet: keys, model bundles, rollouts"
 )]
 pub struct Cli {
+    /// Fleet server URL, e.g. http://127.0.0.1:7070.
+    #[arg(long, env = "FLEETCTL_SERVER", global = true)]
+    pub server: Option<String>,
+    /// Operator bearer token.
+    #[arg(long, env = "FLEETCTL_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -41,9 +48,80 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Pack, verify and inspect signed model bundles.
+    /// Pack, verify, inspect, push and list signed model bundles.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// The device inventory.
+    #[command(subcommand)]
+    Devices(DevicesCommand),
+    /// Staged rollouts.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DevicesCommand {
+    /// List devices, optionally filtered by tags (k=v, repeatable).
+    List {
+        #[arg(long = "tag", value_name = "K=V")]
+        tags: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Start a staged rollout of a pushed bundle.
+    Create(Box<RolloutArgs>),
+    /// Progress per stage and the reasons of automatic decisions.
+    Status {
+        id: String,
+        /// Refresh every 2 s until the rollout completes or is aborted.
+        #[arg(long)]
+        watch: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    Pause {
+        id: String,
+    },
+    Resume {
+        id: String,
+    },
+    /// Stop and send the devices back to what they ran before.
+    Abort {
+        id: String,
+    },
+    /// Skip the rest of the current stage's bake time.
+    Promote {
+        id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RolloutArgs {
+    /// Bundle id (from `bundle push` / `bundle list`).
+    #[arg(long)]
+    bundle: String,
+    /// Tag the devices must carry (k=v, repeatable).
+    #[arg(long = "selector", value_name = "K=V")]
+    selector: Vec<String>,
+    /// Stages as PERCENT:BAKE, e.g. 10:5m,50:10m,100:0.
+    #[arg(long)]
+    stages: String,
+    #[arg(long)]
+    max_failed_devices_pct: Option<f64>,
+    #[arg(long)]
+    max_rollback_pct: Option<f64>,
+    #[arg(long)]
+    max_p95_latency_ms: Option<f64>,
+    #[arg(long)]
+    max_error_rate: Option<f64>,
+    #[arg(long)]
+    min_reporting_devices: Option<u32>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -63,6 +141,17 @@ pub enum BundleCommand {
     /// Show a bundle's manifest (signatures are listed, not verified).
     Inspect {
         file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Upload a bundle to the fleet server (it verifies it too).
+    Push {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bundles in the server's registry.
+    List {
         #[arg(long)]
         json: bool,
     },
@@ -130,7 +219,81 @@ fn now_unix() -> u64 {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    let client = || Client::new(cli.server.clone(), cli.token.clone());
     match cli.command {
+        Command::Bundle(BundleCommand::Push { file, json }) => {
+            let rec = client()?.post_file("/api/v1/bundles", &file)?;
+            print_or(json, &rec, || {
+                println!(
+                    "pushed {} {} as {}",
+                    rec["name"].as_str().unwrap_or(""),
+                    rec["version"].as_str().unwrap_or(""),
+                    rec["id"].as_str().unwrap_or("")
+                );
+            });
+            Ok(())
+        }
+        Command::Bundle(BundleCommand::List { json }) => {
+            let list = client()?.get("/api/v1/bundles")?;
+            print_or(json, &list, || {
+                table(
+                    &["ID", "NAME", "VERSION", "SEQ", "FORMAT", "SIZE"],
+                    list.as_array().into_iter().flatten().map(|b| {
+                        vec![
+                            short(&b["id"]),
+                            s(&b["name"]),
+                            s(&b["version"]),
+                            s(&b["sequence"]),
+                            s(&b["format"]),
+                            s(&b["size"]),
+                        ]
+                    }),
+                )
+            });
+            Ok(())
+        }
+        Command::Devices(DevicesCommand::List { tags, json }) => {
+            let query: Vec<String> = tags
+                .iter()
+                .map(|t| format!("tag={}", urlencode(t)))
+                .collect();
+            let list = client()?.get(&format!("/api/v1/devices?{}", query.join("&")))?;
+            print_or(json, &list, || {
+                table(
+                    &["DEVICE", "TAGS", "ACTIVE", "STATE", "P95 MS", "LAST SEEN"],
+                    list.as_array().into_iter().flatten().map(|d| {
+                        let tags = d["tags"]
+                            .as_object()
+                            .map(|m| {
+                                m.iter()
+                                    .map(|(k, v)| format!("{k}={}", s(v)))
+                                    .collect::<Vec<_>>()
+                                    .join(",")
+                            })
+                            .unwrap_or_default();
+                        let active = if d["active"].is_null() {
+                            "-".into()
+                        } else {
+                            format!("{} {}", s(&d["active"]["name"]), s(&d["active"]["version"]))
+                        };
+                        let seen = d["last_seen"]
+                            .as_u64()
+                            .map(rfc3339)
+                            .unwrap_or_else(|| "-".into());
+                        vec![
+                            s(&d["id"]),
+                            tags,
+                            active,
+                            s(&d["state"]),
+                            s(&d["health"]["p95_latency_ms"]),
+                            seen,
+                        ]
+                    }),
+                )
+            });
+            Ok(())
+        }
+        Command::Rollout(cmd) => rollout_cmd(&client()?, cmd),
         Command::Keygen { out, force } => keygen(&out, force),
         Command::Bundle(BundleCommand::Pack(args)) => pack_cmd(*args),
         Command::Bundle(BundleCommand::Verify {
@@ -406,4 +569,205 @@ fn manifest_json(m: &Manifest, key_ids: &[String]) -> serde_json::Value {
         "signatures": key_ids,
         "signatures_verified": false,
     })
+}
+
+fn s(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(x) => x.clone(),
+        serde_json::Value::Null => "-".into(),
+        serde_json::Value::Number(n) => n
+            .as_f64()
+            .filter(|f| f.fract() != 0.0)
+            .map_or_else(|| n.to_string(), |f| format!("{f:.1}")),
+        other => other.to_string(),
+    }
+}
+
+fn short(v: &serde_json::Value) -> String {
+    s(v).chars().take(12).collect()
+}
+
+fn urlencode(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn print_or(as_json: bool, v: &serde_json::Value, human: impl FnOnce()) {
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    } else {
+        human();
+    }
+}
+
+/// Prints rows as aligned columns.
+fn table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) {
+    let rows: Vec<Vec<String>> = rows.collect();
+    let widths: Vec<usize> = headers
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            rows.iter()
+                .map(|r| r[i].chars().count())
+                .chain([h.len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn parse_kv(v: &str) -> Result<(String, String)> {
+    v.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| Error::Usage(format!("{v:?}: use key=value")))
+}
+
+/// `10:5m,50:10m,100:0` → stages (bake times in whole minutes, rounded up).
+pub fn parse_stages(spec: &str) -> Result<Vec<serde_json::Value>> {
+    spec.split(',')
+        .map(|st| {
+            let (pct, bake) = st.split_once(':').ok_or_else(|| {
+                Error::Usage(format!("stage {st:?}: use PERCENT:BAKE, e.g. 10:5m"))
+            })?;
+            let percent: u8 = pct
+                .trim()
+                .parse()
+                .map_err(|_| Error::Usage(format!("stage {st:?}: {pct:?} is not a percent")))?;
+            let secs = if bake.trim() == "0" {
+                0
+            } else {
+                parse_duration(bake.trim())?
+            };
+            Ok(json!({"percent": percent, "bake_minutes": secs.div_ceil(60)}))
+        })
+        .collect()
+}
+
+fn print_rollout(r: &serde_json::Value) {
+    println!(
+        "rollout {}  bundle {} {}  {}",
+        s(&r["id"]),
+        s(&r["bundle"]["name"]),
+        s(&r["bundle"]["version"]),
+        s(&r["phase"]["state"]).to_uppercase()
+    );
+    let current = r["phase"]["stage"].as_u64();
+    table(
+        &[
+            "",
+            "STAGE",
+            "BAKE",
+            "DEVICES",
+            "RUNNING",
+            "PENDING",
+            "FAILED",
+            "ROLLED BACK",
+        ],
+        r["stages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, st)| {
+                vec![
+                    if current == Some(i as u64) {
+                        "▶".into()
+                    } else {
+                        String::new()
+                    },
+                    format!("{}%", s(&st["percent"])),
+                    format!("{}m", s(&st["bake_minutes"])),
+                    s(&st["devices"]),
+                    s(&st["running"]),
+                    s(&st["pending"]),
+                    s(&st["failed"]),
+                    s(&st["rolled_back"]),
+                ]
+            }),
+    );
+    for d in r["decisions"].as_array().into_iter().flatten() {
+        let devices: Vec<String> = d["devices"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
+        println!(
+            "  {} {}: {} (gate {}, threshold {}, observed {}{})",
+            rfc3339(d["at"].as_u64().unwrap_or(0)),
+            s(&d["action"]),
+            s(&d["message"]),
+            s(&d["gate"]),
+            s(&d["threshold"]),
+            s(&d["observed"]),
+            if devices.is_empty() {
+                String::new()
+            } else {
+                format!(", devices {}", devices.join(" "))
+            }
+        );
+    }
+}
+
+fn rollout_cmd(c: &Client, cmd: RolloutCommand) -> Result<()> {
+    let (path, body, as_json) = match cmd {
+        RolloutCommand::Create(a) => {
+            let selector: serde_json::Map<String, serde_json::Value> = a
+                .selector
+                .iter()
+                .map(|kv| parse_kv(kv).map(|(k, v)| (k, serde_json::Value::String(v))))
+                .collect::<Result<_>>()?;
+            let mut gates = serde_json::Map::new();
+            for (k, v) in [
+                ("max_failed_devices_pct", a.max_failed_devices_pct),
+                ("max_rollback_pct", a.max_rollback_pct),
+                ("max_p95_latency_ms", a.max_p95_latency_ms),
+                ("max_error_rate", a.max_error_rate),
+            ] {
+                if let Some(v) = v {
+                    gates.insert(k.into(), json!(v));
+                }
+            }
+            if let Some(v) = a.min_reporting_devices {
+                gates.insert("min_reporting_devices".into(), json!(v));
+            }
+            let body = json!({"bundle": a.bundle, "selector": selector, "stages": parse_stages(&a.stages)?, "gates": gates});
+            ("/api/v1/rollouts".to_string(), Some(body), a.json)
+        }
+        RolloutCommand::Status { id, watch, json } => loop {
+            let r = c.get(&format!("/api/v1/rollouts/{id}"))?;
+            print_or(json, &r, || print_rollout(&r));
+            let done = matches!(r["phase"]["state"].as_str(), Some("completed" | "aborted"));
+            if !watch || done {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_secs(2));
+            println!();
+        },
+        RolloutCommand::Pause { id } => (format!("/api/v1/rollouts/{id}/pause"), None, false),
+        RolloutCommand::Resume { id } => (format!("/api/v1/rollouts/{id}/resume"), None, false),
+        RolloutCommand::Abort { id } => (format!("/api/v1/rollouts/{id}/abort"), None, false),
+        RolloutCommand::Promote { id } => (format!("/api/v1/rollouts/{id}/promote"), None, false),
+    };
+    let r = c.post_json(&path, &body.unwrap_or(json!({})))?;
+    print_or(as_json, &r, || print_rollout(&r));
+    Ok(())
 }

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{AppState, router};
 use crate::auth::Tokens;
 use crate::config::ServerConfig;
+use crate::controller::{Controller, run_ticker};
 use crate::error::{Error, Result};
 use crate::registry::Registry;
 use crate::store::SledStore;
@@ -31,8 +32,11 @@ pub fn state(config: &ServerConfig) -> Result<AppState> {
             "[trust]: {e} (list the release public keys in trust.keys)"
         ))
     })?;
+    let store: Arc<dyn crate::store::Store> =
+        Arc::new(SledStore::open(&config.data_dir.join("store"))?);
     Ok(AppState {
-        store: Arc::new(SledStore::open(&config.data_dir.join("store"))?),
+        controller: Arc::new(Controller::new(store.clone())),
+        store,
         registry: Registry::open(&config.data_dir)?,
         trust,
         tokens: Tokens::from_config(&config.auth.tokens)
@@ -55,8 +59,14 @@ pub async fn bind(
     let addr = listener
         .local_addr()
         .map_err(|e| Error::io("listener", e))?;
+    let ticker = tokio::spawn(run_ticker(
+        state.controller.clone(),
+        std::time::Duration::from_millis(config.rollout_tick_ms),
+        shutdown.clone(),
+    ));
     let app = router(state);
     let serve = async move {
+        let _ticker = ticker;
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await

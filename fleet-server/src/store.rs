@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::rollout::Rollout;
 
 /// A bundle in the registry.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -53,6 +54,9 @@ pub struct DeviceRecord {
     pub last_seen: Option<u64>,
     pub desired: Option<BundleRef>,
     pub desired_rollout: Option<String>,
+    /// The desired bundle is an explicit rollback (abort) to one the device ran.
+    #[serde(default)]
+    pub desired_rollback: bool,
     pub report: Option<DeviceReport>,
 }
 
@@ -80,6 +84,9 @@ pub trait Store: Send + Sync + 'static {
     fn device_by_credential(&self, credential_sha256: &str) -> Result<Option<DeviceRecord>>;
     fn append_audit(&self, e: &AuditEntry) -> Result<()>;
     fn list_audit(&self) -> Result<Vec<AuditEntry>>;
+    fn get_rollout(&self, id: &str) -> Result<Option<Rollout>>;
+    fn put_rollout(&self, r: &Rollout) -> Result<()>;
+    fn list_rollouts(&self) -> Result<Vec<Rollout>>;
 }
 
 /// The sled-backed store (sled 0.34; FACTS.md: flush after writes that matter).
@@ -91,6 +98,7 @@ pub struct SledStore {
     devices: sled::Tree,
     credentials: sled::Tree,
     audit: sled::Tree,
+    rollouts: sled::Tree,
 }
 
 fn db_err(e: sled::Error) -> Error {
@@ -115,6 +123,7 @@ impl SledStore {
             devices: tree("devices")?,
             credentials: tree("credentials")?,
             audit: tree("audit")?,
+            rollouts: tree("rollouts")?,
             db,
         })
     }
@@ -217,5 +226,22 @@ impl Store for SledStore {
 
     fn list_audit(&self) -> Result<Vec<AuditEntry>> {
         Self::all(&self.audit)
+    }
+
+    fn get_rollout(&self, id: &str) -> Result<Option<Rollout>> {
+        self.rollouts
+            .get(id)
+            .map_err(db_err)?
+            .map(|v| dec(&v))
+            .transpose()
+    }
+
+    fn put_rollout(&self, r: &Rollout) -> Result<()> {
+        self.rollouts.insert(&r.id, enc(r)?).map_err(db_err)?;
+        self.flush()
+    }
+
+    fn list_rollouts(&self) -> Result<Vec<Rollout>> {
+        Self::all(&self.rollouts)
     }
 }

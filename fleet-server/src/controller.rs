@@ -1,0 +1,210 @@
+//! The rollout driver: serializes commands and periodic ticks, calls the
+//! pure [`crate::rollout::next`], persists the new rollout and applies its
+//! effects to devices' desired state.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgefleet_wire::device::BundleRef;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::rollout::{
+    Command, DeviceStatus, Effect, Phase, Rollout, RolloutError, RolloutSpec, next,
+    targets_for_stage,
+};
+use crate::store::{DeviceRecord, Store};
+
+/// Failures of a rollout command.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("no such rollout")]
+    NotFound,
+    #[error(transparent)]
+    Rollout(#[from] RolloutError),
+    #[error(transparent)]
+    Store(#[from] Error),
+}
+
+/// Owns rollout transitions. One lock serializes them, so a tick and an
+/// operator command never interleave.
+pub struct Controller {
+    store: Arc<dyn Store>,
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller").finish_non_exhaustive()
+    }
+}
+
+pub fn status_of(d: &DeviceRecord) -> DeviceStatus {
+    let r = d.report.as_ref();
+    DeviceStatus {
+        id: d.id.clone(),
+        tags: d.tags.clone(),
+        active: r.and_then(|r| r.active.clone()),
+        last_failed: r.and_then(|r| r.last_failed.clone()),
+        state: r.map(|r| r.state),
+        health: r.map(|r| r.health.clone()).unwrap_or_default(),
+        last_seen: d.last_seen,
+    }
+}
+
+impl Controller {
+    pub fn new(store: Arc<dyn Store>) -> Controller {
+        Controller {
+            store,
+            lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn fleet(&self) -> Result<Vec<DeviceStatus>> {
+        Ok(self.store.list_devices()?.iter().map(status_of).collect())
+    }
+
+    fn apply(&self, rollout_id: &str, effects: &[Effect]) -> Result<()> {
+        for e in effects {
+            if let Some(mut d) = self.store.get_device(&e.device)?
+                && (d.desired != e.bundle
+                    || d.desired_rollout.as_deref() != Some(rollout_id)
+                    || d.desired_rollback != e.rollback)
+            {
+                d.desired = e.bundle.clone();
+                d.desired_rollout = Some(rollout_id.to_string());
+                d.desired_rollback = e.rollback;
+                self.store.put_device(&d)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates a rollout and runs its first tick (stage 0 devices get the bundle).
+    pub async fn create(
+        &self,
+        id: String,
+        bundle: BundleRef,
+        spec: RolloutSpec,
+        now: u64,
+    ) -> Result<Rollout, ControllerError> {
+        spec.validate()?;
+        let _g = self.lock.lock().await;
+        let r = Rollout {
+            id,
+            spec: RolloutSpec { bundle, ..spec },
+            phase: Phase::Running {
+                stage: 0,
+                stage_started: now,
+            },
+            created_at: now,
+            previous: Default::default(),
+            decisions: Vec::new(),
+        };
+        let (r, effects) = next(&r, &self.fleet()?, Command::Tick, now)?;
+        self.store.put_rollout(&r)?;
+        self.apply(&r.id, &effects)?;
+        Ok(r)
+    }
+
+    /// Applies an operator command.
+    pub async fn command(
+        &self,
+        id: &str,
+        cmd: Command,
+        now: u64,
+    ) -> Result<Rollout, ControllerError> {
+        let _g = self.lock.lock().await;
+        let r = self
+            .store
+            .get_rollout(id)?
+            .ok_or(ControllerError::NotFound)?;
+        let (r, effects) = next(&r, &self.fleet()?, cmd, now)?;
+        self.store.put_rollout(&r)?;
+        self.apply(&r.id, &effects)?;
+        Ok(r)
+    }
+
+    /// Evaluates every running rollout once.
+    pub async fn tick(&self, now: u64) -> Result<()> {
+        let _g = self.lock.lock().await;
+        let fleet = self.fleet()?;
+        for r in self.store.list_rollouts()? {
+            if !matches!(r.phase, Phase::Running { .. }) {
+                continue;
+            }
+            let (n, effects) =
+                next(&r, &fleet, Command::Tick, now).map_err(|e| Error::Store(e.to_string()))?;
+            if n != r {
+                self.store.put_rollout(&n)?;
+                if let Some(d) = n
+                    .decisions
+                    .last()
+                    .filter(|_| n.decisions.len() > r.decisions.len())
+                {
+                    tracing::warn!(rollout = %n.id, gate = %d.gate, observed = ?d.observed, threshold = ?d.threshold, devices = ?d.devices, "rollout paused: {}", d.message);
+                }
+            }
+            self.apply(&n.id, &effects)?;
+        }
+        Ok(())
+    }
+
+    /// Progress of a rollout per stage and per device state.
+    pub fn progress(&self, r: &Rollout) -> Result<serde_json::Value> {
+        let fleet = self.fleet()?;
+        let bundle = &r.spec.bundle.id;
+        let stages: Vec<serde_json::Value> = r
+            .spec
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let targets = targets_for_stage(r, &fleet, i);
+                let count = |f: &dyn Fn(&DeviceStatus) -> bool| targets.iter().filter(|d| f(d)).count();
+                let running = |d: &DeviceStatus| d.active.as_ref().is_some_and(|a| &a.id == bundle);
+                let failed_on = |d: &DeviceStatus| d.last_failed.as_ref().is_some_and(|f| &f.id == bundle);
+                json!({
+                    "percent": s.percent,
+                    "bake_minutes": s.bake_minutes,
+                    "devices": targets.len(),
+                    "running": count(&running),
+                    "failed": count(&|d| failed_on(d) && d.state == Some(edgefleet_wire::device::UpdateState::Failed)),
+                    "rolled_back": count(&|d| failed_on(d) && d.state == Some(edgefleet_wire::device::UpdateState::RolledBack)),
+                    "pending": count(&|d| !running(d) && !failed_on(d)),
+                })
+            })
+            .collect();
+        Ok(json!({
+            "id": r.id,
+            "bundle": r.spec.bundle,
+            "selector": r.spec.selector,
+            "gates": r.spec.gates,
+            "phase": r.phase,
+            "created_at": r.created_at,
+            "stages": stages,
+            "decisions": r.decisions,
+        }))
+    }
+}
+
+/// Ticks every `every` until cancelled. A failing tick is logged, not fatal.
+pub async fn run_ticker(controller: Arc<Controller>, every: Duration, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = interval.tick() => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                if let Err(e) = controller.tick(now).await {
+                    tracing::error!(error = %e, "rollout tick failed");
+                }
+            }
+        }
+    }
+}

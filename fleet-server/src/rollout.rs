@@ -1,0 +1,845 @@
+//! Staged rollouts: the pure controller.
+//!
+//! [`next`] is the single transition function `(rollout, fleet, command,
+//! now) -> (rollout, effects)`. It does no I/O and takes the clock as an
+//! argument, so tests drive it with a fake clock; the driver in
+//! [`crate::server`] persists the result and applies the effects (desired
+//! state changes). Every automatic pause or abort records a [`Decision`]
+//! naming the gate, the threshold, the observed value and the devices.
+
+use std::collections::BTreeMap;
+
+use edgefleet_wire::device::{BundleRef, Health, UpdateState};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// One canary stage: the share of the selected fleet that runs the bundle
+/// once the stage starts, and how long it bakes before the next one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Stage {
+    pub percent: u8,
+    pub bake_minutes: u32,
+}
+
+/// Health gates checked over the devices already in the rollout.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Gates {
+    pub max_failed_devices_pct: Option<f64>,
+    pub max_rollback_pct: Option<f64>,
+    pub max_p95_latency_ms: Option<f64>,
+    pub max_error_rate: Option<f64>,
+    /// Devices that must run the bundle and report before a stage passes
+    /// (default 1).
+    pub min_reporting_devices: Option<u32>,
+}
+
+/// What an operator asks for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolloutSpec {
+    pub bundle: BundleRef,
+    /// Tags a device must all carry (`board=rpi4`, ...). Empty: every device.
+    pub selector: BTreeMap<String, String>,
+    pub stages: Vec<Stage>,
+    pub gates: Gates,
+}
+
+/// Why the controller (or an operator) stopped a rollout.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub at: u64,
+    pub action: String,
+    /// The gate, e.g. `max_p95_latency_ms`; `operator` for manual actions.
+    pub gate: String,
+    pub threshold: Option<f64>,
+    pub observed: Option<f64>,
+    pub devices: Vec<String>,
+    pub message: String,
+}
+
+/// Lifecycle of a rollout.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Phase {
+    Running { stage: usize, stage_started: u64 },
+    Paused { stage: usize, stage_started: u64 },
+    Completed { at: u64 },
+    Aborted { at: u64 },
+}
+
+/// A rollout and everything needed to explain and undo it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Rollout {
+    pub id: String,
+    pub spec: RolloutSpec,
+    pub phase: Phase,
+    pub created_at: u64,
+    /// What each enrolled device ran before it joined, for abort.
+    pub previous: BTreeMap<String, Option<BundleRef>>,
+    pub decisions: Vec<Decision>,
+}
+
+/// A device as the controller sees it: identity, tags and what it reports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceStatus {
+    pub id: String,
+    pub tags: BTreeMap<String, String>,
+    pub active: Option<BundleRef>,
+    pub last_failed: Option<BundleRef>,
+    pub state: Option<UpdateState>,
+    pub health: Health,
+    pub last_seen: Option<u64>,
+}
+
+/// A desired-state change for one device.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Effect {
+    pub device: String,
+    pub bundle: Option<BundleRef>,
+    /// Set on abort: a return to a bundle the device already ran.
+    pub rollback: bool,
+}
+
+/// Inputs to [`next`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Periodic evaluation.
+    Tick,
+    Pause,
+    Resume,
+    Abort,
+    /// Skip the rest of the current stage's bake time.
+    Promote,
+}
+
+/// Disallowed transitions.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RolloutError {
+    #[error("the rollout is {0}; it cannot be {1}")]
+    NotAllowed(&'static str, &'static str),
+    #[error("invalid rollout: {0}")]
+    Invalid(String),
+}
+
+impl RolloutSpec {
+    /// Stages must grow strictly and end at 100%.
+    pub fn validate(&self) -> Result<(), RolloutError> {
+        let bad = |m: String| Err(RolloutError::Invalid(m));
+        if self.stages.is_empty() {
+            return bad("at least one stage is required".into());
+        }
+        let mut last = 0;
+        for s in &self.stages {
+            if s.percent == 0 || s.percent > 100 || s.percent <= last {
+                return bad(format!(
+                    "stage percents must increase within 1..=100, got {:?}",
+                    self.stages.iter().map(|s| s.percent).collect::<Vec<_>>()
+                ));
+            }
+            last = s.percent;
+        }
+        if last != 100 {
+            return bad("the last stage must be 100%".into());
+        }
+        let g = &self.gates;
+        for (name, v) in [
+            ("max_failed_devices_pct", g.max_failed_devices_pct),
+            ("max_rollback_pct", g.max_rollback_pct),
+            ("max_p95_latency_ms", g.max_p95_latency_ms),
+            ("max_error_rate", g.max_error_rate),
+        ] {
+            if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
+                return bad(format!("gate {name} must be a non-negative number"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Stable position of a device within a rollout, in `[0, 2^64)`.
+pub fn device_rank(device_id: &str, rollout_id: &str) -> u64 {
+    let h = Sha256::digest(format!("{device_id}\0{rollout_id}").as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h[..8]);
+    u64::from_be_bytes(b)
+}
+
+/// Devices selected by the rollout, in the order they join it. Devices are
+/// grouped by their `board` tag and each group contributes its own share,
+/// so every stage includes every board type the selector matches.
+pub fn targets_for_stage<'a>(
+    r: &Rollout,
+    fleet: &'a [DeviceStatus],
+    stage: usize,
+) -> Vec<&'a DeviceStatus> {
+    let percent = u64::from(r.spec.stages.get(stage).map_or(100, |s| s.percent));
+    let mut groups: BTreeMap<Option<&str>, Vec<&DeviceStatus>> = BTreeMap::new();
+    for d in fleet {
+        if r.spec
+            .selector
+            .iter()
+            .all(|(k, v)| d.tags.get(k) == Some(v))
+        {
+            groups
+                .entry(d.tags.get("board").map(String::as_str))
+                .or_default()
+                .push(d);
+        }
+    }
+    let mut out = Vec::new();
+    for (_, mut g) in groups {
+        g.sort_by_key(|d| (device_rank(&d.id, &r.id), d.id.clone()));
+        let take = (g.len() as u64 * percent).div_ceil(100) as usize;
+        out.extend(g.into_iter().take(take));
+    }
+    out
+}
+
+fn pct(n: usize, of: usize) -> f64 {
+    if of == 0 {
+        0.0
+    } else {
+        n as f64 * 100.0 / of as f64
+    }
+}
+
+/// Checks the gates over the devices already in the rollout. Returns the
+/// first breach as a decision.
+fn breached(r: &Rollout, cohort: &[&DeviceStatus], now: u64) -> Option<Decision> {
+    let b = &r.spec.bundle;
+    let g = &r.spec.gates;
+    let on_bundle = |d: &&&DeviceStatus| d.active.as_ref().is_some_and(|a| a.id == b.id);
+    let failed_with = |d: &&&DeviceStatus, st: UpdateState| {
+        d.state == Some(st) && d.last_failed.as_ref().is_some_and(|f| f.id == b.id)
+    };
+    let decision =
+        |gate: &str, threshold: f64, observed: f64, devices: Vec<String>, what: String| Decision {
+            at: now,
+            action: "pause".into(),
+            gate: gate.into(),
+            threshold: Some(threshold),
+            observed: Some(observed),
+            devices,
+            message: what,
+        };
+    let ids = |it: Vec<&&DeviceStatus>| it.into_iter().map(|d| d.id.clone()).collect::<Vec<_>>();
+
+    if let Some(max) = g.max_failed_devices_pct {
+        let bad: Vec<_> = cohort
+            .iter()
+            .filter(|d| failed_with(d, UpdateState::Failed))
+            .collect();
+        let p = pct(bad.len(), cohort.len());
+        if !bad.is_empty() && p > max {
+            return Some(decision(
+                "max_failed_devices_pct",
+                max,
+                p,
+                ids(bad),
+                format!("{p:.1}% of devices failed to install (max {max}%)"),
+            ));
+        }
+    }
+    if let Some(max) = g.max_rollback_pct {
+        let bad: Vec<_> = cohort
+            .iter()
+            .filter(|d| failed_with(d, UpdateState::RolledBack))
+            .collect();
+        let p = pct(bad.len(), cohort.len());
+        if !bad.is_empty() && p > max {
+            return Some(decision(
+                "max_rollback_pct",
+                max,
+                p,
+                ids(bad),
+                format!("{p:.1}% of devices rolled back (max {max}%)"),
+            ));
+        }
+    }
+    if let Some(max) = g.max_p95_latency_ms {
+        let bad: Vec<_> = cohort
+            .iter()
+            .filter(on_bundle)
+            .filter(|d| d.health.p95_latency_ms.is_some_and(|p| p > max))
+            .collect();
+        if !bad.is_empty() {
+            let worst = bad
+                .iter()
+                .filter_map(|d| d.health.p95_latency_ms)
+                .fold(0.0, f64::max);
+            return Some(decision(
+                "max_p95_latency_ms",
+                max,
+                worst,
+                ids(bad),
+                format!("p95 latency {worst:.1} ms above {max} ms"),
+            ));
+        }
+    }
+    if let Some(max) = g.max_error_rate {
+        let running: Vec<_> = cohort.iter().filter(on_bundle).collect();
+        let (inf, err) = running.iter().fold((0u64, 0u64), |(i, e), d| {
+            (i + d.health.inferences, e + d.health.errors)
+        });
+        if inf > 0 {
+            let rate = err as f64 / inf as f64;
+            if rate > max {
+                let bad = running
+                    .into_iter()
+                    .filter(|d| d.health.errors > 0)
+                    .collect();
+                return Some(decision(
+                    "max_error_rate",
+                    max,
+                    rate,
+                    ids(bad),
+                    format!("error rate {rate:.4} above {max}"),
+                ));
+            }
+        }
+    }
+    None
+}
+
+fn desired_effects(targets: &[&DeviceStatus], bundle: &BundleRef) -> Vec<Effect> {
+    targets
+        .iter()
+        .map(|d| Effect {
+            device: d.id.clone(),
+            bundle: Some(bundle.clone()),
+            rollback: false,
+        })
+        .collect()
+}
+
+fn phase_name(p: &Phase) -> &'static str {
+    match p {
+        Phase::Running { .. } => "running",
+        Phase::Paused { .. } => "paused",
+        Phase::Completed { .. } => "completed",
+        Phase::Aborted { .. } => "aborted",
+    }
+}
+
+fn operator(now: u64, action: &str) -> Decision {
+    Decision {
+        at: now,
+        action: action.into(),
+        gate: "operator".into(),
+        threshold: None,
+        observed: None,
+        devices: Vec::new(),
+        message: format!("{action} by operator"),
+    }
+}
+
+/// The transition function. See the module docs.
+pub fn next(
+    r: &Rollout,
+    fleet: &[DeviceStatus],
+    cmd: Command,
+    now: u64,
+) -> Result<(Rollout, Vec<Effect>), RolloutError> {
+    let mut out = r.clone();
+    let mut effects = Vec::new();
+    match (cmd, &r.phase) {
+        (
+            Command::Tick,
+            Phase::Running {
+                stage,
+                stage_started,
+            },
+        ) => {
+            let (stage, started) = (*stage, *stage_started);
+            let targets = targets_for_stage(r, fleet, stage);
+            // Devices that joined this stage but were not told yet.
+            for d in &targets {
+                out.previous
+                    .entry(d.id.clone())
+                    .or_insert_with(|| d.active.clone());
+            }
+            effects.extend(desired_effects(&targets, &r.spec.bundle));
+            if let Some(decision) = breached(r, &targets, now) {
+                out.phase = Phase::Paused {
+                    stage,
+                    stage_started: started,
+                };
+                out.decisions.push(decision);
+                return Ok((out, effects));
+            }
+            let bake = u64::from(r.spec.stages[stage].bake_minutes) * 60;
+            if now < started + bake {
+                return Ok((out, effects));
+            }
+            let reported = |d: &&&DeviceStatus| {
+                // Strictly after the stage started (clock in seconds): a report
+                // from the same second may predate the stage.
+                d.active.as_ref().is_some_and(|a| a.id == r.spec.bundle.id)
+                    && d.last_seen.is_some_and(|t| t > started)
+            };
+            let reporting = targets.iter().filter(reported).count();
+            // By default one device must run the bundle and report before a
+            // stage can pass: a zero-bake stage never advances blind.
+            let min = r.spec.gates.min_reporting_devices.unwrap_or(1) as usize;
+            if reporting < min.min(targets.len().max(1)) {
+                // Devices that never report hold the stage; after three bake
+                // periods (or 10 minutes) that becomes a recorded pause.
+                if now >= started + (3 * bake).max(600) {
+                    let silent: Vec<String> = targets
+                        .iter()
+                        .filter(|d| !reported(d))
+                        .map(|d| d.id.clone())
+                        .collect();
+                    out.phase = Phase::Paused {
+                        stage,
+                        stage_started: started,
+                    };
+                    out.decisions.push(Decision {
+                        at: now,
+                        action: "pause".into(),
+                        gate: "min_reporting_devices".into(),
+                        threshold: Some(min as f64),
+                        observed: Some(reporting as f64),
+                        devices: silent,
+                        message: format!(
+                            "only {reporting} device(s) reported on the new bundle, {min} required"
+                        ),
+                    });
+                }
+                return Ok((out, effects));
+            }
+            let explain = |action: &str, devices: Vec<String>, message: String| Decision {
+                at: now,
+                action: action.into(),
+                gate: "bake".into(),
+                threshold: Some(min as f64),
+                observed: Some(reporting as f64),
+                devices,
+                message,
+            };
+            if stage + 1 < r.spec.stages.len() {
+                out.phase = Phase::Running {
+                    stage: stage + 1,
+                    stage_started: now,
+                };
+                let next_targets = targets_for_stage(&out, fleet, stage + 1);
+                let joining: Vec<String> = next_targets
+                    .iter()
+                    .filter(|d| !targets.iter().any(|t| t.id == d.id))
+                    .map(|d| d.id.clone())
+                    .collect();
+                for d in &next_targets {
+                    out.previous
+                        .entry(d.id.clone())
+                        .or_insert_with(|| d.active.clone());
+                }
+                out.decisions.push(explain(
+                    "advance",
+                    joining,
+                    format!(
+                        "stage {} ({}%) passed: baked {} min, {reporting} device(s) healthy on the bundle; stage {} ({}%) started",
+                        stage + 1,
+                        r.spec.stages[stage].percent,
+                        r.spec.stages[stage].bake_minutes,
+                        stage + 2,
+                        r.spec.stages[stage + 1].percent
+                    ),
+                ));
+                effects = desired_effects(&next_targets, &r.spec.bundle);
+            } else {
+                out.phase = Phase::Completed { at: now };
+                out.decisions.push(explain(
+                    "complete",
+                    Vec::new(),
+                    format!("last stage passed: {reporting} device(s) healthy on the bundle"),
+                ));
+            }
+            Ok((out, effects))
+        }
+        (Command::Tick, _) => Ok((out, effects)),
+        (
+            Command::Pause,
+            Phase::Running {
+                stage,
+                stage_started,
+            },
+        ) => {
+            out.phase = Phase::Paused {
+                stage: *stage,
+                stage_started: *stage_started,
+            };
+            out.decisions.push(operator(now, "pause"));
+            Ok((out, effects))
+        }
+        (Command::Resume, Phase::Paused { stage, .. }) => {
+            // A resumed stage bakes again from now.
+            out.phase = Phase::Running {
+                stage: *stage,
+                stage_started: now,
+            };
+            out.decisions.push(operator(now, "resume"));
+            Ok((out, effects))
+        }
+        (Command::Promote, Phase::Running { stage, .. } | Phase::Paused { stage, .. }) => {
+            out.decisions.push(operator(now, "promote"));
+            if stage + 1 < r.spec.stages.len() {
+                out.phase = Phase::Running {
+                    stage: stage + 1,
+                    stage_started: now,
+                };
+                let next_targets = targets_for_stage(&out, fleet, stage + 1);
+                for d in &next_targets {
+                    out.previous
+                        .entry(d.id.clone())
+                        .or_insert_with(|| d.active.clone());
+                }
+                effects = desired_effects(&next_targets, &r.spec.bundle);
+            } else {
+                out.phase = Phase::Completed { at: now };
+            }
+            Ok((out, effects))
+        }
+        (Command::Abort, Phase::Running { .. } | Phase::Paused { .. }) => {
+            out.phase = Phase::Aborted { at: now };
+            out.decisions.push(operator(now, "abort"));
+            // Everyone who joined goes back to what they ran before.
+            effects = r
+                .previous
+                .iter()
+                .map(|(device, prev)| Effect {
+                    device: device.clone(),
+                    bundle: prev.clone(),
+                    rollback: prev.is_some(),
+                })
+                .collect();
+            Ok((out, effects))
+        }
+        (Command::Pause, p) => Err(RolloutError::NotAllowed(phase_name(p), "paused")),
+        (Command::Resume, p) => Err(RolloutError::NotAllowed(phase_name(p), "resumed")),
+        (Command::Promote, p) => Err(RolloutError::NotAllowed(phase_name(p), "promoted")),
+        (Command::Abort, p) => Err(RolloutError::NotAllowed(phase_name(p), "aborted")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: u64 = 1_800_000_000;
+
+    fn bref(id: &str, seq: u64) -> BundleRef {
+        BundleRef {
+            id: id.into(),
+            name: "cls".into(),
+            version: format!("1.0.{seq}"),
+            sequence: seq,
+        }
+    }
+
+    fn fleet(n: usize, boards: &[&str]) -> Vec<DeviceStatus> {
+        (0..n)
+            .map(|i| DeviceStatus {
+                id: format!("dev-{i:02}"),
+                tags: [("board".to_string(), boards[i % boards.len()].to_string())].into(),
+                active: Some(bref("old", 1)),
+                last_failed: None,
+                state: Some(UpdateState::Committed),
+                health: Health::default(),
+                last_seen: Some(T0),
+            })
+            .collect()
+    }
+
+    fn rollout(gates: Gates) -> Rollout {
+        Rollout {
+            id: "r1".into(),
+            spec: RolloutSpec {
+                bundle: bref("new", 2),
+                selector: BTreeMap::new(),
+                stages: vec![
+                    Stage {
+                        percent: 10,
+                        bake_minutes: 5,
+                    },
+                    Stage {
+                        percent: 50,
+                        bake_minutes: 10,
+                    },
+                    Stage {
+                        percent: 100,
+                        bake_minutes: 0,
+                    },
+                ],
+                gates,
+            },
+            phase: Phase::Running {
+                stage: 0,
+                stage_started: T0,
+            },
+            created_at: T0,
+            previous: BTreeMap::new(),
+            decisions: Vec::new(),
+        }
+    }
+
+    /// Devices that were told to run the bundle report it, healthy.
+    fn apply(fleet: &mut [DeviceStatus], effects: &[Effect], now: u64) {
+        for e in effects {
+            let d = fleet.iter_mut().find(|d| d.id == e.device).unwrap();
+            d.active = e.bundle.clone();
+            d.last_seen = Some(now);
+            d.health = Health {
+                inferences: 100,
+                errors: 0,
+                p95_latency_ms: Some(4.0),
+            };
+        }
+    }
+
+    fn stage_of(r: &Rollout) -> Option<usize> {
+        match r.phase {
+            Phase::Running { stage, .. } | Phase::Paused { stage, .. } => Some(stage),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn advances_through_stages_after_bake_time_and_completes() {
+        let mut f = fleet(20, &["rpi4"]);
+        let r = rollout(Gates {
+            min_reporting_devices: Some(1),
+            ..Gates::default()
+        });
+        let (r, eff) = next(&r, &f, Command::Tick, T0).unwrap();
+        assert_eq!(eff.len(), 2, "10% of 20");
+        apply(&mut f, &eff, T0 + 10);
+        // Not baked yet.
+        let (r, _) = next(&r, &f, Command::Tick, T0 + 299).unwrap();
+        assert_eq!(stage_of(&r), Some(0));
+        let (r, eff) = next(&r, &f, Command::Tick, T0 + 300).unwrap();
+        assert_eq!(stage_of(&r), Some(1));
+        assert_eq!(eff.len(), 10, "50% of 20, including the first two");
+        apply(&mut f, &eff, T0 + 310);
+        let (r, eff) = next(&r, &f, Command::Tick, T0 + 300 + 600).unwrap();
+        assert_eq!(stage_of(&r), Some(2));
+        assert_eq!(eff.len(), 20);
+        apply(&mut f, &eff, T0 + 910);
+        let (r, _) = next(&r, &f, Command::Tick, T0 + 920).unwrap();
+        assert!(matches!(r.phase, Phase::Completed { .. }), "{:?}", r.phase);
+        assert_eq!(r.previous.len(), 20);
+    }
+
+    #[test]
+    fn stage_membership_is_stable_and_grows_monotonically() {
+        let f = fleet(40, &["rpi4"]);
+        let r = rollout(Gates::default());
+        let s0: Vec<String> = targets_for_stage(&r, &f, 0)
+            .iter()
+            .map(|d| d.id.clone())
+            .collect();
+        let s1: Vec<String> = targets_for_stage(&r, &f, 1)
+            .iter()
+            .map(|d| d.id.clone())
+            .collect();
+        assert_eq!(
+            s0,
+            targets_for_stage(&r, &f, 0)
+                .iter()
+                .map(|d| d.id.clone())
+                .collect::<Vec<_>>()
+        );
+        assert!(s0.iter().all(|d| s1.contains(d)));
+        let mut other = r.clone();
+        other.id = "r2".into();
+        let o0: Vec<String> = targets_for_stage(&other, &f, 0)
+            .iter()
+            .map(|d| d.id.clone())
+            .collect();
+        assert_ne!(s0, o0, "another rollout picks another canary set");
+    }
+
+    #[test]
+    fn every_stage_includes_every_board_type() {
+        let f = fleet(30, &["rpi4", "jetson-nano", "rpi3"]);
+        let r = rollout(Gates::default());
+        let s0 = targets_for_stage(&r, &f, 0);
+        for board in ["rpi4", "jetson-nano", "rpi3"] {
+            assert!(
+                s0.iter().any(|d| d.tags["board"] == board),
+                "{board} missing from the first stage"
+            );
+        }
+    }
+
+    #[test]
+    fn selector_limits_the_rollout() {
+        let f = fleet(10, &["rpi4", "jetson-nano"]);
+        let mut r = rollout(Gates::default());
+        r.spec.selector = [("board".to_string(), "rpi4".to_string())].into();
+        let all = targets_for_stage(&r, &f, 2);
+        assert_eq!(all.len(), 5);
+        assert!(all.iter().all(|d| d.tags["board"] == "rpi4"));
+    }
+
+    #[test]
+    fn pauses_on_a_latency_breach_and_records_why() {
+        let mut f = fleet(20, &["rpi4"]);
+        let r = rollout(Gates {
+            max_p95_latency_ms: Some(20.0),
+            ..Gates::default()
+        });
+        let (r, eff) = next(&r, &f, Command::Tick, T0).unwrap();
+        apply(&mut f, &eff, T0 + 5);
+        let slow = eff[0].device.clone();
+        f.iter_mut()
+            .find(|d| d.id == slow)
+            .unwrap()
+            .health
+            .p95_latency_ms = Some(85.0);
+        let (r, _) = next(&r, &f, Command::Tick, T0 + 60).unwrap();
+        assert!(
+            matches!(r.phase, Phase::Paused { stage: 0, .. }),
+            "{:?}",
+            r.phase
+        );
+        let d = r.decisions.last().unwrap();
+        assert_eq!(d.gate, "max_p95_latency_ms");
+        assert_eq!(d.threshold, Some(20.0));
+        assert_eq!(d.observed, Some(85.0));
+        assert_eq!(d.devices, vec![slow]);
+        // Paused rollouts do not advance, however long they wait.
+        let (r, _) = next(&r, &f, Command::Tick, T0 + 100_000).unwrap();
+        assert_eq!(stage_of(&r), Some(0));
+    }
+
+    #[test]
+    fn pauses_when_devices_roll_back_on_their_own() {
+        let mut f = fleet(20, &["rpi4"]);
+        let r = rollout(Gates {
+            max_rollback_pct: Some(0.0),
+            ..Gates::default()
+        });
+        let (r, eff) = next(&r, &f, Command::Tick, T0).unwrap();
+        apply(&mut f, &eff, T0 + 5);
+        let dev = f.iter_mut().find(|d| d.id == eff[1].device).unwrap();
+        dev.active = Some(bref("old", 1));
+        dev.last_failed = Some(bref("new", 2));
+        dev.state = Some(UpdateState::RolledBack);
+        let (r, _) = next(&r, &f, Command::Tick, T0 + 60).unwrap();
+        let d = r.decisions.last().unwrap();
+        assert_eq!(d.gate, "max_rollback_pct");
+        assert_eq!(d.observed, Some(50.0));
+        assert_eq!(d.devices, vec![eff[1].device.clone()]);
+    }
+
+    #[test]
+    fn pauses_on_error_rate() {
+        let mut f = fleet(10, &["rpi4"]);
+        let r = rollout(Gates {
+            max_error_rate: Some(0.01),
+            ..Gates::default()
+        });
+        let (r, eff) = next(&r, &f, Command::Tick, T0).unwrap();
+        apply(&mut f, &eff, T0 + 5);
+        f.iter_mut()
+            .find(|d| d.id == eff[0].device)
+            .unwrap()
+            .health
+            .errors = 50;
+        let (r, _) = next(&r, &f, Command::Tick, T0 + 60).unwrap();
+        assert_eq!(r.decisions.last().unwrap().gate, "max_error_rate");
+    }
+
+    #[test]
+    fn devices_that_never_report_hold_the_stage_then_pause_it() {
+        let f = fleet(20, &["rpi4"]);
+        let r = rollout(Gates {
+            min_reporting_devices: Some(2),
+            ..Gates::default()
+        });
+        let (r, _) = next(&r, &f, Command::Tick, T0).unwrap();
+        // Nobody installs or reports: baked, but held.
+        let (r, _) = next(&r, &f, Command::Tick, T0 + 300).unwrap();
+        assert!(matches!(r.phase, Phase::Running { stage: 0, .. }));
+        assert!(r.decisions.is_empty());
+        let (r, _) = next(&r, &f, Command::Tick, T0 + 900).unwrap();
+        assert!(matches!(r.phase, Phase::Paused { stage: 0, .. }));
+        let d = r.decisions.last().unwrap();
+        assert_eq!(d.gate, "min_reporting_devices");
+        assert_eq!(d.devices.len(), 2);
+    }
+
+    #[test]
+    fn abort_sends_devices_back_to_their_previous_bundle() {
+        let mut f = fleet(20, &["rpi4"]);
+        f[0].active = None; // a device that ran nothing before
+        let r = rollout(Gates::default());
+        let (r, eff) = next(&r, &f, Command::Tick, T0).unwrap();
+        apply(&mut f, &eff, T0 + 5);
+        let (r, eff) = next(&r, &f, Command::Promote, T0 + 10).unwrap();
+        apply(&mut f, &eff, T0 + 15);
+        let (r, back) = next(&r, &f, Command::Abort, T0 + 20).unwrap();
+        assert!(matches!(r.phase, Phase::Aborted { .. }));
+        assert_eq!(back.len(), r.previous.len());
+        for e in &back {
+            let before = r.previous[&e.device].clone();
+            assert_eq!(e.bundle, before);
+            assert_eq!(e.rollback, before.is_some());
+        }
+        assert!(back.iter().any(|e| e.bundle == Some(bref("old", 1))));
+        assert!(
+            next(&r, &f, Command::Resume, T0 + 30).is_err(),
+            "aborted is final"
+        );
+    }
+
+    #[test]
+    fn pause_resume_and_disallowed_transitions() {
+        let f = fleet(10, &["rpi4"]);
+        let r = rollout(Gates::default());
+        let (r, _) = next(&r, &f, Command::Pause, T0 + 1).unwrap();
+        assert!(matches!(r.phase, Phase::Paused { .. }));
+        assert_eq!(
+            next(&r, &f, Command::Pause, T0 + 2).unwrap_err(),
+            RolloutError::NotAllowed("paused", "paused")
+        );
+        let (r, _) = next(&r, &f, Command::Resume, T0 + 3).unwrap();
+        assert_eq!(
+            r.phase,
+            Phase::Running {
+                stage: 0,
+                stage_started: T0 + 3
+            }
+        );
+        assert!(next(&r, &f, Command::Resume, T0 + 4).is_err());
+        assert_eq!(r.decisions.len(), 2);
+    }
+
+    #[test]
+    fn validates_stages_and_gates() {
+        let mut r = rollout(Gates::default());
+        r.spec.validate().unwrap();
+        r.spec.stages = vec![
+            Stage {
+                percent: 50,
+                bake_minutes: 1,
+            },
+            Stage {
+                percent: 10,
+                bake_minutes: 1,
+            },
+        ];
+        assert!(r.spec.validate().is_err());
+        r.spec.stages = vec![Stage {
+            percent: 50,
+            bake_minutes: 1,
+        }];
+        assert!(r.spec.validate().is_err(), "must end at 100%");
+        r.spec.stages = vec![Stage {
+            percent: 100,
+            bake_minutes: 0,
+        }];
+        r.spec.gates.max_error_rate = Some(-1.0);
+        assert!(r.spec.validate().is_err());
+    }
+}
