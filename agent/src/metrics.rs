@@ -39,6 +39,21 @@ impl Histogram {
     pub fn count(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
     }
+
+    /// Appends this histogram in Prometheus text format.
+    pub fn render(&self, name: &str, help: &str, out: &mut String) {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        for (i, le) in BUCKETS.iter().enumerate() {
+            let n = self.counts[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {n}");
+        }
+        let count = self.count();
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}");
+        let _ = writeln!(out, "{name}_count {count}");
+    }
 }
 
 /// Counters and gauges of one agent process.
@@ -52,7 +67,8 @@ pub struct Metrics {
     active: Mutex<Option<ModelInfo>>,
 }
 
-fn escape(s: &str) -> String {
+/// Escapes a Prometheus label value.
+pub fn escape(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
@@ -108,26 +124,11 @@ impl Metrics {
                 let _ = writeln!(out, "edge_agent_errors_total{{code=\"{code}\"}} {n}");
             }
         }
-        let _ = writeln!(
-            out,
-            "# HELP edge_agent_inference_seconds Time in the inference worker per request."
+        self.latency.render(
+            "edge_agent_inference_seconds",
+            "Inference latency per request (queue wait and compute).",
+            &mut out,
         );
-        let _ = writeln!(out, "# TYPE edge_agent_inference_seconds histogram");
-        for (i, le) in BUCKETS.iter().enumerate() {
-            let n = self.latency.counts[i].load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "edge_agent_inference_seconds_bucket{{le=\"{le}\"}} {n}"
-            );
-        }
-        let count = self.latency.count();
-        let _ = writeln!(
-            out,
-            "edge_agent_inference_seconds_bucket{{le=\"+Inf\"}} {count}"
-        );
-        let sum = self.latency.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "edge_agent_inference_seconds_sum {sum}");
-        let _ = writeln!(out, "edge_agent_inference_seconds_count {count}");
         let _ = writeln!(
             out,
             "# HELP edge_agent_queue_depth Requests waiting for an inference worker."

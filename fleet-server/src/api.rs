@@ -22,6 +22,7 @@ use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 use crate::auth::{Caller, Tokens, authenticate, require_device, require_role, sha256_hex};
 use crate::config::Role;
 use crate::controller::{Controller, ControllerError};
+use crate::metrics::ServerMetrics;
 use crate::error::Error;
 use crate::registry::Registry;
 use crate::rollout::{Command, Gates, RolloutSpec, Stage};
@@ -37,6 +38,7 @@ pub struct AppState {
     pub enrollment_tokens: Vec<String>,
     pub max_bundle_bytes: u64,
     pub controller: Arc<Controller>,
+    pub metrics: Arc<ServerMetrics>,
 }
 
 /// An API error: status, stable code, client-safe message.
@@ -101,9 +103,18 @@ impl std::fmt::Debug for AppState {
     }
 }
 
+/// Times every request into the API latency histogram.
+async fn timed(State(s): State<AppState>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let t0 = std::time::Instant::now();
+    let r = next.run(req).await;
+    s.metrics.api_latency.observe(t0.elapsed());
+    r
+}
+
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics_text))
         .route("/api/v1/bundles", post(push_bundle).get(list_bundles))
         .route("/api/v1/bundles/{id}", get(get_bundle))
         .route("/api/v1/bundles/{id}/download", get(download_bundle))
@@ -117,7 +128,14 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/rollouts/{id}", get(get_rollout))
         .route("/api/v1/rollouts/{id}/{action}", post(rollout_action))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), timed))
         .with_state(state)
+}
+
+async fn metrics_text(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
+    require_role(&auth(&s, &headers)?, Role::Viewer)?;
+    let text = s.metrics.render(s.store.as_ref())?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
 fn now() -> u64 {

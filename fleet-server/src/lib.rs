@@ -9,6 +9,7 @@
 //! - [`store`]: the `Store` trait and its sled implementation.
 //! - [`registry`]: content-addressed bundle files.
 //! - [`rollout`]: the pure staged-rollout controller; [`controller`]: its driver.
+//! - [`metrics`]: Prometheus metrics of the server.
 //! - [`error`]: the error type.
 
 pub mod api;
@@ -19,6 +20,7 @@ pub mod controller;
 pub mod duration;
 pub mod error;
 pub mod fleetctl;
+pub mod metrics;
 pub mod pack;
 pub mod registry;
 pub mod rollout;

@@ -36,6 +36,7 @@ pub fn state(config: &ServerConfig) -> Result<AppState> {
         Arc::new(SledStore::open(&config.data_dir.join("store"))?);
     Ok(AppState {
         controller: Arc::new(Controller::new(store.clone())),
+        metrics: Arc::new(crate::metrics::ServerMetrics::default()),
         store,
         registry: Registry::open(&config.data_dir)?,
         trust,
