@@ -311,11 +311,25 @@ async fn downloads_resume_with_range_and_revalidate_with_etag() {
         .unwrap();
     assert_eq!(traversal.status(), StatusCode::NOT_FOUND);
 
-    let m = s.req(reqwest::Method::GET, "/metrics", None).send().await.unwrap();
+    let m = s
+        .req(reqwest::Method::GET, "/metrics", None)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(m.status(), StatusCode::UNAUTHORIZED);
-    let text = s.req(reqwest::Method::GET, "/metrics", Some(VIEWER)).send().await.unwrap().text().await.unwrap();
+    let text = s
+        .req(reqwest::Method::GET, "/metrics", Some(VIEWER))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(text.contains("fleet_bundle_downloads_total 3"), "{text}");
-    assert!(text.contains("fleet_devices{state=\"unreported\"} 1"), "{text}");
+    assert!(
+        text.contains("fleet_devices{state=\"unreported\"} 1"),
+        "{text}"
+    );
     assert!(text.contains("fleet_api_request_seconds_count "), "{text}");
 }
 
@@ -797,7 +811,14 @@ async fn a_rollout_over_20_devices_advances_pauses_on_a_breached_gate_and_aborts
         d.step(&s, &slow_v3).await;
         assert_eq!(d.active["version"], "1.0.1", "{} returned to v2", d.id);
     }
-    let text = s.req(reqwest::Method::GET, "/metrics", Some(VIEWER)).send().await.unwrap().text().await.unwrap();
+    let text = s
+        .req(reqwest::Method::GET, "/metrics", Some(VIEWER))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for needle in [
         "fleet_rollouts{phase=\"completed\"} 1",
         "fleet_rollouts{phase=\"aborted\"} 1",
@@ -854,12 +875,20 @@ async fn a_rollout_over_20_devices_advances_pauses_on_a_breached_gate_and_aborts
 /// Runs fleetctl against the server (off the async runtime, which serves it).
 async fn fleetctl(s: &Server, token: &str, args: &[&str]) -> std::process::Output {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_fleetctl"));
-    cmd.args(args).env("FLEETCTL_SERVER", &s.url).env("FLEETCTL_TOKEN", token);
-    tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap()
+    cmd.args(args)
+        .env("FLEETCTL_SERVER", &s.url)
+        .env("FLEETCTL_TOKEN", token);
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
 }
 
 fn out(o: &std::process::Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 #[tokio::test]
@@ -878,45 +907,98 @@ async fn fleetctl_drives_bundles_devices_and_rollouts() {
     assert!(!o.status.success());
     assert!(out(&o).contains("forbidden"), "{}", out(&o));
     let o = fleetctl(&s, VIEWER, &["bundle", "list"]).await;
-    assert!(o.status.success() && out(&o).contains("multi-io"), "{}", out(&o));
+    assert!(
+        o.status.success() && out(&o).contains("multi-io"),
+        "{}",
+        out(&o)
+    );
 
     for (i, board) in ["rpi4", "rpi4", "jetson-orin"].iter().enumerate() {
         s.enroll(&format!("d{i}"), board).await;
     }
-    let o = fleetctl(&s, VIEWER, &["devices", "list", "--tag", "board=rpi4", "--json"]).await;
+    let o = fleetctl(
+        &s,
+        VIEWER,
+        &["devices", "list", "--tag", "board=rpi4", "--json"],
+    )
+    .await;
     let devs: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(devs.as_array().unwrap().len(), 2, "{devs}");
     let o = fleetctl(&s, VIEWER, &["devices", "list"]).await;
-    assert!(out(&o).contains("DEVICE") && out(&o).contains("d2"), "{}", out(&o));
+    assert!(
+        out(&o).contains("DEVICE") && out(&o).contains("d2"),
+        "{}",
+        out(&o)
+    );
 
     let o = fleetctl(
         &s,
         OPERATOR,
-        &["rollout", "create", "--bundle", &id, "--selector", "board=rpi4", "--stages", "50:1m,100:0", "--max-p95-latency-ms", "50", "--json"],
+        &[
+            "rollout",
+            "create",
+            "--bundle",
+            &id,
+            "--selector",
+            "board=rpi4",
+            "--stages",
+            "50:1m,100:0",
+            "--max-p95-latency-ms",
+            "50",
+            "--json",
+        ],
     )
     .await;
     assert!(o.status.success(), "{}", out(&o));
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
     let rid = r["id"].as_str().unwrap().to_string();
     assert_eq!(r["stages"][0]["bake_minutes"], 1);
-    assert_eq!(r["stages"][1]["devices"], 2, "the selector keeps the Jetson out");
+    assert_eq!(
+        r["stages"][1]["devices"], 2,
+        "the selector keeps the Jetson out"
+    );
     assert_eq!(r["gates"]["max_p95_latency_ms"], 50.0);
 
     let o = fleetctl(&s, VIEWER, &["rollout", "status", &rid]).await;
-    assert!(o.status.success() && out(&o).contains("RUNNING") && out(&o).contains("50%"), "{}", out(&o));
+    assert!(
+        o.status.success() && out(&o).contains("RUNNING") && out(&o).contains("50%"),
+        "{}",
+        out(&o)
+    );
     let o = fleetctl(&s, OPERATOR, &["rollout", "pause", &rid]).await;
-    assert!(o.status.success() && out(&o).contains("PAUSED"), "{}", out(&o));
+    assert!(
+        o.status.success() && out(&o).contains("PAUSED"),
+        "{}",
+        out(&o)
+    );
     let o = fleetctl(&s, OPERATOR, &["rollout", "pause", &rid]).await;
-    assert!(!o.status.success() && out(&o).contains("transition_not_allowed"), "{}", out(&o));
+    assert!(
+        !o.status.success() && out(&o).contains("transition_not_allowed"),
+        "{}",
+        out(&o)
+    );
     let o = fleetctl(&s, OPERATOR, &["rollout", "abort", &rid]).await;
-    assert!(o.status.success() && out(&o).contains("ABORTED"), "{}", out(&o));
+    assert!(
+        o.status.success() && out(&o).contains("ABORTED"),
+        "{}",
+        out(&o)
+    );
     assert!(out(&o).contains("abort by operator"), "{}", out(&o));
 
-    let o = fleetctl(&s, OPERATOR, &["rollout", "create", "--bundle", &id, "--stages", "50:5x"]).await;
+    let o = fleetctl(
+        &s,
+        OPERATOR,
+        &["rollout", "create", "--bundle", &id, "--stages", "50:5x"],
+    )
+    .await;
     assert_eq!(o.status.code(), Some(2), "{}", out(&o));
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_fleetctl"));
-    cmd.args(["bundle", "list"]).env_remove("FLEETCTL_SERVER").env_remove("FLEETCTL_TOKEN");
-    let o = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
+    cmd.args(["bundle", "list"])
+        .env_remove("FLEETCTL_SERVER")
+        .env_remove("FLEETCTL_TOKEN");
+    let o = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(out(&o).contains("no server"), "{}", out(&o));
 }

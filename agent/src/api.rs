@@ -295,30 +295,34 @@ async fn infer_inner(s: &AppState, headers: &HeaderMap, body: Body) -> Result<Re
         .check_inputs(&inputs)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
     let t0 = Instant::now();
-    let out = s.engine.infer(inputs).await.map_err(|e| match e {
-        InferError::Submit(SubmitError::QueueFull) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "queue_full",
-            "all inference workers are busy and the queue is full; retry shortly",
-        ),
-        InferError::Submit(SubmitError::NoModel) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_model",
-            "no model is serving",
-        ),
-        InferError::Submit(SubmitError::Stopped) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "the agent is shutting down",
-        ),
-        // The model changed between validation and execution.
-        InferError::Runtime(e) if e.code() != "inference_failed" => {
-            ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string())
-        }
-        InferError::Runtime(e) => {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.code(), e.to_string())
-        }
-    })?;
+    let out = s
+        .engine
+        .infer_validated(inputs, &active)
+        .await
+        .map_err(|e| match e {
+            InferError::Submit(SubmitError::QueueFull) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "queue_full",
+                "all inference workers are busy and the queue is full; retry shortly",
+            ),
+            InferError::Submit(SubmitError::NoModel) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_model",
+                "no model is serving",
+            ),
+            InferError::Submit(SubmitError::Stopped) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the agent is shutting down",
+            ),
+            // The model changed between validation and execution.
+            InferError::Runtime(e) if e.code() != "inference_failed" => {
+                ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string())
+            }
+            InferError::Runtime(e) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.code(), e.to_string())
+            }
+        })?;
     let latency = t0.elapsed();
     s.metrics.latency.observe(latency);
     let latency_ms = latency.as_secs_f64() * 1e3;

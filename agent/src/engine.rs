@@ -113,6 +113,8 @@ type Reply = tokio::sync::oneshot::Sender<Result<InferOutput, RuntimeError>>;
 
 struct Job {
     inputs: Vec<NamedTensor>,
+    /// Generation of the model the inputs were validated against, if any.
+    validated_for: Option<u64>,
     reply: Reply,
 }
 
@@ -195,16 +197,35 @@ impl Engine {
     }
 
     /// Queues an inference. Fails fast when the queue is full.
-    pub fn submit(
+    pub fn submit(&self, inputs: Vec<NamedTensor>) -> Result<ReplyRx, SubmitError> {
+        self.submit_job(inputs, None)
+    }
+
+    /// Queues inputs already validated with `model.model.check_inputs`:
+    /// the worker skips validation if that model is still the active one.
+    pub fn submit_validated(
         &self,
         inputs: Vec<NamedTensor>,
-    ) -> Result<tokio::sync::oneshot::Receiver<Result<InferOutput, RuntimeError>>, SubmitError>
-    {
+        model: &ActiveModel,
+    ) -> Result<ReplyRx, SubmitError> {
+        self.submit_job(inputs, Some(model.generation))
+    }
+
+    fn submit_job(
+        &self,
+        inputs: Vec<NamedTensor>,
+        validated_for: Option<u64>,
+    ) -> Result<ReplyRx, SubmitError> {
         if self.slot.load().is_none() {
             return Err(SubmitError::NoModel);
         }
         let (reply, rx) = tokio::sync::oneshot::channel();
-        match self.tx.try_send(Job { inputs, reply }) {
+        let job = Job {
+            inputs,
+            validated_for,
+            reply,
+        };
+        match self.tx.try_send(job) {
             Ok(()) => {
                 self.metrics
                     .queue_depth
@@ -218,11 +239,30 @@ impl Engine {
 
     /// Runs one inference and waits for it (for callers outside HTTP).
     pub async fn infer(&self, inputs: Vec<NamedTensor>) -> Result<InferOutput, InferError> {
-        let rx = self.submit(inputs).map_err(InferError::Submit)?;
-        rx.await
-            .map_err(|_| InferError::Submit(SubmitError::Stopped))?
-            .map_err(InferError::Runtime)
+        wait(self.submit(inputs).map_err(InferError::Submit)?).await
     }
+
+    /// Like [`Engine::infer`] for inputs validated against `model`.
+    pub async fn infer_validated(
+        &self,
+        inputs: Vec<NamedTensor>,
+        model: &ActiveModel,
+    ) -> Result<InferOutput, InferError> {
+        wait(
+            self.submit_validated(inputs, model)
+                .map_err(InferError::Submit)?,
+        )
+        .await
+    }
+}
+
+/// The receiving end of a queued job.
+pub type ReplyRx = tokio::sync::oneshot::Receiver<Result<InferOutput, RuntimeError>>;
+
+async fn wait(rx: ReplyRx) -> Result<InferOutput, InferError> {
+    rx.await
+        .map_err(|_| InferError::Submit(SubmitError::Stopped))?
+        .map_err(InferError::Runtime)
 }
 
 /// Either side of a failed [`Engine::infer`].
@@ -264,7 +304,14 @@ fn worker(
             continue;
         };
         let t0 = Instant::now();
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| session.run(&job.inputs)));
+        let prevalidated = job.validated_for == Some(model.generation);
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            if prevalidated {
+                session.run_prevalidated(&job.inputs)
+            } else {
+                session.run(&job.inputs)
+            }
+        }));
         let compute = t0.elapsed();
         let result = match result {
             Ok(r) => r.map(|outputs| InferOutput {

@@ -432,6 +432,30 @@ impl Session {
     /// Validates inputs and runs one inference.
     pub fn run(&mut self, inputs: &[NamedTensor]) -> Result<Vec<NamedTensor>> {
         let ordered = self.model.check_inputs(inputs)?;
+        self.run_ordered(ordered)
+    }
+
+    /// Runs inputs that [`Model::check_inputs`] already accepted for this
+    /// same model (the engine validates before queueing): only orders them.
+    pub fn run_prevalidated(&mut self, inputs: &[NamedTensor]) -> Result<Vec<NamedTensor>> {
+        let ordered = self
+            .model
+            .inputs
+            .iter()
+            .map(|spec| {
+                inputs
+                    .iter()
+                    .find(|t| t.name == spec.name)
+                    .map(|t| &t.tensor)
+                    .ok_or_else(|| RuntimeError::MissingInput {
+                        name: spec.name.clone(),
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.run_ordered(ordered)
+    }
+
+    fn run_ordered(&mut self, ordered: Vec<&WireTensor>) -> Result<Vec<NamedTensor>> {
         let values = ordered
             .into_iter()
             .map(|t| to_tract(t).map(IntoTValue::into_tvalue))

@@ -789,3 +789,29 @@ fn bench_cli_prints_the_documented_json_keys_for_every_mode() {
         assert!(j["min_ms"].as_f64() <= j["p99_ms"].as_f64());
     }
 }
+
+#[tokio::test]
+async fn inputs_validated_for_a_swapped_out_model_are_revalidated_not_trusted() {
+    let metrics = Arc::new(Metrics::default());
+    let engine = Engine::start(EngineConfig::default(), metrics).unwrap();
+    let prep = |f: &'static Fixture| {
+        let b = trusted(f);
+        tokio::task::spawn_blocking(move || prepare(&b).unwrap().0)
+    };
+    let cls = engine.activate(prep(&CLS).await.unwrap());
+    let cls_inputs = cases(&CLS)[0].inputs.clone();
+    cls.model.check_inputs(&cls_inputs).unwrap();
+    let ok = engine
+        .infer_validated(cls_inputs.clone(), &cls)
+        .await
+        .unwrap();
+    assert_eq!(ok.model.info.name, "ppocr-cls");
+    // The model changes between validation and execution.
+    engine.activate(prep(&MULTI).await.unwrap());
+    match engine.infer_validated(cls_inputs, &cls).await {
+        Err(edge_agent::engine::InferError::Runtime(e)) => {
+            assert_eq!(e.code(), "unknown_input", "{e}")
+        }
+        other => panic!("expected a validation error from the new model, got {other:?}"),
+    }
+}

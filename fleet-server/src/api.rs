@@ -22,8 +22,8 @@ use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 use crate::auth::{Caller, Tokens, authenticate, require_device, require_role, sha256_hex};
 use crate::config::Role;
 use crate::controller::{Controller, ControllerError};
-use crate::metrics::ServerMetrics;
 use crate::error::Error;
+use crate::metrics::ServerMetrics;
 use crate::registry::Registry;
 use crate::rollout::{Command, Gates, RolloutSpec, Stage};
 use crate::store::{AuditEntry, BundleRecord, DeviceRecord, Store};
@@ -104,7 +104,11 @@ impl std::fmt::Debug for AppState {
 }
 
 /// Times every request into the API latency histogram.
-async fn timed(State(s): State<AppState>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+async fn timed(
+    State(s): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
     let t0 = std::time::Instant::now();
     let r = next.run(req).await;
     s.metrics.api_latency.observe(t0.elapsed());
@@ -315,6 +319,9 @@ async fn download_bundle(
     let mut file = tokio::fs::File::open(&path)
         .await
         .map_err(|e| Error::io(&path, e))?;
+    s.metrics
+        .downloads
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     file.seek(std::io::SeekFrom::Start(start))
         .await
         .map_err(|e| Error::io(&path, e))?;

@@ -301,8 +301,24 @@ impl Tensor {
     }
 
     /// Whether any element is NaN or infinite (always false for integers).
+    /// Checks the exponent bits directly: this runs on every request.
     pub fn has_non_finite(&self) -> bool {
-        self.dtype.is_float() && self.iter_f64().any(|v| !v.is_finite())
+        match self.dtype {
+            DType::F32 => self
+                .data
+                .chunks_exact(4)
+                .any(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000),
+            DType::F64 => self.data.chunks_exact(8).any(|c| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(c);
+                u64::from_le_bytes(b) & 0x7ff0_0000_0000_0000 == 0x7ff0_0000_0000_0000
+            }),
+            DType::F16 => self
+                .data
+                .chunks_exact(2)
+                .any(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00),
+            _ => false,
+        }
     }
 }
 
@@ -415,6 +431,43 @@ mod tests {
         let d = max_abs_diff(&a, &b).unwrap();
         assert!(d.max_abs.is_infinite());
         assert_eq!(d.at, 1);
+    }
+
+    #[test]
+    fn detects_nan_and_infinity_in_every_float_dtype() {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            assert!(
+                Tensor::from_f32(vec![3], &[0.0, bad, 1.0])
+                    .unwrap()
+                    .has_non_finite()
+            );
+            assert!(
+                Tensor::from_f64(vec![2], &[1.0, f64::from(bad)])
+                    .unwrap()
+                    .has_non_finite()
+            );
+        }
+        assert!(
+            !Tensor::from_f32(vec![3], &[0.0, f32::MAX, f32::MIN_POSITIVE / 2.0])
+                .unwrap()
+                .has_non_finite()
+        );
+        assert!(
+            !Tensor::from_f64(vec![1], &[f64::MAX])
+                .unwrap()
+                .has_non_finite()
+        );
+        let f16 = |bits: u16| {
+            Tensor::from_bytes(DType::F16, vec![1], bits.to_le_bytes().to_vec()).unwrap()
+        };
+        assert!(f16(0x7c00).has_non_finite());
+        assert!(f16(0xfe00).has_non_finite());
+        assert!(!f16(0x7bff).has_non_finite());
+        assert!(
+            !Tensor::from_i64(vec![1], &[i64::MAX])
+                .unwrap()
+                .has_non_finite()
+        );
     }
 
     #[test]
