@@ -810,7 +810,10 @@ async fn inputs_validated_for_a_swapped_out_model_are_revalidated_not_trusted() 
     engine.activate(prep(&MULTI).await.unwrap());
     match engine.infer_validated(cls_inputs, &cls).await {
         Err(edge_agent::engine::InferError::Runtime(e)) => {
-            assert_eq!(e.code(), "unknown_input", "{e}")
+            assert!(
+                matches!(e.code(), "wrong_shape" | "missing_input" | "unknown_input"),
+                "{e}"
+            )
         }
         other => panic!("expected a validation error from the new model, got {other:?}"),
     }
