@@ -49,7 +49,10 @@ pub struct ActiveModel {
 /// Timings of [`prepare`], for `bench` and reports.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PrepareTimings {
+    /// Parse, pin and type the graph.
     pub load: Duration,
+    /// tract's optimization pass.
+    pub optimize: Duration,
     pub self_test: Duration,
 }
 
@@ -59,13 +62,12 @@ static GENERATION: AtomicU64 = AtomicU64::new(1);
 /// self-test. A model that fails is never returned, so it is never served.
 pub fn prepare(bundle: &TrustedBundle) -> Result<(ActiveModel, PrepareTimings), AgentError> {
     let m = &bundle.manifest;
-    let t0 = Instant::now();
     let model = Model::from_verified(&bundle.model, &m.inputs, &m.outputs, m.non_finite_inputs)?;
-    let load = t0.elapsed();
     let t1 = Instant::now();
     let report = self_test(&mut model.session()?, &m.golden)?;
     let timings = PrepareTimings {
-        load,
+        load: model.load_timings().parse,
+        optimize: model.load_timings().optimize,
         self_test: t1.elapsed(),
     };
     let info = ModelInfo {

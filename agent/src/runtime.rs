@@ -147,6 +147,15 @@ fn nnef() -> tract_nnef::framework::Nnef {
     tract_nnef::nnef().with_onnx()
 }
 
+/// How long the phases of [`Model::load`] took.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LoadTimings {
+    /// Parsing, pinning input facts and typing the graph.
+    pub parse: std::time::Duration,
+    /// tract's optimization pass and plan construction.
+    pub optimize: std::time::Duration,
+}
+
 /// An optimized, runnable model with pinned input shapes.
 #[derive(Clone)]
 pub struct Model {
@@ -154,6 +163,7 @@ pub struct Model {
     inputs: Vec<TensorSpec>,
     outputs: Vec<TensorSpec>,
     non_finite: NonFiniteInputs,
+    timings: LoadTimings,
 }
 
 impl std::fmt::Debug for Model {
@@ -191,13 +201,25 @@ impl Model {
         inputs: &[TensorSpec],
         outputs: Option<&[TensorSpec]>,
     ) -> Result<Model> {
+        let t0 = std::time::Instant::now();
         let typed = pinned_typed(format, bytes, inputs)?;
+        let parse = t0.elapsed();
+        let t1 = std::time::Instant::now();
         let optimized = typed.into_optimized().map_err(load_err)?;
         let mut model = Model::from_optimized(optimized, inputs)?;
+        model.timings = LoadTimings {
+            parse,
+            optimize: t1.elapsed(),
+        };
         if let Some(expected) = outputs {
             model.adopt_output_names(expected)?;
         }
         Ok(model)
+    }
+
+    /// Phase timings of the load that built this model.
+    pub fn load_timings(&self) -> LoadTimings {
+        self.timings
     }
 
     /// Checks the model's outputs against `expected` by position and takes
@@ -260,6 +282,7 @@ impl Model {
             inputs: inputs.to_vec(),
             outputs,
             non_finite: NonFiniteInputs::Allow,
+            timings: LoadTimings::default(),
         })
     }
 
