@@ -132,3 +132,63 @@ impl ServerConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_toml_resolves_relative_paths_and_rejects_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleet-server.toml");
+        std::fs::write(
+            &path,
+            r#"
+data_dir = "state"
+rollout_tick_ms = 250
+[http]
+listen = "127.0.0.1:7171"
+[trust]
+keys = ["a.pub", "/etc/edgefleet/b.pub"]
+threshold = 2
+[auth]
+enrollment_tokens = ["e"]
+[[auth.tokens]]
+name = "ops"
+role = "operator"
+token = "t"
+"#,
+        )
+        .unwrap();
+        let cfg = ServerConfig::load(&path).unwrap();
+        assert_eq!(cfg.data_dir, dir.path().join("state"));
+        assert_eq!(cfg.http.listen.port(), 7171);
+        assert_eq!(
+            cfg.http.max_bundle_bytes,
+            HttpConfig::default().max_bundle_bytes
+        );
+        assert_eq!(
+            cfg.trust.keys,
+            vec![
+                dir.path().join("a.pub"),
+                PathBuf::from("/etc/edgefleet/b.pub")
+            ]
+        );
+        assert_eq!(cfg.trust.threshold, 2);
+        assert_eq!(cfg.auth.tokens[0].role, Role::Operator);
+        assert_eq!(cfg.rollout_tick_ms, 250);
+
+        std::fs::write(&path, "[http]\nlisten = \"127.0.0.1:1\"\nport = 3\n").unwrap();
+        let err = ServerConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn defaults_are_loopback_and_documented_values() {
+        let cfg = ServerConfig::default();
+        assert!(cfg.http.listen.ip().is_loopback());
+        assert_eq!(cfg.http.listen.port(), 7070);
+        assert_eq!(cfg.trust.threshold, 1);
+        assert_eq!(cfg.rollout_tick_ms, 5000);
+    }
+}
