@@ -818,3 +818,65 @@ async fn inputs_validated_for_a_swapped_out_model_are_revalidated_not_trusted() 
         other => panic!("expected a validation error from the new model, got {other:?}"),
     }
 }
+
+#[test]
+fn serve_cli_verifies_self_tests_and_serves_until_terminated() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let (bundle, key) = bundle_on_disk(&MULTI, dir.path());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        .args([
+            "serve",
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--trust",
+            key.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .strip_prefix("listening on ")
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let model: Value = rt.block_on(async {
+        reqwest::get(format!("{url}/v1/model"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    });
+    assert_eq!(model["name"], "multi-io");
+    let (status, body, _) = rt.block_on(post_json(&url, &json_inputs(&cases(&MULTI)[0].inputs)));
+    assert_eq!(status, 200, "{body}");
+    // SIGTERM: graceful shutdown, exit 0.
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+
+    // A non-loopback address without a token is refused before serving.
+    let o = agent(&[
+        "serve",
+        "--bundle",
+        bundle.to_str().unwrap(),
+        "--trust",
+        key.to_str().unwrap(),
+        "--listen",
+        "0.0.0.0:0",
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("requires an API bearer token"));
+}
