@@ -2,9 +2,11 @@
 """int8 variants of the PP-OCR classifier, with ONNX Runtime references.
 
 1. models/cls-int8/cls_int8.onnx: static QOperator quantization restricted
-   to Conv and MatMul, which yields standard QLinearConv/QLinearMatMul ops.
-   tract runs this correctly (checked by `fleetctl bundle pack` against the
-   references written here).
+   to Conv and MatMul, which yields only standard ONNX ops (53 QLinearConv
+   plus QuantizeLinear/DequantizeLinear). The classifier's one MatMul is
+   fused with its bias Add into a Gemm by quant_pre_process, so it stays
+   fp32. tract runs this correctly (checked by `fleetctl bundle pack`
+   against the references written here).
 2. tests/data/cls_qdq_softmax.onnx: QDQ quantization of every supported op,
    Softmax included. tract 0.23.9 computes wrong outputs for it; it is the
    negative fixture proving the packer refuses such a model.
@@ -17,6 +19,7 @@ import pathlib
 import tempfile
 
 import numpy as np
+import onnx
 from onnxruntime.quantization import (
     CalibrationDataReader,
     QuantFormat,
@@ -56,6 +59,15 @@ def quantize(out: pathlib.Path, fmt: QuantFormat, op_types) -> None:
         )
 
 
+def op_counts(model: pathlib.Path) -> dict:
+    """Node counts by op type, with the domain for non-standard ops."""
+    counts = {}
+    for n in onnx.load(str(model)).graph.node:
+        key = f"{n.domain}.{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def goldens(model: pathlib.Path, dest: pathlib.Path, cases: range) -> None:
     sess = session(model)
     fp32 = session(CLS)
@@ -72,12 +84,10 @@ def goldens(model: pathlib.Path, dest: pathlib.Path, cases: range) -> None:
 if __name__ == "__main__":
     good = ROOT / "models/cls-int8/cls_int8.onnx"
     quantize(good, QuantFormat.QOperator, ["Conv", "MatMul"])
-    ops = sorted({n.op_type for n in __import__("onnx").load(str(good)).graph.node})
-    print(f"{good.relative_to(ROOT)}: ops {ops}")
+    print(f"{good.relative_to(ROOT)}: ops {op_counts(good)}")
     goldens(good, ROOT / "models/cls-int8/golden", range(4))
 
     bad = ROOT / "tests/data/cls_qdq_softmax.onnx"
     quantize(bad, QuantFormat.QDQ, None)
-    ops = sorted({n.op_type for n in __import__("onnx").load(str(bad)).graph.node})
-    print(f"{bad.relative_to(ROOT)}: ops {ops}")
+    print(f"{bad.relative_to(ROOT)}: ops {op_counts(bad)}")
     goldens(bad, ROOT / "tests/data/cls_qdq_softmax_golden", range(1))
