@@ -19,7 +19,7 @@ use edgefleet_wire::npz::{NpzLimits, from_npz_bytes, to_npz_bytes};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{decode_request, encode_tensor};
+use crate::codec::{InferResponse, ModelRef, decode_request, encode_named};
 use crate::engine::{Engine, InferError, SubmitError};
 use crate::error::AgentError;
 use crate::metrics::Metrics;
@@ -69,7 +69,9 @@ struct AppState {
     token: Option<Arc<str>>,
 }
 
-/// An API error: status, stable code, client-safe message.
+/// An API error: status, stable code, client-safe message. Rendered as
+/// `{"error": {"code", "message"}}`; 503 adds `Retry-After`. The fleet
+/// server uses the same type, so both APIs fail the same way.
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -78,12 +80,24 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
             code,
             message: message.into(),
         }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn not_found(what: &str) -> Self {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no such {what}"),
+        )
     }
 }
 
@@ -329,20 +343,14 @@ async fn infer_inner(s: &AppState, headers: &HeaderMap, body: Body) -> Result<Re
     let info = &out.model.info;
     match kind {
         BodyKind::Json => {
-            let outputs: serde_json::Map<String, serde_json::Value> = out
-                .outputs
-                .iter()
-                .map(|t| {
-                    let v = serde_json::to_value(encode_tensor(&t.tensor))
-                        .unwrap_or(serde_json::Value::Null);
-                    (t.name.clone(), v)
-                })
-                .collect();
-            let body = json!({
-                "outputs": outputs,
-                "model": {"name": info.name, "version": info.version},
-                "latency_ms": latency_ms,
-            });
+            let body = InferResponse {
+                outputs: encode_named(&out.outputs),
+                model: ModelRef {
+                    name: &info.name,
+                    version: &info.version,
+                },
+                latency_ms,
+            };
             Ok(axum::Json(body).into_response())
         }
         BodyKind::Npz => {

@@ -329,20 +329,9 @@ async fn bench(
             let b = to_npz_bytes(&inputs).map_err(|e| AgentError::Invariant(e.to_string()))?;
             (api::NPZ_CONTENT_TYPE, b)
         } else {
-            let map: serde_json::Map<String, serde_json::Value> = inputs
-                .iter()
-                .map(|t| {
-                    (
-                        t.name.clone(),
-                        serde_json::to_value(crate::codec::encode_tensor(&t.tensor))
-                            .unwrap_or_default(),
-                    )
-                })
-                .collect();
-            (
-                "application/json",
-                serde_json::to_vec(&json!({"inputs": map})).unwrap_or_default(),
-            )
+            let b = crate::codec::encode_request(&inputs)
+                .map_err(|e| AgentError::Invariant(e.to_string()))?;
+            ("application/json", b)
         };
         let post = || async {
             let r = client

@@ -142,6 +142,41 @@ pub struct JsonTensorOut {
     data: Data,
 }
 
+/// The `POST /v1/infer` JSON response, serialized straight from the tensors.
+#[derive(Debug, Serialize)]
+pub struct InferResponse<'a> {
+    pub outputs: std::collections::BTreeMap<&'a str, JsonTensorOut>,
+    pub model: ModelRef<'a>,
+    pub latency_ms: f64,
+}
+
+/// Name and version of the model that answered.
+#[derive(Debug, Serialize)]
+pub struct ModelRef<'a> {
+    pub name: &'a str,
+    pub version: &'a str,
+}
+
+#[derive(Serialize)]
+struct RequestOut<'a> {
+    inputs: std::collections::BTreeMap<&'a str, JsonTensorOut>,
+}
+
+/// Named tensors keyed by name in their JSON form.
+pub fn encode_named(tensors: &[NamedTensor]) -> std::collections::BTreeMap<&str, JsonTensorOut> {
+    tensors
+        .iter()
+        .map(|t| (t.name.as_str(), encode_tensor(&t.tensor)))
+        .collect()
+}
+
+/// A `POST /v1/infer` JSON request body for these inputs (clients, bench).
+pub fn encode_request(inputs: &[NamedTensor]) -> serde_json::Result<Vec<u8>> {
+    serde_json::to_vec(&RequestOut {
+        inputs: encode_named(inputs),
+    })
+}
+
 /// Encodes a tensor for a JSON response.
 pub fn encode_tensor(t: &Tensor) -> JsonTensorOut {
     let data = match t.dtype() {

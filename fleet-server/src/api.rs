@@ -19,6 +19,8 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 
+use edge_agent::bundle::now_unix as now;
+
 use crate::auth::{Caller, Tokens, authenticate, require_device, require_role, sha256_hex};
 use crate::config::Role;
 use crate::controller::{Controller, ControllerError};
@@ -41,35 +43,8 @@ pub struct AppState {
     pub metrics: Arc<ServerMetrics>,
 }
 
-/// An API error: status, stable code, client-safe message.
-#[derive(Debug)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-
-    fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        ApiError::new(StatusCode::BAD_REQUEST, code, message)
-    }
-
-    fn not_found(what: &str) -> Self {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no such {what}"),
-        )
-    }
-}
+/// The error type shared with the agent's API (same JSON shape and codes).
+pub use edge_agent::api::ApiError;
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
@@ -80,16 +55,6 @@ impl From<Error> for ApiError {
             "internal",
             "internal error; see the server log",
         )
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (
-            self.status,
-            axum::Json(json!({"error": {"code": self.code, "message": self.message}})),
-        )
-            .into_response()
     }
 }
 
@@ -140,13 +105,6 @@ async fn metrics_text(State(s): State<AppState>, headers: HeaderMap) -> ApiResul
     require_role(&auth(&s, &headers)?, Role::Viewer)?;
     let text = s.metrics.render(s.store.as_ref())?;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn auth(s: &AppState, headers: &HeaderMap) -> ApiResult<Caller> {
@@ -644,13 +602,7 @@ async fn create_rollout(
 
 async fn list_rollouts(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     require_role(&auth(&s, &headers)?, Role::Viewer)?;
-    let all = s
-        .store
-        .list_rollouts()?
-        .iter()
-        .map(|r| s.controller.progress(r))
-        .collect::<crate::error::Result<Vec<_>>>()?;
-    Ok(axum::Json(all).into_response())
+    Ok(axum::Json(s.controller.progress_all()?).into_response())
 }
 
 async fn get_rollout(

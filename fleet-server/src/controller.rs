@@ -153,15 +153,31 @@ impl Controller {
 
     /// Progress of a rollout per stage and per device state.
     pub fn progress(&self, r: &Rollout) -> Result<serde_json::Value> {
+        Ok(progress_in(r, &self.fleet()?))
+    }
+
+    /// Progress of every rollout, reading the fleet once.
+    pub fn progress_all(&self) -> Result<Vec<serde_json::Value>> {
         let fleet = self.fleet()?;
-        let bundle = &r.spec.bundle.id;
-        let stages: Vec<serde_json::Value> = r
+        Ok(self
+            .store
+            .list_rollouts()?
+            .iter()
+            .map(|r| progress_in(r, &fleet))
+            .collect())
+    }
+}
+
+/// Progress of `r` against an already-read fleet.
+fn progress_in(r: &Rollout, fleet: &[DeviceStatus]) -> serde_json::Value {
+    let bundle = &r.spec.bundle.id;
+    let stages: Vec<serde_json::Value> = r
             .spec
             .stages
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                let targets = targets_for_stage(r, &fleet, i);
+                let targets = targets_for_stage(r, fleet, i);
                 let count = |f: &dyn Fn(&DeviceStatus) -> bool| targets.iter().filter(|d| f(d)).count();
                 let running = |d: &DeviceStatus| d.active.as_ref().is_some_and(|a| &a.id == bundle);
                 let failed_on = |d: &DeviceStatus| d.last_failed.as_ref().is_some_and(|f| &f.id == bundle);
@@ -176,17 +192,16 @@ impl Controller {
                 })
             })
             .collect();
-        Ok(json!({
-            "id": r.id,
-            "bundle": r.spec.bundle,
-            "selector": r.spec.selector,
-            "gates": r.spec.gates,
-            "phase": r.phase,
-            "created_at": r.created_at,
-            "stages": stages,
-            "decisions": r.decisions,
-        }))
-    }
+    json!({
+        "id": r.id,
+        "bundle": r.spec.bundle,
+        "selector": r.spec.selector,
+        "gates": r.spec.gates,
+        "phase": r.phase,
+        "created_at": r.created_at,
+        "stages": stages,
+        "decisions": r.decisions,
+    })
 }
 
 /// Ticks every `every` until cancelled. A failing tick is logged, not fatal.
@@ -197,11 +212,7 @@ pub async fn run_ticker(controller: Arc<Controller>, every: Duration, shutdown: 
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = interval.tick() => {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0);
-                if let Err(e) = controller.tick(now).await {
+                if let Err(e) = controller.tick(edge_agent::bundle::now_unix()).await {
                     tracing::error!(error = %e, "rollout tick failed");
                 }
             }

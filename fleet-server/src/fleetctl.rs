@@ -16,6 +16,8 @@ use edgefleet_wire::names::ModelName;
 use edgefleet_wire::verify::{Expiry, TrustRoot, open_bundle};
 use serde_json::json;
 
+use edge_agent::bundle::now_unix;
+
 use crate::client::Client;
 use crate::duration::{parse_duration, rfc3339};
 use crate::error::{Error, Result};
@@ -209,13 +211,6 @@ pub fn exit_code(e: &Error) -> i32 {
         Error::Usage(_) => 2,
         _ => 1,
     }
-}
-
-fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 pub fn run(cli: Cli) -> Result<()> {

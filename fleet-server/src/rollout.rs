@@ -312,6 +312,32 @@ fn desired_effects(targets: &[&DeviceStatus], bundle: &BundleRef) -> Vec<Effect>
         .collect()
 }
 
+/// Starts `stage` now and records what its devices ran before joining
+/// (for abort). Returns the stage's devices.
+fn enter_stage<'a>(
+    out: &mut Rollout,
+    fleet: &'a [DeviceStatus],
+    stage: usize,
+    now: u64,
+) -> Vec<&'a DeviceStatus> {
+    out.phase = Phase::Running {
+        stage,
+        stage_started: now,
+    };
+    let targets = targets_for_stage(out, fleet, stage);
+    remember_previous(out, &targets);
+    targets
+}
+
+/// Records, once per device, the bundle it ran before joining the rollout.
+fn remember_previous(out: &mut Rollout, targets: &[&DeviceStatus]) {
+    for d in targets {
+        out.previous
+            .entry(d.id.clone())
+            .or_insert_with(|| d.active.clone());
+    }
+}
+
 fn phase_name(p: &Phase) -> &'static str {
     match p {
         Phase::Running { .. } => "running",
@@ -352,12 +378,8 @@ pub fn next(
         ) => {
             let (stage, started) = (*stage, *stage_started);
             let targets = targets_for_stage(r, fleet, stage);
-            // Devices that joined this stage but were not told yet.
-            for d in &targets {
-                out.previous
-                    .entry(d.id.clone())
-                    .or_insert_with(|| d.active.clone());
-            }
+            // Devices that enrolled after this stage started join it now.
+            remember_previous(&mut out, &targets);
             effects.extend(desired_effects(&targets, &r.spec.bundle));
             if let Some(decision) = breached(r, &targets, now) {
                 out.phase = Phase::Paused {
@@ -418,21 +440,12 @@ pub fn next(
                 message,
             };
             if stage + 1 < r.spec.stages.len() {
-                out.phase = Phase::Running {
-                    stage: stage + 1,
-                    stage_started: now,
-                };
-                let next_targets = targets_for_stage(&out, fleet, stage + 1);
+                let next_targets = enter_stage(&mut out, fleet, stage + 1, now);
                 let joining: Vec<String> = next_targets
                     .iter()
                     .filter(|d| !targets.iter().any(|t| t.id == d.id))
                     .map(|d| d.id.clone())
                     .collect();
-                for d in &next_targets {
-                    out.previous
-                        .entry(d.id.clone())
-                        .or_insert_with(|| d.active.clone());
-                }
                 out.decisions.push(explain(
                     "advance",
                     joining,
@@ -483,16 +496,7 @@ pub fn next(
         (Command::Promote, Phase::Running { stage, .. } | Phase::Paused { stage, .. }) => {
             out.decisions.push(operator(now, "promote"));
             if stage + 1 < r.spec.stages.len() {
-                out.phase = Phase::Running {
-                    stage: stage + 1,
-                    stage_started: now,
-                };
-                let next_targets = targets_for_stage(&out, fleet, stage + 1);
-                for d in &next_targets {
-                    out.previous
-                        .entry(d.id.clone())
-                        .or_insert_with(|| d.active.clone());
-                }
+                let next_targets = enter_stage(&mut out, fleet, stage + 1, now);
                 effects = desired_effects(&next_targets, &r.spec.bundle);
             } else {
                 out.phase = Phase::Completed { at: now };
