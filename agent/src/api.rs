@@ -67,6 +67,26 @@ struct AppState {
     metrics: Arc<Metrics>,
     max_body_bytes: usize,
     token: Option<Arc<str>>,
+    control: Option<Arc<Control>>,
+}
+
+/// Extra Prometheus text appended to `/metrics`.
+pub type ExtraMetrics = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// The update side of `edge-agent run`: status and sideloading.
+pub struct Control {
+    pub status: tokio::sync::watch::Receiver<crate::updater::Status>,
+    pub sideload: tokio::sync::mpsc::Sender<crate::update::Target>,
+    pub slots: crate::updater::Slots,
+    pub max_bundle_bytes: u64,
+    /// Extra Prometheus text (telemetry, drift), appended to /metrics.
+    pub extra_metrics: Option<ExtraMetrics>,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control").finish_non_exhaustive()
+    }
 }
 
 /// An API error: status, stable code, client-safe message. Rendered as
@@ -115,15 +135,29 @@ impl IntoResponse for ApiError {
 
 /// Builds the router.
 pub fn router(engine: Arc<Engine>, metrics: Arc<Metrics>, config: &ApiConfig) -> Router {
+    router_with(engine, metrics, config, None)
+}
+
+/// The router of `edge-agent run`: adds `GET /v1/status` and
+/// `POST /v1/install` (sideload a bundle through the update path).
+pub fn router_with(
+    engine: Arc<Engine>,
+    metrics: Arc<Metrics>,
+    config: &ApiConfig,
+    control: Option<Arc<Control>>,
+) -> Router {
     let state = AppState {
         engine,
         metrics,
         max_body_bytes: config.max_body_bytes,
         token: config.token.as_deref().map(Arc::from),
+        control,
     };
     let protected = Router::new()
         .route("/v1/infer", post(infer))
         .route("/v1/model", get(model))
+        .route("/v1/status", get(status))
+        .route("/v1/install", post(install))
         .route("/metrics", get(metrics_text))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -197,11 +231,106 @@ async fn model(State(s): State<AppState>) -> Response {
 }
 
 async fn metrics_text(State(s): State<AppState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(),
-    )
-        .into_response()
+    let mut text = s.metrics.render();
+    if let Some(extra) = s.control.as_ref().and_then(|c| c.extra_metrics.as_ref()) {
+        text.push_str(&extra());
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+fn control(s: &AppState) -> Result<&Arc<Control>, ApiError> {
+    s.control.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_updater",
+            "updates are handled by `edge-agent run`, not `serve`",
+        )
+    })
+}
+
+async fn status(State(s): State<AppState>) -> Response {
+    match control(&s) {
+        Ok(c) => {
+            let st = c.status.borrow().clone();
+            axum::Json(json!({
+                "state": st.record.phase.state(),
+                "record": st.record,
+                "step": st.step,
+            }))
+            .into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /v1/install`: the raw bundle bytes. Accepted (202) once the file
+/// is on disk; verification, self-test and swap follow the same path as a
+/// server update. Watch `GET /v1/status` for the outcome.
+async fn install(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let c = match control(&s) {
+        Ok(c) => c.clone(),
+        Err(e) => return e.into_response(),
+    };
+    let limit = usize::try_from(c.max_bundle_bytes).unwrap_or(usize::MAX);
+    let bytes = match read_body(body, &headers, limit).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let limits = edgefleet_wire::bundle::Limits::default();
+    let manifest = match edgefleet_wire::bundle::read_signed(&mut &bytes[..], &limits)
+        .and_then(|sg| sg.peek_unverified())
+    {
+        Ok(m) => m,
+        Err(e) => {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                e.code(),
+                format!("not a readable bundle: {e}"),
+            )
+            .into_response();
+        }
+    };
+    use sha2::Digest as _;
+    let id = hex::encode(sha2::Sha256::digest(&bytes));
+    let dest = c.slots.bundle(&id);
+    let tmp = dest.with_extension("sideload");
+    let written = tokio::task::spawn_blocking(move || {
+        std::fs::write(&tmp, &bytes)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, &dest)
+    })
+    .await;
+    if !matches!(written, Ok(Ok(()))) {
+        return ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "cannot_store",
+            "the bundle could not be written to the data dir (disk full?)",
+        )
+        .into_response();
+    }
+    let bundle = edgefleet_wire::device::BundleRef {
+        id: id.clone(),
+        name: manifest.name.to_string(),
+        version: manifest.version.to_string(),
+        sequence: manifest.sequence,
+    };
+    let target = crate::update::Target {
+        bundle: bundle.clone(),
+        download: None,
+        rollback: false,
+        rollout_id: None,
+        watch: None,
+        shadow: None,
+    };
+    if c.sideload.send(target).await.is_err() {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stopping",
+            "the agent is shutting down",
+        )
+        .into_response();
+    }
+    (StatusCode::ACCEPTED, axum::Json(bundle)).into_response()
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -95,17 +95,24 @@ pub fn open_file(
     root: &TrustRoot,
     limits: &Limits,
 ) -> Result<TrustedBundle, AgentError> {
+    open_file_with(path, root, limits, Expiry::Enforce { now: now_unix() })
+}
+
+/// Verifies a bundle file with an explicit expiry policy.
+pub fn open_file_with(
+    path: &Path,
+    root: &TrustRoot,
+    limits: &Limits,
+    expiry: Expiry,
+) -> Result<TrustedBundle, AgentError> {
     let f = std::fs::File::open(path).map_err(|e| AgentError::io(path, e))?;
-    let (manifest, model) = open_bundle(
-        std::io::BufReader::new(f),
-        root,
-        Expiry::Enforce { now: now_unix() },
-        limits,
-    )
-    .map_err(|source| AgentError::Bundle {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let (manifest, model) =
+        open_bundle(std::io::BufReader::new(f), root, expiry, limits).map_err(|source| {
+            AgentError::Bundle {
+                path: path.display().to_string(),
+                source,
+            }
+        })?;
     check_device(&manifest)?;
     Ok(TrustedBundle { manifest, model })
 }

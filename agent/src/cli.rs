@@ -46,6 +46,29 @@ pub struct BundleArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The device daemon: enroll, poll the desired state, install, watch,
+    /// roll back, report; serves the local inference API throughout.
+    Run {
+        #[arg(long, value_name = "agent.toml", env = "EDGE_AGENT_CONFIG")]
+        config: PathBuf,
+    },
+    /// Sideload a bundle into the running agent (no server needed): the
+    /// same verify, self-test, swap and watch path as a server update.
+    Install {
+        #[arg(long, value_name = "FILE")]
+        bundle: PathBuf,
+        /// The agent's config (for its API address and token).
+        #[arg(long, value_name = "agent.toml", env = "EDGE_AGENT_CONFIG")]
+        config: Option<PathBuf>,
+        /// The agent's local API, if not taken from --config.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        agent: String,
+        #[arg(long, env = "EDGE_AGENT_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Seconds to wait for the install to finish (0: don't wait).
+        #[arg(long, default_value_t = 600)]
+        wait: u64,
+    },
     /// Serve a verified bundle on the local HTTP API.
     Serve {
         #[command(flatten)]
@@ -117,6 +140,29 @@ pub enum BenchMode {
 
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), AgentError> {
     match cli.command {
+        Command::Run { config } => {
+            let cfg = crate::config::AgentConfig::load(&config)?;
+            crate::daemon::run(cfg, shutdown).await
+        }
+        Command::Install {
+            bundle,
+            config,
+            agent,
+            token,
+            wait,
+        } => {
+            let (agent, token) = match config {
+                Some(p) => {
+                    let cfg = crate::config::AgentConfig::load(&p)?;
+                    (
+                        format!("http://{}", cfg.http.listen),
+                        token.or(cfg.http.token),
+                    )
+                }
+                None => (agent, token),
+            };
+            install(&bundle, &agent, token.as_deref(), wait).await
+        }
         Command::Serve {
             bundle,
             listen,
@@ -464,4 +510,85 @@ fn bare_tract(
         }
     }
     Ok((load, first, samples))
+}
+
+/// `edge-agent install`: hand the bundle to the running agent, then follow
+/// its update state until the bundle is active, failed or rolled back.
+async fn install(
+    bundle: &Path,
+    agent: &str,
+    token: Option<&str>,
+    wait: u64,
+) -> Result<(), AgentError> {
+    let bytes = std::fs::read(bundle).map_err(|e| AgentError::io(bundle, e))?;
+    let http = reqwest::Client::new();
+    let base = agent.trim_end_matches('/');
+    let url = format!("{base}/v1/install");
+    let authed = |rb: reqwest::RequestBuilder| match token {
+        Some(t) => rb.bearer_auth(t),
+        None => rb,
+    };
+    let resp = authed(http.post(&url).body(bytes))
+        .send()
+        .await
+        .map_err(|e| AgentError::Http {
+            url: url.clone(),
+            detail: format!("{e} (is `edge-agent run` running?)"),
+        })?;
+    let status = resp.status();
+    let body = resp.bytes().await.unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    if !status.is_success() {
+        return Err(AgentError::Server {
+            url,
+            status: status.as_u16(),
+            code: v["error"]["code"].as_str().unwrap_or("unknown").into(),
+            message: v["error"]["message"].as_str().unwrap_or_default().into(),
+        });
+    }
+    let id = v["id"].as_str().unwrap_or_default().to_string();
+    println!(
+        "accepted {} {} ({id})",
+        v["name"].as_str().unwrap_or("?"),
+        v["version"].as_str().unwrap_or("?")
+    );
+    if wait == 0 {
+        return Ok(());
+    }
+    let deadline = Instant::now() + Duration::from_secs(wait);
+    let status_url = format!("{base}/v1/status");
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let Ok(r) = authed(http.get(&status_url)).send().await else {
+            continue;
+        };
+        let s: serde_json::Value =
+            serde_json::from_slice(&r.bytes().await.unwrap_or_default()).unwrap_or_default();
+        let state = s["state"].as_str().unwrap_or("").to_string();
+        if state != last {
+            println!("state {state}");
+            last = state.clone();
+        }
+        let rec = &s["record"];
+        let active = rec["active"]["id"].as_str() == Some(&id);
+        let failed = rec["last_failed"]["id"].as_str() == Some(&id);
+        match state.as_str() {
+            "committed" | "idle" if active => {
+                println!("installed and committed");
+                return Ok(());
+            }
+            "watching" if active => {}
+            "failed" | "rolled_back" if failed => {
+                return Err(AgentError::Refused(format!(
+                    "install failed: {}",
+                    rec["reason"].as_str().unwrap_or("unknown reason")
+                )));
+            }
+            _ => {}
+        }
+    }
+    Err(AgentError::Refused(format!(
+        "install not finished after {wait} s (last state {last})"
+    )))
 }

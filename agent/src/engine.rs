@@ -43,7 +43,73 @@ pub struct ActiveModel {
     pub model: Model,
     pub manifest: Verified<Manifest>,
     pub self_test: SelfTestReport,
+    /// What this model did since it was loaded (health watch, reports).
+    pub stats: ModelStats,
+    /// Injected faults (tests and the demo only; see `[testing]`).
+    pub faults: Faults,
+    /// sha256 of the bundle file, when known (the agent's slots).
+    pub bundle_id: String,
     generation: u64,
+}
+
+/// Test-only faults applied to live inferences of one model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Faults {
+    pub extra_latency: Duration,
+    pub fail: bool,
+}
+
+/// Latencies kept for percentiles.
+const LATENCY_RING: usize = 2048;
+
+/// Per-model counters, updated by the workers.
+#[derive(Debug, Default)]
+pub struct ModelStats {
+    pub inferences: AtomicU64,
+    pub errors: AtomicU64,
+    pub non_finite: AtomicU64,
+    pub panics: AtomicU64,
+    /// Most recent compute latencies in ms.
+    latencies: std::sync::Mutex<std::collections::VecDeque<f32>>,
+}
+
+impl ModelStats {
+    fn record(&self, ms: f32) {
+        if let Ok(mut l) = self.latencies.lock() {
+            if l.len() == LATENCY_RING {
+                l.pop_front();
+            }
+            l.push_back(ms);
+        }
+    }
+
+    /// The p95 of the most recent latencies, in ms.
+    pub fn p95_ms(&self) -> Option<f64> {
+        let v: Vec<f32> = self
+            .latencies
+            .lock()
+            .map(|l| l.iter().copied().collect())
+            .unwrap_or_default();
+        crate::health::p95(&v)
+    }
+
+    /// p50, p95, p99 of the most recent latencies, in ms.
+    pub fn percentiles(&self) -> Option<(f64, f64, f64)> {
+        let mut v: Vec<f32> = self
+            .latencies
+            .lock()
+            .map(|l| l.iter().copied().collect())
+            .unwrap_or_default();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f32::total_cmp);
+        let at = |q: f64| {
+            let rank = ((v.len() as f64) * q).ceil() as usize;
+            f64::from(v[rank.clamp(1, v.len()) - 1])
+        };
+        Some((at(0.5), at(0.95), at(0.99)))
+    }
 }
 
 /// Timings of [`prepare`], for `bench` and reports.
@@ -85,6 +151,9 @@ pub fn prepare(bundle: &TrustedBundle) -> Result<(ActiveModel, PrepareTimings), 
             model,
             manifest: m.clone(),
             self_test: report,
+            stats: ModelStats::default(),
+            faults: Faults::default(),
+            bundle_id: String::new(),
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
         },
         timings,
@@ -141,6 +210,7 @@ impl Default for EngineConfig {
 /// The active model plus the worker pool that serves it.
 pub struct Engine {
     slot: Arc<ArcSwapOption<ActiveModel>>,
+    shadow: Arc<ArcSwapOption<Shadow>>,
     tx: crossbeam_channel::Sender<Job>,
     metrics: Arc<Metrics>,
 }
@@ -163,16 +233,23 @@ impl Engine {
         }
         let (tx, rx) = crossbeam_channel::bounded::<Job>(config.queue);
         let slot: Arc<ArcSwapOption<ActiveModel>> = Arc::new(ArcSwapOption::empty());
+        let shadow: Arc<ArcSwapOption<Shadow>> = Arc::new(ArcSwapOption::empty());
         for i in 0..config.workers {
             let rx = rx.clone();
             let slot = slot.clone();
+            let shadow = shadow.clone();
             let metrics = metrics.clone();
             std::thread::Builder::new()
                 .name(format!("infer-{i}"))
-                .spawn(move || worker(rx, slot, metrics))
+                .spawn(move || worker(rx, slot, shadow, metrics))
                 .map_err(|e| AgentError::Invariant(format!("cannot spawn worker: {e}")))?;
         }
-        Ok(Arc::new(Engine { slot, tx, metrics }))
+        Ok(Arc::new(Engine {
+            slot,
+            shadow,
+            tx,
+            metrics,
+        }))
     }
 
     /// Makes `model` the active model. Jobs already running finish on the
@@ -182,6 +259,18 @@ impl Engine {
         self.metrics.set_active_model(&model.info);
         self.slot.store(Some(model.clone()));
         model
+    }
+
+    /// Starts mirroring sampled live requests to a candidate.
+    pub fn start_shadow(&self, shadow: Shadow) -> Arc<Shadow> {
+        let s = Arc::new(shadow);
+        self.shadow.store(Some(s.clone()));
+        s
+    }
+
+    /// Stops shadowing; returns the candidate.
+    pub fn stop_shadow(&self) -> Option<Arc<Shadow>> {
+        self.shadow.swap(None)
     }
 
     /// Stops serving (nothing active).
@@ -277,9 +366,11 @@ pub enum InferError {
 fn worker(
     rx: crossbeam_channel::Receiver<Job>,
     slot: Arc<ArcSwapOption<ActiveModel>>,
+    shadow: Arc<ArcSwapOption<Shadow>>,
     metrics: Arc<Metrics>,
 ) {
     let mut current: Option<(Arc<ActiveModel>, Session)> = None;
+    let mut shadow_session: Option<(u64, Session)> = None;
     for job in rx.iter() {
         metrics
             .queue_depth
@@ -314,22 +405,156 @@ fn worker(
                 session.run(&job.inputs)
             }
         }));
+        let faults = model.faults;
+        if !faults.extra_latency.is_zero() {
+            std::thread::sleep(faults.extra_latency);
+        }
         let compute = t0.elapsed();
+        let stats = &model.stats;
         let result = match result {
-            Ok(r) => r.map(|outputs| InferOutput {
-                outputs,
-                model: model.clone(),
-                compute,
-            }),
+            Ok(Ok(_)) if faults.fail => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                Err(RuntimeError::Inference {
+                    detail: "injected fault ([testing] inject_errors)".into(),
+                })
+            }
+            Ok(Ok(outputs)) => {
+                stats.inferences.fetch_add(1, Ordering::Relaxed);
+                stats.record(compute.as_secs_f32() * 1000.0);
+                if outputs.iter().any(|o| o.tensor.has_non_finite()) {
+                    stats.non_finite.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(InferOutput {
+                    outputs,
+                    model: model.clone(),
+                    compute,
+                })
+            }
+            Ok(Err(e)) => {
+                // Bad client input is the client's error, not the model's.
+                if matches!(e, RuntimeError::Inference { .. }) {
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e)
+            }
             Err(_) => {
                 // A panicking op may leave the state inconsistent: rebuild it.
                 metrics.worker_panics.fetch_add(1, Ordering::Relaxed);
+                stats.panics.fetch_add(1, Ordering::Relaxed);
                 current = None;
                 Err(RuntimeError::Inference {
                     detail: "the inference worker panicked; the session was rebuilt".into(),
                 })
             }
         };
+        let shadow_inputs = match (&result, shadow.load_full()) {
+            (Ok(out), Some(sh)) if sh.sample() => Some((sh, out.outputs.clone())),
+            _ => None,
+        };
         let _ = job.reply.send(result);
+        // The client has its answer; now compare the candidate, if any.
+        if let Some((sh, active_out)) = shadow_inputs {
+            run_shadow(&sh, &mut shadow_session, &job.inputs, &active_out);
+        }
+    }
+}
+
+/// A candidate running beside the active model (shadow mode).
+#[derive(Debug)]
+pub struct Shadow {
+    pub model: ActiveModel,
+    /// Fraction of live requests mirrored, in (0, 1].
+    pub sample_rate: f64,
+    acc: std::sync::Mutex<ShadowAcc>,
+    rng: AtomicU64,
+}
+
+/// Running agreement between the candidate and the active model.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ShadowAcc {
+    pub samples: u64,
+    pub top1_matches: u64,
+    /// Samples where top-1 applied (first output has a class axis).
+    pub top1_samples: u64,
+    pub max_abs_diff: f64,
+    pub errors: u64,
+}
+
+impl Shadow {
+    pub fn new(model: ActiveModel, sample_rate: f64) -> Shadow {
+        Shadow {
+            model,
+            sample_rate,
+            acc: std::sync::Mutex::new(ShadowAcc::default()),
+            rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15 ^ now_unix()),
+        }
+    }
+
+    fn sample(&self) -> bool {
+        if self.sample_rate >= 1.0 {
+            return true;
+        }
+        // xorshift64*: enough for sampling, no rand dependency.
+        let mut x = self.rng.load(Ordering::Relaxed);
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng.store(x, Ordering::Relaxed);
+        let u = (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64;
+        u < self.sample_rate
+    }
+
+    pub fn agreement(&self) -> ShadowAcc {
+        self.acc.lock().map(|a| a.clone()).unwrap_or_default()
+    }
+}
+
+/// Arg-max over the whole first output (batch 1: the top class).
+fn argmax(v: impl Iterator<Item = f64>) -> Option<usize> {
+    v.enumerate()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(i, _)| i)
+}
+
+fn run_shadow(
+    sh: &Arc<Shadow>,
+    session: &mut Option<(u64, Session)>,
+    inputs: &[NamedTensor],
+    active: &[NamedTensor],
+) {
+    if session
+        .as_ref()
+        .is_none_or(|(g, _)| *g != sh.model.generation)
+    {
+        match sh.model.model.session() {
+            Ok(s) => *session = Some((sh.model.generation, s)),
+            Err(_) => return,
+        }
+    }
+    let Some((_, s)) = session.as_mut() else {
+        return;
+    };
+    let out = std::panic::catch_unwind(AssertUnwindSafe(|| s.run(inputs)));
+    let Ok(mut acc) = sh.acc.lock() else {
+        return;
+    };
+    acc.samples += 1;
+    let Ok(Ok(out)) = out else {
+        acc.errors += 1;
+        return;
+    };
+    for (a, c) in active.iter().zip(&out) {
+        let d = edgefleet_wire::tensor::max_abs_diff(&c.tensor, &a.tensor)
+            .map_or(f64::INFINITY, |d| d.max_abs);
+        acc.max_abs_diff = acc.max_abs_diff.max(d);
+    }
+    if let (Some(a), Some(c)) = (active.first(), out.first())
+        && a.tensor.shape().len() >= 2
+        && a.tensor.shape() == c.tensor.shape()
+    {
+        acc.top1_samples += 1;
+        if argmax(a.tensor.iter_f64()) == argmax(c.tensor.iter_f64()) {
+            acc.top1_matches += 1;
+        }
     }
 }

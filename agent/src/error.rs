@@ -97,6 +97,22 @@ pub enum AgentError {
     },
     #[error("configuration: {0}")]
     Config(String),
+    #[error("local store: {0}")]
+    Store(String),
+    /// The fleet server answered with an error.
+    #[error("{url}: HTTP {status} {code}: {message}")]
+    Server {
+        url: String,
+        status: u16,
+        code: String,
+        message: String,
+    },
+    /// The fleet server could not be reached or the transfer broke.
+    #[error("{url}: {detail}")]
+    Http { url: String, detail: String },
+    /// A bundle this device must not install (anti-rollback, size, digest).
+    #[error("{0}")]
+    Refused(String),
     #[error("internal error: {0}")]
     Invariant(String),
 }
@@ -119,6 +135,10 @@ impl AgentError {
             AgentError::Runtime(e) => e.code(),
             AgentError::Listen { .. } => "listen",
             AgentError::Config(_) => "config",
+            AgentError::Store(_) => "store",
+            AgentError::Server { .. } => "server_error",
+            AgentError::Http { .. } => "unreachable",
+            AgentError::Refused(_) => "refused",
             AgentError::Invariant(_) => "internal",
         }
     }

@@ -6,18 +6,33 @@
 //! - [`engine`]: the active model, the bounded queue and the worker threads.
 //! - [`api`]: the local HTTP API; [`codec`]: its JSON tensor form.
 //! - [`metrics`]: Prometheus metrics; [`procstat`]: RSS and CPU from /proc.
-//! - [`cli`]: the `edge-agent` subcommands.
+//! - [`config`]: `agent.toml`; [`cli`]: the `edge-agent` subcommands.
+//! - [`update`]: the pure update state machine; [`updater`]: its driver
+//!   (download, verify, self-test, shadow, swap, watch, rollback).
+//! - [`health`]: judging a new model in its watch window.
+//! - [`floor`]: the anti-rollback floor file; [`store`]: sled behind a trait
+//!   (update record, outbox).
+//! - [`client`]: the device side of the fleet server API.
+//! - [`daemon`]: `edge-agent run`, tying the above together.
 //! - [`error`]: error types.
 
 pub mod api;
 pub mod bundle;
 pub mod cli;
+pub mod client;
 pub mod codec;
+pub mod config;
+pub mod daemon;
 pub mod engine;
 pub mod error;
+pub mod floor;
+pub mod health;
 pub mod metrics;
 pub mod procstat;
 pub mod runtime;
+pub mod store;
+pub mod update;
+pub mod updater;
 
 /// This agent's version, compared with a manifest's `min_agent_version`.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");

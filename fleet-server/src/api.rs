@@ -13,7 +13,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use edgefleet_wire::bundle::Limits;
-use edgefleet_wire::device::{DesiredState, DeviceReport, EnrollRequest, EnrollResponse};
+use edgefleet_wire::device::{
+    DesiredState, DeviceReport, EnrollRequest, EnrollResponse, WatchPolicy,
+};
 use edgefleet_wire::verify::{Expiry, TrustRoot, open_bundle};
 use serde::Deserialize;
 use serde_json::json;
@@ -483,8 +485,19 @@ async fn patch_device(
     Ok(axum::Json(device_view(&d)).into_response())
 }
 
-fn desired_of(d: &DeviceRecord) -> DesiredState {
-    DesiredState {
+fn desired_of(s: &AppState, d: &DeviceRecord) -> ApiResult<DesiredState> {
+    // The rollout's gates become the device's watch limits, so a device
+    // rolls itself back on the same numbers that would pause the rollout.
+    let rollout = match (&d.desired_rollout, d.desired_rollback) {
+        (Some(id), false) => s.store.get_rollout(id)?,
+        _ => None,
+    };
+    let watch = rollout.as_ref().map(|r| WatchPolicy {
+        max_error_rate: r.spec.gates.max_error_rate,
+        max_p95_latency_ms: r.spec.gates.max_p95_latency_ms,
+    });
+    let shadow = rollout.and_then(|r| r.spec.shadow);
+    Ok(DesiredState {
         download: d
             .desired
             .as_ref()
@@ -492,13 +505,15 @@ fn desired_of(d: &DeviceRecord) -> DesiredState {
         bundle: d.desired.clone(),
         rollout_id: d.desired_rollout.clone(),
         rollback: d.desired_rollback,
-    }
+        watch,
+        shadow,
+    })
 }
 
 async fn device_desired(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     // The credential names the device: there is no way to ask for another's.
     let device = require_device(auth(&s, &headers)?)?;
-    let desired = desired_of(&device);
+    let desired = desired_of(&s, &device)?;
     let body = serde_json::to_vec(&desired).map_err(|e| Error::Store(e.to_string()))?;
     let etag = format!("\"{}\"", &sha256_hex(&String::from_utf8_lossy(&body))[..32]);
     if headers
@@ -550,6 +565,9 @@ struct CreateRollout {
     stages: Vec<Stage>,
     #[serde(default)]
     gates: Gates,
+    /// Shadow the candidate on live traffic before activating it.
+    #[serde(default)]
+    shadow: Option<edgefleet_wire::device::ShadowRequest>,
 }
 
 impl From<ControllerError> for ApiError {
@@ -591,6 +609,7 @@ async fn create_rollout(
         selector: req.selector,
         stages: req.stages,
         gates: req.gates,
+        shadow: req.shadow,
     };
     let r = s
         .controller

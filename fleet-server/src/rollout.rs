@@ -42,6 +42,9 @@ pub struct RolloutSpec {
     pub selector: BTreeMap<String, String>,
     pub stages: Vec<Stage>,
     pub gates: Gates,
+    /// Devices shadow the candidate on live traffic before activating it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<edgefleet_wire::device::ShadowRequest>,
 }
 
 /// Why the controller (or an operator) stopped a rollout.
@@ -575,6 +578,7 @@ mod tests {
                     },
                 ],
                 gates,
+                shadow: None,
             },
             phase: Phase::Running {
                 stage: 0,

@@ -37,8 +37,37 @@ pub struct BundleRef {
     pub sequence: u64,
 }
 
+/// Health limits a device applies while it watches a newly activated
+/// model, taken from the rollout's gates. Unset fields use the agent's
+/// configured defaults.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WatchPolicy {
+    /// Errors / inferences over the watch window.
+    #[serde(default)]
+    pub max_error_rate: Option<f64>,
+    /// Absolute p95 latency limit, in milliseconds.
+    #[serde(default)]
+    pub max_p95_latency_ms: Option<f64>,
+}
+
+/// Run the candidate beside the active model on a sample of live requests
+/// before activating it. The candidate never answers clients.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShadowRequest {
+    /// Fraction of live requests mirrored to the candidate, in (0, 1].
+    pub sample_rate: f64,
+    /// Mirrored requests compared before deciding.
+    pub samples: u32,
+    /// Minimum top-1 agreement of the first output (classifiers).
+    #[serde(default)]
+    pub min_top1_agreement: Option<f64>,
+    /// Largest allowed max-abs difference over all outputs.
+    #[serde(default)]
+    pub max_abs_diff: Option<f64>,
+}
+
 /// What the server wants a device to run.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct DesiredState {
     /// `None`: keep whatever is running.
     pub bundle: Option<BundleRef>,
@@ -49,6 +78,12 @@ pub struct DesiredState {
     /// before (the only case where a lower sequence may be installed).
     #[serde(default)]
     pub rollback: bool,
+    /// Health limits for the watch window after activation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch: Option<WatchPolicy>,
+    /// Shadow the candidate before activating it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowRequest>,
 }
 
 /// Update lifecycle state as the device reports it.
@@ -75,6 +110,15 @@ pub struct Health {
     pub p95_latency_ms: Option<f64>,
 }
 
+/// How a shadowed candidate agreed with the active model.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShadowAgreement {
+    pub samples: u64,
+    /// Fraction of samples whose first output's arg-max matched.
+    pub top1_agreement: Option<f64>,
+    pub max_abs_diff: f64,
+}
+
 /// `POST /api/v1/device/report`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeviceReport {
@@ -85,6 +129,15 @@ pub struct DeviceReport {
     pub reason: Option<String>,
     #[serde(default)]
     pub health: Health,
+    /// The bundle the device falls back to (last known good).
+    #[serde(default)]
+    pub last_known_good: Option<BundleRef>,
+    /// Set while and after shadowing a candidate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowAgreement>,
+    /// Agent version, so the inventory follows agent upgrades.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
 }
 
 #[cfg(test)]
@@ -105,6 +158,9 @@ mod tests {
             state: UpdateState::RolledBack,
             reason: Some("p95 latency 80 ms > 40 ms".into()),
             health: Health::default(),
+            last_known_good: None,
+            shadow: None,
+            agent_version: None,
         };
         let s = serde_json::to_string(&r).unwrap();
         assert!(s.contains("\"rolled_back\""), "{s}");

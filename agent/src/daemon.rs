@@ -1,0 +1,461 @@
+//! `edge-agent run`: the device daemon. It serves the installed model at
+//! once, enrolls if it must, then polls the desired state, drives updates
+//! and reports every transition.
+//!
+//! Tasks (one cancellation token; a task that ends early stops the daemon):
+//! the local API, the updater, the desired-state poller, the reporter and,
+//! when configured, MQTT telemetry.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use edgefleet_wire::device::{DeviceReport, EnrollRequest, Health};
+use edgefleet_wire::manifest::TargetArch;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::{self, ApiConfig, Control};
+use crate::bundle::trust_root_from_files;
+use crate::client::{Poll, ServerClient};
+use crate::config::AgentConfig;
+use crate::engine::{Engine, EngineConfig};
+use crate::error::AgentError;
+use crate::floor::FloorFile;
+use crate::metrics::Metrics;
+use crate::store::{SledStore, Store, write_atomic};
+use crate::update::{Phase, Record};
+use crate::updater::{Ctx, Notice, RECORD_KEY, Slots, Status, Updater, load_installed, target_of};
+
+/// Shared handles of a running daemon.
+#[derive(Clone)]
+pub struct Shared {
+    pub cfg: Arc<AgentConfig>,
+    pub device_id: String,
+    pub engine: Arc<Engine>,
+    pub metrics: Arc<Metrics>,
+    pub store: Arc<dyn Store>,
+    pub status: watch::Receiver<Status>,
+    /// Poll the server now (MQTT "update available").
+    pub poll_now: Arc<Notify>,
+    /// Report now (MQTT "report now").
+    pub report_now: Arc<Notify>,
+    pub client: Arc<OnceLock<ServerClient>>,
+    pub credential: Arc<OnceLock<String>>,
+    pub booted_at: u64,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("device_id", &self.device_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn credential_path(cfg: &AgentConfig) -> PathBuf {
+    cfg.data_dir.join("credential")
+}
+
+/// Serves the recorded active model (falling back to last known good) so
+/// the device answers before it talks to anyone.
+fn serve_installed(
+    rec: &mut Record,
+    slots: &Slots,
+    ctx_root: &edgefleet_wire::verify::TrustRoot,
+    cfg: &AgentConfig,
+    engine: &Engine,
+) {
+    let candidates = [rec.active.clone(), rec.last_known_good.clone()];
+    for (i, b) in candidates.into_iter().enumerate() {
+        let Some(b) = b else { continue };
+        match load_installed(slots, ctx_root, &b, cfg) {
+            Ok(m) => {
+                tracing::info!(name = %m.info.name, version = %m.info.version, "serving installed model");
+                engine.activate(m);
+                if i == 1 {
+                    rec.reason = Some(format!(
+                        "the active bundle could not be loaded at start; fell back to {} {}",
+                        b.name, b.version
+                    ));
+                    rec.active = Some(b);
+                    if matches!(rec.phase, Phase::Watching { .. }) {
+                        rec.phase = Phase::RolledBack {
+                            reason: rec.reason.clone().unwrap_or_default(),
+                        };
+                    }
+                }
+                return;
+            }
+            Err(e) => tracing::error!(bundle = %b.id, error = %e, "cannot load installed bundle"),
+        }
+    }
+    if rec.active.is_some() {
+        tracing::error!("no installed bundle loads: waiting for the server");
+    }
+}
+
+/// Runs the daemon until `shutdown`.
+pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let (addr, device, daemon) = start(cfg, shutdown).await?;
+    // Tests and scripts read this line to find an ephemeral port.
+    println!("listening on http://{addr} device {device}");
+    daemon.await
+}
+
+/// Starts the daemon: returns the local API address, the device id and a
+/// future that runs until `shutdown` (or until a task fails).
+pub async fn start(
+    cfg: AgentConfig,
+    shutdown: CancellationToken,
+) -> Result<
+    (
+        std::net::SocketAddr,
+        String,
+        impl Future<Output = Result<(), AgentError>> + use<>,
+    ),
+    AgentError,
+> {
+    let cfg = Arc::new(cfg);
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| AgentError::io(&cfg.data_dir, e))?;
+    let device_id = cfg.device_id();
+    let root = trust_root_from_files(&cfg.trust.keys, cfg.trust.threshold)?;
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&cfg.data_dir.join("store"))?);
+    let slots = Slots::new(&cfg.data_dir)?;
+    let floor = FloorFile::new(&cfg.data_dir);
+    // An unreadable floor must not be guessed lower: refuse to start.
+    floor.load()?;
+    let metrics = Arc::new(Metrics::default());
+    let engine = Engine::start(
+        EngineConfig {
+            workers: cfg.engine.workers,
+            queue: cfg.engine.queue,
+        },
+        metrics.clone(),
+    )?;
+
+    let mut record: Record = match store.get(RECORD_KEY)? {
+        Some(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "unreadable update record; starting from idle");
+            Record::default()
+        }),
+        None => Record::default(),
+    };
+    {
+        let (slots, root, cfg, engine) = (slots.clone(), root.clone(), cfg.clone(), engine.clone());
+        record = tokio::task::spawn_blocking(move || {
+            serve_installed(&mut record, &slots, &root, &cfg, &engine);
+            record
+        })
+        .await
+        .map_err(|e| AgentError::Invariant(e.to_string()))?;
+    }
+
+    let (status_tx, status_rx) = watch::channel(Status {
+        record: record.clone(),
+        step: 0,
+    });
+    let (notice_tx, notice_rx) = mpsc::unbounded_channel::<Notice>();
+    let (desired_tx, desired_rx) = mpsc::channel(8);
+
+    let client_cell: Arc<OnceLock<ServerClient>> = Arc::new(OnceLock::new());
+    let credential_cell: Arc<OnceLock<String>> = Arc::new(OnceLock::new());
+    let shared = Shared {
+        cfg: cfg.clone(),
+        device_id: device_id.clone(),
+        engine: engine.clone(),
+        metrics: metrics.clone(),
+        store: store.clone(),
+        status: status_rx.clone(),
+        poll_now: Arc::new(Notify::new()),
+        report_now: Arc::new(Notify::new()),
+        client: client_cell.clone(),
+        credential: credential_cell.clone(),
+        booted_at: crate::bundle::now_unix(),
+    };
+
+    // Local API first: the device serves before it talks to anyone.
+    let api_cfg = ApiConfig {
+        listen: cfg.http.listen,
+        max_body_bytes: cfg.http.max_body_bytes,
+        token: cfg.http.token.clone(),
+    };
+    api_cfg.validate()?;
+    let listener = tokio::net::TcpListener::bind(api_cfg.listen)
+        .await
+        .map_err(|source| AgentError::Listen {
+            addr: api_cfg.listen.to_string(),
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| AgentError::Invariant(e.to_string()))?;
+    let control = Arc::new(Control {
+        status: status_rx.clone(),
+        sideload: desired_tx.clone(),
+        slots: slots.clone(),
+        max_bundle_bytes: cfg.update.max_bundle_bytes,
+        extra_metrics: None,
+    });
+    let app = api::router_with(engine.clone(), metrics.clone(), &api_cfg, Some(control));
+
+    let tasks = TaskTracker::new();
+    let stop = shutdown.child_token();
+    let failed = CancellationToken::new();
+    let guard = |name: &'static str, failed: CancellationToken| {
+        move |r: Result<(), AgentError>| {
+            if let Err(e) = r {
+                tracing::error!(task = name, error = %e, "task failed");
+                failed.cancel();
+            }
+        }
+    };
+
+    {
+        let stop = stop.clone();
+        let on_exit = guard("api", failed.clone());
+        tasks.spawn(async move {
+            on_exit(
+                api::serve(listener, app, stop)
+                    .await
+                    .map_err(|source| AgentError::Listen {
+                        addr: addr.to_string(),
+                        source,
+                    }),
+            );
+        });
+    }
+
+    let ctx = Ctx {
+        cfg: cfg.clone(),
+        store: store.clone(),
+        floor,
+        slots,
+        engine: engine.clone(),
+        root,
+        client: client_cell.clone(),
+    };
+    let updater = Updater::new(ctx, record, status_tx, notice_tx);
+    tasks.spawn(updater.run(desired_rx, stop.clone()));
+
+    if let Some(url) = cfg.server.url.clone() {
+        let shared2 = shared.clone();
+        let stop2 = stop.clone();
+        let on_exit = guard("server", failed.clone());
+        tasks.spawn(async move {
+            on_exit(server_loop(shared2, url, desired_tx, notice_rx, stop2).await);
+        });
+    } else {
+        // Sideload only: drain notices into the log.
+        let mut notice_rx = notice_rx;
+        tasks.spawn(async move {
+            while let Some(n) = notice_rx.recv().await {
+                tracing::info!(event = ?n.event, reason = ?n.reason, "update event");
+            }
+        });
+    }
+    tasks.close();
+
+    let daemon = async move {
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = failed.cancelled() => {}
+        }
+        stop.cancel();
+        engine.deactivate();
+        tasks.wait().await;
+        if failed.is_cancelled() {
+            return Err(AgentError::Invariant(
+                "a daemon task failed (see log)".into(),
+            ));
+        }
+        Ok(())
+    };
+    Ok((addr, device_id, daemon))
+}
+
+/// Enrolls once (persisting the credential), then polls and reports.
+async fn server_loop(
+    shared: Shared,
+    url: String,
+    desired_tx: mpsc::Sender<crate::update::Target>,
+    mut notices: mpsc::UnboundedReceiver<Notice>,
+    stop: CancellationToken,
+) -> Result<(), AgentError> {
+    let cfg = shared.cfg.clone();
+    let base = ServerClient::new(&url, Duration::from_secs(cfg.server.timeout_secs))?;
+    let cred_path = credential_path(&cfg);
+    let credential = match std::fs::read_to_string(&cred_path) {
+        Ok(c) if !c.trim().is_empty() => c.trim().to_string(),
+        _ => {
+            let Some(token) = cfg.server.enrollment_token.clone() else {
+                return Err(AgentError::Config(
+                    "[server] enrollment_token is needed for the first start".into(),
+                ));
+            };
+            let req = EnrollRequest {
+                enrollment_token: token,
+                device_id: shared.device_id.clone(),
+                tags: cfg.tags.clone(),
+                arch: TargetArch::current()
+                    .map_or("unknown", TargetArch::name)
+                    .to_string(),
+                agent_version: crate::AGENT_VERSION.to_string(),
+            };
+            let mut failures = 0u32;
+            let resp = loop {
+                match base.enroll(&req).await {
+                    Ok(r) => break r,
+                    // A refused enrollment will not succeed by retrying.
+                    Err(
+                        e @ AgentError::Server {
+                            status: 400..=499, ..
+                        },
+                    ) => return Err(e),
+                    Err(e) => {
+                        failures += 1;
+                        let wait = retry_delay(&cfg, failures);
+                        tracing::warn!(error = %e, retry_in = ?wait, "enrollment failed");
+                        tokio::select! {
+                            () = tokio::time::sleep(wait) => {}
+                            () = stop.cancelled() => return Ok(()),
+                        }
+                    }
+                }
+            };
+            write_atomic(&cred_path, resp.credential.as_bytes())?;
+            set_private(&cred_path);
+            tracing::info!(device = %resp.device_id, "enrolled");
+            resp.credential
+        }
+    };
+    let client = base.with_credential(credential.clone());
+    let _ = shared.client.set(client.clone());
+    let _ = shared.credential.set(credential);
+
+    let poll = poll_loop(shared.clone(), client.clone(), desired_tx, stop.clone());
+    let report = report_loop(shared.clone(), client, &mut notices, stop.clone());
+    tokio::join!(poll, report);
+    Ok(())
+}
+
+#[cfg(unix)]
+fn set_private(p: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600));
+}
+
+#[cfg(not(unix))]
+fn set_private(_: &std::path::Path) {}
+
+fn retry_delay(cfg: &AgentConfig, failures: u32) -> Duration {
+    let ms = cfg
+        .update
+        .retry_min_ms
+        .saturating_mul(1u64 << failures.min(16))
+        .min(cfg.update.retry_max_ms);
+    Duration::from_millis(ms)
+}
+
+/// A pseudo-random fraction in [0, 1) (jitter; no rand dependency).
+fn jitter_fraction() -> f64 {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    f64::from(n % 1000) / 1000.0
+}
+
+async fn poll_loop(
+    shared: Shared,
+    client: ServerClient,
+    desired_tx: mpsc::Sender<crate::update::Target>,
+    stop: CancellationToken,
+) {
+    let cfg = &shared.cfg.server;
+    let mut etag: Option<String> = None;
+    loop {
+        match client.desired(etag.as_deref()).await {
+            Ok(Poll::NotModified) => {}
+            Ok(Poll::Changed { desired, etag: e }) => {
+                etag = Some(e);
+                if let Some(t) = target_of(&desired)
+                    && desired_tx.send(t).await.is_err()
+                {
+                    return;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "desired-state poll failed"),
+        }
+        let base = cfg.poll_interval_secs as f64;
+        let wait = Duration::from_secs_f64(base * (1.0 + cfg.poll_jitter * jitter_fraction()));
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = shared.poll_now.notified() => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// The device report: what runs, the update state, health of the active model.
+pub fn build_report(shared: &Shared) -> DeviceReport {
+    let rec = shared.status.borrow().record.clone();
+    let health = shared
+        .engine
+        .active()
+        .map(|m| Health {
+            inferences: m.stats.inferences.load(Relaxed) + m.stats.errors.load(Relaxed),
+            errors: m.stats.errors.load(Relaxed),
+            p95_latency_ms: m.stats.p95_ms(),
+        })
+        .unwrap_or_default();
+    DeviceReport {
+        active: rec.active.clone(),
+        staged: rec.phase.target().map(|t| t.bundle.clone()),
+        last_failed: rec.last_failed.clone(),
+        state: rec.phase.state(),
+        reason: rec.reason.clone(),
+        health,
+        last_known_good: rec.last_known_good.clone(),
+        shadow: rec.shadow.clone(),
+        agent_version: Some(crate::AGENT_VERSION.to_string()),
+    }
+}
+
+async fn report_loop(
+    shared: Shared,
+    client: ServerClient,
+    notices: &mut mpsc::UnboundedReceiver<Notice>,
+    stop: CancellationToken,
+) {
+    let mut status = shared.status.clone();
+    let interval = Duration::from_secs(shared.cfg.server.report_interval_secs.max(1));
+    let mut failures = 0u32;
+    loop {
+        let report = build_report(&shared);
+        match client.report(&report).await {
+            Ok(()) => failures = 0,
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, "report failed");
+            }
+        }
+        let wait = if failures > 0 {
+            retry_delay(&shared.cfg, failures).min(interval)
+        } else {
+            interval
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            r = status.changed() => if r.is_err() { return },
+            n = notices.recv() => match n {
+                Some(n) => tracing::info!(event = ?n.event, reason = ?n.reason, "update event"),
+                None => return,
+            },
+            () = shared.report_now.notified() => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
