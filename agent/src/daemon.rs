@@ -176,6 +176,8 @@ pub async fn start(
         booted_at: crate::bundle::now_unix(),
     };
 
+    let counters = Arc::new(crate::telemetry::Counters::default());
+
     // Local API first: the device serves before it talks to anyone.
     let api_cfg = ApiConfig {
         listen: cfg.http.listen,
@@ -197,7 +199,10 @@ pub async fn start(
         sideload: desired_tx.clone(),
         slots: slots.clone(),
         max_bundle_bytes: cfg.update.max_bundle_bytes,
-        extra_metrics: None,
+        extra_metrics: Some(crate::telemetry::metrics_text(
+            counters.clone(),
+            store.clone(),
+        )),
     });
     let app = api::router_with(engine.clone(), metrics.clone(), &api_cfg, Some(control));
 
@@ -240,20 +245,67 @@ pub async fn start(
     let updater = Updater::new(ctx, record, status_tx, notice_tx);
     tasks.spawn(updater.run(desired_rx, stop.clone()));
 
+    // Lifecycle notices: log, report now, and queue for MQTT.
+    let (mqtt_tx, mqtt_rx) = mpsc::unbounded_channel::<Notice>();
+    {
+        let mut notice_rx = notice_rx;
+        let report_now = shared.report_now.clone();
+        let mqtt_on = cfg.mqtt.url.is_some();
+        tasks.spawn(async move {
+            while let Some(n) = notice_rx.recv().await {
+                tracing::info!(event = ?n.event, reason = ?n.reason, "update event");
+                report_now.notify_one();
+                if mqtt_on {
+                    let _ = mqtt_tx.send(n);
+                }
+            }
+        });
+    }
+
     if let Some(url) = cfg.server.url.clone() {
         let shared2 = shared.clone();
         let stop2 = stop.clone();
         let on_exit = guard("server", failed.clone());
         tasks.spawn(async move {
-            on_exit(server_loop(shared2, url, desired_tx, notice_rx, stop2).await);
+            on_exit(server_loop(shared2, url, desired_tx, stop2).await);
         });
-    } else {
-        // Sideload only: drain notices into the log.
-        let mut notice_rx = notice_rx;
+    }
+
+    if let Some(url) = cfg.mqtt.url.clone() {
+        let shared2 = shared.clone();
+        let stop2 = stop.clone();
+        let counters = counters.clone();
+        let on_exit = guard("mqtt", failed.clone());
         tasks.spawn(async move {
-            while let Some(n) = notice_rx.recv().await {
-                tracing::info!(event = ?n.event, reason = ?n.reason, "update event");
-            }
+            // Device credentials come from enrollment unless configured.
+            let username = shared2
+                .cfg
+                .mqtt
+                .username
+                .clone()
+                .unwrap_or_else(|| shared2.device_id.clone());
+            let password = loop {
+                if let Some(p) = shared2.cfg.mqtt.password.clone() {
+                    break p;
+                }
+                if let Some(c) = shared2.credential.get() {
+                    break c.clone();
+                }
+                if shared2.cfg.server.url.is_none() {
+                    on_exit(Err(AgentError::Config(
+                        "[mqtt] needs username/password when there is no [server] url".into(),
+                    )));
+                    return;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    () = stop2.cancelled() => return,
+                }
+            };
+            on_exit(
+                crate::telemetry::run(shared2, url, username, password, counters, mqtt_rx, stop2)
+                    .await,
+            );
         });
     }
     tasks.close();
@@ -281,7 +333,6 @@ async fn server_loop(
     shared: Shared,
     url: String,
     desired_tx: mpsc::Sender<crate::update::Target>,
-    mut notices: mpsc::UnboundedReceiver<Notice>,
     stop: CancellationToken,
 ) -> Result<(), AgentError> {
     let cfg = shared.cfg.clone();
@@ -336,7 +387,7 @@ async fn server_loop(
     let _ = shared.credential.set(credential);
 
     let poll = poll_loop(shared.clone(), client.clone(), desired_tx, stop.clone());
-    let report = report_loop(shared.clone(), client, &mut notices, stop.clone());
+    let report = report_loop(shared.clone(), client, stop.clone());
     tokio::join!(poll, report);
     Ok(())
 }
@@ -424,12 +475,7 @@ pub fn build_report(shared: &Shared) -> DeviceReport {
     }
 }
 
-async fn report_loop(
-    shared: Shared,
-    client: ServerClient,
-    notices: &mut mpsc::UnboundedReceiver<Notice>,
-    stop: CancellationToken,
-) {
+async fn report_loop(shared: Shared, client: ServerClient, stop: CancellationToken) {
     let mut status = shared.status.clone();
     let interval = Duration::from_secs(shared.cfg.server.report_interval_secs.max(1));
     let mut failures = 0u32;
@@ -450,10 +496,6 @@ async fn report_loop(
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             r = status.changed() => if r.is_err() { return },
-            n = notices.recv() => match n {
-                Some(n) => tracing::info!(event = ?n.event, reason = ?n.reason, "update event"),
-                None => return,
-            },
             () = shared.report_now.notified() => {}
             () = stop.cancelled() => return,
         }

@@ -52,6 +52,13 @@ pub struct ActiveModel {
     generation: u64,
 }
 
+impl ActiveModel {
+    /// Changes whenever a different model (or a reload) becomes active.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
 /// Test-only faults applied to live inferences of one model.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Faults {
@@ -71,7 +78,12 @@ pub struct ModelStats {
     pub panics: AtomicU64,
     /// Most recent compute latencies in ms.
     latencies: std::sync::Mutex<std::collections::VecDeque<f32>>,
+    /// Latencies since the last telemetry record (capped).
+    interval: std::sync::Mutex<Vec<f32>>,
 }
+
+/// Latencies kept per telemetry interval; beyond it, every other sample.
+const INTERVAL_CAP: usize = 16 * 1024;
 
 impl ModelStats {
     fn record(&self, ms: f32) {
@@ -81,6 +93,22 @@ impl ModelStats {
             }
             l.push_back(ms);
         }
+        if let Ok(mut v) = self.interval.lock() {
+            if v.len() >= INTERVAL_CAP {
+                // Thin out evenly rather than stop recording.
+                let kept: Vec<f32> = v.iter().step_by(2).copied().collect();
+                *v = kept;
+            }
+            v.push(ms);
+        }
+    }
+
+    /// Takes the latencies recorded since the last call.
+    pub fn take_interval(&self) -> Vec<f32> {
+        self.interval
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
     }
 
     /// The p95 of the most recent latencies, in ms.

@@ -13,6 +13,7 @@
 //! - [`floor`]: the anti-rollback floor file; [`store`]: sled behind a trait
 //!   (update record, outbox).
 //! - [`client`]: the device side of the fleet server API.
+//! - [`telemetry`]: MQTT state, telemetry, events and commands with a durable outbox.
 //! - [`daemon`]: `edge-agent run`, tying the above together.
 //! - [`error`]: error types.
 
@@ -31,6 +32,7 @@ pub mod metrics;
 pub mod procstat;
 pub mod runtime;
 pub mod store;
+pub mod telemetry;
 pub mod update;
 pub mod updater;
 

@@ -14,6 +14,7 @@
 //! - [`manifest`]: the v1 bundle manifest (postcard-encoded, signed).
 //! - [`bundle`]: the bundle file layout, [`bundle::Signed`], limits, payload checks.
 //! - [`device`]: the device ↔ server protocol (enroll, desired, report).
+//! - [`telemetry`]: MQTT topics and payloads (state, telemetry, events, commands).
 //! - [`verify`]: the trust root and the only way to obtain a [`verify::Verified`] manifest.
 //! - [`error`]: the error type and its stable reason codes.
 
@@ -24,6 +25,7 @@ pub mod keys;
 pub mod manifest;
 pub mod names;
 pub mod npz;
+pub mod telemetry;
 pub mod tensor;
 pub mod verify;
 

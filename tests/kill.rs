@@ -1,0 +1,364 @@
+//! Crash safety: a real `edge-agent run` process, updated by a real fleet
+//! server, is killed with SIGKILL at many points of an update (download,
+//! verify, self-test, swap, watch, commit) and restarted each time.
+//!
+//! After every kill it checks that:
+//! - the anti-rollback floor file is whole and never went backwards;
+//! - the restarted agent serves a model that passes the golden check (so it
+//!   never serves a half-written one) and is one of the pushed bundles;
+//! - the agent converges to the desired bundle, or to a recorded rollback.
+//!
+//! Iterations: `KILL_ITERATIONS` (default 50); `scripts/kill-test.sh N`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use edgefleet_wire::keys::{encode_public_key, signing_key_from_seed};
+use edgefleet_wire::manifest::{NonFiniteInputs, TargetArch};
+use edgefleet_wire::npz::{NpzLimits, from_npz_bytes};
+use fleet_server::config::{Role, ServerConfig, TokenConfig};
+use fleet_server::pack::{PackRequest, pack};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+const OPERATOR: &str = "operator-token";
+const ENROLL: &str = "enroll-me";
+
+fn repo(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .join(rel)
+}
+
+/// The `edge-agent` binary of this build profile, rebuilt if stale.
+fn agent_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "-q", "-p", "edge-agent", "--bin", "edge-agent"]);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let st = cmd.status().expect("cargo build edge-agent");
+    assert!(st.success(), "building edge-agent failed");
+    let bin = profile_dir.join("edge-agent");
+    assert!(bin.exists(), "{} missing", bin.display());
+    bin
+}
+
+fn cls_bundle(minor: u64) -> Vec<u8> {
+    let golden = |k: &str| {
+        (0..2)
+            .map(|i| repo(&format!("models/cls/golden/{k}_{i}.npz")))
+            .collect::<Vec<_>>()
+    };
+    let req = PackRequest {
+        model: repo("models/cls/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+        name: "cls".parse().unwrap(),
+        version: semver::Version::new(1, minor, 0),
+        sequence: minor,
+        golden_inputs: golden("in"),
+        golden_outputs: golden("out"),
+        tolerance: 1e-4,
+        keys: vec![signing_key_from_seed([1; 32])],
+        now: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+        expires_in: 86_400,
+        nnef: false,
+        targets: TargetArch::ALL.to_vec(),
+        min_agent_version: semver::Version::new(0, 1, 0),
+        non_finite_inputs: NonFiniteInputs::Reject,
+    };
+    pack(&req).unwrap().bundle
+}
+
+/// Tiny deterministic PRNG (no dependency): kill delays.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+struct AgentProc {
+    child: Child,
+    url: String,
+}
+
+fn spawn_agent(bin: &Path, config: &Path, log: &Path) -> AgentProc {
+    let stderr = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let mut child = Command::new(bin)
+        .args(["run", "--config"])
+        .arg(config)
+        .env("EDGE_AGENT_LOG", "edge_agent=info")
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    AgentProc { child, url }
+}
+
+fn floor_sequence(data: &Path) -> u64 {
+    match std::fs::read(data.join("floor.json")) {
+        Ok(b) => {
+            let v: Value = serde_json::from_slice(&b).expect("the floor file is always whole");
+            v["models"]["cls"]["sequence"].as_u64().unwrap_or(0)
+        }
+        Err(_) => 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survives_kill_9_at_random_points_of_updates() {
+    let iterations: u64 = std::env::var("KILL_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let bin = agent_binary();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("release.pub");
+    std::fs::write(
+        &key,
+        encode_public_key(&signing_key_from_seed([1; 32]).verifying_key()),
+    )
+    .unwrap();
+
+    let mut cfg = ServerConfig {
+        data_dir: dir.path().join("server"),
+        ..ServerConfig::default()
+    };
+    cfg.http.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.trust.keys = vec![key.clone()];
+    cfg.auth.tokens = vec![TokenConfig {
+        name: "ops".into(),
+        role: Role::Admin,
+        token: Some(OPERATOR.into()),
+        token_sha256: None,
+    }];
+    cfg.auth.enrollment_tokens = vec![ENROLL.into()];
+    cfg.rollout_tick_ms = 100;
+    let stop = CancellationToken::new();
+    let (addr, serve) = fleet_server::server::bind(&cfg, stop.clone())
+        .await
+        .unwrap();
+    tokio::spawn(serve);
+    let server = format!("http://{addr}");
+    let http = reqwest::Client::new();
+
+    let data = dir.path().join("agent");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"device_id = "kill-1"
+data_dir = "{data}"
+[tags]
+board = "qemu"
+[server]
+url = "{server}"
+enrollment_token = "{ENROLL}"
+poll_interval_secs = 1
+report_interval_secs = 1
+[trust]
+keys = ["{key}"]
+[http]
+listen = "127.0.0.1:0"
+[update]
+watch_secs = 1
+retry_min_ms = 100
+retry_max_ms = 1000
+[testing]
+download_bytes_per_sec = 1000000
+"#,
+            data = data.display(),
+            key = key.display(),
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("agent.log");
+    let golden_in = std::fs::read(repo("models/cls/golden/in_0.npz")).unwrap();
+    let golden_out = from_npz_bytes(
+        &std::fs::read(repo("models/cls/golden/out_0.npz")).unwrap(),
+        NpzLimits::default(),
+    )
+    .unwrap();
+
+    let mut pushed: BTreeMap<String, String> = BTreeMap::new(); // version -> id
+    let mut rng = Rng(0x5eed_1234_abcd_0042);
+    let mut agent = spawn_agent(&bin, &config, &log);
+    let mut floor = 0u64;
+    let mut killed_in: BTreeMap<String, u64> = BTreeMap::new();
+    // The phase each iteration aims its kill at (then a random delay).
+    let aims = [
+        "downloading",
+        "self_testing",
+        "watching",
+        "committed",
+        "any",
+    ];
+
+    for i in 1..=iterations {
+        let version = format!("1.{i}.0");
+        let bytes = cls_bundle(i);
+        let r = http
+            .post(format!("{server}/api/v1/bundles"))
+            .bearer_auth(OPERATOR)
+            .body(bytes)
+            .send()
+            .await
+            .unwrap();
+        let v: Value = r.json().await.unwrap();
+        let id = v["id"].as_str().unwrap().to_string();
+        pushed.insert(version.clone(), id.clone());
+        let r = http
+            .post(format!("{server}/api/v1/rollouts"))
+            .bearer_auth(OPERATOR)
+            .json(&json!({"bundle": id, "selector": {"board": "qemu"},
+                          "stages": [{"percent": 100, "bake_minutes": 0}]}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "rollout {i}: {}", r.status());
+
+        // Aim, then kill -9.
+        let aim = aims[(i as usize) % aims.len()];
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut seen = String::new();
+        while Instant::now() < deadline {
+            if let Ok(r) = http.get(format!("{}/v1/status", agent.url)).send().await
+                && let Ok(s) = r.json::<Value>().await
+            {
+                seen = s["state"].as_str().unwrap_or("").to_string();
+                let on_target = s["record"]["phase"]["target"]["bundle"]["id"] == id.as_str()
+                    || s["record"]["active"]["id"] == id.as_str();
+                if on_target && (aim == "any" || seen == aim) {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(rng.next() % 150)).await;
+        agent.child.kill().unwrap();
+        agent.child.wait().unwrap();
+        *killed_in.entry(seen.clone()).or_default() += 1;
+
+        // The floor is whole and never went backwards.
+        let now_floor = floor_sequence(&data);
+        assert!(
+            now_floor >= floor,
+            "floor went back from {floor} to {now_floor}"
+        );
+        floor = now_floor;
+
+        agent = spawn_agent(&bin, &config, &log);
+        // It serves a whole, self-tested model from the pushed set.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = http
+                .post(format!("{}/v1/infer", agent.url))
+                .header("content-type", "application/x-npz")
+                .body(golden_in.clone())
+                .send()
+                .await
+                .unwrap();
+            if r.status() == 200 {
+                let out = from_npz_bytes(&r.bytes().await.unwrap(), NpzLimits::default()).unwrap();
+                let d = edgefleet_wire::tensor::max_abs_diff(&out[0].tensor, &golden_out[0].tensor)
+                    .unwrap();
+                assert!(
+                    d.max_abs <= 1e-4,
+                    "iteration {i}: output off by {}",
+                    d.max_abs
+                );
+                let m: Value = http
+                    .get(format!("{}/v1/model", agent.url))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                let v = m["version"].as_str().unwrap().to_string();
+                assert!(pushed.contains_key(&v), "serving unknown version {v}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "iteration {i}: no model served after restart ({})",
+                r.status()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // It converges: the new bundle committed, or a recorded rollback.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            let s: Value = http
+                .get(format!("{}/v1/status", agent.url))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let committed = s["state"] == "committed" && s["record"]["active"]["id"] == id.as_str();
+            let recorded = matches!(s["state"].as_str(), Some("rolled_back" | "failed"))
+                && s["record"]["last_failed"]["id"] == id.as_str()
+                && s["record"]["reason"].is_string();
+            if committed || recorded {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "iteration {i} (killed in {seen}): did not converge: {s:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let now_floor = floor_sequence(&data);
+        assert!(
+            now_floor >= floor,
+            "floor went back from {floor} to {now_floor}"
+        );
+        floor = now_floor;
+        if status["state"] != "committed" {
+            eprintln!(
+                "iteration {i}: recorded {}: {}",
+                status["state"], status["record"]["reason"]
+            );
+        }
+    }
+    let _ = agent.child.kill();
+    let _ = agent.child.wait();
+    eprintln!("kill points by state: {killed_in:?}");
+    for must in ["downloading", "watching", "committed"] {
+        assert!(
+            iterations < 10 || killed_in.contains_key(must),
+            "never killed while {must}: {killed_in:?}"
+        );
+    }
+    stop.cancel();
+}
