@@ -45,13 +45,15 @@ pub trait Store: Send + Sync + 'static {
     fn put_lazy(&self, key: &str, value: &[u8]) -> Result<(), AgentError>;
     fn remove(&self, key: &str) -> Result<(), AgentError>;
 
-    /// Appends to the outbox, dropping old records beyond `cap_bytes`.
+    /// Appends to the outbox, dropping old records beyond `cap_bytes`
+    /// (never the record `protect`, which is being published).
     fn outbox_push(
         &self,
         class: RecordClass,
         topic: &str,
         payload: &[u8],
         cap_bytes: u64,
+        protect: u64,
     ) -> Result<PushOutcome, AgentError>;
     /// Up to `limit` records with `seq > after`, in order.
     fn outbox_after(&self, after: u64, limit: usize) -> Result<Vec<OutboxRecord>, AgentError>;
@@ -155,10 +157,10 @@ impl SledStore {
         Ok(())
     }
 
-    fn drop_oldest(&self, class: RecordClass) -> Result<Option<u64>, AgentError> {
+    fn drop_oldest(&self, class: RecordClass, protect: u64) -> Result<Option<u64>, AgentError> {
         for item in self.outbox.iter() {
             let (k, v) = item.map_err(|e| store_err("outbox", e))?;
-            if v.first() == Some(&(class as u8)) {
+            if v.first() == Some(&(class as u8)) && k.as_ref() != protect.to_be_bytes() {
                 self.outbox.remove(&k).map_err(|e| store_err("outbox", e))?;
                 return Ok(Some(v.len() as u64));
             }
@@ -197,6 +199,7 @@ impl Store for SledStore {
         topic: &str,
         payload: &[u8],
         cap_bytes: u64,
+        protect: u64,
     ) -> Result<PushOutcome, AgentError> {
         let value = encode(class, topic, payload);
         let size = value.len() as u64;
@@ -212,12 +215,12 @@ impl Store for SledStore {
         let mut out = PushOutcome::default();
         // Make room: telemetry goes first; events only when no telemetry is left.
         while depth.1 + size > cap_bytes {
-            if let Some(n) = self.drop_oldest(RecordClass::Telemetry)? {
+            if let Some(n) = self.drop_oldest(RecordClass::Telemetry, protect)? {
                 out.dropped_telemetry += 1;
                 depth.0 -= 1;
                 depth.1 -= n;
             } else if class == RecordClass::Event
-                && let Some(n) = self.drop_oldest(RecordClass::Event)?
+                && let Some(n) = self.drop_oldest(RecordClass::Event, protect)?
             {
                 out.dropped_events += 1;
                 depth.0 -= 1;
@@ -312,7 +315,7 @@ mod tests {
             let s = SledStore::open(&p).unwrap();
             s.put("k", b"v").unwrap();
             for i in 0..5u8 {
-                s.outbox_push(RecordClass::Event, "t/e", &[i], 1 << 20)
+                s.outbox_push(RecordClass::Event, "t/e", &[i], 1 << 20, 0)
                     .unwrap();
             }
         }
@@ -336,21 +339,21 @@ mod tests {
         let s = SledStore::open(&dir.path().join("store")).unwrap();
         let rec = |c| encode(c, "t", &[0u8; 97]).len() as u64; // 101 bytes
         let cap = rec(RecordClass::Event) * 4;
-        s.outbox_push(RecordClass::Event, "t", &[1; 97], cap)
+        s.outbox_push(RecordClass::Event, "t", &[1; 97], cap, 0)
             .unwrap();
-        s.outbox_push(RecordClass::Telemetry, "t", &[2; 97], cap)
+        s.outbox_push(RecordClass::Telemetry, "t", &[2; 97], cap, 0)
             .unwrap();
-        s.outbox_push(RecordClass::Telemetry, "t", &[3; 97], cap)
+        s.outbox_push(RecordClass::Telemetry, "t", &[3; 97], cap, 0)
             .unwrap();
-        s.outbox_push(RecordClass::Event, "t", &[4; 97], cap)
+        s.outbox_push(RecordClass::Event, "t", &[4; 97], cap, 0)
             .unwrap();
         // Full. An event pushes out the oldest telemetry (2), then (3).
         let o = s
-            .outbox_push(RecordClass::Event, "t", &[5; 97], cap)
+            .outbox_push(RecordClass::Event, "t", &[5; 97], cap, 0)
             .unwrap();
         assert_eq!((o.dropped_telemetry, o.dropped_events), (1, 0));
         let o = s
-            .outbox_push(RecordClass::Event, "t", &[6; 97], cap)
+            .outbox_push(RecordClass::Event, "t", &[6; 97], cap, 0)
             .unwrap();
         assert_eq!((o.dropped_telemetry, o.dropped_events), (1, 0));
         let kept: Vec<u8> = s
@@ -362,11 +365,11 @@ mod tests {
         assert_eq!(kept, vec![1, 4, 5, 6]);
         // Only events left: new telemetry is dropped, a new event drops the oldest event.
         let o = s
-            .outbox_push(RecordClass::Telemetry, "t", &[7; 97], cap)
+            .outbox_push(RecordClass::Telemetry, "t", &[7; 97], cap, 0)
             .unwrap();
         assert_eq!(o.dropped_telemetry, 1);
         let o = s
-            .outbox_push(RecordClass::Event, "t", &[8; 97], cap)
+            .outbox_push(RecordClass::Event, "t", &[8; 97], cap, 0)
             .unwrap();
         assert_eq!(o.dropped_events, 1);
         let kept: Vec<u8> = s

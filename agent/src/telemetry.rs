@@ -39,6 +39,9 @@ pub struct Counters {
     pub bytes_sent: AtomicU64,
     pub published: AtomicU64,
     pub connects: AtomicU64,
+    /// The outbox record being published (0: none). It is never dropped
+    /// for room: it may already have arrived, and a drop must mean "lost".
+    pub inflight: AtomicU64,
 }
 
 /// Prometheus lines for the outbox and MQTT counters.
@@ -153,6 +156,7 @@ fn enqueue_event(shared: &Shared, counters: &Counters, topics: &Topics, ev: &Dev
         &topics.events,
         &payload,
         shared.cfg.mqtt.outbox_max_bytes,
+        counters.inflight.load(Relaxed),
     ) {
         Ok(o) => {
             counters
@@ -327,7 +331,26 @@ pub async fn run(
         loop {
             let polled = tokio::select! {
                 p = eventloop.poll() => p,
-                () = ev_stop.cancelled() => return,
+                () = ev_stop.cancelled() => {
+                    // Say goodbye on purpose (retained offline state), then
+                    // disconnect cleanly; the Last Will covers crashes.
+                    if *ev_link.epoch.borrow() != 0 {
+                        if let Ok(bytes) = serde_json::to_vec(&state_of(&ev_shared, false)) {
+                            let _ = ev_client.try_publish(ev_topics.state.clone(), QoS::AtLeastOnce, true, bytes);
+                        }
+                        let _ = ev_client.try_disconnect();
+                        let flush = async {
+                            loop {
+                                match eventloop.poll().await {
+                                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                                    Ok(_) => {}
+                                }
+                            }
+                        };
+                        let _ = tokio::time::timeout(Duration::from_secs(2), flush).await;
+                    }
+                    return;
+                }
             };
             match polled {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -423,6 +446,7 @@ pub async fn run(
                         &feed_topics.telemetry,
                         &payload,
                         feed_shared.cfg.mqtt.outbox_max_bytes,
+                        feed_counters.inflight.load(Relaxed),
                     ) {
                         Ok(o) => {
                             feed_counters
@@ -451,11 +475,6 @@ pub async fn run(
         stop.clone(),
     );
     tokio::join!(event_loop, feed, publisher);
-    // Best effort: tell dashboards we are going away on purpose.
-    if let Ok(bytes) = serde_json::to_vec(&state_of(&shared, false)) {
-        let _ = client.try_publish(topics.state.clone(), QoS::AtLeastOnce, true, bytes);
-    }
-    let _ = client.try_disconnect();
     Ok(())
 }
 

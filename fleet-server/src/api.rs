@@ -43,6 +43,8 @@ pub struct AppState {
     pub max_bundle_bytes: u64,
     pub controller: Arc<Controller>,
     pub metrics: Arc<ServerMetrics>,
+    /// Set when MQTT is configured.
+    pub mqtt: Option<crate::mqtt::Mqtt>,
 }
 
 /// The error type shared with the agent's API (same JSON shape and codes).
@@ -105,7 +107,10 @@ pub fn router(state: AppState) -> Router {
 
 async fn metrics_text(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     require_role(&auth(&s, &headers)?, Role::Viewer)?;
-    let text = s.metrics.render(s.store.as_ref())?;
+    let mut text = s.metrics.render(s.store.as_ref())?;
+    if let Some(m) = &s.mqtt {
+        text.push_str(&crate::mqtt::render_metrics(m, s.store.as_ref())?);
+    }
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
@@ -359,6 +364,10 @@ async fn enroll(State(s): State<AppState>, body: Bytes) -> ApiResult<Response> {
         desired_rollout: None,
         desired_rollback: false,
         report: None,
+        online: None,
+        mqtt_state: None,
+        telemetry: None,
+        events: Vec::new(),
     };
     s.store.put_device(&device)?;
     Ok((
@@ -389,6 +398,11 @@ fn device_view(d: &DeviceRecord) -> serde_json::Value {
         "state": report.map(|r| r.state),
         "reason": report.and_then(|r| r.reason.clone()),
         "health": report.map(|r| r.health.clone()),
+        "last_known_good": report.and_then(|r| r.last_known_good.clone()),
+        "shadow": report.and_then(|r| r.shadow.clone()),
+        "online": d.online,
+        "telemetry": d.telemetry,
+        "events": d.events,
     })
 }
 

@@ -36,6 +36,15 @@ pub struct Tokens {
 }
 
 impl Tokens {
+    /// The operator a bearer token belongs to.
+    pub fn find(&self, token: &str) -> Option<(String, Role)> {
+        let hash = sha256_hex(token);
+        self.by_hash
+            .iter()
+            .find(|(h, _, _)| *h == hash)
+            .map(|(_, n, r)| (n.clone(), *r))
+    }
+
     pub fn from_config(tokens: &[TokenConfig]) -> Result<Tokens, String> {
         let mut by_hash = Vec::new();
         for t in tokens {

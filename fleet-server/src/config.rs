@@ -86,6 +86,8 @@ pub struct ServerConfig {
     pub auth: AuthConfig,
     /// How often running rollouts are evaluated. Default 5000 ms.
     pub rollout_tick_ms: u64,
+    /// MQTT (embedded broker by default when the section is present).
+    pub mqtt: Option<crate::mqtt::MqttConfig>,
 }
 
 impl Default for ServerConfig {
@@ -96,6 +98,7 @@ impl Default for ServerConfig {
             trust: TrustConfig::default(),
             auth: AuthConfig::default(),
             rollout_tick_ms: 5000,
+            mqtt: None,
         }
     }
 }

@@ -32,12 +32,31 @@ pub enum ControllerError {
 pub struct Controller {
     store: Arc<dyn Store>,
     lock: tokio::sync::Mutex<()>,
+    /// Device ids whose desired state changed (MQTT "update available").
+    notify: Option<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
 impl std::fmt::Debug for Controller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Controller").finish_non_exhaustive()
     }
+}
+
+/// The device's health for the gates: its report, with the p95 of the last
+/// telemetry interval when that telemetry is about the model it reports
+/// running (fresher than the report's window).
+fn health_of(d: &DeviceRecord) -> edgefleet_wire::device::Health {
+    let Some(r) = d.report.as_ref() else {
+        return Default::default();
+    };
+    let mut h = r.health.clone();
+    if let (Some(t), Some(a)) = (&d.telemetry, &r.active)
+        && t.model.as_deref() == Some(format!("{}@{}", a.name, a.version).as_str())
+        && let Some(l) = &t.latency_ms
+    {
+        h.p95_latency_ms = Some(l.p95);
+    }
+    h
 }
 
 pub fn status_of(d: &DeviceRecord) -> DeviceStatus {
@@ -48,7 +67,7 @@ pub fn status_of(d: &DeviceRecord) -> DeviceStatus {
         active: r.and_then(|r| r.active.clone()),
         last_failed: r.and_then(|r| r.last_failed.clone()),
         state: r.map(|r| r.state),
-        health: r.map(|r| r.health.clone()).unwrap_or_default(),
+        health: health_of(d),
         last_seen: d.last_seen,
     }
 }
@@ -58,7 +77,14 @@ impl Controller {
         Controller {
             store,
             lock: tokio::sync::Mutex::new(()),
+            notify: None,
         }
+    }
+
+    /// Sends the id of every device whose desired state changes.
+    pub fn with_notifier(mut self, tx: tokio::sync::mpsc::UnboundedSender<String>) -> Controller {
+        self.notify = Some(tx);
+        self
     }
 
     fn fleet(&self) -> Result<Vec<DeviceStatus>> {
@@ -76,6 +102,9 @@ impl Controller {
                 d.desired_rollout = Some(rollout_id.to_string());
                 d.desired_rollback = e.rollback;
                 self.store.put_device(&d)?;
+                if let Some(n) = &self.notify {
+                    let _ = n.send(d.id.clone());
+                }
             }
         }
         Ok(())

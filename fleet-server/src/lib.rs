@@ -9,6 +9,7 @@
 //! - [`store`]: the `Store` trait and its sled implementation.
 //! - [`registry`]: content-addressed bundle files.
 //! - [`rollout`]: the pure staged-rollout controller; [`controller`]: its driver.
+//! - [`mqtt`]: the embedded broker, telemetry ingestion, update notices.
 //! - [`metrics`]: Prometheus metrics of the server.
 //! - [`error`]: the error type.
 
@@ -21,6 +22,7 @@ pub mod duration;
 pub mod error;
 pub mod fleetctl;
 pub mod metrics;
+pub mod mqtt;
 pub mod pack;
 pub mod registry;
 pub mod rollout;

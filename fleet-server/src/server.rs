@@ -18,6 +18,17 @@ use crate::store::SledStore;
 
 /// Builds the shared state from a configuration.
 pub fn state(config: &ServerConfig) -> Result<AppState> {
+    Ok(state_with_notices(config)?.0)
+}
+
+/// The shared state, plus the feed of devices whose desired state changed
+/// (when MQTT is configured).
+fn state_with_notices(
+    config: &ServerConfig,
+) -> Result<(
+    AppState,
+    Option<tokio::sync::mpsc::UnboundedReceiver<String>>,
+)> {
     std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::io(&config.data_dir, e))?;
     let mut keys = Vec::new();
     for p in &config.trust.keys {
@@ -34,8 +45,15 @@ pub fn state(config: &ServerConfig) -> Result<AppState> {
     })?;
     let store: Arc<dyn crate::store::Store> =
         Arc::new(SledStore::open(&config.data_dir.join("store"))?);
-    Ok(AppState {
-        controller: Arc::new(Controller::new(store.clone())),
+    let mut controller = Controller::new(store.clone());
+    let mut notices = None;
+    if config.mqtt.is_some() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        controller = controller.with_notifier(tx);
+        notices = Some(rx);
+    }
+    let state = AppState {
+        controller: Arc::new(controller),
         metrics: Arc::new(crate::metrics::ServerMetrics::default()),
         store,
         registry: Registry::open(&config.data_dir)?,
@@ -44,7 +62,9 @@ pub fn state(config: &ServerConfig) -> Result<AppState> {
             .map_err(|e| Error::Usage(format!("[auth]: {e}")))?,
         enrollment_tokens: config.auth.enrollment_tokens.clone(),
         max_bundle_bytes: config.http.max_bundle_bytes,
-    })
+        mqtt: None,
+    };
+    Ok((state, notices))
 }
 
 /// Binds the configured address; returns the bound address (useful with
@@ -53,7 +73,19 @@ pub async fn bind(
     config: &ServerConfig,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, impl Future<Output = Result<()>> + use<>)> {
-    let state = state(config)?;
+    let (mut state, notices) = state_with_notices(config)?;
+    if let (Some(mqtt), Some(notices)) = (&config.mqtt, notices) {
+        let m = crate::mqtt::start(
+            mqtt,
+            state.store.clone(),
+            state.tokens.clone(),
+            notices,
+            shutdown.clone(),
+        )?;
+        // Scripts and tests read this line to find the broker.
+        println!("mqtt broker at {}", m.url);
+        state.mqtt = Some(m);
+    }
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
         .map_err(|e| Error::io(config.http.listen.to_string(), e))?;

@@ -58,6 +58,16 @@ pub struct DeviceRecord {
     #[serde(default)]
     pub desired_rollback: bool,
     pub report: Option<DeviceReport>,
+    /// From MQTT: the retained state (birth/death), the last telemetry
+    /// record and the most recent lifecycle events.
+    #[serde(default)]
+    pub online: Option<bool>,
+    #[serde(default)]
+    pub mqtt_state: Option<edgefleet_wire::telemetry::DeviceState>,
+    #[serde(default)]
+    pub telemetry: Option<edgefleet_wire::telemetry::Telemetry>,
+    #[serde(default)]
+    pub events: Vec<edgefleet_wire::telemetry::DeviceEvent>,
 }
 
 /// One operator action, append-only.
