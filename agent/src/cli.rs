@@ -89,6 +89,24 @@ pub enum Command {
         #[arg(long, env = "EDGE_AGENT_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
+    /// Send inference requests to an agent at a steady rate (demos, soak
+    /// tests) until interrupted; prints the counts at the end.
+    Load {
+        /// The agent's local API.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// Request body (.npz keyed by input name).
+        #[arg(long, value_name = "IN.npz")]
+        input: PathBuf,
+        /// Requests per second.
+        #[arg(long, default_value_t = 10.0)]
+        rps: f64,
+        /// Stop after this many seconds (0: until interrupted).
+        #[arg(long, default_value_t = 0)]
+        seconds: u64,
+        #[arg(long, env = "EDGE_AGENT_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
     /// Offline inference on .npz files (no server).
     Infer {
         #[command(flatten)]
@@ -144,6 +162,13 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), AgentError
             let cfg = crate::config::AgentConfig::load(&config)?;
             crate::daemon::run(cfg, shutdown).await
         }
+        Command::Load {
+            url,
+            input,
+            rps,
+            seconds,
+            token,
+        } => load(&url, &input, rps, seconds, token.as_deref(), shutdown).await,
         Command::Install {
             bundle,
             config,
@@ -591,4 +616,58 @@ async fn install(
     Err(AgentError::Refused(format!(
         "install not finished after {wait} s (last state {last})"
     )))
+}
+
+/// `edge-agent load`: steady request rate; counts answers by status.
+async fn load(
+    url: &str,
+    input: &Path,
+    rps: f64,
+    seconds: u64,
+    token: Option<&str>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    if !(rps > 0.0 && rps.is_finite()) {
+        return Err(AgentError::Config("--rps must be positive".into()));
+    }
+    let body = std::fs::read(input).map_err(|e| AgentError::io(input, e))?;
+    let http = reqwest::Client::new();
+    let target = format!("{}/v1/infer", url.trim_end_matches('/'));
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rps));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let until = (seconds > 0).then(|| Instant::now() + Duration::from_secs(seconds));
+    let mut by_status: std::collections::BTreeMap<u16, u64> = Default::default();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => break,
+        }
+        if until.is_some_and(|u| Instant::now() >= u) {
+            break;
+        }
+        let mut rb = http
+            .post(&target)
+            .header("content-type", crate::api::NPZ_CONTENT_TYPE)
+            .body(body.clone());
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        let status = match rb.send().await {
+            Ok(r) => r.status().as_u16(),
+            Err(_) => 0,
+        };
+        *by_status.entry(status).or_default() += 1;
+    }
+    let summary: Vec<String> = by_status
+        .iter()
+        .map(|(s, n)| {
+            if *s == 0 {
+                format!("unreachable: {n}")
+            } else {
+                format!("{s}: {n}")
+            }
+        })
+        .collect();
+    println!("requests by status: {}", summary.join(", "));
+    Ok(())
 }

@@ -213,6 +213,7 @@ fn progress_in(r: &Rollout, fleet: &[DeviceStatus]) -> serde_json::Value {
                 json!({
                     "percent": s.percent,
                     "bake_minutes": s.bake_minutes,
+                    "bake_seconds": s.bake_secs(),
                     "devices": targets.len(),
                     "running": count(&running),
                     "failed": count(&|d| failed_on(d) && d.state == Some(edgefleet_wire::device::UpdateState::Failed)),

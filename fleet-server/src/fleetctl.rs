@@ -67,6 +67,12 @@ pub enum DevicesCommand {
     List {
         #[arg(long = "tag", value_name = "K=V")]
         tags: Vec<String>,
+        /// Only devices reporting this update state (e.g. committed, rolled_back).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only devices reporting this active model version.
+        #[arg(long)]
+        version: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -247,15 +253,34 @@ pub fn run(cli: Cli) -> Result<()> {
             });
             Ok(())
         }
-        Command::Devices(DevicesCommand::List { tags, json }) => {
-            let query: Vec<String> = tags
+        Command::Devices(DevicesCommand::List {
+            tags,
+            state,
+            version,
+            json,
+        }) => {
+            let mut query: Vec<String> = tags
                 .iter()
                 .map(|t| format!("tag={}", urlencode(t)))
                 .collect();
+            if let Some(st) = state {
+                query.push(format!("status={}", urlencode(&st)));
+            }
+            if let Some(v) = version {
+                query.push(format!("version={}", urlencode(&v)));
+            }
             let list = client()?.get(&format!("/api/v1/devices?{}", query.join("&")))?;
             print_or(json, &list, || {
                 table(
-                    &["DEVICE", "TAGS", "ACTIVE", "STATE", "P95 MS", "LAST SEEN"],
+                    &[
+                        "DEVICE",
+                        "TAGS",
+                        "ACTIVE",
+                        "STATE",
+                        "P95 MS",
+                        "ONLINE",
+                        "LAST SEEN",
+                    ],
                     list.as_array().into_iter().flatten().map(|d| {
                         let tags = d["tags"]
                             .as_object()
@@ -275,12 +300,24 @@ pub fn run(cli: Cli) -> Result<()> {
                             .as_u64()
                             .map(rfc3339)
                             .unwrap_or_else(|| "-".into());
+                        // The last telemetry interval when there is one (fresher
+                        // than the report's window).
+                        let p95 = d["telemetry"]["latency_ms"]["p95"]
+                            .as_f64()
+                            .or_else(|| d["health"]["p95_latency_ms"].as_f64())
+                            .map_or_else(|| "-".into(), |v| format!("{v:.1}"));
+                        let online = match d["online"].as_bool() {
+                            Some(true) => "yes",
+                            Some(false) => "no",
+                            None => "-",
+                        };
                         vec![
                             s(&d["id"]),
                             tags,
                             active,
                             s(&d["state"]),
-                            s(&d["health"]["p95_latency_ms"]),
+                            p95,
+                            online.into(),
                             seen,
                         ]
                     }),
@@ -651,7 +688,11 @@ pub fn parse_stages(spec: &str) -> Result<Vec<serde_json::Value>> {
             } else {
                 parse_duration(bake.trim())?
             };
-            Ok(json!({"percent": percent, "bake_minutes": secs.div_ceil(60)}))
+            let mut stage = json!({"percent": percent, "bake_minutes": secs.div_ceil(60)});
+            if secs % 60 != 0 {
+                stage["bake_seconds"] = json!(secs);
+            }
+            Ok(stage)
         })
         .collect()
 }
@@ -689,7 +730,10 @@ fn print_rollout(r: &serde_json::Value) {
                         String::new()
                     },
                     format!("{}%", s(&st["percent"])),
-                    format!("{}m", s(&st["bake_minutes"])),
+                    match st["bake_seconds"].as_u64() {
+                        Some(b) if b % 60 != 0 => format!("{b}s"),
+                        _ => format!("{}m", s(&st["bake_minutes"])),
+                    },
                     s(&st["devices"]),
                     s(&st["running"]),
                     s(&st["pending"]),

@@ -19,6 +19,17 @@ use sha2::{Digest, Sha256};
 pub struct Stage {
     pub percent: u8,
     pub bake_minutes: u32,
+    /// Finer than minutes (demos, labs); wins over `bake_minutes` when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bake_seconds: Option<u32>,
+}
+
+impl Stage {
+    /// The bake time in seconds.
+    pub fn bake_secs(&self) -> u64 {
+        self.bake_seconds
+            .map_or(u64::from(self.bake_minutes) * 60, u64::from)
+    }
 }
 
 /// Health gates checked over the devices already in the rollout.
@@ -392,7 +403,7 @@ pub fn next(
                 out.decisions.push(decision);
                 return Ok((out, effects));
             }
-            let bake = u64::from(r.spec.stages[stage].bake_minutes) * 60;
+            let bake = r.spec.stages[stage].bake_secs();
             if now < started + bake {
                 return Ok((out, effects));
             }
@@ -453,10 +464,10 @@ pub fn next(
                     "advance",
                     joining,
                     format!(
-                        "stage {} ({}%) passed: baked {} min, {reporting} device(s) healthy on the bundle; stage {} ({}%) started",
+                        "stage {} ({}%) passed: baked {} s, {reporting} device(s) healthy on the bundle; stage {} ({}%) started",
                         stage + 1,
                         r.spec.stages[stage].percent,
-                        r.spec.stages[stage].bake_minutes,
+                        r.spec.stages[stage].bake_secs(),
                         stage + 2,
                         r.spec.stages[stage + 1].percent
                     ),
@@ -567,14 +578,17 @@ mod tests {
                     Stage {
                         percent: 10,
                         bake_minutes: 5,
+                        bake_seconds: None,
                     },
                     Stage {
                         percent: 50,
                         bake_minutes: 10,
+                        bake_seconds: None,
                     },
                     Stage {
                         percent: 100,
                         bake_minutes: 0,
+                        bake_seconds: None,
                     },
                 ],
                 gates,
@@ -831,21 +845,25 @@ mod tests {
             Stage {
                 percent: 50,
                 bake_minutes: 1,
+                bake_seconds: None,
             },
             Stage {
                 percent: 10,
                 bake_minutes: 1,
+                bake_seconds: None,
             },
         ];
         assert!(r.spec.validate().is_err());
         r.spec.stages = vec![Stage {
             percent: 50,
             bake_minutes: 1,
+            bake_seconds: None,
         }];
         assert!(r.spec.validate().is_err(), "must end at 100%");
         r.spec.stages = vec![Stage {
             percent: 100,
             bake_minutes: 0,
+            bake_seconds: None,
         }];
         r.spec.gates.max_error_rate = Some(-1.0);
         assert!(r.spec.validate().is_err());
