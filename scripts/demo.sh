@@ -111,9 +111,12 @@ telemetry_interval_secs = 2
 watch_secs = 6
 watch_inferences = 1000000
 watch_min_inferences = 15
+# 8 agents and their load share 2 cores here: be tolerant of scheduling noise.
+max_p95_ratio = 3.0
+p95_slack_ms = 20.0
 [testing]
-# Test-only fault: every live inference of cls 3.0.0 takes 40 ms longer.
-inject_latency_ms = { "cls@3.0.0" = 40 }
+# Test-only fault: every live inference of cls 3.0.0 takes 150 ms longer.
+inject_latency_ms = { "cls@3.0.0" = 150 }
 EOF
   EDGE_AGENT_LOG=edge_agent=info "$bin/edge-agent" run --config "agents/$id/agent.toml" \
     > "logs/$id.out" 2> "logs/$id.log" &
@@ -229,7 +232,7 @@ cat <<EOF
 - 8 agents enrolled with one enrollment token and got their own credentials.
 - v1 (ONNX) rolled out to all 8 and was committed after each device's health watch.
 - v2 (NNEF) went 25 % → 50 % → 100 %, each stage gated on the devices' health.
-- v3 passed its self-test everywhere it was tried, then ran 40 ms slower in
+- v3 passed its self-test everywhere it was tried, then ran 150 ms slower in
   production: $rolled canary device(s) rolled back on their own, the rollout paused
   itself on max_rollback_pct, and all 8 devices serve cls 2.0.0.
 - Took ${elapsed} s after the build.

@@ -299,6 +299,9 @@ fn agent_config(dir: &Path, id: &str, mqtt_port: u16) -> AgentConfig {
     c.http.listen = "127.0.0.1:0".parse().unwrap();
     c.engine.queue = 64;
     c.update.watch_secs = 1;
+    // Tests run in parallel on 2 cores: tolerate scheduling noise.
+    c.update.max_p95_ratio = 3.0;
+    c.update.p95_slack_ms = 20.0;
     c.mqtt.url = Some(format!("mqtt://127.0.0.1:{mqtt_port}"));
     c.mqtt.telemetry_interval_secs = 1;
     c.mqtt.reconnect_min_ms = 200;

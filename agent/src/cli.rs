@@ -106,6 +106,18 @@ pub enum Command {
         seconds: u64,
         #[arg(long, env = "EDGE_AGENT_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// Save the last successful response body here.
+        #[arg(long, value_name = "OUT.npz")]
+        output: Option<PathBuf>,
+    },
+    /// Compare two .npz files tensor by tensor (e.g. ARM vs x86 outputs, or
+    /// outputs vs. reference). Exit 1 if any element differs by more than
+    /// the tolerance.
+    Compare {
+        a: PathBuf,
+        b: PathBuf,
+        #[arg(long, default_value_t = 1e-4)]
+        tolerance: f64,
     },
     /// Offline inference on .npz files (no server).
     Infer {
@@ -162,13 +174,26 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), AgentError
             let cfg = crate::config::AgentConfig::load(&config)?;
             crate::daemon::run(cfg, shutdown).await
         }
+        Command::Compare { a, b, tolerance } => compare(&a, &b, tolerance),
         Command::Load {
             url,
             input,
             rps,
             seconds,
             token,
-        } => load(&url, &input, rps, seconds, token.as_deref(), shutdown).await,
+            output,
+        } => {
+            load(
+                &url,
+                &input,
+                rps,
+                seconds,
+                token.as_deref(),
+                output.as_deref(),
+                shutdown,
+            )
+            .await
+        }
         Command::Install {
             bundle,
             config,
@@ -625,6 +650,7 @@ async fn load(
     rps: f64,
     seconds: u64,
     token: Option<&str>,
+    output: Option<&Path>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     if !(rps > 0.0 && rps.is_finite()) {
@@ -653,7 +679,16 @@ async fn load(
             rb = rb.bearer_auth(t);
         }
         let status = match rb.send().await {
-            Ok(r) => r.status().as_u16(),
+            Ok(r) => {
+                let st = r.status().as_u16();
+                if st == 200
+                    && let Some(out) = output
+                    && let Ok(body) = r.bytes().await
+                {
+                    std::fs::write(out, &body).map_err(|e| AgentError::io(out, e))?;
+                }
+                st
+            }
             Err(_) => 0,
         };
         *by_status.entry(status).or_default() += 1;
@@ -669,5 +704,44 @@ async fn load(
         })
         .collect();
     println!("requests by status: {}", summary.join(", "));
+    Ok(())
+}
+
+/// `edge-agent compare`: max abs difference per tensor.
+fn compare(a: &Path, b: &Path, tolerance: f64) -> Result<(), AgentError> {
+    let (ta, tb) = (read_npz_file(a)?, read_npz_file(b)?);
+    let mut worst = 0.0f64;
+    for x in &ta {
+        let Some(y) = tb.iter().find(|y| y.name == x.name) else {
+            return Err(AgentError::Refused(format!(
+                "{} has no tensor {:?}",
+                b.display(),
+                x.name
+            )));
+        };
+        let d = edgefleet_wire::tensor::max_abs_diff(&x.tensor, &y.tensor).map_err(|source| {
+            AgentError::Bundle {
+                path: x.name.clone(),
+                source,
+            }
+        })?;
+        println!("{}: max abs diff {:e} at {}", x.name, d.max_abs, d.at);
+        worst = worst.max(d.max_abs);
+    }
+    if ta.len() != tb.len() {
+        return Err(AgentError::Refused(format!(
+            "{} has {} tensors, {} has {}",
+            a.display(),
+            ta.len(),
+            b.display(),
+            tb.len()
+        )));
+    }
+    if worst > tolerance {
+        return Err(AgentError::Refused(format!(
+            "max abs diff {worst:e} exceeds the tolerance {tolerance:e}"
+        )));
+    }
+    println!("match within {tolerance:e}");
     Ok(())
 }

@@ -246,7 +246,7 @@ impl AgentConfig {
     /// Reads a TOML file, resolves relative paths, applies env overrides.
     pub fn load(path: &Path) -> Result<AgentConfig, AgentError> {
         let text = std::fs::read_to_string(path).map_err(|e| AgentError::io(path, e))?;
-        let mut cfg: AgentConfig = toml::from_str(&text)
+        let mut cfg = Self::parse(&text)
             .map_err(|e| AgentError::Config(format!("{}: {e}", path.display())))?;
         let base = path.parent().unwrap_or(Path::new("."));
         for k in &mut cfg.trust.keys {
@@ -260,6 +260,22 @@ impl AgentConfig {
         cfg.apply_env(|k| std::env::var(k).ok())?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Parses an agent config, or a board profile (`targets/*.toml`: a
+    /// `[board]` table plus the agent config under `[agent]`).
+    pub fn parse(text: &str) -> Result<AgentConfig, String> {
+        let table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        if table.contains_key("board") {
+            let agent = table
+                .get("agent")
+                .cloned()
+                .unwrap_or(toml::Value::Table(toml::Table::new()));
+            return agent
+                .try_into()
+                .map_err(|e: toml::de::Error| format!("[agent]: {e}"));
+        }
+        toml::from_str(text).map_err(|e| e.to_string())
     }
 
     /// Environment overrides; `get` is `std::env::var` outside tests.
@@ -370,6 +386,31 @@ watch_secs = 30
         assert!(e.to_string().contains("urll"), "{e}");
         let e = AgentConfig::default().validate().unwrap_err();
         assert!(e.to_string().contains("[trust] keys"), "{e}");
+    }
+
+    #[test]
+    fn every_board_profile_is_a_valid_agent_config() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../targets");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                let text = std::fs::read_to_string(&p).unwrap();
+                let c =
+                    AgentConfig::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                let board: toml::Table = toml::from_str(&text).unwrap();
+                let name = board["board"]["name"].as_str().unwrap();
+                assert_eq!(
+                    c.tags.get("board").map(String::as_str),
+                    Some(name),
+                    "{}",
+                    p.display()
+                );
+                assert!(!c.trust.keys.is_empty(), "{}", p.display());
+                n += 1;
+            }
+        }
+        assert!(n >= 5, "expected the board profiles in targets/");
     }
 
     #[test]

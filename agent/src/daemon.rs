@@ -308,6 +308,27 @@ pub async fn start(
             );
         });
     }
+    // systemd: ready once the installed model serves; watchdog pings while
+    // the runtime is alive.
+    let notifier = crate::sdnotify::Notifier::from_env();
+    notifier.status(&match engine.active() {
+        Some(m) => format!("serving {} {}", m.info.name, m.info.version),
+        None => "no model installed yet".to_string(),
+    });
+    notifier.ready();
+    if let Some(every) = notifier.watchdog_interval() {
+        let n = notifier.clone();
+        let stop2 = stop.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => n.watchdog(),
+                    () = stop2.cancelled() => return,
+                }
+            }
+        });
+    }
     tasks.close();
 
     let daemon = async move {
@@ -315,6 +336,7 @@ pub async fn start(
             () = shutdown.cancelled() => {}
             () = failed.cancelled() => {}
         }
+        notifier.stopping();
         stop.cancel();
         engine.deactivate();
         tasks.wait().await;

@@ -14,6 +14,7 @@
 //!   (update record, outbox).
 //! - [`client`]: the device side of the fleet server API.
 //! - [`telemetry`]: MQTT state, telemetry, events and commands with a durable outbox.
+//! - [`sdnotify`]: systemd readiness and watchdog.
 //! - [`daemon`]: `edge-agent run`, tying the above together.
 //! - [`error`]: error types.
 
@@ -31,6 +32,7 @@ pub mod health;
 pub mod metrics;
 pub mod procstat;
 pub mod runtime;
+pub mod sdnotify;
 pub mod store;
 pub mod telemetry;
 pub mod update;
