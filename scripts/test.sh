@@ -15,6 +15,24 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"
 
+# The ARM agent under QEMU, end to end (one size-optimized release build per
+# target; EDGEFLEET_SKIP_QEMU=1 skips it on machines without the cross tools).
+qemu_failed=0
+if [ "${EDGEFLEET_SKIP_QEMU:-0}" != 1 ]; then
+  for t in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
+    echo "==> scripts/qemu-test.sh $t"
+    if scripts/qemu-test.sh "$t" 2>&1 | tee -a "$log"; then
+      echo "test result: ok. 1 passed; 0 failed; (qemu $t)" >> "$log"
+    else
+      echo "test result: FAILED. 0 passed; 1 failed; (qemu $t)" >> "$log"
+      qemu_failed=1
+    fi
+  done
+else
+  echo "==> QEMU runs SKIPPED (EDGEFLEET_SKIP_QEMU=1)"
+fi
+
 # One closing line over every test binary (cargo prints one per binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$qemu_failed"

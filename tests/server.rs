@@ -1002,3 +1002,29 @@ async fn fleetctl_drives_bundles_devices_and_rollouts() {
     assert_eq!(o.status.code(), Some(2));
     assert!(out(&o).contains("no server"), "{}", out(&o));
 }
+
+#[tokio::test]
+async fn serves_the_committed_openapi_document_to_authenticated_callers() {
+    let s = Server::start().await;
+    let r = s
+        .req(reqwest::Method::GET, "/api/v1/openapi.json", None)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = s
+        .req(reqwest::Method::GET, "/api/v1/openapi.json", Some(VIEWER))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let served = r.text().await.unwrap();
+    let committed = std::fs::read_to_string(repo("docs/openapi.json")).unwrap();
+    assert_eq!(
+        served, committed,
+        "docs/openapi.json differs from the served document"
+    );
+    let doc: Value = serde_json::from_str(&served).unwrap();
+    assert_eq!(doc["openapi"].as_str().map(|v| &v[..2]), Some("3."));
+    assert!(doc["paths"]["/api/v1/rollouts/{id}/{action}"]["post"].is_object());
+}

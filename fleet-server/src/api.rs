@@ -87,6 +87,7 @@ async fn timed(
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/api/v1/openapi.json", get(crate::openapi::serve))
         .route("/metrics", get(metrics_text))
         .route("/api/v1/bundles", post(push_bundle).get(list_bundles))
         .route("/api/v1/bundles/{id}", get(get_bundle))
@@ -105,6 +106,10 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "server",
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain"),
+              (status = 401, body = crate::openapi::ErrorBody)),
+    security(("bearer" = [])))]
 async fn metrics_text(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     require_role(&auth(&s, &headers)?, Role::Viewer)?;
     let mut text = s.metrics.render(s.store.as_ref())?;
@@ -128,6 +133,15 @@ fn audit(s: &AppState, who: &Caller, action: &str, target: &str) -> ApiResult<()
     Ok(())
 }
 
+#[utoipa::path(post, path = "/api/v1/bundles", tag = "bundles",
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The raw signed bundle"),
+    responses((status = 201, description = "Stored", body = crate::store::BundleRecord),
+              (status = 200, description = "The same bytes were already stored", body = crate::store::BundleRecord),
+              (status = 409, description = "Same name and version, different bytes", body = crate::openapi::ErrorBody),
+              (status = 413, body = crate::openapi::ErrorBody),
+              (status = 422, description = "Refused by verification; `code` is the reason", body = crate::openapi::ErrorBody),
+              (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody)),
+    security(("bearer" = [])))]
 async fn push_bundle(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -193,11 +207,19 @@ async fn push_bundle(
     }
 }
 
+#[utoipa::path(get, path = "/api/v1/bundles", tag = "bundles",
+    responses((status = 200, body = Vec<crate::store::BundleRecord>), (status = 401, body = crate::openapi::ErrorBody)),
+    security(("bearer" = [])))]
 async fn list_bundles(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     require_role(&auth(&s, &headers)?, Role::Viewer)?;
     Ok(axum::Json(s.store.list_bundles()?).into_response())
 }
 
+#[utoipa::path(get, path = "/api/v1/bundles/{id}", tag = "bundles",
+    params(("id" = String, Path, description = "sha256 of the bundle, hex")),
+    responses((status = 200, body = crate::store::BundleRecord), (status = 404, body = crate::openapi::ErrorBody),
+              (status = 401, body = crate::openapi::ErrorBody)),
+    security(("bearer" = [])))]
 async fn get_bundle(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -239,6 +261,16 @@ fn parse_range(value: &str, size: u64) -> Option<Result<(u64, u64), ()>> {
     })
 }
 
+#[utoipa::path(get, path = "/api/v1/bundles/{id}/download", tag = "bundles",
+    params(("id" = String, Path, description = "sha256 of the bundle, hex"),
+           ("Range" = Option<String>, Header, description = "bytes=START-[END]"),
+           ("If-None-Match" = Option<String>, Header, description = "The ETag (the quoted id)")),
+    responses((status = 200, description = "The whole bundle", content_type = "application/octet-stream"),
+              (status = 206, description = "The requested range", content_type = "application/octet-stream"),
+              (status = 304, description = "Not modified"),
+              (status = 416, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
+              (status = 401, body = crate::openapi::ErrorBody)),
+    security(("bearer" = [])))]
 async fn download_bundle(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -322,6 +354,11 @@ fn valid_device_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
+#[utoipa::path(post, path = "/api/v1/devices/enroll", tag = "devices",
+    request_body = edgefleet_wire::device::EnrollRequest,
+    responses((status = 201, body = edgefleet_wire::device::EnrollResponse),
+              (status = 400, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody),
+              (status = 409, description = "Already enrolled", body = crate::openapi::ErrorBody)))]
 async fn enroll(State(s): State<AppState>, body: Bytes) -> ApiResult<Response> {
     let req: EnrollRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("malformed_json", format!("enroll request: {e}")))?;
@@ -412,6 +449,13 @@ fn parse_tag(s: &str) -> ApiResult<(String, String)> {
         .ok_or_else(|| ApiError::bad_request("bad_filter", format!("tag filter {s:?}: use k=v")))
 }
 
+#[utoipa::path(get, path = "/api/v1/devices", tag = "devices",
+    params(("tag" = Option<String>, Query, description = "k=v, repeatable"),
+           ("status" = Option<String>, Query, description = "Reported update state"),
+           ("version" = Option<String>, Query, description = "Reported active version")),
+    responses((status = 200, body = Vec<crate::openapi::DeviceView>), (status = 400, body = crate::openapi::ErrorBody),
+              (status = 401, body = crate::openapi::ErrorBody)),
+    security(("bearer" = [])))]
 async fn list_devices(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -460,6 +504,11 @@ async fn list_devices(
     Ok(axum::Json(devices).into_response())
 }
 
+#[utoipa::path(get, path = "/api/v1/devices/{id}", tag = "devices",
+    params(("id" = String, Path)),
+    responses((status = 200, body = crate::openapi::DeviceView), (status = 404, body = crate::openapi::ErrorBody),
+              (status = 401, body = crate::openapi::ErrorBody)),
+    security(("bearer" = [])))]
 async fn get_device(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -473,12 +522,18 @@ async fn get_device(
     Ok(axum::Json(device_view(&d)).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PatchDevice {
-    tags: BTreeMap<String, String>,
+pub(crate) struct PatchDevice {
+    pub(crate) tags: BTreeMap<String, String>,
 }
 
+#[utoipa::path(patch, path = "/api/v1/devices/{id}", tag = "devices",
+    params(("id" = String, Path)), request_body = PatchDevice,
+    responses((status = 200, body = crate::openapi::DeviceView), (status = 400, body = crate::openapi::ErrorBody),
+              (status = 404, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody),
+              (status = 403, body = crate::openapi::ErrorBody)),
+    security(("bearer" = [])))]
 async fn patch_device(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -524,6 +579,11 @@ fn desired_of(s: &AppState, d: &DeviceRecord) -> ApiResult<DesiredState> {
     })
 }
 
+#[utoipa::path(get, path = "/api/v1/device/desired", tag = "device",
+    params(("If-None-Match" = Option<String>, Header)),
+    responses((status = 200, body = edgefleet_wire::device::DesiredState), (status = 304, description = "Unchanged"),
+              (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody)),
+    security(("bearer" = [])))]
 async fn device_desired(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     // The credential names the device: there is no way to ask for another's.
     let device = require_device(auth(&s, &headers)?)?;
@@ -548,6 +608,11 @@ async fn device_desired(State(s): State<AppState>, headers: HeaderMap) -> ApiRes
         .into_response())
 }
 
+#[utoipa::path(post, path = "/api/v1/device/report", tag = "device",
+    request_body = edgefleet_wire::device::DeviceReport,
+    responses((status = 204, description = "Recorded"), (status = 400, body = crate::openapi::ErrorBody),
+              (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody)),
+    security(("bearer" = [])))]
 async fn device_report(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -564,14 +629,17 @@ async fn device_report(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+#[utoipa::path(get, path = "/api/v1/audit", tag = "server",
+    responses((status = 200, body = Vec<crate::store::AuditEntry>), (status = 401, body = crate::openapi::ErrorBody)),
+    security(("bearer" = [])))]
 async fn list_audit(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     require_role(&auth(&s, &headers)?, Role::Viewer)?;
     Ok(axum::Json(s.store.list_audit()?).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateRollout {
+pub(crate) struct CreateRollout {
     /// Bundle id (sha256) as returned by `POST /api/v1/bundles`.
     bundle: String,
     #[serde(default)]
@@ -601,6 +669,11 @@ impl From<ControllerError> for ApiError {
     }
 }
 
+#[utoipa::path(post, path = "/api/v1/rollouts", tag = "rollouts",
+    request_body = CreateRollout,
+    responses((status = 201, body = crate::openapi::RolloutView), (status = 400, body = crate::openapi::ErrorBody),
+              (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody)),
+    security(("bearer" = [])))]
 async fn create_rollout(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -633,11 +706,19 @@ async fn create_rollout(
     Ok((StatusCode::CREATED, axum::Json(s.controller.progress(&r)?)).into_response())
 }
 
+#[utoipa::path(get, path = "/api/v1/rollouts", tag = "rollouts",
+    responses((status = 200, body = Vec<crate::openapi::RolloutView>), (status = 401, body = crate::openapi::ErrorBody)),
+    security(("bearer" = [])))]
 async fn list_rollouts(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     require_role(&auth(&s, &headers)?, Role::Viewer)?;
     Ok(axum::Json(s.controller.progress_all()?).into_response())
 }
 
+#[utoipa::path(get, path = "/api/v1/rollouts/{id}", tag = "rollouts",
+    params(("id" = String, Path)),
+    responses((status = 200, body = crate::openapi::RolloutView), (status = 404, body = crate::openapi::ErrorBody),
+              (status = 401, body = crate::openapi::ErrorBody)),
+    security(("bearer" = [])))]
 async fn get_rollout(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -651,6 +732,12 @@ async fn get_rollout(
     Ok(axum::Json(s.controller.progress(&r)?).into_response())
 }
 
+#[utoipa::path(post, path = "/api/v1/rollouts/{id}/{action}", tag = "rollouts",
+    params(("id" = String, Path), ("action" = String, Path, description = "pause, resume, abort or promote")),
+    responses((status = 200, body = crate::openapi::RolloutView), (status = 400, body = crate::openapi::ErrorBody),
+              (status = 404, body = crate::openapi::ErrorBody), (status = 409, description = "Not allowed in this phase", body = crate::openapi::ErrorBody),
+              (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody)),
+    security(("bearer" = [])))]
 async fn rollout_action(
     State(s): State<AppState>,
     headers: HeaderMap,

@@ -10,6 +10,7 @@
 //! - [`registry`]: content-addressed bundle files.
 //! - [`rollout`]: the pure staged-rollout controller; [`controller`]: its driver.
 //! - [`mqtt`]: the embedded broker, telemetry ingestion, update notices.
+//! - [`openapi`]: the generated OpenAPI document (docs/openapi.json).
 //! - [`metrics`]: Prometheus metrics of the server.
 //! - [`error`]: the error type.
 
@@ -23,6 +24,7 @@ pub mod error;
 pub mod fleetctl;
 pub mod metrics;
 pub mod mqtt;
+pub mod openapi;
 pub mod pack;
 pub mod registry;
 pub mod rollout;

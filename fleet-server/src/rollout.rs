@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 /// One canary stage: the share of the selected fleet that runs the bundle
 /// once the stage starts, and how long it bakes before the next one.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Stage {
     pub percent: u8,
     pub bake_minutes: u32,
@@ -33,7 +33,7 @@ impl Stage {
 }
 
 /// Health gates checked over the devices already in the rollout.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Gates {
     pub max_failed_devices_pct: Option<f64>,

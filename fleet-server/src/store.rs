@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::rollout::Rollout;
 
 /// A bundle in the registry.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BundleRecord {
     /// sha256 of the bundle file, hex.
     pub id: String,
@@ -71,7 +71,7 @@ pub struct DeviceRecord {
 }
 
 /// One operator action, append-only.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     pub at: u64,
     pub who: String,

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// `POST /api/v1/devices/enroll`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EnrollRequest {
     /// A shared enrollment token configured on the server.
     pub enrollment_token: String,
@@ -22,6 +23,7 @@ pub struct EnrollRequest {
 
 /// The credential a device uses from then on. The server keeps only its hash.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EnrollResponse {
     pub device_id: String,
     pub credential: String,
@@ -29,6 +31,7 @@ pub struct EnrollResponse {
 
 /// A bundle as devices and reports refer to it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BundleRef {
     /// sha256 of the bundle file, hex: the content address.
     pub id: String,
@@ -41,6 +44,7 @@ pub struct BundleRef {
 /// model, taken from the rollout's gates. Unset fields use the agent's
 /// configured defaults.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WatchPolicy {
     /// Errors / inferences over the watch window.
     #[serde(default)]
@@ -53,6 +57,7 @@ pub struct WatchPolicy {
 /// Run the candidate beside the active model on a sample of live requests
 /// before activating it. The candidate never answers clients.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ShadowRequest {
     /// Fraction of live requests mirrored to the candidate, in (0, 1].
     pub sample_rate: f64,
@@ -68,6 +73,7 @@ pub struct ShadowRequest {
 
 /// What the server wants a device to run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DesiredState {
     /// `None`: keep whatever is running.
     pub bundle: Option<BundleRef>,
@@ -88,6 +94,7 @@ pub struct DesiredState {
 
 /// Update lifecycle state as the device reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum UpdateState {
     Idle,
@@ -104,6 +111,7 @@ pub enum UpdateState {
 
 /// Health numbers over the device's last reporting window.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Health {
     pub inferences: u64,
     pub errors: u64,
@@ -112,6 +120,7 @@ pub struct Health {
 
 /// How a shadowed candidate agreed with the active model.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ShadowAgreement {
     pub samples: u64,
     /// Fraction of samples whose first output's arg-max matched.
@@ -121,6 +130,7 @@ pub struct ShadowAgreement {
 
 /// `POST /api/v1/device/report`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeviceReport {
     pub active: Option<BundleRef>,
     pub staged: Option<BundleRef>,

@@ -63,6 +63,7 @@ pub fn parse_topic(topic: &str) -> Option<(&str, TopicKind)> {
 /// Birth message (and every change), retained. The Last Will carries the
 /// same shape with `online: false`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeviceState {
     pub device_id: String,
     pub online: bool,
@@ -89,6 +90,7 @@ pub struct DeviceState {
 
 /// Latency percentiles over the interval, in milliseconds.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Latency {
     pub p50: f64,
     pub p95: f64,
@@ -97,6 +99,7 @@ pub struct Latency {
 
 /// The outbox as the device sees it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OutboxStats {
     pub depth: u64,
     pub bytes: u64,
@@ -106,6 +109,7 @@ pub struct OutboxStats {
 
 /// Population stability index of one drift feature.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DriftValue {
     pub feature: String,
     pub psi: f64,
@@ -113,6 +117,7 @@ pub struct DriftValue {
 
 /// One telemetry record, every `telemetry_interval_secs`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Telemetry {
     /// Unix seconds at the end of the interval.
     pub at: u64,
@@ -142,6 +147,7 @@ pub struct Telemetry {
 
 /// An update lifecycle event or a drift alert.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeviceEvent {
     pub at: u64,
     /// `downloaded`, `verified`, `rejected`, `self_test_passed`,
@@ -159,6 +165,7 @@ pub struct DeviceEvent {
 
 /// What the server asks of a device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum CommandKind {
     /// The desired state changed: poll now.
@@ -168,6 +175,7 @@ pub enum CommandKind {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Command {
     pub kind: CommandKind,
     pub at: u64,

@@ -1,0 +1,213 @@
+//! The OpenAPI document of the fleet server's HTTP API, generated with
+//! utoipa from the handlers' annotations, served at
+//! `GET /api/v1/openapi.json` and committed as `docs/openapi.json`.
+//! Regenerate the file with `UPDATE_OPENAPI=1 cargo test -p fleet-server openapi`.
+
+use std::collections::BTreeMap;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use edgefleet_wire::device::{BundleRef, Health, ShadowAgreement, UpdateState};
+use edgefleet_wire::telemetry::{DeviceEvent, Telemetry};
+use serde::Serialize;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+
+use crate::api::{ApiError, AppState};
+use crate::auth::{authenticate, require_role};
+use crate::config::Role;
+
+/// Every error: a stable machine-readable code and a message.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// e.g. `bad_signature`, `expired`, `malformed_json`, `not_found`.
+    pub code: String,
+    pub message: String,
+}
+
+/// A device as operators see it (`GET /api/v1/devices/{id}`).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DeviceView {
+    pub id: String,
+    pub tags: BTreeMap<String, String>,
+    pub arch: String,
+    pub agent_version: String,
+    pub enrolled_at: u64,
+    pub last_seen: Option<u64>,
+    /// What the server wants it to run.
+    pub desired: Option<BundleRef>,
+    pub rollout: Option<String>,
+    /// What the device reports running: the source of truth.
+    pub active: Option<BundleRef>,
+    pub staged: Option<BundleRef>,
+    pub last_failed: Option<BundleRef>,
+    pub state: Option<UpdateState>,
+    pub reason: Option<String>,
+    pub health: Option<Health>,
+    pub last_known_good: Option<BundleRef>,
+    pub shadow: Option<ShadowAgreement>,
+    /// From MQTT (state topic, Last Will).
+    pub online: Option<bool>,
+    pub telemetry: Option<Telemetry>,
+    /// The most recent lifecycle events (MQTT).
+    pub events: Vec<DeviceEvent>,
+}
+
+/// A rollout with its progress (`GET /api/v1/rollouts/{id}`).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RolloutView {
+    pub id: String,
+    pub bundle: BundleRef,
+    pub selector: BTreeMap<String, String>,
+    pub gates: crate::rollout::Gates,
+    /// `{"state": "running"|"paused"|"completed"|"aborted", "stage": n}`.
+    #[schema(value_type = Object)]
+    pub phase: serde_json::Value,
+    /// Per stage: percent, bake, devices, running, pending, failed, rolled back.
+    #[schema(value_type = Vec<Object>)]
+    pub stages: Vec<serde_json::Value>,
+    /// Every automatic or operator decision: action, gate, threshold,
+    /// observed value, device ids, message.
+    #[schema(value_type = Vec<Object>)]
+    pub decisions: Vec<serde_json::Value>,
+    pub created_at: u64,
+}
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        let components = api.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "An operator token (viewer, operator, admin) or a device credential from enrollment",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "edgefleet fleet server",
+        description = "Bundle registry, device inventory, desired/reported state and staged rollouts gated on model health. Errors are `{\"error\": {\"code\", \"message\"}}`; bad input is always a 4xx."
+    ),
+    paths(
+        crate::api::metrics_text,
+        crate::api::push_bundle,
+        crate::api::list_bundles,
+        crate::api::get_bundle,
+        crate::api::download_bundle,
+        crate::api::enroll,
+        crate::api::list_devices,
+        crate::api::get_device,
+        crate::api::patch_device,
+        crate::api::device_desired,
+        crate::api::device_report,
+        crate::api::list_audit,
+        crate::api::create_rollout,
+        crate::api::list_rollouts,
+        crate::api::get_rollout,
+        crate::api::rollout_action,
+        serve,
+    ),
+    components(schemas(ErrorBody, ErrorDetail, DeviceView, RolloutView)),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "bundles", description = "Signed model bundles (content-addressed, immutable)"),
+        (name = "devices", description = "Enrollment and the inventory"),
+        (name = "device", description = "Endpoints for devices, with their own credential"),
+        (name = "rollouts", description = "Staged rollouts with health gates"),
+        (name = "server", description = "Metrics, audit log, this document"),
+    )
+)]
+struct ApiDoc;
+
+/// The document, pretty-printed (stable: utoipa keeps paths and schemas
+/// in sorted maps).
+pub fn document() -> String {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    doc.to_pretty_json()
+        .map(|mut s| {
+            s.push('\n');
+            s
+        })
+        .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}\n"))
+}
+
+/// `GET /api/v1/openapi.json` (any authenticated caller).
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "server",
+    responses((status = 200, description = "This document", content_type = "application/json"),
+              (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn serve(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    let caller = match authenticate(&headers, &s.tokens, s.store.as_ref()) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    if let crate::auth::Caller::Operator { .. } = caller
+        && let Err(e) = require_role(&caller, Role::Viewer)
+    {
+        return ApiError::into_response(e);
+    }
+    ([(header::CONTENT_TYPE, "application/json")], document()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn committed_openapi_document_is_current() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json");
+        let now = document();
+        if std::env::var_os("UPDATE_OPENAPI").is_some() {
+            std::fs::write(&path, &now).unwrap();
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == now,
+            "docs/openapi.json is stale: run `UPDATE_OPENAPI=1 cargo test -p fleet-server openapi` and commit it"
+        );
+    }
+
+    #[test]
+    fn documents_every_route_of_the_router() {
+        let doc: serde_json::Value = serde_json::from_str(&document()).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        for p in [
+            "/metrics",
+            "/api/v1/bundles",
+            "/api/v1/bundles/{id}",
+            "/api/v1/bundles/{id}/download",
+            "/api/v1/devices/enroll",
+            "/api/v1/devices",
+            "/api/v1/devices/{id}",
+            "/api/v1/device/desired",
+            "/api/v1/device/report",
+            "/api/v1/audit",
+            "/api/v1/rollouts",
+            "/api/v1/rollouts/{id}",
+            "/api/v1/rollouts/{id}/{action}",
+            "/api/v1/openapi.json",
+        ] {
+            assert!(paths.contains_key(p), "{p} is not documented");
+        }
+        assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+        assert!(doc["components"]["schemas"]["DeviceReport"].is_object());
+    }
+}
