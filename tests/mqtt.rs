@@ -58,6 +58,7 @@ fn cls_bundle(minor: u64) -> Vec<u8> {
         targets: TargetArch::ALL.to_vec(),
         min_agent_version: semver::Version::new(0, 1, 0),
         non_finite_inputs: NonFiniteInputs::Reject,
+        baseline: None,
     })
     .unwrap()
     .bundle

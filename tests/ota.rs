@@ -78,6 +78,7 @@ fn cls_bundle(p: &Pack) -> Vec<u8> {
         targets: p.targets.clone(),
         min_agent_version: semver::Version::new(0, 1, 0),
         non_finite_inputs: NonFiniteInputs::Reject,
+        baseline: None,
     };
     pack(&req).unwrap().bundle
 }
@@ -746,6 +747,7 @@ fn cls_int8_bundle(version: u64) -> Vec<u8> {
         targets: TargetArch::ALL.to_vec(),
         min_agent_version: semver::Version::new(0, 1, 0),
         non_finite_inputs: NonFiniteInputs::Reject,
+        baseline: None,
     };
     pack(&req).unwrap().bundle
 }

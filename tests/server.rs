@@ -45,6 +45,7 @@ fn bundle(seed: u8, patch: u64, expires_in: u64) -> Vec<u8> {
         targets: TargetArch::ALL.to_vec(),
         min_agent_version: semver::Version::new(0, 1, 0),
         non_finite_inputs: NonFiniteInputs::Reject,
+        baseline: None,
     };
     pack(&req).unwrap().bundle
 }

@@ -202,6 +202,7 @@ pub async fn start(
         extra_metrics: Some(crate::telemetry::metrics_text(
             counters.clone(),
             store.clone(),
+            engine.clone(),
         )),
     });
     let app = api::router_with(engine.clone(), metrics.clone(), &api_cfg, Some(control));

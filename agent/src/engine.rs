@@ -49,6 +49,10 @@ pub struct ActiveModel {
     pub faults: Faults,
     /// sha256 of the bundle file, when known (the agent's slots).
     pub bundle_id: String,
+    /// Rolling drift histograms, when the manifest carries a baseline.
+    pub drift: Option<std::sync::Mutex<crate::drift::DriftMonitor>>,
+    /// Drift alerts not yet published (telemetry drains them).
+    pub drift_alerts: std::sync::Mutex<Vec<crate::drift::DriftAlert>>,
     generation: u64,
 }
 
@@ -182,6 +186,13 @@ pub fn prepare(bundle: &TrustedBundle) -> Result<(ActiveModel, PrepareTimings), 
             stats: ModelStats::default(),
             faults: Faults::default(),
             bundle_id: String::new(),
+            drift: m.drift_baseline.as_ref().map(|b| {
+                std::sync::Mutex::new(crate::drift::DriftMonitor::new(
+                    b,
+                    crate::drift::DriftConfig::default(),
+                ))
+            }),
+            drift_alerts: std::sync::Mutex::new(Vec::new()),
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
         },
         timings,
@@ -426,6 +437,7 @@ fn worker(
         };
         let t0 = Instant::now();
         let prevalidated = job.validated_for == Some(model.generation);
+        let running = model.clone();
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
             if prevalidated {
                 session.run_prevalidated(&job.inputs)
@@ -475,11 +487,23 @@ fn worker(
                 })
             }
         };
+        // The score is taken before the outputs go to the client.
+        let drift_score = match (&result, &running.drift) {
+            (Ok(out), Some(_)) => Some(edgefleet_wire::drift::output_score(&out.outputs)),
+            _ => None,
+        };
         let shadow_inputs = match (&result, shadow.load_full()) {
             (Ok(out), Some(sh)) if sh.sample() => Some((sh, out.outputs.clone())),
             _ => None,
         };
         let _ = job.reply.send(result);
+        if let (Some(score), Some(d)) = (drift_score, &running.drift)
+            && let Ok(mut d) = d.lock()
+            && let Some(alert) = d.observe_scored(&job.inputs, score)
+            && let Ok(mut q) = running.drift_alerts.lock()
+        {
+            q.push(alert);
+        }
         // The client has its answer; now compare the candidate, if any.
         if let Some((sh, active_out)) = shadow_inputs {
             run_shadow(&sh, &mut shadow_session, &job.inputs, &active_out);

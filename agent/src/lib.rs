@@ -9,6 +9,7 @@
 //! - [`config`]: `agent.toml`; [`cli`]: the `edge-agent` subcommands.
 //! - [`update`]: the pure update state machine; [`updater`]: its driver
 //!   (download, verify, self-test, shadow, swap, watch, rollback).
+//! - [`drift`]: rolling drift histograms and PSI alerts.
 //! - [`health`]: judging a new model in its watch window.
 //! - [`floor`]: the anti-rollback floor file; [`store`]: sled behind a trait
 //!   (update record, outbox).
@@ -25,6 +26,7 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod daemon;
+pub mod drift;
 pub mod engine;
 pub mod error;
 pub mod floor;

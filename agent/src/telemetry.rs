@@ -48,11 +48,21 @@ pub struct Counters {
 pub fn metrics_text(
     counters: Arc<Counters>,
     store: Arc<dyn crate::store::Store>,
+    engine: Arc<crate::engine::Engine>,
 ) -> crate::api::ExtraMetrics {
     Arc::new(move || {
         use std::fmt::Write as _;
         let (depth, bytes) = store.outbox_depth();
         let mut out = String::new();
+        if let Some(m) = engine.active()
+            && let Some(d) = &m.drift
+            && let Ok(d) = d.lock()
+        {
+            out.push_str(&crate::drift::render_prometheus(
+                &d.snapshot(),
+                d.alerting(),
+            ));
+        }
         for (name, help, kind, v) in [
             (
                 "edge_agent_outbox_records",
@@ -239,7 +249,11 @@ impl Sampler {
                 dropped_events: counters.dropped_events.load(Relaxed),
             },
             bytes_sent: counters.bytes_sent.load(Relaxed),
-            drift: Vec::new(),
+            drift: active
+                .as_ref()
+                .and_then(|m| m.drift.as_ref())
+                .and_then(|d| d.lock().ok().map(|d| d.snapshot()))
+                .unwrap_or_default(),
         }
     }
 }
@@ -436,6 +450,36 @@ pub async fn run(
                 _ = tick.tick() => {}
                 () = telemetry_now.notified() => {}
                 () = feed_stop.cancelled() => return,
+            }
+            // Drift alerts raised by the workers since the last wake-up.
+            let alerts = feed_shared
+                .engine
+                .active()
+                .and_then(|m| {
+                    m.drift_alerts
+                        .lock()
+                        .ok()
+                        .map(|mut q| std::mem::take(&mut *q))
+                })
+                .unwrap_or_default();
+            for a in alerts {
+                let active = feed_shared.status.borrow().record.active.clone();
+                let ev = DeviceEvent {
+                    at: now_unix(),
+                    event: "drift".into(),
+                    bundle: active,
+                    reason: Some(format!(
+                        "PSI over {} inferences: {}",
+                        a.samples,
+                        a.values
+                            .iter()
+                            .map(|v| format!("{} {:.2}", v.feature, v.psi))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )),
+                    drift: a.values,
+                };
+                enqueue_event(&feed_shared, &feed_counters, &feed_topics, &ev);
             }
             // Telemetry on the tick (and on "report now").
             if tick_due(&mut sampler, interval) {

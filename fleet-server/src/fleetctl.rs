@@ -207,6 +207,10 @@ pub struct PackArgs {
     /// Let the serving API accept NaN/inf inputs (rejected by default).
     #[arg(long)]
     allow_non_finite: bool,
+    /// Calibration inputs (.npz, one array per model input with a leading
+    /// sample axis): the drift baseline devices compare live traffic with.
+    #[arg(long, value_name = "CALIB.npz")]
+    baseline: Option<PathBuf>,
     #[arg(long, value_name = "FILE.bundle")]
     out: PathBuf,
 }
@@ -439,6 +443,7 @@ fn pack_cmd(a: PackArgs) -> Result<()> {
         } else {
             NonFiniteInputs::Reject
         },
+        baseline: a.baseline,
     };
     let packed = pack(&req)?;
     for w in &packed.warnings {
@@ -555,14 +560,20 @@ fn inspect_cmd(file: &Path, as_json: bool) -> Result<()> {
         m.golden.reference
     );
     println!("non-finite  {:?}", m.non_finite_inputs);
-    println!(
-        "drift       {}",
-        if m.drift_baseline.is_some() {
-            "baseline present"
-        } else {
-            "no baseline"
-        }
-    );
+    match &m.drift_baseline {
+        Some(b) => println!(
+            "drift       baseline of {} samples: {} input features + {}, {} bins",
+            b.samples,
+            b.inputs.len(),
+            if b.output.is_some() {
+                "output score"
+            } else {
+                "no output score"
+            },
+            edgefleet_wire::drift::BINS
+        ),
+        None => println!("drift       no baseline"),
+    }
     println!(
         "signatures  {} (NOT verified here; use `fleetctl bundle verify`)",
         key_ids.join(", ")
@@ -597,7 +608,11 @@ fn manifest_json(m: &Manifest, key_ids: &[String]) -> serde_json::Value {
         "min_agent_version": m.min_agent_version.to_string(),
         "non_finite_inputs": m.non_finite_inputs,
         "golden": {"cases": m.golden.cases.len(), "tolerance": m.golden.tolerance, "reference": m.golden.reference},
-        "drift_baseline": m.drift_baseline.is_some(),
+        "drift_baseline": m.drift_baseline.as_ref().map(|b| json!({
+            "samples": b.samples,
+            "features": b.inputs.iter().chain(b.output.iter()).map(|h| h.feature.clone()).collect::<Vec<_>>(),
+            "bins": edgefleet_wire::drift::BINS,
+        })),
         "signatures": key_ids,
         "signatures_verified": false,
     })

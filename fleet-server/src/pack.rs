@@ -44,6 +44,112 @@ pub struct PackRequest {
     pub targets: Vec<TargetArch>,
     pub min_agent_version: semver::Version,
     pub non_finite_inputs: NonFiniteInputs,
+    /// Calibration inputs (`.npz`, one array per model input with a leading
+    /// sample axis) for the drift baseline.
+    pub baseline: Option<PathBuf>,
+}
+
+/// Most calibration samples read for a drift baseline.
+pub const MAX_BASELINE_SAMPLES: usize = 10_000;
+
+/// Splits calibration arrays into per-sample inputs shaped like `specs`
+/// (leading sample axis of each array; f16/f64 widened or narrowed to the
+/// model's dtype), then computes features and runs the model for scores.
+fn drift_baseline(
+    path: &Path,
+    specs: &[TensorSpec],
+    session: &mut edge_agent::runtime::Session,
+) -> Result<edgefleet_wire::manifest::DriftBaseline> {
+    use edgefleet_wire::tensor::{DType, Tensor};
+    let bad = |m: String| Error::Usage(format!("--baseline {}: {m}", path.display()));
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let arrays = read_npz(
+        std::io::BufReader::new(f),
+        NpzLimits {
+            max_entries: 256,
+            max_total_bytes: 4 * 1024 * 1024 * 1024,
+        },
+    )
+    .map_err(|source| Error::File {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut per_input = Vec::new();
+    let mut n_samples = None;
+    for spec in specs {
+        let a = arrays.iter().find(|a| a.name == spec.name).ok_or_else(|| {
+            bad(format!(
+                "no array named {:?} (the model's input)",
+                spec.name
+            ))
+        })?;
+        let shape = a.tensor.shape();
+        let sample_shape: Vec<u64> = spec.shape.clone();
+        let per: u64 = sample_shape.iter().product();
+        // [N, ...spec without its batch of 1] or [N, ...spec].
+        let n = if shape.len() == sample_shape.len() && shape[1..] == sample_shape[1..] {
+            shape[0] * sample_shape[0]
+        } else {
+            return Err(bad(format!(
+                "{:?} has shape {shape:?}; expected [N, {}]",
+                spec.name,
+                sample_shape[1..]
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        } / sample_shape[0].max(1);
+        if n_samples.is_some_and(|m| m != n) {
+            return Err(bad("arrays have different sample counts".into()));
+        }
+        n_samples = Some(n);
+        per_input.push((spec, a, per));
+    }
+    let n = usize::try_from(n_samples.unwrap_or(0)).unwrap_or(usize::MAX);
+    if n == 0 || n > MAX_BASELINE_SAMPLES {
+        return Err(bad(format!(
+            "{n} samples; give 1 to {MAX_BASELINE_SAMPLES}"
+        )));
+    }
+    let mut samples = Vec::with_capacity(n);
+    let mut scores = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut inputs = Vec::new();
+        for (spec, a, per) in &per_input {
+            let start = i * *per as usize;
+            let values: Vec<f64> = (start..start + *per as usize)
+                .map(|k| a.tensor.get_f64(k))
+                .collect();
+            let tensor = match spec.dtype {
+                DType::F32 => Tensor::from_f32(
+                    spec.shape.clone(),
+                    &values.iter().map(|v| *v as f32).collect::<Vec<_>>(),
+                ),
+                DType::F64 => Tensor::from_f64(spec.shape.clone(), &values),
+                DType::I64 => Tensor::from_i64(
+                    spec.shape.clone(),
+                    &values.iter().map(|v| *v as i64).collect::<Vec<_>>(),
+                ),
+                other => {
+                    return Err(bad(format!(
+                        "input {:?} has dtype {other}; baselines support f32, f64, i64 inputs",
+                        spec.name
+                    )));
+                }
+            }?;
+            inputs.push(NamedTensor {
+                name: spec.name.clone(),
+                tensor,
+            });
+        }
+        let outputs = session.run(&inputs)?;
+        samples.push(edgefleet_wire::drift::input_features(&inputs));
+        if let Some(s) = edgefleet_wire::drift::output_score(&outputs) {
+            scores.push(s);
+        }
+    }
+    Ok(edgefleet_wire::drift::baseline(&samples, &scores))
 }
 
 /// What a successful pack produced.
@@ -203,6 +309,10 @@ pub fn pack(req: &PackRequest) -> Result<Packed> {
         (ModelFormat::Onnx, onnx)
     };
 
+    let drift_baseline = match &req.baseline {
+        Some(path) => Some(drift_baseline(path, &specs, &mut model.session()?)?),
+        None => None,
+    };
     let (payload_info, compressed) = compress_model(&payload, format, ZSTD_LEVEL)?;
     let expires_at = req
         .now
@@ -222,7 +332,7 @@ pub fn pack(req: &PackRequest) -> Result<Packed> {
         min_agent_version: req.min_agent_version.clone(),
         non_finite_inputs: req.non_finite_inputs,
         golden,
-        drift_baseline: None,
+        drift_baseline,
     };
     let keys: Vec<&SigningKey> = req.keys.iter().collect();
     let signed = Signed::sign(&manifest, &keys)?;

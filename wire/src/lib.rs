@@ -13,6 +13,7 @@
 //! - [`keys`]: ed25519 key files and key ids.
 //! - [`manifest`]: the v1 bundle manifest (postcard-encoded, signed).
 //! - [`bundle`]: the bundle file layout, [`bundle::Signed`], limits, payload checks.
+//! - [`drift`]: drift features, baselines and PSI (shared by packer and device).
 //! - [`device`]: the device ↔ server protocol (enroll, desired, report).
 //! - [`telemetry`]: MQTT topics and payloads (state, telemetry, events, commands).
 //! - [`verify`]: the trust root and the only way to obtain a [`verify::Verified`] manifest.
@@ -20,6 +21,7 @@
 
 pub mod bundle;
 pub mod device;
+pub mod drift;
 pub mod error;
 pub mod keys;
 pub mod manifest;

@@ -1,0 +1,136 @@
+//! Drift detection on the real classifier: `fleetctl bundle pack --baseline`
+//! builds the histograms from 300 calibration lines; the agent's engine
+//! then sees live traffic. 10k inferences drawn from 300 held-out
+//! in-distribution lines raise no alarm; underexposed, low-contrast and
+//! blurred captures each raise one within 500 inferences.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use edge_agent::bundle::open_bytes;
+use edge_agent::engine::{Engine, EngineConfig, prepare};
+use edge_agent::metrics::Metrics;
+use edgefleet_wire::bundle::Limits;
+use edgefleet_wire::keys::signing_key_from_seed;
+use edgefleet_wire::manifest::{NonFiniteInputs, TargetArch};
+use edgefleet_wire::npz::{NpzLimits, read_npz};
+use edgefleet_wire::tensor::{NamedTensor, Tensor};
+use edgefleet_wire::verify::TrustRoot;
+use fleet_server::pack::{PackRequest, pack};
+
+fn repo(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .join(rel)
+}
+
+fn cls_with_baseline() -> Vec<u8> {
+    let golden = |k: &str| {
+        (0..2)
+            .map(|i| repo(&format!("models/cls/golden/{k}_{i}.npz")))
+            .collect::<Vec<_>>()
+    };
+    let packed = pack(&PackRequest {
+        model: repo("models/cls/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+        name: "cls".parse().unwrap(),
+        version: semver::Version::new(1, 0, 0),
+        sequence: 1,
+        golden_inputs: golden("in"),
+        golden_outputs: golden("out"),
+        tolerance: 1e-4,
+        keys: vec![signing_key_from_seed([1; 32])],
+        now: edge_agent::bundle::now_unix(),
+        expires_in: 86_400,
+        nnef: false,
+        targets: TargetArch::ALL.to_vec(),
+        min_agent_version: semver::Version::new(0, 1, 0),
+        non_finite_inputs: NonFiniteInputs::Reject,
+        baseline: Some(repo("models/cls/drift/calib.npz")),
+    })
+    .unwrap();
+    let b = packed.manifest.drift_baseline.as_ref().unwrap();
+    assert_eq!(b.samples, 300);
+    assert_eq!(b.inputs.len(), 6, "mean and std of 3 channels");
+    assert!(b.output.is_some());
+    packed.bundle
+}
+
+/// Per-sample `[1, 3, 48, 192]` f32 inputs from a float16 set.
+fn samples(rel: &str) -> Vec<Vec<NamedTensor>> {
+    let f = std::fs::File::open(repo(rel)).unwrap();
+    let arrays = read_npz(std::io::BufReader::new(f), NpzLimits::default()).unwrap();
+    let x = &arrays[0].tensor;
+    let n = x.shape()[0] as usize;
+    let per = x.element_count() / n;
+    (0..n)
+        .map(|i| {
+            let v: Vec<f32> = (i * per..(i + 1) * per)
+                .map(|k| x.get_f64(k) as f32)
+                .collect();
+            vec![NamedTensor {
+                name: "x".into(),
+                tensor: Tensor::from_f32(vec![1, 3, 48, 192], &v).unwrap(),
+            }]
+        })
+        .collect()
+}
+
+/// A fresh engine serving the bundle (fresh drift window).
+fn engine(bundle: &[u8]) -> Arc<Engine> {
+    let root = TrustRoot::new([signing_key_from_seed([1; 32]).verifying_key()], 1).unwrap();
+    let tb = open_bytes(bundle, &root, &Limits::default(), "cls").unwrap();
+    let (model, _) = prepare(&tb).unwrap();
+    assert!(model.drift.is_some(), "the baseline reached the device");
+    let e = Engine::start(EngineConfig::default(), Arc::new(Metrics::default())).unwrap();
+    e.activate(model);
+    e
+}
+
+/// Runs `n` inferences cycling through `set`; returns the index (1-based)
+/// of the inference after which the first alert was raised.
+async fn first_alert(e: &Engine, set: &[Vec<NamedTensor>], n: usize) -> Option<usize> {
+    for i in 0..n {
+        e.infer(set[i % set.len()].clone()).await.unwrap();
+        let m = e.active().unwrap();
+        if !m.drift_alerts.lock().unwrap().is_empty() {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_in_distribution_inferences_raise_no_alarm() {
+    let bundle = cls_with_baseline();
+    let e = engine(&bundle);
+    let holdout = samples("models/cls/drift/holdout.npz");
+    assert_eq!(first_alert(&e, &holdout, 10_000).await, None);
+    let m = e.active().unwrap();
+    let snap = m.drift.as_ref().unwrap().lock().unwrap().snapshot();
+    let worst = snap.first().unwrap();
+    assert!(worst.psi < 0.2, "{worst:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shifted_captures_raise_an_alarm_within_500_inferences() {
+    let bundle = cls_with_baseline();
+    for shift in ["brightness", "contrast", "blur"] {
+        let e = engine(&bundle);
+        let set = samples(&format!("models/cls/drift/{shift}.npz"));
+        let at = first_alert(&e, &set, 500).await;
+        assert!(at.is_some(), "{shift}: no drift alarm in 500 inferences");
+        let m = e.active().unwrap();
+        let alert = m.drift_alerts.lock().unwrap()[0].clone();
+        assert!(
+            alert.values.iter().all(|v| v.psi > 0.2),
+            "{shift}: {alert:?}"
+        );
+        eprintln!(
+            "{shift}: alarm after {} inferences: {:?}",
+            at.unwrap(),
+            alert.values.first()
+        );
+    }
+}
