@@ -131,7 +131,31 @@ impl Controller {
             previous: Default::default(),
             decisions: Vec::new(),
         };
-        let (r, effects) = next(&r, &self.fleet()?, Command::Tick, now)?;
+        let fleet = self.fleet()?;
+        // One rollout drives a device at a time: a new rollout supersedes
+        // running or paused ones whose devices it shares.
+        let last = |x: &Rollout| x.spec.stages.len().saturating_sub(1);
+        let ours: std::collections::BTreeSet<&str> =
+            crate::rollout::targets_for_stage(&r, &fleet, last(&r))
+                .iter()
+                .map(|d| d.id.as_str())
+                .collect();
+        for old in self.store.list_rollouts()? {
+            if !matches!(old.phase, Phase::Running { .. } | Phase::Paused { .. }) {
+                continue;
+            }
+            let overlaps = crate::rollout::targets_for_stage(&old, &fleet, last(&old))
+                .iter()
+                .any(|d| ours.contains(d.id.as_str()));
+            if overlaps {
+                let (mut old, _) = next(&old, &fleet, Command::Supersede, now)?;
+                if let Some(d) = old.decisions.last_mut() {
+                    d.message = format!("superseded by rollout {}", r.id);
+                }
+                self.store.put_rollout(&old)?;
+            }
+        }
+        let (r, effects) = next(&r, &fleet, Command::Tick, now)?;
         self.store.put_rollout(&r)?;
         self.apply(&r.id, &effects)?;
         Ok(r)

@@ -124,6 +124,10 @@ pub enum Command {
     Abort,
     /// Skip the rest of the current stage's bake time.
     Promote,
+    /// A newer rollout now targets some of this rollout's devices: stop
+    /// without sending anyone back (the newer rollout sets their desired
+    /// state).
+    Supersede,
 }
 
 /// Disallowed transitions.
@@ -532,6 +536,16 @@ pub fn next(
                 .collect();
             Ok((out, effects))
         }
+        (Command::Supersede, Phase::Running { .. } | Phase::Paused { .. }) => {
+            out.phase = Phase::Aborted { at: now };
+            out.decisions.push(Decision {
+                message: "superseded by a newer rollout for the same devices".into(),
+                gate: "supersede".into(),
+                ..operator(now, "supersede")
+            });
+            Ok((out, Vec::new()))
+        }
+        (Command::Supersede, p) => Err(RolloutError::NotAllowed(phase_name(p), "superseded")),
         (Command::Pause, p) => Err(RolloutError::NotAllowed(phase_name(p), "paused")),
         (Command::Resume, p) => Err(RolloutError::NotAllowed(phase_name(p), "resumed")),
         (Command::Promote, p) => Err(RolloutError::NotAllowed(phase_name(p), "promoted")),
@@ -867,5 +881,17 @@ mod tests {
         }];
         r.spec.gates.max_error_rate = Some(-1.0);
         assert!(r.spec.validate().is_err());
+    }
+
+    #[test]
+    fn supersede_stops_without_sending_devices_back() {
+        let f = fleet(4, &["rpi4"]);
+        let r = rollout(Gates::default());
+        let (r, _) = next(&r, &f, Command::Tick, 10).unwrap();
+        let (r, effects) = next(&r, &f, Command::Supersede, 20).unwrap();
+        assert!(matches!(r.phase, Phase::Aborted { at: 20 }));
+        assert!(effects.is_empty(), "the newer rollout owns the devices now");
+        assert_eq!(r.decisions.last().unwrap().action, "supersede");
+        assert!(next(&r, &f, Command::Supersede, 30).is_err());
     }
 }
