@@ -603,6 +603,36 @@ async fn the_server_ingests_telemetry_and_its_notice_triggers_an_immediate_poll(
     let server = format!("http://{addr}");
     let http = reqwest::Client::new();
     let (seen, sub_stop) = subscribe(port, "dash-1");
+    // And an operator with nothing but mosquitto_sub (when installed).
+    let mosquitto_sub = ["/usr/bin/mosquitto_sub", "/usr/local/bin/mosquitto_sub"]
+        .iter()
+        .find(|p| Path::new(p).exists())
+        .map(|bin| {
+            let out = dir.path().join("mosquitto_sub.txt");
+            let child = Command::new(bin)
+                .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+                .args([
+                    "-u",
+                    "dashboard",
+                    "-P",
+                    OPERATOR,
+                    "-v",
+                    "-t",
+                    "edgefleet/v1/#",
+                ])
+                .stdout(std::fs::File::create(&out).unwrap())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            (child, out)
+        });
+    if mosquitto_sub.is_none() {
+        assert!(
+            std::env::var("EDGEFLEET_REQUIRE_MOSQUITTO").is_err(),
+            "mosquitto_sub is required here but not installed"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
 
     let mut acfg = agent_config(dir.path(), "pi-7", port);
     acfg.server.url = Some(server.clone());
@@ -719,5 +749,26 @@ async fn the_server_ingests_telemetry_and_its_notice_triggers_an_immediate_poll(
         !states.last().unwrap().online,
         "offline on stop: {states:?}"
     );
+    // mosquitto_sub saw the device come online, report, update and go offline.
+    if let Some((mut child, out)) = mosquitto_sub {
+        let _ = child.kill();
+        let _ = child.wait();
+        let text = std::fs::read_to_string(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let find = |pred: &dyn Fn(&str) -> bool| lines.iter().position(|l| pred(l));
+        let online =
+            find(&|l| l.starts_with("edgefleet/v1/pi-7/state ") && l.contains("\"online\":true"));
+        let telemetry = find(&|l| l.starts_with("edgefleet/v1/pi-7/telemetry "));
+        let committed =
+            find(&|l| l.starts_with("edgefleet/v1/pi-7/events ") && l.contains("\"committed\""));
+        let offline = lines.iter().rposition(|l| {
+            l.starts_with("edgefleet/v1/pi-7/state ") && l.contains("\"online\":false")
+        });
+        assert!(
+            online.is_some() && telemetry.is_some() && committed.is_some() && offline.is_some(),
+            "mosquitto_sub output:\n{text}"
+        );
+        assert!(online < committed && committed < offline, "order:\n{text}");
+    }
     stop.cancel();
 }
