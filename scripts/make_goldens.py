@@ -105,14 +105,14 @@ def cls_goldens() -> None:
         save_npz(ROOT / f"models/cls/golden/out_{i}.npz", out)
 
 
-def varied_lines(rng: np.random.Generator, n: int) -> list:
+def varied_lines(rng: np.random.Generator, n: int, rotate: bool = True) -> list:
     words = ["total", "PAID", "2024", "route", "Batch", "No.", "A-17", "kg", "exit", "Model",
              "check", "value", "3.14", "Lot", "east", "QTY", "order", "#88", "cold", "Zone"]
     lines = []
     for _ in range(n):
         text = " ".join(rng.choice(words, size=rng.integers(2, 5)))
         img = render_line(text, size=int(rng.integers(24, 40)))
-        if rng.random() < 0.5:
+        if rng.random() < 0.5 and rotate:
             img = img.rotate(180)
         lines.append(img)
     return lines

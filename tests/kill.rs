@@ -169,7 +169,7 @@ async fn survives_kill_9_at_random_points_of_updates() {
         .unwrap();
     tokio::spawn(serve);
     let server = format!("http://{addr}");
-    let http = reqwest::Client::new();
+    let http = edge_agent::tls::default_client();
 
     let data = dir.path().join("agent");
     let config = dir.path().join("agent.toml");

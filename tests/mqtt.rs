@@ -330,7 +330,7 @@ impl Agent {
     }
 
     async fn install(&self, bytes: Vec<u8>, version: &str) {
-        let http = reqwest::Client::new();
+        let http = edge_agent::tls::default_client();
         let r = http
             .post(format!("{}/v1/install", self.url))
             .body(bytes)
@@ -357,7 +357,9 @@ impl Agent {
     }
 
     async fn metric(&self, name: &str) -> u64 {
-        let text = reqwest::get(format!("{}/metrics", self.url))
+        let text = edge_agent::tls::default_client()
+            .get(format!("{}/metrics", self.url))
+            .send()
             .await
             .unwrap()
             .text()
@@ -382,7 +384,7 @@ fn live_load(url: &str) -> (CancellationToken, tokio::task::JoinHandle<u64>) {
     let url = format!("{url}/v1/infer");
     let body = std::fs::read(repo("models/cls/golden/in_0.npz")).unwrap();
     let h = tokio::spawn(async move {
-        let http = reqwest::Client::new();
+        let http = edge_agent::tls::default_client();
         let mut failed = 0;
         while !s.is_cancelled() {
             let r = http
@@ -601,7 +603,7 @@ async fn the_server_ingests_telemetry_and_its_notice_triggers_an_immediate_poll(
         .unwrap();
     tokio::spawn(serve);
     let server = format!("http://{addr}");
-    let http = reqwest::Client::new();
+    let http = edge_agent::tls::default_client();
     let (seen, sub_stop) = subscribe(port, "dash-1");
     // And an operator with nothing but mosquitto_sub (when installed).
     let mosquitto_sub = ["/usr/bin/mosquitto_sub", "/usr/local/bin/mosquitto_sub"]

@@ -154,7 +154,7 @@ impl Server {
             url: format!("http://{addr}"),
             dir,
             stop,
-            http: reqwest::Client::new(),
+            http: edge_agent::tls::default_client(),
         }
     }
 
@@ -301,7 +301,7 @@ impl Agent {
             url: format!("http://{addr}"),
             stop,
             done,
-            http: reqwest::Client::new(),
+            http: edge_agent::tls::default_client(),
         }
     }
 
@@ -391,7 +391,7 @@ impl Load {
                     (stop.clone(), ok.clone(), failed.clone(), body.clone());
                 let url = format!("{agent_url}/v1/infer");
                 tokio::spawn(async move {
-                    let http = reqwest::Client::new();
+                    let http = edge_agent::tls::default_client();
                     while !stop.load(Ordering::Relaxed) {
                         let r = http
                             .post(&url)

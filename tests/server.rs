@@ -104,7 +104,7 @@ impl Server {
             url: format!("http://{addr}"),
             _dir: dir,
             stop,
-            client: reqwest::Client::new(),
+            client: edge_agent::tls::default_client(),
         }
     }
 

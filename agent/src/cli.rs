@@ -419,7 +419,7 @@ async fn bench(
         let stop = CancellationToken::new();
         let app = api::router(engine.clone(), metrics.clone(), &ApiConfig::default());
         let server = tokio::spawn(api::serve(listener, app, stop.clone()));
-        let client = reqwest::Client::new();
+        let client = crate::tls::default_client();
         let url = format!("http://{addr}/v1/infer");
         let (ct, body) = if mode == BenchMode::HttpNpz {
             let b = to_npz_bytes(&inputs).map_err(|e| AgentError::Invariant(e.to_string()))?;
@@ -571,7 +571,7 @@ async fn install(
     wait: u64,
 ) -> Result<(), AgentError> {
     let bytes = std::fs::read(bundle).map_err(|e| AgentError::io(bundle, e))?;
-    let http = reqwest::Client::new();
+    let http = crate::tls::default_client();
     let base = agent.trim_end_matches('/');
     let url = format!("{base}/v1/install");
     let authed = |rb: reqwest::RequestBuilder| match token {
@@ -657,7 +657,7 @@ async fn load(
         return Err(AgentError::Config("--rps must be positive".into()));
     }
     let body = std::fs::read(input).map_err(|e| AgentError::io(input, e))?;
-    let http = reqwest::Client::new();
+    let http = crate::tls::default_client();
     let target = format!("{}/v1/infer", url.trim_end_matches('/'));
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rps));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -53,11 +53,17 @@ pub struct Download<'a> {
 }
 
 impl ServerClient {
-    pub fn new(base: &str, timeout: Duration) -> Result<ServerClient, AgentError> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| AgentError::Config(format!("http client: {e}")))?;
+    /// `tls` applies to `https://` base URLs.
+    pub fn new(
+        base: &str,
+        timeout: Duration,
+        tls: &crate::tls::TlsFiles,
+    ) -> Result<ServerClient, AgentError> {
+        let http = crate::tls::http_client(
+            base,
+            tls,
+            reqwest::Client::builder().connect_timeout(Duration::from_secs(10)),
+        )?;
         Ok(ServerClient {
             base: base.trim_end_matches('/').to_string(),
             http,

@@ -63,6 +63,9 @@ pub struct ServerSection {
     pub report_interval_secs: u64,
     /// HTTP timeout for API calls (not downloads). Default 15 s.
     pub timeout_secs: u64,
+    /// PEM roots trusted for an `https://` server URL. Default: the
+    /// system store.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for ServerSection {
@@ -74,6 +77,7 @@ impl Default for ServerSection {
             poll_jitter: 0.2,
             report_interval_secs: 30,
             timeout_secs: 15,
+            ca_file: None,
         }
     }
 }
@@ -149,8 +153,14 @@ pub enum Encoding {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttSection {
-    /// `mqtt://host:port`. Unset: no MQTT.
+    /// `mqtt://host:port`, or `mqtts://host:port` for TLS (port 8883 by
+    /// default). Unset: no MQTT.
     pub url: Option<String>,
+    /// PEM roots trusted for `mqtts://`. Default: the system store.
+    pub ca_file: Option<PathBuf>,
+    /// Device certificate chain and key (PEM) for mutual TLS.
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
     /// Default: the device id (the broker checks it with the credential).
     pub username: Option<String>,
     /// Default: the device credential.
@@ -172,6 +182,9 @@ impl Default for MqttSection {
     fn default() -> Self {
         MqttSection {
             url: None,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
             username: None,
             password: None,
             telemetry_interval_secs: 10,
@@ -257,6 +270,19 @@ impl AgentConfig {
         if cfg.data_dir.is_relative() {
             cfg.data_dir = base.join(&cfg.data_dir);
         }
+        for p in [
+            &mut cfg.server.ca_file,
+            &mut cfg.mqtt.ca_file,
+            &mut cfg.mqtt.client_cert_file,
+            &mut cfg.mqtt.client_key_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
         cfg.apply_env(|k| std::env::var(k).ok())?;
         cfg.validate()?;
         Ok(cfg)
@@ -276,6 +302,23 @@ impl AgentConfig {
                 .map_err(|e: toml::de::Error| format!("[agent]: {e}"));
         }
         toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// TLS trust for the fleet server link.
+    pub fn server_tls(&self) -> crate::tls::TlsFiles {
+        crate::tls::TlsFiles {
+            ca_file: self.server.ca_file.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// TLS trust and identity for the broker link.
+    pub fn mqtt_tls(&self) -> crate::tls::TlsFiles {
+        crate::tls::TlsFiles {
+            ca_file: self.mqtt.ca_file.clone(),
+            client_cert_file: self.mqtt.client_cert_file.clone(),
+            client_key_file: self.mqtt.client_key_file.clone(),
+        }
     }
 
     /// Environment overrides; `get` is `std::env::var` outside tests.

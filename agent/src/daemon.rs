@@ -122,6 +122,23 @@ pub async fn start(
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| AgentError::io(&cfg.data_dir, e))?;
     let device_id = cfg.device_id();
     let root = trust_root_from_files(&cfg.trust.keys, cfg.trust.threshold)?;
+    // Bad TLS files fail the start, not a background task later.
+    if cfg
+        .server
+        .url
+        .as_deref()
+        .is_some_and(|u| u.starts_with("https://"))
+    {
+        crate::tls::client_config(&cfg.server_tls())?;
+    }
+    if cfg
+        .mqtt
+        .url
+        .as_deref()
+        .is_some_and(|u| u.starts_with("mqtts://"))
+    {
+        crate::tls::client_config(&cfg.mqtt_tls())?;
+    }
     let store: Arc<dyn Store> = Arc::new(SledStore::open(&cfg.data_dir.join("store"))?);
     let slots = Slots::new(&cfg.data_dir)?;
     let floor = FloorFile::new(&cfg.data_dir);
@@ -359,7 +376,11 @@ async fn server_loop(
     stop: CancellationToken,
 ) -> Result<(), AgentError> {
     let cfg = shared.cfg.clone();
-    let base = ServerClient::new(&url, Duration::from_secs(cfg.server.timeout_secs))?;
+    let base = ServerClient::new(
+        &url,
+        Duration::from_secs(cfg.server.timeout_secs),
+        &cfg.server_tls(),
+    )?;
     let cred_path = credential_path(&cfg);
     let credential = match std::fs::read_to_string(&cred_path) {
         Ok(c) if !c.trim().is_empty() => c.trim().to_string(),

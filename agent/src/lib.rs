@@ -37,6 +37,7 @@ pub mod runtime;
 pub mod sdnotify;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod update;
 pub mod updater;
 

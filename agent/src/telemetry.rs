@@ -111,19 +111,28 @@ pub fn metrics_text(
 }
 
 /// `mqtt://host:port` → (host, port).
-pub fn parse_url(url: &str) -> Result<(String, u16), AgentError> {
-    let rest = url
+pub fn parse_url(url: &str) -> Result<(String, u16, bool), AgentError> {
+    let (rest, tls) = if let Some(r) = url.strip_prefix("mqtts://") {
+        (r, true)
+    } else if let Some(r) = url
         .strip_prefix("mqtt://")
         .or_else(|| url.strip_prefix("tcp://"))
-        .ok_or_else(|| AgentError::Config(format!("[mqtt] url {url:?}: use mqtt://host:port")))?;
+    {
+        (r, false)
+    } else {
+        return Err(AgentError::Config(format!(
+            "[mqtt] url {url:?}: use mqtt://host:port or mqtts://host:port"
+        )));
+    };
     let rest = rest.trim_end_matches('/');
     match rest.rsplit_once(':') {
         Some((h, p)) => Ok((
             h.to_string(),
             p.parse()
                 .map_err(|_| AgentError::Config(format!("[mqtt] url {url:?}: bad port")))?,
+            tls,
         )),
-        None => Ok((rest.to_string(), 1883)),
+        None => Ok((rest.to_string(), if tls { 8883 } else { 1883 }, tls)),
     }
 }
 
@@ -303,13 +312,19 @@ pub async fn run(
     stop: CancellationToken,
 ) -> Result<(), AgentError> {
     let cfg = shared.cfg.clone();
-    let (host, port) = parse_url(&url)?;
+    let (host, port, tls) = parse_url(&url)?;
     let topics = Topics::new(&shared.device_id);
     let mut opts = MqttOptions::new(shared.device_id.clone(), host, port);
     opts.set_credentials(username, password);
     opts.set_keep_alive(Duration::from_secs(cfg.mqtt.keep_alive_secs.max(5)));
     opts.set_clean_session(true);
     opts.set_max_packet_size(256 * 1024, 256 * 1024);
+    if tls {
+        let config = crate::tls::client_config(&cfg.mqtt_tls())?;
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(Arc::new(config)),
+        ));
+    }
     let will = serde_json::to_vec(&state_of(&shared, false))
         .map_err(|e| AgentError::Invariant(e.to_string()))?;
     opts.set_last_will(LastWill::new(
@@ -660,9 +675,20 @@ mod tests {
     fn parses_mqtt_urls() {
         assert_eq!(
             parse_url("mqtt://fleet:1884").unwrap(),
-            ("fleet".into(), 1884)
+            ("fleet".into(), 1884, false)
         );
-        assert_eq!(parse_url("mqtt://fleet").unwrap(), ("fleet".into(), 1883));
+        assert_eq!(
+            parse_url("mqtt://fleet").unwrap(),
+            ("fleet".into(), 1883, false)
+        );
+        assert_eq!(
+            parse_url("mqtts://fleet").unwrap(),
+            ("fleet".into(), 8883, true)
+        );
+        assert_eq!(
+            parse_url("mqtts://fleet:8884/").unwrap(),
+            ("fleet".into(), 8884, true)
+        );
         assert!(parse_url("http://fleet:1883").is_err());
         assert!(parse_url("mqtt://fleet:x").is_err());
     }

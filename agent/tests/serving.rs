@@ -225,7 +225,7 @@ fn tensor_from_json(v: &Value) -> Tensor {
 }
 
 async fn post_json(url: &str, body: &Value) -> (u16, Value, reqwest::header::HeaderMap) {
-    let r = reqwest::Client::new()
+    let r = edge_agent::tls::default_client()
         .post(format!("{url}/v1/infer"))
         .header("content-type", "application/json")
         .body(serde_json::to_vec(body).unwrap())
@@ -242,7 +242,7 @@ async fn post_raw(
     ct: &str,
     body: Vec<u8>,
 ) -> (u16, Vec<u8>, reqwest::header::HeaderMap) {
-    let r = reqwest::Client::new()
+    let r = edge_agent::tls::default_client()
         .post(format!("{url}/v1/infer"))
         .header("content-type", ct)
         .body(body)
@@ -319,7 +319,9 @@ async fn serves_a_multi_input_int64_two_output_model() {
 #[tokio::test]
 async fn reports_the_active_model_and_health() {
     let server = serve(Some(&CLS), EngineConfig::default(), ApiConfig::default()).await;
-    let m: Value = reqwest::get(format!("{}/v1/model", server.url))
+    let m: Value = edge_agent::tls::default_client()
+        .get(format!("{}/v1/model", server.url))
+        .send()
         .await
         .unwrap()
         .json()
@@ -331,13 +333,17 @@ async fn reports_the_active_model_and_health() {
     assert_eq!(m["inputs"][0]["name"], "x");
     assert_eq!(m["outputs"][0]["shape"], json!([1, 2]));
     assert!(m["loaded_at"].as_u64().unwrap() > 1_700_000_000);
-    let h = reqwest::get(format!("{}/healthz", server.url))
+    let h = edge_agent::tls::default_client()
+        .get(format!("{}/healthz", server.url))
+        .send()
         .await
         .unwrap();
     assert_eq!(h.status(), 200);
 
     let empty = serve(None, EngineConfig::default(), ApiConfig::default()).await;
-    let h = reqwest::get(format!("{}/healthz", empty.url))
+    let h = edge_agent::tls::default_client()
+        .get(format!("{}/healthz", empty.url))
+        .send()
         .await
         .unwrap();
     assert_eq!(h.status(), 503);
@@ -545,7 +551,9 @@ async fn exposes_prometheus_metrics() {
     let body = json_inputs(&cases(&CLS)[0].inputs);
     post_json(&server.url, &body).await;
     post_json(&server.url, &json!({"bad": 1})).await;
-    let text = reqwest::get(format!("{}/metrics", server.url))
+    let text = edge_agent::tls::default_client()
+        .get(format!("{}/metrics", server.url))
+        .send()
         .await
         .unwrap()
         .text()
@@ -573,7 +581,7 @@ async fn requires_a_bearer_token_when_one_is_configured() {
         ..ApiConfig::default()
     };
     let server = serve(Some(&CLS), EngineConfig::default(), cfg).await;
-    let client = reqwest::Client::new();
+    let client = edge_agent::tls::default_client();
     let r = client
         .get(format!("{}/v1/model", server.url))
         .send()
@@ -849,7 +857,9 @@ fn serve_cli_verifies_self_tests_and_serves_until_terminated() {
         .to_string();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let model: Value = rt.block_on(async {
-        reqwest::get(format!("{url}/v1/model"))
+        edge_agent::tls::default_client()
+            .get(format!("{url}/v1/model"))
+            .send()
             .await
             .unwrap()
             .json()

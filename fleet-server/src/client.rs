@@ -39,6 +39,8 @@ impl Client {
             .to_string();
         let token = token
             .ok_or_else(|| Error::Usage("no token: pass --token T or set FLEETCTL_TOKEN".into()))?;
+        // rustls on ring for https:// servers (system roots).
+        edge_agent::tls::install_provider();
         let http = reqwest::blocking::Client::builder()
             .timeout(None)
             .build()

@@ -1,0 +1,518 @@
+//! TLS on both device links, with a private fleet CA made for the test
+//! (rcgen) and real peers:
+//!
+//! - `https://`: a TLS-terminating proxy (tokio-rustls) in front of a real
+//!   fleet server. An agent trusting the fleet CA enrolls, reports and
+//!   installs a rollout's bundle through it (Range download included); an
+//!   agent trusting another CA never enrolls and keeps serving locally.
+//! - `mqtts://`: Debian's mosquitto with a TLS listener that requires client
+//!   certificates (mutual TLS). An agent with the device certificate comes
+//!   online (retained state) and reports telemetry; one without a
+//!   certificate is refused and never appears.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use edge_agent::config::AgentConfig;
+use edge_agent::tls::TlsFiles;
+use edgefleet_wire::keys::{encode_public_key, signing_key_from_seed};
+use edgefleet_wire::manifest::{NonFiniteInputs, TargetArch};
+use fleet_server::config::{Role, ServerConfig, TokenConfig};
+use fleet_server::pack::{PackRequest, pack};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+const OPERATOR: &str = "operator-token";
+const ENROLL: &str = "enroll-me";
+
+fn repo(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .join(rel)
+}
+
+/// A CA and the PEM files it issued, written into `dir`.
+struct Pki {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
+fn pki(dir: &Path, name: &str) -> Pki {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{name} fleet CA"));
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+
+    let issue = |sans: Vec<String>, cn: &str, eku: ExtendedKeyUsagePurpose| {
+        let mut p = CertificateParams::new(sans).unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.extended_key_usages = vec![eku];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &ca).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_pem, server_key) = issue(
+        vec!["127.0.0.1".into(), "localhost".into()],
+        "fleet",
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let (client_pem, client_key) = issue(
+        Vec::new(),
+        "tls-device",
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    let write = |file: &str, text: &str| {
+        let p = dir.join(format!("{name}-{file}"));
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    Pki {
+        ca: write("ca.pem", &ca.pem()),
+        server_cert: write("server.pem", &server_pem),
+        server_key: write("server.key", &server_key),
+        client_cert: write("client.pem", &client_pem),
+        client_key: write("client.key", &client_key),
+    }
+}
+
+fn write_key(dir: &Path) -> PathBuf {
+    let key = dir.join("release.pub");
+    std::fs::write(
+        &key,
+        encode_public_key(&signing_key_from_seed([1; 32]).verifying_key()),
+    )
+    .unwrap();
+    key
+}
+
+fn cls_bundle() -> Vec<u8> {
+    let golden = |k: &str| {
+        (0..2)
+            .map(|i| repo(&format!("models/cls/golden/{k}_{i}.npz")))
+            .collect::<Vec<_>>()
+    };
+    pack(&PackRequest {
+        model: repo("models/cls/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+        name: "cls".parse().unwrap(),
+        version: semver::Version::new(1, 0, 0),
+        sequence: 1,
+        golden_inputs: golden("in"),
+        golden_outputs: golden("out"),
+        tolerance: 1e-4,
+        keys: vec![signing_key_from_seed([1; 32])],
+        now: edge_agent::bundle::now_unix(),
+        expires_in: 86_400,
+        nnef: false,
+        targets: TargetArch::ALL.to_vec(),
+        min_agent_version: semver::Version::new(0, 1, 0),
+        non_finite_inputs: NonFiniteInputs::Reject,
+        baseline: None,
+    })
+    .unwrap()
+    .bundle
+}
+
+/// Terminates TLS on 127.0.0.1 and forwards plain TCP to `upstream`.
+async fn tls_proxy(pki: &Pki, upstream: std::net::SocketAddr) -> u16 {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(&pki.server_cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(&pki.server_key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                // A client that rejects our certificate fails here.
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                if let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+                }
+            });
+        }
+    });
+    port
+}
+
+struct Agent {
+    url: String,
+    stop: CancellationToken,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Agent {
+    async fn start(cfg: AgentConfig) -> Agent {
+        let stop = CancellationToken::new();
+        let (addr, _, run) = edge_agent::daemon::start(cfg, stop.clone()).await.unwrap();
+        let done = tokio::spawn(async move { run.await.unwrap() });
+        Agent {
+            url: format!("http://{addr}"),
+            stop,
+            done,
+        }
+    }
+
+    /// The local API answers (no model is installed on these agents).
+    async fn answers(&self) -> bool {
+        edge_agent::tls::default_client()
+            .get(format!("{}/v1/status", self.url))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.done.await.unwrap();
+    }
+}
+
+fn agent_config(dir: &Path, id: &str) -> AgentConfig {
+    let mut c = AgentConfig {
+        device_id: Some(id.into()),
+        data_dir: dir.join(id),
+        ..AgentConfig::default()
+    };
+    c.tags.insert("board".into(), "rpi4".into());
+    c.trust.keys = vec![write_key(dir)];
+    c.http.listen = "127.0.0.1:0".parse().unwrap();
+    c.update.watch_secs = 1;
+    c.update.max_p95_ratio = 3.0;
+    c.update.p95_slack_ms = 20.0;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_reach_the_fleet_server_over_https_only_with_the_fleet_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = pki(dir.path(), "fleet");
+    let other = pki(dir.path(), "other");
+
+    let mut cfg = ServerConfig {
+        data_dir: dir.path().join("server"),
+        ..ServerConfig::default()
+    };
+    cfg.http.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.trust.keys = vec![write_key(dir.path())];
+    cfg.auth.tokens = vec![TokenConfig {
+        name: "ops".into(),
+        role: Role::Admin,
+        token: Some(OPERATOR.into()),
+        token_sha256: None,
+    }];
+    cfg.auth.enrollment_tokens = vec![ENROLL.into()];
+    cfg.rollout_tick_ms = 200;
+    let server_stop = CancellationToken::new();
+    let (addr, serve) = fleet_server::server::bind(&cfg, server_stop.clone())
+        .await
+        .unwrap();
+    tokio::spawn(serve);
+    let plain = format!("http://{addr}");
+    let port = tls_proxy(&fleet, addr).await;
+
+    let https_agent = |id: &str, ca: &Path| {
+        let mut c = agent_config(dir.path(), id);
+        c.server.url = Some(format!("https://127.0.0.1:{port}"));
+        c.server.ca_file = Some(ca.to_path_buf());
+        c.server.enrollment_token = Some(ENROLL.into());
+        c.server.poll_interval_secs = 1;
+        c.server.report_interval_secs = 1;
+        c
+    };
+    let good = Agent::start(https_agent("tls-good", &fleet.ca)).await;
+    let bad = Agent::start(https_agent("tls-bad", &other.ca)).await;
+
+    // The operator side talks plain HTTP to the server itself.
+    let http = edge_agent::tls::default_client();
+    let push = http
+        .post(format!("{plain}/api/v1/bundles"))
+        .bearer_auth(OPERATOR)
+        .body(cls_bundle())
+        .send()
+        .await
+        .unwrap();
+    assert!(push.status().is_success(), "{}", push.status());
+    let bundle: Value = push.json().await.unwrap();
+    let r = http
+        .post(format!("{plain}/api/v1/rollouts"))
+        .bearer_auth(OPERATOR)
+        .json(&json!({
+            "bundle": bundle["id"],
+            "selector": {"board": "rpi4"},
+            "stages": [{"percent": 100, "bake_minutes": 0}],
+            "gates": {"max_failed_devices_pct": 100.0, "min_reporting_devices": 0},
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+
+    // The agent with the fleet CA enrolls, downloads over TLS, self-tests
+    // and commits; the server sees it from its reports.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let d: Value = http
+            .get(format!("{plain}/api/v1/devices/tls-good"))
+            .bearer_auth(OPERATOR)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if d["state"] == "committed" && d["active"]["version"] == "1.0.0" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "tls-good never committed: {d:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The agent trusting another CA refused the server's certificate on
+    // every attempt: it never enrolled, and its local API still answers.
+    let r = http
+        .get(format!("{plain}/api/v1/devices/tls-bad"))
+        .bearer_auth(OPERATOR)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "{}", r.text().await.unwrap());
+    assert!(bad.answers().await);
+
+    good.stop().await;
+    bad.stop().await;
+    server_stop.cancel();
+}
+
+fn mosquitto_bin() -> Option<PathBuf> {
+    ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+struct Mosquitto(Child);
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// What a subscriber saw: (topic, payload).
+type Seen = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+fn tls_subscriber(port: u16, files: &TlsFiles, stop: CancellationToken) -> Seen {
+    let seen: Seen = Arc::default();
+    let mut opts = MqttOptions::new("tls-dashboard", "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        Arc::new(edge_agent::tls::client_config(files).unwrap()),
+    )));
+    let (client, mut el) = AsyncClient::new(opts, 16);
+    let s2 = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let ev = tokio::select! {
+                e = el.poll() => e,
+                () = stop.cancelled() => return,
+            };
+            match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let c = client.clone();
+                    tokio::spawn(async move {
+                        let _ = c.subscribe("edgefleet/v1/#", QoS::AtLeastOnce).await;
+                    });
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    s2.lock()
+                        .unwrap()
+                        .push((p.topic.clone(), p.payload.to_vec()));
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    });
+    seen
+}
+
+fn states_of(seen: &Seen, device: &str) -> Vec<Value> {
+    let topic = format!("edgefleet/v1/{device}/state");
+    seen.lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, _)| *t == topic)
+        .map(|(_, p)| serde_json::from_slice(p).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_publish_over_mutual_tls_to_mosquitto_only_with_a_device_certificate() {
+    let Some(bin) = mosquitto_bin() else {
+        assert!(
+            std::env::var_os("EDGEFLEET_REQUIRE_MOSQUITTO").is_none(),
+            "mosquitto is required here but not installed"
+        );
+        eprintln!("SKIPPED: mosquitto is not installed (apt-get install mosquitto)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = pki(dir.path(), "fleet");
+    let port = free_port();
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\n\
+             allow_anonymous true\n\
+             cafile {ca}\n\
+             certfile {cert}\n\
+             keyfile {key}\n\
+             require_certificate true\n\
+             user root\n",
+            ca = fleet.ca.display(),
+            cert = fleet.server_cert.display(),
+            key = fleet.server_key.display(),
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("mosquitto.log");
+    let _broker = Mosquitto(
+        Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "mosquitto did not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let device_files = TlsFiles {
+        ca_file: Some(fleet.ca.clone()),
+        client_cert_file: Some(fleet.client_cert.clone()),
+        client_key_file: Some(fleet.client_key.clone()),
+    };
+    let stop_sub = CancellationToken::new();
+    let seen = tls_subscriber(port, &device_files, stop_sub.clone());
+
+    let mqtts_agent = |id: &str, with_cert: bool| {
+        let mut c = agent_config(dir.path(), id);
+        c.mqtt.url = Some(format!("mqtts://127.0.0.1:{port}"));
+        c.mqtt.username = Some(id.into());
+        c.mqtt.password = Some("unused".into());
+        c.mqtt.ca_file = Some(fleet.ca.clone());
+        if with_cert {
+            c.mqtt.client_cert_file = Some(fleet.client_cert.clone());
+            c.mqtt.client_key_file = Some(fleet.client_key.clone());
+        }
+        c.mqtt.telemetry_interval_secs = 1;
+        c.mqtt.reconnect_min_ms = 200;
+        c.mqtt.reconnect_max_ms = 1000;
+        c.mqtt.keep_alive_secs = 5;
+        c
+    };
+    let good = Agent::start(mqtts_agent("mtls-good", true)).await;
+    let bad = Agent::start(mqtts_agent("mtls-anon", false)).await;
+
+    // Online (retained birth) and at least two telemetry records.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let online = states_of(&seen, "mtls-good")
+            .iter()
+            .any(|s| s["online"] == true);
+        let telemetry = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _)| t == "edgefleet/v1/mtls-good/telemetry")
+            .count();
+        if online && telemetry >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no state/telemetry over mTLS (online {online}, telemetry {telemetry}); \
+             mosquitto log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The agent without a certificate has been refused for as long as the
+    // other took to report twice; its local API still answers.
+    let seen_anon = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, _)| t.starts_with("edgefleet/v1/mtls-anon/"))
+        .count();
+    assert_eq!(seen_anon, 0);
+    assert!(bad.answers().await);
+
+    // A clean stop publishes the offline state, still over TLS.
+    good.stop().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !states_of(&seen, "mtls-good")
+        .last()
+        .is_some_and(|s| s["online"] == false)
+    {
+        assert!(Instant::now() < deadline, "no offline state after stop");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bad.stop().await;
+    stop_sub.cancel();
+}
