@@ -12,7 +12,9 @@
 # Exits non-zero if any step does not happen as described. Logs stay in the
 # printed work dir. Ctrl-C stops everything.
 #
-# Environment: DEMO_QUIET=1 prints less (CI); CARGO_TARGET_DIR is honoured.
+# Environment: DEMO_QUIET=1 prints less (CI); CARGO_TARGET_DIR is honoured;
+# EDGEFLEET_BIN_DIR=DIR uses fleet-server, fleetctl and edge-agent from DIR
+# instead of building them (the tests pass their own build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -22,8 +24,12 @@ step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 fail() { printf '\nDEMO FAILED: %s\n(logs: %s)\n' "$*" "${work:-?}" >&2; exit 1; }
 
 step "building fleet-server, fleetctl and edge-agent"
-cargo build --locked -q -p fleet-server -p edge-agent --bins
-bin="${CARGO_TARGET_DIR:-$root/target}/debug"
+if [ -n "${EDGEFLEET_BIN_DIR:-}" ]; then
+  bin=$EDGEFLEET_BIN_DIR   # binaries of the test build (tests/demo.rs, test.sh)
+else
+  cargo build --locked -q -p fleet-server -p edge-agent --bins
+  bin="${CARGO_TARGET_DIR:-$root/target}/debug"
+fi
 fleetctl="$bin/fleetctl"
 for b in fleet-server fleetctl edge-agent; do
   [ -x "$bin/$b" ] || fail "missing $bin/$b"

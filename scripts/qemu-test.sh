@@ -14,6 +14,8 @@
 #    references, within the bundle's tolerance.
 #
 # Exits non-zero on any failure; logs stay in the printed work dir.
+# EDGEFLEET_BIN_DIR=DIR takes the host fleet-server/fleetctl/edge-agent from
+# DIR instead of building them (scripts/test.sh passes its test build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -34,8 +36,12 @@ step "cross-building the agent"
 scripts/cross-build.sh "$target" --release
 arm_agent="${CARGO_TARGET_DIR:-$root/target}/$target/dist/edge-agent"
 step "host tools"
-cargo build --locked -q -p fleet-server -p edge-agent --bins
-bin="${CARGO_TARGET_DIR:-$root/target}/debug"
+if [ -n "${EDGEFLEET_BIN_DIR:-}" ]; then
+  bin=$EDGEFLEET_BIN_DIR   # binaries of the test build (tests/demo.rs, test.sh)
+else
+  cargo build --locked -q -p fleet-server -p edge-agent --bins
+  bin="${CARGO_TARGET_DIR:-$root/target}/debug"
+fi
 fleetctl="$bin/fleetctl"
 
 work=$(mktemp -d -t edgefleet-qemu.XXXXXX)

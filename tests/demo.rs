@@ -6,11 +6,15 @@
 use std::path::Path;
 use std::process::Command;
 
+#[path = "support/bins.rs"]
+mod bins;
+
 #[test]
 fn the_demo_runs_every_step_and_ends_with_the_fleet_on_v2() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let out = Command::new(root.join("scripts/demo.sh"))
         .env("DEMO_QUIET", "1")
+        .env("EDGEFLEET_BIN_DIR", bins::bin_dir())
         .output()
         .expect("run scripts/demo.sh");
     let stdout = String::from_utf8_lossy(&out.stdout);

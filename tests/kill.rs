@@ -35,21 +35,12 @@ fn repo(rel: &str) -> PathBuf {
         .join(rel)
 }
 
-/// The `edge-agent` binary of this build profile, rebuilt if stale.
+#[path = "support/bins.rs"]
+mod bins;
+
+/// The `edge-agent` binary of this test build.
 fn agent_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-q", "-p", "edge-agent", "--bin", "edge-agent"]);
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    let st = cmd.status().expect("cargo build edge-agent");
-    assert!(st.success(), "building edge-agent failed");
-    let bin = profile_dir.join("edge-agent");
-    assert!(bin.exists(), "{} missing", bin.display());
-    bin
+    bins::bin_dir().join("edge-agent")
 }
 
 fn cls_bundle(minor: u64) -> Vec<u8> {

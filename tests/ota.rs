@@ -41,6 +41,8 @@ struct Pack {
     sequence: u64,
     key_seed: u8,
     expires_in: u64,
+    /// Signing time; default: now.
+    issued: Option<u64>,
     targets: Vec<TargetArch>,
 }
 
@@ -51,6 +53,7 @@ impl Pack {
             sequence: version * 10,
             key_seed: 1,
             expires_in: 86_400,
+            issued: None,
             targets: TargetArch::ALL.to_vec(),
         }
     }
@@ -72,7 +75,7 @@ fn cls_bundle(p: &Pack) -> Vec<u8> {
         golden_outputs: golden("out"),
         tolerance: 1e-4,
         keys: vec![signing_key_from_seed([p.key_seed; 32])],
-        now: now(),
+        now: p.issued.unwrap_or_else(now),
         expires_in: p.expires_in,
         nnef: false,
         targets: p.targets.clone(),
@@ -490,9 +493,13 @@ async fn attacks_are_refused_and_the_active_model_keeps_serving() {
             ..Pack::v(3)
         }))
         .await;
+    // Valid when pushed (packing takes seconds on a loaded machine), expired
+    // by the time the device sees it.
+    let issued = now();
     let expiring = server
         .push(cls_bundle(&Pack {
-            expires_in: 1,
+            expires_in: 20,
+            issued: Some(issued),
             ..Pack::v(4)
         }))
         .await;
@@ -507,7 +514,10 @@ async fn attacks_are_refused_and_the_active_model_keeps_serving() {
         }))
         .await;
     let bad_self_test = server.push(failing_self_test_bundle(6)).await;
-    tokio::time::sleep(Duration::from_secs(2)).await; // let `expiring` expire
+    // Let `expiring` expire.
+    while now() <= issued + 20 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // Anti-rollback: a lower sequence than the committed v1 (sequence 10).
     let older = server
         .push(cls_bundle(&Pack {
