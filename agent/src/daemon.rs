@@ -123,21 +123,13 @@ pub async fn start(
     let device_id = cfg.device_id();
     let root = trust_root_from_files(&cfg.trust.keys, cfg.trust.threshold)?;
     // Bad TLS files fail the start, not a background task later.
-    if cfg
-        .server
-        .url
-        .as_deref()
-        .is_some_and(|u| u.starts_with("https://"))
-    {
-        crate::tls::client_config(&cfg.server_tls())?;
-    }
-    if cfg
-        .mqtt
-        .url
-        .as_deref()
-        .is_some_and(|u| u.starts_with("mqtts://"))
-    {
-        crate::tls::client_config(&cfg.mqtt_tls())?;
+    for (url, scheme, files) in [
+        (&cfg.server.url, "https://", cfg.server_tls()),
+        (&cfg.mqtt.url, "mqtts://", cfg.mqtt_tls()),
+    ] {
+        if url.as_deref().is_some_and(|u| u.starts_with(scheme)) {
+            crate::tls::client_config(&files)?;
+        }
     }
     let store: Arc<dyn Store> = Arc::new(SledStore::open(&cfg.data_dir.join("store"))?);
     let slots = Slots::new(&cfg.data_dir)?;
