@@ -1,7 +1,8 @@
 //! TLS for the agent's two links: `https://` fleet servers (reqwest) and
-//! `mqtts://` brokers (rumqttc). Both use rustls with the ring provider,
-//! chosen explicitly per config rather than installed process-wide, so no
-//! aws-lc (cmake, breaks cross builds) and no OpenSSL (FACTS.md).
+//! `mqtts://` brokers (rumqttc). Both use rustls with the ring provider
+//! (set in each config, and also installed process-wide for reqwest's own
+//! clients), so no aws-lc (cmake, breaks cross builds) and no OpenSSL
+//! (FACTS.md).
 //!
 //! Roots: the PEM bundle in `ca_file` when set (a private fleet CA, the
 //! usual case on devices), else the system store (`/etc/ssl/certs`). A
