@@ -379,13 +379,6 @@ async fn enroll(State(s): State<AppState>, body: Bytes) -> ApiResult<Response> {
             "device ids are 1-64 characters of A-Z a-z 0-9 . _ -, not starting with '.'",
         ));
     }
-    if s.store.get_device(&req.device_id)?.is_some() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "device_exists",
-            format!("device {:?} is already enrolled", req.device_id),
-        ));
-    }
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| Error::Store(format!("random: {e}")))?;
     let credential = hex::encode(secret);
@@ -406,7 +399,14 @@ async fn enroll(State(s): State<AppState>, body: Bytes) -> ApiResult<Response> {
         telemetry: None,
         events: Vec::new(),
     };
-    s.store.put_device(&device)?;
+    // Claimed atomically: two boards enrolling under one id cannot both win.
+    if !s.store.insert_device(&device)? {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "device_exists",
+            format!("device {:?} is already enrolled", req.device_id),
+        ));
+    }
     Ok((
         StatusCode::CREATED,
         axum::Json(EnrollResponse {
@@ -544,12 +544,13 @@ async fn patch_device(
     require_role(&caller, Role::Operator)?;
     let patch: PatchDevice = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("malformed_json", format!("patch: {e}")))?;
-    let mut d = s
+    let d = s
         .store
-        .get_device(&id)?
+        .update_device(&id, &mut |d| {
+            d.tags.clone_from(&patch.tags);
+            true
+        })?
         .ok_or_else(|| ApiError::not_found("device"))?;
-    d.tags = patch.tags;
-    s.store.put_device(&d)?;
     audit(&s, &caller, "device.tags", &id)?;
     Ok(axum::Json(device_view(&d)).into_response())
 }
@@ -618,14 +619,20 @@ async fn device_report(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let mut device = require_device(auth(&s, &headers)?)?;
+    let device = require_device(auth(&s, &headers)?)?;
     let report: DeviceReport = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("malformed_json", format!("report: {e}")))?;
     // The device is the source of truth for what it runs: record it as is,
-    // including a fallback to an older bundle.
-    device.report = Some(report);
-    device.last_seen = Some(now());
-    s.store.put_device(&device)?;
+    // including a fallback to an older bundle. Only these two fields: the
+    // rest of the record may have changed since `auth` read it.
+    let at = now();
+    s.store
+        .update_device(&device.id, &mut |d| {
+            d.report = Some(report.clone());
+            d.last_seen = Some(at);
+            true
+        })?
+        .ok_or_else(|| ApiError::not_found("device"))?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -93,18 +93,18 @@ impl Controller {
 
     fn apply(&self, rollout_id: &str, effects: &[Effect]) -> Result<()> {
         for e in effects {
-            if let Some(mut d) = self.store.get_device(&e.device)?
-                && (d.desired != e.bundle
+            let mut changed = false;
+            self.store.update_device(&e.device, &mut |d| {
+                changed = d.desired != e.bundle
                     || d.desired_rollout.as_deref() != Some(rollout_id)
-                    || d.desired_rollback != e.rollback)
-            {
-                d.desired = e.bundle.clone();
+                    || d.desired_rollback != e.rollback;
+                d.desired.clone_from(&e.bundle);
                 d.desired_rollout = Some(rollout_id.to_string());
                 d.desired_rollback = e.rollback;
-                self.store.put_device(&d)?;
-                if let Some(n) = &self.notify {
-                    let _ = n.send(d.id.clone());
-                }
+                changed
+            })?;
+            if changed && let Some(n) = &self.notify {
+                let _ = n.send(e.device.clone());
             }
         }
         Ok(())

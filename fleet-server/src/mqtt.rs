@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use edgefleet_wire::telemetry::{
-    Command, CommandKind, DeviceEvent, DeviceState, TOPIC_PREFIX, TopicKind, Topics,
+    Command, CommandKind, DeviceEvent, DeviceState, TOPIC_PREFIX, Telemetry, TopicKind, Topics,
     decode_telemetry, parse_topic,
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -298,41 +298,59 @@ pub fn ingest(store: &dyn Store, topic: &str, payload: &[u8]) -> Result<()> {
     let Some((device, kind)) = parse_topic(topic) else {
         return Err(Error::Usage(format!("unknown topic {topic}")));
     };
-    let Some(mut d) = store.get_device(device)? else {
-        return Err(Error::Usage(format!("unknown device {device}")));
-    };
     let bad = |e: String| Error::Usage(format!("{topic}: {e}"));
-    let now = edge_agent::bundle::now_unix();
-    match kind {
+    enum Message {
+        State(DeviceState),
+        Telemetry(Box<Telemetry>),
+        Event(DeviceEvent),
+    }
+    let msg = match kind {
         TopicKind::State => {
-            let s: DeviceState = serde_json::from_slice(payload).map_err(|e| bad(e.to_string()))?;
-            d.online = Some(s.online);
-            if s.online {
-                d.last_seen = Some(now);
-            }
-            d.mqtt_state = Some(s);
+            Message::State(serde_json::from_slice(payload).map_err(|e| bad(e.to_string()))?)
         }
-        TopicKind::Telemetry => {
-            let t = decode_telemetry(payload).map_err(|e| bad(e.to_string()))?;
-            d.telemetry = Some(t);
-            d.online = Some(true);
-            d.last_seen = Some(now);
-        }
+        TopicKind::Telemetry => Message::Telemetry(Box::new(
+            decode_telemetry(payload).map_err(|e| bad(e.to_string()))?,
+        )),
         TopicKind::Events => {
-            let e: DeviceEvent = serde_json::from_slice(payload).map_err(|e| bad(e.to_string()))?;
-            // Replays after an outage may repeat an event: keep it once.
-            if !d.events.contains(&e) {
-                d.events.push(e);
-                let n = d.events.len();
-                if n > EVENTS_KEPT {
-                    d.events.drain(..n - EVENTS_KEPT);
-                }
-            }
-            d.last_seen = Some(now);
+            Message::Event(serde_json::from_slice(payload).map_err(|e| bad(e.to_string()))?)
         }
         TopicKind::Cmd => return Ok(()),
+    };
+    let now = edge_agent::bundle::now_unix();
+    // Atomic against the HTTP report and the controller writing the same
+    // record: a plain get-then-put lost events here under load.
+    let updated = store.update_device(device, &mut |d| {
+        match &msg {
+            Message::State(s) => {
+                d.online = Some(s.online);
+                if s.online {
+                    d.last_seen = Some(now);
+                }
+                d.mqtt_state = Some(s.clone());
+            }
+            Message::Telemetry(t) => {
+                d.telemetry = Some((**t).clone());
+                d.online = Some(true);
+                d.last_seen = Some(now);
+            }
+            Message::Event(e) => {
+                // Replays after an outage may repeat an event: keep it once.
+                if !d.events.contains(e) {
+                    d.events.push(e.clone());
+                    let n = d.events.len();
+                    if n > EVENTS_KEPT {
+                        d.events.drain(..n - EVENTS_KEPT);
+                    }
+                }
+                d.last_seen = Some(now);
+            }
+        }
+        true
+    })?;
+    match updated {
+        Some(_) => Ok(()),
+        None => Err(Error::Usage(format!("unknown device {device}"))),
     }
-    store.put_device(&d)
 }
 
 async fn notice_loop(

@@ -89,7 +89,21 @@ pub trait Store: Send + Sync + 'static {
     fn insert_bundle(&self, rec: &BundleRecord) -> Result<Option<BundleRecord>>;
     fn list_bundles(&self) -> Result<Vec<BundleRecord>>;
     fn get_device(&self, id: &str) -> Result<Option<DeviceRecord>>;
-    fn put_device(&self, d: &DeviceRecord) -> Result<()>;
+    /// Enrolls a new device; returns `false` (and writes nothing) when a
+    /// device with that id exists.
+    fn insert_device(&self, d: &DeviceRecord) -> Result<bool>;
+    /// Read-modify-write of one device record, atomic against every other
+    /// writer: HTTP reports, MQTT ingest, the rollout controller and
+    /// operators all touch the same record, and a plain get-then-put would
+    /// let one of them silently undo another's change. `change` may run more
+    /// than once (on a lost race) and returns whether to write. It must not
+    /// change the id or the credential. Returns the record as stored, or
+    /// `None` for an unknown device.
+    fn update_device(
+        &self,
+        id: &str,
+        change: &mut dyn FnMut(&mut DeviceRecord) -> bool,
+    ) -> Result<Option<DeviceRecord>>;
     fn list_devices(&self) -> Result<Vec<DeviceRecord>>;
     fn device_by_credential(&self, credential_sha256: &str) -> Result<Option<DeviceRecord>>;
     fn append_audit(&self, e: &AuditEntry) -> Result<()>;
@@ -205,12 +219,57 @@ impl Store for SledStore {
             .transpose()
     }
 
-    fn put_device(&self, d: &DeviceRecord) -> Result<()> {
-        self.devices.insert(&d.id, enc(d)?).map_err(db_err)?;
+    fn insert_device(&self, d: &DeviceRecord) -> Result<bool> {
+        // The credential index first: a device is only reachable by its
+        // credential once its record exists, and an orphan index entry is
+        // harmless (device_by_credential checks the record).
         self.credentials
             .insert(&d.credential_sha256, d.id.as_bytes())
             .map_err(db_err)?;
-        self.flush()
+        let claimed = self
+            .devices
+            .compare_and_swap(&d.id, None as Option<&[u8]>, Some(enc(d)?))
+            .map_err(db_err)?
+            .is_ok();
+        if !claimed {
+            self.credentials
+                .remove(&d.credential_sha256)
+                .map_err(db_err)?;
+        }
+        self.flush()?;
+        Ok(claimed)
+    }
+
+    fn update_device(
+        &self,
+        id: &str,
+        change: &mut dyn FnMut(&mut DeviceRecord) -> bool,
+    ) -> Result<Option<DeviceRecord>> {
+        loop {
+            let Some(old) = self.devices.get(id).map_err(db_err)? else {
+                return Ok(None);
+            };
+            let mut d: DeviceRecord = dec(&old)?;
+            let (id_before, credential_before) = (d.id.clone(), d.credential_sha256.clone());
+            if !change(&mut d) {
+                return Ok(Some(d));
+            }
+            if d.id != id_before || d.credential_sha256 != credential_before {
+                return Err(Error::Store(format!(
+                    "device {id}: an update may not change the id or the credential"
+                )));
+            }
+            // Another writer got in between: read again and redo the change.
+            if self
+                .devices
+                .compare_and_swap(id, Some(old), Some(enc(&d)?))
+                .map_err(db_err)?
+                .is_ok()
+            {
+                self.flush()?;
+                return Ok(Some(d));
+            }
+        }
     }
 
     fn list_devices(&self) -> Result<Vec<DeviceRecord>> {
@@ -253,5 +312,102 @@ impl Store for SledStore {
 
     fn list_rollouts(&self) -> Result<Vec<Rollout>> {
         Self::all(&self.rollouts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(id: &str, credential: &str) -> DeviceRecord {
+        DeviceRecord {
+            id: id.into(),
+            tags: BTreeMap::new(),
+            arch: "aarch64".into(),
+            agent_version: "0.1.0".into(),
+            credential_sha256: credential.into(),
+            enrolled_at: 1,
+            last_seen: None,
+            desired: None,
+            desired_rollout: None,
+            desired_rollback: false,
+            report: None,
+            online: None,
+            mqtt_state: None,
+            telemetry: None,
+            events: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn concurrent_updates_of_one_device_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(SledStore::open(dir.path()).unwrap());
+        assert!(store.insert_device(&device("pi-1", "c1")).unwrap());
+        // Four writers (think: HTTP report, MQTT ingest, controller,
+        // operator) each add their own keys to the same record.
+        let writers: Vec<_> = (0..4)
+            .map(|w| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for i in 0..50 {
+                        let key = format!("w{w}-{i}");
+                        let stored = store
+                            .update_device("pi-1", &mut |d| {
+                                d.tags.insert(key.clone(), "x".into());
+                                true
+                            })
+                            .unwrap();
+                        assert!(stored.unwrap().tags.contains_key(&key));
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let d = store.get_device("pi-1").unwrap().unwrap();
+        assert_eq!(d.tags.len(), 200, "lost updates: {:?}", d.tags.keys());
+    }
+
+    #[test]
+    fn updates_refuse_unknown_devices_and_identity_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        assert!(
+            store
+                .update_device("ghost", &mut |_| true)
+                .unwrap()
+                .is_none()
+        );
+        assert!(store.insert_device(&device("pi-1", "c1")).unwrap());
+        let err = store
+            .update_device("pi-1", &mut |d| {
+                d.credential_sha256 = "stolen".into();
+                true
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("credential"), "{err}");
+        // A change that asks not to be written is not written.
+        store
+            .update_device("pi-1", &mut |d| {
+                d.arch = "armv7".into();
+                false
+            })
+            .unwrap();
+        assert_eq!(store.get_device("pi-1").unwrap().unwrap().arch, "aarch64");
+    }
+
+    #[test]
+    fn a_second_enrollment_under_one_id_is_refused_and_its_credential_is_dead() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        assert!(store.insert_device(&device("pi-1", "first")).unwrap());
+        assert!(!store.insert_device(&device("pi-1", "second")).unwrap());
+        assert!(store.device_by_credential("second").unwrap().is_none());
+        assert_eq!(
+            store.device_by_credential("first").unwrap().unwrap().id,
+            "pi-1"
+        );
     }
 }
