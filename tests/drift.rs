@@ -12,7 +12,6 @@
 //!   feeds it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use edge_agent::bundle::open_bytes;
@@ -27,12 +26,9 @@ use edgefleet_wire::tensor::{NamedTensor, Tensor};
 use edgefleet_wire::verify::TrustRoot;
 use fleet_server::pack::{PackRequest, pack};
 
-fn repo(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .join(rel)
-}
+#[path = "support/common.rs"]
+mod common;
+use common::repo;
 
 /// A signed bundle of `models/{dir}` with the baseline from its
 /// `drift/calib.npz`, and that baseline.

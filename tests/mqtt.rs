@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use edge_agent::config::AgentConfig;
-use edgefleet_wire::keys::{encode_public_key, signing_key_from_seed};
+use edgefleet_wire::keys::signing_key_from_seed;
 use edgefleet_wire::manifest::{NonFiniteInputs, TargetArch};
 use edgefleet_wire::telemetry::{DeviceEvent, DeviceState, Telemetry, decode_telemetry};
 use fleet_server::config::{Role, ServerConfig, TokenConfig};
@@ -27,15 +27,12 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+#[path = "support/common.rs"]
+mod common;
+use common::{free_port, mosquitto_bin, repo, write_key};
+
 const OPERATOR: &str = "operator-token";
 const ENROLL: &str = "enroll-me";
-
-fn repo(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .join(rel)
-}
 
 fn cls_bundle(minor: u64) -> Vec<u8> {
     let golden = |k: &str| {
@@ -64,24 +61,6 @@ fn cls_bundle(minor: u64) -> Vec<u8> {
     .bundle
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn write_key(dir: &Path) -> PathBuf {
-    let key = dir.join("release.pub");
-    std::fs::write(
-        &key,
-        encode_public_key(&signing_key_from_seed([1; 32]).verifying_key()),
-    )
-    .unwrap();
-    key
-}
-
 /// A broker the test can stop and start on a fixed port.
 enum Broker {
     /// A `fleet-server` process with its embedded broker.
@@ -94,15 +73,6 @@ enum Broker {
         port: u16,
         child: Option<Child>,
     },
-}
-
-fn mosquitto_bin() -> Option<PathBuf> {
-    for p in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"] {
-        if Path::new(p).exists() {
-            return Some(PathBuf::from(p));
-        }
-    }
-    None
 }
 
 fn wait_port(port: u16) {

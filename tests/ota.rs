@@ -19,15 +19,12 @@ use fleet_server::pack::{PackRequest, pack};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+#[path = "support/common.rs"]
+mod common;
+use common::repo;
+
 const OPERATOR: &str = "operator-token";
 const ENROLL: &str = "enroll-me";
-
-fn repo(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .join(rel)
-}
 
 fn now() -> u64 {
     std::time::SystemTime::now()

@@ -3,8 +3,6 @@
 //! downloads) and the device side (enroll, desired with ETag, report).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-
 use edgefleet_wire::keys::{encode_public_key, signing_key_from_seed};
 use edgefleet_wire::manifest::{NonFiniteInputs, TargetArch};
 use fleet_server::config::{Role, ServerConfig, TokenConfig};
@@ -13,17 +11,14 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+#[path = "support/common.rs"]
+mod common;
+use common::repo;
+
 const ADMIN: &str = "admin-token";
 const OPERATOR: &str = "operator-token";
 const VIEWER: &str = "viewer-token";
 const ENROLL: &str = "enroll-me";
-
-fn repo(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .join(rel)
-}
 
 /// A multi_io bundle signed by key `seed`, version 1.0.`patch`.
 fn bundle(seed: u8, patch: u64, expires_in: u64) -> Vec<u8> {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use edge_agent::config::AgentConfig;
 use edge_agent::tls::TlsFiles;
-use edgefleet_wire::keys::{encode_public_key, signing_key_from_seed};
+use edgefleet_wire::keys::signing_key_from_seed;
 use edgefleet_wire::manifest::{NonFiniteInputs, TargetArch};
 use fleet_server::config::{Role, ServerConfig, TokenConfig};
 use fleet_server::pack::{PackRequest, pack};
@@ -30,15 +30,12 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Tr
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+#[path = "support/common.rs"]
+mod common;
+use common::{free_port, mosquitto_bin, repo, write_key};
+
 const OPERATOR: &str = "operator-token";
 const ENROLL: &str = "enroll-me";
-
-fn repo(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .join(rel)
-}
 
 /// A CA and the PEM files it issued, written into `dir`.
 struct Pki {
@@ -93,16 +90,6 @@ fn pki(dir: &Path, name: &str) -> Pki {
         client_cert: write("client.pem", &client_pem),
         client_key: write("client.key", &client_key),
     }
-}
-
-fn write_key(dir: &Path) -> PathBuf {
-    let key = dir.join("release.pub");
-    std::fs::write(
-        &key,
-        encode_public_key(&signing_key_from_seed([1; 32]).verifying_key()),
-    )
-    .unwrap();
-    key
 }
 
 fn cls_bundle() -> Vec<u8> {
@@ -318,13 +305,6 @@ async fn agents_reach_the_fleet_server_over_https_only_with_the_fleet_ca() {
     server_stop.cancel();
 }
 
-fn mosquitto_bin() -> Option<PathBuf> {
-    ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-}
-
 struct Mosquitto(Child);
 
 impl Drop for Mosquitto {
@@ -332,14 +312,6 @@ impl Drop for Mosquitto {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// What a subscriber saw: (topic, payload).

@@ -1,0 +1,44 @@
+//! Small helpers every end-to-end test file needs: repository paths, free
+//! ports, the test signing key, and Debian's mosquitto when installed.
+//! Each test binary includes this file; not every one uses every helper.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+/// A path relative to the repository root.
+pub fn repo(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("crate inside the workspace")
+        .join(rel)
+}
+
+/// A TCP port free on 127.0.0.1 at the time of the call.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// Writes the public half of the tests' release key (seed `[1; 32]`) into
+/// `dir` and returns its path, for a server's or agent's trust root.
+pub fn write_key(dir: &Path) -> PathBuf {
+    let key = dir.join("release.pub");
+    std::fs::write(
+        &key,
+        edgefleet_wire::keys::encode_public_key(
+            &edgefleet_wire::keys::signing_key_from_seed([1; 32]).verifying_key(),
+        ),
+    )
+    .expect("write the release key");
+    key
+}
+
+/// Debian's mosquitto broker, when installed.
+pub fn mosquitto_bin() -> Option<PathBuf> {
+    ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
