@@ -382,23 +382,14 @@ async fn enroll(State(s): State<AppState>, body: Bytes) -> ApiResult<Response> {
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| Error::Store(format!("random: {e}")))?;
     let credential = hex::encode(secret);
-    let device = DeviceRecord {
-        id: req.device_id.clone(),
-        tags: req.tags,
-        arch: req.arch,
-        agent_version: req.agent_version,
-        credential_sha256: sha256_hex(&credential),
-        enrolled_at: now(),
-        last_seen: Some(now()),
-        desired: None,
-        desired_rollout: None,
-        desired_rollback: false,
-        report: None,
-        online: None,
-        mqtt_state: None,
-        telemetry: None,
-        events: Vec::new(),
-    };
+    let device = DeviceRecord::enrolled(
+        req.device_id.clone(),
+        req.tags,
+        req.arch,
+        req.agent_version,
+        sha256_hex(&credential),
+        now(),
+    );
     // Claimed atomically: two boards enrolling under one id cannot both win.
     if !s.store.insert_device(&device)? {
         return Err(ApiError::new(

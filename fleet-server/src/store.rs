@@ -70,6 +70,37 @@ pub struct DeviceRecord {
     pub events: Vec<edgefleet_wire::telemetry::DeviceEvent>,
 }
 
+impl DeviceRecord {
+    /// A device as enrollment creates it: known to the server, nothing
+    /// desired, reported or heard over MQTT yet.
+    pub fn enrolled(
+        id: String,
+        tags: BTreeMap<String, String>,
+        arch: String,
+        agent_version: String,
+        credential_sha256: String,
+        at: u64,
+    ) -> DeviceRecord {
+        DeviceRecord {
+            id,
+            tags,
+            arch,
+            agent_version,
+            credential_sha256,
+            enrolled_at: at,
+            last_seen: Some(at),
+            desired: None,
+            desired_rollout: None,
+            desired_rollback: false,
+            report: None,
+            online: None,
+            mqtt_state: None,
+            telemetry: None,
+            events: Vec::new(),
+        }
+    }
+}
+
 /// One operator action, append-only.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditEntry {
@@ -320,23 +351,14 @@ mod tests {
     use super::*;
 
     fn device(id: &str, credential: &str) -> DeviceRecord {
-        DeviceRecord {
-            id: id.into(),
-            tags: BTreeMap::new(),
-            arch: "aarch64".into(),
-            agent_version: "0.1.0".into(),
-            credential_sha256: credential.into(),
-            enrolled_at: 1,
-            last_seen: None,
-            desired: None,
-            desired_rollout: None,
-            desired_rollback: false,
-            report: None,
-            online: None,
-            mqtt_state: None,
-            telemetry: None,
-            events: Vec::new(),
-        }
+        DeviceRecord::enrolled(
+            id.into(),
+            BTreeMap::new(),
+            "aarch64".into(),
+            "0.1.0".into(),
+            credential.into(),
+            1,
+        )
     }
 
     #[test]
