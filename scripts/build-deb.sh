@@ -20,10 +20,14 @@ cpu=$(value board target_cpu)
 watchdog=$(value systemd watchdog_sec)
 restart=$(value systemd restart_sec)
 memory=$(value systemd memory_max)
+glibc=$(value board glibc)
+os=$(value board os)
+[ -n "$glibc" ] || { echo "$profile_file: [board] glibc is missing" >&2; exit 2; }
 
-cpu_args=()
-[ "$cpu" != generic ] && cpu_args=(--cpu "$cpu")
-scripts/cross-build.sh "$triple" --release "${cpu_args[@]}"
+build_args=()
+[ "$cpu" != generic ] && build_args+=(--cpu "$cpu")
+[ "$(value board nnef_only)" = true ] && build_args+=(--nnef-only)
+scripts/cross-build.sh "$triple" --release "${build_args[@]}"
 
 staging=target/deb-staging
 rm -rf "$staging" && mkdir -p "$staging"
@@ -34,4 +38,19 @@ sed -e "s/@WATCHDOG_SEC@/${watchdog}s/" -e "s/@RESTART_SEC@/${restart}s/" \
 command -v cargo-deb >/dev/null 2>&1 || cargo install cargo-deb --locked
 cargo deb -p edge-agent --no-build --no-strip --target "$triple" --profile dist \
   --deb-version "$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)+$board"
-ls -l "${CARGO_TARGET_DIR:-target}/$triple/debian/"*.deb
+deb=$(ls -t "${CARGO_TARGET_DIR:-target}/$triple/debian/"*"+${board}_"*.deb | head -1)
+ls -l "$deb"
+
+# The package must install on the board's OS: its libc6 dependency (from
+# dpkg-shlibdeps) may not be newer than the glibc the profile declares.
+depends=$(dpkg-deb -f "$deb" Depends)
+need=$(printf '%s\n' "$depends" | grep -o 'libc6[^,]*(>= *[0-9.]*)' | grep -o '[0-9][0-9.]*)' | tr -d ')' | sort -V | tail -1)
+echo "Depends: $depends"
+if [ "$glibc" = static ]; then
+  [ -z "$need" ] || { echo "$board: expected a static build, the package depends on libc6 >= $need" >&2; exit 1; }
+elif [ -n "$need" ] && [ "$(printf '%s\n%s\n' "$need" "$glibc" | sort -V | tail -1)" != "$glibc" ]; then
+  echo "$board: the package needs glibc >= $need, but $os has $glibc;" \
+    "build this board with triple aarch64-unknown-linux-musl (static)" >&2
+  rm -f "$deb"
+  exit 1
+fi

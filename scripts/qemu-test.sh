@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # The ARM agent, end to end, under user-mode QEMU:
 #
-#   scripts/qemu-test.sh TARGET     (aarch64-unknown-linux-gnu,
-#                                    armv7-unknown-linux-gnueabihf,
-#                                    aarch64-unknown-linux-musl)
+#   scripts/qemu-test.sh TARGET [--nnef-only]
+#       TARGET: aarch64-unknown-linux-gnu, armv7-unknown-linux-gnueabihf,
+#               aarch64-unknown-linux-musl
+#
+# --nnef-only tests the agent built without the ONNX front end: the rollout
+# carries the NNEF form of the model, and the agent must refuse the ONNX
+# bundle with a clear error.
 #
 # 1. cross-builds the agent (the size-optimized `dist` profile that ships);
 # 2. starts a real fleet server with its embedded MQTT broker on the host;
@@ -19,7 +23,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
-target=${1:?usage: scripts/qemu-test.sh TARGET}
+target=${1:?usage: scripts/qemu-test.sh TARGET [--nnef-only]}
+variant=${2:-}
+case $variant in
+  "") build_args=() ; pack_args=() ;;
+  --nnef-only) build_args=(--nnef-only) ; pack_args=(--nnef) ;;
+  *) echo "unknown option $variant" >&2; exit 2 ;;
+esac
 tolerance=1e-4
 
 case $target in
@@ -29,11 +39,12 @@ case $target in
   *) echo "unknown target $target" >&2; exit 2 ;;
 esac
 
-step() { printf '\n==> [%s] %s\n' "$target" "$*"; }
-fail() { printf '\nQEMU TEST FAILED (%s): %s\nlogs: %s\n' "$target" "$*" "${work:-?}" >&2; exit 1; }
+label="$target${variant:+ $variant}"
+step() { printf '\n==> [%s] %s\n' "$label" "$*"; }
+fail() { printf '\nQEMU TEST FAILED (%s): %s\nlogs: %s\n' "$label" "$*" "${work:-?}" >&2; exit 1; }
 
 step "cross-building the agent"
-scripts/cross-build.sh "$target" --release
+scripts/cross-build.sh "$target" --release "${build_args[@]}"
 arm_agent="${CARGO_TARGET_DIR:-$root/target}/$target/dist/edge-agent"
 step "host tools"
 if [ -n "${EDGEFLEET_BIN_DIR:-}" ]; then
@@ -56,6 +67,9 @@ mkdir -p logs
 
 "${qemu[@]}" "$arm_agent" --version | tee logs/version.txt | grep -q edge-agent \
   || fail "the ARM binary does not run under qemu"
+if [ -n "$variant" ]; then
+  grep -q "model formats: nnef;" logs/version.txt || fail "not an NNEF-only build: $(cat logs/version.txt)"
+fi
 
 "$fleetctl" keygen --out release >/dev/null
 token=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
@@ -91,7 +105,7 @@ for i in 0 1 2 3; do
 done
 "$fleetctl" bundle pack --model "$root/models/cls/ch_ppocr_mobile_v2.0_cls_infer.onnx" \
   --name cls --version 1.0.0 --sequence 1 "${golden[@]}" --tolerance "$tolerance" \
-  --key release.key --out cls.bundle >/dev/null
+  --key release.key "${pack_args[@]}" --out cls.bundle >/dev/null
 id=$("$fleetctl" bundle push cls.bundle --json | grep -o '"id": *"[0-9a-f]\{64\}"' | grep -o '[0-9a-f]\{64\}')
 
 cat > agent.toml <<EOF
@@ -157,6 +171,19 @@ for i in 0 1 2 3; do
     || fail "case $i: ARM output differs from the ONNX Runtime reference"
 done
 
+if [ -n "$variant" ]; then
+  step "the NNEF-only agent refuses an ONNX bundle"
+  "$fleetctl" bundle pack --model "$root/models/cls/ch_ppocr_mobile_v2.0_cls_infer.onnx" \
+    --name cls --version 1.0.1 --sequence 2 "${golden[@]}" --tolerance "$tolerance" \
+    --key release.key --out cls-onnx.bundle >/dev/null
+  if "${qemu[@]}" "$arm_agent" infer --bundle cls-onnx.bundle --trust release.pub \
+    --inputs "$root/models/cls/golden/in_0.npz" --outputs onnx_0.npz > logs/onnx.out 2> logs/onnx.err; then
+    fail "the NNEF-only agent ran an ONNX bundle"
+  fi
+  cat logs/onnx.err
+  grep -q "built without ONNX support" logs/onnx.err || fail "no clear error for the ONNX bundle"
+fi
+
 step "MQTT: the server saw the ARM device online with telemetry"
 deadline=$(($(date +%s) + 60))
 until "$fleetctl" devices list --json | tr -d ' \n' | grep -q '"online":true'; do
@@ -171,4 +198,4 @@ grep -q "committed" <("$fleetctl" devices list --json) || fail "no committed sta
 
 size=$(stat -c %s "$arm_agent")
 step "ok: $(cat logs/version.txt) on $target, $((size / 1024)) KiB stripped, outputs match x86 and ORT within $tolerance"
-echo "QEMU TEST OK ($target)"
+echo "QEMU TEST OK ($label)"

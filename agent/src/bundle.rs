@@ -48,7 +48,8 @@ pub fn trust_root_from_files(
     })
 }
 
-/// Device-side checks after the signature: architecture and agent version.
+/// Device-side checks after the signature: architecture, agent version and
+/// model format (NNEF-only builds refuse ONNX before any download or load).
 fn check_device(manifest: &Manifest) -> Result<(), AgentError> {
     let arch = TargetArch::current();
     if !arch.is_some_and(|a| manifest.targets.contains(&a)) {
@@ -70,6 +71,7 @@ fn check_device(manifest: &Manifest) -> Result<(), AgentError> {
             ours: ours.to_string(),
         });
     }
+    crate::runtime::check_format(manifest.payload.format)?;
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use edgefleet_wire::npz::{NpzLimits, read_npz, to_npz_bytes};
 use edgefleet_wire::tensor::NamedTensor;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use tract_onnx::prelude::*;
+use tract_nnef::prelude::*;
 
 use crate::api::{self, ApiConfig};
 use crate::bundle::{TrustedBundle, open_file, trust_root_from_files};
@@ -20,10 +20,20 @@ use crate::metrics::Metrics;
 use crate::procstat;
 use crate::runtime::to_tract;
 
+/// `--version`: the version and the model formats this build loads.
+#[cfg(feature = "onnx")]
+const LONG_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (model formats: onnx, nnef)");
+#[cfg(not(feature = "onnx"))]
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (model formats: nnef; an NNEF-only build)"
+);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "edge-agent",
     version,
+    long_version = LONG_VERSION,
     about = "edgefleet device agent: serve verified ONNX model bundles with tract"
 )]
 pub struct Cli {

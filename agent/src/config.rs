@@ -450,6 +450,27 @@ watch_secs = 30
                     p.display()
                 );
                 assert!(!c.trust.keys.is_empty(), "{}", p.display());
+                // What scripts/build-deb.sh needs to build a package that
+                // installs on the board's OS.
+                let b = &board["board"];
+                let triple = b["triple"].as_str().unwrap();
+                let glibc = b["glibc"].as_str().unwrap();
+                assert!(b["os"].as_str().is_some_and(|s| !s.is_empty()));
+                if triple.ends_with("-musl") {
+                    assert_eq!(glibc, "static", "{}: a musl build", p.display());
+                } else {
+                    let v: Vec<u32> = glibc.split('.').map(|x| x.parse().unwrap()).collect();
+                    assert!(
+                        v.len() == 2 && v[0] == 2,
+                        "{}: glibc {glibc:?}",
+                        p.display()
+                    );
+                }
+                assert!(
+                    b.get("nnef_only").is_none_or(|v| v.as_bool().is_some()),
+                    "{}: nnef_only must be true or false",
+                    p.display()
+                );
                 n += 1;
             }
         }

@@ -32,6 +32,12 @@ pub enum RuntimeError {
     UnsupportedDtype { what: String, dtype: String },
     #[error("inference failed: {detail}")]
     Inference { detail: String },
+    /// The bundle's model format is not compiled into this agent (an
+    /// NNEF-only build, without the `onnx` feature, given an ONNX model).
+    #[error(
+        "this agent was built without {format} support (an NNEF-only build); pack the bundle with `fleetctl bundle pack --nnef`"
+    )]
+    UnsupportedFormat { format: &'static str },
     #[error(
         "self-test failed: golden case {case}, output {output:?} differs from the reference by max abs {max_abs:e} at index {at} (tolerance {tolerance:e})"
     )]
@@ -58,6 +64,7 @@ impl RuntimeError {
             RuntimeError::NonFinite { .. } => "non_finite_input",
             RuntimeError::UnsupportedDtype { .. } => "unsupported_dtype",
             RuntimeError::Inference { .. } => "inference_failed",
+            RuntimeError::UnsupportedFormat { .. } => "unsupported_model_format",
             RuntimeError::SelfTest { .. } | RuntimeError::SelfTestShape { .. } => {
                 "self_test_failed"
             }

@@ -2,15 +2,24 @@
 
 use clap::Parser as _;
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EDGE_AGENT_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
+    // EDGE_AGENT_LOG: `info`, `edge_agent=debug,warn`, ... (target=level
+    // lists; no span or field filters, which would need a regex engine).
+    let filter = match std::env::var("EDGE_AGENT_LOG") {
+        Ok(v) => v.parse::<Targets>().unwrap_or_else(|e| {
+            eprintln!("EDGE_AGENT_LOG={v:?}: {e}; logging warnings and errors only");
+            Targets::new().with_default(LevelFilter::WARN)
+        }),
+        Err(_) => Targets::new().with_default(LevelFilter::WARN),
+    };
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
         .init();
     let cli = edge_agent::cli::Cli::parse();
     let shutdown = CancellationToken::new();

@@ -10,7 +10,10 @@ use std::sync::Arc;
 use edgefleet_wire::bundle::VerifiedModel;
 use edgefleet_wire::manifest::{GoldenSet, ModelFormat, NonFiniteInputs};
 use edgefleet_wire::tensor::{DType, NamedTensor, Tensor as WireTensor, TensorSpec, max_abs_diff};
-use tract_onnx::prelude::*;
+use tract_nnef::prelude::*;
+#[cfg(feature = "onnx")]
+use tract_onnx::prelude::{InferenceFact, InferenceModelExt};
+use tract_onnx_opl::WithOnnx;
 
 use crate::error::{Result, RuntimeError};
 
@@ -110,16 +113,29 @@ pub fn from_tract(t: &Tensor) -> Result<WireTensor> {
     })
 }
 
+/// Whether this build can load `format`: NNEF always, ONNX with the `onnx`
+/// feature (the default; NNEF-only builds leave the ONNX front end out).
+pub fn check_format(format: ModelFormat) -> Result<()> {
+    match format {
+        ModelFormat::Nnef => Ok(()),
+        ModelFormat::Onnx if cfg!(feature = "onnx") => Ok(()),
+        ModelFormat::Onnx => Err(RuntimeError::UnsupportedFormat { format: "ONNX" }),
+    }
+}
+
 /// Names of a model's inputs, in order, without pinning or optimizing it.
 /// Used by the packer to match golden files against the model.
 pub fn declared_inputs(format: ModelFormat, bytes: &[u8]) -> Result<Vec<String>> {
     match format {
+        #[cfg(feature = "onnx")]
         ModelFormat::Onnx => {
             let model = tract_onnx::onnx()
                 .model_for_read(&mut &bytes[..])
                 .map_err(load_err)?;
             outlet_names(&model, model.input_outlets().map_err(load_err)?)
         }
+        #[cfg(not(feature = "onnx"))]
+        ModelFormat::Onnx => Err(RuntimeError::UnsupportedFormat { format: "ONNX" }),
         ModelFormat::Nnef => {
             let model = nnef().model_for_read(&mut &bytes[..]).map_err(load_err)?;
             outlet_names(&model, model.input_outlets().map_err(load_err)?)
@@ -360,6 +376,9 @@ impl Model {
 /// optimizing (NNEF export needs the decluttered, not the optimized, form).
 fn pinned_typed(format: ModelFormat, bytes: &[u8], inputs: &[TensorSpec]) -> Result<TypedModel> {
     match format {
+        #[cfg(not(feature = "onnx"))]
+        ModelFormat::Onnx => Err(RuntimeError::UnsupportedFormat { format: "ONNX" }),
+        #[cfg(feature = "onnx")]
         ModelFormat::Onnx => {
             let mut model = tract_onnx::onnx()
                 .model_for_read(&mut &bytes[..])
@@ -397,6 +416,7 @@ fn pinned_typed(format: ModelFormat, bytes: &[u8], inputs: &[TensorSpec]) -> Res
     }
 }
 
+#[cfg(feature = "onnx")]
 fn check_declared(declared: &[String], inputs: &[TensorSpec]) -> Result<()> {
     if let Some(extra) = inputs.iter().find(|s| !declared.contains(&s.name)) {
         return Err(RuntimeError::UnknownInput {
@@ -549,4 +569,35 @@ pub fn self_test(session: &mut Session, golden: &GoldenSet) -> Result<SelfTestRe
         cases: golden.cases.len(),
         max_abs_diff: worst,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_onnx_feature_decides_whether_onnx_bundles_load() {
+        assert!(check_format(ModelFormat::Nnef).is_ok());
+        let onnx = check_format(ModelFormat::Onnx);
+        assert_eq!(onnx.is_ok(), cfg!(feature = "onnx"));
+        if let Err(e) = onnx {
+            assert_eq!(e.code(), "unsupported_model_format");
+            assert!(e.to_string().contains("fleetctl bundle pack --nnef"), "{e}");
+        }
+    }
+
+    #[test]
+    fn an_nnef_only_build_refuses_onnx_bytes_with_the_format_error() {
+        let bytes = std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../models/cls/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+        )
+        .unwrap();
+        let names = declared_inputs(ModelFormat::Onnx, &bytes);
+        if cfg!(feature = "onnx") {
+            assert_eq!(names.unwrap(), ["x"]);
+        } else {
+            assert_eq!(names.unwrap_err().code(), "unsupported_model_format");
+        }
+    }
 }
