@@ -44,13 +44,14 @@ ls -l "$deb"
 # The package must install on the board's OS: its libc6 dependency (from
 # dpkg-shlibdeps) may not be newer than the glibc the profile declares.
 depends=$(dpkg-deb -f "$deb" Depends)
-need=$(printf '%s\n' "$depends" | grep -o 'libc6[^,]*(>= *[0-9.]*)' | grep -o '[0-9][0-9.]*)' | tr -d ')' | sort -V | tail -1)
+need=$( (printf '%s\n' "$depends" | grep -o 'libc6[^,]*(>= *[0-9.]*)' | grep -o '[0-9][0-9.]*)' | tr -d ')' | sort -V | tail -1) || true)
 echo "Depends: $depends"
 if [ "$glibc" = static ]; then
   [ -z "$need" ] || { echo "$board: expected a static build, the package depends on libc6 >= $need" >&2; exit 1; }
 elif [ -n "$need" ] && [ "$(printf '%s\n%s\n' "$need" "$glibc" | sort -V | tail -1)" != "$glibc" ]; then
   echo "$board: the package needs glibc >= $need, but $os has $glibc;" \
-    "build this board with triple aarch64-unknown-linux-musl (static)" >&2
-  rm -f "$deb"
+    "use the static aarch64-unknown-linux-musl triple or a newer OS" >&2
+  # cargo-deb also links the package into target/debian/.
+  rm -f "$deb" "${CARGO_TARGET_DIR:-target}/debian/$(basename "$deb")"
   exit 1
 fi
