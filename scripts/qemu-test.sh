@@ -196,6 +196,24 @@ until "$fleetctl" devices list --json | tr -d ' \n' | grep -q '"telemetry":{'; d
 done
 grep -q "committed" <("$fleetctl" devices list --json) || fail "no committed state reported"
 
+if [ -n "$variant" ]; then
+  step "an ONNX rollout to the NNEF-only agent: refused, reported, v1 keeps serving"
+  onnx_id=$("$fleetctl" bundle push cls-onnx.bundle --json | grep -o '"id": *"[0-9a-f]\{64\}"' | grep -o '[0-9a-f]\{64\}')
+  "$fleetctl" rollout create --bundle "$onnx_id" --stages 100:0 >/dev/null
+  deadline=$(($(date +%s) + 300))
+  until "$fleetctl" devices list --json | grep -q "built without ONNX support"; do
+    [ "$(date +%s)" -lt "$deadline" ] || { "$fleetctl" devices list --json; fail "no report of the refused ONNX bundle"; }
+    sleep 2
+  done
+  "$fleetctl" devices list
+  "$fleetctl" devices list --json | tr -d ' \n' | grep -q '"state":"failed"' \
+    || fail "the refused ONNX bundle did not leave the device in state failed"
+  "$bin/edge-agent" load --url "$agent" --input "$root/models/cls/golden/in_0.npz" \
+    --rps 1 --seconds 2 --output served_after.npz >/dev/null
+  "$bin/edge-agent" compare served_after.npz "$root/models/cls/golden/out_0.npz" --tolerance "$tolerance" \
+    || fail "the active NNEF model stopped serving after the refused ONNX rollout"
+fi
+
 size=$(stat -c %s "$arm_agent")
 step "ok: $(cat logs/version.txt) on $target, $((size / 1024)) KiB stripped, outputs match x86 and ORT within $tolerance"
 echo "QEMU TEST OK ($label)"

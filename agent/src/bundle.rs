@@ -49,7 +49,7 @@ pub fn trust_root_from_files(
 }
 
 /// Device-side checks after the signature: architecture, agent version and
-/// model format (NNEF-only builds refuse ONNX before any download or load).
+/// model format (NNEF-only builds refuse ONNX here, before loading it).
 fn check_device(manifest: &Manifest) -> Result<(), AgentError> {
     let arch = TargetArch::current();
     if !arch.is_some_and(|a| manifest.targets.contains(&a)) {
