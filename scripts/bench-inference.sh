@@ -13,7 +13,7 @@ root=$(pwd)
 python3 -m pip install -q -r scripts/requirements.txt
 
 echo "==> building edge-agent and fleetctl (release)"
-cargo build --release --locked -p edge-agent -p fleet-server --bin edge-agent --bin fleetctl
+cargo build --release --locked -p edge-agent -p fleetctl --bin edge-agent --bin fleetctl
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 agent="$target_dir/release/edge-agent"
 fleetctl="$target_dir/release/fleetctl"

@@ -14,7 +14,7 @@ a=${1:?usage: AGENT_A AGENT_B [FLEETCTL]}
 b=${2:?usage: AGENT_A AGENT_B [FLEETCTL]}
 fleetctl=${3:-}
 if [[ -z "$fleetctl" ]]; then
-  cargo build --locked -q -p fleet-server --bin fleetctl
+  cargo build --locked -q -p fleetctl --bin fleetctl
   fleetctl="$(cargo metadata --format-version 1 --no-deps \
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/fleetctl"
 fi

@@ -27,7 +27,7 @@ step "building fleet-server, fleetctl and edge-agent"
 if [ -n "${EDGEFLEET_BIN_DIR:-}" ]; then
   bin=$EDGEFLEET_BIN_DIR   # binaries of the test build (tests/demo.rs, test.sh)
 else
-  cargo build --locked -q -p fleet-server -p edge-agent --bins
+  cargo build --locked -q -p fleet-server -p fleetctl -p edge-agent --bins --features edge-agent/testing
   bin="${CARGO_TARGET_DIR:-$root/target}/debug"
 fi
 fleetctl="$bin/fleetctl"

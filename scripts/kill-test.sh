@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${1:-50}"
-KILL_ITERATIONS="$n" cargo test -p fleet-server --test kill -- --nocapture
+KILL_ITERATIONS="$n" cargo test -p edgefleet-integ --test kill -- --nocapture

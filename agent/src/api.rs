@@ -16,7 +16,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use edgefleet_wire::npz::{NpzLimits, from_npz_bytes, to_npz_bytes};
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{InferResponse, ModelRef, decode_request, encode_named};
@@ -90,8 +89,8 @@ impl std::fmt::Debug for Control {
 }
 
 /// An API error: status, stable code, client-safe message. Rendered as
-/// `{"error": {"code", "message"}}`; 503 adds `Retry-After`. The fleet
-/// server uses the same type, so both APIs fail the same way.
+/// `edgefleet_wire::api::v1::ErrorBody`, the shape the fleet server's
+/// errors have too; 503 adds `Retry-After`.
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -123,7 +122,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let body = edgefleet_wire::api::v1::ErrorBody::new(self.code, self.message);
         let mut r = (self.status, axum::Json(body)).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             r.headers_mut()
@@ -252,15 +251,24 @@ async fn status(State(s): State<AppState>) -> Response {
     match control(&s) {
         Ok(c) => {
             let st = c.status.borrow().clone();
-            axum::Json(json!({
-                "state": st.record.phase.state(),
-                "record": st.record,
-                "step": st.step,
-            }))
+            axum::Json(StatusView {
+                state: st.record.phase.state(),
+                record: st.record,
+                step: st.step,
+            })
             .into_response()
         }
         Err(e) => e.into_response(),
     }
+}
+
+/// `GET /v1/status`: the update record and the state it reports.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct StatusView {
+    pub state: edgefleet_wire::device::UpdateState,
+    pub record: crate::update::Record,
+    /// Bumped on every step of the update machine.
+    pub step: u64,
 }
 
 /// `POST /v1/install`: the raw bundle bytes. Accepted (202) once the file
@@ -290,8 +298,7 @@ async fn install(State(s): State<AppState>, headers: HeaderMap, body: Body) -> R
             .into_response();
         }
     };
-    use sha2::Digest as _;
-    let id = hex::encode(sha2::Sha256::digest(&bytes));
+    let id = edgefleet_wire::bundle::content_address(&bytes);
     let dest = c.slots.bundle(&id);
     let tmp = dest.with_extension("sideload");
     let written = tokio::task::spawn_blocking(move || {

@@ -3,9 +3,11 @@
 
 use std::path::Path;
 
-use edgefleet_wire::bundle::{Limits, VerifiedModel};
+use edgefleet_wire::bundle::Limits;
 use edgefleet_wire::keys::decode_public_key;
 use edgefleet_wire::manifest::{Manifest, TargetArch};
+use edgefleet_wire::time::unix_now as now_unix;
+use edgefleet_wire::verify::VerifiedModel;
 use edgefleet_wire::verify::{Expiry, TrustRoot, Verified, open_bundle};
 
 use crate::error::AgentError;
@@ -16,14 +18,6 @@ use crate::error::AgentError;
 pub struct TrustedBundle {
     pub manifest: Verified<Manifest>,
     pub model: VerifiedModel,
-}
-
-/// Current unix time in seconds.
-pub fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// Reads public key files into a trust root.
@@ -71,7 +65,7 @@ fn check_device(manifest: &Manifest) -> Result<(), AgentError> {
             ours: ours.to_string(),
         });
     }
-    crate::runtime::check_format(manifest.payload.format)?;
+    edgefleet_runtime::check_format(manifest.payload.format)?;
     Ok(())
 }
 

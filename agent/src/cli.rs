@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use edgefleet_runtime::tract_nnef::prelude::*;
 use edgefleet_wire::bundle::Limits;
 use edgefleet_wire::npz::{NpzLimits, read_npz, to_npz_bytes};
 use edgefleet_wire::tensor::NamedTensor;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use tract_nnef::prelude::*;
 
 use crate::api::{self, ApiConfig};
 use crate::bundle::{TrustedBundle, open_file, trust_root_from_files};
@@ -18,7 +18,7 @@ use crate::engine::{Engine, EngineConfig, prepare};
 use crate::error::AgentError;
 use crate::metrics::Metrics;
 use crate::procstat;
-use crate::runtime::to_tract;
+use edgefleet_runtime::to_tract;
 
 /// `--version`: the version and the model formats this build loads.
 #[cfg(feature = "onnx")]
@@ -355,9 +355,9 @@ fn infer_files(
     }
 }
 
+/// Nearest rank, as in telemetry and the watch window (0 for no samples).
 fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
+    edgefleet_wire::stats::nearest_rank(sorted, p).unwrap_or(0.0)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -545,8 +545,8 @@ fn bare_tract(
     inputs: &[NamedTensor],
     warmup: usize,
     iterations: usize,
-) -> Result<(crate::runtime::LoadTimings, Duration, Vec<f64>), AgentError> {
-    let model = crate::runtime::Model::load(
+) -> Result<(edgefleet_runtime::LoadTimings, Duration, Vec<f64>), AgentError> {
+    let model = edgefleet_runtime::Model::load(
         bundle.model.format(),
         bundle.model.bytes(),
         &bundle.manifest.inputs,
@@ -597,57 +597,63 @@ async fn install(
         })?;
     let status = resp.status();
     let body = resp.bytes().await.unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     if !status.is_success() {
+        let err = serde_json::from_slice::<edgefleet_wire::api::v1::ErrorBody>(&body).ok();
         return Err(AgentError::Server {
             url,
             status: status.as_u16(),
-            code: v["error"]["code"].as_str().unwrap_or("unknown").into(),
-            message: v["error"]["message"].as_str().unwrap_or_default().into(),
+            code: err
+                .as_ref()
+                .map_or_else(|| "unknown".into(), |e| e.error.code.clone()),
+            message: err.map(|e| e.error.message).unwrap_or_default(),
         });
     }
-    let id = v["id"].as_str().unwrap_or_default().to_string();
-    println!(
-        "accepted {} {} ({id})",
-        v["name"].as_str().unwrap_or("?"),
-        v["version"].as_str().unwrap_or("?")
-    );
+    let accepted: edgefleet_wire::device::BundleRef =
+        serde_json::from_slice(&body).map_err(|e| AgentError::Http {
+            url: url.clone(),
+            detail: format!("unexpected answer: {e}"),
+        })?;
+    let id = accepted.id.clone();
+    println!("accepted {} {} ({id})", accepted.name, accepted.version);
     if wait == 0 {
         return Ok(());
     }
     let deadline = Instant::now() + Duration::from_secs(wait);
     let status_url = format!("{base}/v1/status");
-    let mut last = String::new();
+    let mut last = None;
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let Ok(r) = authed(http.get(&status_url)).send().await else {
             continue;
         };
-        let s: serde_json::Value =
-            serde_json::from_slice(&r.bytes().await.unwrap_or_default()).unwrap_or_default();
-        let state = s["state"].as_str().unwrap_or("").to_string();
-        if state != last {
-            println!("state {state}");
-            last = state.clone();
+        let Ok(s) =
+            serde_json::from_slice::<crate::api::StatusView>(&r.bytes().await.unwrap_or_default())
+        else {
+            continue;
+        };
+        if last != Some(s.state) {
+            println!("state {}", s.state.as_str());
+            last = Some(s.state);
         }
-        let rec = &s["record"];
-        let active = rec["active"]["id"].as_str() == Some(&id);
-        let failed = rec["last_failed"]["id"].as_str() == Some(&id);
-        match state.as_str() {
-            "committed" | "idle" if active => {
+        let rec = &s.record;
+        let active = rec.active.as_ref().is_some_and(|a| a.id == id);
+        let failed = rec.last_failed.as_ref().is_some_and(|f| f.id == id);
+        use edgefleet_wire::device::UpdateState as S;
+        match s.state {
+            S::Committed | S::Idle if active => {
                 println!("installed and committed");
                 return Ok(());
             }
-            "watching" if active => {}
-            "failed" | "rolled_back" if failed => {
+            S::Failed | S::RolledBack if failed => {
                 return Err(AgentError::Refused(format!(
                     "install failed: {}",
-                    rec["reason"].as_str().unwrap_or("unknown reason")
+                    rec.reason.as_deref().unwrap_or("unknown reason")
                 )));
             }
             _ => {}
         }
     }
+    let last = last.map_or("none", |s| s.as_str());
     Err(AgentError::Refused(format!(
         "install not finished after {wait} s (last state {last})"
     )))

@@ -27,7 +27,10 @@ pub struct AgentConfig {
     pub engine: EngineSection,
     pub mqtt: MqttSection,
     pub update: UpdateSection,
-    /// Fault injection for tests and the demo. Never set it on a device.
+    /// Fault injection for tests and the demo. Only builds with the
+    /// `testing` cargo feature (test builds, the demo) have it; a device
+    /// build refuses a config that sets it.
+    #[cfg(feature = "testing")]
     pub testing: TestingSection,
 }
 
@@ -43,6 +46,7 @@ impl Default for AgentConfig {
             engine: EngineSection::default(),
             mqtt: MqttSection::default(),
             update: UpdateSection::default(),
+            #[cfg(feature = "testing")]
             testing: TestingSection::default(),
         }
     }
@@ -222,6 +226,19 @@ pub struct UpdateSection {
     pub max_watch_restarts: u32,
     /// Bundles kept on disk besides active and last known good. Default 0.
     pub keep_extra_bundles: usize,
+    /// Corrupted transfers in a row (bytes that do not hash to the bundle
+    /// id) before the device reports `failed` (`transfer_corrupted`); it
+    /// keeps retrying at `retry_max_ms` after that. Default 5.
+    pub max_corrupt_transfers: u32,
+    /// A download whose body sends nothing for this long is cut and
+    /// resumed. Default 60 s.
+    pub download_idle_timeout_secs: u64,
+    /// The slowest transfer tolerated: a download gets 120 s plus its size
+    /// at this rate before it is cut and resumed. Default 8192 B/s.
+    pub download_min_bytes_per_sec: u64,
+    /// Free space kept beyond a download's size; with less the update
+    /// waits as `blocked` (`insufficient_space`). Default 8 MiB.
+    pub free_space_margin_bytes: u64,
 }
 
 impl Default for UpdateSection {
@@ -238,6 +255,10 @@ impl Default for UpdateSection {
             p95_slack_ms: 5.0,
             max_watch_restarts: 3,
             keep_extra_bundles: 0,
+            max_corrupt_transfers: 5,
+            download_idle_timeout_secs: 60,
+            download_min_bytes_per_sec: 8192,
+            free_space_margin_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -356,6 +377,14 @@ impl AgentConfig {
         }
         if self.update.retry_min_ms == 0 || self.update.retry_max_ms < self.update.retry_min_ms {
             return bad("[update] need 0 < retry_min_ms <= retry_max_ms".into());
+        }
+        if self.update.download_idle_timeout_secs == 0
+            || self.update.download_min_bytes_per_sec == 0
+        {
+            return bad(
+                "[update] download_idle_timeout_secs and download_min_bytes_per_sec must be > 0"
+                    .into(),
+            );
         }
         if self.mqtt.reconnect_min_ms == 0
             || self.mqtt.reconnect_max_ms < self.mqtt.reconnect_min_ms

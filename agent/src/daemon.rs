@@ -7,13 +7,14 @@
 //! when configured, MQTT telemetry.
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use edgefleet_wire::device::{DeviceReport, EnrollRequest, Health};
+use edgefleet_wire::device::EnrollRequest;
 use edgefleet_wire::manifest::TargetArch;
 use tokio::sync::{Notify, mpsc, watch};
+
+pub use crate::shared::Shared;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -26,68 +27,29 @@ use crate::error::AgentError;
 use crate::floor::FloorFile;
 use crate::metrics::Metrics;
 use crate::store::{SledStore, Store, write_atomic};
-use crate::update::{Phase, Record};
+use crate::update::Record;
 use crate::updater::{Ctx, Notice, RECORD_KEY, Slots, Status, Updater, load_installed, target_of};
-
-/// Shared handles of a running daemon.
-#[derive(Clone)]
-pub struct Shared {
-    pub cfg: Arc<AgentConfig>,
-    pub device_id: String,
-    pub engine: Arc<Engine>,
-    pub metrics: Arc<Metrics>,
-    pub store: Arc<dyn Store>,
-    pub status: watch::Receiver<Status>,
-    /// Poll the server now (MQTT "update available").
-    pub poll_now: Arc<Notify>,
-    /// Report now (MQTT "report now").
-    pub report_now: Arc<Notify>,
-    pub client: Arc<OnceLock<ServerClient>>,
-    pub credential: Arc<OnceLock<String>>,
-    pub booted_at: u64,
-}
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("device_id", &self.device_id)
-            .finish_non_exhaustive()
-    }
-}
 
 fn credential_path(cfg: &AgentConfig) -> PathBuf {
     cfg.data_dir.join("credential")
 }
 
 /// Serves the recorded active model (falling back to last known good) so
-/// the device answers before it talks to anyone.
+/// the device answers before it talks to anyone. Returns what serves; the
+/// update machine records it (`Event::Boot`).
 fn serve_installed(
-    rec: &mut Record,
+    rec: &Record,
     slots: &Slots,
-    ctx_root: &edgefleet_wire::verify::TrustRoot,
+    root: &edgefleet_wire::verify::TrustRoot,
     cfg: &AgentConfig,
     engine: &Engine,
-) {
-    let candidates = [rec.active.clone(), rec.last_known_good.clone()];
-    for (i, b) in candidates.into_iter().enumerate() {
-        let Some(b) = b else { continue };
-        match load_installed(slots, ctx_root, &b, cfg) {
+) -> Option<edgefleet_wire::device::BundleRef> {
+    for b in [&rec.active, &rec.last_known_good].into_iter().flatten() {
+        match load_installed(slots, root, b, cfg) {
             Ok(m) => {
                 tracing::info!(name = %m.info.name, version = %m.info.version, "serving installed model");
                 engine.activate(m);
-                if i == 1 {
-                    rec.reason = Some(format!(
-                        "the active bundle could not be loaded at start; fell back to {} {}",
-                        b.name, b.version
-                    ));
-                    rec.active = Some(b);
-                    if matches!(rec.phase, Phase::Watching { .. }) {
-                        rec.phase = Phase::RolledBack {
-                            reason: rec.reason.clone().unwrap_or_default(),
-                        };
-                    }
-                }
-                return;
+                return Some(b.clone());
             }
             Err(e) => tracing::error!(bundle = %b.id, error = %e, "cannot load installed bundle"),
         }
@@ -95,6 +57,7 @@ fn serve_installed(
     if rec.active.is_some() {
         tracing::error!("no installed bundle loads: waiting for the server");
     }
+    None
 }
 
 /// Runs the daemon until `shutdown`.
@@ -145,26 +108,25 @@ pub async fn start(
         metrics.clone(),
     )?;
 
-    let mut record: Record = match store.get(RECORD_KEY)? {
+    let record: Record = match store.get(RECORD_KEY)? {
         Some(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
             tracing::error!(error = %e, "unreadable update record; starting from idle");
             Record::default()
         }),
         None => Record::default(),
     };
-    {
+    let served = {
         let (slots, root, cfg, engine) = (slots.clone(), root.clone(), cfg.clone(), engine.clone());
-        record = tokio::task::spawn_blocking(move || {
-            serve_installed(&mut record, &slots, &root, &cfg, &engine);
-            record
-        })
-        .await
-        .map_err(|e| AgentError::Invariant(e.to_string()))?;
-    }
+        let rec = record.clone();
+        tokio::task::spawn_blocking(move || serve_installed(&rec, &slots, &root, &cfg, &engine))
+            .await
+            .map_err(|e| AgentError::Invariant(e.to_string()))?
+    };
 
     let (status_tx, status_rx) = watch::channel(Status {
         record: record.clone(),
         step: 0,
+        store_error: None,
     });
     let (notice_tx, notice_rx) = mpsc::unbounded_channel::<Notice>();
     let (desired_tx, desired_rx) = mpsc::channel(8);
@@ -182,7 +144,7 @@ pub async fn start(
         report_now: Arc::new(Notify::new()),
         client: client_cell.clone(),
         credential: credential_cell.clone(),
-        booted_at: crate::bundle::now_unix(),
+        booted_at: edgefleet_wire::time::unix_now(),
     };
 
     let counters = Arc::new(crate::telemetry::Counters::default());
@@ -251,9 +213,10 @@ pub async fn start(
         engine: engine.clone(),
         root,
         client: client_cell.clone(),
+        clock: crate::updater::system_clock(),
     };
     let updater = Updater::new(ctx, record, status_tx, notice_tx);
-    tasks.spawn(updater.run(desired_rx, stop.clone()));
+    tasks.spawn(updater.run(served, desired_rx, stop.clone()));
 
     // Lifecycle notices: log, report now, and queue for MQTT.
     let (mqtt_tx, mqtt_rx) = mpsc::unbounded_channel::<Notice>();
@@ -412,8 +375,8 @@ async fn server_loop(
                     }
                 }
             };
-            write_atomic(&cred_path, resp.credential.as_bytes())?;
-            set_private(&cred_path);
+            // 0600 from the first byte: the credential is a bearer secret.
+            write_atomic(&cred_path, resp.credential.as_bytes(), 0o600)?;
             tracing::info!(device = %resp.device_id, "enrolled");
             resp.credential
         }
@@ -428,31 +391,10 @@ async fn server_loop(
     Ok(())
 }
 
-#[cfg(unix)]
-fn set_private(p: &std::path::Path) {
-    use std::os::unix::fs::PermissionsExt as _;
-    let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600));
-}
-
-#[cfg(not(unix))]
-fn set_private(_: &std::path::Path) {}
-
+/// The delay before retry number `failures` (1 for the first retry).
 fn retry_delay(cfg: &AgentConfig, failures: u32) -> Duration {
-    let ms = cfg
-        .update
-        .retry_min_ms
-        .saturating_mul(1u64 << failures.min(16))
-        .min(cfg.update.retry_max_ms);
-    Duration::from_millis(ms)
-}
-
-/// A pseudo-random fraction in [0, 1) (jitter; no rand dependency).
-fn jitter_fraction() -> f64 {
-    let n = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    f64::from(n % 1000) / 1000.0
+    edgefleet_wire::backoff::Backoff::from_millis(cfg.update.retry_min_ms, cfg.update.retry_max_ms)
+        .delay(failures.saturating_sub(1))
 }
 
 async fn poll_loop(
@@ -477,7 +419,9 @@ async fn poll_loop(
             Err(e) => tracing::warn!(error = %e, "desired-state poll failed"),
         }
         let base = cfg.poll_interval_secs as f64;
-        let wait = Duration::from_secs_f64(base * (1.0 + cfg.poll_jitter * jitter_fraction()));
+        let wait = Duration::from_secs_f64(
+            base * (1.0 + cfg.poll_jitter * edgefleet_wire::backoff::random_unit()),
+        );
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = shared.poll_now.notified() => {}
@@ -486,37 +430,12 @@ async fn poll_loop(
     }
 }
 
-/// The device report: what runs, the update state, health of the active model.
-pub fn build_report(shared: &Shared) -> DeviceReport {
-    let rec = shared.status.borrow().record.clone();
-    let health = shared
-        .engine
-        .active()
-        .map(|m| Health {
-            inferences: m.stats.inferences.load(Relaxed) + m.stats.errors.load(Relaxed),
-            errors: m.stats.errors.load(Relaxed),
-            p95_latency_ms: m.stats.p95_ms(),
-        })
-        .unwrap_or_default();
-    DeviceReport {
-        active: rec.active.clone(),
-        staged: rec.phase.target().map(|t| t.bundle.clone()),
-        last_failed: rec.last_failed.clone(),
-        state: rec.phase.state(),
-        reason: rec.reason.clone(),
-        health,
-        last_known_good: rec.last_known_good.clone(),
-        shadow: rec.shadow.clone(),
-        agent_version: Some(crate::AGENT_VERSION.to_string()),
-    }
-}
-
 async fn report_loop(shared: Shared, client: ServerClient, stop: CancellationToken) {
     let mut status = shared.status.clone();
     let interval = Duration::from_secs(shared.cfg.server.report_interval_secs.max(1));
     let mut failures = 0u32;
     loop {
-        let report = build_report(&shared);
+        let report = shared.report();
         match client.report(&report).await {
             Ok(()) => failures = 0,
             Err(e) => {

@@ -172,7 +172,7 @@ pub fn render_prometheus(values: &[DriftValue], alerting: bool) -> String {
         let _ = writeln!(
             out,
             "edge_agent_drift_psi{{feature=\"{}\"}} {}",
-            crate::metrics::escape(&v.feature),
+            edgefleet_wire::prom::escape(&v.feature),
             v.psi
         );
     }

@@ -6,6 +6,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use edgefleet_wire::manifest::Manifest;
+use edgefleet_wire::verify::Verified;
 use serde::{Deserialize, Serialize};
 
 use crate::error::AgentError;
@@ -75,9 +77,14 @@ impl Floor {
         })
     }
 
-    /// Records that `id` runs here; raises the floor if it is higher.
-    /// Returns whether anything changed.
-    pub fn raise(&mut self, name: &str, sequence: u64, id: &str) -> bool {
+    /// Records that the verified bundle `id` runs here; raises the floor if
+    /// its sequence is higher. Returns whether anything changed. Only a
+    /// manifest whose signatures passed can move the floor.
+    pub fn raise(&mut self, manifest: &Verified<Manifest>, id: &str) -> bool {
+        self.raise_to(manifest.name.as_str(), manifest.sequence, id)
+    }
+
+    fn raise_to(&mut self, name: &str, sequence: u64, id: &str) -> bool {
         let m = self.models.entry(name.to_string()).or_default();
         let mut changed = m.ran.insert(id.to_string());
         if sequence > m.sequence || m.bundle.is_empty() {
@@ -122,7 +129,7 @@ impl FloorFile {
     pub fn save(&self, floor: &Floor) -> Result<(), AgentError> {
         let bytes =
             serde_json::to_vec_pretty(floor).map_err(|e| AgentError::Invariant(e.to_string()))?;
-        write_atomic(&self.path, &bytes)
+        write_atomic(&self.path, &bytes, 0o644)
     }
 }
 
@@ -135,8 +142,8 @@ mod tests {
     fn only_higher_sequences_or_explicit_rollbacks_to_bundles_that_ran() {
         let mut f = Floor::default();
         assert!(f.permits("cls", 1, "a", false).is_ok());
-        f.raise("cls", 1, "a");
-        f.raise("cls", 3, "c");
+        f.raise_to("cls", 1, "a");
+        f.raise_to("cls", 3, "c");
         assert!(f.permits("cls", 4, "d", false).is_ok());
         assert!(
             f.permits("cls", 3, "c", false).is_ok(),
@@ -157,7 +164,7 @@ mod tests {
         ));
         assert!(f.permits("rec", 1, "x", false).is_ok(), "per model name");
         // A rollback never lowers the floor.
-        f.raise("cls", 1, "a");
+        f.raise_to("cls", 1, "a");
         assert_eq!(f.models["cls"].sequence, 3);
     }
 
@@ -167,7 +174,7 @@ mod tests {
         let ff = FloorFile::new(dir.path());
         assert_eq!(ff.load().unwrap(), Floor::default());
         let mut f = Floor::default();
-        f.raise("cls", 7, "abc");
+        f.raise_to("cls", 7, "abc");
         ff.save(&f).unwrap();
         assert_eq!(ff.load().unwrap(), f);
         std::fs::write(ff.path(), b"{not json").unwrap();

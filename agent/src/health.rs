@@ -100,17 +100,6 @@ pub fn judge(l: &WatchLimits, s: &WatchSample) -> Verdict {
     Verdict::Continue
 }
 
-/// The p95 of a set of latencies (nearest rank).
-pub fn p95(values: &[f32]) -> Option<f64> {
-    if values.is_empty() {
-        return None;
-    }
-    let mut v = values.to_vec();
-    v.sort_by(f32::total_cmp);
-    let rank = ((v.len() as f64) * 0.95).ceil() as usize;
-    Some(f64::from(v[rank.clamp(1, v.len()) - 1]))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,13 +188,5 @@ mod tests {
             ..WatchSample::default()
         };
         assert_eq!(judge(&l, &many), Verdict::Pass);
-    }
-
-    #[test]
-    fn p95_is_nearest_rank() {
-        let v: Vec<f32> = (1..=100).map(|x| x as f32).collect();
-        assert_eq!(p95(&v), Some(95.0));
-        assert_eq!(p95(&[3.0]), Some(3.0));
-        assert_eq!(p95(&[]), None);
     }
 }

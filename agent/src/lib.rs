@@ -2,8 +2,9 @@
 //!
 //! # Layout
 //! - [`bundle`]: opening bundle files with the device's own checks.
-//! - [`runtime`]: tract model loading, per-worker sessions, golden self-test.
-//! - [`engine`]: the active model, the bounded queue and the worker threads.
+//! - the model runtime (tract) is the `edgefleet-runtime` crate.
+//! - [`model`]: a loaded, self-tested model and its statistics; [`engine`]:
+//!   the active model, the bounded queue and the worker threads.
 //! - [`api`]: the local HTTP API; [`codec`]: its JSON tensor form.
 //! - [`metrics`]: Prometheus metrics; [`procstat`]: RSS and CPU from /proc.
 //! - [`config`]: `agent.toml`; [`cli`]: the `edge-agent` subcommands.
@@ -16,7 +17,8 @@
 //! - [`client`]: the device side of the fleet server API.
 //! - [`telemetry`]: MQTT state, telemetry, events and commands with a durable outbox.
 //! - [`sdnotify`]: systemd readiness and watchdog.
-//! - [`daemon`]: `edge-agent run`, tying the above together.
+//! - [`shared`]: the handles the daemon's tasks share; [`daemon`]: `edge-agent
+//!   run`, tying the above together.
 //! - [`error`]: error types.
 
 pub mod api;
@@ -32,9 +34,10 @@ pub mod error;
 pub mod floor;
 pub mod health;
 pub mod metrics;
+pub mod model;
 pub mod procstat;
-pub mod runtime;
 pub mod sdnotify;
+pub mod shared;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

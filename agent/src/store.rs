@@ -60,6 +60,9 @@ pub trait Store: Send + Sync + 'static {
     fn outbox_remove(&self, seq: u64) -> Result<(), AgentError>;
     /// (records, bytes) queued.
     fn outbox_depth(&self) -> (u64, u64);
+    /// Called after a failed write, before it is retried: a store that
+    /// stays broken after an I/O error (sled does) reopens itself here.
+    fn recover(&self, _error: &AgentError) {}
 }
 
 /// sled, at `data_dir/store`.
@@ -119,7 +122,7 @@ impl SledStore {
                 let aside = PathBuf::from(format!(
                     "{}.corrupt-{}",
                     dir.display(),
-                    crate::bundle::now_unix()
+                    edgefleet_wire::time::unix_now()
                 ));
                 tracing::error!(error = %e, aside = %aside.display(), "store unreadable; starting a fresh one");
                 std::fs::rename(dir, &aside).map_err(|e| AgentError::io(dir, e))?;
@@ -284,14 +287,28 @@ impl Store for SledStore {
     }
 }
 
-/// Writes `bytes` to `path` atomically and durably: temp file, fsync,
-/// rename, fsync of the folder.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AgentError> {
+/// Writes `bytes` to `path` atomically and durably, with permissions
+/// `mode` from the first byte on: temp file, fsync, rename, fsync of the
+/// folder.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), AgentError> {
     use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = path.with_extension("tmp");
+    // A stale temp file may have other permissions: start from scratch,
+    // so a secret is never readable, not even for an instant.
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(AgentError::io(&tmp, e)),
+    }
     {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| AgentError::io(&tmp, e))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(|e| AgentError::io(&tmp, e))?;
         f.write_all(bytes).map_err(|e| AgentError::io(&tmp, e))?;
         f.sync_all().map_err(|e| AgentError::io(&tmp, e))?;
     }
@@ -402,8 +419,11 @@ mod tests {
     fn write_atomic_replaces_whole_files() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("floor.json");
-        write_atomic(&p, b"one").unwrap();
-        write_atomic(&p, b"two").unwrap();
+        write_atomic(&p, b"one", 0o644).unwrap();
+        write_atomic(&p, b"two", 0o600).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert!(!p.with_extension("tmp").exists());
     }

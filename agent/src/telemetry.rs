@@ -17,19 +17,19 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use edgefleet_wire::telemetry::{
-    Command, CommandKind, DeviceEvent, DeviceState, Latency, OutboxStats, Telemetry, Topics,
+    Command, CommandKind, DeviceEvent, DeviceState, OutboxStats, Telemetry, Topics,
     telemetry_to_postcard,
 };
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::bundle::now_unix;
 use crate::config::{AgentConfig, Encoding};
-use crate::daemon::Shared;
 use crate::error::AgentError;
+use crate::shared::Shared;
 use crate::store::RecordClass;
 use crate::updater::Notice;
+use edgefleet_wire::time::unix_now as now_unix;
 
 /// Counters shown in telemetry and /metrics.
 #[derive(Debug, Default)]
@@ -230,7 +230,7 @@ impl Sampler {
                     Some(format!("{}@{}", m.info.name, m.info.version)),
                     d_ok + d_err,
                     d_err,
-                    percentiles(lat),
+                    edgefleet_wire::stats::latency_summary(lat),
                 )
             }
             None => (None, 0, 0, None),
@@ -265,22 +265,6 @@ impl Sampler {
                 .unwrap_or_default(),
         }
     }
-}
-
-fn percentiles(mut v: Vec<f32>) -> Option<Latency> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f32::total_cmp);
-    let at = |q: f64| {
-        let rank = ((v.len() as f64) * q).ceil() as usize;
-        f64::from(v[rank.clamp(1, v.len()) - 1])
-    };
-    Some(Latency {
-        p50: at(0.5),
-        p95: at(0.95),
-        p99: at(0.99),
-    })
 }
 
 fn encode_telemetry(cfg: &AgentConfig, t: &Telemetry) -> Option<Vec<u8>> {
@@ -418,17 +402,15 @@ pub async fn run(
                 Err(e) => {
                     let _ = ev_link.epoch.send(0);
                     failures += 1;
-                    let base = ev_shared
-                        .cfg
-                        .mqtt
-                        .reconnect_min_ms
-                        .saturating_mul(1u64 << failures.min(16))
-                        .min(ev_shared.cfg.mqtt.reconnect_max_ms);
-                    // Full jitter in [base/2, base].
-                    let ms = base / 2 + (now_nanos() % (base / 2 + 1));
-                    tracing::warn!(error = %e, retry_in_ms = ms, "mqtt connection lost");
+                    let m = &ev_shared.cfg.mqtt;
+                    let wait = edgefleet_wire::backoff::Backoff::from_millis(
+                        m.reconnect_min_ms,
+                        m.reconnect_max_ms,
+                    )
+                    .delay(failures.saturating_sub(1));
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "mqtt connection lost");
                     tokio::select! {
-                        () = tokio::time::sleep(Duration::from_millis(ms)) => {}
+                        () = tokio::time::sleep(wait) => {}
                         () = ev_stop.cancelled() => return,
                     }
                 }
@@ -541,13 +523,6 @@ pub async fn run(
 /// wake the feed too, without producing telemetry).
 fn tick_due(s: &mut Sampler, interval: Duration) -> bool {
     s.last_at.elapsed() + Duration::from_millis(50) >= interval
-}
-
-fn now_nanos() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::from(d.subsec_nanos()))
-        .unwrap_or(0)
 }
 
 /// Publishes one message and waits for its PUBACK on this connection.
@@ -691,13 +666,6 @@ mod tests {
         );
         assert!(parse_url("http://fleet:1883").is_err());
         assert!(parse_url("mqtt://fleet:x").is_err());
-    }
-
-    #[test]
-    fn percentiles_are_nearest_rank() {
-        let l = percentiles((1..=100).map(|x| x as f32).collect()).unwrap();
-        assert_eq!((l.p50, l.p95, l.p99), (50.0, 95.0, 99.0));
-        assert!(percentiles(Vec::new()).is_none());
     }
 
     #[test]

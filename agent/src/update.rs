@@ -1,12 +1,18 @@
 //! The update state machine: one persisted record and one transition
 //! function, [`next`]. It does no I/O and takes the time as an argument;
 //! the driver ([`crate::updater`]) performs the [`Effect`]s, feeds their
-//! outcomes back as [`Event`]s and writes the record after every step.
+//! outcomes back as [`Event`]s and writes the record after every step. It
+//! is the only writer of the record: the driver persists what `next`
+//! returns and nothing else.
 //!
 //! ```text
 //! Idle/Committed/Failed/RolledBack ──desired──▶ Downloading{offset}
-//!   Downloading ──downloaded──▶ Verifying ──verified──▶ Staged
-//!   Staged ──(self-test starts)──▶ SelfTesting ──passed──▶ Shadowing? ──▶ Activate
+//!   Downloading ──no space──▶ Blocked ──space──▶ Downloading
+//!   Downloading ──transfer fault──▶ Downloading (retry; corrupt transfers
+//!                                   are counted, and after the limit the
+//!                                   device reports failed, still retrying)
+//!   Downloading ──downloaded──▶ Verifying ──verified──▶ SelfTesting
+//!   SelfTesting ──passed──▶ Shadowing? ──▶ Activate
 //!   Activate ──activated──▶ Watching ──window passed──▶ Committed
 //!                           Watching ──health breach──▶ RolledBack{reason}
 //!   any step ──rejected / failed──▶ Failed{reason}
@@ -14,8 +20,9 @@
 //!
 //! Crash safety comes from where the record says the device is: a restart
 //! in any step before activation serves the recorded active model and
-//! re-verifies the staged file; a restart while watching counts against
-//! the new model (after `max_watch_restarts` it is rolled back).
+//! re-verifies the file on disk; a restart while watching counts against
+//! the new model (after `max_watch_restarts` it is rolled back). What the
+//! agent managed to serve at start is itself an event ([`Event::Boot`]).
 
 use std::collections::VecDeque;
 
@@ -43,10 +50,30 @@ pub enum Phase {
     Downloading {
         target: Target,
         offset: u64,
+        /// Consecutive transfers whose bytes did not hash to the bundle id.
+        #[serde(default)]
+        corrupt: u32,
+        /// Failed attempts since the transfer last moved (the driver's
+        /// backoff grows with it).
+        #[serde(default)]
+        retries: u32,
+        /// `corrupt` reached the limit: the device reports `failed` (reason
+        /// `transfer_corrupted`) and keeps retrying at the longest backoff.
+        #[serde(default)]
+        gave_up: bool,
+    },
+    /// Waiting for disk space before the download can go on.
+    Blocked {
+        target: Target,
+        offset: u64,
+        /// Free bytes the rest of the download needs.
+        needed: u64,
+        reason: String,
     },
     Verifying {
         target: Target,
     },
+    /// Written by agents before 0.2; read as "verify again" at boot.
     Staged {
         target: Target,
     },
@@ -56,7 +83,8 @@ pub enum Phase {
     Shadowing {
         target: Target,
     },
-    /// `target` is active; `since` is unix seconds of activation.
+    /// `target` is active; `since` is unix seconds of activation: the watch
+    /// window is measured from it, across restarts.
     Watching {
         target: Target,
         since: u64,
@@ -75,7 +103,9 @@ impl Phase {
     pub fn state(&self) -> UpdateState {
         match self {
             Phase::Idle => UpdateState::Idle,
+            Phase::Downloading { gave_up: true, .. } => UpdateState::Failed,
             Phase::Downloading { .. } => UpdateState::Downloading,
+            Phase::Blocked { .. } => UpdateState::Blocked,
             Phase::Verifying { .. } => UpdateState::Verifying,
             Phase::Staged { .. } => UpdateState::Staged,
             Phase::SelfTesting { .. } => UpdateState::SelfTesting,
@@ -91,6 +121,7 @@ impl Phase {
     pub fn target(&self) -> Option<&Target> {
         match self {
             Phase::Downloading { target, .. }
+            | Phase::Blocked { target, .. }
             | Phase::Verifying { target }
             | Phase::Staged { target }
             | Phase::SelfTesting { target }
@@ -105,8 +136,18 @@ impl Phase {
     }
 }
 
-/// Bundle ids that failed here recently are not retried (no install loops).
+/// Failed bundles remembered, per rollout.
 pub const FAILED_MEMORY: usize = 16;
+
+/// A bundle that failed here (refused, failed its self-test or shadow, or
+/// rolled back), and the rollout that asked for it. The same rollout naming
+/// it again is ignored (no install loops); a new rollout or a sideload of
+/// the same bundle is tried again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    pub bundle_id: String,
+    pub rollout_id: Option<String>,
+}
 
 /// The persisted update record.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -117,11 +158,12 @@ pub struct Record {
     /// The last committed bundle before `active`: the local rollback target.
     pub last_known_good: Option<BundleRef>,
     pub last_failed: Option<BundleRef>,
-    /// Why the last update ended the way it did.
+    /// Why the last update ended the way it did (or why it is stuck).
     pub reason: Option<String>,
     /// A desired state that arrived while watching, applied afterwards.
     pub pending: Option<Target>,
-    pub recently_failed: VecDeque<String>,
+    #[serde(default)]
+    pub failures: VecDeque<Failure>,
     pub shadow: Option<ShadowAgreement>,
 }
 
@@ -134,9 +176,21 @@ impl Default for Record {
             last_failed: None,
             reason: None,
             pending: None,
-            recently_failed: VecDeque::new(),
+            failures: VecDeque::new(),
             shadow: None,
         }
+    }
+}
+
+impl Record {
+    /// Whether this target already failed here for the rollout that asks
+    /// for it again.
+    fn failed_before(&self, t: &Target) -> bool {
+        t.rollout_id.is_some()
+            && self
+                .failures
+                .iter()
+                .any(|f| f.bundle_id == t.bundle.id && f.rollout_id == t.rollout_id)
     }
 }
 
@@ -145,6 +199,10 @@ impl Default for Record {
 #[serde(rename_all = "snake_case")]
 pub enum Lifecycle {
     DownloadStarted,
+    /// A transfer fault; the download is retried.
+    DownloadRetry,
+    /// Waiting for disk space.
+    Blocked,
     Downloaded,
     Verified,
     Rejected,
@@ -159,11 +217,27 @@ pub enum Lifecycle {
     Cancelled,
 }
 
+/// How a download attempt failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransferFault {
+    /// Connection, timeout, server error, a body cut short: the bytes so
+    /// far are kept and the transfer resumes.
+    Transport,
+    /// The bytes did not hash to the content address (flipped, truncated
+    /// or replaced on the way): they are dropped and the transfer starts
+    /// over. Says nothing about the bundle itself.
+    Corrupted,
+}
+
 /// Inputs to the machine.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
-    /// The process started with this record.
+    /// The process started with this record. `served` is what the agent
+    /// managed to load and serve before anything else: the recorded active
+    /// bundle, the last known good one when the active one would not load,
+    /// or nothing.
     Boot {
+        served: Option<BundleRef>,
         max_watch_restarts: u32,
     },
     /// The server (or a sideload) asks for this bundle; `None`: keep what runs.
@@ -172,14 +246,23 @@ pub enum Event {
         offset: u64,
     },
     Downloaded,
-    /// Transient download failure: retried by the driver with backoff.
+    /// Retried by the driver with backoff. After `max_corrupt` corrupted
+    /// transfers in a row the device reports `failed` but keeps retrying.
     DownloadFailed {
         reason: String,
+        fault: TransferFault,
+        max_corrupt: u32,
     },
+    /// Not enough free space for the rest of the download (`needed` bytes).
+    NoSpace {
+        reason: String,
+        needed: u64,
+    },
+    /// Space is available again (checked by the driver).
+    SpaceAvailable,
     Verified,
-    /// The driver began loading the staged model beside the active one.
-    SelfTestStarted,
-    /// Signature, expiry, anti-rollback, arch, agent version, digest: final.
+    /// Signature, expiry, anti-rollback, arch, agent version, size: final
+    /// for this bundle and rollout.
     Rejected {
         reason: String,
     },
@@ -209,10 +292,18 @@ pub enum Event {
 /// Work for the driver.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Effect {
-    /// Fetch `target` from byte `offset` (0 starts afresh).
+    /// Fetch `target`, resuming from what is already on disk. `attempt` is
+    /// 0 for a fresh start and counts retries (the driver's backoff);
+    /// `patient` retries wait the longest backoff.
     Download {
         target: Target,
-        offset: u64,
+        attempt: u32,
+        patient: bool,
+    },
+    /// Wait (collecting garbage) until `needed` bytes are free.
+    AwaitSpace {
+        target: Target,
+        needed: u64,
     },
     /// Drop the partial download of bundle `id`.
     DiscardDownload {
@@ -231,15 +322,17 @@ pub enum Effect {
     Activate {
         target: Target,
     },
-    /// Start (or restart) the health watch of the active model.
+    /// Judge the active model until its window, which started at `since`
+    /// (unix seconds), has passed.
     Watch {
         target: Target,
+        since: u64,
     },
     /// Swap back to `to` (last known good), reason already recorded.
     Rollback {
         to: Option<BundleRef>,
     },
-    /// Delete bundles other than active and last known good.
+    /// Delete bundles other than active, last known good and the target.
     CollectGarbage,
     /// Tell the server and MQTT.
     Announce {
@@ -263,8 +356,9 @@ fn event_name(e: &Event) -> &'static str {
         Event::DownloadProgress { .. } => "download_progress",
         Event::Downloaded => "downloaded",
         Event::DownloadFailed { .. } => "download_failed",
+        Event::NoSpace { .. } => "no_space",
+        Event::SpaceAvailable => "space_available",
         Event::Verified => "verified",
-        Event::SelfTestStarted => "self_test_started",
         Event::Rejected { .. } => "rejected",
         Event::SelfTestPassed => "self_test_passed",
         Event::SelfTestFailed { .. } => "self_test_failed",
@@ -281,6 +375,14 @@ fn announce(what: Lifecycle, reason: Option<String>) -> Effect {
     Effect::Announce { what, reason }
 }
 
+fn download(target: &Target, attempt: u32, patient: bool) -> Effect {
+    Effect::Download {
+        target: target.clone(),
+        attempt,
+        patient,
+    }
+}
+
 /// The transition function: `(record, event, now) → (record, effects)`.
 pub fn next(rec: &Record, event: Event, now: u64) -> Result<(Record, Vec<Effect>), Disallowed> {
     let mut r = rec.clone();
@@ -291,48 +393,90 @@ pub fn next(rec: &Record, event: Event, now: u64) -> Result<(Record, Vec<Effect>
     };
     match (&rec.phase, event.clone()) {
         // ---- restart -------------------------------------------------
-        (_, Event::Boot { max_watch_restarts }) => match rec.phase.clone() {
-            Phase::Downloading { target, offset } => {
-                fx.push(Effect::Download { target, offset });
-            }
-            // Everything between download and activation restarts from
-            // verification: the file on disk is re-checked, never trusted.
-            Phase::Verifying { target }
-            | Phase::Staged { target }
-            | Phase::SelfTesting { target }
-            | Phase::Shadowing { target } => {
-                r.phase = Phase::Verifying {
-                    target: target.clone(),
-                };
-                fx.push(Effect::Verify { target });
-            }
-            Phase::Watching {
-                target,
-                restarts,
-                since,
-            } => {
-                let restarts = restarts + 1;
-                if restarts >= max_watch_restarts {
-                    let reason = format!(
-                        "the agent restarted {restarts} times while watching {} {}",
-                        target.bundle.name, target.bundle.version
-                    );
-                    fail_active(&mut r, &mut fx, &target, reason);
-                } else {
-                    r.phase = Phase::Watching {
-                        target: target.clone(),
-                        since,
-                        restarts,
+        (
+            _,
+            Event::Boot {
+                served,
+                max_watch_restarts,
+            },
+        ) => {
+            let fell_back = served.is_some() && served != rec.active;
+            if fell_back {
+                // The active bundle would not load; the last known good one
+                // serves. Anything that was being watched has failed.
+                let to = served.clone();
+                let reason = format!(
+                    "the active bundle could not be loaded at start; fell back to {}",
+                    to.as_ref()
+                        .map_or_else(String::new, |b| format!("{} {}", b.name, b.version))
+                );
+                r.reason = Some(reason.clone());
+                if let Phase::Watching { target, .. } = &rec.phase {
+                    remember_failure(&mut r, target);
+                    r.last_failed = Some(target.bundle.clone());
+                    r.phase = Phase::RolledBack {
+                        reason: reason.clone(),
                     };
-                    fx.push(Effect::Watch { target });
+                    fx.push(announce(Lifecycle::RolledBack, Some(reason)));
+                }
+                r.active = to;
+            }
+            match r.phase.clone() {
+                Phase::Downloading {
+                    target,
+                    retries,
+                    gave_up,
+                    ..
+                } => {
+                    fx.push(download(&target, retries, gave_up));
+                }
+                Phase::Blocked { target, needed, .. } => {
+                    fx.push(Effect::AwaitSpace { target, needed });
+                }
+                // Everything between download and activation restarts from
+                // verification: the file on disk is re-checked, never trusted.
+                Phase::Verifying { target }
+                | Phase::Staged { target }
+                | Phase::SelfTesting { target }
+                | Phase::Shadowing { target } => {
+                    r.phase = Phase::Verifying {
+                        target: target.clone(),
+                    };
+                    fx.push(Effect::Verify { target });
+                }
+                Phase::Watching {
+                    target,
+                    restarts,
+                    since,
+                } => {
+                    let restarts = restarts + 1;
+                    if restarts >= max_watch_restarts {
+                        let reason = format!(
+                            "the agent restarted {restarts} times while watching {} {}",
+                            target.bundle.name, target.bundle.version
+                        );
+                        fail_active(&mut r, &mut fx, &target, reason);
+                    } else {
+                        r.phase = Phase::Watching {
+                            target: target.clone(),
+                            since,
+                            restarts,
+                        };
+                        fx.push(Effect::Watch { target, since });
+                    }
+                }
+                Phase::Idle
+                | Phase::Committed
+                | Phase::Failed { .. }
+                | Phase::RolledBack { .. } => {
+                    if let Some(p) = r.pending.take() {
+                        let (r2, more) = next(&r, Event::Desired(Some(p)), now)?;
+                        fx.extend(more);
+                        return Ok((r2, fx));
+                    }
                 }
             }
-            Phase::Idle | Phase::Committed | Phase::Failed { .. } | Phase::RolledBack { .. } => {
-                if let Some(p) = r.pending.take() {
-                    return next(&r, Event::Desired(Some(p)), now);
-                }
-            }
-        },
+        }
 
         // ---- desired state --------------------------------------------
         (phase, Event::Desired(want)) => {
@@ -366,7 +510,7 @@ pub fn next(rec: &Record, event: Event, now: u64) -> Result<(Record, Vec<Effect>
                 return Ok((r, fx));
             }
             if let Some(t) = phase.target() {
-                if matches!(phase, Phase::Downloading { .. }) {
+                if matches!(phase, Phase::Downloading { .. } | Phase::Blocked { .. }) {
                     fx.push(Effect::DiscardDownload {
                         id: t.bundle.id.clone(),
                     });
@@ -385,13 +529,17 @@ pub fn next(rec: &Record, event: Event, now: u64) -> Result<(Record, Vec<Effect>
                 } else {
                     Phase::Committed
                 };
+                r.reason = None;
                 return Ok((r, fx));
             }
-            if rec.recently_failed.contains(&want.bundle.id) {
-                // Already failed here: report, don't loop.
+            if rec.failed_before(&want) {
+                // Already failed here for this rollout: report, don't loop.
                 if !phase.resting() {
                     r.phase = Phase::Failed {
-                        reason: format!("{} failed here before", want.bundle.id),
+                        reason: format!(
+                            "{} {} failed here before",
+                            want.bundle.name, want.bundle.version
+                        ),
                     };
                 }
                 return Ok((r, fx));
@@ -401,30 +549,97 @@ pub fn next(rec: &Record, event: Event, now: u64) -> Result<(Record, Vec<Effect>
             r.phase = Phase::Downloading {
                 target: want.clone(),
                 offset: 0,
+                corrupt: 0,
+                retries: 0,
+                gave_up: false,
             };
             fx.push(announce(Lifecycle::DownloadStarted, None));
-            fx.push(Effect::Download {
-                target: want,
-                offset: 0,
-            });
+            fx.push(download(&want, 0, false));
         }
 
         // ---- download ---------------------------------------------------
-        (Phase::Downloading { target, .. }, Event::DownloadProgress { offset }) => {
+        (Phase::Downloading { .. }, Event::DownloadProgress { offset }) => {
+            if let Phase::Downloading {
+                offset: o, retries, ..
+            } = &mut r.phase
+            {
+                // A transfer that moves again is working: back off from
+                // scratch if it breaks later.
+                if offset > *o {
+                    *retries = 0;
+                }
+                *o = offset;
+            }
+        }
+        (
+            Phase::Downloading {
+                target,
+                offset,
+                corrupt,
+                retries,
+                gave_up,
+            },
+            Event::DownloadFailed {
+                reason,
+                fault,
+                max_corrupt,
+            },
+        ) => {
+            // A transfer fault says nothing about the bundle: retry (the
+            // driver backs off); a new desired state still supersedes it.
+            let (offset, corrupt) = match fault {
+                TransferFault::Transport => (*offset, *corrupt),
+                TransferFault::Corrupted => (0, corrupt + 1),
+            };
+            let give_up = *gave_up || corrupt >= max_corrupt.max(1);
+            if give_up && !*gave_up {
+                let why = format!(
+                    "transfer_corrupted: {corrupt} corrupted transfers in a row, the last: {reason}; still retrying"
+                );
+                r.reason = Some(why.clone());
+                r.last_failed = Some(target.bundle.clone());
+                fx.push(announce(Lifecycle::Rejected, Some(why)));
+            } else {
+                r.reason = Some(format!("download retry: {reason}"));
+                fx.push(announce(Lifecycle::DownloadRetry, Some(reason)));
+            }
+            let retries = retries + 1;
             r.phase = Phase::Downloading {
                 target: target.clone(),
                 offset,
+                corrupt,
+                retries,
+                gave_up: give_up,
             };
+            fx.push(download(target, retries, give_up));
         }
-        (Phase::Downloading { target, offset }, Event::DownloadFailed { .. }) => {
-            // Transient: the driver retries with backoff from `offset`; a
-            // new desired state still supersedes it at any time.
-            fx.push(Effect::Download {
+        (Phase::Downloading { target, offset, .. }, Event::NoSpace { reason, needed }) => {
+            r.reason = Some(reason.clone());
+            r.phase = Phase::Blocked {
                 target: target.clone(),
                 offset: *offset,
+                needed,
+                reason: reason.clone(),
+            };
+            fx.push(announce(Lifecycle::Blocked, Some(reason)));
+            fx.push(Effect::AwaitSpace {
+                target: target.clone(),
+                needed,
             });
         }
+        (Phase::Blocked { target, offset, .. }, Event::SpaceAvailable) => {
+            r.reason = None;
+            r.phase = Phase::Downloading {
+                target: target.clone(),
+                offset: *offset,
+                corrupt: 0,
+                retries: 0,
+                gave_up: false,
+            };
+            fx.push(download(target, 0, false));
+        }
         (Phase::Downloading { target, .. }, Event::Downloaded) => {
+            r.reason = None;
             r.phase = Phase::Verifying {
                 target: target.clone(),
             };
@@ -436,7 +651,7 @@ pub fn next(rec: &Record, event: Event, now: u64) -> Result<(Record, Vec<Effect>
 
         // ---- verify, self-test, shadow ------------------------------------
         (Phase::Verifying { target }, Event::Verified) => {
-            r.phase = Phase::Staged {
+            r.phase = Phase::SelfTesting {
                 target: target.clone(),
             };
             fx.push(announce(Lifecycle::Verified, None));
@@ -444,15 +659,11 @@ pub fn next(rec: &Record, event: Event, now: u64) -> Result<(Record, Vec<Effect>
                 target: target.clone(),
             });
         }
-        (Phase::Staged { target }, Event::SelfTestStarted) => {
-            r.phase = Phase::SelfTesting {
-                target: target.clone(),
-            };
-        }
         (
             Phase::Downloading { target, .. }
+            | Phase::Blocked { target, .. }
             | Phase::Verifying { target }
-            | Phase::Staged { target },
+            | Phase::SelfTesting { target },
             Event::Rejected { reason },
         ) => {
             fail_candidate(&mut r, &mut fx, target, Lifecycle::Rejected, reason);
@@ -494,9 +705,7 @@ pub fn next(rec: &Record, event: Event, now: u64) -> Result<(Record, Vec<Effect>
         // ---- activation and watch -------------------------------------------
         (Phase::SelfTesting { target } | Phase::Shadowing { target }, Event::Activated) => {
             // The previous committed model becomes the rollback target.
-            if !matches!(rec.phase, Phase::Watching { .. }) {
-                r.last_known_good = rec.active.clone().or(rec.last_known_good.clone());
-            }
+            r.last_known_good = rec.active.clone().or(rec.last_known_good.clone());
             r.active = Some(target.bundle.clone());
             r.phase = Phase::Watching {
                 target: target.clone(),
@@ -506,6 +715,7 @@ pub fn next(rec: &Record, event: Event, now: u64) -> Result<(Record, Vec<Effect>
             fx.push(announce(Lifecycle::Activated, None));
             fx.push(Effect::Watch {
                 target: target.clone(),
+                since: now,
             });
         }
         (
@@ -542,12 +752,16 @@ pub fn next(rec: &Record, event: Event, now: u64) -> Result<(Record, Vec<Effect>
     Ok((r, fx))
 }
 
-fn remember_failure(r: &mut Record, id: &str) {
-    if !r.recently_failed.iter().any(|f| f == id) {
-        r.recently_failed.push_back(id.to_string());
+fn remember_failure(r: &mut Record, target: &Target) {
+    let f = Failure {
+        bundle_id: target.bundle.id.clone(),
+        rollout_id: target.rollout_id.clone(),
+    };
+    if !r.failures.contains(&f) {
+        r.failures.push_back(f);
     }
-    while r.recently_failed.len() > FAILED_MEMORY {
-        r.recently_failed.pop_front();
+    while r.failures.len() > FAILED_MEMORY {
+        r.failures.pop_front();
     }
 }
 
@@ -559,7 +773,7 @@ fn fail_candidate(
     what: Lifecycle,
     reason: String,
 ) {
-    remember_failure(r, &target.bundle.id);
+    remember_failure(r, target);
     r.last_failed = Some(target.bundle.clone());
     r.reason = Some(reason.clone());
     r.phase = Phase::Failed {
@@ -573,7 +787,7 @@ fn fail_candidate(
 
 /// The active (watched) model failed: go back to last known good.
 fn fail_active(r: &mut Record, fx: &mut Vec<Effect>, target: &Target, reason: String) {
-    remember_failure(r, &target.bundle.id);
+    remember_failure(r, target);
     r.last_failed = Some(target.bundle.clone());
     r.reason = Some(reason.clone());
     r.phase = Phase::RolledBack {
@@ -587,7 +801,6 @@ fn fail_active(r: &mut Record, fx: &mut Vec<Effect>, target: &Target, reason: St
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn bref(id: &str, seq: u64) -> BundleRef {
@@ -604,7 +817,7 @@ mod tests {
             bundle: bref(id, seq),
             download: Some(format!("/api/v1/bundles/{id}/download")),
             rollback: false,
-            rollout_id: None,
+            rollout_id: Some("r1".into()),
             watch: None,
             shadow: None,
         }
@@ -626,6 +839,31 @@ mod tests {
         fx.iter().any(pred)
     }
 
+    fn boot(served: Option<BundleRef>) -> Event {
+        Event::Boot {
+            served,
+            max_watch_restarts: 3,
+        }
+    }
+
+    /// From committed on a to watching b.
+    fn watching_b() -> Record {
+        let r = committed_on("a", 1);
+        let (r, _) = step(&r, Event::Desired(Some(target("b", 2))));
+        let (r, _) = step(&r, Event::Downloaded);
+        let (r, _) = step(&r, Event::Verified);
+        let (r, _) = step(&r, Event::SelfTestPassed);
+        step(&r, Event::Activated).0
+    }
+
+    fn failed_transfer(fault: TransferFault) -> Event {
+        Event::DownloadFailed {
+            reason: "downloaded bytes hash to 00…".into(),
+            fault,
+            max_corrupt: 3,
+        }
+    }
+
     #[test]
     fn happy_path_runs_download_verify_selftest_activate_watch_commit() {
         let r = committed_on("a", 1);
@@ -633,17 +871,16 @@ mod tests {
         assert!(matches!(r.phase, Phase::Downloading { offset: 0, .. }));
         assert!(has(&fx, |e| matches!(
             e,
-            Effect::Download { offset: 0, .. }
+            Effect::Download { attempt: 0, .. }
         )));
         let (r, _) = step(&r, Event::DownloadProgress { offset: 500 });
         assert!(matches!(r.phase, Phase::Downloading { offset: 500, .. }));
         let (r, fx) = step(&r, Event::Downloaded);
         assert!(has(&fx, |e| matches!(e, Effect::Verify { .. })));
+        // Verified goes straight to the self-test: no intermediate step.
         let (r, fx) = step(&r, Event::Verified);
-        assert_eq!(r.phase.state(), UpdateState::Staged);
-        assert!(has(&fx, |e| matches!(e, Effect::SelfTest { .. })));
-        let (r, _) = step(&r, Event::SelfTestStarted);
         assert_eq!(r.phase.state(), UpdateState::SelfTesting);
+        assert!(has(&fx, |e| matches!(e, Effect::SelfTest { .. })));
         let (r, fx) = step(&r, Event::SelfTestPassed);
         assert!(has(&fx, |e| matches!(e, Effect::Activate { .. })));
         assert_eq!(
@@ -655,23 +892,16 @@ mod tests {
         assert_eq!(r.active.as_ref().unwrap().id, "b");
         assert_eq!(r.last_known_good.as_ref().unwrap().id, "a");
         assert!(matches!(r.phase, Phase::Watching { since: 1000, .. }));
-        assert!(has(&fx, |e| matches!(e, Effect::Watch { .. })));
+        assert!(has(&fx, |e| matches!(e, Effect::Watch { since: 1000, .. })));
         let (r, fx) = step(&r, Event::WatchPassed);
         assert_eq!(r.phase, Phase::Committed);
         assert!(has(&fx, |e| matches!(e, Effect::CollectGarbage)));
     }
 
     #[test]
-    fn health_breach_rolls_back_to_last_known_good_and_never_retries() {
-        let r = committed_on("a", 1);
-        let (r, _) = step(&r, Event::Desired(Some(target("b", 2))));
-        let (r, _) = step(&r, Event::Downloaded);
-        let (r, _) = step(&r, Event::Verified);
-        let (r, _) = step(&r, Event::SelfTestStarted);
-        let (r, _) = step(&r, Event::SelfTestPassed);
-        let (r, _) = step(&r, Event::Activated);
+    fn health_breach_rolls_back_and_is_not_retried_for_the_same_rollout() {
         let (r, fx) = step(
-            &r,
+            &watching_b(),
             Event::HealthBreached {
                 reason: "p95 80 ms > 40 ms".into(),
             },
@@ -689,10 +919,18 @@ mod tests {
             },
         );
         assert_eq!(r.active.as_ref().unwrap().id, "a");
-        // The server still wants b: no reinstall loop.
+        // The same rollout still wants b: no reinstall loop.
         let (r2, fx) = step(&r, Event::Desired(Some(target("b", 2))));
         assert_eq!(r2.phase.state(), UpdateState::RolledBack);
         assert!(!has(&fx, |e| matches!(e, Effect::Download { .. })));
+        // A new rollout of the same bundle, or a sideload, is tried again.
+        for rollout in [Some("r2".to_string()), None] {
+            let mut t = target("b", 2);
+            t.rollout_id = rollout;
+            let (r3, fx) = step(&r, Event::Desired(Some(t)));
+            assert_eq!(r3.phase.state(), UpdateState::Downloading);
+            assert!(has(&fx, |e| matches!(e, Effect::Download { .. })));
+        }
     }
 
     #[test]
@@ -709,7 +947,7 @@ mod tests {
             let (r, _) = step(&r, Event::Desired(Some(target("b", 2))));
             let (r, _) = step(&r, Event::Downloaded);
             let r = if matches!(failing, Event::SelfTestFailed { .. }) {
-                step(&step(&r, Event::Verified).0, Event::SelfTestStarted).0
+                step(&r, Event::Verified).0
             } else {
                 r
             };
@@ -725,15 +963,129 @@ mod tests {
     }
 
     #[test]
+    fn transport_faults_resume_and_corrupted_transfers_start_over() {
+        let r = committed_on("a", 1);
+        let (r, _) = step(&r, Event::Desired(Some(target("b", 2))));
+        let (r, _) = step(&r, Event::DownloadProgress { offset: 4096 });
+        let (r, fx) = step(&r, failed_transfer(TransferFault::Transport));
+        assert!(matches!(
+            r.phase,
+            Phase::Downloading {
+                offset: 4096,
+                corrupt: 0,
+                retries: 1,
+                gave_up: false,
+                ..
+            }
+        ));
+        assert!(has(&fx, |e| matches!(
+            e,
+            Effect::Download {
+                attempt: 1,
+                patient: false,
+                ..
+            }
+        )));
+        let (r, fx) = step(&r, failed_transfer(TransferFault::Corrupted));
+        assert!(matches!(
+            r.phase,
+            Phase::Downloading {
+                offset: 0,
+                corrupt: 1,
+                retries: 2,
+                ..
+            }
+        ));
+        assert_eq!(r.phase.state(), UpdateState::Downloading);
+        assert!(has(&fx, |e| matches!(
+            e,
+            Effect::Announce {
+                what: Lifecycle::DownloadRetry,
+                reason: Some(_)
+            }
+        )));
+        // Progress resets the backoff, not the corruption count.
+        let (r, _) = step(&r, Event::DownloadProgress { offset: 100 });
+        assert!(matches!(
+            r.phase,
+            Phase::Downloading {
+                corrupt: 1,
+                retries: 0,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn repeated_corruption_reports_failed_and_keeps_retrying_until_it_converges() {
+        let r = committed_on("a", 1);
+        let (mut r, _) = step(&r, Event::Desired(Some(target("b", 2))));
+        for _ in 0..2 {
+            r = step(&r, failed_transfer(TransferFault::Corrupted)).0;
+            assert_eq!(r.phase.state(), UpdateState::Downloading);
+        }
+        let (r, fx) = step(&r, failed_transfer(TransferFault::Corrupted));
+        assert_eq!(r.phase.state(), UpdateState::Failed);
+        assert!(r.reason.as_ref().unwrap().starts_with("transfer_corrupted"));
+        assert_eq!(r.last_failed.as_ref().unwrap().id, "b");
+        assert!(has(&fx, |e| matches!(
+            e,
+            Effect::Download { patient: true, .. }
+        )));
+        // The server still names b: nothing to redo, the retries go on.
+        let (same, fx) = step(&r, Event::Desired(Some(target("b", 2))));
+        assert_eq!(same, r);
+        assert!(fx.is_empty());
+        let (r, fx) = step(&r, failed_transfer(TransferFault::Transport));
+        assert!(has(&fx, |e| matches!(
+            e,
+            Effect::Download { patient: true, .. }
+        )));
+        // The transport turns honest.
+        let (r, _) = step(&r, Event::Downloaded);
+        assert_eq!(r.phase.state(), UpdateState::Verifying);
+        assert_eq!(r.reason, None);
+        let (r, _) = step(&r, Event::Verified);
+        let (r, _) = step(&r, Event::SelfTestPassed);
+        let (r, _) = step(&r, Event::Activated);
+        assert_eq!(r.active.as_ref().unwrap().id, "b");
+    }
+
+    #[test]
+    fn a_full_disk_blocks_the_download_until_space_returns() {
+        let r = committed_on("a", 1);
+        let (r, _) = step(&r, Event::Desired(Some(target("b", 2))));
+        let (r, _) = step(&r, Event::DownloadProgress { offset: 700 });
+        let (r, fx) = step(
+            &r,
+            Event::NoSpace {
+                reason: "insufficient_space: need 5000000 bytes, 1000 free".into(),
+                needed: 5_000_000,
+            },
+        );
+        assert_eq!(r.phase.state(), UpdateState::Blocked);
+        assert!(r.reason.as_ref().unwrap().starts_with("insufficient_space"));
+        assert!(has(&fx, |e| matches!(
+            e,
+            Effect::AwaitSpace {
+                needed: 5_000_000,
+                ..
+            }
+        )));
+        // A restart keeps waiting.
+        let (_, fx) = step(&r, boot(Some(bref("a", 1))));
+        assert!(has(&fx, |e| matches!(e, Effect::AwaitSpace { .. })));
+        let (r, fx) = step(&r, Event::SpaceAvailable);
+        assert!(matches!(r.phase, Phase::Downloading { offset: 700, .. }));
+        assert_eq!(r.reason, None);
+        assert!(has(&fx, |e| matches!(e, Effect::Download { .. })));
+    }
+
+    #[test]
     fn a_new_desired_state_supersedes_a_stuck_download() {
         let r = committed_on("a", 1);
         let (r, _) = step(&r, Event::Desired(Some(target("b", 2))));
-        let (r, fx) = step(
-            &r,
-            Event::DownloadFailed {
-                reason: "connection refused".into(),
-            },
-        );
+        let (r, fx) = step(&r, failed_transfer(TransferFault::Transport));
         assert!(has(&fx, |e| matches!(e, Effect::Download { .. })));
         let (r, fx) = step(&r, Event::Desired(Some(target("c", 3))));
         assert!(has(
@@ -756,14 +1108,7 @@ mod tests {
 
     #[test]
     fn a_server_rollback_while_watching_returns_at_once_other_changes_wait() {
-        let r = committed_on("a", 1);
-        let (r, _) = step(&r, Event::Desired(Some(target("b", 2))));
-        let (r, _) = step(&r, Event::Downloaded);
-        let (r, _) = step(&r, Event::Verified);
-        let (r, _) = step(&r, Event::SelfTestStarted);
-        let (r, _) = step(&r, Event::SelfTestPassed);
-        let (watching, _) = step(&r, Event::Activated);
-
+        let watching = watching_b();
         let (r, fx) = step(&watching, Event::Desired(Some(target("c", 3))));
         assert_eq!(r.phase.state(), UpdateState::Watching);
         assert_eq!(r.pending.as_ref().unwrap().bundle.id, "c");
@@ -789,18 +1134,17 @@ mod tests {
             phase: Phase::Downloading {
                 target: t.clone(),
                 offset: 4096,
+                corrupt: 0,
+                retries: 2,
+                gave_up: false,
             },
             ..committed_on("a", 1)
         };
-        let (_, fx) = step(
-            &down,
-            Event::Boot {
-                max_watch_restarts: 3,
-            },
-        );
+        let (r, fx) = step(&down, boot(Some(bref("a", 1))));
+        assert_eq!(r, down, "boot records nothing new while downloading");
         assert!(has(&fx, |e| matches!(
             e,
-            Effect::Download { offset: 4096, .. }
+            Effect::Download { attempt: 2, .. }
         )));
 
         for phase in [
@@ -813,12 +1157,7 @@ mod tests {
                 phase,
                 ..committed_on("a", 1)
             };
-            let (r, fx) = step(
-                &rec,
-                Event::Boot {
-                    max_watch_restarts: 3,
-                },
-            );
+            let (r, fx) = step(&rec, boot(Some(bref("a", 1))));
             assert_eq!(r.phase.state(), UpdateState::Verifying);
             assert!(has(&fx, |e| matches!(e, Effect::Verify { .. })));
         }
@@ -834,25 +1173,60 @@ mod tests {
             ..Record::default()
         };
         for expected in [1, 2] {
-            let (r, fx) = step(
-                &watching,
-                Event::Boot {
-                    max_watch_restarts: 3,
-                },
+            let (r, fx) = step(&watching, boot(Some(bref("b", 2))));
+            assert!(
+                matches!(r.phase, Phase::Watching { restarts, since: 5, .. } if restarts == expected)
             );
-            assert!(matches!(r.phase, Phase::Watching { restarts, .. } if restarts == expected));
-            assert!(has(&fx, |e| matches!(e, Effect::Watch { .. })));
+            // The window still runs from the activation, not from the restart.
+            assert!(has(&fx, |e| matches!(e, Effect::Watch { since: 5, .. })));
             watching = r;
         }
-        let (r, fx) = step(
-            &watching,
-            Event::Boot {
-                max_watch_restarts: 3,
-            },
-        );
+        let (r, fx) = step(&watching, boot(Some(bref("b", 2))));
         assert_eq!(r.phase.state(), UpdateState::RolledBack);
         assert!(r.reason.as_ref().unwrap().contains("restarted 3 times"));
         assert!(has(&fx, |e| matches!(e, Effect::Rollback { .. })));
+    }
+
+    #[test]
+    fn boot_on_the_last_known_good_records_the_fallback() {
+        let watching = Record {
+            phase: Phase::Watching {
+                target: target("b", 2),
+                since: 5,
+                restarts: 0,
+            },
+            active: Some(bref("b", 2)),
+            last_known_good: Some(bref("a", 1)),
+            ..Record::default()
+        };
+        // b would not load at start; a serves.
+        let (r, fx) = step(&watching, boot(Some(bref("a", 1))));
+        assert_eq!(r.active.as_ref().unwrap().id, "a");
+        assert_eq!(r.phase.state(), UpdateState::RolledBack);
+        assert_eq!(r.last_failed.as_ref().unwrap().id, "b");
+        assert!(
+            r.reason
+                .as_ref()
+                .unwrap()
+                .contains("fell back to cls 1.0.1")
+        );
+        assert!(!has(&fx, |e| matches!(
+            e,
+            Effect::Rollback { .. } | Effect::Watch { .. }
+        )));
+        // Committed on b, b unreadable: a serves, the record says so.
+        let committed = Record {
+            last_known_good: Some(bref("a", 1)),
+            ..committed_on("b", 2)
+        };
+        let (r, _) = step(&committed, boot(Some(bref("a", 1))));
+        assert_eq!(r.active.as_ref().unwrap().id, "a");
+        assert_eq!(r.phase, Phase::Committed);
+        assert!(r.reason.is_some());
+        // Nothing loads: the record is left as it is, for the server to fix.
+        let (r, fx) = step(&committed, boot(None));
+        assert_eq!(r, committed);
+        assert!(fx.is_empty());
     }
 
     #[test]
@@ -868,7 +1242,6 @@ mod tests {
         let (r, _) = step(&r, Event::Desired(Some(t)));
         let (r, _) = step(&r, Event::Downloaded);
         let (r, _) = step(&r, Event::Verified);
-        let (r, _) = step(&r, Event::SelfTestStarted);
         let (r, fx) = step(&r, Event::SelfTestPassed);
         assert_eq!(r.phase.state(), UpdateState::Shadowing);
         assert!(has(&fx, |e| matches!(e, Effect::Shadow { .. })));
@@ -905,10 +1278,29 @@ mod tests {
             Event::Activated,
             Event::WatchPassed,
             Event::Downloaded,
+            Event::SpaceAvailable,
+            failed_transfer(TransferFault::Corrupted),
             Event::HealthBreached { reason: "x".into() },
         ] {
             let err = next(&r, e, 0).unwrap_err();
             assert_eq!(err.state, UpdateState::Committed);
         }
+    }
+
+    #[test]
+    fn records_of_older_agents_still_load() {
+        // 0.1 wrote `recently_failed` and phases without the new counters.
+        let old = r#"{"phase":{"phase":"downloading","target":{"bundle":{"id":"b","name":"cls","version":"1.0.2","sequence":2},"download":"/x","rollback":false,"rollout_id":"r1","watch":null,"shadow":null},"offset":10},"active":null,"last_known_good":null,"last_failed":null,"reason":null,"pending":null,"recently_failed":["z"],"shadow":null}"#;
+        let r: Record = serde_json::from_str(old).unwrap();
+        assert!(matches!(
+            r.phase,
+            Phase::Downloading {
+                offset: 10,
+                corrupt: 0,
+                gave_up: false,
+                ..
+            }
+        ));
+        assert!(r.failures.is_empty());
     }
 }

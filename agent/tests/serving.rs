@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use edge_agent::api::{self, ApiConfig, NPZ_CONTENT_TYPE};
-use edge_agent::bundle::{TrustedBundle, now_unix, open_bytes};
+use edge_agent::bundle::{TrustedBundle, open_bytes};
 use edge_agent::engine::{Engine, EngineConfig, prepare};
 use edge_agent::metrics::Metrics;
-use edge_agent::runtime::{Model, TRACT_VERSION};
+use edgefleet_runtime::{Model, TRACT_VERSION};
 use edgefleet_wire::bundle::{Limits, Signed, compress_model, write_bundle};
 use edgefleet_wire::keys::signing_key_from_seed;
 use edgefleet_wire::manifest::{
@@ -19,6 +19,7 @@ use edgefleet_wire::manifest::{
 use edgefleet_wire::names::ModelName;
 use edgefleet_wire::npz::{NpzLimits, from_npz_bytes, to_npz_bytes};
 use edgefleet_wire::tensor::{NamedTensor, Tensor, max_abs_diff};
+use edgefleet_wire::time::unix_now as now_unix;
 use edgefleet_wire::verify::TrustRoot;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;

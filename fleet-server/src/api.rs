@@ -3,7 +3,6 @@
 //! a role, or a device credential. Errors are `{"error": {"code", "message"}}`;
 //! bad input is always a 4xx.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Router;
@@ -12,16 +11,17 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use edgefleet_wire::api::v1::{
+    AuditEntry, BundleView, CreateRollout, DeviceView, PatchDevice, RolloutAction, RolloutView,
+};
 use edgefleet_wire::bundle::Limits;
+use edgefleet_wire::bundle::content_address;
 use edgefleet_wire::device::{
     DesiredState, DeviceReport, EnrollRequest, EnrollResponse, WatchPolicy,
 };
+use edgefleet_wire::time::unix_now as now;
 use edgefleet_wire::verify::{Expiry, TrustRoot, open_bundle};
-use serde::Deserialize;
-use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
-
-use edge_agent::bundle::now_unix as now;
 
 use crate::auth::{Caller, Tokens, authenticate, require_device, require_role, sha256_hex};
 use crate::config::Role;
@@ -29,8 +29,8 @@ use crate::controller::{Controller, ControllerError};
 use crate::error::Error;
 use crate::metrics::ServerMetrics;
 use crate::registry::Registry;
-use crate::rollout::{Command, Gates, RolloutSpec, Stage};
-use crate::store::{AuditEntry, BundleRecord, DeviceRecord, Store};
+use crate::rollout::{Command, RolloutSpec};
+use crate::store::{BundleRecord, DeviceRecord, Store};
 
 /// Shared state of the API handlers.
 #[derive(Clone)]
@@ -47,20 +47,7 @@ pub struct AppState {
     pub mqtt: Option<crate::mqtt::Mqtt>,
 }
 
-/// The error type shared with the agent's API (same JSON shape and codes).
-pub use edge_agent::api::ApiError;
-
-impl From<Error> for ApiError {
-    fn from(e: Error) -> Self {
-        // Details go to the log; the client gets a stable code.
-        tracing::error!(error = %e, "internal error");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal error; see the server log",
-        )
-    }
-}
+pub use crate::http_error::ApiError;
 
 type ApiResult<T> = Result<T, ApiError>;
 
@@ -108,7 +95,7 @@ pub fn router(state: AppState) -> Router {
 
 #[utoipa::path(get, path = "/metrics", tag = "server",
     responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain"),
-              (status = 401, body = crate::openapi::ErrorBody)),
+              (status = 401, body = edgefleet_wire::api::v1::ErrorBody)),
     security(("bearer" = [])))]
 async fn metrics_text(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     require_role(&auth(&s, &headers)?, Role::Viewer)?;
@@ -135,12 +122,12 @@ fn audit(s: &AppState, who: &Caller, action: &str, target: &str) -> ApiResult<()
 
 #[utoipa::path(post, path = "/api/v1/bundles", tag = "bundles",
     request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The raw signed bundle"),
-    responses((status = 201, description = "Stored", body = crate::store::BundleRecord),
-              (status = 200, description = "The same bytes were already stored", body = crate::store::BundleRecord),
-              (status = 409, description = "Same name and version, different bytes", body = crate::openapi::ErrorBody),
-              (status = 413, body = crate::openapi::ErrorBody),
-              (status = 422, description = "Refused by verification; `code` is the reason", body = crate::openapi::ErrorBody),
-              (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody)),
+    responses((status = 201, description = "Stored", body = BundleView),
+              (status = 200, description = "The same bytes were already stored", body = BundleView),
+              (status = 409, description = "Same name and version, different bytes", body = edgefleet_wire::api::v1::ErrorBody),
+              (status = 413, body = edgefleet_wire::api::v1::ErrorBody),
+              (status = 422, description = "Refused by verification; `code` is the reason", body = edgefleet_wire::api::v1::ErrorBody),
+              (status = 401, body = edgefleet_wire::api::v1::ErrorBody), (status = 403, body = edgefleet_wire::api::v1::ErrorBody)),
     security(("bearer" = [])))]
 async fn push_bundle(
     State(s): State<AppState>,
@@ -169,7 +156,7 @@ async fn push_bundle(
             format!("bundle rejected: {e}"),
         )
     })?;
-    let id = Registry::id_of(&body);
+    let id = content_address(&body);
     let rec = BundleRecord {
         id: id.clone(),
         name: manifest.name.to_string(),
@@ -208,7 +195,7 @@ async fn push_bundle(
 }
 
 #[utoipa::path(get, path = "/api/v1/bundles", tag = "bundles",
-    responses((status = 200, body = Vec<crate::store::BundleRecord>), (status = 401, body = crate::openapi::ErrorBody)),
+    responses((status = 200, body = Vec<BundleView>), (status = 401, body = edgefleet_wire::api::v1::ErrorBody)),
     security(("bearer" = [])))]
 async fn list_bundles(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     require_role(&auth(&s, &headers)?, Role::Viewer)?;
@@ -217,8 +204,8 @@ async fn list_bundles(State(s): State<AppState>, headers: HeaderMap) -> ApiResul
 
 #[utoipa::path(get, path = "/api/v1/bundles/{id}", tag = "bundles",
     params(("id" = String, Path, description = "sha256 of the bundle, hex")),
-    responses((status = 200, body = crate::store::BundleRecord), (status = 404, body = crate::openapi::ErrorBody),
-              (status = 401, body = crate::openapi::ErrorBody)),
+    responses((status = 200, body = BundleView), (status = 404, body = edgefleet_wire::api::v1::ErrorBody),
+              (status = 401, body = edgefleet_wire::api::v1::ErrorBody)),
     security(("bearer" = [])))]
 async fn get_bundle(
     State(s): State<AppState>,
@@ -268,8 +255,8 @@ fn parse_range(value: &str, size: u64) -> Option<Result<(u64, u64), ()>> {
     responses((status = 200, description = "The whole bundle", content_type = "application/octet-stream"),
               (status = 206, description = "The requested range", content_type = "application/octet-stream"),
               (status = 304, description = "Not modified"),
-              (status = 416, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
-              (status = 401, body = crate::openapi::ErrorBody)),
+              (status = 416, body = edgefleet_wire::api::v1::ErrorBody), (status = 404, body = edgefleet_wire::api::v1::ErrorBody),
+              (status = 401, body = edgefleet_wire::api::v1::ErrorBody)),
     security(("bearer" = [])))]
 async fn download_bundle(
     State(s): State<AppState>,
@@ -308,7 +295,10 @@ async fn download_bundle(
             return Ok((
                 StatusCode::RANGE_NOT_SATISFIABLE,
                 [(header::CONTENT_RANGE, format!("bytes */{size}"))],
-                axum::Json(json!({"error": {"code": "range_not_satisfiable", "message": format!("the bundle has {size} bytes")}})),
+                axum::Json(edgefleet_wire::api::v1::ErrorBody::new(
+                    "range_not_satisfiable",
+                    format!("the bundle has {size} bytes"),
+                )),
             )
                 .into_response());
         }
@@ -357,8 +347,8 @@ fn valid_device_id(id: &str) -> bool {
 #[utoipa::path(post, path = "/api/v1/devices/enroll", tag = "devices",
     request_body = edgefleet_wire::device::EnrollRequest,
     responses((status = 201, body = edgefleet_wire::device::EnrollResponse),
-              (status = 400, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody),
-              (status = 409, description = "Already enrolled", body = crate::openapi::ErrorBody)))]
+              (status = 400, body = edgefleet_wire::api::v1::ErrorBody), (status = 401, body = edgefleet_wire::api::v1::ErrorBody),
+              (status = 409, description = "Already enrolled", body = edgefleet_wire::api::v1::ErrorBody)))]
 async fn enroll(State(s): State<AppState>, body: Bytes) -> ApiResult<Response> {
     let req: EnrollRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("malformed_json", format!("enroll request: {e}")))?;
@@ -409,29 +399,29 @@ async fn enroll(State(s): State<AppState>, body: Bytes) -> ApiResult<Response> {
 }
 
 /// The device as operators see it (no credential hash).
-fn device_view(d: &DeviceRecord) -> serde_json::Value {
+pub(crate) fn device_view(d: &DeviceRecord) -> DeviceView {
     let report = d.report.as_ref();
-    json!({
-        "id": d.id,
-        "tags": d.tags,
-        "arch": d.arch,
-        "agent_version": d.agent_version,
-        "enrolled_at": d.enrolled_at,
-        "last_seen": d.last_seen,
-        "desired": d.desired,
-        "rollout": d.desired_rollout,
-        "active": report.and_then(|r| r.active.clone()),
-        "staged": report.and_then(|r| r.staged.clone()),
-        "last_failed": report.and_then(|r| r.last_failed.clone()),
-        "state": report.map(|r| r.state),
-        "reason": report.and_then(|r| r.reason.clone()),
-        "health": report.map(|r| r.health.clone()),
-        "last_known_good": report.and_then(|r| r.last_known_good.clone()),
-        "shadow": report.and_then(|r| r.shadow.clone()),
-        "online": d.online,
-        "telemetry": d.telemetry,
-        "events": d.events,
-    })
+    DeviceView {
+        id: d.id.clone(),
+        tags: d.tags.clone(),
+        arch: d.arch.clone(),
+        agent_version: d.agent_version.clone(),
+        enrolled_at: d.enrolled_at,
+        last_seen: d.last_seen,
+        desired: d.desired.clone(),
+        rollout: d.desired_rollout.clone(),
+        active: report.and_then(|r| r.active.clone()),
+        staged: report.and_then(|r| r.staged.clone()),
+        last_failed: report.and_then(|r| r.last_failed.clone()),
+        state: report.map(|r| r.state),
+        reason: report.and_then(|r| r.reason.clone()),
+        health: report.map(|r| r.health.clone()),
+        last_known_good: report.and_then(|r| r.last_known_good.clone()),
+        shadow: report.and_then(|r| r.shadow.clone()),
+        online: d.online,
+        telemetry: d.telemetry.clone(),
+        events: d.events.clone(),
+    }
 }
 
 fn parse_tag(s: &str) -> ApiResult<(String, String)> {
@@ -444,8 +434,8 @@ fn parse_tag(s: &str) -> ApiResult<(String, String)> {
     params(("tag" = Option<String>, Query, description = "k=v, repeatable"),
            ("status" = Option<String>, Query, description = "Reported update state"),
            ("version" = Option<String>, Query, description = "Reported active version")),
-    responses((status = 200, body = Vec<crate::openapi::DeviceView>), (status = 400, body = crate::openapi::ErrorBody),
-              (status = 401, body = crate::openapi::ErrorBody)),
+    responses((status = 200, body = Vec<DeviceView>), (status = 400, body = edgefleet_wire::api::v1::ErrorBody),
+              (status = 401, body = edgefleet_wire::api::v1::ErrorBody)),
     security(("bearer" = [])))]
 async fn list_devices(
     State(s): State<AppState>,
@@ -475,11 +465,9 @@ async fn list_devices(
         .filter(|d| tags.iter().all(|(k, v)| d.tags.get(k) == Some(v)))
         .filter(|d| {
             status.as_ref().is_none_or(|st| {
-                let state = d
-                    .report
+                d.report
                     .as_ref()
-                    .map(|r| serde_json::to_value(r.state).unwrap_or_default());
-                state.as_ref().and_then(|v| v.as_str()) == Some(st.as_str())
+                    .is_some_and(|r| r.state.as_str() == st.as_str())
             })
         })
         .filter(|d| {
@@ -497,8 +485,8 @@ async fn list_devices(
 
 #[utoipa::path(get, path = "/api/v1/devices/{id}", tag = "devices",
     params(("id" = String, Path)),
-    responses((status = 200, body = crate::openapi::DeviceView), (status = 404, body = crate::openapi::ErrorBody),
-              (status = 401, body = crate::openapi::ErrorBody)),
+    responses((status = 200, body = DeviceView), (status = 404, body = edgefleet_wire::api::v1::ErrorBody),
+              (status = 401, body = edgefleet_wire::api::v1::ErrorBody)),
     security(("bearer" = [])))]
 async fn get_device(
     State(s): State<AppState>,
@@ -513,17 +501,11 @@ async fn get_device(
     Ok(axum::Json(device_view(&d)).into_response())
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct PatchDevice {
-    pub(crate) tags: BTreeMap<String, String>,
-}
-
 #[utoipa::path(patch, path = "/api/v1/devices/{id}", tag = "devices",
     params(("id" = String, Path)), request_body = PatchDevice,
-    responses((status = 200, body = crate::openapi::DeviceView), (status = 400, body = crate::openapi::ErrorBody),
-              (status = 404, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody),
-              (status = 403, body = crate::openapi::ErrorBody)),
+    responses((status = 200, body = DeviceView), (status = 400, body = edgefleet_wire::api::v1::ErrorBody),
+              (status = 404, body = edgefleet_wire::api::v1::ErrorBody), (status = 401, body = edgefleet_wire::api::v1::ErrorBody),
+              (status = 403, body = edgefleet_wire::api::v1::ErrorBody)),
     security(("bearer" = [])))]
 async fn patch_device(
     State(s): State<AppState>,
@@ -574,7 +556,7 @@ fn desired_of(s: &AppState, d: &DeviceRecord) -> ApiResult<DesiredState> {
 #[utoipa::path(get, path = "/api/v1/device/desired", tag = "device",
     params(("If-None-Match" = Option<String>, Header)),
     responses((status = 200, body = edgefleet_wire::device::DesiredState), (status = 304, description = "Unchanged"),
-              (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody)),
+              (status = 401, body = edgefleet_wire::api::v1::ErrorBody), (status = 403, body = edgefleet_wire::api::v1::ErrorBody)),
     security(("bearer" = [])))]
 async fn device_desired(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     // The credential names the device: there is no way to ask for another's.
@@ -602,8 +584,8 @@ async fn device_desired(State(s): State<AppState>, headers: HeaderMap) -> ApiRes
 
 #[utoipa::path(post, path = "/api/v1/device/report", tag = "device",
     request_body = edgefleet_wire::device::DeviceReport,
-    responses((status = 204, description = "Recorded"), (status = 400, body = crate::openapi::ErrorBody),
-              (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody)),
+    responses((status = 204, description = "Recorded"), (status = 400, body = edgefleet_wire::api::v1::ErrorBody),
+              (status = 401, body = edgefleet_wire::api::v1::ErrorBody), (status = 403, body = edgefleet_wire::api::v1::ErrorBody)),
     security(("bearer" = [])))]
 async fn device_report(
     State(s): State<AppState>,
@@ -628,26 +610,11 @@ async fn device_report(
 }
 
 #[utoipa::path(get, path = "/api/v1/audit", tag = "server",
-    responses((status = 200, body = Vec<crate::store::AuditEntry>), (status = 401, body = crate::openapi::ErrorBody)),
+    responses((status = 200, body = Vec<AuditEntry>), (status = 401, body = edgefleet_wire::api::v1::ErrorBody)),
     security(("bearer" = [])))]
 async fn list_audit(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     require_role(&auth(&s, &headers)?, Role::Viewer)?;
     Ok(axum::Json(s.store.list_audit()?).into_response())
-}
-
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct CreateRollout {
-    /// Bundle id (sha256) as returned by `POST /api/v1/bundles`.
-    bundle: String,
-    #[serde(default)]
-    selector: BTreeMap<String, String>,
-    stages: Vec<Stage>,
-    #[serde(default)]
-    gates: Gates,
-    /// Shadow the candidate on live traffic before activating it.
-    #[serde(default)]
-    shadow: Option<edgefleet_wire::device::ShadowRequest>,
 }
 
 impl From<ControllerError> for ApiError {
@@ -669,8 +636,8 @@ impl From<ControllerError> for ApiError {
 
 #[utoipa::path(post, path = "/api/v1/rollouts", tag = "rollouts",
     request_body = CreateRollout,
-    responses((status = 201, body = crate::openapi::RolloutView), (status = 400, body = crate::openapi::ErrorBody),
-              (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody)),
+    responses((status = 201, body = RolloutView), (status = 400, body = edgefleet_wire::api::v1::ErrorBody),
+              (status = 401, body = edgefleet_wire::api::v1::ErrorBody), (status = 403, body = edgefleet_wire::api::v1::ErrorBody)),
     security(("bearer" = [])))]
 async fn create_rollout(
     State(s): State<AppState>,
@@ -705,7 +672,7 @@ async fn create_rollout(
 }
 
 #[utoipa::path(get, path = "/api/v1/rollouts", tag = "rollouts",
-    responses((status = 200, body = Vec<crate::openapi::RolloutView>), (status = 401, body = crate::openapi::ErrorBody)),
+    responses((status = 200, body = Vec<RolloutView>), (status = 401, body = edgefleet_wire::api::v1::ErrorBody)),
     security(("bearer" = [])))]
 async fn list_rollouts(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     require_role(&auth(&s, &headers)?, Role::Viewer)?;
@@ -714,8 +681,8 @@ async fn list_rollouts(State(s): State<AppState>, headers: HeaderMap) -> ApiResu
 
 #[utoipa::path(get, path = "/api/v1/rollouts/{id}", tag = "rollouts",
     params(("id" = String, Path)),
-    responses((status = 200, body = crate::openapi::RolloutView), (status = 404, body = crate::openapi::ErrorBody),
-              (status = 401, body = crate::openapi::ErrorBody)),
+    responses((status = 200, body = RolloutView), (status = 404, body = edgefleet_wire::api::v1::ErrorBody),
+              (status = 401, body = edgefleet_wire::api::v1::ErrorBody)),
     security(("bearer" = [])))]
 async fn get_rollout(
     State(s): State<AppState>,
@@ -732,9 +699,9 @@ async fn get_rollout(
 
 #[utoipa::path(post, path = "/api/v1/rollouts/{id}/{action}", tag = "rollouts",
     params(("id" = String, Path), ("action" = String, Path, description = "pause, resume, abort or promote")),
-    responses((status = 200, body = crate::openapi::RolloutView), (status = 400, body = crate::openapi::ErrorBody),
-              (status = 404, body = crate::openapi::ErrorBody), (status = 409, description = "Not allowed in this phase", body = crate::openapi::ErrorBody),
-              (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody)),
+    responses((status = 200, body = RolloutView), (status = 400, body = edgefleet_wire::api::v1::ErrorBody),
+              (status = 404, body = edgefleet_wire::api::v1::ErrorBody), (status = 409, description = "Not allowed in this phase", body = edgefleet_wire::api::v1::ErrorBody),
+              (status = 401, body = edgefleet_wire::api::v1::ErrorBody), (status = 403, body = edgefleet_wire::api::v1::ErrorBody)),
     security(("bearer" = [])))]
 async fn rollout_action(
     State(s): State<AppState>,
@@ -743,14 +710,14 @@ async fn rollout_action(
 ) -> ApiResult<Response> {
     let caller = auth(&s, &headers)?;
     require_role(&caller, Role::Operator)?;
-    let cmd = match action.as_str() {
-        "pause" => Command::Pause,
-        "resume" => Command::Resume,
-        "abort" => Command::Abort,
-        "promote" => Command::Promote,
-        other => {
+    let cmd = match RolloutAction::parse(&action) {
+        Some(RolloutAction::Pause) => Command::Pause,
+        Some(RolloutAction::Resume) => Command::Resume,
+        Some(RolloutAction::Abort) => Command::Abort,
+        Some(RolloutAction::Promote) => Command::Promote,
+        None => {
             return Err(ApiError::not_found(&format!(
-                "action {other:?} (use pause, resume, abort, promote)"
+                "action {action:?} (use pause, resume, abort, promote)"
             )));
         }
     };

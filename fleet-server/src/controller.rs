@@ -5,8 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use edgefleet_wire::api::v1::{RolloutView, StageProgress};
 use edgefleet_wire::device::BundleRef;
-use serde_json::json;
+use edgefleet_wire::device::UpdateState;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
@@ -205,12 +206,12 @@ impl Controller {
     }
 
     /// Progress of a rollout per stage and per device state.
-    pub fn progress(&self, r: &Rollout) -> Result<serde_json::Value> {
+    pub fn progress(&self, r: &Rollout) -> Result<RolloutView> {
         Ok(progress_in(r, &self.fleet()?))
     }
 
     /// Progress of every rollout, reading the fleet once.
-    pub fn progress_all(&self) -> Result<Vec<serde_json::Value>> {
+    pub fn progress_all(&self) -> Result<Vec<RolloutView>> {
         let fleet = self.fleet()?;
         Ok(self
             .store
@@ -222,40 +223,44 @@ impl Controller {
 }
 
 /// Progress of `r` against an already-read fleet.
-fn progress_in(r: &Rollout, fleet: &[DeviceStatus]) -> serde_json::Value {
+fn progress_in(r: &Rollout, fleet: &[DeviceStatus]) -> RolloutView {
     let bundle = &r.spec.bundle.id;
-    let stages: Vec<serde_json::Value> = r
-            .spec
-            .stages
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let targets = targets_for_stage(r, fleet, i);
-                let count = |f: &dyn Fn(&DeviceStatus) -> bool| targets.iter().filter(|d| f(d)).count();
-                let running = |d: &DeviceStatus| d.active.as_ref().is_some_and(|a| &a.id == bundle);
-                let failed_on = |d: &DeviceStatus| d.last_failed.as_ref().is_some_and(|f| &f.id == bundle);
-                json!({
-                    "percent": s.percent,
-                    "bake_minutes": s.bake_minutes,
-                    "bake_seconds": s.bake_secs(),
-                    "devices": targets.len(),
-                    "running": count(&running),
-                    "failed": count(&|d| failed_on(d) && d.state == Some(edgefleet_wire::device::UpdateState::Failed)),
-                    "rolled_back": count(&|d| failed_on(d) && d.state == Some(edgefleet_wire::device::UpdateState::RolledBack)),
-                    "pending": count(&|d| !running(d) && !failed_on(d)),
-                })
-            })
-            .collect();
-    json!({
-        "id": r.id,
-        "bundle": r.spec.bundle,
-        "selector": r.spec.selector,
-        "gates": r.spec.gates,
-        "phase": r.phase,
-        "created_at": r.created_at,
-        "stages": stages,
-        "decisions": r.decisions,
-    })
+    let stages = r
+        .spec
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let targets = targets_for_stage(r, fleet, i);
+            let count =
+                |f: &dyn Fn(&DeviceStatus) -> bool| targets.iter().filter(|d| f(d)).count() as u64;
+            let running = |d: &DeviceStatus| d.active.as_ref().is_some_and(|a| &a.id == bundle);
+            let failed_on =
+                |d: &DeviceStatus| d.last_failed.as_ref().is_some_and(|f| &f.id == bundle);
+            StageProgress {
+                percent: s.percent,
+                bake_minutes: s.bake_minutes,
+                bake_seconds: s.bake_secs(),
+                devices: targets.len() as u64,
+                running: count(&running),
+                failed: count(&|d| failed_on(d) && d.state == Some(UpdateState::Failed)),
+                rolled_back: count(&|d| failed_on(d) && d.state == Some(UpdateState::RolledBack)),
+                pending: count(&|d| !running(d) && !failed_on(d)),
+                offline: 0,
+            }
+        })
+        .collect();
+    RolloutView {
+        id: r.id.clone(),
+        bundle: r.spec.bundle.clone(),
+        selector: r.spec.selector.clone(),
+        gates: r.spec.gates.clone(),
+        shadow: r.spec.shadow.clone(),
+        phase: r.phase.clone(),
+        created_at: r.created_at,
+        stages,
+        decisions: r.decisions.clone(),
+    }
 }
 
 /// Ticks every `every` until cancelled. A failing tick is logged, not fatal.
@@ -266,7 +271,7 @@ pub async fn run_ticker(controller: Arc<Controller>, every: Duration, shutdown: 
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = interval.tick() => {
-                if let Err(e) = controller.tick(edge_agent::bundle::now_unix()).await {
+                if let Err(e) = controller.tick(edgefleet_wire::time::unix_now()).await {
                     tracing::error!(error = %e, "rollout tick failed");
                 }
             }

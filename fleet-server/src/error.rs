@@ -1,8 +1,6 @@
-//! Errors of the fleet server library and `fleetctl`.
+//! Errors of the fleet server.
 
 use std::path::PathBuf;
-
-use edge_agent::error::RuntimeError;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -23,28 +21,8 @@ pub enum Error {
     },
     #[error("{0}")]
     Wire(#[from] edgefleet_wire::Error),
-    #[error("golden vectors: {0}")]
-    Golden(String),
-    #[error("{path}: {source}")]
-    Load {
-        path: PathBuf,
-        #[source]
-        source: RuntimeError,
-    },
-    /// tract's outputs disagree with the independent reference: packing this
-    /// would ship a model that computes something else on the device.
-    #[error("refusing to pack: tract disagrees with the reference outputs ({form}): {source}")]
-    ReferenceMismatch {
-        form: &'static str,
-        #[source]
-        source: RuntimeError,
-    },
-    #[error("{0}")]
-    Runtime(#[from] RuntimeError),
     #[error("store: {0}")]
     Store(String),
-    #[error("server: {0}")]
-    Remote(String),
 }
 
 impl Error {

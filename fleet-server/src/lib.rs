@@ -1,11 +1,10 @@
-//! The edgefleet fleet server and the `fleetctl` operator CLI.
+//! The edgefleet fleet server. It depends on the wire crate only: no model
+//! runtime is linked (packing is `fleetctl`'s job).
 //!
 //! # Layout
-//! - [`fleetctl`]: CLI definitions and command implementations; [`client`]: its HTTP client.
-//! - [`pack`]: bundle packing with golden-vector checks.
-//! - [`duration`]: `30s`/`10m`/`12h`/`90d` parsing, RFC 3339 formatting.
 //! - [`server`]: startup; [`config`]: `fleet-server.toml`.
-//! - [`api`]: the HTTP API; [`auth`]: operator roles and device credentials.
+//! - [`api`]: the HTTP API; [`http_error`]: its error responses;
+//!   [`auth`]: operator roles and device credentials.
 //! - [`store`]: the `Store` trait and its sled implementation.
 //! - [`registry`]: content-addressed bundle files.
 //! - [`rollout`]: the pure staged-rollout controller; [`controller`]: its driver.
@@ -16,16 +15,13 @@
 
 pub mod api;
 pub mod auth;
-pub mod client;
 pub mod config;
 pub mod controller;
-pub mod duration;
 pub mod error;
-pub mod fleetctl;
+pub mod http_error;
 pub mod metrics;
 pub mod mqtt;
 pub mod openapi;
-pub mod pack;
 pub mod registry;
 pub mod rollout;
 pub mod server;

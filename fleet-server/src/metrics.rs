@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use edge_agent::metrics::{Histogram, escape as esc};
+use edgefleet_wire::prom::{Histogram, escape as esc};
 
 use crate::error::Result;
 use crate::rollout::Phase;
@@ -26,9 +26,8 @@ impl ServerMetrics {
         for d in store.list_devices()? {
             let report = d.report.as_ref();
             let state = report
-                .and_then(|r| serde_json::to_value(r.state).ok())
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_else(|| "unreported".into());
+                .map_or("unreported", |r| r.state.as_str())
+                .to_string();
             *by_state.entry(state).or_default() += 1;
             let (name, version) = report
                 .and_then(|r| r.active.as_ref())

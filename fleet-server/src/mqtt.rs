@@ -316,7 +316,7 @@ pub fn ingest(store: &dyn Store, topic: &str, payload: &[u8]) -> Result<()> {
         }
         TopicKind::Cmd => return Ok(()),
     };
-    let now = edge_agent::bundle::now_unix();
+    let now = edgefleet_wire::time::unix_now();
     // Atomic against the HTTP report and the controller writing the same
     // record: a plain get-then-put lost events here under load.
     let updated = store.update_device(device, &mut |d| {
@@ -366,7 +366,7 @@ async fn notice_loop(
         };
         let cmd = Command {
             kind: CommandKind::UpdateAvailable,
-            at: edge_agent::bundle::now_unix(),
+            at: edgefleet_wire::time::unix_now(),
         };
         let Ok(payload) = serde_json::to_vec(&cmd) else {
             continue;
@@ -385,7 +385,7 @@ async fn notice_loop(
 /// Prometheus lines: devices online, per-device telemetry gauges, counters.
 pub fn render_metrics(m: &Mqtt, store: &dyn Store) -> Result<String> {
     use std::fmt::Write as _;
-    let esc = edge_agent::metrics::escape;
+    let esc = edgefleet_wire::prom::escape;
     let mut out = String::new();
     let devices = store.list_devices()?;
     let online = devices.iter().filter(|d| d.online == Some(true)).count();

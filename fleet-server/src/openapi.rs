@@ -3,81 +3,16 @@
 //! `GET /api/v1/openapi.json` and committed as `docs/openapi.json`.
 //! Regenerate the file with `UPDATE_OPENAPI=1 cargo test -p fleet-server openapi`.
 
-use std::collections::BTreeMap;
-
 use axum::extract::State;
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
-use edgefleet_wire::device::{BundleRef, Health, ShadowAgreement, UpdateState};
-use edgefleet_wire::telemetry::{DeviceEvent, Telemetry};
-use serde::Serialize;
+use edgefleet_wire::api::v1::{ErrorBody, ErrorDetail};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
 use crate::api::{ApiError, AppState};
 use crate::auth::{authenticate, require_role};
 use crate::config::Role;
-
-/// Every error: a stable machine-readable code and a message.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
-
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct ErrorDetail {
-    /// e.g. `bad_signature`, `expired`, `malformed_json`, `not_found`.
-    pub code: String,
-    pub message: String,
-}
-
-/// A device as operators see it (`GET /api/v1/devices/{id}`).
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct DeviceView {
-    pub id: String,
-    pub tags: BTreeMap<String, String>,
-    pub arch: String,
-    pub agent_version: String,
-    pub enrolled_at: u64,
-    pub last_seen: Option<u64>,
-    /// What the server wants it to run.
-    pub desired: Option<BundleRef>,
-    pub rollout: Option<String>,
-    /// What the device reports running: the source of truth.
-    pub active: Option<BundleRef>,
-    pub staged: Option<BundleRef>,
-    pub last_failed: Option<BundleRef>,
-    pub state: Option<UpdateState>,
-    pub reason: Option<String>,
-    pub health: Option<Health>,
-    pub last_known_good: Option<BundleRef>,
-    pub shadow: Option<ShadowAgreement>,
-    /// From MQTT (state topic, Last Will).
-    pub online: Option<bool>,
-    pub telemetry: Option<Telemetry>,
-    /// The most recent lifecycle events (MQTT).
-    pub events: Vec<DeviceEvent>,
-}
-
-/// A rollout with its progress (`GET /api/v1/rollouts/{id}`).
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct RolloutView {
-    pub id: String,
-    pub bundle: BundleRef,
-    pub selector: BTreeMap<String, String>,
-    pub gates: crate::rollout::Gates,
-    /// `{"state": "running"|"paused"|"completed"|"aborted", "stage": n}`.
-    #[schema(value_type = Object)]
-    pub phase: serde_json::Value,
-    /// Per stage: percent, bake, devices, running, pending, failed, rolled back.
-    #[schema(value_type = Vec<Object>)]
-    pub stages: Vec<serde_json::Value>,
-    /// Every automatic or operator decision: action, gate, threshold,
-    /// observed value, device ids, message.
-    #[schema(value_type = Vec<Object>)]
-    pub decisions: Vec<serde_json::Value>,
-    pub created_at: u64,
-}
 
 struct BearerAuth;
 
@@ -123,7 +58,7 @@ impl utoipa::Modify for BearerAuth {
         crate::api::rollout_action,
         serve,
     ),
-    components(schemas(ErrorBody, ErrorDetail, DeviceView, RolloutView)),
+    components(schemas(ErrorBody, ErrorDetail)),
     modifiers(&BearerAuth),
     tags(
         (name = "bundles", description = "Signed model bundles (content-addressed, immutable)"),
@@ -209,5 +144,53 @@ mod tests {
         }
         assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
         assert!(doc["components"]["schemas"]["DeviceReport"].is_object());
+    }
+
+    /// Every body is a named, typed schema: no `{"type": "object"}` without
+    /// properties anywhere in the document.
+    #[test]
+    fn no_body_is_an_untyped_object() {
+        fn walk(v: &serde_json::Value, at: &str, bad: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    let untyped = m.get("type").and_then(|t| t.as_str()) == Some("object")
+                        && ![
+                            "properties",
+                            "additionalProperties",
+                            "allOf",
+                            "oneOf",
+                            "anyOf",
+                        ]
+                        .iter()
+                        .any(|k| m.contains_key(*k));
+                    if untyped {
+                        bad.push(at.to_string());
+                    }
+                    for (k, x) in m {
+                        walk(x, &format!("{at}/{k}"), bad);
+                    }
+                }
+                serde_json::Value::Array(a) => {
+                    for (i, x) in a.iter().enumerate() {
+                        walk(x, &format!("{at}/{i}"), bad);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let doc: serde_json::Value = serde_json::from_str(&document()).unwrap();
+        let mut bad = Vec::new();
+        walk(&doc, "", &mut bad);
+        assert!(bad.is_empty(), "untyped objects at {bad:?}");
+        for s in [
+            "DeviceView",
+            "RolloutView",
+            "StageProgress",
+            "Decision",
+            "Phase",
+            "CreateRollout",
+        ] {
+            assert!(doc["components"]["schemas"][s].is_object(), "{s} missing");
+        }
     }
 }

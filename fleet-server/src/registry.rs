@@ -5,7 +5,7 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
+use edgefleet_wire::bundle::{content_address, is_content_address};
 
 use crate::error::{Error, Result};
 
@@ -21,24 +21,15 @@ impl Registry {
         Ok(Registry { dir })
     }
 
-    /// The content address of some bundle bytes.
-    pub fn id_of(bytes: &[u8]) -> String {
-        hex::encode(Sha256::digest(bytes))
-    }
-
     /// Path of a stored bundle. `id` must be 64 lowercase hex characters,
     /// which also rules out path traversal.
     pub fn path(&self, id: &str) -> Option<PathBuf> {
-        let valid = id.len() == 64
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        valid.then(|| self.dir.join(format!("{id}.bundle")))
+        is_content_address(id).then(|| self.dir.join(format!("{id}.bundle")))
     }
 
     /// Stores bytes under their id (idempotent).
     pub fn put(&self, bytes: &[u8]) -> Result<String> {
-        let id = Self::id_of(bytes);
+        let id = content_address(bytes);
         let dest = self.dir.join(format!("{id}.bundle"));
         if dest.exists() {
             return Ok(id);

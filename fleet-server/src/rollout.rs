@@ -11,39 +11,9 @@ use std::collections::BTreeMap;
 
 use edgefleet_wire::device::{BundleRef, Health, UpdateState};
 use serde::{Deserialize, Serialize};
+
+pub use edgefleet_wire::api::v1::{Decision, Gates, Phase, Stage};
 use sha2::{Digest, Sha256};
-
-/// One canary stage: the share of the selected fleet that runs the bundle
-/// once the stage starts, and how long it bakes before the next one.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Stage {
-    pub percent: u8,
-    pub bake_minutes: u32,
-    /// Finer than minutes (demos, labs); wins over `bake_minutes` when set.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bake_seconds: Option<u32>,
-}
-
-impl Stage {
-    /// The bake time in seconds.
-    pub fn bake_secs(&self) -> u64 {
-        self.bake_seconds
-            .map_or(u64::from(self.bake_minutes) * 60, u64::from)
-    }
-}
-
-/// Health gates checked over the devices already in the rollout.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(default, deny_unknown_fields)]
-pub struct Gates {
-    pub max_failed_devices_pct: Option<f64>,
-    pub max_rollback_pct: Option<f64>,
-    pub max_p95_latency_ms: Option<f64>,
-    pub max_error_rate: Option<f64>,
-    /// Devices that must run the bundle and report before a stage passes
-    /// (default 1).
-    pub min_reporting_devices: Option<u32>,
-}
 
 /// What an operator asks for.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -56,29 +26,6 @@ pub struct RolloutSpec {
     /// Devices shadow the candidate on live traffic before activating it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<edgefleet_wire::device::ShadowRequest>,
-}
-
-/// Why the controller (or an operator) stopped a rollout.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Decision {
-    pub at: u64,
-    pub action: String,
-    /// The gate, e.g. `max_p95_latency_ms`; `operator` for manual actions.
-    pub gate: String,
-    pub threshold: Option<f64>,
-    pub observed: Option<f64>,
-    pub devices: Vec<String>,
-    pub message: String,
-}
-
-/// Lifecycle of a rollout.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum Phase {
-    Running { stage: usize, stage_started: u64 },
-    Paused { stage: usize, stage_started: u64 },
-    Completed { at: u64 },
-    Aborted { at: u64 },
 }
 
 /// A rollout and everything needed to explain and undo it.
@@ -231,14 +178,16 @@ fn breached(r: &Rollout, cohort: &[&DeviceStatus], now: u64) -> Option<Decision>
         d.state == Some(st) && d.last_failed.as_ref().is_some_and(|f| f.id == b.id)
     };
     let decision =
-        |gate: &str, threshold: f64, observed: f64, devices: Vec<String>, what: String| Decision {
-            at: now,
-            action: "pause".into(),
-            gate: gate.into(),
-            threshold: Some(threshold),
-            observed: Some(observed),
-            devices,
-            message: what,
+        |gate: &str, threshold: f64, observed: f64, devices: Vec<String>, what: String| {
+            Decision::new(
+                now,
+                "pause",
+                gate,
+                Some(threshold),
+                Some(observed),
+                devices,
+                what,
+            )
         };
     let ids = |it: Vec<&&DeviceStatus>| it.into_iter().map(|d| d.id.clone()).collect::<Vec<_>>();
 
@@ -357,24 +306,19 @@ fn remember_previous(out: &mut Rollout, targets: &[&DeviceStatus]) {
 }
 
 fn phase_name(p: &Phase) -> &'static str {
-    match p {
-        Phase::Running { .. } => "running",
-        Phase::Paused { .. } => "paused",
-        Phase::Completed { .. } => "completed",
-        Phase::Aborted { .. } => "aborted",
-    }
+    p.name()
 }
 
 fn operator(now: u64, action: &str) -> Decision {
-    Decision {
-        at: now,
-        action: action.into(),
-        gate: "operator".into(),
-        threshold: None,
-        observed: None,
-        devices: Vec::new(),
-        message: format!("{action} by operator"),
-    }
+    Decision::new(
+        now,
+        action,
+        "operator",
+        None,
+        None,
+        Vec::new(),
+        format!("{action} by operator"),
+    )
 }
 
 /// The transition function. See the module docs.
@@ -434,28 +378,30 @@ pub fn next(
                         stage,
                         stage_started: started,
                     };
-                    out.decisions.push(Decision {
-                        at: now,
-                        action: "pause".into(),
-                        gate: "min_reporting_devices".into(),
-                        threshold: Some(min as f64),
-                        observed: Some(reporting as f64),
-                        devices: silent,
-                        message: format!(
+                    out.decisions.push(Decision::new(
+                        now,
+                        "pause",
+                        "min_reporting_devices",
+                        Some(min as f64),
+                        Some(reporting as f64),
+                        silent,
+                        format!(
                             "only {reporting} device(s) reported on the new bundle, {min} required"
                         ),
-                    });
+                    ));
                 }
                 return Ok((out, effects));
             }
-            let explain = |action: &str, devices: Vec<String>, message: String| Decision {
-                at: now,
-                action: action.into(),
-                gate: "bake".into(),
-                threshold: Some(min as f64),
-                observed: Some(reporting as f64),
-                devices,
-                message,
+            let explain = |action: &str, devices: Vec<String>, message: String| {
+                Decision::new(
+                    now,
+                    action,
+                    "bake",
+                    Some(min as f64),
+                    Some(reporting as f64),
+                    devices,
+                    message,
+                )
             };
             if stage + 1 < r.spec.stages.len() {
                 let next_targets = enter_stage(&mut out, fleet, stage + 1, now);

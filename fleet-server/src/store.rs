@@ -13,32 +13,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::rollout::Rollout;
 
-/// A bundle in the registry.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct BundleRecord {
-    /// sha256 of the bundle file, hex.
-    pub id: String,
-    pub name: String,
-    pub version: String,
-    pub sequence: u64,
-    pub size: u64,
-    pub format: String,
-    pub targets: Vec<String>,
-    pub expires_at: u64,
-    pub uploaded_at: u64,
-    pub uploaded_by: String,
-}
-
-impl BundleRecord {
-    pub fn to_ref(&self) -> BundleRef {
-        BundleRef {
-            id: self.id.clone(),
-            name: self.name.clone(),
-            version: self.version.clone(),
-            sequence: self.sequence,
-        }
-    }
-}
+/// A bundle in the registry: stored as the API shows it.
+pub type BundleRecord = edgefleet_wire::api::v1::BundleView;
 
 /// A device in the inventory. `report` is what the device last said it
 /// runs: the source of truth.
@@ -101,14 +77,7 @@ impl DeviceRecord {
     }
 }
 
-/// One operator action, append-only.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct AuditEntry {
-    pub at: u64,
-    pub who: String,
-    pub action: String,
-    pub target: String,
-}
+pub use edgefleet_wire::api::v1::AuditEntry;
 
 /// Storage operations the server needs. Implementations must make every
 /// `put` durable before returning.

@@ -26,7 +26,6 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 use crate::keys::KeyId;
 use crate::manifest::{Compression, Manifest, ModelFormat, PayloadInfo};
-use crate::verify::Verified;
 
 pub const MAGIC: [u8; 8] = *b"EDGEFLT\0";
 pub const FORMAT_VERSION: u16 = 1;
@@ -296,35 +295,28 @@ pub fn compress_model(
     Ok((info, compressed))
 }
 
-/// Model bytes whose compressed and uncompressed digests matched a verified
-/// manifest. Only [`read_payload`] builds one.
-#[derive(Clone)]
-pub struct VerifiedModel {
-    format: ModelFormat,
-    bytes: Vec<u8>,
+/// The content address of a bundle file: the hex sha256 of all its bytes.
+/// The registry stores bundles under it, devices download and check by it,
+/// and it is the bundle id everywhere. Computed only here (or with
+/// [`StreamDigest::content_address`] for bytes that arrive in pieces).
+pub fn content_address(bytes: &[u8]) -> String {
+    let mut d = StreamDigest::default();
+    d.update(bytes);
+    d.content_address()
 }
 
-impl std::fmt::Debug for VerifiedModel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VerifiedModel")
-            .field("format", &self.format)
-            .field("bytes", &self.bytes.len())
-            .finish()
-    }
-}
-
-impl VerifiedModel {
-    pub fn format(&self) -> ModelFormat {
-        self.format
-    }
-
-    pub fn bytes(&self) -> &[u8] {
-        &self.bytes
-    }
+/// Whether `id` has the shape of a content address (64 lowercase hex
+/// digits): safe as a file name, never a path.
+pub fn is_content_address(id: &str) -> bool {
+    id.len() == 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Incremental sha256 + length over a byte stream, compared against a signed
-/// expectation at the end. Used for downloads that arrive in pieces.
+/// expectation at the end, or turned into a content address. Used for
+/// downloads, uploads and files that arrive or are read in pieces.
 #[derive(Clone, Debug, Default)]
 pub struct StreamDigest {
     hasher: Sha256,
@@ -343,6 +335,11 @@ impl StreamDigest {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The content address of the bytes seen so far (see [`content_address`]).
+    pub fn content_address(&self) -> String {
+        hex::encode(self.hasher.clone().finalize())
     }
 
     /// Checks the accumulated bytes against the expected length and digest.
@@ -364,74 +361,4 @@ impl StreamDigest {
         }
         Ok(())
     }
-}
-
-/// Reads the payload that follows a verified manifest, checks the compressed
-/// bytes' length and sha256 *before* decompressing, then decompresses with a
-/// hard cap and checks the model's length and sha256.
-pub fn read_payload<R: Read>(
-    manifest: &Verified<Manifest>,
-    mut r: R,
-    limits: &Limits,
-) -> Result<VerifiedModel> {
-    let p = &manifest.payload;
-    if p.compressed_len > limits.max_payload_bytes {
-        return Err(Error::TooLarge {
-            what: "payload",
-            size: p.compressed_len,
-            limit: limits.max_payload_bytes,
-        });
-    }
-    if p.len > limits.max_model_bytes {
-        return Err(Error::TooLarge {
-            what: "model",
-            size: p.len,
-            limit: limits.max_model_bytes,
-        });
-    }
-    let mut compressed = Vec::new();
-    (&mut r)
-        .take(p.compressed_len)
-        .read_to_end(&mut compressed)
-        .map_err(|e| Error::Io {
-            what: "payload",
-            source: e,
-        })?;
-    if (compressed.len() as u64) < p.compressed_len {
-        return Err(Error::Truncated {
-            region: "payload",
-            needed: p.compressed_len,
-            available: compressed.len() as u64,
-        });
-    }
-    let mut extra = [0u8; 1];
-    if r.read(&mut extra).map_err(|e| Error::Io {
-        what: "payload",
-        source: e,
-    })? != 0
-    {
-        return Err(Error::TrailingData);
-    }
-    let mut digest = StreamDigest::default();
-    digest.update(&compressed);
-    digest.check("compressed payload", p.compressed_len, &p.compressed_sha256)?;
-
-    // Only now does the decompressor see the bytes: they are exactly the
-    // ones the signers hashed.
-    let decoder = zstd::stream::read::Decoder::new(&compressed[..]).map_err(|e| Error::Io {
-        what: "payload decompression",
-        source: e,
-    })?;
-    let mut bytes = Vec::with_capacity(p.len as usize);
-    decoder
-        .take(p.len + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| Error::malformed("payload", format!("zstd: {e}")))?;
-    let mut digest = StreamDigest::default();
-    digest.update(&bytes);
-    digest.check("model", p.len, &p.sha256)?;
-    Ok(VerifiedModel {
-        format: p.format,
-        bytes,
-    })
 }

@@ -99,6 +99,9 @@ pub struct DesiredState {
 pub enum UpdateState {
     Idle,
     Downloading,
+    /// Waiting for a condition on the device (e.g. free disk space) before
+    /// it can go on; the report's `reason` says which and the numbers.
+    Blocked,
     Verifying,
     Staged,
     SelfTesting,
@@ -107,6 +110,25 @@ pub enum UpdateState {
     Committed,
     Failed,
     RolledBack,
+}
+
+impl UpdateState {
+    /// The snake_case name, as in JSON (`rolled_back`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpdateState::Idle => "idle",
+            UpdateState::Downloading => "downloading",
+            UpdateState::Blocked => "blocked",
+            UpdateState::Verifying => "verifying",
+            UpdateState::Staged => "staged",
+            UpdateState::SelfTesting => "self_testing",
+            UpdateState::Shadowing => "shadowing",
+            UpdateState::Watching => "watching",
+            UpdateState::Committed => "committed",
+            UpdateState::Failed => "failed",
+            UpdateState::RolledBack => "rolled_back",
+        }
+    }
 }
 
 /// Health numbers over the device's last reporting window.
@@ -174,6 +196,13 @@ mod tests {
         };
         let s = serde_json::to_string(&r).unwrap();
         assert!(s.contains("\"rolled_back\""), "{s}");
+        for st in [
+            UpdateState::Idle,
+            UpdateState::SelfTesting,
+            UpdateState::RolledBack,
+        ] {
+            assert_eq!(serde_json::to_value(st).unwrap(), st.as_str());
+        }
         assert_eq!(serde_json::from_str::<DeviceReport>(&s).unwrap(), r);
     }
 }

@@ -17,8 +17,13 @@
 //! - [`device`]: the device ↔ server protocol (enroll, desired, report).
 //! - [`telemetry`]: MQTT topics and payloads (state, telemetry, events, commands).
 //! - [`verify`]: the trust root and the only way to obtain a [`verify::Verified`] manifest.
+//! - [`api`]: the operator API's request and response bodies (`api::v1`).
+//! - [`backoff`]: the one retry policy; [`stats`]: the one percentile.
+//! - [`prom`]: Prometheus text helpers; [`time`]: the wall clock in unix seconds.
 //! - [`error`]: the error type and its stable reason codes.
 
+pub mod api;
+pub mod backoff;
 pub mod bundle;
 pub mod device;
 pub mod drift;
@@ -27,8 +32,11 @@ pub mod keys;
 pub mod manifest;
 pub mod names;
 pub mod npz;
+pub mod prom;
+pub mod stats;
 pub mod telemetry;
 pub mod tensor;
+pub mod time;
 pub mod verify;
 
 pub use error::{Error, Result};

@@ -3,17 +3,16 @@
 //! bytes that were verified, never from a re-serialization.)
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::ops::Deref;
 
 use ed25519_dalek::VerifyingKey;
 use sha2::{Digest, Sha256};
 
-use crate::bundle::{
-    Limits, Signed, VerifiedModel, decode_manifest, read_payload, read_signed, signing_message,
-};
+use crate::bundle::{Limits, Signed, StreamDigest, decode_manifest, read_signed, signing_message};
 use crate::error::{Error, Result};
 use crate::keys::KeyId;
-use crate::manifest::Manifest;
+use crate::manifest::{Manifest, ModelFormat};
 
 /// The keys a verifier trusts and how many of them must sign.
 #[derive(Clone, Debug)]
@@ -76,6 +75,19 @@ impl<T> Verified<T> {
     /// sha256 of the signed bytes: a stable id for this exact manifest.
     pub fn digest(&self) -> [u8; 32] {
         Sha256::digest(&self.bytes).into()
+    }
+}
+
+impl Verified<Manifest> {
+    /// How devices and the server refer to the bundle with this manifest
+    /// and content address `id`: built from verified fields only.
+    pub fn bundle_ref(&self, id: &str) -> crate::device::BundleRef {
+        crate::device::BundleRef {
+            id: id.to_string(),
+            name: self.name.to_string(),
+            version: self.version.to_string(),
+            sequence: self.sequence,
+        }
     }
 }
 
@@ -158,4 +170,101 @@ pub fn open_bundle<R: std::io::Read>(
     let manifest = verify(root, &signed, expiry)?;
     let model = read_payload(&manifest, r, limits)?;
     Ok((manifest, model))
+}
+
+/// Model bytes whose compressed and uncompressed digests matched a verified
+/// manifest. Only [`read_payload`] builds one.
+#[derive(Clone)]
+pub struct VerifiedModel {
+    format: ModelFormat,
+    bytes: Vec<u8>,
+}
+
+impl std::fmt::Debug for VerifiedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifiedModel")
+            .field("format", &self.format)
+            .field("bytes", &self.bytes.len())
+            .finish()
+    }
+}
+
+impl VerifiedModel {
+    pub fn format(&self) -> ModelFormat {
+        self.format
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// Reads the payload that follows a verified manifest, checks the compressed
+/// bytes' length and sha256 *before* decompressing, then decompresses with a
+/// hard cap and checks the model's length and sha256.
+pub fn read_payload<R: Read>(
+    manifest: &Verified<Manifest>,
+    mut r: R,
+    limits: &Limits,
+) -> Result<VerifiedModel> {
+    let p = &manifest.payload;
+    if p.compressed_len > limits.max_payload_bytes {
+        return Err(Error::TooLarge {
+            what: "payload",
+            size: p.compressed_len,
+            limit: limits.max_payload_bytes,
+        });
+    }
+    if p.len > limits.max_model_bytes {
+        return Err(Error::TooLarge {
+            what: "model",
+            size: p.len,
+            limit: limits.max_model_bytes,
+        });
+    }
+    let mut compressed = Vec::new();
+    (&mut r)
+        .take(p.compressed_len)
+        .read_to_end(&mut compressed)
+        .map_err(|e| Error::Io {
+            what: "payload",
+            source: e,
+        })?;
+    if (compressed.len() as u64) < p.compressed_len {
+        return Err(Error::Truncated {
+            region: "payload",
+            needed: p.compressed_len,
+            available: compressed.len() as u64,
+        });
+    }
+    let mut extra = [0u8; 1];
+    if r.read(&mut extra).map_err(|e| Error::Io {
+        what: "payload",
+        source: e,
+    })? != 0
+    {
+        return Err(Error::TrailingData);
+    }
+    let mut digest = StreamDigest::default();
+    digest.update(&compressed);
+    digest.check("compressed payload", p.compressed_len, &p.compressed_sha256)?;
+
+    // Only now does the decompressor see the bytes: they are exactly the
+    // ones the signers hashed.
+    let decoder = zstd::stream::read::Decoder::new(&compressed[..]).map_err(|e| Error::Io {
+        what: "payload decompression",
+        source: e,
+    })?;
+    let mut bytes = Vec::with_capacity(p.len as usize);
+    decoder
+        .take(p.len + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::malformed("payload", format!("zstd: {e}")))?;
+    let mut digest = StreamDigest::default();
+    digest.update(&bytes);
+    digest.check("model", p.len, &p.sha256)?;
+    Ok(VerifiedModel {
+        format: p.format,
+        bytes,
+    })
 }

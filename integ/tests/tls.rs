@@ -21,7 +21,7 @@ use edge_agent::tls::TlsFiles;
 use edgefleet_wire::keys::signing_key_from_seed;
 use edgefleet_wire::manifest::{NonFiniteInputs, TargetArch};
 use fleet_server::config::{Role, ServerConfig, TokenConfig};
-use fleet_server::pack::{PackRequest, pack};
+use fleetctl::pack::{PackRequest, pack};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
@@ -30,9 +30,8 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Tr
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-#[path = "support/common.rs"]
-mod common;
 use common::{free_port, mosquitto_bin, repo, write_key};
+use integ::common;
 
 const OPERATOR: &str = "operator-token";
 const ENROLL: &str = "enroll-me";
@@ -107,7 +106,7 @@ fn cls_bundle() -> Vec<u8> {
         golden_outputs: golden("out"),
         tolerance: 1e-4,
         keys: vec![signing_key_from_seed([1; 32])],
-        now: edge_agent::bundle::now_unix(),
+        now: edgefleet_wire::time::unix_now(),
         expires_in: 86_400,
         nnef: false,
         targets: TargetArch::ALL.to_vec(),

@@ -24,11 +24,10 @@ use edgefleet_wire::manifest::{DriftBaseline, NonFiniteInputs, TargetArch};
 use edgefleet_wire::npz::{NpzLimits, read_npz};
 use edgefleet_wire::tensor::{NamedTensor, Tensor};
 use edgefleet_wire::verify::TrustRoot;
-use fleet_server::pack::{PackRequest, pack};
+use fleetctl::pack::{PackRequest, pack};
 
-#[path = "support/common.rs"]
-mod common;
 use common::repo;
+use integ::common;
 
 /// A signed bundle of `models/{dir}` with the baseline from its
 /// `drift/calib.npz`, and that baseline.
@@ -47,7 +46,7 @@ fn with_baseline(dir: &str, file: &str, calib: u64) -> (Vec<u8>, DriftBaseline) 
         golden_outputs: golden("out"),
         tolerance: 1e-4,
         keys: vec![signing_key_from_seed([1; 32])],
-        now: edge_agent::bundle::now_unix(),
+        now: edgefleet_wire::time::unix_now(),
         expires_in: 86_400,
         nnef: false,
         targets: TargetArch::ALL.to_vec(),

@@ -24,7 +24,7 @@ fn model(rel: &str) -> PathBuf {
 }
 
 fn fleetctl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+    Command::new(integ::bins::bin("fleetctl"))
         .args(args)
         .output()
         .unwrap()

@@ -15,13 +15,12 @@ use edgefleet_wire::bundle::{Limits, read_signed, write_bundle};
 use edgefleet_wire::keys::{encode_public_key, signing_key_from_seed};
 use edgefleet_wire::manifest::{NonFiniteInputs, TargetArch};
 use fleet_server::config::{Role, ServerConfig, TokenConfig};
-use fleet_server::pack::{PackRequest, pack};
+use fleetctl::pack::{PackRequest, pack};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-#[path = "support/common.rs"]
-mod common;
 use common::repo;
+use integ::common;
 
 const OPERATOR: &str = "operator-token";
 const ENROLL: &str = "enroll-me";

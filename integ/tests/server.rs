@@ -6,14 +6,13 @@
 use edgefleet_wire::keys::{encode_public_key, signing_key_from_seed};
 use edgefleet_wire::manifest::{NonFiniteInputs, TargetArch};
 use fleet_server::config::{Role, ServerConfig, TokenConfig};
-use fleet_server::pack::{PackRequest, pack};
+use fleetctl::pack::{PackRequest, pack};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-#[path = "support/common.rs"]
-mod common;
 use common::repo;
+use integ::common;
 
 const ADMIN: &str = "admin-token";
 const OPERATOR: &str = "operator-token";
@@ -870,7 +869,7 @@ async fn a_rollout_over_20_devices_advances_pauses_on_a_breached_gate_and_aborts
 
 /// Runs fleetctl against the server (off the async runtime, which serves it).
 async fn fleetctl(s: &Server, token: &str, args: &[&str]) -> std::process::Output {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_fleetctl"));
+    let mut cmd = std::process::Command::new(integ::bins::bin("fleetctl"));
     cmd.args(args)
         .env("FLEETCTL_SERVER", &s.url)
         .env("FLEETCTL_TOKEN", token);
@@ -988,7 +987,7 @@ async fn fleetctl_drives_bundles_devices_and_rollouts() {
     )
     .await;
     assert_eq!(o.status.code(), Some(2), "{}", out(&o));
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_fleetctl"));
+    let mut cmd = std::process::Command::new(integ::bins::bin("fleetctl"));
     cmd.args(["bundle", "list"])
         .env_remove("FLEETCTL_SERVER")
         .env_remove("FLEETCTL_TOKEN");

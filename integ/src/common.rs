@@ -1,7 +1,6 @@
 //! Small helpers every end-to-end test file needs: repository paths, free
 //! ports, the test signing key, and Debian's mosquitto when installed.
 //! Each test binary includes this file; not every one uses every helper.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 

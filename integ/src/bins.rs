@@ -32,3 +32,9 @@ pub fn bin_dir() -> PathBuf {
     }
     dir
 }
+
+/// One of the workspace's binaries (`fleet-server`, `fleetctl`, `edge-agent`).
+pub fn bin(name: &str) -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(bin_dir).join(name)
+}

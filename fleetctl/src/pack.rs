@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;
-use edge_agent::runtime::{Model, TRACT_VERSION, declared_inputs, onnx_to_nnef, self_test};
+use edgefleet_runtime::{Model, TRACT_VERSION, declared_inputs, onnx_to_nnef, self_test};
 use edgefleet_wire::bundle::{Signed, compress_model, write_bundle};
 use edgefleet_wire::manifest::{
     GoldenCase, GoldenSet, Manifest, ModelFormat, NonFiniteInputs, ReferenceSource, TargetArch,
@@ -58,7 +58,7 @@ pub const MAX_BASELINE_SAMPLES: usize = 10_000;
 fn drift_baseline(
     path: &Path,
     specs: &[TensorSpec],
-    session: &mut edge_agent::runtime::Session,
+    session: &mut edgefleet_runtime::Session,
 ) -> Result<edgefleet_wire::manifest::DriftBaseline> {
     use edgefleet_wire::tensor::{DType, Tensor};
     let bad = |m: String| Error::Usage(format!("--baseline {}: {m}", path.display()));

@@ -6,8 +6,7 @@
 use std::path::Path;
 use std::process::Command;
 
-#[path = "support/bins.rs"]
-mod bins;
+use integ::bins;
 
 #[test]
 fn the_demo_runs_every_step_and_ends_with_the_fleet_on_v2() {

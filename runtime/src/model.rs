@@ -7,9 +7,9 @@
 
 use std::sync::Arc;
 
-use edgefleet_wire::bundle::VerifiedModel;
 use edgefleet_wire::manifest::{GoldenSet, ModelFormat, NonFiniteInputs};
 use edgefleet_wire::tensor::{DType, NamedTensor, Tensor as WireTensor, TensorSpec, max_abs_diff};
+use edgefleet_wire::verify::VerifiedModel;
 use tract_nnef::prelude::*;
 #[cfg(feature = "onnx")]
 use tract_onnx::prelude::{InferenceFact, InferenceModelExt};

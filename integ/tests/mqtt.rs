@@ -22,14 +22,13 @@ use edgefleet_wire::keys::signing_key_from_seed;
 use edgefleet_wire::manifest::{NonFiniteInputs, TargetArch};
 use edgefleet_wire::telemetry::{DeviceEvent, DeviceState, Telemetry, decode_telemetry};
 use fleet_server::config::{Role, ServerConfig, TokenConfig};
-use fleet_server::pack::{PackRequest, pack};
+use fleetctl::pack::{PackRequest, pack};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-#[path = "support/common.rs"]
-mod common;
 use common::{free_port, mosquitto_bin, repo, write_key};
+use integ::common;
 
 const OPERATOR: &str = "operator-token";
 const ENROLL: &str = "enroll-me";
@@ -49,7 +48,7 @@ fn cls_bundle(minor: u64) -> Vec<u8> {
         golden_outputs: golden("out"),
         tolerance: 1e-4,
         keys: vec![signing_key_from_seed([1; 32])],
-        now: edge_agent::bundle::now_unix(),
+        now: edgefleet_wire::time::unix_now(),
         expires_in: 86_400,
         nnef: false,
         targets: TargetArch::ALL.to_vec(),
@@ -134,7 +133,7 @@ listen = "127.0.0.1:{port}"
         match self {
             Broker::Embedded { config, child } => {
                 *child = Some(
-                    Command::new(env!("CARGO_BIN_EXE_fleet-server"))
+                    Command::new(integ::bins::bin("fleet-server"))
                         .arg("--config")
                         .arg(&*config)
                         .stdout(Stdio::null())

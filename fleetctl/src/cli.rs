@@ -16,9 +16,12 @@ use edgefleet_wire::names::ModelName;
 use edgefleet_wire::verify::{Expiry, TrustRoot, open_bundle};
 use serde_json::json;
 
-use edge_agent::bundle::now_unix;
+use edgefleet_wire::api::v1::{
+    CreateRollout, DeviceView, Gates, RolloutAction, RolloutView, Stage,
+};
+use edgefleet_wire::time::unix_now as now_unix;
 
-use crate::client::Client;
+use crate::client::{Client, DeviceFilter};
 use crate::duration::{parse_duration, rfc3339};
 use crate::error::{Error, Result};
 use crate::pack::{PackRequest, pack};
@@ -202,7 +205,7 @@ pub struct PackArgs {
     #[arg(long = "target", value_name = "ARCH")]
     targets: Vec<String>,
     /// Oldest agent version that may install this bundle.
-    #[arg(long = "min-agent-version", default_value = edge_agent::AGENT_VERSION)]
+    #[arg(long = "min-agent-version", default_value = env!("CARGO_PKG_VERSION"))]
     min_agent_version: String,
     /// Let the serving API accept NaN/inf inputs (rejected by default).
     #[arg(long)]
@@ -227,30 +230,25 @@ pub fn run(cli: Cli) -> Result<()> {
     let client = || Client::new(cli.server.clone(), cli.token.clone());
     match cli.command {
         Command::Bundle(BundleCommand::Push { file, json }) => {
-            let rec = client()?.post_file("/api/v1/bundles", &file)?;
+            let rec = client()?.push_bundle(&file)?;
             print_or(json, &rec, || {
-                println!(
-                    "pushed {} {} as {}",
-                    rec["name"].as_str().unwrap_or(""),
-                    rec["version"].as_str().unwrap_or(""),
-                    rec["id"].as_str().unwrap_or("")
-                );
+                println!("pushed {} {} as {}", rec.name, rec.version, rec.id);
             });
             Ok(())
         }
         Command::Bundle(BundleCommand::List { json }) => {
-            let list = client()?.get("/api/v1/bundles")?;
+            let list = client()?.list_bundles()?;
             print_or(json, &list, || {
                 table(
                     &["ID", "NAME", "VERSION", "SEQ", "FORMAT", "SIZE"],
-                    list.as_array().into_iter().flatten().map(|b| {
+                    list.iter().map(|b| {
                         vec![
-                            short(&b["id"]),
-                            s(&b["name"]),
-                            s(&b["version"]),
-                            s(&b["sequence"]),
-                            s(&b["format"]),
-                            s(&b["size"]),
+                            b.id.chars().take(12).collect(),
+                            b.name.clone(),
+                            b.version.clone(),
+                            b.sequence.to_string(),
+                            b.format.clone(),
+                            b.size.to_string(),
                         ]
                     }),
                 )
@@ -263,17 +261,11 @@ pub fn run(cli: Cli) -> Result<()> {
             version,
             json,
         }) => {
-            let mut query: Vec<String> = tags
-                .iter()
-                .map(|t| format!("tag={}", urlencode(t)))
-                .collect();
-            if let Some(st) = state {
-                query.push(format!("status={}", urlencode(&st)));
-            }
-            if let Some(v) = version {
-                query.push(format!("version={}", urlencode(&v)));
-            }
-            let list = client()?.get(&format!("/api/v1/devices?{}", query.join("&")))?;
+            let list = client()?.list_devices(&DeviceFilter {
+                tags,
+                state,
+                version,
+            })?;
             print_or(json, &list, || {
                 table(
                     &[
@@ -285,46 +277,7 @@ pub fn run(cli: Cli) -> Result<()> {
                         "ONLINE",
                         "LAST SEEN",
                     ],
-                    list.as_array().into_iter().flatten().map(|d| {
-                        let tags = d["tags"]
-                            .as_object()
-                            .map(|m| {
-                                m.iter()
-                                    .map(|(k, v)| format!("{k}={}", s(v)))
-                                    .collect::<Vec<_>>()
-                                    .join(",")
-                            })
-                            .unwrap_or_default();
-                        let active = if d["active"].is_null() {
-                            "-".into()
-                        } else {
-                            format!("{} {}", s(&d["active"]["name"]), s(&d["active"]["version"]))
-                        };
-                        let seen = d["last_seen"]
-                            .as_u64()
-                            .map(rfc3339)
-                            .unwrap_or_else(|| "-".into());
-                        // The last telemetry interval when there is one (fresher
-                        // than the report's window).
-                        let p95 = d["telemetry"]["latency_ms"]["p95"]
-                            .as_f64()
-                            .or_else(|| d["health"]["p95_latency_ms"].as_f64())
-                            .map_or_else(|| "-".into(), |v| format!("{v:.1}"));
-                        let online = match d["online"].as_bool() {
-                            Some(true) => "yes",
-                            Some(false) => "no",
-                            None => "-",
-                        };
-                        vec![
-                            s(&d["id"]),
-                            tags,
-                            active,
-                            s(&d["state"]),
-                            p95,
-                            online.into(),
-                            seen,
-                        ]
-                    }),
+                    list.iter().map(device_row),
                 )
             });
             Ok(())
@@ -618,34 +571,54 @@ fn manifest_json(m: &Manifest, key_ids: &[String]) -> serde_json::Value {
     })
 }
 
-fn s(v: &serde_json::Value) -> String {
+/// One row of `devices list`.
+fn device_row(d: &DeviceView) -> Vec<String> {
+    let tags = d
+        .tags
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let active = d
+        .active
+        .as_ref()
+        .map_or_else(|| "-".into(), |a| format!("{} {}", a.name, a.version));
+    let seen = d.last_seen.map_or_else(|| "-".into(), rfc3339);
+    // The last telemetry interval when there is one (fresher than the
+    // report's window).
+    let p95 = d
+        .telemetry
+        .as_ref()
+        .and_then(|t| t.latency_ms.as_ref())
+        .map(|l| l.p95)
+        .or_else(|| d.health.as_ref().and_then(|h| h.p95_latency_ms))
+        .map_or_else(|| "-".into(), |v| format!("{v:.1}"));
+    let online = match d.online {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "-",
+    };
+    vec![
+        d.id.clone(),
+        tags,
+        active,
+        d.state.map_or("-", |s| s.as_str()).to_string(),
+        p95,
+        online.into(),
+        seen,
+    ]
+}
+
+/// A number as the tables print it: whole numbers bare, others to 0.1.
+fn num(v: Option<f64>) -> String {
     match v {
-        serde_json::Value::String(x) => x.clone(),
-        serde_json::Value::Null => "-".into(),
-        serde_json::Value::Number(n) => n
-            .as_f64()
-            .filter(|f| f.fract() != 0.0)
-            .map_or_else(|| n.to_string(), |f| format!("{f:.1}")),
-        other => other.to_string(),
+        None => "-".into(),
+        Some(f) if f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", f as i64),
+        Some(f) => format!("{f:.1}"),
     }
 }
 
-fn short(v: &serde_json::Value) -> String {
-    s(v).chars().take(12).collect()
-}
-
-fn urlencode(v: &str) -> String {
-    v.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-fn print_or(as_json: bool, v: &serde_json::Value, human: impl FnOnce()) {
+fn print_or<T: serde::Serialize>(as_json: bool, v: &T, human: impl FnOnce()) {
     if as_json {
         println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
     } else {
@@ -687,8 +660,9 @@ fn parse_kv(v: &str) -> Result<(String, String)> {
         .ok_or_else(|| Error::Usage(format!("{v:?}: use key=value")))
 }
 
-/// `10:5m,50:10m,100:0` → stages (bake times in whole minutes, rounded up).
-pub fn parse_stages(spec: &str) -> Result<Vec<serde_json::Value>> {
+/// `10:5m,50:10m,100:0` → stages (bake times in whole minutes, rounded
+/// up, and in seconds when they are not whole minutes).
+pub fn parse_stages(spec: &str) -> Result<Vec<Stage>> {
     spec.split(',')
         .map(|st| {
             let (pct, bake) = st.split_once(':').ok_or_else(|| {
@@ -703,24 +677,29 @@ pub fn parse_stages(spec: &str) -> Result<Vec<serde_json::Value>> {
             } else {
                 parse_duration(bake.trim())?
             };
-            let mut stage = json!({"percent": percent, "bake_minutes": secs.div_ceil(60)});
-            if secs % 60 != 0 {
-                stage["bake_seconds"] = json!(secs);
-            }
-            Ok(stage)
+            let too_long = || Error::Usage(format!("stage {st:?}: the bake time is too long"));
+            Ok(Stage {
+                percent,
+                bake_minutes: u32::try_from(secs.div_ceil(60)).map_err(|_| too_long())?,
+                bake_seconds: if secs % 60 == 0 {
+                    None
+                } else {
+                    Some(u32::try_from(secs).map_err(|_| too_long())?)
+                },
+            })
         })
         .collect()
 }
 
-fn print_rollout(r: &serde_json::Value) {
+fn print_rollout(r: &RolloutView) {
     println!(
         "rollout {}  bundle {} {}  {}",
-        s(&r["id"]),
-        s(&r["bundle"]["name"]),
-        s(&r["bundle"]["version"]),
-        s(&r["phase"]["state"]).to_uppercase()
+        r.id,
+        r.bundle.name,
+        r.bundle.version,
+        r.phase.name().to_uppercase()
     );
-    let current = r["phase"]["stage"].as_u64();
+    let current = r.phase.stage();
     table(
         &[
             "",
@@ -732,96 +711,82 @@ fn print_rollout(r: &serde_json::Value) {
             "FAILED",
             "ROLLED BACK",
         ],
-        r["stages"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .enumerate()
-            .map(|(i, st)| {
-                vec![
-                    if current == Some(i as u64) {
-                        "▶".into()
-                    } else {
-                        String::new()
-                    },
-                    format!("{}%", s(&st["percent"])),
-                    match st["bake_seconds"].as_u64() {
-                        Some(b) if b % 60 != 0 => format!("{b}s"),
-                        _ => format!("{}m", s(&st["bake_minutes"])),
-                    },
-                    s(&st["devices"]),
-                    s(&st["running"]),
-                    s(&st["pending"]),
-                    s(&st["failed"]),
-                    s(&st["rolled_back"]),
-                ]
-            }),
+        r.stages.iter().enumerate().map(|(i, st)| {
+            vec![
+                if current == Some(i) {
+                    "▶".into()
+                } else {
+                    String::new()
+                },
+                format!("{}%", st.percent),
+                if st.bake_seconds % 60 != 0 {
+                    format!("{}s", st.bake_seconds)
+                } else {
+                    format!("{}m", st.bake_minutes)
+                },
+                st.devices.to_string(),
+                st.running.to_string(),
+                st.pending.to_string(),
+                st.failed.to_string(),
+                st.rolled_back.to_string(),
+            ]
+        }),
     );
-    for d in r["decisions"].as_array().into_iter().flatten() {
-        let devices: Vec<String> = d["devices"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(s)
-            .collect();
+    for d in &r.decisions {
         println!(
             "  {} {}: {} (gate {}, threshold {}, observed {}{})",
-            rfc3339(d["at"].as_u64().unwrap_or(0)),
-            s(&d["action"]),
-            s(&d["message"]),
-            s(&d["gate"]),
-            s(&d["threshold"]),
-            s(&d["observed"]),
-            if devices.is_empty() {
+            rfc3339(d.at),
+            d.action,
+            d.message,
+            d.gate,
+            num(d.threshold),
+            num(d.observed),
+            if d.devices.is_empty() {
                 String::new()
             } else {
-                format!(", devices {}", devices.join(" "))
+                format!(", devices {}", d.devices.join(" "))
             }
         );
     }
 }
 
 fn rollout_cmd(c: &Client, cmd: RolloutCommand) -> Result<()> {
-    let (path, body, as_json) = match cmd {
+    let (r, as_json) = match cmd {
         RolloutCommand::Create(a) => {
-            let selector: serde_json::Map<String, serde_json::Value> = a
+            let selector = a
                 .selector
                 .iter()
-                .map(|kv| parse_kv(kv).map(|(k, v)| (k, serde_json::Value::String(v))))
+                .map(|kv| parse_kv(kv))
                 .collect::<Result<_>>()?;
-            let mut gates = serde_json::Map::new();
-            for (k, v) in [
-                ("max_failed_devices_pct", a.max_failed_devices_pct),
-                ("max_rollback_pct", a.max_rollback_pct),
-                ("max_p95_latency_ms", a.max_p95_latency_ms),
-                ("max_error_rate", a.max_error_rate),
-            ] {
-                if let Some(v) = v {
-                    gates.insert(k.into(), json!(v));
-                }
-            }
-            if let Some(v) = a.min_reporting_devices {
-                gates.insert("min_reporting_devices".into(), json!(v));
-            }
-            let body = json!({"bundle": a.bundle, "selector": selector, "stages": parse_stages(&a.stages)?, "gates": gates});
-            ("/api/v1/rollouts".to_string(), Some(body), a.json)
+            let req = CreateRollout {
+                bundle: a.bundle,
+                selector,
+                stages: parse_stages(&a.stages)?,
+                gates: Gates {
+                    max_failed_devices_pct: a.max_failed_devices_pct,
+                    max_rollback_pct: a.max_rollback_pct,
+                    max_p95_latency_ms: a.max_p95_latency_ms,
+                    max_error_rate: a.max_error_rate,
+                    min_reporting_devices: a.min_reporting_devices,
+                },
+                shadow: None,
+            };
+            (c.create_rollout(&req)?, a.json)
         }
         RolloutCommand::Status { id, watch, json } => loop {
-            let r = c.get(&format!("/api/v1/rollouts/{id}"))?;
+            let r = c.get_rollout(&id)?;
             print_or(json, &r, || print_rollout(&r));
-            let done = matches!(r["phase"]["state"].as_str(), Some("completed" | "aborted"));
-            if !watch || done {
+            if !watch || r.phase.is_final() {
                 return Ok(());
             }
             std::thread::sleep(std::time::Duration::from_secs(2));
             println!();
         },
-        RolloutCommand::Pause { id } => (format!("/api/v1/rollouts/{id}/pause"), None, false),
-        RolloutCommand::Resume { id } => (format!("/api/v1/rollouts/{id}/resume"), None, false),
-        RolloutCommand::Abort { id } => (format!("/api/v1/rollouts/{id}/abort"), None, false),
-        RolloutCommand::Promote { id } => (format!("/api/v1/rollouts/{id}/promote"), None, false),
+        RolloutCommand::Pause { id } => (c.rollout_action(&id, RolloutAction::Pause)?, false),
+        RolloutCommand::Resume { id } => (c.rollout_action(&id, RolloutAction::Resume)?, false),
+        RolloutCommand::Abort { id } => (c.rollout_action(&id, RolloutAction::Abort)?, false),
+        RolloutCommand::Promote { id } => (c.rollout_action(&id, RolloutAction::Promote)?, false),
     };
-    let r = c.post_json(&path, &body.unwrap_or(json!({})))?;
     print_or(as_json, &r, || print_rollout(&r));
     Ok(())
 }

@@ -1,0 +1,186 @@
+//! A loaded model and what the agent knows about it: [`ActiveModel`] (the
+//! tract plan, its verified manifest, self-test report, live statistics
+//! and drift monitor) and [`prepare`], the only way to make one: load,
+//! optimize and pass the golden self-test.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use edgefleet_runtime::{Model, SelfTestReport, self_test};
+use edgefleet_wire::manifest::Manifest;
+use edgefleet_wire::tensor::TensorSpec;
+use edgefleet_wire::time::unix_now as now_unix;
+use edgefleet_wire::verify::Verified;
+use serde::Serialize;
+
+use crate::bundle::TrustedBundle;
+use crate::error::AgentError;
+
+/// What clients and reports see about a model.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ModelInfo {
+    pub name: String,
+    pub version: String,
+    pub sequence: u64,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    /// Unix seconds.
+    pub loaded_at: u64,
+    /// sha256 of the signed manifest, hex.
+    pub manifest_digest: String,
+}
+
+/// A loaded, self-tested model ready to serve.
+#[derive(Debug)]
+pub struct ActiveModel {
+    pub info: ModelInfo,
+    pub model: Model,
+    pub manifest: Verified<Manifest>,
+    pub self_test: SelfTestReport,
+    /// What this model did since it was loaded (health watch, reports).
+    pub stats: ModelStats,
+    /// Injected faults (tests and the demo only; see `[testing]`).
+    pub faults: Faults,
+    /// sha256 of the bundle file, when known (the agent's slots).
+    pub bundle_id: String,
+    /// Rolling drift histograms, when the manifest carries a baseline.
+    pub drift: Option<std::sync::Mutex<crate::drift::DriftMonitor>>,
+    /// Drift alerts not yet published (telemetry drains them).
+    pub drift_alerts: std::sync::Mutex<Vec<crate::drift::DriftAlert>>,
+    generation: u64,
+}
+
+impl ActiveModel {
+    /// Changes whenever a different model (or a reload) becomes active.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+/// Test-only faults applied to live inferences of one model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Faults {
+    pub extra_latency: Duration,
+    pub fail: bool,
+}
+
+/// Latencies kept for percentiles.
+const LATENCY_RING: usize = 2048;
+
+/// Per-model counters, updated by the workers.
+#[derive(Debug, Default)]
+pub struct ModelStats {
+    pub inferences: AtomicU64,
+    pub errors: AtomicU64,
+    pub non_finite: AtomicU64,
+    pub panics: AtomicU64,
+    /// Most recent compute latencies in ms.
+    latencies: std::sync::Mutex<std::collections::VecDeque<f32>>,
+    /// Latencies since the last telemetry record (capped).
+    interval: std::sync::Mutex<Vec<f32>>,
+}
+
+/// Latencies kept per telemetry interval; beyond it, every other sample.
+const INTERVAL_CAP: usize = 16 * 1024;
+
+impl ModelStats {
+    pub(crate) fn record(&self, ms: f32) {
+        if let Ok(mut l) = self.latencies.lock() {
+            if l.len() == LATENCY_RING {
+                l.pop_front();
+            }
+            l.push_back(ms);
+        }
+        if let Ok(mut v) = self.interval.lock() {
+            if v.len() >= INTERVAL_CAP {
+                // Thin out evenly rather than stop recording.
+                let kept: Vec<f32> = v.iter().step_by(2).copied().collect();
+                *v = kept;
+            }
+            v.push(ms);
+        }
+    }
+
+    /// Takes the latencies recorded since the last call.
+    pub fn take_interval(&self) -> Vec<f32> {
+        self.interval
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
+    }
+
+    /// The p95 of the most recent latencies, in ms.
+    pub fn p95_ms(&self) -> Option<f64> {
+        let v: Vec<f32> = self
+            .latencies
+            .lock()
+            .map(|l| l.iter().copied().collect())
+            .unwrap_or_default();
+        edgefleet_wire::stats::p95(&v)
+    }
+
+    /// p50, p95, p99 of the most recent latencies, in ms.
+    pub fn percentiles(&self) -> Option<(f64, f64, f64)> {
+        let v: Vec<f32> = self
+            .latencies
+            .lock()
+            .map(|l| l.iter().copied().collect())
+            .unwrap_or_default();
+        edgefleet_wire::stats::latency_summary(v).map(|l| (l.p50, l.p95, l.p99))
+    }
+}
+
+/// Timings of [`prepare`], for `bench` and reports.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PrepareTimings {
+    /// Parse, pin and type the graph.
+    pub load: Duration,
+    /// tract's optimization pass.
+    pub optimize: Duration,
+    pub self_test: Duration,
+}
+
+static GENERATION: AtomicU64 = AtomicU64::new(1);
+
+/// Loads and optimizes a trusted bundle's model and runs its golden
+/// self-test. A model that fails is never returned, so it is never served.
+pub fn prepare(bundle: &TrustedBundle) -> Result<(ActiveModel, PrepareTimings), AgentError> {
+    let m = &bundle.manifest;
+    let model = Model::from_verified(&bundle.model, &m.inputs, &m.outputs, m.non_finite_inputs)?;
+    let t1 = Instant::now();
+    let report = self_test(&mut model.session()?, &m.golden)?;
+    let timings = PrepareTimings {
+        load: model.load_timings().parse,
+        optimize: model.load_timings().optimize,
+        self_test: t1.elapsed(),
+    };
+    let info = ModelInfo {
+        name: m.name.to_string(),
+        version: m.version.to_string(),
+        sequence: m.sequence,
+        inputs: m.inputs.clone(),
+        outputs: m.outputs.clone(),
+        loaded_at: now_unix(),
+        manifest_digest: hex::encode(m.digest()),
+    };
+    Ok((
+        ActiveModel {
+            info,
+            model,
+            manifest: m.clone(),
+            self_test: report,
+            stats: ModelStats::default(),
+            faults: Faults::default(),
+            bundle_id: String::new(),
+            drift: m.drift_baseline.as_ref().map(|b| {
+                std::sync::Mutex::new(crate::drift::DriftMonitor::new(
+                    b,
+                    crate::drift::DriftConfig::default(),
+                ))
+            }),
+            drift_alerts: std::sync::Mutex::new(Vec::new()),
+            generation: GENERATION.fetch_add(1, Ordering::Relaxed),
+        },
+        timings,
+    ))
+}

@@ -1,0 +1,186 @@
+//! The typed blocking client of the operator API: one method per endpoint,
+//! request and response bodies from `edgefleet_wire::api::v1`, errors as
+//! the server's `{"error": {"code", "message"}}`.
+
+use std::io::Read;
+
+use edgefleet_wire::api::v1::{
+    AuditEntry, BundleView, CreateRollout, DeviceView, ErrorBody, RolloutAction, RolloutView,
+};
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, Result};
+
+/// Server URL and operator token (`--server`/`--token` or
+/// `FLEETCTL_SERVER`/`FLEETCTL_TOKEN`).
+#[derive(Debug)]
+pub struct Client {
+    base: String,
+    token: String,
+    http: reqwest::blocking::Client,
+}
+
+/// Filters of `GET /api/v1/devices`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceFilter {
+    /// `k=v`, all must match.
+    pub tags: Vec<String>,
+    /// Reported update state (`committed`, `rolled_back`, ...).
+    pub state: Option<String>,
+    /// Reported active version.
+    pub version: Option<String>,
+}
+
+/// Wraps a reader to report progress as bytes are sent.
+struct Progress<R> {
+    inner: R,
+    bar: indicatif::ProgressBar,
+}
+
+impl<R: Read> Read for Progress<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bar.inc(n as u64);
+        Ok(n)
+    }
+}
+
+/// Percent-encodes a query value.
+pub fn urlencode(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl Client {
+    pub fn new(server: Option<String>, token: Option<String>) -> Result<Client> {
+        let base = server
+            .ok_or_else(|| {
+                Error::Usage("no server: pass --server URL or set FLEETCTL_SERVER".into())
+            })?
+            .trim_end_matches('/')
+            .to_string();
+        let token = token
+            .ok_or_else(|| Error::Usage("no token: pass --token T or set FLEETCTL_TOKEN".into()))?;
+        // rustls on ring for https:// servers (system roots). Err means a
+        // provider is already installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::blocking::Client::builder()
+            .timeout(None)
+            .build()
+            .map_err(|e| Error::Usage(format!("http client: {e}")))?;
+        Ok(Client { base, token, http })
+    }
+
+    fn send<T: DeserializeOwned>(&self, req: reqwest::blocking::RequestBuilder) -> Result<T> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .map_err(|e| Error::Remote(format!("{}: {e}", self.base)))?;
+        let status = resp.status();
+        let bytes = resp
+            .bytes()
+            .map_err(|e| Error::Remote(format!("{}: {e}", self.base)))?;
+        if status.is_success() {
+            return serde_json::from_slice(&bytes).map_err(|e| {
+                Error::Remote(format!("{}: unexpected response body: {e}", self.base))
+            });
+        }
+        let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(b) => (b.error.code, b.error.message),
+            Err(_) => (
+                "http_error".to_string(),
+                String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+            ),
+        };
+        Err(Error::Api {
+            status: status.as_u16(),
+            status_line: status.to_string(),
+            code,
+            message,
+        })
+    }
+
+    fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.send(self.http.get(format!("{}{path}", self.base)))
+    }
+
+    /// Uploads a bundle file with a progress bar on stderr.
+    pub fn push_bundle(&self, file: &std::path::Path) -> Result<BundleView> {
+        let f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
+        let len = f.metadata().map_err(|e| Error::io(file, e))?.len();
+        let bar = indicatif::ProgressBar::new(len);
+        let body = reqwest::blocking::Body::sized(
+            Progress {
+                inner: f,
+                bar: bar.clone(),
+            },
+            len,
+        );
+        let r = self.send(
+            self.http
+                .post(format!("{}/api/v1/bundles", self.base))
+                .header("content-type", "application/octet-stream")
+                .body(body),
+        );
+        bar.finish_and_clear();
+        r
+    }
+
+    pub fn list_bundles(&self) -> Result<Vec<BundleView>> {
+        self.get("/api/v1/bundles")
+    }
+
+    pub fn list_devices(&self, f: &DeviceFilter) -> Result<Vec<DeviceView>> {
+        let mut query: Vec<String> = f
+            .tags
+            .iter()
+            .map(|t| format!("tag={}", urlencode(t)))
+            .collect();
+        if let Some(st) = &f.state {
+            query.push(format!("status={}", urlencode(st)));
+        }
+        if let Some(v) = &f.version {
+            query.push(format!("version={}", urlencode(v)));
+        }
+        self.get(&format!("/api/v1/devices?{}", query.join("&")))
+    }
+
+    pub fn get_device(&self, id: &str) -> Result<DeviceView> {
+        self.get(&format!("/api/v1/devices/{}", urlencode(id)))
+    }
+
+    pub fn audit(&self) -> Result<Vec<AuditEntry>> {
+        self.get("/api/v1/audit")
+    }
+
+    pub fn create_rollout(&self, req: &CreateRollout) -> Result<RolloutView> {
+        self.send(
+            self.http
+                .post(format!("{}/api/v1/rollouts", self.base))
+                .json(req),
+        )
+    }
+
+    pub fn list_rollouts(&self) -> Result<Vec<RolloutView>> {
+        self.get("/api/v1/rollouts")
+    }
+
+    pub fn get_rollout(&self, id: &str) -> Result<RolloutView> {
+        self.get(&format!("/api/v1/rollouts/{}", urlencode(id)))
+    }
+
+    pub fn rollout_action(&self, id: &str, action: RolloutAction) -> Result<RolloutView> {
+        self.send(self.http.post(format!(
+            "{}/api/v1/rollouts/{}/{}",
+            self.base,
+            urlencode(id),
+            action.as_str()
+        )))
+    }
+}

@@ -1,0 +1,11 @@
+//! Shared fixtures of the end-to-end tests (`integ/tests/*.rs`): repository
+//! paths, free ports, the test signing keys, the workspace's binaries and
+//! Debian's mosquitto.
+//!
+//! # Layout
+//! - [`common`]: paths, ports, keys, mosquitto.
+//! - [`bins`]: the `fleet-server`, `fleetctl` and `edge-agent` binaries of this build.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod bins;
+pub mod common;

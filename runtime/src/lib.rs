@@ -1,0 +1,23 @@
+//! The edgefleet model runtime: tract, wrapped so that what `fleetctl
+//! bundle pack` checks is exactly what a device runs.
+//!
+//! # Layout
+//! - [`model`]: loading ONNX/NNEF with input shapes pinned to the manifest,
+//!   per-worker [`model::Session`]s, input checks, the golden self-test and
+//!   the ONNX → NNEF conversion the packer uses.
+//! - [`error`]: [`RuntimeError`] and its stable reason codes.
+//!
+//! The `onnx` feature (on by default) compiles tract's ONNX front end;
+//! without it only NNEF models load (the smaller device build).
+
+pub mod error;
+pub mod model;
+
+pub use error::{Result, RuntimeError};
+pub use model::{
+    LoadTimings, Model, SelfTestReport, Session, TRACT_VERSION, check_format, declared_inputs,
+    from_tract, onnx_to_nnef, self_test, to_tract,
+};
+
+/// tract itself, for callers that time it bare (`edge-agent bench --bare`).
+pub use tract_nnef;
