@@ -8,10 +8,13 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 
-/// Operator roles, least to most privileged.
+/// Token roles. What each may do is `auth::POLICY`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// An external broker asking the server who may log in and what they
+    /// may publish or subscribe to (`/api/v1/mqtt/*`), nothing else.
+    Broker,
     /// Read everything.
     Viewer,
     /// Bundles and rollouts.
@@ -36,8 +39,15 @@ pub struct TokenConfig {
 pub struct HttpConfig {
     /// Default `127.0.0.1:7070`.
     pub listen: SocketAddr,
-    /// Largest accepted bundle upload. Default 512 MiB.
+    /// Largest accepted bundle upload, streamed to disk. Default 512 MiB.
     pub max_bundle_bytes: u64,
+    /// Largest JSON request body. Default 1 MiB.
+    pub max_request_bytes: u64,
+    /// Bundle downloads served at once; more get 503 with `Retry-After`
+    /// (devices retry with backoff). Default 64.
+    pub download_concurrency: usize,
+    /// Idle HTTP keep-alive connections are closed after this. Default 30 s.
+    pub idle_timeout_secs: u64,
 }
 
 impl Default for HttpConfig {
@@ -45,6 +55,65 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
             max_bundle_bytes: 512 * 1024 * 1024,
+            max_request_bytes: 1024 * 1024,
+            download_concurrency: 64,
+            idle_timeout_secs: 30,
+        }
+    }
+}
+
+/// `[rollouts]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutsConfig {
+    /// A device not heard from for this long counts as offline: stages do
+    /// not wait for it (it is counted). Default 300 s.
+    pub offline_after_secs: u64,
+}
+
+impl Default for RolloutsConfig {
+    fn default() -> Self {
+        RolloutsConfig {
+            offline_after_secs: 300,
+        }
+    }
+}
+
+/// `[mqtt]` in fleet-server.toml. Absent: no MQTT.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Start the embedded broker. Default true.
+    pub embedded: bool,
+    /// Where the embedded broker listens. Default `127.0.0.1:1883`; port 0
+    /// picks a free port (tests).
+    pub listen: SocketAddr,
+    /// Connections the embedded broker accepts at once. Default 20000.
+    pub max_connections: usize,
+    /// An external broker (`mqtt://host:port`) when `embedded = false`.
+    pub url: Option<String>,
+    /// The server's login at an external broker.
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// With an external broker: subscribe through a shared subscription
+    /// (`$share/<group>/...`) so replicas split the device traffic.
+    pub share_group: Option<String>,
+    /// Messages waiting for the store; beyond it the broker stops reading
+    /// from devices (backpressure) instead of dropping. Default 16384.
+    pub ingest_queue: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            embedded: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            max_connections: 20_000,
+            url: None,
+            username: None,
+            password: None,
+            share_group: None,
+            ingest_queue: 16_384,
         }
     }
 }
@@ -67,12 +136,27 @@ impl Default for TrustConfig {
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     pub tokens: Vec<TokenConfig>,
-    /// Tokens devices present once, at enrollment.
+    /// Fleet-wide tokens devices present once, at enrollment. Prefer
+    /// per-batch tokens (`fleetctl token create`): they expire, count their
+    /// uses and can be revoked.
     pub enrollment_tokens: Vec<String>,
+    /// Tag keys a device enrolling with a fleet-wide token may set itself.
+    /// Default `["board"]`; other tags come from operators.
+    pub enrollment_tags: Vec<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            tokens: Vec::new(),
+            enrollment_tokens: Vec::new(),
+            enrollment_tags: vec!["board".into()],
+        }
+    }
 }
 
 /// The whole server configuration.
@@ -86,8 +170,9 @@ pub struct ServerConfig {
     pub auth: AuthConfig,
     /// How often running rollouts are evaluated. Default 5000 ms.
     pub rollout_tick_ms: u64,
+    pub rollouts: RolloutsConfig,
     /// MQTT (embedded broker by default when the section is present).
-    pub mqtt: Option<crate::mqtt::MqttConfig>,
+    pub mqtt: Option<MqttConfig>,
 }
 
 impl Default for ServerConfig {
@@ -98,6 +183,7 @@ impl Default for ServerConfig {
             trust: TrustConfig::default(),
             auth: AuthConfig::default(),
             rollout_tick_ms: 5000,
+            rollouts: RolloutsConfig::default(),
             mqtt: None,
         }
     }

@@ -23,6 +23,10 @@ pub enum Error {
     Wire(#[from] edgefleet_wire::Error),
     #[error("store: {0}")]
     Store(String),
+    /// A write the store's rules refuse (not an I/O failure: retrying it
+    /// cannot help).
+    #[error("store: {0}")]
+    Conflict(String),
 }
 
 impl Error {

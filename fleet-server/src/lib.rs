@@ -1,14 +1,23 @@
 //! The edgefleet fleet server. It depends on the wire crate only: no model
 //! runtime is linked (packing is `fleetctl`'s job).
 //!
+//! Reads are served from memory ([`fleet`], [`registry`], the
+//! [`controller`]'s rollouts); writes go behind, batched, through one
+//! [`writer`] thread into the [`store`].
+//!
 //! # Layout
-//! - [`server`]: startup; [`config`]: `fleet-server.toml`.
-//! - [`api`]: the HTTP API; [`http_error`]: its error responses;
-//!   [`auth`]: operator roles and device credentials.
-//! - [`store`]: the `Store` trait and its sled implementation.
-//! - [`registry`]: content-addressed bundle files.
+//! - [`server`]: startup and task supervision; [`config`]: `fleet-server.toml`.
+//! - [`http`]: the listener; [`api`]: the HTTP API; [`http_error`]: its
+//!   error responses; [`auth`]: roles, device credentials and the policy table.
+//! - [`fleet`]: the device inventory in memory, with each device's desired
+//!   state ready to serve.
+//! - [`enrollment`]: fleet-wide and per-batch enrollment tokens.
+//! - [`store`]: the `Store` trait and its sled implementation; [`writer`]:
+//!   the batching write-behind thread.
+//! - [`registry`]: bundle records and content-addressed files.
 //! - [`rollout`]: the pure staged-rollout controller; [`controller`]: its driver.
-//! - [`mqtt`]: the embedded broker, telemetry ingestion, update notices.
+//! - [`ingest`]: device messages into the store, lossless and batched.
+//! - [`mqtt`]: the embedded broker, an external broker's client, ACLs, notices.
 //! - [`openapi`]: the generated OpenAPI document (docs/openapi.json).
 //! - [`metrics`]: Prometheus metrics of the server.
 //! - [`error`]: the error type.
@@ -17,8 +26,12 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod controller;
+pub mod enrollment;
 pub mod error;
+pub mod fleet;
+pub mod http;
 pub mod http_error;
+pub mod ingest;
 pub mod metrics;
 pub mod mqtt;
 pub mod openapi;
@@ -26,3 +39,4 @@ pub mod registry;
 pub mod rollout;
 pub mod server;
 pub mod store;
+pub mod writer;

@@ -1,96 +1,299 @@
-//! Prometheus metrics of the fleet server: devices by state and version and
-//! rollouts by phase (computed from the store at scrape time), plus bundle
-//! downloads and API latency (counted as they happen).
+//! Prometheus metrics of the fleet server (`GET /metrics`, text format
+//! 0.0.4). Names follow the Prometheus conventions: base units (seconds,
+//! bytes), `_total` counters, `_info` metrics. Cardinality is bounded:
+//! devices are aggregated by state, board, model and online, never one
+//! series per device.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
+use axum::extract::State;
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
 use edgefleet_wire::prom::{Histogram, escape as esc};
 
-use crate::error::Result;
-use crate::rollout::Phase;
-use crate::store::Store;
+use crate::api::{ApiResult, AppState};
+use crate::auth::Action;
+use crate::fleet::lock;
+
+/// The PSI at which the devices raise a drift alarm (wire::drift).
+const DRIFT_ALARM_PSI: f64 = 0.2;
+
+/// A monotonically increasing counter.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Relaxed);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// Routes are templates (`/api/v1/devices/{id}`), so the label sets are
+/// bounded by the router.
+type RouteKey = (String, String, u16);
 
 #[derive(Debug, Default)]
 pub struct ServerMetrics {
-    pub downloads: AtomicU64,
-    pub api_latency: Histogram,
+    pub downloads: Counter,
+    pub downloads_refused: Counter,
+    requests: Mutex<BTreeMap<RouteKey, Histogram>>,
 }
 
 impl ServerMetrics {
-    pub fn render(&self, store: &dyn Store) -> Result<String> {
-        let mut out = String::with_capacity(2048);
-        let mut by_state: BTreeMap<String, u64> = BTreeMap::new();
-        let mut by_version: BTreeMap<(String, String), u64> = BTreeMap::new();
-        for d in store.list_devices()? {
-            let report = d.report.as_ref();
-            let state = report
-                .map_or("unreported", |r| r.state.as_str())
-                .to_string();
-            *by_state.entry(state).or_default() += 1;
-            let (name, version) = report
-                .and_then(|r| r.active.as_ref())
-                .map_or(("none".to_string(), "none".to_string()), |a| {
-                    (a.name.clone(), a.version.clone())
-                });
-            *by_version.entry((name, version)).or_default() += 1;
+    pub fn observe_request(&self, route: &str, method: &str, status: u16, d: Duration) {
+        if let Ok(mut m) = self.requests.lock() {
+            m.entry((route.to_string(), method.to_string(), status))
+                .or_default()
+                .observe(d);
         }
-        let _ = writeln!(
-            out,
-            "# HELP fleet_devices Devices by reported update state."
-        );
-        let _ = writeln!(out, "# TYPE fleet_devices gauge");
-        for (state, n) in &by_state {
-            let _ = writeln!(out, "fleet_devices{{state=\"{}\"}} {n}", esc(state));
-        }
-        let _ = writeln!(
-            out,
-            "# HELP fleet_devices_by_model Devices by the model they report running."
-        );
-        let _ = writeln!(out, "# TYPE fleet_devices_by_model gauge");
-        for ((name, version), n) in &by_version {
-            let _ = writeln!(
-                out,
-                "fleet_devices_by_model{{model=\"{}\",version=\"{}\"}} {n}",
-                esc(name),
-                esc(version)
-            );
-        }
-        let mut phases: BTreeMap<&str, u64> = BTreeMap::new();
-        for r in store.list_rollouts()? {
-            let p = match r.phase {
-                Phase::Running { .. } => "running",
-                Phase::Paused { .. } => "paused",
-                Phase::Completed { .. } => "completed",
-                Phase::Aborted { .. } => "aborted",
-            };
-            *phases.entry(p).or_default() += 1;
-        }
-        let _ = writeln!(out, "# HELP fleet_rollouts Rollouts by phase.");
-        let _ = writeln!(out, "# TYPE fleet_rollouts gauge");
-        for p in ["running", "paused", "completed", "aborted"] {
-            let _ = writeln!(
-                out,
-                "fleet_rollouts{{phase=\"{p}\"}} {}",
-                phases.get(p).copied().unwrap_or(0)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP fleet_bundle_downloads_total Bundle download responses (full or ranged)."
-        );
-        let _ = writeln!(out, "# TYPE fleet_bundle_downloads_total counter");
-        let _ = writeln!(
-            out,
-            "fleet_bundle_downloads_total {}",
-            self.downloads.load(Ordering::Relaxed)
-        );
-        self.api_latency.render(
-            "fleet_api_request_seconds",
-            "API request latency.",
-            &mut out,
-        );
-        Ok(out)
     }
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Renders everything.
+pub fn render(s: &AppState) -> String {
+    let mut out = String::with_capacity(8192);
+    let _ = writeln!(
+        out,
+        "# HELP fleet_build_info The fleet server's version.\n# TYPE fleet_build_info gauge\nfleet_build_info{{version=\"{}\",commit=\"{}\",target=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        option_env!("EDGEFLEET_GIT_COMMIT").unwrap_or("unknown"),
+        std::env::consts::ARCH
+    );
+    // Devices, aggregated (bounded by states × boards × models).
+    let mut by_state: BTreeMap<String, u64> = BTreeMap::new();
+    let mut by_model: BTreeMap<(String, String), u64> = BTreeMap::new();
+    let mut by_board: BTreeMap<String, u64> = BTreeMap::new();
+    let (mut online, mut revoked) = (0u64, 0u64);
+    let mut p95: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+    let mut drift_alarms = 0u64;
+    for cell in s.fleet.cells() {
+        let d = lock(&cell);
+        let r = &d.rec;
+        let report = r.report();
+        *by_state
+            .entry(
+                report
+                    .map_or("unreported", |r| r.state.as_str())
+                    .to_string(),
+            )
+            .or_default() += 1;
+        let (name, version) = report
+            .and_then(|r| r.active.as_ref())
+            .map_or(("none".to_string(), "none".to_string()), |a| {
+                (a.name.clone(), a.version.clone())
+            });
+        if let Some(l) = r
+            .live
+            .telemetry
+            .as_ref()
+            .and_then(|t| t.latency_ms.as_ref())
+        {
+            p95.entry((name.clone(), version.clone()))
+                .or_default()
+                .push(l.p95 / 1000.0);
+        }
+        if r.live
+            .telemetry
+            .as_ref()
+            .is_some_and(|t| t.drift.iter().any(|v| v.psi >= DRIFT_ALARM_PSI))
+        {
+            drift_alarms += 1;
+        }
+        *by_model.entry((name, version)).or_default() += 1;
+        *by_board
+            .entry(
+                r.identity
+                    .tags
+                    .get("board")
+                    .cloned()
+                    .unwrap_or_else(|| "none".into()),
+            )
+            .or_default() += 1;
+        if r.live.online == Some(true) {
+            online += 1;
+        }
+        if r.is_revoked() {
+            revoked += 1;
+        }
+    }
+    family(
+        &mut out,
+        "fleet_devices",
+        "gauge",
+        "Devices by reported update state.",
+    );
+    for (state, n) in &by_state {
+        let _ = writeln!(out, "fleet_devices{{state=\"{}\"}} {n}", esc(state));
+    }
+    family(
+        &mut out,
+        "fleet_devices_by_model",
+        "gauge",
+        "Devices by the model they report running.",
+    );
+    for ((name, version), n) in &by_model {
+        let _ = writeln!(
+            out,
+            "fleet_devices_by_model{{model=\"{}\",version=\"{}\"}} {n}",
+            esc(name),
+            esc(version)
+        );
+    }
+    family(
+        &mut out,
+        "fleet_devices_by_board",
+        "gauge",
+        "Devices by board tag.",
+    );
+    for (board, n) in &by_board {
+        let _ = writeln!(
+            out,
+            "fleet_devices_by_board{{board=\"{}\"}} {n}",
+            esc(board)
+        );
+    }
+    family(
+        &mut out,
+        "fleet_devices_online",
+        "gauge",
+        "Devices whose MQTT state says online.",
+    );
+    let _ = writeln!(out, "fleet_devices_online {online}");
+    family(
+        &mut out,
+        "fleet_devices_revoked",
+        "gauge",
+        "Devices whose credential is revoked.",
+    );
+    let _ = writeln!(out, "fleet_devices_revoked {revoked}");
+    family(
+        &mut out,
+        "fleet_devices_drift_alarm",
+        "gauge",
+        "Devices whose last telemetry has a drift value over its alarm threshold.",
+    );
+    let _ = writeln!(out, "fleet_devices_drift_alarm {drift_alarms}");
+    family(
+        &mut out,
+        "fleet_model_latency_p95_seconds",
+        "gauge",
+        "The worst p95 inference latency reported in the last telemetry, by model.",
+    );
+    for ((name, version), v) in &p95 {
+        let worst = v.iter().copied().fold(0.0, f64::max);
+        let _ = writeln!(
+            out,
+            "fleet_model_latency_p95_seconds{{model=\"{}\",version=\"{}\"}} {worst}",
+            esc(name),
+            esc(version)
+        );
+    }
+    family(&mut out, "fleet_rollouts", "gauge", "Rollouts by phase.");
+    let phases = s.controller.phases();
+    for p in ["running", "paused", "completed", "aborted"] {
+        let _ = writeln!(
+            out,
+            "fleet_rollouts{{phase=\"{p}\"}} {}",
+            phases.get(p).copied().unwrap_or(0)
+        );
+    }
+    for (name, help, v) in [
+        (
+            "fleet_bundle_downloads_total",
+            "Bundle download responses (full or ranged).",
+            s.metrics.downloads.get(),
+        ),
+        (
+            "fleet_bundle_downloads_refused_total",
+            "Downloads answered 503 at the concurrency limit.",
+            s.metrics.downloads_refused.get(),
+        ),
+        (
+            "fleet_store_batches_total",
+            "Store transactions committed.",
+            s.writer.metrics.batches.load(Relaxed),
+        ),
+        (
+            "fleet_store_writes_total",
+            "Writes committed.",
+            s.writer.metrics.writes.load(Relaxed),
+        ),
+        (
+            "fleet_store_writes_coalesced_total",
+            "Writes superseded by a later write of the same device part in one batch.",
+            s.writer.metrics.coalesced.load(Relaxed),
+        ),
+        (
+            "fleet_store_commit_failures_total",
+            "Store commits that failed (retried).",
+            s.writer.metrics.failures.load(Relaxed),
+        ),
+        (
+            "fleet_store_writes_refused_total",
+            "Writes the store refused.",
+            s.writer.metrics.refused.load(Relaxed),
+        ),
+    ] {
+        family(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{name} {v}");
+    }
+    family(
+        &mut out,
+        "fleet_store_queue",
+        "gauge",
+        "Write jobs waiting for the store writer.",
+    );
+    let _ = writeln!(out, "fleet_store_queue {}", s.writer.backlog());
+    s.writer.metrics.commit_seconds.render(
+        "fleet_store_commit_seconds",
+        "Time to commit one batch.",
+        &mut out,
+    );
+    if let Some(m) = &s.mqtt {
+        m.render_metrics(&mut out);
+    }
+    family(
+        &mut out,
+        "fleet_api_request_seconds",
+        "histogram",
+        "API requests by route template, method and status.",
+    );
+    if let Ok(reqs) = s.metrics.requests.lock() {
+        for ((route, method, status), h) in reqs.iter() {
+            h.render_series(
+                "fleet_api_request_seconds",
+                &format!(
+                    "route=\"{}\",method=\"{}\",status=\"{status}\",",
+                    esc(route),
+                    esc(method)
+                ),
+                &mut out,
+            );
+        }
+    }
+    out
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "server",
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain"),
+              (status = 401, body = edgefleet_wire::api::v1::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn serve(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
+    s.allow(&headers, Action::ReadFleet)?;
+    let text = render(&s);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }

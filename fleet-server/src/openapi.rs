@@ -10,9 +10,8 @@ use edgefleet_wire::api::v1::{ErrorBody, ErrorDetail};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use crate::api::{ApiError, AppState};
-use crate::auth::{authenticate, require_role};
-use crate::config::Role;
+use crate::api::AppState;
+use crate::auth::{Action, Caller, authenticate, require};
 
 struct BearerAuth;
 
@@ -40,22 +39,29 @@ impl utoipa::Modify for BearerAuth {
         description = "Bundle registry, device inventory, desired/reported state and staged rollouts gated on model health. Errors are `{\"error\": {\"code\", \"message\"}}`; bad input is always a 4xx."
     ),
     paths(
-        crate::api::metrics_text,
-        crate::api::push_bundle,
-        crate::api::list_bundles,
-        crate::api::get_bundle,
-        crate::api::download_bundle,
-        crate::api::enroll,
-        crate::api::list_devices,
-        crate::api::get_device,
-        crate::api::patch_device,
-        crate::api::device_desired,
-        crate::api::device_report,
-        crate::api::list_audit,
-        crate::api::create_rollout,
-        crate::api::list_rollouts,
-        crate::api::get_rollout,
-        crate::api::rollout_action,
+        crate::metrics::serve,
+        crate::api::bundles::push,
+        crate::api::bundles::list,
+        crate::api::bundles::get_one,
+        crate::api::bundles::download,
+        crate::api::devices::enroll,
+        crate::api::devices::list,
+        crate::api::devices::get_one,
+        crate::api::devices::patch,
+        crate::api::devices::revoke,
+        crate::api::devices::decommission,
+        crate::api::device::desired,
+        crate::api::device::report,
+        crate::api::admin::audit,
+        crate::api::admin::create_token,
+        crate::api::admin::list_tokens,
+        crate::api::admin::revoke_token,
+        crate::api::rollouts::create,
+        crate::api::rollouts::list,
+        crate::api::rollouts::get_one,
+        crate::api::rollouts::action,
+        crate::mqtt::http_auth,
+        crate::mqtt::http_acl,
         serve,
     ),
     components(schemas(ErrorBody, ErrorDetail)),
@@ -65,7 +71,9 @@ impl utoipa::Modify for BearerAuth {
         (name = "devices", description = "Enrollment and the inventory"),
         (name = "device", description = "Endpoints for devices, with their own credential"),
         (name = "rollouts", description = "Staged rollouts with health gates"),
-        (name = "server", description = "Metrics, audit log, this document"),
+        (name = "admin", description = "Enrollment tokens, the audit log"),
+        (name = "mqtt", description = "Auth and ACL decisions for external brokers (EMQX HTTP auth/authorization)"),
+        (name = "server", description = "Metrics, this document"),
     )
 )]
 struct ApiDoc;
@@ -89,14 +97,15 @@ pub fn document() -> String {
               (status = 401, body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn serve(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    let caller = match authenticate(&headers, &s.tokens, s.store.as_ref()) {
+    let caller = match authenticate(&headers, &s.tokens, &s.fleet) {
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
-    if let crate::auth::Caller::Operator { .. } = caller
-        && let Err(e) = require_role(&caller, Role::Viewer)
+    // Devices may read it too (it documents their protocol).
+    if let Caller::Operator { .. } = caller
+        && let Err(e) = require(&caller, Action::ReadFleet)
     {
-        return ApiError::into_response(e);
+        return e.into_response();
     }
     ([(header::CONTENT_TYPE, "application/json")], document()).into_response()
 }
@@ -139,6 +148,11 @@ mod tests {
             "/api/v1/rollouts/{id}",
             "/api/v1/rollouts/{id}/{action}",
             "/api/v1/openapi.json",
+            "/api/v1/devices/{id}/revoke",
+            "/api/v1/enrollment-tokens",
+            "/api/v1/enrollment-tokens/{name}",
+            "/api/v1/mqtt/auth",
+            "/api/v1/mqtt/acl",
         ] {
             assert!(paths.contains_key(p), "{p} is not documented");
         }

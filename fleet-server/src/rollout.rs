@@ -2,18 +2,23 @@
 //!
 //! [`next`] is the single transition function `(rollout, fleet, command,
 //! now) -> (rollout, effects)`. It does no I/O and takes the clock as an
-//! argument, so tests drive it with a fake clock; the driver in
-//! [`crate::server`] persists the result and applies the effects (desired
-//! state changes). Every automatic pause or abort records a [`Decision`]
-//! naming the gate, the threshold, the observed value and the devices.
+//! argument, so tests drive it with a fake clock; the driver
+//! ([`crate::controller`]) persists the result and applies the effects
+//! (desired-state changes). Every automatic advance, pause or completion
+//! records a [`Decision`] naming the gate, the threshold, the observed
+//! value and the devices.
+//!
+//! The rollout record does not grow with the fleet: what a device ran
+//! before joining (for abort) is kept on the device, and decisions keep at
+//! most [`edgefleet_wire::api::v1::DECISION_DEVICES`] ids with a count.
 
 use std::collections::BTreeMap;
 
 use edgefleet_wire::device::{BundleRef, Health, UpdateState};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 pub use edgefleet_wire::api::v1::{Decision, Gates, Phase, Stage};
-use sha2::{Digest, Sha256};
 
 /// What an operator asks for.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -28,19 +33,18 @@ pub struct RolloutSpec {
     pub shadow: Option<edgefleet_wire::device::ShadowRequest>,
 }
 
-/// A rollout and everything needed to explain and undo it.
+/// A rollout and why it is where it is.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Rollout {
     pub id: String,
     pub spec: RolloutSpec,
     pub phase: Phase,
     pub created_at: u64,
-    /// What each enrolled device ran before it joined, for abort.
-    pub previous: BTreeMap<String, Option<BundleRef>>,
     pub decisions: Vec<Decision>,
 }
 
-/// A device as the controller sees it: identity, tags and what it reports.
+/// A device as the controller sees it: identity, tags, what it reports and
+/// whether it can be heard.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeviceStatus {
     pub id: String,
@@ -50,6 +54,11 @@ pub struct DeviceStatus {
     pub state: Option<UpdateState>,
     pub health: Health,
     pub last_seen: Option<u64>,
+    /// Offline over MQTT, or silent for longer than the server's
+    /// `offline_after_secs`.
+    pub offline: bool,
+    /// The rollout it joined and what it ran before (for abort).
+    pub joined: Option<(String, Option<BundleRef>)>,
 }
 
 /// A desired-state change for one device.
@@ -59,6 +68,8 @@ pub struct Effect {
     pub bundle: Option<BundleRef>,
     /// Set on abort: a return to a bundle the device already ran.
     pub rollback: bool,
+    /// The device joins this rollout now, having run this before.
+    pub joins: Option<Option<BundleRef>>,
 }
 
 /// Inputs to [`next`].
@@ -86,12 +97,24 @@ pub enum RolloutError {
     Invalid(String),
 }
 
+/// The documented range of every gate.
+pub const GATE_RANGES: [(&str, f64, f64); 4] = [
+    ("max_failed_devices_pct", 0.0, 100.0),
+    ("max_rollback_pct", 0.0, 100.0),
+    ("max_p95_latency_ms", 0.0, 3_600_000.0),
+    ("max_error_rate", 0.0, 1.0),
+];
+
 impl RolloutSpec {
-    /// Stages must grow strictly and end at 100%.
+    /// Stages must grow strictly and end at 100%; gates and shadow settings
+    /// must lie within their documented ranges.
     pub fn validate(&self) -> Result<(), RolloutError> {
         let bad = |m: String| Err(RolloutError::Invalid(m));
         if self.stages.is_empty() {
             return bad("at least one stage is required".into());
+        }
+        if self.stages.len() > 20 {
+            return bad("at most 20 stages".into());
         }
         let mut last = 0;
         for s in &self.stages {
@@ -107,14 +130,33 @@ impl RolloutSpec {
             return bad("the last stage must be 100%".into());
         }
         let g = &self.gates;
-        for (name, v) in [
-            ("max_failed_devices_pct", g.max_failed_devices_pct),
-            ("max_rollback_pct", g.max_rollback_pct),
-            ("max_p95_latency_ms", g.max_p95_latency_ms),
-            ("max_error_rate", g.max_error_rate),
-        ] {
-            if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
-                return bad(format!("gate {name} must be a non-negative number"));
+        for ((name, lo, hi), v) in GATE_RANGES.iter().zip([
+            g.max_failed_devices_pct,
+            g.max_rollback_pct,
+            g.max_p95_latency_ms,
+            g.max_error_rate,
+        ]) {
+            if v.is_some_and(|v| !v.is_finite() || v < *lo || v > *hi) {
+                return bad(format!("gate {name} must be a number within {lo}..={hi}"));
+            }
+        }
+        if g.max_p95_latency_ms == Some(0.0) {
+            return bad("gate max_p95_latency_ms must be above 0".into());
+        }
+        if let Some(s) = &self.shadow {
+            if !(s.sample_rate > 0.0 && s.sample_rate <= 1.0) {
+                return bad("shadow sample_rate must be within (0, 1]".into());
+            }
+            if s.samples == 0 || s.samples > 1_000_000 {
+                return bad("shadow samples must be within 1..=1000000".into());
+            }
+            if s.min_top1_agreement
+                .is_some_and(|v| !(0.0..=1.0).contains(&v))
+            {
+                return bad("shadow min_top1_agreement must be within 0..=1".into());
+            }
+            if s.max_abs_diff.is_some_and(|v| !v.is_finite() || v < 0.0) {
+                return bad("shadow max_abs_diff must be a non-negative number".into());
             }
         }
         Ok(())
@@ -129,6 +171,11 @@ pub fn device_rank(device_id: &str, rollout_id: &str) -> u64 {
     u64::from_be_bytes(b)
 }
 
+/// Whether a device's tags match a selector.
+pub fn selects(selector: &BTreeMap<String, String>, tags: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| tags.get(k) == Some(v))
+}
+
 /// Devices selected by the rollout, in the order they join it. Devices are
 /// grouped by their `board` tag and each group contributes its own share,
 /// so every stage includes every board type the selector matches.
@@ -140,11 +187,7 @@ pub fn targets_for_stage<'a>(
     let percent = u64::from(r.spec.stages.get(stage).map_or(100, |s| s.percent));
     let mut groups: BTreeMap<Option<&str>, Vec<&DeviceStatus>> = BTreeMap::new();
     for d in fleet {
-        if r.spec
-            .selector
-            .iter()
-            .all(|(k, v)| d.tags.get(k) == Some(v))
-        {
+        if selects(&r.spec.selector, &d.tags) {
             groups
                 .entry(d.tags.get("board").map(String::as_str))
                 .or_default()
@@ -153,7 +196,8 @@ pub fn targets_for_stage<'a>(
     }
     let mut out = Vec::new();
     for (_, mut g) in groups {
-        g.sort_by_key(|d| (device_rank(&d.id, &r.id), d.id.clone()));
+        // One hash per device, not one per comparison.
+        g.sort_by_cached_key(|d| (device_rank(&d.id, &r.id), d.id.clone()));
         let take = (g.len() as u64 * percent).div_ceil(100) as usize;
         out.extend(g.into_iter().take(take));
     }
@@ -165,6 +209,78 @@ fn pct(n: usize, of: usize) -> f64 {
         0.0
     } else {
         n as f64 * 100.0 / of as f64
+    }
+}
+
+/// How a device in a stage stands with the rollout's bundle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Standing {
+    /// Runs it and reported so since `since`.
+    Running,
+    /// Refused it (verification, self-test, shadow, transfer).
+    Failed,
+    /// Activated it and rolled back on its own.
+    RolledBack,
+    /// Cannot be heard; accounted for, not waited for.
+    Offline,
+    /// None of the above yet.
+    Pending,
+}
+
+/// Where `d` stands with `bundle`, counting reports after `since` only.
+pub fn standing(d: &DeviceStatus, bundle: &BundleRef, since: u64) -> Standing {
+    let failed_on = d.last_failed.as_ref().is_some_and(|f| f.id == bundle.id);
+    let runs = d.active.as_ref().is_some_and(|a| a.id == bundle.id);
+    match d.state {
+        Some(UpdateState::Failed) if failed_on && !runs => return Standing::Failed,
+        Some(UpdateState::RolledBack) if failed_on && !runs => return Standing::RolledBack,
+        _ => {}
+    }
+    // Strictly after (clock in seconds): a report from the same second may
+    // predate the stage.
+    if runs && d.last_seen.is_some_and(|t| t > since) {
+        return Standing::Running;
+    }
+    if d.offline {
+        return Standing::Offline;
+    }
+    Standing::Pending
+}
+
+/// Counts of a set of devices by [`Standing`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub running: usize,
+    pub failed: usize,
+    pub rolled_back: usize,
+    pub offline: usize,
+    pub pending: usize,
+}
+
+impl Tally {
+    pub fn of(devices: &[&DeviceStatus], bundle: &BundleRef, since: u64) -> Tally {
+        let mut t = Tally::default();
+        for d in devices {
+            match standing(d, bundle, since) {
+                Standing::Running => t.running += 1,
+                Standing::Failed => t.failed += 1,
+                Standing::RolledBack => t.rolled_back += 1,
+                Standing::Offline => t.offline += 1,
+                Standing::Pending => t.pending += 1,
+            }
+        }
+        t
+    }
+
+    pub fn total(&self) -> usize {
+        self.running + self.failed + self.rolled_back + self.offline + self.pending
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "{} running, {} failed, {} rolled back, {} offline, {} pending",
+            self.running, self.failed, self.rolled_back, self.offline, self.pending
+        )
     }
 }
 
@@ -268,45 +384,21 @@ fn breached(r: &Rollout, cohort: &[&DeviceStatus], now: u64) -> Option<Decision>
     None
 }
 
-fn desired_effects(targets: &[&DeviceStatus], bundle: &BundleRef) -> Vec<Effect> {
+/// Desired-state changes for the devices of a stage; devices that join the
+/// rollout now bring what they ran before.
+fn desired_effects(r: &Rollout, targets: &[&DeviceStatus]) -> Vec<Effect> {
     targets
         .iter()
         .map(|d| Effect {
             device: d.id.clone(),
-            bundle: Some(bundle.clone()),
+            bundle: Some(r.spec.bundle.clone()),
             rollback: false,
+            joins: match &d.joined {
+                Some((id, _)) if *id == r.id => None,
+                _ => Some(d.active.clone()),
+            },
         })
         .collect()
-}
-
-/// Starts `stage` now and records what its devices ran before joining
-/// (for abort). Returns the stage's devices.
-fn enter_stage<'a>(
-    out: &mut Rollout,
-    fleet: &'a [DeviceStatus],
-    stage: usize,
-    now: u64,
-) -> Vec<&'a DeviceStatus> {
-    out.phase = Phase::Running {
-        stage,
-        stage_started: now,
-    };
-    let targets = targets_for_stage(out, fleet, stage);
-    remember_previous(out, &targets);
-    targets
-}
-
-/// Records, once per device, the bundle it ran before joining the rollout.
-fn remember_previous(out: &mut Rollout, targets: &[&DeviceStatus]) {
-    for d in targets {
-        out.previous
-            .entry(d.id.clone())
-            .or_insert_with(|| d.active.clone());
-    }
-}
-
-fn phase_name(p: &Phase) -> &'static str {
-    p.name()
 }
 
 fn operator(now: u64, action: &str) -> Decision {
@@ -319,6 +411,12 @@ fn operator(now: u64, action: &str) -> Decision {
         Vec::new(),
         format!("{action} by operator"),
     )
+}
+
+/// How long a baked stage may wait for devices that neither settle nor go
+/// offline before that becomes a recorded pause.
+pub fn settle_timeout(bake: u64) -> u64 {
+    (3 * bake).max(600)
 }
 
 /// The transition function. See the module docs.
@@ -341,8 +439,7 @@ pub fn next(
             let (stage, started) = (*stage, *stage_started);
             let targets = targets_for_stage(r, fleet, stage);
             // Devices that enrolled after this stage started join it now.
-            remember_previous(&mut out, &targets);
-            effects.extend(desired_effects(&targets, &r.spec.bundle));
+            effects.extend(desired_effects(r, &targets));
             if let Some(decision) = breached(r, &targets, now) {
                 out.phase = Phase::Paused {
                     stage,
@@ -355,39 +452,62 @@ pub fn next(
             if now < started + bake {
                 return Ok((out, effects));
             }
-            let reported = |d: &&&DeviceStatus| {
-                // Strictly after the stage started (clock in seconds): a report
-                // from the same second may predate the stage.
-                d.active.as_ref().is_some_and(|a| a.id == r.spec.bundle.id)
-                    && d.last_seen.is_some_and(|t| t > started)
-            };
-            let reporting = targets.iter().filter(reported).count();
-            // By default one device must run the bundle and report before a
-            // stage can pass: a zero-bake stage never advances blind.
-            let min = r.spec.gates.min_reporting_devices.unwrap_or(1) as usize;
-            if reporting < min.min(targets.len().max(1)) {
-                // Devices that never report hold the stage; after three bake
-                // periods (or 10 minutes) that becomes a recorded pause.
-                if now >= started + (3 * bake).max(600) {
-                    let silent: Vec<String> = targets
+            let tally = Tally::of(&targets, &r.spec.bundle, started);
+            let last = stage + 1 == r.spec.stages.len();
+            // Every device must settle (run it and report, fail on it, or
+            // be offline) — except that an explicit minimum lets a canary
+            // stage go on once that many run it. The last stage always
+            // waits for everyone: "completed" accounts for every device.
+            // A stage with no device yet waits for devices to enroll.
+            let enough = !targets.is_empty()
+                && match r.spec.gates.min_reporting_devices {
+                    Some(min) if !last => tally.running >= (min as usize).min(targets.len().max(1)),
+                    Some(min) => {
+                        tally.pending == 0
+                            && tally.running >= (min as usize).min(targets.len() - tally.offline)
+                    }
+                    None => tally.pending == 0,
+                };
+            if !enough {
+                // Devices that never settle hold the stage; after a while
+                // that becomes a recorded pause naming them.
+                if now >= started + settle_timeout(bake) {
+                    let waiting: Vec<String> = targets
                         .iter()
-                        .filter(|d| !reported(d))
+                        .filter(|d| standing(d, &r.spec.bundle, started) == Standing::Pending)
                         .map(|d| d.id.clone())
                         .collect();
+                    let min = r
+                        .spec
+                        .gates
+                        .min_reporting_devices
+                        .map_or(targets.len() - tally.offline, |m| m as usize);
                     out.phase = Phase::Paused {
                         stage,
                         stage_started: started,
+                    };
+                    let message = if targets.is_empty() {
+                        format!(
+                            "no device matches the selector {:?} after {} s",
+                            r.spec.selector,
+                            now - started
+                        )
+                    } else {
+                        format!(
+                            "only {} device(s) reported on the new bundle after {} s, {min} required ({})",
+                            tally.running,
+                            now - started,
+                            tally.summary()
+                        )
                     };
                     out.decisions.push(Decision::new(
                         now,
                         "pause",
                         "min_reporting_devices",
-                        Some(min as f64),
-                        Some(reporting as f64),
-                        silent,
-                        format!(
-                            "only {reporting} device(s) reported on the new bundle, {min} required"
-                        ),
+                        Some(min.max(1) as f64),
+                        Some(tally.running as f64),
+                        waiting,
+                        message,
                     ));
                 }
                 return Ok((out, effects));
@@ -397,14 +517,18 @@ pub fn next(
                     now,
                     action,
                     "bake",
-                    Some(min as f64),
-                    Some(reporting as f64),
+                    Some(bake as f64),
+                    Some(tally.running as f64),
                     devices,
                     message,
                 )
             };
-            if stage + 1 < r.spec.stages.len() {
-                let next_targets = enter_stage(&mut out, fleet, stage + 1, now);
+            if !last {
+                out.phase = Phase::Running {
+                    stage: stage + 1,
+                    stage_started: now,
+                };
+                let next_targets = targets_for_stage(r, fleet, stage + 1);
                 let joining: Vec<String> = next_targets
                     .iter()
                     .filter(|d| !targets.iter().any(|t| t.id == d.id))
@@ -414,21 +538,32 @@ pub fn next(
                     "advance",
                     joining,
                     format!(
-                        "stage {} ({}%) passed: baked {} s, {reporting} device(s) healthy on the bundle; stage {} ({}%) started",
+                        "stage {} ({}%) passed: baked {} s, {}; stage {} ({}%) started",
                         stage + 1,
                         r.spec.stages[stage].percent,
-                        r.spec.stages[stage].bake_secs(),
+                        bake,
+                        tally.summary(),
                         stage + 2,
                         r.spec.stages[stage + 1].percent
                     ),
                 ));
-                effects = desired_effects(&next_targets, &r.spec.bundle);
+                effects = desired_effects(r, &next_targets);
             } else {
                 out.phase = Phase::Completed { at: now };
+                let unfinished: Vec<String> = targets
+                    .iter()
+                    .filter(|d| standing(d, &r.spec.bundle, started) != Standing::Running)
+                    .map(|d| d.id.clone())
+                    .collect();
                 out.decisions.push(explain(
                     "complete",
-                    Vec::new(),
-                    format!("last stage passed: {reporting} device(s) healthy on the bundle"),
+                    unfinished,
+                    format!(
+                        "completed: {} of {} device(s) run the bundle; {}",
+                        tally.running,
+                        targets.len(),
+                        tally.summary()
+                    ),
                 ));
             }
             Ok((out, effects))
@@ -460,24 +595,34 @@ pub fn next(
         (Command::Promote, Phase::Running { stage, .. } | Phase::Paused { stage, .. }) => {
             out.decisions.push(operator(now, "promote"));
             if stage + 1 < r.spec.stages.len() {
-                let next_targets = enter_stage(&mut out, fleet, stage + 1, now);
-                effects = desired_effects(&next_targets, &r.spec.bundle);
+                out.phase = Phase::Running {
+                    stage: stage + 1,
+                    stage_started: now,
+                };
+                effects = desired_effects(r, &targets_for_stage(r, fleet, stage + 1));
             } else {
                 out.phase = Phase::Completed { at: now };
             }
             Ok((out, effects))
         }
-        (Command::Abort, Phase::Running { .. } | Phase::Paused { .. }) => {
+        // A completed rollout can still be undone: the devices go back too.
+        (
+            Command::Abort,
+            Phase::Running { .. } | Phase::Paused { .. } | Phase::Completed { .. },
+        ) => {
             out.phase = Phase::Aborted { at: now };
             out.decisions.push(operator(now, "abort"));
             // Everyone who joined goes back to what they ran before.
-            effects = r
-                .previous
+            effects = fleet
                 .iter()
-                .map(|(device, prev)| Effect {
-                    device: device.clone(),
-                    bundle: prev.clone(),
-                    rollback: prev.is_some(),
+                .filter_map(|d| match &d.joined {
+                    Some((id, prev)) if *id == r.id => Some(Effect {
+                        device: d.id.clone(),
+                        bundle: prev.clone(),
+                        rollback: prev.is_some(),
+                        joins: None,
+                    }),
+                    _ => None,
                 })
                 .collect();
             Ok((out, effects))
@@ -491,11 +636,11 @@ pub fn next(
             });
             Ok((out, Vec::new()))
         }
-        (Command::Supersede, p) => Err(RolloutError::NotAllowed(phase_name(p), "superseded")),
-        (Command::Pause, p) => Err(RolloutError::NotAllowed(phase_name(p), "paused")),
-        (Command::Resume, p) => Err(RolloutError::NotAllowed(phase_name(p), "resumed")),
-        (Command::Promote, p) => Err(RolloutError::NotAllowed(phase_name(p), "promoted")),
-        (Command::Abort, p) => Err(RolloutError::NotAllowed(phase_name(p), "aborted")),
+        (Command::Supersede, p) => Err(RolloutError::NotAllowed(p.name(), "superseded")),
+        (Command::Pause, p) => Err(RolloutError::NotAllowed(p.name(), "paused")),
+        (Command::Resume, p) => Err(RolloutError::NotAllowed(p.name(), "resumed")),
+        (Command::Promote, p) => Err(RolloutError::NotAllowed(p.name(), "promoted")),
+        (Command::Abort, p) => Err(RolloutError::NotAllowed(p.name(), "aborted")),
     }
 }
 
@@ -524,6 +669,8 @@ mod tests {
                 state: Some(UpdateState::Committed),
                 health: Health::default(),
                 last_seen: Some(T0),
+                offline: false,
+                joined: None,
             })
             .collect()
     }
@@ -559,7 +706,6 @@ mod tests {
                 stage_started: T0,
             },
             created_at: T0,
-            previous: BTreeMap::new(),
             decisions: Vec::new(),
         }
     }
@@ -568,6 +714,9 @@ mod tests {
     fn apply(fleet: &mut [DeviceStatus], effects: &[Effect], now: u64) {
         for e in effects {
             let d = fleet.iter_mut().find(|d| d.id == e.device).unwrap();
+            if let Some(prev) = &e.joins {
+                d.joined = Some(("r1".into(), prev.clone()));
+            }
             d.active = e.bundle.clone();
             d.last_seen = Some(now);
             d.health = Health {
@@ -608,7 +757,10 @@ mod tests {
         apply(&mut f, &eff, T0 + 910);
         let (r, _) = next(&r, &f, Command::Tick, T0 + 920).unwrap();
         assert!(matches!(r.phase, Phase::Completed { .. }), "{:?}", r.phase);
-        assert_eq!(r.previous.len(), 20);
+        assert!(f.iter().all(|d| d.joined.is_some()));
+        let done = r.decisions.last().unwrap();
+        assert_eq!(done.action, "complete");
+        assert!(done.message.contains("20 of 20"), "{}", done.message);
     }
 
     #[test]
@@ -762,9 +914,11 @@ mod tests {
         apply(&mut f, &eff, T0 + 15);
         let (r, back) = next(&r, &f, Command::Abort, T0 + 20).unwrap();
         assert!(matches!(r.phase, Phase::Aborted { .. }));
-        assert_eq!(back.len(), r.previous.len());
+        assert_eq!(back.len(), f.iter().filter(|d| d.joined.is_some()).count());
+        assert_eq!(back.len(), 10, "the devices of stages 1 and 2");
         for e in &back {
-            let before = r.previous[&e.device].clone();
+            let d = f.iter().find(|d| d.id == e.device).unwrap();
+            let before = d.joined.as_ref().unwrap().1.clone();
             assert_eq!(e.bundle, before);
             assert_eq!(e.rollback, before.is_some());
         }
@@ -839,5 +993,117 @@ mod tests {
         assert!(effects.is_empty(), "the newer rollout owns the devices now");
         assert_eq!(r.decisions.last().unwrap().action, "supersede");
         assert!(next(&r, &f, Command::Supersede, 30).is_err());
+    }
+
+    #[test]
+    fn a_zero_bake_stage_waits_for_every_device_and_completion_accounts_for_all() {
+        let mut f = fleet(10, &["rpi4"]);
+        let mut r = rollout(Gates::default());
+        r.spec.stages = vec![Stage {
+            percent: 100,
+            bake_minutes: 0,
+            bake_seconds: None,
+        }];
+        let (r, eff) = next(&r, &f, Command::Tick, T0).unwrap();
+        assert_eq!(eff.len(), 10);
+        // Only some devices report: a zero bake does not complete the rollout.
+        apply(&mut f, &eff[..3], T0 + 5);
+        let (r, _) = next(&r, &f, Command::Tick, T0 + 10).unwrap();
+        assert!(matches!(r.phase, Phase::Running { .. }), "{:?}", r.phase);
+        // One fails, two go offline, the rest install.
+        let failed = eff[3].device.clone();
+        let d = f.iter_mut().find(|d| d.id == failed).unwrap();
+        d.state = Some(UpdateState::Failed);
+        d.last_failed = Some(bref("new", 2));
+        for e in &eff[4..6] {
+            f.iter_mut().find(|d| d.id == e.device).unwrap().offline = true;
+        }
+        apply(&mut f, &eff[6..], T0 + 15);
+        let (r, _) = next(&r, &f, Command::Tick, T0 + 20).unwrap();
+        assert!(matches!(r.phase, Phase::Completed { .. }), "{:?}", r.phase);
+        let d = r.decisions.last().unwrap();
+        assert_eq!(d.action, "complete");
+        assert!(
+            d.message.contains("7 of 10")
+                && d.message.contains("1 failed")
+                && d.message.contains("2 offline"),
+            "{}",
+            d.message
+        );
+        assert_eq!(d.device_count, 3, "the devices not running it are named");
+    }
+
+    #[test]
+    fn decisions_stay_small_whatever_the_fleet_size() {
+        let f = fleet(5000, &["rpi4"]);
+        let r = rollout(Gates::default());
+        let (r, _) = next(&r, &f, Command::Tick, T0).unwrap();
+        let (r, _) = next(&r, &f, Command::Tick, T0 + 1000).unwrap();
+        let d = r.decisions.last().unwrap();
+        assert_eq!(d.gate, "min_reporting_devices");
+        assert_eq!(d.device_count, 500);
+        assert_eq!(d.devices.len(), edgefleet_wire::api::v1::DECISION_DEVICES);
+        let encoded = serde_json::to_vec(&r).unwrap();
+        assert!(encoded.len() < 8 * 1024, "{} bytes", encoded.len());
+    }
+
+    #[test]
+    fn validates_shadow_and_gate_ranges() {
+        let mut r = rollout(Gates::default());
+        for (gates, ok) in [
+            (
+                Gates {
+                    max_error_rate: Some(1.5),
+                    ..Gates::default()
+                },
+                false,
+            ),
+            (
+                Gates {
+                    max_error_rate: Some(0.5),
+                    ..Gates::default()
+                },
+                true,
+            ),
+            (
+                Gates {
+                    max_rollback_pct: Some(101.0),
+                    ..Gates::default()
+                },
+                false,
+            ),
+            (
+                Gates {
+                    max_p95_latency_ms: Some(0.0),
+                    ..Gates::default()
+                },
+                false,
+            ),
+            (
+                Gates {
+                    max_p95_latency_ms: Some(f64::NAN),
+                    ..Gates::default()
+                },
+                false,
+            ),
+        ] {
+            r.spec.gates = gates;
+            assert_eq!(r.spec.validate().is_ok(), ok, "{:?}", r.spec.gates);
+        }
+        r.spec.gates = Gates::default();
+        for (rate, samples, ok) in [
+            (-1.0, 10, false),
+            (7.0, 10, false),
+            (0.5, 0, false),
+            (0.5, 10, true),
+        ] {
+            r.spec.shadow = Some(edgefleet_wire::device::ShadowRequest {
+                sample_rate: rate,
+                samples,
+                min_top1_agreement: None,
+                max_abs_diff: None,
+            });
+            assert_eq!(r.spec.validate().is_ok(), ok, "{rate} {samples}");
+        }
     }
 }

@@ -1,35 +1,35 @@
-//! Starting the fleet server: open the store and registry, build the trust
-//! root and the router, serve until cancelled.
+//! Starting the fleet server: load the store into memory, start the writer,
+//! the controller, MQTT and the HTTP listener, and run them under one
+//! cancellation token and one task tracker. Any long-lived task that ends
+//! before shutdown fails the server: no half-alive daemons.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use edgefleet_wire::keys::decode_public_key;
 use edgefleet_wire::verify::TrustRoot;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::api::{AppState, router};
 use crate::auth::Tokens;
 use crate::config::ServerConfig;
 use crate::controller::{Controller, run_ticker};
+use crate::enrollment::Enrollment;
 use crate::error::{Error, Result};
+use crate::fleet::Fleet;
+use crate::ingest::Ingest;
+use crate::mqtt::Mqtt;
 use crate::registry::Registry;
-use crate::store::SledStore;
+use crate::store::Store;
+use crate::store::sled::SledStore;
+use crate::writer::Writer;
 
-/// Builds the shared state from a configuration.
-pub fn state(config: &ServerConfig) -> Result<AppState> {
-    Ok(state_with_notices(config)?.0)
-}
+/// Jobs that may wait for the store writer.
+const WRITE_QUEUE: usize = 8192;
 
-/// The shared state, plus the feed of devices whose desired state changed
-/// (when MQTT is configured).
-fn state_with_notices(
-    config: &ServerConfig,
-) -> Result<(
-    AppState,
-    Option<tokio::sync::mpsc::UnboundedReceiver<String>>,
-)> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::io(&config.data_dir, e))?;
+fn trust_root(config: &ServerConfig) -> Result<TrustRoot> {
     let mut keys = Vec::new();
     for p in &config.trust.keys {
         let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
@@ -38,80 +38,220 @@ fn state_with_notices(
             source,
         })?);
     }
-    let trust = TrustRoot::new(keys, config.trust.threshold).map_err(|e| {
+    TrustRoot::new(keys, config.trust.threshold).map_err(|e| {
         Error::Usage(format!(
             "[trust]: {e} (list the release public keys in trust.keys)"
         ))
-    })?;
-    let store: Arc<dyn crate::store::Store> =
-        Arc::new(SledStore::open(&config.data_dir.join("store"))?);
-    let mut controller = Controller::new(store.clone());
-    let mut notices = None;
-    if config.mqtt.is_some() {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        controller = controller.with_notifier(tx);
-        notices = Some(rx);
-    }
-    let state = AppState {
-        controller: Arc::new(controller),
-        metrics: Arc::new(crate::metrics::ServerMetrics::default()),
-        store,
-        registry: Registry::open(&config.data_dir)?,
-        trust,
-        tokens: Tokens::from_config(&config.auth.tokens)
-            .map_err(|e| Error::Usage(format!("[auth]: {e}")))?,
-        enrollment_tokens: config.auth.enrollment_tokens.clone(),
-        max_bundle_bytes: config.http.max_bundle_bytes,
-        mqtt: None,
-    };
-    Ok((state, notices))
+    })
 }
 
-/// Binds the configured address; returns the bound address (useful with
-/// port 0) and a future that serves until `shutdown` is cancelled.
+/// Opens the configured store.
+pub fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::io(&config.data_dir, e))?;
+    Ok(Arc::new(SledStore::open(&config.data_dir.join("store"))?))
+}
+
+/// A started server: its HTTP address and the future that runs it.
+#[derive(Debug)]
+pub struct Running {
+    pub addr: SocketAddr,
+    /// `mqtt://host:port` devices connect to, when MQTT is configured.
+    pub mqtt_url: Option<String>,
+}
+
+/// Binds the configured addresses; returns where they are and a future
+/// that serves until `shutdown` is cancelled (or a task fails).
 pub async fn bind(
     config: &ServerConfig,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, impl Future<Output = Result<()>> + use<>)> {
-    let (mut state, notices) = state_with_notices(config)?;
-    if let (Some(mqtt), Some(notices)) = (&config.mqtt, notices) {
-        let m = crate::mqtt::start(
-            mqtt,
-            state.store.clone(),
-            state.tokens.clone(),
-            notices,
-            shutdown.clone(),
-        )?;
-        // Scripts and tests read this line to find the broker.
-        println!("mqtt broker at {}", m.url);
-        state.mqtt = Some(m);
+    let (running, fut) = start(config.clone(), shutdown).await?;
+    Ok((running.addr, fut))
+}
+
+/// Everything [`bind`] does, with the MQTT address too.
+pub async fn start(
+    config: ServerConfig,
+    shutdown: CancellationToken,
+) -> Result<(Running, impl Future<Output = Result<()>> + use<>)> {
+    let config = Arc::new(config);
+    let trust = trust_root(&config)?;
+    let tokens = Tokens::from_config(&config.auth.tokens)
+        .map_err(|e| Error::Usage(format!("[auth]: {e}")))?;
+    let store = {
+        let c = config.clone();
+        tokio::task::spawn_blocking(move || open_store(&c))
+            .await
+            .map_err(|e| Error::Store(e.to_string()))??
+    };
+    let snapshot = {
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || s.load())
+            .await
+            .map_err(|e| Error::Store(e.to_string()))??
+    };
+    tracing::info!(
+        devices = snapshot.devices.len(),
+        bundles = snapshot.bundles.len(),
+        rollouts = snapshot.rollouts.len(),
+        backend = store.backend(),
+        "store loaded"
+    );
+    let terms = Controller::terms_table(&snapshot.rollouts);
+    let fleet = Arc::new(Fleet::load(snapshot.devices, |r| {
+        r.and_then(|id| terms.get(id).cloned()).unwrap_or_default()
+    }));
+    let (writer, writer_thread) =
+        Writer::start(store.clone(), WRITE_QUEUE).map_err(|e| Error::io("store writer", e))?;
+    let registry = Arc::new(Registry::open(&config.data_dir, snapshot.bundles)?);
+    let enrollment = Arc::new(Enrollment::new(
+        &config.auth.enrollment_tokens,
+        &config.auth.enrollment_tags,
+        snapshot.enrollment_tokens,
+    ));
+
+    let tasks = TaskTracker::new();
+    let stop = shutdown.child_token();
+    // A critical task that ends early cancels everything and fails `run`.
+    let failed = CancellationToken::new();
+    let spawn = |name: &'static str,
+                 fut: std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send>>| {
+        let (failed, stop) = (failed.clone(), stop.clone());
+        tasks.spawn(async move {
+            let r = fut.await;
+            if !stop.is_cancelled() {
+                match r {
+                    Ok(()) => tracing::error!(task = name, "a server task ended unexpectedly"),
+                    Err(e) => tracing::error!(task = name, error = %e, "a server task failed"),
+                }
+                failed.cancel();
+            }
+        });
+    };
+
+    let (notice_tx, notice_rx) = tokio::sync::mpsc::channel::<String>(16_384);
+    let controller = Arc::new(Controller::new(
+        fleet.clone(),
+        writer.clone(),
+        snapshot.rollouts,
+        config.rollouts.offline_after_secs,
+        config.mqtt.as_ref().map(|_| notice_tx),
+        edgefleet_wire::time::unix_now(),
+    ));
+
+    let mut mqtt = None;
+    let mut mqtt_url = None;
+    if let Some(mc) = &config.mqtt {
+        let (ingest, ingest_worker) =
+            Ingest::start(fleet.clone(), writer.clone(), mc.ingest_queue, stop.clone());
+        spawn("mqtt-ingest", Box::pin(ingest_worker));
+        let m = if mc.embedded {
+            let listener = tokio::net::TcpListener::bind(mc.listen)
+                .await
+                .map_err(|e| Error::io(mc.listen.to_string(), e))?;
+            let addr = listener
+                .local_addr()
+                .map_err(|e| Error::io("mqtt listener", e))?;
+            let broker = crate::mqtt::broker::Broker::new(
+                fleet.clone(),
+                tokens.clone(),
+                ingest.clone(),
+                mc.max_connections,
+            );
+            spawn(
+                "mqtt-broker",
+                Box::pin(broker.clone().serve(listener, stop.clone())),
+            );
+            tracing::info!(%addr, "embedded MQTT broker started");
+            Mqtt::embedded(format!("mqtt://{addr}"), ingest, broker)
+        } else {
+            let (client, run) = crate::mqtt::external::start(
+                mc,
+                "fleet-server".into(),
+                ingest.clone(),
+                stop.clone(),
+            )?;
+            spawn("mqtt-client", Box::pin(run));
+            Mqtt::external(mc.url.clone().unwrap_or_default(), ingest, client)
+        };
+        let m = Arc::new(m);
+        spawn(
+            "mqtt-notices",
+            Box::pin(crate::mqtt::notice_loop(m.clone(), notice_rx, stop.clone())),
+        );
+        mqtt_url = Some(m.url.clone());
+        mqtt = Some(m);
     }
+
+    spawn(
+        "rollout-ticker",
+        Box::pin(run_ticker(
+            controller.clone(),
+            Duration::from_millis(config.rollout_tick_ms.max(10)),
+            stop.clone(),
+        )),
+    );
+
+    let state = AppState {
+        config: config.clone(),
+        store,
+        fleet,
+        writer,
+        controller,
+        registry,
+        trust,
+        tokens,
+        enrollment,
+        downloads: Arc::new(tokio::sync::Semaphore::new(
+            config.http.download_concurrency.max(1),
+        )),
+        metrics: Arc::new(crate::metrics::ServerMetrics::default()),
+        mqtt,
+    };
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
         .map_err(|e| Error::io(config.http.listen.to_string(), e))?;
     let addr = listener
         .local_addr()
         .map_err(|e| Error::io("listener", e))?;
-    let ticker = tokio::spawn(run_ticker(
-        state.controller.clone(),
-        std::time::Duration::from_millis(config.rollout_tick_ms),
-        shutdown.clone(),
-    ));
     let app = router(state);
-    let serve = async move {
-        let _ticker = ticker;
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-            .map_err(|e| Error::io("http server", e))
+    spawn(
+        "http",
+        Box::pin(crate::http::serve(
+            listener,
+            app,
+            Duration::from_secs(config.http.idle_timeout_secs.max(1)),
+            stop.clone(),
+        )),
+    );
+    tasks.close();
+
+    let run = async move {
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = failed.cancelled() => {}
+        }
+        stop.cancel();
+        tasks.wait().await;
+        // The writer finishes what was queued, then its thread ends.
+        drop(writer_thread);
+        if failed.is_cancelled() && !shutdown.is_cancelled() {
+            return Err(Error::Store("a server task failed (see the log)".into()));
+        }
+        Ok(())
     };
-    Ok((addr, serve))
+    Ok((Running { addr, mqtt_url }, run))
 }
 
 /// Runs the server until `shutdown` is cancelled.
 pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<()> {
-    let (addr, serve) = bind(&config, shutdown).await?;
-    println!("fleet-server listening on http://{addr}");
-    tracing::info!(%addr, data_dir = %config.data_dir.display(), "fleet server started");
+    let data_dir = config.data_dir.clone();
+    let (running, serve) = start(config, shutdown).await?;
+    // Scripts and tests read these lines.
+    if let Some(u) = &running.mqtt_url {
+        println!("mqtt broker at {u}");
+    }
+    println!("fleet-server listening on http://{}", running.addr);
+    tracing::info!(addr = %running.addr, data_dir = %data_dir.display(), "fleet server started");
     serve.await
 }

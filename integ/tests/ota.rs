@@ -515,12 +515,24 @@ async fn attacks_are_refused_and_the_active_model_keeps_serving() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Anti-rollback: a lower sequence than the committed v1 (sequence 10).
-    let older = server
-        .push(cls_bundle(&Pack {
-            sequence: 5,
-            ..Pack::v(0)
-        }))
-        .await;
+    // The server refuses to store it (409), so it reaches the device the
+    // other way, sideloaded: the device's own floor must refuse it too.
+    let older_bytes = cls_bundle(&Pack {
+        sequence: 5,
+        ..Pack::v(0)
+    });
+    let r = server
+        .http
+        .post(format!("{}/api/v1/bundles", server.url))
+        .bearer_auth(OPERATOR)
+        .body(older_bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "sequence_not_above_newest", "{v}");
+    let older = edgefleet_wire::bundle::content_address(&older_bytes);
 
     let cases = [
         (tampered, "hash"),
@@ -531,7 +543,19 @@ async fn attacks_are_refused_and_the_active_model_keeps_serving() {
         (older, "anti-rollback"),
     ];
     for (bundle, reason) in cases {
-        let rollout = server.rollout(&bundle, "jetson", json!({})).await;
+        let rollout = if reason == "anti-rollback" {
+            let r = agent
+                .http
+                .post(format!("{}/v1/install", agent.url))
+                .body(older_bytes.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202);
+            None
+        } else {
+            Some(server.rollout(&bundle, "jetson", json!({})).await)
+        };
         let s = agent
             .wait_for(reason, 60, |s| {
                 s["record"]["last_failed"]["id"] == bundle.as_str() && s["state"] == "failed"
@@ -555,7 +579,9 @@ async fn attacks_are_refused_and_the_active_model_keeps_serving() {
             assert!(Instant::now() < deadline, "server view: {d:#}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        server.abort(&rollout).await;
+        if let Some(rollout) = rollout {
+            server.abort(&rollout).await;
+        }
     }
     let floor: Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("state/floor.json")).unwrap())

@@ -237,6 +237,32 @@ async fn downloads_resume_with_range_and_revalidate_with_etag() {
     let path = format!("/api/v1/bundles/{id}/download");
     let (_, dev) = s.enroll("pi-1", "rpi4").await;
     let cred = dev["credential"].as_str().unwrap().to_string();
+    let (_, other) = s.enroll("pi-2", "jetson-orin").await;
+    let other = other["credential"].as_str().unwrap().to_string();
+
+    // Least privilege: a device may fetch only what its desired state names.
+    let refused = s
+        .req(reqwest::Method::GET, &path, Some(&cred))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(code(&body), "bundle_not_assigned");
+    let r = s
+        .req(reqwest::Method::POST, "/api/v1/rollouts", Some(OPERATOR))
+        .json(&json!({"bundle": id, "selector": {"board": "rpi4"}, "stages": [{"percent": 100, "bake_minutes": 0}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    // pi-2 is not in that rollout: still refused.
+    let refused = s
+        .req(reqwest::Method::GET, &path, Some(&other))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
 
     // A first attempt that "broke" after 1000 bytes, then a resume.
     let first = s
@@ -262,8 +288,15 @@ async fn downloads_resume_with_range_and_revalidate_with_etag() {
     got.extend_from_slice(&rest.bytes().await.unwrap());
     assert_eq!(got, bytes);
 
-    let full = s
+    // Viewers watch; they do not take model weights home.
+    let viewer = s
         .req(reqwest::Method::GET, &path, Some(VIEWER))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(viewer.status(), StatusCode::FORBIDDEN);
+    let full = s
+        .req(reqwest::Method::GET, &path, Some(OPERATOR))
         .send()
         .await
         .unwrap();
@@ -289,7 +322,7 @@ async fn downloads_resume_with_range_and_revalidate_with_etag() {
         .req(
             reqwest::Method::GET,
             &format!("/api/v1/bundles/{}/download", "0".repeat(64)),
-            Some(&cred),
+            Some(OPERATOR),
         )
         .send()
         .await
@@ -299,7 +332,7 @@ async fn downloads_resume_with_range_and_revalidate_with_etag() {
         .req(
             reqwest::Method::GET,
             "/api/v1/bundles/..%2F..%2Fetc/download",
-            Some(&cred),
+            Some(OPERATOR),
         )
         .send()
         .await
@@ -322,10 +355,13 @@ async fn downloads_resume_with_range_and_revalidate_with_etag() {
         .unwrap();
     assert!(text.contains("fleet_bundle_downloads_total 3"), "{text}");
     assert!(
-        text.contains("fleet_devices{state=\"unreported\"} 1"),
+        text.contains("fleet_devices{state=\"unreported\"} 2"),
         "{text}"
     );
-    assert!(text.contains("fleet_api_request_seconds_count "), "{text}");
+    assert!(
+        text.contains("fleet_api_request_seconds_count{route=\"/api/v1/bundles/{id}/download\",method=\"GET\",status=\"206\"} 2"),
+        "{text}"
+    );
 }
 
 #[tokio::test]

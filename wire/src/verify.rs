@@ -172,6 +172,111 @@ pub fn open_bundle<R: std::io::Read>(
     Ok((manifest, model))
 }
 
+/// Verifies a whole bundle from a stream without keeping its payload: the
+/// compressed bytes and the decompressed model are hashed as they pass
+/// through a fixed buffer, so memory stays at the manifest's size whatever
+/// the model's. For the server, which stores bundles but never loads them.
+pub fn check_bundle<R: Read>(
+    mut r: R,
+    root: &TrustRoot,
+    expiry: Expiry,
+    limits: &Limits,
+) -> Result<Verified<Manifest>> {
+    let signed = read_signed(&mut r, limits)?;
+    let manifest = verify(root, &signed, expiry)?;
+    check_payload(&manifest, r, limits)?;
+    Ok(manifest)
+}
+
+/// Hashes the compressed payload while passing it to the decompressor,
+/// which hashes the model: both checked against the signed manifest, with
+/// the same limits as [`read_payload`]. Nothing is kept.
+fn check_payload<R: Read>(manifest: &Verified<Manifest>, r: R, limits: &Limits) -> Result<()> {
+    let p = &manifest.payload;
+    if p.compressed_len > limits.max_payload_bytes {
+        return Err(Error::TooLarge {
+            what: "payload",
+            size: p.compressed_len,
+            limit: limits.max_payload_bytes,
+        });
+    }
+    if p.len > limits.max_model_bytes {
+        return Err(Error::TooLarge {
+            what: "model",
+            size: p.len,
+            limit: limits.max_model_bytes,
+        });
+    }
+    /// Counts and hashes what the decompressor reads.
+    struct Tee<R> {
+        inner: R,
+        digest: StreamDigest,
+    }
+    impl<R: Read> Read for Tee<R> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.digest.update(&buf[..n]);
+            Ok(n)
+        }
+    }
+    let io = |what: &'static str| move |source| Error::Io { what, source };
+    let mut tee = Tee {
+        inner: r.take(p.compressed_len),
+        digest: StreamDigest::default(),
+    };
+    let mut model = StreamDigest::default();
+    let mut zstd_error = None;
+    {
+        let mut decoder =
+            zstd::stream::read::Decoder::new(&mut tee).map_err(io("payload decompression"))?;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match decoder.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    model.update(&buf[..n]);
+                    if model.len() > p.len {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    zstd_error = Some(e);
+                    break;
+                }
+            }
+        }
+    }
+    // Whatever the decompressor left unread still belongs to the payload;
+    // then the checks in the order `read_payload` makes them.
+    drain(&mut tee)?;
+    let compressed = std::mem::take(&mut tee.digest);
+    if compressed.len() < p.compressed_len {
+        return Err(Error::Truncated {
+            region: "payload",
+            needed: p.compressed_len,
+            available: compressed.len(),
+        });
+    }
+    let mut rest = tee.inner.into_inner();
+    let mut extra = [0u8; 1];
+    if rest.read(&mut extra).map_err(io("payload"))? != 0 {
+        return Err(Error::TrailingData);
+    }
+    compressed.check("compressed payload", p.compressed_len, &p.compressed_sha256)?;
+    if let Some(e) = zstd_error {
+        return Err(Error::malformed("payload", format!("zstd: {e}")));
+    }
+    model.check("model", p.len, &p.sha256)
+}
+
+fn drain<R: Read>(r: &mut R) -> Result<()> {
+    std::io::copy(r, &mut std::io::sink()).map_err(|source| Error::Io {
+        what: "payload",
+        source,
+    })?;
+    Ok(())
+}
+
 /// Model bytes whose compressed and uncompressed digests matched a verified
 /// manifest. Only [`read_payload`] builds one.
 #[derive(Clone)]

@@ -10,7 +10,7 @@ use edgefleet_wire::manifest::{
 };
 use edgefleet_wire::names::ModelName;
 use edgefleet_wire::tensor::{DType, NamedTensor, Tensor, TensorSpec};
-use edgefleet_wire::verify::{Expiry, TrustRoot, open_bundle};
+use edgefleet_wire::verify::{Expiry, TrustRoot, check_bundle, open_bundle};
 use edgefleet_wire::{Error, bundle::HEADER_LEN};
 use proptest::prelude::*;
 
@@ -93,8 +93,17 @@ fn open(b: &[u8], root: &TrustRoot) -> Result<(), Error> {
     open_with(b, root, &Limits::default())
 }
 
+/// Both verifiers, the device's (which keeps the model) and the server's
+/// streaming one (which keeps nothing), must give the same verdict.
 fn open_with(b: &[u8], root: &TrustRoot, limits: &Limits) -> Result<(), Error> {
-    open_bundle(b, root, Expiry::Enforce { now: NOW }, limits).map(|_| ())
+    let full = open_bundle(b, root, Expiry::Enforce { now: NOW }, limits).map(|_| ());
+    let streamed = check_bundle(b, root, Expiry::Enforce { now: NOW }, limits).map(|_| ());
+    assert_eq!(
+        full.as_ref().err().map(Error::code),
+        streamed.as_ref().err().map(Error::code),
+        "open_bundle and check_bundle disagree: {full:?} vs {streamed:?}"
+    );
+    full
 }
 
 fn root_a() -> TrustRoot {

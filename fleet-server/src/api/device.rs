@@ -1,0 +1,92 @@
+//! What devices call with their own credential: the desired state (ETag,
+//! served from memory) and their report (durable before the 204).
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use edgefleet_wire::api::v1::ErrorBody;
+use edgefleet_wire::device::DeviceReport;
+
+use super::{ApiResult, AppState, read_json};
+use crate::auth::{Action, Caller};
+use crate::fleet::lock;
+use crate::store::{Part, Reported, Write};
+
+#[utoipa::path(get, path = "/api/v1/device/desired", tag = "device",
+    params(("If-None-Match" = Option<String>, Header)),
+    responses((status = 200, body = edgefleet_wire::device::DesiredState), (status = 304, description = "Unchanged"),
+              (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn desired(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
+    // The credential names the device: there is no way to ask for another's.
+    let Caller::Device { cell, .. } = s.allow(&headers, Action::CheckIn)? else {
+        return Err(super::ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this endpoint is for devices",
+        ));
+    };
+    let doc = lock(&cell).doc.clone();
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim() == doc.etag)
+    {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, doc.etag.clone())]).into_response());
+    }
+    Ok((
+        StatusCode::OK,
+        [
+            (header::ETAG, doc.etag.clone()),
+            (header::CONTENT_TYPE, "application/json".to_string()),
+        ],
+        doc.body.clone(),
+    )
+        .into_response())
+}
+
+#[utoipa::path(post, path = "/api/v1/device/report", tag = "device",
+    request_body = DeviceReport,
+    responses((status = 204, description = "Recorded (durably)"), (status = 400, body = ErrorBody),
+              (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 413, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn report(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let Caller::Device { id, cell } = s.allow(&headers, Action::Report)? else {
+        return Err(super::ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this endpoint is for devices",
+        ));
+    };
+    let report: DeviceReport = read_json(&s, body, &headers, "report").await?;
+    // The device is the source of truth for what it runs: record it as is,
+    // including a fallback to an older bundle.
+    let reported = Reported {
+        report,
+        at: edgefleet_wire::time::unix_now(),
+    };
+    let mut writes = Vec::with_capacity(2);
+    {
+        let mut d = lock(&cell);
+        // The inventory follows agent upgrades.
+        if let Some(v) = &reported.report.agent_version
+            && *v != d.rec.identity.agent_version
+        {
+            d.rec.identity.agent_version.clone_from(v);
+            writes.push(Write::Device(
+                id.clone(),
+                Part::Identity(d.rec.identity.clone()),
+            ));
+        }
+        d.rec.reported = Some(reported.clone());
+    }
+    writes.push(Write::Device(id, Part::Reported(reported)));
+    s.commit(writes).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

@@ -1,0 +1,308 @@
+//! The device inventory in memory: every record, an index by credential,
+//! and each device's desired-state document (JSON body and ETag) ready to
+//! serve. Check-ins, reports and MQTT ingest read and change it without
+//! touching the store; their durable writes go through [`crate::writer`].
+//! A check-in costs O(1) in fleet size.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use edgefleet_wire::api::v1::DeviceView;
+use edgefleet_wire::device::{DesiredState, ShadowRequest, WatchPolicy};
+
+use crate::store::{Desired, DeviceRecord};
+
+/// A device's desired state as served: the JSON body and its ETag.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredDoc {
+    pub etag: String,
+    pub body: Vec<u8>,
+}
+
+/// What a rollout adds to a device's desired state: the watch limits (its
+/// gates, so the device rolls back on the numbers that would pause the
+/// rollout) and shadow mode.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RolloutTerms {
+    pub watch: Option<WatchPolicy>,
+    pub shadow: Option<ShadowRequest>,
+}
+
+impl DesiredDoc {
+    pub fn of(d: &Desired, terms: &RolloutTerms) -> DesiredDoc {
+        let state = DesiredState {
+            download: d
+                .bundle
+                .as_ref()
+                .map(|b| format!("/api/v1/bundles/{}/download", b.id)),
+            bundle: d.bundle.clone(),
+            rollout_id: d.rollout.clone(),
+            rollback: d.rollback,
+            // An abort's rollback is judged by the device's own limits.
+            watch: terms.watch.clone().filter(|_| !d.rollback),
+            shadow: terms.shadow.clone().filter(|_| !d.rollback),
+        };
+        let body = serde_json::to_vec(&state).unwrap_or_else(|_| b"{}".to_vec());
+        let etag = format!(
+            "\"{}\"",
+            &edgefleet_wire::bundle::content_address(&body)[..32]
+        );
+        DesiredDoc { etag, body }
+    }
+}
+
+/// One device in memory.
+#[derive(Debug)]
+pub struct Device {
+    pub rec: DeviceRecord,
+    pub doc: Arc<DesiredDoc>,
+}
+
+/// A device's lock. Poisoning is ignored: every change to a record is
+/// complete before anything that could panic.
+pub type DeviceCell = Arc<Mutex<Device>>;
+
+pub fn lock(cell: &DeviceCell) -> MutexGuard<'_, Device> {
+    cell.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The inventory.
+#[derive(Debug, Default)]
+pub struct Fleet {
+    devices: RwLock<BTreeMap<String, DeviceCell>>,
+    credentials: RwLock<HashMap<String, String>>,
+    /// Bumped when devices join or leave or change tags (cohort caches).
+    generation: AtomicU64,
+}
+
+impl Fleet {
+    /// The inventory as loaded; `terms` gives each device's rollout terms.
+    pub fn load(records: Vec<DeviceRecord>, terms: impl Fn(Option<&str>) -> RolloutTerms) -> Fleet {
+        let f = Fleet::default();
+        {
+            let mut devices = f.devices.write().unwrap_or_else(|e| e.into_inner());
+            let mut creds = f.credentials.write().unwrap_or_else(|e| e.into_inner());
+            for rec in records {
+                let doc = Arc::new(DesiredDoc::of(
+                    &rec.desired,
+                    &terms(rec.desired.rollout.as_deref()),
+                ));
+                if !rec.is_revoked() {
+                    creds.insert(rec.identity.credential_sha256.clone(), rec.id.clone());
+                }
+                devices.insert(rec.id.clone(), Arc::new(Mutex::new(Device { rec, doc })));
+            }
+        }
+        f
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    pub fn touch_generation(&self) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn len(&self) -> usize {
+        self.devices.read().map(|d| d.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn get(&self, id: &str) -> Option<DeviceCell> {
+        self.devices
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// The device a credential (by its sha256) belongs to.
+    pub fn by_credential(&self, credential_sha256: &str) -> Option<DeviceCell> {
+        let id = self
+            .credentials
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(credential_sha256)
+            .cloned()?;
+        let cell = self.get(&id)?;
+        // A revoked or re-enrolled credential is dead.
+        let ok = {
+            let d = lock(&cell);
+            d.rec.identity.credential_sha256 == credential_sha256 && !d.rec.is_revoked()
+        };
+        ok.then_some(cell)
+    }
+
+    /// Adds a newly enrolled device; `false` (and nothing changes) when the
+    /// id is taken.
+    pub fn insert(&self, rec: DeviceRecord) -> bool {
+        let mut devices = self.devices.write().unwrap_or_else(|e| e.into_inner());
+        if devices.contains_key(&rec.id) {
+            return false;
+        }
+        self.credentials
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(rec.identity.credential_sha256.clone(), rec.id.clone());
+        let doc = Arc::new(DesiredDoc::of(&rec.desired, &RolloutTerms::default()));
+        devices.insert(rec.id.clone(), Arc::new(Mutex::new(Device { rec, doc })));
+        drop(devices);
+        self.touch_generation();
+        true
+    }
+
+    /// Forgets a device (decommissioning).
+    pub fn remove(&self, id: &str) -> Option<DeviceCell> {
+        let cell = self
+            .devices
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id)?;
+        let cred = lock(&cell).rec.identity.credential_sha256.clone();
+        self.credentials
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&cred);
+        self.touch_generation();
+        Some(cell)
+    }
+
+    /// Drops a credential from the index (revocation).
+    pub fn forget_credential(&self, credential_sha256: &str) {
+        self.credentials
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(credential_sha256);
+    }
+
+    /// Every device cell, in id order (a snapshot of the index; the cells
+    /// are live).
+    pub fn cells(&self) -> Vec<DeviceCell> {
+        self.devices
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Up to `limit` devices with ids after `cursor` that pass `keep`, in
+    /// id order, and whether more follow.
+    pub fn page(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+        mut keep: impl FnMut(&DeviceRecord) -> bool,
+    ) -> (Vec<DeviceView>, bool) {
+        let devices = self.devices.read().unwrap_or_else(|e| e.into_inner());
+        let range: Box<dyn Iterator<Item = (&String, &DeviceCell)>> = match cursor {
+            Some(c) => Box::new(
+                devices.range::<str, _>((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded)),
+            ),
+            None => Box::new(devices.iter()),
+        };
+        let mut out = Vec::new();
+        for (_, cell) in range {
+            let d = lock(cell);
+            if !keep(&d.rec) {
+                continue;
+            }
+            if out.len() == limit {
+                return (out, true);
+            }
+            out.push(view(&d.rec));
+        }
+        (out, false)
+    }
+}
+
+/// The device as operators see it (no credential hash).
+pub fn view(d: &DeviceRecord) -> DeviceView {
+    let report = d.report();
+    DeviceView {
+        id: d.id.clone(),
+        tags: d.identity.tags.clone(),
+        arch: d.identity.arch.clone(),
+        agent_version: d.identity.agent_version.clone(),
+        enrolled_at: d.identity.enrolled_at,
+        last_seen: d.last_seen(),
+        desired: d.desired.bundle.clone(),
+        rollout: d.desired.rollout.clone(),
+        active: report.and_then(|r| r.active.clone()),
+        staged: report.and_then(|r| r.staged.clone()),
+        last_failed: report.and_then(|r| r.last_failed.clone()),
+        state: report.map(|r| r.state),
+        reason: report.and_then(|r| r.reason.clone()),
+        health: report.map(|r| r.health.clone()),
+        last_known_good: report.and_then(|r| r.last_known_good.clone()),
+        shadow: report.and_then(|r| r.shadow.clone()),
+        online: d.live.online,
+        telemetry: d.live.telemetry.clone(),
+        events: d.events.iter().cloned().collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Identity;
+
+    fn rec(id: &str, cred: &str) -> DeviceRecord {
+        DeviceRecord::enrolled(
+            id.into(),
+            Identity {
+                tags: BTreeMap::new(),
+                arch: "aarch64".into(),
+                agent_version: "0.1.0".into(),
+                credential_sha256: cred.into(),
+                enrolled_at: 1,
+                enrolled_with: None,
+                revoked_at: None,
+            },
+        )
+    }
+
+    #[test]
+    fn ids_are_claimed_once_and_credentials_find_their_device() {
+        let f = Fleet::default();
+        assert!(f.insert(rec("pi-1", "c1")));
+        assert!(!f.insert(rec("pi-1", "c2")), "an id is claimed once");
+        assert!(f.by_credential("c2").is_none());
+        assert_eq!(lock(&f.by_credential("c1").unwrap()).rec.id, "pi-1");
+        // Revoked: the credential is dead even before it leaves the index.
+        lock(&f.get("pi-1").unwrap()).rec.identity.revoked_at = Some(5);
+        assert!(f.by_credential("c1").is_none());
+    }
+
+    #[test]
+    fn pages_walk_the_fleet_in_id_order_with_filters() {
+        let f = Fleet::default();
+        for i in 0..25 {
+            f.insert(rec(&format!("d{i:02}"), &format!("c{i}")));
+        }
+        let odd = |r: &DeviceRecord| r.id.ends_with(['1', '3', '5', '7', '9']);
+        let (p1, more) = f.page(None, 5, odd);
+        assert!(more);
+        assert_eq!(p1.first().unwrap().id, "d01");
+        let (p2, more) = f.page(Some(&p1.last().unwrap().id), 5, odd);
+        assert!(more);
+        assert_eq!(p2.first().unwrap().id, "d11");
+        let (p3, more) = f.page(Some(&p2.last().unwrap().id), 5, odd);
+        assert!(!more);
+        assert_eq!(p3.len(), 2);
+    }
+
+    #[test]
+    fn the_etag_changes_with_the_desired_state_and_only_then() {
+        let mut d = Desired::default();
+        let a = DesiredDoc::of(&d, &RolloutTerms::default());
+        assert_eq!(a, DesiredDoc::of(&d, &RolloutTerms::default()));
+        d.rollout = Some("r1".into());
+        assert_ne!(a.etag, DesiredDoc::of(&d, &RolloutTerms::default()).etag);
+    }
+}

@@ -1,0 +1,68 @@
+//! The HTTP listener: hyper HTTP/1.1 connections serving the router, with
+//! idle keep-alive connections closed after a timeout (10,000 devices
+//! polling must not pin 10,000 idle sockets), tracked tasks and a
+//! graceful shutdown.
+
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::service::TowerToHyperService;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::error::Result;
+
+/// Serves `app` on `listener` until `shutdown`; waits for the connections
+/// in flight to finish their current request.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    idle: Duration,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let conns = TaskTracker::new();
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = shutdown.cancelled() => break,
+        };
+        let (stream, _) = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "http accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = TowerToHyperService::new(app.clone());
+        let mut builder = Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            // Also the idle time allowed between requests on a kept-alive
+            // connection.
+            .header_read_timeout(idle)
+            .keep_alive(true);
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        conns.spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::trace!(error = %e, "http connection ended");
+            }
+        });
+    }
+    conns.close();
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(Duration::from_secs(10)) => {
+            tracing::warn!("http connections still open after 10 s; closing");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,338 @@
+//! Device messages from MQTT into the inventory: decode, check, apply to
+//! memory, commit in batches, then acknowledge.
+//!
+//! Whoever takes a message from a device (the embedded broker, or the
+//! server's client of an external broker) hands it to [`Ingest::submit`]
+//! and acknowledges it to the device (PUBACK) only when the returned
+//! future resolves: by then the message is in the store. The queue is
+//! bounded, so a burst larger than the store can take slows the devices'
+//! publishing down instead of losing what was acknowledged. Messages that
+//! cannot be used are refused with a reason and counted.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use edgefleet_wire::telemetry::{
+    DeviceEvent, DeviceState, Telemetry, TopicKind, decode_telemetry, parse_topic,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::fleet::{Fleet, lock};
+use crate::store::{Part, Write};
+use crate::writer::Writer;
+
+/// Largest device message accepted.
+pub const MAX_PAYLOAD: usize = 256 * 1024;
+/// Messages applied and committed together at most.
+const MAX_BATCH: usize = 2048;
+
+/// Why a message was not used. Stable names for /metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Refusal {
+    UnknownTopic,
+    Malformed,
+    TooLarge,
+    UnknownDevice,
+    /// The payload names another device than its topic.
+    WrongDevice,
+    /// The store refused the write.
+    Store,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::UnknownTopic => "unknown_topic",
+            Refusal::Malformed => "malformed",
+            Refusal::TooLarge => "too_large",
+            Refusal::UnknownDevice => "unknown_device",
+            Refusal::WrongDevice => "wrong_device",
+            Refusal::Store => "store",
+        }
+    }
+}
+
+/// A decoded device message.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Message {
+    State(DeviceState),
+    Telemetry(Box<Telemetry>),
+    Event(DeviceEvent),
+}
+
+/// Decodes the payload of `edgefleet/v1/{device}/{kind}`.
+pub fn decode(topic: &str, payload: &[u8]) -> Result<(String, Message), Refusal> {
+    let (device, kind) = parse_topic(topic).ok_or(Refusal::UnknownTopic)?;
+    if payload.len() > MAX_PAYLOAD {
+        return Err(Refusal::TooLarge);
+    }
+    let msg = match kind {
+        TopicKind::State => {
+            let s: DeviceState = serde_json::from_slice(payload).map_err(|_| Refusal::Malformed)?;
+            if s.device_id != device {
+                return Err(Refusal::WrongDevice);
+            }
+            Message::State(s)
+        }
+        TopicKind::Telemetry => Message::Telemetry(Box::new(
+            decode_telemetry(payload).map_err(|_| Refusal::Malformed)?,
+        )),
+        TopicKind::Events => {
+            Message::Event(serde_json::from_slice(payload).map_err(|_| Refusal::Malformed)?)
+        }
+        // Commands go to devices, never come from them.
+        TopicKind::Cmd => return Err(Refusal::UnknownTopic),
+    };
+    Ok((device.to_string(), msg))
+}
+
+/// Applies one message to its device in memory; returns the writes that
+/// make it durable.
+pub fn apply(fleet: &Fleet, device: &str, msg: Message, now: u64) -> Result<Vec<Write>, Refusal> {
+    let cell = fleet.get(device).ok_or(Refusal::UnknownDevice)?;
+    let mut d = lock(&cell);
+    if d.rec.is_revoked() {
+        return Err(Refusal::UnknownDevice);
+    }
+    let live = &mut d.rec.live;
+    let writes = match msg {
+        Message::State(s) => {
+            live.online = Some(s.online);
+            if s.online {
+                live.at = Some(now);
+            }
+            live.state = Some(s);
+            vec![Write::Device(device.to_string(), Part::Live(live.clone()))]
+        }
+        Message::Telemetry(t) => {
+            live.telemetry = Some(*t);
+            live.online = Some(true);
+            live.at = Some(now);
+            vec![Write::Device(device.to_string(), Part::Live(live.clone()))]
+        }
+        Message::Event(e) => {
+            live.at = Some(now);
+            let live = Write::Device(device.to_string(), Part::Live(live.clone()));
+            // Replays after an outage may repeat an event: kept once.
+            if d.rec.push_event(e.clone()) {
+                vec![live, Write::DeviceEvent(device.to_string(), e)]
+            } else {
+                vec![live]
+            }
+        }
+    };
+    Ok(writes)
+}
+
+/// Counters for /metrics.
+#[derive(Debug, Default)]
+pub struct IngestMetrics {
+    pub received: AtomicU64,
+    /// Committed to the store, then acknowledged.
+    pub ingested: AtomicU64,
+    pub batches: AtomicU64,
+    refused: Mutex<BTreeMap<Refusal, u64>>,
+}
+
+impl IngestMetrics {
+    pub fn refuse(&self, r: Refusal) {
+        if let Ok(mut m) = self.refused.lock() {
+            *m.entry(r).or_default() += 1;
+        }
+    }
+
+    pub fn refused(&self) -> BTreeMap<Refusal, u64> {
+        self.refused.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+}
+
+/// The outcome given back to whoever acknowledges the message.
+pub type Outcome = Result<(), Refusal>;
+
+struct Job {
+    topic: String,
+    payload: Vec<u8>,
+    done: oneshot::Sender<Outcome>,
+}
+
+/// The ingest queue. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Ingest {
+    tx: mpsc::Sender<Job>,
+    pub metrics: Arc<IngestMetrics>,
+}
+
+impl Ingest {
+    /// Starts the worker; `capacity` messages may wait.
+    pub fn start(
+        fleet: Arc<Fleet>,
+        writer: Writer,
+        capacity: usize,
+        shutdown: CancellationToken,
+    ) -> (Ingest, impl Future<Output = crate::error::Result<()>>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let metrics = Arc::new(IngestMetrics::default());
+        let worker = run(fleet, writer, rx, metrics.clone(), shutdown);
+        (Ingest { tx, metrics }, worker)
+    }
+
+    /// Queues a message (waiting for room: backpressure) and resolves once
+    /// it is durable or refused. `Err(Store)` also when the server stops.
+    pub async fn submit(&self, topic: String, payload: Vec<u8>) -> Outcome {
+        self.metrics.received.fetch_add(1, Relaxed);
+        let (done, wait) = oneshot::channel();
+        if self
+            .tx
+            .send(Job {
+                topic,
+                payload,
+                done,
+            })
+            .await
+            .is_err()
+        {
+            return Err(Refusal::Store);
+        }
+        wait.await.unwrap_or(Err(Refusal::Store))
+    }
+
+    /// Messages waiting.
+    pub fn backlog(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+}
+
+async fn run(
+    fleet: Arc<Fleet>,
+    writer: Writer,
+    mut rx: mpsc::Receiver<Job>,
+    m: Arc<IngestMetrics>,
+    shutdown: CancellationToken,
+) -> crate::error::Result<()> {
+    loop {
+        let first = tokio::select! {
+            j = rx.recv() => match j { Some(j) => j, None => return Ok(()) },
+            () = shutdown.cancelled() => return Ok(()),
+        };
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let now = edgefleet_wire::time::unix_now();
+        let mut writes = Vec::with_capacity(jobs.len());
+        let mut waiting = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            match decode(&j.topic, &j.payload).and_then(|(dev, msg)| apply(&fleet, &dev, msg, now))
+            {
+                Ok(w) => {
+                    writes.extend(w);
+                    waiting.push(j.done);
+                }
+                Err(r) => {
+                    m.refuse(r);
+                    tracing::debug!(topic = %j.topic, reason = r.as_str(), "refused a device message");
+                    let _ = j.done.send(Err(r));
+                }
+            }
+        }
+        if waiting.is_empty() {
+            continue;
+        }
+        let outcome = writer.commit(writes).await.map_err(|e| {
+            tracing::error!(error = %e, "cannot store device messages");
+            Refusal::Store
+        });
+        m.batches.fetch_add(1, Relaxed);
+        if outcome.is_ok() {
+            m.ingested.fetch_add(waiting.len() as u64, Relaxed);
+        } else {
+            for _ in &waiting {
+                m.refuse(Refusal::Store);
+            }
+        }
+        for w in waiting {
+            let _ = w.send(outcome);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{DeviceRecord, Identity};
+
+    fn fleet() -> Fleet {
+        let f = Fleet::default();
+        f.insert(DeviceRecord::enrolled(
+            "pi-1".into(),
+            Identity {
+                tags: Default::default(),
+                arch: "aarch64".into(),
+                agent_version: "0.1.0".into(),
+                credential_sha256: "c".into(),
+                enrolled_at: 1,
+                enrolled_with: None,
+                revoked_at: None,
+            },
+        ));
+        f
+    }
+
+    #[test]
+    fn refusals_have_reasons() {
+        assert_eq!(
+            decode("other/topic", b"{}").unwrap_err(),
+            Refusal::UnknownTopic
+        );
+        assert_eq!(
+            decode("edgefleet/v1/pi-1/cmd", b"{}").unwrap_err(),
+            Refusal::UnknownTopic
+        );
+        assert_eq!(
+            decode("edgefleet/v1/pi-1/telemetry", b"{nope").unwrap_err(),
+            Refusal::Malformed
+        );
+        assert_eq!(
+            decode(
+                "edgefleet/v1/pi-1/state",
+                br#"{"device_id":"pi-2","online":true,"at":1}"#
+            )
+            .unwrap_err(),
+            Refusal::WrongDevice
+        );
+        let big = vec![b' '; MAX_PAYLOAD + 1];
+        assert_eq!(
+            decode("edgefleet/v1/pi-1/events", &big).unwrap_err(),
+            Refusal::TooLarge
+        );
+        let (dev, msg) = decode("edgefleet/v1/ghost/events", br#"{"at":1,"event":"x"}"#).unwrap();
+        assert_eq!(
+            apply(&fleet(), &dev, msg, 5).unwrap_err(),
+            Refusal::UnknownDevice
+        );
+    }
+
+    #[test]
+    fn events_are_kept_once_and_state_sets_online() {
+        let f = fleet();
+        let ev = br#"{"at":1,"event":"committed"}"#;
+        let (dev, msg) = decode("edgefleet/v1/pi-1/events", ev).unwrap();
+        assert_eq!(apply(&f, &dev, msg.clone(), 5).unwrap().len(), 2);
+        assert_eq!(apply(&f, &dev, msg, 6).unwrap().len(), 1, "a replay");
+        let (dev, msg) = decode(
+            "edgefleet/v1/pi-1/state",
+            br#"{"device_id":"pi-1","online":false,"at":1}"#,
+        )
+        .unwrap();
+        apply(&f, &dev, msg, 7).unwrap();
+        let cell = f.get("pi-1").unwrap();
+        let d = lock(&cell);
+        assert_eq!(d.rec.live.online, Some(false));
+        assert_eq!(d.rec.events.len(), 1);
+    }
+}

@@ -1,0 +1,234 @@
+//! Persistent state of the fleet server behind the [`Store`] trait.
+//!
+//! The server serves reads from memory ([`crate::fleet`]) and writes
+//! behind, in batches: the [`crate::writer`] thread hands each batch of
+//! [`Write`]s to [`Store::commit`], one transaction per batch. A device is
+//! stored in parts (identity, desired, reported, live state, events) so
+//! that writers of different parts never overwrite each other's data, on
+//! one server or on replicas sharing a database.
+//!
+//! # Layout
+//! - this module: the records, the [`Write`] operations and the trait;
+//! - [`sled`]: the embedded default (one sled tree, atomic batches).
+
+pub mod sled;
+
+use std::collections::{BTreeMap, VecDeque};
+
+use edgefleet_wire::device::{BundleRef, DeviceReport};
+use edgefleet_wire::telemetry::{DeviceEvent, DeviceState, Telemetry};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::rollout::Rollout;
+
+pub use edgefleet_wire::api::v1::AuditEntry;
+
+/// A bundle in the registry: stored as the API shows it.
+pub type BundleRecord = edgefleet_wire::api::v1::BundleView;
+
+/// Lifecycle events kept per device.
+pub const EVENTS_KEPT: usize = 20;
+
+/// Who a device is. Written at enrollment and by operators (tags,
+/// revocation); never by the device.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Identity {
+    pub tags: BTreeMap<String, String>,
+    pub arch: String,
+    pub agent_version: String,
+    /// sha256 of the device credential, hex. The credential itself is never stored.
+    pub credential_sha256: String,
+    pub enrolled_at: u64,
+    /// The enrollment token's name, for the audit trail.
+    #[serde(default)]
+    pub enrolled_with: Option<String>,
+    /// Set when an admin revoked the credential or decommissioned the
+    /// device: it can no longer call the API or log in to the broker.
+    #[serde(default)]
+    pub revoked_at: Option<u64>,
+}
+
+/// What the server wants a device to run (written by the rollout
+/// controller and operators).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Desired {
+    pub bundle: Option<BundleRef>,
+    pub rollout: Option<String>,
+    /// The desired bundle is an explicit rollback (abort) to one the device ran.
+    pub rollback: bool,
+    /// The rollout the device joined and what it ran before (for abort).
+    #[serde(default)]
+    pub joined: Option<Joined>,
+    /// Bundles desired earlier, downloadable until `until` (unix seconds):
+    /// a device that was mid-download when its desired state moved on may
+    /// still finish (or resume) for a grace period.
+    #[serde(default)]
+    pub recent: Vec<RecentBundle>,
+}
+
+/// A device's membership of a rollout.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Joined {
+    pub rollout: String,
+    /// What it ran before joining (`None`: nothing).
+    pub previous: Option<BundleRef>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecentBundle {
+    pub id: String,
+    pub until: u64,
+}
+
+/// What the device last reported over HTTP: the source of truth for what
+/// it runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Reported {
+    pub report: DeviceReport,
+    pub at: u64,
+}
+
+/// What the device last said over MQTT: its retained state (birth/death)
+/// and its last telemetry record.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Live {
+    pub online: Option<bool>,
+    pub state: Option<DeviceState>,
+    pub telemetry: Option<Telemetry>,
+    pub at: Option<u64>,
+}
+
+/// A device in the inventory, all parts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceRecord {
+    pub id: String,
+    pub identity: Identity,
+    pub desired: Desired,
+    pub reported: Option<Reported>,
+    pub live: Live,
+    pub events: VecDeque<DeviceEvent>,
+}
+
+impl DeviceRecord {
+    /// A device as enrollment creates it: known to the server, nothing
+    /// desired, reported or heard over MQTT yet.
+    pub fn enrolled(id: String, identity: Identity) -> DeviceRecord {
+        DeviceRecord {
+            id,
+            identity,
+            desired: Desired::default(),
+            reported: None,
+            live: Live::default(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// The last time the device was heard from, by any channel.
+    pub fn last_seen(&self) -> Option<u64> {
+        let r = self.reported.as_ref().map(|r| r.at);
+        match (r, self.live.at) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b).or(Some(self.identity.enrolled_at)),
+        }
+    }
+
+    pub fn report(&self) -> Option<&DeviceReport> {
+        self.reported.as_ref().map(|r| &r.report)
+    }
+
+    pub fn is_revoked(&self) -> bool {
+        self.identity.revoked_at.is_some()
+    }
+
+    /// Appends a lifecycle event once (replays after an outage may repeat
+    /// one), keeping the last [`EVENTS_KEPT`]. Returns whether it was new.
+    pub fn push_event(&mut self, e: DeviceEvent) -> bool {
+        if self.events.contains(&e) {
+            return false;
+        }
+        self.events.push_back(e);
+        while self.events.len() > EVENTS_KEPT {
+            self.events.pop_front();
+        }
+        true
+    }
+}
+
+/// One part of a device record.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Part {
+    Identity(Identity),
+    Desired(Desired),
+    Reported(Reported),
+    Live(Live),
+}
+
+impl Part {
+    /// Which part this is (batches keep the last write of each).
+    pub fn kind(&self) -> u8 {
+        match self {
+            Part::Identity(_) => 0,
+            Part::Desired(_) => 1,
+            Part::Reported(_) => 2,
+            Part::Live(_) => 3,
+        }
+    }
+}
+
+/// A per-batch enrollment token (`fleetctl token create`): an expiry, a
+/// number of uses and the tags every device enrolled with it gets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollmentToken {
+    pub name: String,
+    pub token_sha256: String,
+    pub tags: BTreeMap<String, String>,
+    /// Tag keys a device may set itself at enrollment (besides `tags`).
+    pub allowed_tags: Vec<String>,
+    pub expires_at: u64,
+    pub max_uses: u64,
+    pub uses: u64,
+    pub created_at: u64,
+    pub created_by: String,
+    pub revoked_at: Option<u64>,
+}
+
+/// One durable change. A batch of them is one transaction.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Write {
+    /// Insert a bundle and claim its `name@version`, atomically.
+    Bundle(BundleRecord),
+    Rollout(Box<Rollout>),
+    Audit(AuditEntry),
+    /// Insert a new device with all its parts.
+    NewDevice(Box<DeviceRecord>),
+    Device(String, Part),
+    DeviceEvent(String, DeviceEvent),
+    /// Delete a device and everything about it.
+    RemoveDevice(String),
+    EnrollmentToken(EnrollmentToken),
+}
+
+/// Everything the server holds in memory, read once at start.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub bundles: Vec<BundleRecord>,
+    pub devices: Vec<DeviceRecord>,
+    pub rollouts: Vec<Rollout>,
+    pub enrollment_tokens: Vec<EnrollmentToken>,
+}
+
+/// Storage the server needs. Implementations must make `commit` atomic
+/// and durable before it returns. Calls block: the server makes them from
+/// its writer thread or `spawn_blocking`.
+pub trait Store: Send + Sync + 'static {
+    /// Everything but the audit log.
+    fn load(&self) -> Result<Snapshot>;
+    /// One transaction: all of `batch` or nothing.
+    fn commit(&self, batch: &[Write]) -> Result<()>;
+    /// Audit entries oldest first, starting after `after` (an entry's
+    /// position), at most `limit`; with their positions.
+    fn audit(&self, after: Option<u64>, limit: usize) -> Result<Vec<(u64, AuditEntry)>>;
+    /// A short name for logs and /metrics (`sled`, `postgres`).
+    fn backend(&self) -> &'static str;
+}
