@@ -63,6 +63,9 @@ pub struct ServerSection {
     pub poll_interval_secs: u64,
     /// Random extra delay per poll, as a fraction of the interval. Default 0.2.
     pub poll_jitter: f64,
+    /// After an "update available" notice, poll within this many seconds
+    /// (uniformly at random), not all at once. Default 2.
+    pub notice_spread_secs: f64,
     /// Periodic report (health) interval. Default 30 s.
     pub report_interval_secs: u64,
     /// HTTP timeout for API calls (not downloads). Default 15 s.
@@ -79,6 +82,7 @@ impl Default for ServerSection {
             enrollment_token: None,
             poll_interval_secs: 60,
             poll_jitter: 0.2,
+            notice_spread_secs: 2.0,
             report_interval_secs: 30,
             timeout_secs: 15,
             ca_file: None,
@@ -368,6 +372,9 @@ impl AgentConfig {
         }
         if self.engine.workers == 0 || self.engine.queue == 0 {
             return bad("[engine] workers and queue must be at least 1".into());
+        }
+        if !(0.0..=60.0).contains(&self.server.notice_spread_secs) {
+            return bad("[server] notice_spread_secs must be within 0..=60".into());
         }
         if !(0.0..=1.0).contains(&self.server.poll_jitter) {
             return bad("[server] poll_jitter must be within 0..=1".into());

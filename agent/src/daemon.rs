@@ -424,7 +424,17 @@ async fn poll_loop(
         );
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
-            () = shared.poll_now.notified() => {}
+            () = shared.poll_now.notified() => {
+                // A notice reaches many devices at once: spread the polls
+                // so a rollout does not make the fleet check in together.
+                let spread = Duration::from_secs_f64(
+                    cfg.notice_spread_secs * edgefleet_wire::backoff::random_unit(),
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(spread) => {}
+                    () = stop.cancelled() => return,
+                }
+            }
             () = stop.cancelled() => return,
         }
     }

@@ -101,6 +101,8 @@ pub struct MqttConfig {
     /// Messages waiting for the store; beyond it the broker stops reading
     /// from devices (backpressure) instead of dropping. Default 16384.
     pub ingest_queue: usize,
+    /// "Update available" notices sent per second at most. Default 1000.
+    pub notices_per_sec: u32,
 }
 
 impl Default for MqttConfig {
@@ -114,6 +116,7 @@ impl Default for MqttConfig {
             password: None,
             share_group: None,
             ingest_queue: 16_384,
+            notices_per_sec: 1000,
         }
     }
 }

@@ -36,6 +36,9 @@ pub enum ControllerError {
     Write(#[from] WriteError),
 }
 
+/// Device writes per commit when a transition changes many devices.
+const COMMIT_CHUNK: usize = 500;
+
 /// How long a device may still download a bundle its desired state no
 /// longer names (it may be mid-transfer when a rollout is superseded).
 pub const DOWNLOAD_GRACE_SECS: u64 = 3600;
@@ -259,7 +262,19 @@ impl Controller {
             writes.push(Write::Device(e.device.clone(), Part::Desired(new.clone())));
             changed.push((e.device.clone(), new, rollout_id.clone()));
         }
-        self.writer.commit(writes).await?;
+        // In chunks: a stage of thousands of devices must not hold the
+        // writer (and every device report waiting on it) for one huge batch.
+        // The rollout records go last, after every device write.
+        let (rollout_writes, device_writes): (Vec<Write>, Vec<Write>) = writes
+            .into_iter()
+            .partition(|w| matches!(w, Write::Rollout(_)));
+        let mut device_writes = device_writes;
+        while !device_writes.is_empty() {
+            let rest = device_writes.split_off(device_writes.len().min(COMMIT_CHUNK));
+            self.writer.commit(device_writes).await?;
+            device_writes = rest;
+        }
+        self.writer.commit(rollout_writes).await?;
         // Durable: now devices may see it.
         {
             let mut map = self.rollouts.write().unwrap_or_else(|e| e.into_inner());

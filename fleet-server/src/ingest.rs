@@ -153,7 +153,7 @@ pub type Outcome = Result<(), Refusal>;
 
 struct Job {
     topic: String,
-    payload: Vec<u8>,
+    payload: bytes::Bytes,
     done: oneshot::Sender<Outcome>,
 }
 
@@ -180,7 +180,7 @@ impl Ingest {
 
     /// Queues a message (waiting for room: backpressure) and resolves once
     /// it is durable or refused. `Err(Store)` also when the server stops.
-    pub async fn submit(&self, topic: String, payload: Vec<u8>) -> Outcome {
+    pub async fn submit(&self, topic: String, payload: bytes::Bytes) -> Outcome {
         self.metrics.received.fetch_add(1, Relaxed);
         let (done, wait) = oneshot::channel();
         if self

@@ -45,6 +45,26 @@ fn trust_root(config: &ServerConfig) -> Result<TrustRoot> {
     })
 }
 
+/// Connections waiting to be accepted: a whole fleet reconnecting after
+/// an outage arrives at once.
+const BACKLOG: u32 = 4096;
+
+/// A listening socket with a deep accept backlog.
+fn listen(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(|e| Error::io(addr.to_string(), e))?;
+    sock.set_reuseaddr(true)
+        .map_err(|e| Error::io(addr.to_string(), e))?;
+    sock.bind(addr)
+        .map_err(|e| Error::io(addr.to_string(), e))?;
+    sock.listen(BACKLOG)
+        .map_err(|e| Error::io(addr.to_string(), e))
+}
+
 /// Opens the configured store.
 pub fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>> {
     std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::io(&config.data_dir, e))?;
@@ -146,9 +166,7 @@ pub async fn start(
             Ingest::start(fleet.clone(), writer.clone(), mc.ingest_queue, stop.clone());
         spawn("mqtt-ingest", Box::pin(ingest_worker));
         let m = if mc.embedded {
-            let listener = tokio::net::TcpListener::bind(mc.listen)
-                .await
-                .map_err(|e| Error::io(mc.listen.to_string(), e))?;
+            let listener = listen(mc.listen)?;
             let addr = listener
                 .local_addr()
                 .map_err(|e| Error::io("mqtt listener", e))?;
@@ -177,7 +195,12 @@ pub async fn start(
         let m = Arc::new(m);
         spawn(
             "mqtt-notices",
-            Box::pin(crate::mqtt::notice_loop(m.clone(), notice_rx, stop.clone())),
+            Box::pin(crate::mqtt::notice_loop(
+                m.clone(),
+                notice_rx,
+                mc.notices_per_sec,
+                stop.clone(),
+            )),
         );
         mqtt_url = Some(m.url.clone());
         mqtt = Some(m);
@@ -208,9 +231,7 @@ pub async fn start(
         metrics: Arc::new(crate::metrics::ServerMetrics::default()),
         mqtt,
     };
-    let listener = tokio::net::TcpListener::bind(config.http.listen)
-        .await
-        .map_err(|e| Error::io(config.http.listen.to_string(), e))?;
+    let listener = listen(config.http.listen)?;
     let addr = listener
         .local_addr()
         .map_err(|e| Error::io("listener", e))?;

@@ -5,6 +5,7 @@
 //! # Layout
 //! - [`common`]: paths, ports, keys, mosquitto.
 //! - [`bins`]: the `fleet-server`, `fleetctl` and `edge-agent` binaries of this build.
+
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod bins;

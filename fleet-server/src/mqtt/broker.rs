@@ -455,11 +455,7 @@ impl Broker {
     /// topic, then routed. `Err` when it must not be acknowledged.
     async fn incoming(&self, p: &Publish) -> Result<(), Refusal> {
         self.metrics.publishes_in.fetch_add(1, Relaxed);
-        match self
-            .ingest
-            .submit(p.topic.clone(), p.payload.to_vec())
-            .await
-        {
+        match self.ingest.submit(p.topic.clone(), p.payload.clone()).await {
             Ok(()) => {}
             // Stored nothing, but the message is bad: acknowledge (counted)
             // so a poison message cannot block the device's outbox.

@@ -127,7 +127,7 @@ async fn run(
                 let (c, ingest) = (client.clone(), ingest.clone());
                 // Off the event loop: store, then acknowledge.
                 tokio::spawn(async move {
-                    let outcome = ingest.submit(p.topic.clone(), p.payload.to_vec()).await;
+                    let outcome = ingest.submit(p.topic.clone(), p.payload.clone()).await;
                     if outcome != Err(Refusal::Store) {
                         // Stored, or refused for good (counted): ack either way.
                         let _ = c.ack(&p).await;

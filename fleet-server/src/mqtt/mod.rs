@@ -216,17 +216,31 @@ impl Mqtt {
     }
 }
 
-/// Publishes a notice for every device id that arrives, until `shutdown`.
+/// Publishes a notice for every device id that arrives, at most `per_sec`
+/// a second (a stage of 5,000 devices must not make 5,000 devices check in
+/// within the same millisecond; devices poll on their own anyway), until
+/// `shutdown`.
 pub async fn notice_loop(
     mqtt: Arc<Mqtt>,
     mut rx: mpsc::Receiver<String>,
+    per_sec: u32,
     shutdown: CancellationToken,
 ) -> crate::error::Result<()> {
+    let gap = std::time::Duration::from_secs_f64(1.0 / f64::from(per_sec.max(1)));
+    let mut next = tokio::time::Instant::now();
     loop {
         let device = tokio::select! {
             d = rx.recv() => match d { Some(d) => d, None => return Ok(()) },
             () = shutdown.cancelled() => return Ok(()),
         };
+        let now = tokio::time::Instant::now();
+        if next > now {
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {}
+                () = shutdown.cancelled() => return Ok(()),
+            }
+        }
+        next = next.max(now) + gap;
         mqtt.notify(&device);
     }
 }
