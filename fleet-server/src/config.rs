@@ -103,6 +103,22 @@ pub struct MqttConfig {
     pub ingest_queue: usize,
     /// "Update available" notices sent per second at most. Default 1000.
     pub notices_per_sec: u32,
+    /// With an external mosquitto: the password file the server keeps.
+    pub mosquitto: Option<MosquittoConfig>,
+}
+
+/// `[mqtt.mosquitto]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MosquittoConfig {
+    /// The password file mosquitto reads (`password_file`); the server
+    /// rewrites it whole.
+    pub password_file: PathBuf,
+    /// Lines kept as they are (dashboards' logins), if set.
+    pub static_password_file: Option<PathBuf>,
+    /// Run after each rewrite to make mosquitto reload it, e.g.
+    /// `["systemctl", "reload", "mosquitto"]`.
+    pub reload_command: Vec<String>,
 }
 
 impl Default for MqttConfig {
@@ -117,6 +133,7 @@ impl Default for MqttConfig {
             share_group: None,
             ingest_queue: 16_384,
             notices_per_sec: 1000,
+            mosquitto: None,
         }
     }
 }

@@ -190,7 +190,22 @@ pub async fn start(
                 stop.clone(),
             )?;
             spawn("mqtt-client", Box::pin(run));
-            Mqtt::external(mc.url.clone().unwrap_or_default(), ingest, client)
+            let sync = match &mc.mosquitto {
+                Some(mq) => {
+                    let sync = crate::mqtt::mosquitto::Sync::new(
+                        mq.clone(),
+                        mc.username.as_deref().unwrap_or("fleet-server"),
+                        mc.password.as_deref().unwrap_or_default(),
+                    )?;
+                    spawn(
+                        "mosquitto-passwords",
+                        Box::pin(sync.clone().run(fleet.clone(), stop.clone())),
+                    );
+                    Some(sync)
+                }
+                None => None,
+            };
+            Mqtt::external(mc.url.clone().unwrap_or_default(), ingest, client, sync)
         };
         let m = Arc::new(m);
         spawn(

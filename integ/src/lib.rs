@@ -5,8 +5,10 @@
 //! # Layout
 //! - [`common`]: paths, ports, keys, mosquitto.
 //! - [`bins`]: the `fleet-server`, `fleetctl` and `edge-agent` binaries of this build.
+//! - [`bundles`]: bundles of the real models, packed by `fleetctl`'s packer.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod bins;
+pub mod bundles;
 pub mod common;

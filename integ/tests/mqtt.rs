@@ -91,7 +91,7 @@ impl Broker {
             format!(
                 r#"data_dir = "{data}"
 [http]
-listen = "127.0.0.1:0"
+listen = "127.0.0.1:{http}"
 [trust]
 keys = ["{key}"]
 [auth]
@@ -104,13 +104,27 @@ token = "{OPERATOR}"
 listen = "127.0.0.1:{port}"
 "#,
                 data = dir.join("server-data").display(),
-                key = key.display()
+                key = key.display(),
+                http = free_port(),
             ),
         )
         .unwrap();
         Broker::Embedded {
             config,
             child: None,
+        }
+    }
+
+    /// The fleet server's URL (embedded broker only).
+    fn http_url(&self) -> Option<String> {
+        match self {
+            Broker::Embedded { config, .. } => {
+                let text = std::fs::read_to_string(config).unwrap();
+                text.lines()
+                    .find_map(|l| l.strip_prefix("listen = \"127.0.0.1:"))
+                    .map(|p| format!("http://127.0.0.1:{}", p.trim_end_matches('"')))
+            }
+            Broker::Mosquitto { .. } => None,
         }
     }
 
@@ -418,8 +432,21 @@ async fn outage(mut broker: Broker, dir: &Path, cap: u64, device: &str) {
     let (seen, sub_stop) = subscribe(port, &format!("sub-{device}"));
     let link = Link::start(port).await;
     let mut cfg = agent_config(dir, device, link.port);
-    cfg.mqtt.username = Some("ops".into());
-    cfg.mqtt.password = Some(OPERATOR.into());
+    match broker.http_url() {
+        // The embedded broker takes devices only as themselves: enroll,
+        // and log in with the device's own credential.
+        Some(url) => {
+            cfg.server.url = Some(url);
+            cfg.server.enrollment_token = Some(ENROLL.into());
+            cfg.server.poll_interval_secs = 1;
+            cfg.server.report_interval_secs = 1;
+        }
+        // mosquitto here runs without authentication.
+        None => {
+            cfg.mqtt.username = Some("ops".into());
+            cfg.mqtt.password = Some(OPERATOR.into());
+        }
+    }
     cfg.mqtt.outbox_max_bytes = cap;
     let agent = Agent::start(cfg).await;
     agent.install(cls_bundle(1), "1.1.0").await;
@@ -690,7 +717,12 @@ async fn the_server_ingests_telemetry_and_its_notice_triggers_an_immediate_poll(
         .await
         .unwrap();
     assert!(metrics.contains("fleet_devices_online 1"), "{metrics}");
-    assert!(metrics.contains("fleet_device_latency_p95_ms{device=\"pi-7\"}"));
+    // Aggregated by model, never one series per device.
+    assert!(
+        metrics.contains("fleet_model_latency_p95_seconds{model=\"cls\",version=\"1.1.0\"}"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("pi-7"), "no per-device series: {metrics}");
     load_stop.cancel();
     assert_eq!(load.await.unwrap(), 0);
 

@@ -103,6 +103,10 @@ pub async fn enroll(
             enrolled_at: at,
             enrolled_with: Some(grant.token_name.clone()),
             revoked_at: None,
+            broker_password: match s.mqtt.as_ref().and_then(|m| m.mosquitto.as_ref()) {
+                Some(_) => Some(crate::mqtt::mosquitto::hash(&credential)?),
+                None => None,
+            },
         },
     );
     // Claimed in memory first: two boards enrolling under one id cannot
@@ -121,6 +125,9 @@ pub async fn enroll(
     if let Err(e) = s.commit(writes).await {
         s.fleet.remove(&req.device_id);
         return Err(refuse(e));
+    }
+    if let Some(sync) = s.mqtt.as_ref().and_then(|m| m.mosquitto.as_ref()) {
+        sync.changed();
     }
     tracing::info!(device = %req.device_id, token = %grant.token_name, "device enrolled");
     Ok((

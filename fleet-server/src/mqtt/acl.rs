@@ -157,6 +157,7 @@ mod tests {
                     enrolled_at: 1,
                     enrolled_with: None,
                     revoked_at: None,
+                    broker_password: None,
                 },
             ));
         }

@@ -12,6 +12,7 @@
 pub mod acl;
 pub mod broker;
 pub mod external;
+pub mod mosquitto;
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -47,6 +48,8 @@ pub struct Mqtt {
     link: Link,
     pub notices: AtomicU64,
     pub notices_failed: AtomicU64,
+    /// Set when the server keeps an external mosquitto's password file.
+    pub mosquitto: Option<Arc<mosquitto::Sync>>,
 }
 
 impl Mqtt {
@@ -57,24 +60,35 @@ impl Mqtt {
             link: Link::Embedded(b),
             notices: AtomicU64::new(0),
             notices_failed: AtomicU64::new(0),
+            mosquitto: None,
         }
     }
 
-    pub fn external(url: String, ingest: Ingest, c: external::Client) -> Mqtt {
+    pub fn external(
+        url: String,
+        ingest: Ingest,
+        c: external::Client,
+        mosquitto: Option<Arc<mosquitto::Sync>>,
+    ) -> Mqtt {
         Mqtt {
             url,
             ingest,
             link: Link::External(c),
             notices: AtomicU64::new(0),
             notices_failed: AtomicU64::new(0),
+            mosquitto,
         }
     }
 
     /// Closes a device's connection (revoked or decommissioned). With an
-    /// external broker the device is refused at its next login.
+    /// external broker the device is refused at its next login (for
+    /// mosquitto: dropped from the password file at once).
     pub fn disconnect(&self, device: &str) {
         if let Link::Embedded(b) = &self.link {
             b.kick(device);
+        }
+        if let Some(m) = &self.mosquitto {
+            m.changed();
         }
     }
 

@@ -47,6 +47,11 @@ pub struct Identity {
     /// device: it can no longer call the API or log in to the broker.
     #[serde(default)]
     pub revoked_at: Option<u64>,
+    /// The credential's hash in an external broker's password format
+    /// (mosquitto's salted PBKDF2-SHA512), when the server keeps that
+    /// broker's password file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker_password: Option<String>,
 }
 
 /// What the server wants a device to run (written by the rollout

@@ -175,6 +175,7 @@ impl SledStore {
                     enrolled_at: old.enrolled_at,
                     enrolled_with: None,
                     revoked_at: None,
+                    broker_password: None,
                 },
             );
             rec.desired = Desired {
@@ -408,6 +409,7 @@ mod tests {
             enrolled_at: 1,
             enrolled_with: None,
             revoked_at: None,
+            broker_password: None,
         }
     }
 
