@@ -12,12 +12,27 @@ cargo fmt --all -- --check
 stage "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+stage "cargo deny (advisories, bans, licenses, sources)"
+scripts/deny.sh
+
 stage "cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # Every test binary runs even after a failure; the exit code reports it.
 test_failed=0
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || test_failed=1
+
+# The fleet simulator's small run: 500 devices on the real protocol, a
+# rollout to all of them, a telemetry burst; zero loss (scripts/fleet-scale.sh
+# is the full-size run, by hand).
+sim_failed=0
+stage "scripts/fleet-sim-check.sh (500 simulated devices)"
+if EDGEFLEET_BIN_DIR="${CARGO_TARGET_DIR:-$PWD/target}/debug" scripts/fleet-sim-check.sh 2>&1 | tee -a "$log"; then
+  echo "test result: ok. 1 passed; 0 failed; (fleet-sim 500 devices)" >> "$log"
+else
+  echo "test result: FAILED. 0 passed; 1 failed; (fleet-sim 500 devices)" >> "$log"
+  sim_failed=1
+fi
 
 # The ARM agent under QEMU, end to end (one size-optimized release build per
 # target; EDGEFLEET_SKIP_QEMU=1 skips it on machines without the cross tools).
@@ -46,4 +61,4 @@ stage "done"
 # One closing line over every test binary (cargo prints one per binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
-[ "$test_failed" = 0 ] && [ "$qemu_failed" = 0 ]
+[ "$test_failed" = 0 ] && [ "$qemu_failed" = 0 ] && [ "$sim_failed" = 0 ]

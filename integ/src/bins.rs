@@ -1,5 +1,6 @@
-//! The workspace's binaries (`fleet-server`, `fleetctl`, `edge-agent`) as
-//! `cargo test` builds them, for tests that start them as processes.
+//! The workspace's binaries (`fleet-server`, `fleetctl`, `edge-agent`,
+//! `fleet-sim`) as `cargo test` builds them (each crate has an integration
+//! test, so cargo builds its binary), for tests that start them as processes.
 //!
 //! They must come from the test build itself: a plain `cargo build -p …`
 //! resolves features without dev-dependencies, and that different feature
@@ -27,7 +28,7 @@ pub fn bin_dir() -> PathBuf {
     }
     let st = cmd.status().expect("run cargo test --no-run");
     assert!(st.success(), "building the workspace's test targets failed");
-    for b in ["fleet-server", "fleetctl", "edge-agent"] {
+    for b in ["fleet-server", "fleetctl", "edge-agent", "fleet-sim"] {
         assert!(dir.join(b).exists(), "{} missing", dir.join(b).display());
     }
     dir

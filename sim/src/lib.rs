@@ -240,6 +240,12 @@ pub async fn run(plan: Plan) -> Result<Results, String> {
         }
     }
     results.enrolled = devices.len();
+    if devices.is_empty() && plan.devices > 0 {
+        return Err(format!(
+            "no device could enroll at {} (enrolled 0 devices)",
+            plan.server
+        ));
+    }
     eprintln!(
         "sim: enrolled {} devices in {:.1} s",
         devices.len(),
