@@ -1,6 +1,7 @@
 //! The update driver against a store that fails its writes (a full disk, a
 //! broken sled): no effect of a step may run before that step's record is
 //! durable, and everything resumes once the store writes again.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};

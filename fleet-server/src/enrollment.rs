@@ -93,7 +93,7 @@ impl Enrollment {
             }
             Ok(())
         };
-        if self.fleet_wide.iter().any(|h| *h == hash) {
+        if self.fleet_wide.contains(&hash) {
             check_tags(&self.fleet_wide_tags)?;
             return Ok(Grant {
                 token_name: "fleet-wide".into(),

@@ -1,6 +1,7 @@
 //! The `fleet-server` binary's contract with its supervisor: a bad config
 //! is a usage error (exit 2) naming the file and the key, before anything
 //! starts.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
 
@@ -27,5 +28,8 @@ fn a_missing_or_invalid_config_exits_2_naming_the_problem() {
     std::fs::write(&bad, "[http]\nlisten = \"127.0.0.1:0\"\nlisten_twice = 1\n").expect("write");
     let (code, err) = run(&["--config", bad.to_str().expect("utf-8")]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("unknown field") && err.contains("listen_twice"), "{err}");
+    assert!(
+        err.contains("unknown field") && err.contains("listen_twice"),
+        "{err}"
+    );
 }

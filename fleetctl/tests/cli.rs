@@ -1,5 +1,6 @@
 //! fleetctl's exit codes and error lines, which scripts rely on: 0 ok,
 //! 1 an error, 2 a usage error.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
 
@@ -28,8 +29,16 @@ fn usage_errors_exit_2_and_failures_exit_1() {
     assert!(err.contains("FLEETCTL_SERVER"), "{err}");
     // A bad duration is a usage error too.
     let (code, _, err) = fleetctl(&[
-        "rollout", "create", "--bundle", "x", "--stages", "10:5x", "--server", "http://127.0.0.1:9",
-        "--token", "t",
+        "rollout",
+        "create",
+        "--bundle",
+        "x",
+        "--stages",
+        "10:5x",
+        "--server",
+        "http://127.0.0.1:9",
+        "--token",
+        "t",
     ]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("bad duration"), "{err}");
@@ -38,7 +47,10 @@ fn usage_errors_exit_2_and_failures_exit_1() {
     let f = dir.path().join("junk.bundle");
     std::fs::write(&f, b"not a bundle at all, just text").expect("write");
     let key = dir.path().join("k");
-    assert_eq!(fleetctl(&["keygen", "--out", key.to_str().expect("utf-8")]).0, 0);
+    assert_eq!(
+        fleetctl(&["keygen", "--out", key.to_str().expect("utf-8")]).0,
+        0
+    );
     let (code, _, err) = fleetctl(&[
         "bundle",
         "verify",
@@ -49,7 +61,14 @@ fn usage_errors_exit_2_and_failures_exit_1() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("bad magic") || err.contains("magic"), "{err}");
     // An unreachable server: an error (1), naming it.
-    let (code, _, err) = fleetctl(&["bundle", "list", "--server", "http://127.0.0.1:9", "--token", "t"]);
+    let (code, _, err) = fleetctl(&[
+        "bundle",
+        "list",
+        "--server",
+        "http://127.0.0.1:9",
+        "--token",
+        "t",
+    ]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("127.0.0.1:9"), "{err}");
 }

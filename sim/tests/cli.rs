@@ -1,5 +1,6 @@
 //! `fleet-sim` refuses to start without what it needs (exit 2, clap's
 //! usage error) and fails clearly when the server is not there.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
 

@@ -199,6 +199,9 @@ pub struct EnrollmentToken {
 }
 
 /// One durable change. A batch of them is one transaction.
+// Device parts dominate the write path (telemetry, check-ins) and live only
+// until their batch commits; boxing them would add an allocation per write.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Write {
     /// Insert a bundle and claim its `name@version`, atomically.
