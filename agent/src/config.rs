@@ -243,6 +243,10 @@ pub struct UpdateSection {
     /// Free space kept beyond a download's size; with less the update
     /// waits as `blocked` (`insufficient_space`). Default 8 MiB.
     pub free_space_margin_bytes: u64,
+    /// A file of this size beside the store, given up when the disk fills
+    /// so the agent can still open its store, start and write its update
+    /// record; taken back once space returns. 0: none. Default 2 MiB.
+    pub store_reserve_bytes: u64,
 }
 
 impl Default for UpdateSection {
@@ -263,6 +267,7 @@ impl Default for UpdateSection {
             download_idle_timeout_secs: 60,
             download_min_bytes_per_sec: 8192,
             free_space_margin_bytes: 8 * 1024 * 1024,
+            store_reserve_bytes: 2 * 1024 * 1024,
         }
     }
 }

@@ -26,7 +26,7 @@ use crate::engine::{Engine, EngineConfig};
 use crate::error::AgentError;
 use crate::floor::FloorFile;
 use crate::metrics::Metrics;
-use crate::store::{SledStore, Store, write_atomic};
+use crate::store::{SledStore, Store, StoreOptions, write_atomic};
 use crate::update::Record;
 use crate::updater::{Ctx, Notice, RECORD_KEY, Slots, Status, Updater, load_installed, target_of};
 
@@ -94,7 +94,12 @@ pub async fn start(
             crate::tls::client_config(&files)?;
         }
     }
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(&cfg.data_dir.join("store"))?);
+    let store: Arc<dyn Store> = Arc::new(SledStore::open_with(
+        &cfg.data_dir.join("store"),
+        StoreOptions {
+            reserve_bytes: cfg.update.store_reserve_bytes,
+        },
+    )?);
     let slots = Slots::new(&cfg.data_dir)?;
     let floor = FloorFile::new(&cfg.data_dir);
     // An unreadable floor must not be guessed lower: refuse to start.

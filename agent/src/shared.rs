@@ -53,7 +53,21 @@ impl Shared {
                 p95_latency_ms: m.stats.p95_ms(),
             })
             .unwrap_or_default();
+        let status = self.status.borrow();
+        let store = self.store.health();
+        let degraded = store
+            .condition
+            .or_else(|| status.store_error.clone())
+            .or_else(|| {
+                store.reserve_released.then(|| {
+                    "insufficient_space: the disk is (nearly) full; the store has given up its space reserve"
+                        .to_string()
+                })
+            });
+        drop(status);
         DeviceReport {
+            retries: rec.phase.retries(),
+            degraded,
             active: rec.active.clone(),
             staged: rec.phase.target().map(|t| t.bundle.clone()),
             last_failed: rec.last_failed.clone(),

@@ -53,6 +53,7 @@ pub fn metrics_text(
     Arc::new(move || {
         use std::fmt::Write as _;
         let (depth, bytes) = store.outbox_depth();
+        let health = store.health();
         let mut out = String::new();
         if let Some(m) = engine.active()
             && let Some(d) = &m.drift
@@ -93,6 +94,36 @@ pub fn metrics_text(
                 "MQTT payload bytes sent since start.",
                 "counter",
                 counters.bytes_sent.load(Relaxed),
+            ),
+            (
+                "edge_agent_store_no_space_errors_total",
+                "Store writes refused because the disk (or quota) was full.",
+                "counter",
+                health.no_space_errors,
+            ),
+            (
+                "edge_agent_store_io_errors_total",
+                "Store writes that failed with another I/O error.",
+                "counter",
+                health.io_errors,
+            ),
+            (
+                "edge_agent_store_reopens_total",
+                "Times the store was reopened after an error.",
+                "counter",
+                health.reopens,
+            ),
+            (
+                "edge_agent_store_degraded",
+                "1 while store writes fail (see the device report's `degraded`).",
+                "gauge",
+                u64::from(health.condition.is_some()),
+            ),
+            (
+                "edge_agent_store_reserve_released",
+                "1 while the store's space reserve is given up to a full disk.",
+                "gauge",
+                u64::from(health.reserve_released),
             ),
             (
                 "edge_agent_mqtt_connects_total",
@@ -183,7 +214,11 @@ fn enqueue_event(shared: &Shared, counters: &Counters, topics: &Topics, ev: &Dev
                 .fetch_add(o.dropped_telemetry, Relaxed);
             counters.dropped_events.fetch_add(o.dropped_events, Relaxed);
         }
-        Err(e) => tracing::error!(error = %e, "cannot queue an event"),
+        Err(e) => {
+            // The store counts and logs it (rate-limited).
+            tracing::debug!(error = %e, "cannot queue an event");
+            shared.store.recover(&e);
+        }
     }
 }
 
@@ -497,7 +532,10 @@ pub async fn run(
                                 .dropped_events
                                 .fetch_add(o.dropped_events, Relaxed);
                         }
-                        Err(e) => tracing::error!(error = %e, "cannot queue telemetry"),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "cannot queue telemetry");
+                            feed_shared.store.recover(&e);
+                        }
                     }
                 }
             }
@@ -585,6 +623,7 @@ async fn publish_loop(
     let mut status = shared.status.clone();
     let mut state_sent_epoch = 0u64;
     let mut state_step = u64::MAX;
+    let mut acked = 0u64;
     loop {
         // Wait for a connection.
         tokio::select! {
@@ -606,10 +645,12 @@ async fn publish_loop(
             }
             continue;
         }
-        // Then the outbox, oldest first, one at a time.
+        // Then the outbox, oldest first, one at a time. `acked` skips
+        // records the broker has but the store could not delete (a full
+        // disk): they are not sent again until a restart.
         let next = shared
             .store
-            .outbox_after(0, 1)
+            .outbox_after(acked, 1)
             .ok()
             .and_then(|v| v.into_iter().next());
         if let Some(rec) = next {
@@ -626,8 +667,11 @@ async fn publish_loop(
             {
                 counters.bytes_sent.fetch_add(n, Relaxed);
                 counters.published.fetch_add(1, Relaxed);
+                acked = rec.seq;
                 if let Err(e) = shared.store.outbox_remove(rec.seq) {
-                    tracing::error!(error = %e, "cannot remove an acknowledged record");
+                    // The store counts and logs it (rate-limited).
+                    tracing::debug!(error = %e, "cannot remove an acknowledged record");
+                    shared.store.recover(&e);
                 }
             }
             continue;

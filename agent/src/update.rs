@@ -131,6 +131,15 @@ impl Phase {
         }
     }
 
+    /// Failed transfer attempts of the download in progress since it last
+    /// made progress (0 outside a download).
+    pub fn retries(&self) -> u32 {
+        match self {
+            Phase::Downloading { retries, .. } => *retries,
+            _ => 0,
+        }
+    }
+
     fn resting(&self) -> bool {
         self.target().is_none()
     }

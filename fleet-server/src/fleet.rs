@@ -238,6 +238,8 @@ pub fn view(d: &DeviceRecord) -> DeviceView {
         last_failed: report.and_then(|r| r.last_failed.clone()),
         state: report.map(|r| r.state),
         reason: report.and_then(|r| r.reason.clone()),
+        retries: report.map_or(0, |r| r.retries),
+        degraded: report.and_then(|r| r.degraded.clone()),
         health: report.map(|r| r.health.clone()),
         last_known_good: report.and_then(|r| r.last_known_good.clone()),
         shadow: report.and_then(|r| r.shadow.clone()),

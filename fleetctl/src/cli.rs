@@ -598,15 +598,14 @@ fn device_row(d: &DeviceView) -> Vec<String> {
         Some(false) => "no",
         None => "-",
     };
-    vec![
-        d.id.clone(),
-        tags,
-        active,
-        d.state.map_or("-", |s| s.as_str()).to_string(),
-        p95,
-        online.into(),
-        seen,
-    ]
+    let mut state = d.state.map_or("-", |s| s.as_str()).to_string();
+    if d.retries > 0 {
+        state.push_str(&format!(" (retry {})", d.retries));
+    }
+    if d.degraded.is_some() {
+        state.push_str(" [degraded]");
+    }
+    vec![d.id.clone(), tags, active, state, p95, online.into(), seen]
 }
 
 /// A number as the tables print it: whole numbers bare, others to 0.1.

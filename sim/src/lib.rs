@@ -767,6 +767,8 @@ async fn device_main(
                 last_known_good: None,
                 shadow: None,
                 agent_version: Some("0.1.0".into()),
+                retries: 0,
+                degraded: None,
             };
             let t = Instant::now();
             match http

@@ -90,6 +90,14 @@ pub mod v1 {
         pub last_failed: Option<BundleRef>,
         pub state: Option<UpdateState>,
         pub reason: Option<String>,
+        /// Failed transfer attempts for the current target since its
+        /// download last made progress.
+        #[serde(default)]
+        pub retries: u32,
+        /// Set while the device runs degraded but serving (a full disk:
+        /// `insufficient_space: …`).
+        #[serde(default)]
+        pub degraded: Option<String>,
         pub health: Option<Health>,
         pub last_known_good: Option<BundleRef>,
         pub shadow: Option<ShadowAgreement>,

@@ -170,6 +170,18 @@ pub struct DeviceReport {
     /// Agent version, so the inventory follows agent upgrades.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
+    /// Failed transfer attempts for the current target since it last made
+    /// progress (cut connections, corrupted or truncated bytes).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retries: u32,
+    /// Set while the device runs degraded but serving:
+    /// `insufficient_space: …` (its disk is full) or `store_io_error: …`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[cfg(test)]
@@ -193,6 +205,8 @@ mod tests {
             last_known_good: None,
             shadow: None,
             agent_version: None,
+            retries: 0,
+            degraded: None,
         };
         let s = serde_json::to_string(&r).unwrap();
         assert!(s.contains("\"rolled_back\""), "{s}");
