@@ -94,13 +94,25 @@ pub async fn start(
             crate::tls::client_config(&files)?;
         }
     }
-    let store: Arc<dyn Store> = Arc::new(SledStore::open_with(
-        &cfg.data_dir.join("store"),
-        StoreOptions {
-            reserve_bytes: cfg.update.store_reserve_bytes,
-        },
-    )?);
     let slots = Slots::new(&cfg.data_dir)?;
+    let open_store = || {
+        SledStore::open_with(
+            &cfg.data_dir.join("store"),
+            StoreOptions {
+                reserve_bytes: cfg.update.store_reserve_bytes,
+            },
+        )
+    };
+    // A full disk is never a reason not to serve: past the store's own
+    // reserve, partial downloads make room (they are fetched again).
+    let store = match open_store() {
+        Err(AgentError::NoSpace(e)) if slots.discard_partials() > 0 => {
+            tracing::warn!(error = %e, "disk full at start; retrying with partial downloads discarded");
+            open_store()?
+        }
+        r => r?,
+    };
+    let store: Arc<dyn Store> = Arc::new(store);
     let floor = FloorFile::new(&cfg.data_dir);
     // An unreadable floor must not be guessed lower: refuse to start.
     floor.load()?;

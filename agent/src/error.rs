@@ -34,6 +34,9 @@ pub enum AgentError {
     Config(String),
     #[error("local store: {0}")]
     Store(String),
+    /// The data directory's filesystem (or quota) is full.
+    #[error("no space left: {0}")]
+    NoSpace(String),
     /// The fleet server answered with an error.
     #[error("{url}: HTTP {status} {code}: {message}")]
     Server {
@@ -71,6 +74,7 @@ impl AgentError {
             AgentError::Listen { .. } => "listen",
             AgentError::Config(_) => "config",
             AgentError::Store(_) => "store",
+            AgentError::NoSpace(_) => "insufficient_space",
             AgentError::Server { .. } => "server_error",
             AgentError::Http { .. } => "unreachable",
             AgentError::Refused(_) => "refused",

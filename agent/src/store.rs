@@ -295,7 +295,10 @@ impl SledStore {
             }
             attempt = open_db(dir);
         }
-        let (db, depth) = attempt.map_err(|(_, e)| AgentError::Store(e))?;
+        let (db, depth) = attempt.map_err(|(f, e)| match f {
+            Failure::NoSpace => AgentError::NoSpace(e),
+            Failure::Io | Failure::Corrupt => AgentError::Store(e),
+        })?;
         if let Ok(mut d) = store.db.write() {
             *d = Some(db);
         }

@@ -6,9 +6,14 @@
 //! - [`common`]: paths, ports, keys, mosquitto.
 //! - [`bins`]: the `fleet-server`, `fleetctl` and `edge-agent` binaries of this build.
 //! - [`bundles`]: bundles of the real models, packed by `fleetctl`'s packer.
+//! - [`agent`]: `edge-agent run` as a child process.
+//! - [`proxy`]: a fault-injecting HTTP proxy (flip, truncate, cut, replay,
+//!   stall, 500s) between an agent and its server.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod agent;
 pub mod bins;
 pub mod bundles;
 pub mod common;
+pub mod proxy;

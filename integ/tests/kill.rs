@@ -12,9 +12,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::io::{BufRead as _, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use edgefleet_wire::keys::{encode_public_key, signing_key_from_seed};
@@ -31,12 +28,7 @@ use integ::common;
 const OPERATOR: &str = "operator-token";
 const ENROLL: &str = "enroll-me";
 
-use integ::bins;
-
-/// The `edge-agent` binary of this test build.
-fn agent_binary() -> PathBuf {
-    bins::bin_dir().join("edge-agent")
-}
+use integ::agent::{AgentProc, floor_sequence};
 
 fn cls_bundle(minor: u64) -> Vec<u8> {
     let golden = |k: &str| {
@@ -79,54 +71,12 @@ impl Rng {
     }
 }
 
-struct AgentProc {
-    child: Child,
-    url: String,
-}
-
-fn spawn_agent(bin: &Path, config: &Path, log: &Path) -> AgentProc {
-    let stderr = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    let mut child = Command::new(bin)
-        .args(["run", "--config"])
-        .arg(config)
-        .env("EDGE_AGENT_LOG", "edge_agent=info")
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
-    AgentProc { child, url }
-}
-
-fn floor_sequence(data: &Path) -> u64 {
-    match std::fs::read(data.join("floor.json")) {
-        Ok(b) => {
-            let v: Value = serde_json::from_slice(&b).expect("the floor file is always whole");
-            v["models"]["cls"]["sequence"].as_u64().unwrap_or(0)
-        }
-        Err(_) => 0,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn survives_kill_9_at_random_points_of_updates() {
     let iterations: u64 = std::env::var("KILL_ITERATIONS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50);
-    let bin = agent_binary();
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("release.pub");
     std::fs::write(
@@ -197,7 +147,7 @@ download_bytes_per_sec = 1000000
 
     let mut pushed: BTreeMap<String, String> = BTreeMap::new(); // version -> id
     let mut rng = Rng(0x5eed_1234_abcd_0042);
-    let mut agent = spawn_agent(&bin, &config, &log);
+    let mut agent = AgentProc::spawn(&config, &log);
     let mut floor = 0u64;
     let mut killed_in: BTreeMap<String, u64> = BTreeMap::new();
     // The phase each iteration aims its kill at (then a random delay).
@@ -210,6 +160,7 @@ download_bytes_per_sec = 1000000
     ];
 
     for i in 1..=iterations {
+        let t_iter = Instant::now();
         let version = format!("1.{i}.0");
         let bytes = cls_bundle(i);
         let r = http
@@ -255,14 +206,14 @@ download_bytes_per_sec = 1000000
         *killed_in.entry(seen.clone()).or_default() += 1;
 
         // The floor is whole and never went backwards.
-        let now_floor = floor_sequence(&data);
+        let now_floor = floor_sequence(&data, "cls");
         assert!(
             now_floor >= floor,
             "floor went back from {floor} to {now_floor}"
         );
         floor = now_floor;
 
-        agent = spawn_agent(&bin, &config, &log);
+        agent = AgentProc::spawn(&config, &log);
         // It serves a whole, self-tested model from the pushed set.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -325,12 +276,17 @@ download_bytes_per_sec = 1000000
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        let now_floor = floor_sequence(&data);
+        let now_floor = floor_sequence(&data, "cls");
         assert!(
             now_floor >= floor,
             "floor went back from {floor} to {now_floor}"
         );
         floor = now_floor;
+        eprintln!(
+            "iteration {i}: killed while {seen}, {} in {:.1} s",
+            status["state"],
+            t_iter.elapsed().as_secs_f64()
+        );
         if status["state"] != "committed" {
             eprintln!(
                 "iteration {i}: recorded {}: {}",

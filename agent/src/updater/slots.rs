@@ -51,6 +51,32 @@ impl Slots {
         Ok(freed)
     }
 
+    /// Deletes partial downloads (they are fetched again), logging each:
+    /// the room of last resort on a full disk. Returns the bytes freed.
+    pub fn discard_partials(&self) -> u64 {
+        let mut freed = 0;
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        for entry in rd.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if !name.ends_with(".part") {
+                continue;
+            }
+            let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    tracing::warn!(file = %name, bytes = size, "disk full: discarded a partial download");
+                    freed += size;
+                }
+                Err(e) => {
+                    tracing::warn!(file = %name, error = %e, "cannot discard a partial download")
+                }
+            }
+        }
+        freed
+    }
+
     /// Bytes available to this process on the filesystem of the slots.
     pub fn free_bytes(&self) -> Result<u64, AgentError> {
         free_bytes(&self.dir)
