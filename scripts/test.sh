@@ -15,6 +15,13 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 stage "cargo deny (advisories, bans, licenses, sources)"
 scripts/deny.sh
 
+stage "fleet-server links no tract (cargo tree)"
+if cargo tree --locked -p fleet-server -e normal,build --prefix none | grep -q '^tract'; then
+  echo "fleet-server depends on tract:" >&2
+  cargo tree --locked -p fleet-server -e normal,build -i tract-core >&2 || true
+  exit 1
+fi
+
 stage "cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

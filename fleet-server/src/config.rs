@@ -193,6 +193,8 @@ pub struct ServerConfig {
     pub rollouts: RolloutsConfig,
     /// MQTT (embedded broker by default when the section is present).
     pub mqtt: Option<MqttConfig>,
+    /// Rate limits (failed auth per address, traffic per device/token).
+    pub limits: crate::limits::LimitsConfig,
 }
 
 impl Default for ServerConfig {
@@ -205,6 +207,7 @@ impl Default for ServerConfig {
             rollout_tick_ms: 5000,
             rollouts: RolloutsConfig::default(),
             mqtt: None,
+            limits: crate::limits::LimitsConfig::default(),
         }
     }
 }

@@ -32,6 +32,7 @@ pub mod fleet;
 pub mod http;
 pub mod http_error;
 pub mod ingest;
+pub mod limits;
 pub mod metrics;
 pub mod mqtt;
 pub mod openapi;

@@ -73,6 +73,7 @@ pub fn render(s: &AppState) -> String {
         option_env!("EDGEFLEET_GIT_COMMIT").unwrap_or("unknown"),
         std::env::consts::ARCH
     );
+    s.limits.render(&mut out);
     // Devices, aggregated (bounded by states × boards × models).
     let mut by_state: BTreeMap<String, u64> = BTreeMap::new();
     let mut by_model: BTreeMap<(String, String), u64> = BTreeMap::new();

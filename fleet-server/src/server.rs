@@ -159,6 +159,8 @@ pub async fn start(
         edgefleet_wire::time::unix_now(),
     ));
 
+    config.limits.validate().map_err(Error::Usage)?;
+    let limits = Arc::new(crate::limits::Limits::new(&config.limits));
     let mut mqtt = None;
     let mut mqtt_url = None;
     if let Some(mc) = &config.mqtt {
@@ -175,6 +177,7 @@ pub async fn start(
                 tokens.clone(),
                 ingest.clone(),
                 mc.max_connections,
+                limits.clone(),
             );
             spawn(
                 "mqtt-broker",
@@ -244,6 +247,7 @@ pub async fn start(
             config.http.download_concurrency.max(1),
         )),
         metrics: Arc::new(crate::metrics::ServerMetrics::default()),
+        limits,
         mqtt,
     };
     let listener = listen(config.http.listen)?;

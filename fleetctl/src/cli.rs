@@ -17,7 +17,8 @@ use edgefleet_wire::verify::{Expiry, TrustRoot, open_bundle};
 use serde_json::json;
 
 use edgefleet_wire::api::v1::{
-    CreateRollout, DeviceView, Gates, RolloutAction, RolloutView, Stage,
+    CreateEnrollmentToken, CreateRollout, DeviceView, EnrollmentTokenView, Gates, RolloutAction,
+    RolloutView, Stage,
 };
 use edgefleet_wire::time::unix_now as now_unix;
 
@@ -62,6 +63,39 @@ pub enum Command {
     /// Staged rollouts.
     #[command(subcommand)]
     Rollout(RolloutCommand),
+    /// Per-batch enrollment tokens (admin): expiry, use count, fixed tags.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token; the secret is printed once, on stdout.
+    Create {
+        /// 1-64 of [A-Za-z0-9._-].
+        name: String,
+        /// How long it is valid, e.g. 7d, 12h, 30m.
+        #[arg(long, default_value = "7d")]
+        expires_in: String,
+        /// Devices that may enroll with it.
+        #[arg(long, default_value_t = 1)]
+        max_uses: u64,
+        /// Tag every device enrolled with it gets (k=v, repeatable).
+        #[arg(long = "tag", value_name = "K=V")]
+        tags: Vec<String>,
+        /// Tag keys devices may set themselves (repeatable). Default: board.
+        #[arg(long = "allow-tag", value_name = "KEY")]
+        allowed_tags: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tokens (never their secrets).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token: no device enrolls with it any more.
+    Revoke { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -232,7 +266,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bundle(BundleCommand::Push { file, json }) => {
             let rec = client()?.push_bundle(&file)?;
             print_or(json, &rec, || {
-                println!("pushed {} {} as {}", rec.name, rec.version, rec.id);
+                println!(
+                    "pushed {} {} as {}",
+                    clean(&rec.name),
+                    clean(&rec.version),
+                    clean(&rec.id)
+                );
             });
             Ok(())
         }
@@ -283,6 +322,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Rollout(cmd) => rollout_cmd(&client()?, cmd),
+        Command::Token(cmd) => token_cmd(&client()?, cmd),
         Command::Keygen { out, force } => keygen(&out, force),
         Command::Bundle(BundleCommand::Pack(args)) => pack_cmd(*args),
         Command::Bundle(BundleCommand::Verify {
@@ -626,8 +666,26 @@ fn print_or<T: serde::Serialize>(as_json: bool, v: &T, human: impl FnOnce()) {
 }
 
 /// Prints rows as aligned columns.
+/// `s` with control characters (C0, DEL, C1: terminal escape sequences
+/// among them) shown as `\u{1b}` escapes: what devices and servers send
+/// never reaches the operator's terminal raw.
+pub fn clean(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 fn table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) {
-    let rows: Vec<Vec<String>> = rows.collect();
+    let rows: Vec<Vec<String>> = rows.map(|r| r.iter().map(|c| clean(c)).collect()).collect();
     let widths: Vec<usize> = headers
         .iter()
         .enumerate()
@@ -693,9 +751,9 @@ pub fn parse_stages(spec: &str) -> Result<Vec<Stage>> {
 fn print_rollout(r: &RolloutView) {
     println!(
         "rollout {}  bundle {} {}  {}",
-        r.id,
-        r.bundle.name,
-        r.bundle.version,
+        clean(&r.id),
+        clean(&r.bundle.name),
+        clean(&r.bundle.version),
         r.phase.name().to_uppercase()
     );
     let current = r.phase.stage();
@@ -735,18 +793,93 @@ fn print_rollout(r: &RolloutView) {
         println!(
             "  {} {}: {} (gate {}, threshold {}, observed {}{})",
             rfc3339(d.at),
-            d.action,
-            d.message,
-            d.gate,
+            clean(&d.action.to_string()),
+            clean(&d.message),
+            clean(&d.gate.to_string()),
             num(d.threshold),
             num(d.observed),
             if d.devices.is_empty() {
                 String::new()
             } else {
-                format!(", devices {}", d.devices.join(" "))
+                format!(", devices {}", clean(&d.devices.join(" ")))
             }
         );
     }
+}
+
+fn token_row(t: &EnrollmentTokenView) -> Vec<String> {
+    let tags = t
+        .tags
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    vec![
+        t.name.clone(),
+        format!("{}/{}", t.uses, t.max_uses),
+        rfc3339(t.expires_at),
+        if tags.is_empty() { "-".into() } else { tags },
+        t.allowed_tags.join(","),
+        t.revoked_at.map_or_else(|| "-".into(), rfc3339),
+        t.created_by.clone(),
+    ]
+}
+
+const TOKEN_HEADERS: [&str; 7] = [
+    "NAME",
+    "USES",
+    "EXPIRES",
+    "TAGS",
+    "DEVICE TAGS",
+    "REVOKED",
+    "CREATED BY",
+];
+
+fn token_cmd(c: &Client, cmd: TokenCommand) -> Result<()> {
+    match cmd {
+        TokenCommand::Create {
+            name,
+            expires_in,
+            max_uses,
+            tags,
+            allowed_tags,
+            json,
+        } => {
+            let expires_in_secs = crate::duration::parse_duration(&expires_in)?;
+            let req = CreateEnrollmentToken {
+                name,
+                expires_in_secs,
+                max_uses,
+                tags: tags.iter().map(|kv| parse_kv(kv)).collect::<Result<_>>()?,
+                allowed_tags: if allowed_tags.is_empty() {
+                    vec!["board".into()]
+                } else {
+                    allowed_tags
+                },
+            };
+            let t = c.create_enrollment_token(&req)?;
+            print_or(json, &t, || {
+                println!("{}", t.token);
+                eprintln!(
+                    "token {} for {} device(s), valid until {}; shown only now",
+                    clean(&t.view.name),
+                    t.view.max_uses,
+                    rfc3339(t.view.expires_at)
+                );
+            });
+        }
+        TokenCommand::List { json } => {
+            let list = c.list_enrollment_tokens()?;
+            print_or(json, &list, || {
+                table(&TOKEN_HEADERS, list.iter().map(token_row))
+            });
+        }
+        TokenCommand::Revoke { name } => {
+            let t = c.revoke_enrollment_token(&name)?;
+            println!("revoked {}", clean(&t.name));
+        }
+    }
+    Ok(())
 }
 
 fn rollout_cmd(c: &Client, cmd: RolloutCommand) -> Result<()> {
@@ -788,4 +921,16 @@ fn rollout_cmd(c: &Client, cmd: RolloutCommand) -> Result<()> {
     };
     print_or(as_json, &r, || print_rollout(&r));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clean;
+
+    #[test]
+    fn control_characters_are_escaped_and_text_kept() {
+        assert_eq!(clean("rpi4 ✓"), "rpi4 ✓");
+        assert_eq!(clean("\u{1b}[2Jx"), "\\u{1b}[2Jx");
+        assert_eq!(clean("a\u{7}b\u{9b}c\u{7f}"), "a\\u{7}b\\u{9b}c\\u{7f}");
+    }
 }

@@ -5,7 +5,8 @@
 use std::io::Read;
 
 use edgefleet_wire::api::v1::{
-    AuditEntry, BundleView, CreateRollout, DeviceView, ErrorBody, RolloutAction, RolloutView,
+    AuditEntry, BundleView, CreateEnrollmentToken, CreateRollout, CreatedEnrollmentToken,
+    DeviceView, EnrollmentTokenView, ErrorBody, RolloutAction, RolloutView,
 };
 use serde::de::DeserializeOwned;
 
@@ -78,18 +79,34 @@ impl Client {
     }
 
     fn send<T: DeserializeOwned>(&self, req: reqwest::blocking::RequestBuilder) -> Result<T> {
+        self.send_paged(req).map(|(v, _)| v)
+    }
+
+    /// [`Client::send`], with the path of the next page when the response
+    /// has a `Link: <…>; rel="next"` header.
+    fn send_paged<T: DeserializeOwned>(
+        &self,
+        req: reqwest::blocking::RequestBuilder,
+    ) -> Result<(T, Option<String>)> {
         let resp = req
             .bearer_auth(&self.token)
             .send()
             .map_err(|e| Error::Remote(format!("{}: {e}", self.base)))?;
         let status = resp.status();
+        let next = resp
+            .headers()
+            .get(reqwest::header::LINK)
+            .and_then(|v| v.to_str().ok())
+            .and_then(next_link);
         let bytes = resp
             .bytes()
             .map_err(|e| Error::Remote(format!("{}: {e}", self.base)))?;
         if status.is_success() {
-            return serde_json::from_slice(&bytes).map_err(|e| {
-                Error::Remote(format!("{}: unexpected response body: {e}", self.base))
-            });
+            return serde_json::from_slice(&bytes)
+                .map(|v| (v, next))
+                .map_err(|e| {
+                    Error::Remote(format!("{}: unexpected response body: {e}", self.base))
+                });
         }
         let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
             Ok(b) => (b.error.code, b.error.message),
@@ -148,7 +165,18 @@ impl Client {
         if let Some(v) = &f.version {
             query.push(format!("version={}", urlencode(v)));
         }
-        self.get(&format!("/api/v1/devices?{}", query.join("&")))
+        // Every page, following the server's `Link: rel="next"`.
+        let mut path = format!("/api/v1/devices?{}", query.join("&"));
+        let mut all = Vec::new();
+        loop {
+            let (page, next): (Vec<DeviceView>, _) =
+                self.send_paged(self.http.get(format!("{}{path}", self.base)))?;
+            all.extend(page);
+            match next {
+                Some(n) => path = n,
+                None => return Ok(all),
+            }
+        }
     }
 
     pub fn get_device(&self, id: &str) -> Result<DeviceView> {
@@ -175,6 +203,29 @@ impl Client {
         self.get(&format!("/api/v1/rollouts/{}", urlencode(id)))
     }
 
+    pub fn create_enrollment_token(
+        &self,
+        req: &CreateEnrollmentToken,
+    ) -> Result<CreatedEnrollmentToken> {
+        self.send(
+            self.http
+                .post(format!("{}/api/v1/enrollment-tokens", self.base))
+                .json(req),
+        )
+    }
+
+    pub fn list_enrollment_tokens(&self) -> Result<Vec<EnrollmentTokenView>> {
+        self.get("/api/v1/enrollment-tokens")
+    }
+
+    pub fn revoke_enrollment_token(&self, name: &str) -> Result<EnrollmentTokenView> {
+        self.send(self.http.delete(format!(
+            "{}/api/v1/enrollment-tokens/{}",
+            self.base,
+            urlencode(name)
+        )))
+    }
+
     pub fn rollout_action(&self, id: &str, action: RolloutAction) -> Result<RolloutView> {
         self.send(self.http.post(format!(
             "{}/api/v1/rollouts/{}/{}",
@@ -182,5 +233,39 @@ impl Client {
             urlencode(id),
             action.as_str()
         )))
+    }
+}
+
+/// The target of `rel="next"` in a `Link` header, when it is a path on
+/// the same server.
+fn next_link(header: &str) -> Option<String> {
+    header.split(',').find_map(|part| {
+        let (target, params) = part.split_once(';')?;
+        let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
+        params
+            .split(';')
+            .any(|p| p.trim() == "rel=\"next\"" || p.trim() == "rel=next")
+            .then(|| target.to_string())
+            .filter(|t| t.starts_with('/'))
+    })
+}
+
+#[cfg(test)]
+mod link_tests {
+    use super::next_link;
+
+    #[test]
+    fn finds_the_next_page_and_nothing_else() {
+        assert_eq!(
+            next_link("</api/v1/devices?tag=a%3Db&cursor=d-9>; rel=\"next\"").as_deref(),
+            Some("/api/v1/devices?tag=a%3Db&cursor=d-9")
+        );
+        assert_eq!(
+            next_link("</x?p=1>; rel=\"prev\", </x?p=3>; rel=\"next\"").as_deref(),
+            Some("/x?p=3")
+        );
+        assert_eq!(next_link("</x>; rel=\"prev\""), None);
+        // Another host is not followed with our token.
+        assert_eq!(next_link("<https://evil.example/x>; rel=\"next\""), None);
     }
 }

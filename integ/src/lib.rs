@@ -6,6 +6,8 @@
 //! - [`common`]: paths, ports, keys, mosquitto.
 //! - [`bins`]: the `fleet-server`, `fleetctl` and `edge-agent` binaries of this build.
 //! - [`bundles`]: bundles of the real models, packed by `fleetctl`'s packer.
+//! - [`fleet`]: [`fleet::TestFleet`], a real fleet server in the test
+//!   process, and the operator calls the tests make.
 //! - [`agent`]: `edge-agent run` as a child process.
 //! - [`proxy`]: a fault-injecting HTTP proxy (flip, truncate, cut, replay,
 //!   stall, 500s) between an agent and its server.
@@ -16,4 +18,5 @@ pub mod agent;
 pub mod bins;
 pub mod bundles;
 pub mod common;
+pub mod fleet;
 pub mod proxy;

@@ -14,14 +14,11 @@ use std::time::{Duration, Instant};
 use fleet_server::config::{MosquittoConfig, MqttConfig, Role, ServerConfig, TokenConfig};
 use fleet_sim::mqtt::Conn;
 use integ::bundles::{Model, Pack};
-use integ::common::{free_port, mosquitto_bin, repo, write_key};
+use integ::common::{free_port, mosquitto_bin, repo};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-const OPERATOR: &str = "operator-token";
-const VIEWER: &str = "viewer-token";
-const ADMIN: &str = "admin-token";
-const ENROLL: &str = "enroll-me";
+use integ::fleet::{ADMIN, ENROLL, OPERATOR, TestFleet, VIEWER};
 const SERVER_PASSWORD: &str = "server-secret";
 const DASH_PASSWORD: &str = "dash-secret";
 
@@ -66,35 +63,9 @@ impl Drop for Mosquitto {
     }
 }
 
+/// The shared test configuration (integ::fleet), its files in `dir`.
 fn base_config(dir: &Path) -> ServerConfig {
-    let mut cfg = ServerConfig {
-        data_dir: dir.join("server"),
-        ..ServerConfig::default()
-    };
-    cfg.http.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.trust.keys = vec![write_key(dir)];
-    cfg.auth.enrollment_tokens = vec![ENROLL.into()];
-    cfg.auth.tokens = vec![
-        TokenConfig {
-            name: "ops".into(),
-            role: Role::Operator,
-            token: Some(OPERATOR.into()),
-            token_sha256: None,
-        },
-        TokenConfig {
-            name: "dash".into(),
-            role: Role::Viewer,
-            token: Some(VIEWER.into()),
-            token_sha256: None,
-        },
-        TokenConfig {
-            name: "admin".into(),
-            role: Role::Admin,
-            token: Some(ADMIN.into()),
-            token_sha256: None,
-        },
-    ];
-    cfg
+    TestFleet::config(dir)
 }
 
 async fn start(
@@ -509,4 +480,115 @@ async fn mosquitto_with_the_published_config_isolates_devices_too() {
         assert!(Instant::now() < deadline, "a revoked device still logs in");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// EMQX/VerneMQ ask the server over HTTP (docs/brokers.md): the same
+/// answers as the embedded broker, and only a `broker` token may ask.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_auth_and_acl_hooks_give_external_brokers_the_same_answers() {
+    const BROKER: &str = "broker-token";
+    let fleet = TestFleet::start_with(|cfg, _| {
+        cfg.auth.tokens.push(TokenConfig {
+            name: "emqx".into(),
+            role: Role::Broker,
+            token: Some(BROKER.into()),
+            token_sha256: None,
+        });
+    })
+    .await;
+    let enroll = |id: &str| {
+        json!({"enrollment_token": ENROLL, "device_id": id, "tags": {"board": "rpi4"},
+               "arch": "aarch64", "agent_version": "0.1.0"})
+    };
+    let mut creds = Vec::new();
+    for id in ["dev-a", "dev-b"] {
+        let r = fleet
+            .req(reqwest::Method::POST, "/api/v1/devices/enroll", None)
+            .json(&enroll(id))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "enroll {id}: {}", r.status());
+        let v: Value = r.json().await.unwrap();
+        creds.push(v["credential"].as_str().unwrap().to_string());
+    }
+    let ask = |path: &'static str, token: &'static str, body: Value| {
+        let req = fleet
+            .req(reqwest::Method::POST, path, Some(token))
+            .json(&body);
+        async move {
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            let v: Value = r.json().await.unwrap_or(Value::Null);
+            (status, v["result"].as_str().unwrap_or("").to_string())
+        }
+    };
+    let auth = |clientid: &str, username: &str, password: &str| json!({"clientid": clientid, "username": username, "password": password});
+    let acl = |clientid: &str, topic: &str, action: &str| json!({"clientid": clientid, "username": clientid, "topic": topic, "action": action});
+    let a = "/api/v1/mqtt/auth";
+    let c = "/api/v1/mqtt/acl";
+    // Logins: a device with its own credential; not with another's, not
+    // under another's client id; a dashboard with a viewer token.
+    assert_eq!(
+        ask(a, BROKER, auth("dev-a", "dev-a", &creds[0])).await,
+        (200, "allow".into())
+    );
+    assert_eq!(
+        ask(a, BROKER, auth("dev-a", "dev-a", &creds[1])).await,
+        (200, "deny".into())
+    );
+    assert_eq!(
+        ask(a, BROKER, auth("dev-b", "dev-a", &creds[0])).await,
+        (200, "deny".into())
+    );
+    assert_eq!(
+        ask(a, BROKER, auth("grafana", "grafana", VIEWER)).await,
+        (200, "allow".into())
+    );
+    assert_eq!(
+        ask(a, BROKER, auth("grafana", "grafana", "wrong")).await,
+        (200, "deny".into())
+    );
+    // Topics: own telemetry yes, another's no; own commands yes, the
+    // fleet no.
+    let t = |id: &str, kind: &str| format!("edgefleet/v1/{id}/{kind}");
+    assert_eq!(
+        ask(c, BROKER, acl("dev-a", &t("dev-a", "telemetry"), "publish")).await,
+        (200, "allow".into())
+    );
+    assert_eq!(
+        ask(c, BROKER, acl("dev-a", &t("dev-b", "telemetry"), "publish")).await,
+        (200, "deny".into())
+    );
+    assert_eq!(
+        ask(c, BROKER, acl("dev-a", &t("dev-a", "cmd"), "subscribe")).await,
+        (200, "allow".into())
+    );
+    assert_eq!(
+        ask(c, BROKER, acl("dev-a", "edgefleet/v1/#", "subscribe")).await,
+        (200, "deny".into())
+    );
+    assert_eq!(
+        ask(c, BROKER, acl("dev-a", &t("dev-b", "cmd"), "subscribe")).await,
+        (200, "deny".into())
+    );
+    // A dashboard reads and never publishes.
+    assert_eq!(
+        ask(c, BROKER, acl("grafana", "edgefleet/v1/#", "subscribe")).await,
+        (200, "allow".into())
+    );
+    assert_eq!(
+        ask(
+            c,
+            BROKER,
+            acl("grafana", &t("dev-a", "telemetry"), "publish")
+        )
+        .await,
+        (200, "deny".into())
+    );
+    // Only the broker's token may ask; an operator token may not.
+    let (status, _) = ask(a, OPERATOR, auth("dev-a", "dev-a", &creds[0])).await;
+    assert_eq!(status, 403);
+    let (status, _) = ask(c, ADMIN, acl("dev-a", &t("dev-a", "telemetry"), "publish")).await;
+    assert_eq!(status, 403);
 }

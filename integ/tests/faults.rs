@@ -12,99 +12,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use edgefleet_wire::npz::{NpzLimits, from_npz_bytes};
-use fleet_server::config::{Role, ServerConfig, TokenConfig};
 use integ::agent::{AgentProc, floor_sequence};
 use integ::bundles::{Model, Pack};
 use integ::common::{repo, write_key};
+use integ::fleet::{ENROLL, TestFleet};
 use integ::proxy::{Fault, FaultProxy};
-use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
-
-const OPERATOR: &str = "operator-token";
-const ENROLL: &str = "enroll-me";
-
-struct Fleet {
-    addr: std::net::SocketAddr,
-    url: String,
-    http: reqwest::Client,
-    stop: CancellationToken,
-}
-
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-impl Fleet {
-    async fn start(dir: &Path, key: &Path) -> Fleet {
-        let mut cfg = ServerConfig {
-            data_dir: dir.join("server"),
-            ..ServerConfig::default()
-        };
-        cfg.http.listen = "127.0.0.1:0".parse().unwrap();
-        cfg.trust.keys = vec![key.to_path_buf()];
-        cfg.auth.tokens = vec![TokenConfig {
-            name: "ops".into(),
-            role: Role::Admin,
-            token: Some(OPERATOR.into()),
-            token_sha256: None,
-        }];
-        cfg.auth.enrollment_tokens = vec![ENROLL.into()];
-        cfg.rollout_tick_ms = 100;
-        let stop = CancellationToken::new();
-        let (addr, serve) = fleet_server::server::bind(&cfg, stop.clone())
-            .await
-            .unwrap();
-        tokio::spawn(serve);
-        Fleet {
-            addr,
-            url: format!("http://{addr}"),
-            http: edge_agent::tls::default_client(),
-            stop,
-        }
-    }
-
-    /// Pushes a bundle; its id.
-    async fn push(&self, bytes: Vec<u8>) -> String {
-        let r = self
-            .http
-            .post(format!("{}/api/v1/bundles", self.url))
-            .bearer_auth(OPERATOR)
-            .body(bytes)
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "push: {}", r.status());
-        let v: Value = r.json().await.unwrap();
-        v["id"].as_str().unwrap().to_string()
-    }
-
-    async fn roll_out(&self, id: &str) {
-        let r = self
-            .http
-            .post(format!("{}/api/v1/rollouts", self.url))
-            .bearer_auth(OPERATOR)
-            .json(&json!({"bundle": id, "selector": {"board": "test"},
-                          "stages": [{"percent": 100, "bake_minutes": 0}]}))
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "rollout: {}", r.status());
-    }
-
-    async fn device(&self, id: &str) -> Value {
-        self.http
-            .get(format!("{}/api/v1/devices/{id}", self.url))
-            .bearer_auth(OPERATOR)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-}
+use serde_json::Value;
 
 fn agent_config(dir: &Path, data: &Path, server: &str, key: &Path, device: &str) -> PathBuf {
     let config = dir.join(format!("{device}.toml"));
@@ -208,7 +121,7 @@ async fn serves_golden(http: &reqwest::Client, agent: &AgentProc) -> String {
 async fn download_faults_are_retried_until_the_transport_is_honest() {
     let dir = tempfile::tempdir().unwrap();
     let key = write_key(dir.path());
-    let fleet = Fleet::start(dir.path(), &key).await;
+    let fleet = TestFleet::start().await;
     let proxy = FaultProxy::start(fleet.addr).await;
     let data = dir.path().join("agent");
     let config = agent_config(dir.path(), &data, &proxy.url(), &key, "flaky-1");
@@ -218,7 +131,7 @@ async fn download_faults_are_retried_until_the_transport_is_honest() {
 
     let v1 = Pack::new(Model::Cls, 1).bytes();
     let id1 = fleet.push(v1.clone()).await;
-    fleet.roll_out(&id1).await;
+    fleet.roll_out(&id1, "test").await;
     until_committed(&http, &agent, &id1, "v1 over an honest link").await;
 
     proxy.set_replay(v1);
@@ -237,7 +150,7 @@ async fn download_faults_are_retried_until_the_transport_is_honest() {
         let id = fleet.push(bytes).await;
         let before = (proxy.tampered(), proxy.download_bytes());
         proxy.set(fault);
-        fleet.roll_out(&id).await;
+        fleet.roll_out(&id, "test").await;
 
         // The faulty link is retried, and the server sees it.
         let want_tampered = if fault == Fault::Cut { 5 } else { 3 };
@@ -368,21 +281,21 @@ async fn a_full_disk_mid_rollout_is_survived_and_converges_once_space_returns() 
         return;
     };
     let key = write_key(dir.path());
-    let fleet = Fleet::start(dir.path(), &key).await;
+    let fleet = TestFleet::start().await;
     let config = agent_config(dir.path(), &data, &fleet.url, &key, "full-1");
     let log = dir.path().join("agent.log");
     let mut agent = AgentProc::spawn(&config, &log);
     let http = edge_agent::tls::default_client();
 
     let id1 = fleet.push(Pack::new(Model::Cls, 1).bytes()).await;
-    fleet.roll_out(&id1).await;
+    fleet.roll_out(&id1, "test").await;
     until_committed(&http, &agent, &id1, "v1").await;
     assert_eq!(floor_sequence(&data, "cls"), 10);
 
     // The disk fills; v2 is rolled out.
     let filler = fs.fill();
     let id2 = fleet.push(Pack::new(Model::Cls, 2).bytes()).await;
-    fleet.roll_out(&id2).await;
+    fleet.roll_out(&id2, "test").await;
     let blocked = |d: &Value| {
         d["state"] == "blocked"
             && d["reason"]

@@ -482,3 +482,163 @@ fn every_tamper_case_exits_nonzero_with_its_reason() {
     std::thread::sleep(std::time::Duration::from_millis(2100));
     refused(&verify(&short_lived, &trust_a, None), "expired");
 }
+
+/// `fleetctl devices list` follows the server's pages (`Link: rel="next"`,
+/// 500 devices a page by default) and lists the whole fleet, filters kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_list_pages_through_the_whole_fleet() {
+    use integ::fleet::{ENROLL, TestFleet, VIEWER};
+    let fleet = TestFleet::start().await;
+    let n = 1_203;
+    // Enrolled 100 at a time (each waits for its store commit).
+    for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
+        let mut set = tokio::task::JoinSet::new();
+        for &i in chunk {
+            let board = if i % 3 == 0 { "rpi4" } else { "jetson" };
+            let req = fleet
+                .req(reqwest::Method::POST, "/api/v1/devices/enroll", None)
+                .json(&serde_json::json!({"enrollment_token": ENROLL, "device_id": format!("dev-{i:05}"),
+                       "tags": {"board": board}, "arch": "aarch64", "agent_version": "0.1.0"}));
+            set.spawn(async move {
+                let r = req.send().await.unwrap();
+                assert!(r.status().is_success(), "enroll {i}: {}", r.status());
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            r.unwrap();
+        }
+    }
+    let list = |args: Vec<String>| {
+        let url = fleet.url.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut a = vec![
+                "devices", "list", "--json", "--server", &url, "--token", VIEWER,
+            ];
+            a.extend(args.iter().map(String::as_str));
+            let o = ok(fleetctl(&a));
+            let v: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+            v.into_iter()
+                .map(|d| d["id"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        })
+    };
+    let all = list(vec![]).await.unwrap();
+    assert_eq!(all.len(), n, "every device, across three pages");
+    let mut sorted = all.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), n, "no device twice");
+    let rpi = list(vec!["--tag".into(), "board=rpi4".into()])
+        .await
+        .unwrap();
+    assert_eq!(rpi.len(), n.div_ceil(3));
+
+    // A device whose tag carries terminal escape sequences: the server
+    // refuses it, or fleetctl's table shows them escaped, never raw.
+    let evil = "\u{1b}]0;pwned\u{7}\u{1b}[2J";
+    let r = fleet
+        .req(reqwest::Method::POST, "/api/v1/devices/enroll", None)
+        .json(&serde_json::json!({"enrollment_token": ENROLL, "device_id": "evil-1",
+               "tags": {"board": "rpi4", "note": evil}, "arch": "aarch64", "agent_version": "0.1.0"}))
+        .send()
+        .await
+        .unwrap();
+    if r.status().is_success() {
+        let url = fleet.url.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            ok(fleetctl(&[
+                "devices",
+                "list",
+                "--server",
+                &url,
+                "--token",
+                VIEWER,
+                "--tag",
+                "board=rpi4",
+            ]))
+        })
+        .await
+        .unwrap();
+        let text = stdout(&out);
+        assert!(text.contains("evil-1"), "{text}");
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{7}'),
+            "raw control characters: {text:?}"
+        );
+        assert!(text.contains("\\u{1b}]0;pwned"), "{text}");
+    } else {
+        assert!(r.status().is_client_error(), "{}", r.status());
+    }
+}
+
+/// `fleetctl token create|list|revoke` against a real server: the secret
+/// is printed once, it enrolls devices with its fixed tags up to its use
+/// count, and a revoked token enrolls nobody; only an admin may manage them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_create_list_revoke() {
+    use integ::fleet::{ADMIN, OPERATOR, TestFleet};
+    let fleet = TestFleet::start().await;
+    let url = fleet.url.clone();
+    let run = |args: Vec<&'static str>, token: &'static str| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut a: Vec<&str> = args;
+            a.extend(["--server", url.as_str(), "--token", token]);
+            fleetctl(&a)
+        })
+    };
+    let o = run(
+        vec![
+            "token",
+            "create",
+            "batch-7",
+            "--expires-in",
+            "2h",
+            "--max-uses",
+            "2",
+            "--tag",
+            "site=lyon",
+        ],
+        ADMIN,
+    )
+    .await
+    .unwrap();
+    let o = ok(o);
+    let secret = stdout(&o).trim().to_string();
+    assert!(secret.len() >= 32, "{secret:?}");
+    assert!(stderr(&o).contains("shown only now"), "{}", stderr(&o));
+    let enroll = |id: &str, token: &str| {
+        fleet
+            .req(reqwest::Method::POST, "/api/v1/devices/enroll", None)
+            .json(
+                &serde_json::json!({"enrollment_token": token, "device_id": id,
+                   "tags": {"board": "rpi4"}, "arch": "aarch64", "agent_version": "0.1.0"}),
+            )
+            .send()
+    };
+    assert!(enroll("b7-1", &secret).await.unwrap().status().is_success());
+    let d = fleet.device("b7-1").await;
+    assert_eq!(d["tags"]["site"], "lyon", "{d}");
+    let o = ok(run(vec!["token", "list", "--json"], ADMIN).await.unwrap());
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    let t = list.iter().find(|t| t["name"] == "batch-7").unwrap();
+    assert_eq!(
+        (t["uses"].as_u64(), t["max_uses"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert!(
+        !stdout(&o).contains(&secret),
+        "the list never shows the secret"
+    );
+    ok(run(vec!["token", "revoke", "batch-7"], ADMIN)
+        .await
+        .unwrap());
+    let r = enroll("b7-2", &secret).await.unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::UNAUTHORIZED);
+    // An operator may not create tokens.
+    let o = run(vec!["token", "create", "sneaky"], OPERATOR)
+        .await
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("403"), "{}", stderr(&o));
+}

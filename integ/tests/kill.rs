@@ -14,50 +14,14 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use edgefleet_wire::keys::{encode_public_key, signing_key_from_seed};
-use edgefleet_wire::manifest::{NonFiniteInputs, TargetArch};
 use edgefleet_wire::npz::{NpzLimits, from_npz_bytes};
-use fleet_server::config::{Role, ServerConfig, TokenConfig};
-use fleetctl::pack::{PackRequest, pack};
-use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
+use serde_json::Value;
 
 use common::repo;
-use integ::common;
-
-const OPERATOR: &str = "operator-token";
-const ENROLL: &str = "enroll-me";
-
 use integ::agent::{AgentProc, floor_sequence};
-
-fn cls_bundle(minor: u64) -> Vec<u8> {
-    let golden = |k: &str| {
-        (0..2)
-            .map(|i| repo(&format!("models/cls/golden/{k}_{i}.npz")))
-            .collect::<Vec<_>>()
-    };
-    let req = PackRequest {
-        model: repo("models/cls/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
-        name: "cls".parse().unwrap(),
-        version: semver::Version::new(1, minor, 0),
-        sequence: minor,
-        golden_inputs: golden("in"),
-        golden_outputs: golden("out"),
-        tolerance: 1e-4,
-        keys: vec![signing_key_from_seed([1; 32])],
-        now: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs(),
-        expires_in: 86_400,
-        nnef: false,
-        targets: TargetArch::ALL.to_vec(),
-        min_agent_version: semver::Version::new(0, 1, 0),
-        non_finite_inputs: NonFiniteInputs::Reject,
-        baseline: None,
-    };
-    pack(&req).unwrap().bundle
-}
+use integ::bundles::{Model, Pack};
+use integ::common;
+use integ::fleet::{ENROLL, TestFleet};
 
 /// Tiny deterministic PRNG (no dependency): kill delays.
 struct Rng(u64);
@@ -78,33 +42,10 @@ async fn survives_kill_9_at_random_points_of_updates() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(50);
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("release.pub");
-    std::fs::write(
-        &key,
-        encode_public_key(&signing_key_from_seed([1; 32]).verifying_key()),
-    )
-    .unwrap();
+    let key = common::write_key(dir.path());
 
-    let mut cfg = ServerConfig {
-        data_dir: dir.path().join("server"),
-        ..ServerConfig::default()
-    };
-    cfg.http.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.trust.keys = vec![key.clone()];
-    cfg.auth.tokens = vec![TokenConfig {
-        name: "ops".into(),
-        role: Role::Admin,
-        token: Some(OPERATOR.into()),
-        token_sha256: None,
-    }];
-    cfg.auth.enrollment_tokens = vec![ENROLL.into()];
-    cfg.rollout_tick_ms = 100;
-    let stop = CancellationToken::new();
-    let (addr, serve) = fleet_server::server::bind(&cfg, stop.clone())
-        .await
-        .unwrap();
-    tokio::spawn(serve);
-    let server = format!("http://{addr}");
+    let fleet = TestFleet::start().await;
+    let server = fleet.url.clone();
     let http = edge_agent::tls::default_client();
 
     let data = dir.path().join("agent");
@@ -162,26 +103,10 @@ download_bytes_per_sec = 1000000
     for i in 1..=iterations {
         let t_iter = Instant::now();
         let version = format!("1.{i}.0");
-        let bytes = cls_bundle(i);
-        let r = http
-            .post(format!("{server}/api/v1/bundles"))
-            .bearer_auth(OPERATOR)
-            .body(bytes)
-            .send()
-            .await
-            .unwrap();
-        let v: Value = r.json().await.unwrap();
-        let id = v["id"].as_str().unwrap().to_string();
+        let bytes = Pack::new(Model::Cls, i).bytes();
+        let id = fleet.push(bytes).await;
         pushed.insert(version.clone(), id.clone());
-        let r = http
-            .post(format!("{server}/api/v1/rollouts"))
-            .bearer_auth(OPERATOR)
-            .json(&json!({"bundle": id, "selector": {"board": "qemu"},
-                          "stages": [{"percent": 100, "bake_minutes": 0}]}))
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "rollout {i}: {}", r.status());
+        fleet.roll_out(&id, "qemu").await;
 
         // Aim, then kill -9.
         let aim = aims[(i as usize) % aims.len()];
@@ -303,5 +228,4 @@ download_bytes_per_sec = 1000000
             "never killed while {must}: {killed_in:?}"
         );
     }
-    stop.cancel();
 }

@@ -21,7 +21,6 @@ use edge_agent::config::AgentConfig;
 use edgefleet_wire::keys::signing_key_from_seed;
 use edgefleet_wire::manifest::{NonFiniteInputs, TargetArch};
 use edgefleet_wire::telemetry::{DeviceEvent, DeviceState, Telemetry, decode_telemetry};
-use fleet_server::config::{Role, ServerConfig, TokenConfig};
 use fleetctl::pack::{PackRequest, pack};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
@@ -30,8 +29,7 @@ use tokio_util::sync::CancellationToken;
 use common::{free_port, mosquitto_bin, repo, write_key};
 use integ::common;
 
-const OPERATOR: &str = "operator-token";
-const ENROLL: &str = "enroll-me";
+use integ::fleet::{ENROLL, OPERATOR, TestFleet};
 
 fn cls_bundle(minor: u64) -> Vec<u8> {
     let golden = |k: &str| {
@@ -573,32 +571,16 @@ async fn outage_on_mosquitto_loses_no_event_and_counts_drops() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_server_ingests_telemetry_and_its_notice_triggers_an_immediate_poll() {
     let dir = tempfile::tempdir().unwrap();
-    let key = write_key(dir.path());
-    let mut cfg = ServerConfig {
-        data_dir: dir.path().join("server"),
-        ..ServerConfig::default()
-    };
-    cfg.http.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.trust.keys = vec![key];
-    cfg.auth.tokens = vec![TokenConfig {
-        name: "ops".into(),
-        role: Role::Admin,
-        token: Some(OPERATOR.into()),
-        token_sha256: None,
-    }];
-    cfg.auth.enrollment_tokens = vec![ENROLL.into()];
-    cfg.rollout_tick_ms = 200;
     let port = free_port();
-    cfg.mqtt = Some(fleet_server::mqtt::MqttConfig {
-        listen: format!("127.0.0.1:{port}").parse().unwrap(),
-        ..Default::default()
-    });
-    let stop = CancellationToken::new();
-    let (addr, serve) = fleet_server::server::bind(&cfg, stop.clone())
-        .await
-        .unwrap();
-    tokio::spawn(serve);
-    let server = format!("http://{addr}");
+    let fleet = TestFleet::start_with(|cfg, _| {
+        cfg.rollout_tick_ms = 200;
+        cfg.mqtt = Some(fleet_server::mqtt::MqttConfig {
+            listen: format!("127.0.0.1:{port}").parse().unwrap(),
+            ..Default::default()
+        });
+    })
+    .await;
+    let server = fleet.url.clone();
     let http = edge_agent::tls::default_client();
     let (seen, sub_stop) = subscribe(port, "dash-1");
     // And an operator with nothing but mosquitto_sub (when installed).
@@ -773,5 +755,4 @@ async fn the_server_ingests_telemetry_and_its_notice_triggers_an_immediate_poll(
         );
         assert!(online < committed && committed < offline, "order:\n{text}");
     }
-    stop.cancel();
 }

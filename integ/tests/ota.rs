@@ -5,7 +5,7 @@
 //! hot swap under load with zero failed requests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -13,17 +13,14 @@ use std::time::{Duration, Instant};
 use edge_agent::config::AgentConfig;
 use edgefleet_wire::bundle::{Limits, read_signed, write_bundle};
 use edgefleet_wire::keys::{encode_public_key, signing_key_from_seed};
-use edgefleet_wire::manifest::{NonFiniteInputs, TargetArch};
-use fleet_server::config::{Role, ServerConfig, TokenConfig};
-use fleetctl::pack::{PackRequest, pack};
+use edgefleet_wire::manifest::TargetArch;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use common::repo;
+use integ::bundles::{Model, Pack};
 use integ::common;
-
-const OPERATOR: &str = "operator-token";
-const ENROLL: &str = "enroll-me";
+use integ::fleet::{ENROLL, OPERATOR, TestFleet, trust_key};
 
 fn now() -> u64 {
     std::time::SystemTime::now()
@@ -32,60 +29,19 @@ fn now() -> u64 {
         .as_secs()
 }
 
-struct Pack {
-    version: u64,
-    sequence: u64,
-    key_seed: u8,
-    expires_in: u64,
-    /// Signing time; default: now.
-    issued: Option<u64>,
-    targets: Vec<TargetArch>,
+fn cls(minor: u64) -> Pack {
+    Pack::new(Model::Cls, minor)
 }
 
-impl Pack {
-    fn v(version: u64) -> Pack {
-        Pack {
-            version,
-            sequence: version * 10,
-            key_seed: 1,
-            expires_in: 86_400,
-            issued: None,
-            targets: TargetArch::ALL.to_vec(),
-        }
-    }
-}
-
-/// The cls classifier as bundle `cls` version `1.<version>.0`.
+/// The cls classifier as bundle `cls` version `1.<minor>.0`.
 fn cls_bundle(p: &Pack) -> Vec<u8> {
-    let golden = |k: &str| {
-        (0..2)
-            .map(|i| repo(&format!("models/cls/golden/{k}_{i}.npz")))
-            .collect::<Vec<_>>()
-    };
-    let req = PackRequest {
-        model: repo("models/cls/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
-        name: "cls".parse().unwrap(),
-        version: semver::Version::new(1, p.version, 0),
-        sequence: p.sequence,
-        golden_inputs: golden("in"),
-        golden_outputs: golden("out"),
-        tolerance: 1e-4,
-        keys: vec![signing_key_from_seed([p.key_seed; 32])],
-        now: p.issued.unwrap_or_else(now),
-        expires_in: p.expires_in,
-        nnef: false,
-        targets: p.targets.clone(),
-        min_agent_version: semver::Version::new(0, 1, 0),
-        non_finite_inputs: NonFiniteInputs::Reject,
-        baseline: None,
-    };
-    pack(&req).unwrap().bundle
+    p.bytes()
 }
 
 /// A correctly signed bundle whose golden references are wrong: it passes
 /// every signature check and fails the device's self-test.
 fn failing_self_test_bundle(version: u64) -> Vec<u8> {
-    let good = cls_bundle(&Pack::v(version));
+    let good = cls_bundle(&cls(version));
     let mut r = &good[..];
     let signed = read_signed(&mut r, &Limits::default()).unwrap();
     let payload = r.to_vec();
@@ -103,152 +59,9 @@ fn failing_self_test_bundle(version: u64) -> Vec<u8> {
     bytes
 }
 
-struct Server {
-    url: String,
-    dir: tempfile::TempDir,
-    stop: CancellationToken,
-    http: reqwest::Client,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-impl Server {
-    /// Trusts keys 1 and 2 (devices trust only key 1).
-    async fn start() -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let mut keys = Vec::new();
-        for seed in [1u8, 2] {
-            let p = dir.path().join(format!("k{seed}.pub"));
-            std::fs::write(
-                &p,
-                encode_public_key(&signing_key_from_seed([seed; 32]).verifying_key()),
-            )
-            .unwrap();
-            keys.push(p);
-        }
-        let mut cfg = ServerConfig {
-            data_dir: dir.path().join("data"),
-            ..ServerConfig::default()
-        };
-        cfg.http.listen = "127.0.0.1:0".parse().unwrap();
-        cfg.trust.keys = keys;
-        cfg.auth.tokens = vec![TokenConfig {
-            name: "ops".into(),
-            role: Role::Admin,
-            token: Some(OPERATOR.into()),
-            token_sha256: None,
-        }];
-        cfg.auth.enrollment_tokens = vec![ENROLL.into()];
-        cfg.rollout_tick_ms = 200;
-        let stop = CancellationToken::new();
-        let (addr, serve) = fleet_server::server::bind(&cfg, stop.clone())
-            .await
-            .unwrap();
-        tokio::spawn(serve);
-        Server {
-            url: format!("http://{addr}"),
-            dir,
-            stop,
-            http: edge_agent::tls::default_client(),
-        }
-    }
-
-    async fn push(&self, bytes: Vec<u8>) -> String {
-        let r = self
-            .http
-            .post(format!("{}/api/v1/bundles", self.url))
-            .bearer_auth(OPERATOR)
-            .body(bytes)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status();
-        let v: Value = r.json().await.unwrap();
-        assert!(status.is_success(), "push: {status} {v}");
-        v["id"].as_str().unwrap().to_string()
-    }
-
-    async fn rollout(&self, bundle: &str, board: &str, gates: Value) -> String {
-        self.rollout_staged(
-            bundle,
-            board,
-            gates,
-            json!([{"percent": 100, "bake_minutes": 0}]),
-        )
-        .await
-    }
-
-    async fn rollout_staged(
-        &self,
-        bundle: &str,
-        board: &str,
-        gates: Value,
-        stages: Value,
-    ) -> String {
-        let body = json!({
-            "bundle": bundle,
-            "selector": {"board": board},
-            "stages": stages,
-            "gates": gates,
-        });
-        let r = self
-            .http
-            .post(format!("{}/api/v1/rollouts", self.url))
-            .bearer_auth(OPERATOR)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status();
-        let v: Value = r.json().await.unwrap();
-        assert!(status.is_success(), "rollout: {status} {v}");
-        v["id"].as_str().unwrap().to_string()
-    }
-
-    async fn abort(&self, rollout: &str) {
-        let r = self
-            .http
-            .post(format!("{}/api/v1/rollouts/{rollout}/abort", self.url))
-            .bearer_auth(OPERATOR)
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "abort: {}", r.status());
-    }
-
-    async fn device(&self, id: &str) -> Value {
-        self.http
-            .get(format!("{}/api/v1/devices/{id}", self.url))
-            .bearer_auth(OPERATOR)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-
-    /// The registry file of a pushed bundle.
-    fn stored_file(&self, id: &str) -> PathBuf {
-        fn walk(d: &Path, id: &str) -> Option<PathBuf> {
-            for e in std::fs::read_dir(d).ok()?.flatten() {
-                let p = e.path();
-                if p.is_dir() {
-                    if let Some(f) = walk(&p, id) {
-                        return Some(f);
-                    }
-                } else if p.file_name()?.to_string_lossy().contains(id) {
-                    return Some(p);
-                }
-            }
-            None
-        }
-        walk(self.dir.path(), id).expect("bundle file in the registry")
-    }
+/// The fleet server; it trusts keys 1 and 2 (devices trust only key 1).
+async fn start_server() -> TestFleet {
+    TestFleet::start_with(|cfg, dir| cfg.trust.keys.push(trust_key(dir, 2))).await
 }
 
 struct Agent {
@@ -259,7 +72,7 @@ struct Agent {
 }
 
 impl Agent {
-    fn config(server: &Server, data: &Path, id: &str, board: &str) -> AgentConfig {
+    fn config(server: &TestFleet, data: &Path, id: &str, board: &str) -> AgentConfig {
         let key = data.join("release.pub");
         std::fs::create_dir_all(data).unwrap();
         std::fs::write(
@@ -427,10 +240,10 @@ impl Load {
 }
 
 /// Enrolls a fresh agent and installs v1 through a rollout.
-async fn agent_on_v1(server: &Server, dir: &Path, id: &str, board: &str) -> (Agent, String) {
-    let v1 = server.push(cls_bundle(&Pack::v(1))).await;
+async fn agent_on_v1(server: &TestFleet, dir: &Path, id: &str, board: &str) -> (Agent, String) {
+    let v1 = server.push(cls_bundle(&cls(1))).await;
     let agent = Agent::start(Agent::config(server, dir, id, board)).await;
-    server.rollout(&v1, board, json!({})).await;
+    server.rollout_gated(&v1, board, json!({})).await;
     agent
         .wait_for("v1 committed", 60, |s| {
             s["state"] == "committed" && active_version(s) == Some("1.1.0")
@@ -441,7 +254,7 @@ async fn agent_on_v1(server: &Server, dir: &Path, id: &str, board: &str) -> (Age
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn enrolls_installs_a_rollout_and_reports_committed() {
-    let server = Server::start().await;
+    let server = start_server().await;
     let dir = tempfile::tempdir().unwrap();
     let (agent, v1) = agent_on_v1(&server, dir.path(), "dev-a", "rpi4").await;
     assert_eq!(agent.model_version().await.as_deref(), Some("1.1.0"));
@@ -470,13 +283,13 @@ async fn enrolls_installs_a_rollout_and_reports_committed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn attacks_are_refused_and_the_active_model_keeps_serving() {
-    let server = Server::start().await;
+    let server = start_server().await;
     let dir = tempfile::tempdir().unwrap();
     let (agent, _) = agent_on_v1(&server, dir.path(), "dev-b", "jetson").await;
     let body = golden_npz();
 
     // Bytes changed on the server after the push (a compromised mirror).
-    let tampered = server.push(cls_bundle(&Pack::v(2))).await;
+    let tampered = server.push(cls_bundle(&cls(2))).await;
     let f = server.stored_file(&tampered);
     let mut bytes = std::fs::read(&f).unwrap();
     let n = bytes.len();
@@ -486,7 +299,7 @@ async fn attacks_are_refused_and_the_active_model_keeps_serving() {
     let untrusted = server
         .push(cls_bundle(&Pack {
             key_seed: 2,
-            ..Pack::v(3)
+            ..cls(3)
         }))
         .await;
     // Valid when pushed (packing takes seconds on a loaded machine), expired
@@ -496,7 +309,7 @@ async fn attacks_are_refused_and_the_active_model_keeps_serving() {
         .push(cls_bundle(&Pack {
             expires_in: 20,
             issued: Some(issued),
-            ..Pack::v(4)
+            ..cls(4)
         }))
         .await;
     let other_arch = server
@@ -506,7 +319,7 @@ async fn attacks_are_refused_and_the_active_model_keeps_serving() {
             } else {
                 TargetArch::Aarch64
             }],
-            ..Pack::v(5)
+            ..cls(5)
         }))
         .await;
     let bad_self_test = server.push(failing_self_test_bundle(6)).await;
@@ -519,7 +332,7 @@ async fn attacks_are_refused_and_the_active_model_keeps_serving() {
     // other way, sideloaded: the device's own floor must refuse it too.
     let older_bytes = cls_bundle(&Pack {
         sequence: 5,
-        ..Pack::v(0)
+        ..cls(0)
     });
     let r = server
         .http
@@ -554,7 +367,7 @@ async fn attacks_are_refused_and_the_active_model_keeps_serving() {
             assert_eq!(r.status(), 202);
             None
         } else {
-            Some(server.rollout(&bundle, "jetson", json!({})).await)
+            Some(server.rollout_gated(&bundle, "jetson", json!({})).await)
         };
         let s = agent
             .wait_for(reason, 60, |s| {
@@ -595,9 +408,9 @@ async fn attacks_are_refused_and_the_active_model_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_model_slow_in_production_is_rolled_back_within_the_watch_window() {
-    let server = Server::start().await;
+    let server = start_server().await;
     let dir = tempfile::tempdir().unwrap();
-    let v1 = server.push(cls_bundle(&Pack::v(1))).await;
+    let v1 = server.push(cls_bundle(&cls(1))).await;
     let mut cfg = Agent::config(&server, dir.path(), "dev-c", "rpi5");
     // v2 passes its self-test (faults never touch it) but every live
     // inference takes 150 ms longer.
@@ -606,7 +419,7 @@ async fn a_model_slow_in_production_is_rolled_back_within_the_watch_window() {
         .insert("cls@1.2.0".into(), 150);
     cfg.update.watch_secs = 30;
     let agent = Agent::start(cfg).await;
-    server.rollout(&v1, "rpi5", json!({})).await;
+    server.rollout_gated(&v1, "rpi5", json!({})).await;
     agent
         .wait_for("v1 serving", 60, |s| active_version(s) == Some("1.1.0"))
         .await;
@@ -616,9 +429,9 @@ async fn a_model_slow_in_production_is_rolled_back_within_the_watch_window() {
     agent
         .wait_for("v1 committed", 60, |s| s["state"] == "committed")
         .await;
-    let v2 = server.push(cls_bundle(&Pack::v(2))).await;
+    let v2 = server.push(cls_bundle(&cls(2))).await;
     let started = Instant::now();
-    server.rollout(&v2, "rpi5", json!({})).await;
+    server.rollout_gated(&v2, "rpi5", json!({})).await;
     let s = agent
         .wait_for("automatic rollback", 60, |s| {
             s["state"] == "rolled_back" && active_version(s) == Some("1.1.0")
@@ -652,13 +465,13 @@ async fn a_model_slow_in_production_is_rolled_back_within_the_watch_window() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn swaps_under_load_fail_no_request() {
-    let server = Server::start().await;
+    let server = start_server().await;
     let dir = tempfile::tempdir().unwrap();
     let (agent, _) = agent_on_v1(&server, dir.path(), "dev-d", "orin").await;
     let load = Load::start(&agent.url, 4);
     for v in 2..=4u64 {
-        let id = server.push(cls_bundle(&Pack::v(v))).await;
-        server.rollout(&id, "orin", json!({})).await;
+        let id = server.push(cls_bundle(&cls(v))).await;
+        server.rollout_gated(&id, "orin", json!({})).await;
         let want = format!("1.{v}.0");
         agent
             .wait_for(&want, 60, |s| {
@@ -681,18 +494,17 @@ async fn swaps_under_load_fail_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn abort_sends_the_device_back_to_its_previous_bundle() {
-    let server = Server::start().await;
+    let server = start_server().await;
     let dir = tempfile::tempdir().unwrap();
     let (agent, _) = agent_on_v1(&server, dir.path(), "dev-e", "rpi3").await;
-    let v2 = server.push(cls_bundle(&Pack::v(2))).await;
+    let v2 = server.push(cls_bundle(&cls(2))).await;
     // Baking for 10 minutes: still running when the operator aborts.
     let r = server
-        .rollout_staged(
-            &v2,
-            "rpi3",
-            json!({}),
-            json!([{"percent": 100, "bake_minutes": 10}]),
-        )
+        .create_rollout(json!({
+            "bundle": v2,
+            "selector": {"board": "rpi3"},
+            "stages": [{"percent": 100, "bake_minutes": 10}],
+        }))
         .await;
     agent
         .wait_for("v2 committed", 60, |s| {
@@ -716,7 +528,7 @@ async fn abort_sends_the_device_back_to_its_previous_bundle() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sideloads_through_the_same_path() {
-    let server = Server::start().await;
+    let server = start_server().await;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Agent::config(&server, dir.path(), "dev-f", "qemu");
     cfg.server.url = None; // air-gapped
@@ -727,7 +539,7 @@ async fn sideloads_through_the_same_path() {
         let url = format!("{}/v1/install", agent.url);
         async move { http.post(url).body(bytes).send().await.unwrap() }
     };
-    let r = post(cls_bundle(&Pack::v(1))).await;
+    let r = post(cls_bundle(&cls(1))).await;
     assert_eq!(r.status(), 202);
     agent
         .wait_for("sideloaded v1", 60, |s| {
@@ -741,7 +553,7 @@ async fn sideloads_through_the_same_path() {
     assert_eq!(r.status(), 400);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "bad_magic", "{v}");
-    let mut evil = cls_bundle(&Pack::v(2));
+    let mut evil = cls_bundle(&cls(2));
     let n = evil.len();
     evil[n - 50] ^= 1;
     assert_eq!(post(evil).await.status(), 202);
@@ -758,35 +570,13 @@ async fn sideloads_through_the_same_path() {
 }
 
 /// The int8 classifier as bundle `cls` (same inputs and outputs as fp32).
-fn cls_int8_bundle(version: u64) -> Vec<u8> {
-    let golden = |k: &str| {
-        (0..2)
-            .map(|i| repo(&format!("models/cls-int8/golden/{k}_{i}.npz")))
-            .collect::<Vec<_>>()
-    };
-    let req = PackRequest {
-        model: repo("models/cls-int8/cls_int8.onnx"),
-        name: "cls".parse().unwrap(),
-        version: semver::Version::new(1, version, 0),
-        sequence: version * 10,
-        golden_inputs: golden("in"),
-        golden_outputs: golden("out"),
-        tolerance: 1e-4,
-        keys: vec![signing_key_from_seed([1; 32])],
-        now: now(),
-        expires_in: 86_400,
-        nnef: false,
-        targets: TargetArch::ALL.to_vec(),
-        min_agent_version: semver::Version::new(0, 1, 0),
-        non_finite_inputs: NonFiniteInputs::Reject,
-        baseline: None,
-    };
-    pack(&req).unwrap().bundle
+fn cls_int8_bundle(minor: u64) -> Vec<u8> {
+    Pack::new(Model::ClsInt8, minor).bytes()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shadow_mode_activates_only_a_candidate_that_agrees() {
-    let server = Server::start().await;
+    let server = start_server().await;
     let dir = tempfile::tempdir().unwrap();
     let (agent, _) = agent_on_v1(&server, dir.path(), "dev-s", "rpi4").await;
     let load = Load::start(&agent.url, 2);
@@ -831,7 +621,7 @@ async fn shadow_mode_activates_only_a_candidate_that_agrees() {
     server.abort(&refused).await;
 
     // The same fp32 model agrees exactly: activated after 20 mirrored requests.
-    let v3 = server.push(cls_bundle(&Pack::v(3))).await;
+    let v3 = server.push(cls_bundle(&cls(3))).await;
     shadow_rollout(
         v3.clone(),
         json!({"sample_rate": 1.0, "samples": 20, "min_top1_agreement": 0.99, "max_abs_diff": 1e-6}),

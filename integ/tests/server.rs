@@ -3,21 +3,16 @@
 //! downloads) and the device side (enroll, desired with ETag, report).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use edgefleet_wire::keys::{encode_public_key, signing_key_from_seed};
+use edgefleet_wire::keys::signing_key_from_seed;
 use edgefleet_wire::manifest::{NonFiniteInputs, TargetArch};
-use fleet_server::config::{Role, ServerConfig, TokenConfig};
 use fleetctl::pack::{PackRequest, pack};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
 use common::repo;
 use integ::common;
 
-const ADMIN: &str = "admin-token";
-const OPERATOR: &str = "operator-token";
-const VIEWER: &str = "viewer-token";
-const ENROLL: &str = "enroll-me";
+use integ::fleet::{ADMIN, ENROLL, OPERATOR, TestFleet, VIEWER};
 
 /// A multi_io bundle signed by key `seed`, version 1.0.`patch`.
 fn bundle(seed: u8, patch: u64, expires_in: u64) -> Vec<u8> {
@@ -44,99 +39,25 @@ fn bundle(seed: u8, patch: u64, expires_in: u64) -> Vec<u8> {
     pack(&req).unwrap().bundle
 }
 
-struct Server {
-    url: String,
-    _dir: tempfile::TempDir,
-    stop: CancellationToken,
-    client: reqwest::Client,
+async fn start() -> TestFleet {
+    start_with_tick(5000).await
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
+async fn start_with_tick(tick_ms: u64) -> TestFleet {
+    TestFleet::start_with(|cfg, _| cfg.rollout_tick_ms = tick_ms).await
 }
 
-impl Server {
-    async fn start() -> Server {
-        Server::start_with_tick(5000).await
-    }
-
-    async fn start_with_tick(tick_ms: u64) -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("release.pub");
-        std::fs::write(
-            &key,
-            encode_public_key(&signing_key_from_seed([1; 32]).verifying_key()),
-        )
+/// `POST /api/v1/devices/enroll` for device `id` tagged `board`.
+async fn enroll(s: &TestFleet, id: &str, board: &str) -> (StatusCode, Value) {
+    let body = json!({"enrollment_token": ENROLL, "device_id": id, "tags": {"board": board}, "arch": "aarch64", "agent_version": "0.1.0"});
+    let r = s
+        .req(reqwest::Method::POST, "/api/v1/devices/enroll", None)
+        .json(&body)
+        .send()
+        .await
         .unwrap();
-        let mut cfg = ServerConfig {
-            data_dir: dir.path().join("data"),
-            ..ServerConfig::default()
-        };
-        cfg.http.listen = "127.0.0.1:0".parse().unwrap();
-        cfg.trust.keys = vec![key];
-        let token = |name: &str, role, t: &str| TokenConfig {
-            name: name.into(),
-            role,
-            token: Some(t.into()),
-            token_sha256: None,
-        };
-        cfg.auth.tokens = vec![
-            token("root", Role::Admin, ADMIN),
-            token("ops", Role::Operator, OPERATOR),
-            token("dash", Role::Viewer, VIEWER),
-        ];
-        cfg.auth.enrollment_tokens = vec![ENROLL.into()];
-        cfg.rollout_tick_ms = tick_ms;
-        let stop = CancellationToken::new();
-        let (addr, serve) = fleet_server::server::bind(&cfg, stop.clone())
-            .await
-            .unwrap();
-        tokio::spawn(serve);
-        Server {
-            url: format!("http://{addr}"),
-            _dir: dir,
-            stop,
-            client: edge_agent::tls::default_client(),
-        }
-    }
-
-    fn req(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        token: Option<&str>,
-    ) -> reqwest::RequestBuilder {
-        let r = self.client.request(method, format!("{}{path}", self.url));
-        match token {
-            Some(t) => r.bearer_auth(t),
-            None => r,
-        }
-    }
-
-    async fn push(&self, token: Option<&str>, bytes: Vec<u8>) -> (StatusCode, Value) {
-        let r = self
-            .req(reqwest::Method::POST, "/api/v1/bundles", token)
-            .body(bytes)
-            .send()
-            .await
-            .unwrap();
-        let s = r.status();
-        (s, r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn enroll(&self, id: &str, board: &str) -> (StatusCode, Value) {
-        let body = json!({"enrollment_token": ENROLL, "device_id": id, "tags": {"board": board}, "arch": "aarch64", "agent_version": "0.1.0"});
-        let r = self
-            .req(reqwest::Method::POST, "/api/v1/devices/enroll", None)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let s = r.status();
-        (s, r.json().await.unwrap())
-    }
+    let st = r.status();
+    (st, r.json().await.unwrap())
 }
 
 fn code(v: &Value) -> &str {
@@ -145,16 +66,19 @@ fn code(v: &Value) -> &str {
 
 #[tokio::test]
 async fn pushes_valid_bundles_and_rejects_tampered_untrusted_and_conflicting_ones() {
-    let s = Server::start().await;
+    let s = start().await;
     let good = bundle(1, 0, 86_400);
-    let (status, rec) = s.push(Some(OPERATOR), good.clone()).await;
+    let (status, rec) = s.push_as(Some(OPERATOR), good.clone()).await;
     assert_eq!(status, StatusCode::CREATED, "{rec}");
     assert_eq!(rec["name"], "multi-io");
     assert_eq!(rec["size"], good.len());
     // Same bytes again: idempotent.
-    assert_eq!(s.push(Some(OPERATOR), good.clone()).await.0, StatusCode::OK);
+    assert_eq!(
+        s.push_as(Some(OPERATOR), good.clone()).await.0,
+        StatusCode::OK
+    );
     // Same name+version, different bytes (another expiry): immutable.
-    let (status, body) = s.push(Some(OPERATOR), bundle(1, 0, 3600)).await;
+    let (status, body) = s.push_as(Some(OPERATOR), bundle(1, 0, 3600)).await;
     assert_eq!(
         (status, code(&body)),
         (StatusCode::CONFLICT, "bundle_conflict"),
@@ -164,7 +88,7 @@ async fn pushes_valid_bundles_and_rejects_tampered_untrusted_and_conflicting_one
     let mut evil = bundle(1, 1, 86_400);
     let n = evil.len();
     evil[n - 10] ^= 0x01;
-    let (status, body) = s.push(Some(OPERATOR), evil).await;
+    let (status, body) = s.push_as(Some(OPERATOR), evil).await;
     assert_eq!(
         (status, code(&body)),
         (StatusCode::UNPROCESSABLE_ENTITY, "hash_mismatch"),
@@ -177,7 +101,7 @@ async fn pushes_valid_bundles_and_rejects_tampered_untrusted_and_conflicting_one
             .contains("hash mismatch")
     );
     // Signed by a key the server does not trust.
-    let (status, body) = s.push(Some(OPERATOR), bundle(2, 2, 86_400)).await;
+    let (status, body) = s.push_as(Some(OPERATOR), bundle(2, 2, 86_400)).await;
     assert_eq!(
         (status, code(&body)),
         (StatusCode::UNPROCESSABLE_ENTITY, "unknown_key"),
@@ -185,7 +109,7 @@ async fn pushes_valid_bundles_and_rejects_tampered_untrusted_and_conflicting_one
     );
     // Garbage.
     let (status, body) = s
-        .push(
+        .push_as(
             Some(OPERATOR),
             b"this is definitely not an edgefleet bundle".to_vec(),
         )
@@ -197,11 +121,17 @@ async fn pushes_valid_bundles_and_rejects_tampered_untrusted_and_conflicting_one
     );
     // Roles.
     assert_eq!(
-        s.push(Some(VIEWER), good.clone()).await.0,
+        s.push_as(Some(VIEWER), good.clone()).await.0,
         StatusCode::FORBIDDEN
     );
-    assert_eq!(s.push(None, good.clone()).await.0, StatusCode::UNAUTHORIZED);
-    assert_eq!(s.push(Some("nope"), good).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        s.push_as(None, good.clone()).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        s.push_as(Some("nope"), good).await.0,
+        StatusCode::UNAUTHORIZED
+    );
 
     let list: Value = s
         .req(reqwest::Method::GET, "/api/v1/bundles", Some(VIEWER))
@@ -230,14 +160,14 @@ async fn pushes_valid_bundles_and_rejects_tampered_untrusted_and_conflicting_one
 
 #[tokio::test]
 async fn downloads_resume_with_range_and_revalidate_with_etag() {
-    let s = Server::start().await;
+    let s = start().await;
     let bytes = bundle(1, 0, 86_400);
-    let (_, rec) = s.push(Some(OPERATOR), bytes.clone()).await;
+    let (_, rec) = s.push_as(Some(OPERATOR), bytes.clone()).await;
     let id = rec["id"].as_str().unwrap().to_string();
     let path = format!("/api/v1/bundles/{id}/download");
-    let (_, dev) = s.enroll("pi-1", "rpi4").await;
+    let (_, dev) = enroll(&s, "pi-1", "rpi4").await;
     let cred = dev["credential"].as_str().unwrap().to_string();
-    let (_, other) = s.enroll("pi-2", "jetson-orin").await;
+    let (_, other) = enroll(&s, "pi-2", "jetson-orin").await;
     let other = other["credential"].as_str().unwrap().to_string();
 
     // Least privilege: a device may fetch only what its desired state names.
@@ -366,21 +296,21 @@ async fn downloads_resume_with_range_and_revalidate_with_etag() {
 
 #[tokio::test]
 async fn devices_enroll_read_only_their_own_desired_state_and_report() {
-    let s = Server::start().await;
-    let (status, a) = s.enroll("pi-a", "rpi4").await;
+    let s = start().await;
+    let (status, a) = enroll(&s, "pi-a", "rpi4").await;
     assert_eq!(status, StatusCode::CREATED, "{a}");
     let cred_a = a["credential"].as_str().unwrap().to_string();
-    let (_, b) = s.enroll("jetson-b", "jetson-orin").await;
+    let (_, b) = enroll(&s, "jetson-b", "jetson-orin").await;
     let cred_b = b["credential"].as_str().unwrap().to_string();
     assert_ne!(cred_a, cred_b);
 
     // Enrollment refusals.
-    let (status, body) = s.enroll("pi-a", "rpi4").await;
+    let (status, body) = enroll(&s, "pi-a", "rpi4").await;
     assert_eq!(
         (status, code(&body)),
         (StatusCode::CONFLICT, "device_exists")
     );
-    let (status, body) = s.enroll("../etc", "rpi4").await;
+    let (status, body) = enroll(&s, "../etc", "rpi4").await;
     assert_eq!(
         (status, code(&body)),
         (StatusCode::BAD_REQUEST, "bad_device_id")
@@ -611,7 +541,7 @@ struct SimDevice {
 }
 
 impl SimDevice {
-    async fn step(&mut self, s: &Server, p95_for: &dyn Fn(&str) -> f64) {
+    async fn step(&mut self, s: &TestFleet, p95_for: &dyn Fn(&str) -> f64) {
         let desired: Value = s
             .req(
                 reqwest::Method::GET,
@@ -647,7 +577,7 @@ impl SimDevice {
 }
 
 /// How many devices the server wants on version 1.0.1.
-async fn desired_v2(s: &Server) -> usize {
+async fn desired_v2(s: &TestFleet) -> usize {
     let devs: Value = s
         .req(reqwest::Method::GET, "/api/v1/devices", Some(VIEWER))
         .send()
@@ -664,7 +594,7 @@ async fn desired_v2(s: &Server) -> usize {
 }
 
 /// Polls a rollout until `done` holds (bounded: 5 s).
-async fn wait_for(s: &Server, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+async fn wait_for(s: &TestFleet, id: &str, done: impl Fn(&Value) -> bool) -> Value {
     for _ in 0..100 {
         let st = rollout_status(s, id).await;
         if done(&st) {
@@ -678,7 +608,7 @@ async fn wait_for(s: &Server, id: &str, done: impl Fn(&Value) -> bool) -> Value 
     );
 }
 
-async fn rollout_status(s: &Server, id: &str) -> Value {
+async fn rollout_status(s: &TestFleet, id: &str) -> Value {
     s.req(
         reqwest::Method::GET,
         &format!("/api/v1/rollouts/{id}"),
@@ -694,10 +624,10 @@ async fn rollout_status(s: &Server, id: &str) -> Value {
 
 #[tokio::test]
 async fn a_rollout_over_20_devices_advances_pauses_on_a_breached_gate_and_aborts_back() {
-    let s = Server::start_with_tick(50).await;
+    let s = start_with_tick(50).await;
     let mut ids = Vec::new();
     for patch in 0..3 {
-        let (status, rec) = s.push(Some(OPERATOR), bundle(1, patch, 86_400)).await;
+        let (status, rec) = s.push_as(Some(OPERATOR), bundle(1, patch, 86_400)).await;
         assert_eq!(status, StatusCode::CREATED);
         ids.push(rec["id"].as_str().unwrap().to_string());
     }
@@ -705,7 +635,7 @@ async fn a_rollout_over_20_devices_advances_pauses_on_a_breached_gate_and_aborts
     let mut fleet = Vec::new();
     for i in 0..20 {
         let board = ["rpi4", "jetson-nano"][i % 2];
-        let (_, e) = s.enroll(&format!("sim-{i:02}"), board).await;
+        let (_, e) = enroll(&s, &format!("sim-{i:02}"), board).await;
         fleet.push(SimDevice {
             id: format!("sim-{i:02}"),
             cred: e["credential"].as_str().unwrap().into(),
@@ -904,7 +834,7 @@ async fn a_rollout_over_20_devices_advances_pauses_on_a_breached_gate_and_aborts
 }
 
 /// Runs fleetctl against the server (off the async runtime, which serves it).
-async fn fleetctl(s: &Server, token: &str, args: &[&str]) -> std::process::Output {
+async fn fleetctl(s: &TestFleet, token: &str, args: &[&str]) -> std::process::Output {
     let mut cmd = std::process::Command::new(integ::bins::bin("fleetctl"));
     cmd.args(args)
         .env("FLEETCTL_SERVER", &s.url)
@@ -924,7 +854,7 @@ fn out(o: &std::process::Output) -> String {
 
 #[tokio::test]
 async fn fleetctl_drives_bundles_devices_and_rollouts() {
-    let s = Server::start_with_tick(100).await;
+    let s = start_with_tick(100).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("m.bundle");
     std::fs::write(&file, bundle(1, 0, 86_400)).unwrap();
@@ -945,7 +875,7 @@ async fn fleetctl_drives_bundles_devices_and_rollouts() {
     );
 
     for (i, board) in ["rpi4", "rpi4", "jetson-orin"].iter().enumerate() {
-        s.enroll(&format!("d{i}"), board).await;
+        enroll(&s, &format!("d{i}"), board).await;
     }
     let o = fleetctl(
         &s,
@@ -1036,7 +966,7 @@ async fn fleetctl_drives_bundles_devices_and_rollouts() {
 
 #[tokio::test]
 async fn serves_the_committed_openapi_document_to_authenticated_callers() {
-    let s = Server::start().await;
+    let s = start().await;
     let r = s
         .req(reqwest::Method::GET, "/api/v1/openapi.json", None)
         .send()

@@ -20,7 +20,6 @@ use edge_agent::config::AgentConfig;
 use edge_agent::tls::TlsFiles;
 use edgefleet_wire::keys::signing_key_from_seed;
 use edgefleet_wire::manifest::{NonFiniteInputs, TargetArch};
-use fleet_server::config::{Role, ServerConfig, TokenConfig};
 use fleetctl::pack::{PackRequest, pack};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -33,8 +32,7 @@ use tokio_util::sync::CancellationToken;
 use common::{free_port, mosquitto_bin, repo, write_key};
 use integ::common;
 
-const OPERATOR: &str = "operator-token";
-const ENROLL: &str = "enroll-me";
+use integ::fleet::{ENROLL, OPERATOR, TestFleet};
 
 /// A CA and the PEM files it issued, written into `dir`.
 struct Pki {
@@ -209,25 +207,8 @@ async fn agents_reach_the_fleet_server_over_https_only_with_the_fleet_ca() {
     let fleet = pki(dir.path(), "fleet");
     let other = pki(dir.path(), "other");
 
-    let mut cfg = ServerConfig {
-        data_dir: dir.path().join("server"),
-        ..ServerConfig::default()
-    };
-    cfg.http.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.trust.keys = vec![write_key(dir.path())];
-    cfg.auth.tokens = vec![TokenConfig {
-        name: "ops".into(),
-        role: Role::Admin,
-        token: Some(OPERATOR.into()),
-        token_sha256: None,
-    }];
-    cfg.auth.enrollment_tokens = vec![ENROLL.into()];
-    cfg.rollout_tick_ms = 200;
-    let server_stop = CancellationToken::new();
-    let (addr, serve) = fleet_server::server::bind(&cfg, server_stop.clone())
-        .await
-        .unwrap();
-    tokio::spawn(serve);
+    let server = TestFleet::start_with(|cfg, _| cfg.rollout_tick_ms = 200).await;
+    let (addr, server_stop) = (server.addr, server.stop.clone());
     let plain = format!("http://{addr}");
     let port = tls_proxy(&fleet, addr).await;
 

@@ -13,6 +13,53 @@ pub mod v1 {
     use crate::device::{BundleRef, Health, ShadowAgreement, ShadowRequest, UpdateState};
     use crate::telemetry::{DeviceEvent, Telemetry};
 
+    /// `POST /api/v1/enrollment-tokens`.
+    #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+    #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+    #[serde(deny_unknown_fields)]
+    pub struct CreateEnrollmentToken {
+        /// 1-64 of `[A-Za-z0-9._-]`.
+        pub name: String,
+        /// Seconds from now, at most 366 days.
+        pub expires_in_secs: u64,
+        /// Devices enrolled with it, at least 1.
+        pub max_uses: u64,
+        /// Tags every device enrolled with it gets.
+        #[serde(default)]
+        pub tags: BTreeMap<String, String>,
+        /// Tag keys devices may set themselves. Default `["board"]`.
+        #[serde(default = "default_allowed")]
+        pub allowed_tags: Vec<String>,
+    }
+
+    fn default_allowed() -> Vec<String> {
+        vec!["board".into()]
+    }
+
+    /// A token as listed (never the secret or its hash).
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+    pub struct EnrollmentTokenView {
+        pub name: String,
+        pub tags: BTreeMap<String, String>,
+        pub allowed_tags: Vec<String>,
+        pub expires_at: u64,
+        pub max_uses: u64,
+        pub uses: u64,
+        pub created_at: u64,
+        pub created_by: String,
+        pub revoked_at: Option<u64>,
+    }
+
+    /// The answer to a create: the only time the secret is shown.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+    pub struct CreatedEnrollmentToken {
+        pub token: String,
+        #[serde(flatten)]
+        pub view: EnrollmentTokenView,
+    }
+
     /// Every error response: `{"error": {"code", "message"}}`.
     #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
     #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -1,63 +1,19 @@
 //! Admin endpoints: per-batch enrollment tokens, and the audit log.
 
-use std::collections::BTreeMap;
-
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use edgefleet_wire::api::v1::{AuditEntry, ErrorBody};
+use edgefleet_wire::api::v1::{
+    AuditEntry, CreateEnrollmentToken, CreatedEnrollmentToken, EnrollmentTokenView, ErrorBody,
+};
 use edgefleet_wire::time::unix_now as now;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::{ApiError, ApiResult, AppState, read_json};
 use crate::auth::{Action, sha256_hex};
 use crate::error::Error;
 use crate::store::{EnrollmentToken, Write};
-
-/// `POST /api/v1/enrollment-tokens`.
-#[derive(Clone, Debug, Deserialize, Serialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateEnrollmentToken {
-    /// 1-64 of `[A-Za-z0-9._-]`.
-    pub name: String,
-    /// Seconds from now, at most 366 days.
-    pub expires_in_secs: u64,
-    /// Devices enrolled with it, at least 1.
-    pub max_uses: u64,
-    /// Tags every device enrolled with it gets.
-    #[serde(default)]
-    pub tags: BTreeMap<String, String>,
-    /// Tag keys devices may set themselves. Default `["board"]`.
-    #[serde(default = "default_allowed")]
-    pub allowed_tags: Vec<String>,
-}
-
-fn default_allowed() -> Vec<String> {
-    vec!["board".into()]
-}
-
-/// A token as listed (never the secret or its hash).
-#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct EnrollmentTokenView {
-    pub name: String,
-    pub tags: BTreeMap<String, String>,
-    pub allowed_tags: Vec<String>,
-    pub expires_at: u64,
-    pub max_uses: u64,
-    pub uses: u64,
-    pub created_at: u64,
-    pub created_by: String,
-    pub revoked_at: Option<u64>,
-}
-
-/// The answer to a create: the only time the secret is shown.
-#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct CreatedEnrollmentToken {
-    pub token: String,
-    #[serde(flatten)]
-    pub view: EnrollmentTokenView,
-}
 
 fn view(t: &EnrollmentToken) -> EnrollmentTokenView {
     EnrollmentTokenView {

@@ -58,6 +58,7 @@ pub struct AppState {
     pub enrollment: Arc<Enrollment>,
     pub downloads: Arc<tokio::sync::Semaphore>,
     pub metrics: Arc<ServerMetrics>,
+    pub limits: Arc<crate::limits::Limits>,
     /// Set when MQTT is configured.
     pub mqtt: Option<Arc<crate::mqtt::Mqtt>>,
 }
@@ -238,12 +239,79 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/rollouts/{id}/{action}", post(rollouts::action))
         // Inside routing, so the route template is known.
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), timed))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            rate_limit,
+        ))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         // Bodies are read by the handlers with their own limits (bundle
         // pushes stream to disk): axum's 2 MiB default must not apply.
         .layer(axum::extract::DefaultBodyLimit::disable());
     api.layer(axum::middleware::from_fn(json_errors))
         .with_state(state)
+}
+
+/// The client's address, set by [`crate::http::serve`] on every request.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub std::net::SocketAddr);
+
+/// Rate limits ([`crate::limits`]): per device and per token for valid
+/// credentials; per source address for everything else, counting the
+/// failed authentications (401, refused enrollments).
+async fn rate_limit(
+    State(s): State<AppState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let ip = req.extensions().get::<Peer>().map(|p| p.0.ip());
+    // Probes and scrapes are never limited.
+    let path = req.uri().path();
+    if matches!(path, "/healthz" | "/readyz" | "/metrics") {
+        return next.run(req).await;
+    }
+    // Enrollment carries its credential in the body: it is checked by the
+    // handler, and only a refused one meets the address's lockout, so a
+    // valid enrollment token works even from a locked-out (shared) address.
+    let enroll = path == "/api/v1/devices/enroll";
+    let caller = crate::auth::bearer(req.headers())
+        .and_then(|t| crate::auth::identify(t, &s.tokens, &s.fleet));
+    let verdict = match &caller {
+        Some(crate::auth::Caller::Device { id, .. }) => s.limits.device(id),
+        Some(crate::auth::Caller::Operator { name, .. }) => s.limits.token(name),
+        None if enroll => Ok(()),
+        None => ip.map_or(Ok(()), |ip| s.limits.unauthenticated(ip)),
+    };
+    if let Err((what, wait)) = verdict {
+        let message = match what {
+            crate::limits::Limited::AuthFailures => {
+                "too many failed authentications from this address; retry later"
+            }
+            crate::limits::Limited::Device => "this device is over its request budget; retry later",
+            crate::limits::Limited::Token => "this token is over its request budget; retry later",
+        };
+        return ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+            .retry_after(wait.as_secs().max(1))
+            .into_response();
+    }
+    let r = next.run(req).await;
+    let failed =
+        r.status() == StatusCode::UNAUTHORIZED || (enroll && r.status() == StatusCode::FORBIDDEN);
+    if failed
+        && caller.is_none()
+        && let Some(ip) = ip
+    {
+        if enroll && let Err((_, wait)) = s.limits.unauthenticated(ip) {
+            return ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many failed authentications from this address; retry later",
+            )
+            .retry_after(wait.as_secs().max(1))
+            .into_response();
+        }
+        s.limits.failed(ip);
+    }
+    r
 }
 
 /// `GET /readyz`: the store accepts writes and the broker (if any) runs.

@@ -169,6 +169,7 @@ pub struct Broker {
     retained: RwLock<HashMap<String, Outgoing>>,
     serial: AtomicU64,
     max_connections: usize,
+    limits: Arc<crate::limits::Limits>,
     pub metrics: BrokerMetrics,
 }
 
@@ -184,6 +185,7 @@ impl Broker {
         tokens: Tokens,
         ingest: Ingest,
         max_connections: usize,
+        limits: Arc<crate::limits::Limits>,
     ) -> Arc<Broker> {
         Arc::new(Broker {
             fleet,
@@ -194,6 +196,7 @@ impl Broker {
             retained: RwLock::new(HashMap::new()),
             serial: AtomicU64::new(1),
             max_connections,
+            limits,
             metrics: BrokerMetrics::default(),
         })
     }
@@ -210,7 +213,7 @@ impl Broker {
                 a = listener.accept() => a,
                 () = shutdown.cancelled() => break,
             };
-            let (stream, _) = match accepted {
+            let (stream, peer) = match accepted {
                 Ok(s) => s,
                 Err(e) => {
                     // Out of file descriptors and the like: wait, do not spin.
@@ -227,7 +230,7 @@ impl Broker {
             let _ = stream.set_nodelay(true);
             let b = self.clone();
             let stop = shutdown.clone();
-            tasks.spawn(async move { b.connection(stream, stop).await });
+            tasks.spawn(async move { b.connection(stream, peer.ip(), stop).await });
         }
         tasks.close();
         tasks.wait().await;
@@ -303,12 +306,16 @@ impl Broker {
         }
     }
 
-    async fn connection<S>(self: Arc<Self>, stream: S, shutdown: CancellationToken)
-    where
+    async fn connection<S>(
+        self: Arc<Self>,
+        stream: S,
+        peer: std::net::IpAddr,
+        shutdown: CancellationToken,
+    ) where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         self.metrics.connections.fetch_add(1, Relaxed);
-        if let Err(e) = self.session(stream, shutdown).await {
+        if let Err(e) = self.session(stream, peer, shutdown).await {
             tracing::debug!(error = %e, "mqtt connection ended");
         }
         self.metrics.connections.fetch_sub(1, Relaxed);
@@ -317,6 +324,7 @@ impl Broker {
     async fn session<S>(
         self: &Arc<Self>,
         mut stream: S,
+        peer: std::net::IpAddr,
         shutdown: CancellationToken,
     ) -> std::io::Result<()>
     where
@@ -342,13 +350,21 @@ impl Broker {
         let login = match login {
             Ok(l) => l,
             Err(r) => {
-                self.metrics.refuse(r.as_str());
-                tracing::warn!(client = %connect.client_id, reason = r.as_str(), "mqtt login refused");
-                let code = match r {
-                    acl::LoginRefusal::ClientId => ConnectReturnCode::BadClientId,
-                    acl::LoginRefusal::BadCredentials => ConnectReturnCode::BadUserNamePassword,
-                    acl::LoginRefusal::NotAllowed => ConnectReturnCode::NotAuthorized,
+                // Failed logins count against the address; a locked-out
+                // address is refused before its next guess is checked
+                // (valid logins from it still pass: NAT-safe).
+                let code = if self.limits.unauthenticated(peer).is_err() {
+                    ConnectReturnCode::ServiceUnavailable
+                } else {
+                    self.limits.failed(peer);
+                    match r {
+                        acl::LoginRefusal::ClientId => ConnectReturnCode::BadClientId,
+                        acl::LoginRefusal::BadCredentials => ConnectReturnCode::BadUserNamePassword,
+                        acl::LoginRefusal::NotAllowed => ConnectReturnCode::NotAuthorized,
+                    }
                 };
+                self.metrics.refuse(r.as_str());
+                tracing::debug!(client = %connect.client_id, %peer, reason = r.as_str(), "mqtt login refused");
                 write_packet(
                     &mut stream,
                     &mut wbuf,

@@ -1,0 +1,215 @@
+//! [`TestFleet`]: a real fleet server in the test process, on
+//! `127.0.0.1:0` with a real sled store in a temporary folder, and the
+//! operator calls the tests make against it.
+//!
+//! The defaults: trusts the release key of seed 1; tokens `root` (admin,
+//! [`ADMIN`]), `ops` (operator, [`OPERATOR`]) and `dash` (viewer,
+//! [`VIEWER`]); enrollment token [`ENROLL`]; a rollout tick of 100 ms.
+//! [`TestFleet::start_with`] changes any of it before the server starts.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use fleet_server::config::{Role, ServerConfig, TokenConfig};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+pub const ADMIN: &str = "admin-token";
+pub const OPERATOR: &str = "operator-token";
+pub const VIEWER: &str = "viewer-token";
+pub const ENROLL: &str = "enroll-me";
+
+/// A running fleet server; stops when dropped.
+#[derive(Debug)]
+pub struct TestFleet {
+    pub addr: SocketAddr,
+    /// `http://127.0.0.1:<port>`.
+    pub url: String,
+    /// Where devices connect for MQTT, when configured.
+    pub mqtt_url: Option<String>,
+    /// The server's folder (its data dir is `data/` inside).
+    pub dir: tempfile::TempDir,
+    pub http: reqwest::Client,
+    pub stop: CancellationToken,
+}
+
+impl Drop for TestFleet {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Writes the public key of seed `seed` into `dir` (`k<seed>.pub`).
+pub fn trust_key(dir: &Path, seed: u8) -> PathBuf {
+    let p = dir.join(format!("k{seed}.pub"));
+    std::fs::write(
+        &p,
+        edgefleet_wire::keys::encode_public_key(
+            &edgefleet_wire::keys::signing_key_from_seed([seed; 32]).verifying_key(),
+        ),
+    )
+    .expect("write a trust key");
+    p
+}
+
+impl TestFleet {
+    /// The tests' server configuration, with its files in `dir`.
+    pub fn config(dir: &Path) -> ServerConfig {
+        let mut cfg = ServerConfig {
+            data_dir: dir.join("data"),
+            ..ServerConfig::default()
+        };
+        cfg.http.listen = "127.0.0.1:0".parse().expect("address");
+        cfg.trust.keys = vec![trust_key(dir, 1)];
+        let token = |name: &str, role, t: &str| TokenConfig {
+            name: name.into(),
+            role,
+            token: Some(t.into()),
+            token_sha256: None,
+        };
+        cfg.auth.tokens = vec![
+            token("root", Role::Admin, ADMIN),
+            token("ops", Role::Operator, OPERATOR),
+            token("dash", Role::Viewer, VIEWER),
+        ];
+        cfg.auth.enrollment_tokens = vec![ENROLL.into()];
+        cfg.rollout_tick_ms = 100;
+        cfg
+    }
+
+    /// A server with the defaults.
+    pub async fn start() -> TestFleet {
+        Self::start_with(|_, _| {}).await
+    }
+
+    /// A server whose configuration `tune` changes first (it gets the
+    /// server's folder for any files it writes).
+    pub async fn start_with(tune: impl FnOnce(&mut ServerConfig, &Path)) -> TestFleet {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = Self::config(dir.path());
+        tune(&mut cfg, dir.path());
+        let stop = CancellationToken::new();
+        let (running, serve) = fleet_server::server::start(cfg, stop.clone())
+            .await
+            .expect("the fleet server starts");
+        tokio::spawn(serve);
+        TestFleet {
+            addr: running.addr,
+            url: format!("http://{}", running.addr),
+            mqtt_url: running.mqtt_url,
+            dir,
+            http: edge_agent::tls::default_client(),
+            stop,
+        }
+    }
+
+    /// A request to `path` with `token`, if any.
+    pub fn req(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, format!("{}{path}", self.url));
+        match token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    /// `POST /api/v1/bundles` with `token`: the status and the JSON body.
+    pub async fn push_as(&self, token: Option<&str>, bytes: Vec<u8>) -> (StatusCode, Value) {
+        let r = self
+            .req(reqwest::Method::POST, "/api/v1/bundles", token)
+            .body(bytes)
+            .send()
+            .await
+            .expect("push");
+        let s = r.status();
+        (s, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Pushes a bundle as the operator; its id (the push must succeed).
+    pub async fn push(&self, bytes: Vec<u8>) -> String {
+        let (status, v) = self.push_as(Some(OPERATOR), bytes).await;
+        assert!(status.is_success(), "push: {status} {v}");
+        v["id"].as_str().expect("an id").to_string()
+    }
+
+    /// Creates a rollout from a raw JSON body; its id.
+    pub async fn create_rollout(&self, body: Value) -> String {
+        let r = self
+            .req(reqwest::Method::POST, "/api/v1/rollouts", Some(OPERATOR))
+            .json(&body)
+            .send()
+            .await
+            .expect("create a rollout");
+        let status = r.status();
+        let v: Value = r.json().await.unwrap_or(Value::Null);
+        assert!(status.is_success(), "rollout: {status} {v}");
+        v["id"].as_str().expect("an id").to_string()
+    }
+
+    /// Rolls `bundle` out to every device tagged `board`, in one stage.
+    pub async fn roll_out(&self, bundle: &str, board: &str) -> String {
+        self.rollout_gated(bundle, board, json!({})).await
+    }
+
+    /// [`TestFleet::roll_out`] with health `gates`.
+    pub async fn rollout_gated(&self, bundle: &str, board: &str, gates: Value) -> String {
+        self.create_rollout(json!({
+            "bundle": bundle,
+            "selector": {"board": board},
+            "stages": [{"percent": 100, "bake_minutes": 0}],
+            "gates": gates,
+        }))
+        .await
+    }
+
+    pub async fn abort(&self, rollout: &str) {
+        let r = self
+            .req(
+                reqwest::Method::POST,
+                &format!("/api/v1/rollouts/{rollout}/abort"),
+                Some(OPERATOR),
+            )
+            .send()
+            .await
+            .expect("abort");
+        assert!(r.status().is_success(), "abort: {}", r.status());
+    }
+
+    /// `GET /api/v1/devices/{id}` as the operator.
+    pub async fn device(&self, id: &str) -> Value {
+        self.req(
+            reqwest::Method::GET,
+            &format!("/api/v1/devices/{id}"),
+            Some(OPERATOR),
+        )
+        .send()
+        .await
+        .expect("get a device")
+        .json()
+        .await
+        .expect("a device as JSON")
+    }
+
+    /// The registry file of a pushed bundle.
+    pub fn stored_file(&self, id: &str) -> PathBuf {
+        fn walk(d: &Path, id: &str) -> Option<PathBuf> {
+            for e in std::fs::read_dir(d).ok()?.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    if let Some(f) = walk(&p, id) {
+                        return Some(f);
+                    }
+                } else if p.file_name()?.to_string_lossy().contains(id) {
+                    return Some(p);
+                }
+            }
+            None
+        }
+        walk(self.dir.path(), id).expect("bundle file in the registry")
+    }
+}
