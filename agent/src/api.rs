@@ -18,7 +18,7 @@ use axum::routing::{get, post};
 use edgefleet_wire::npz::{NpzLimits, from_npz_bytes, to_npz_bytes};
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{InferResponse, ModelRef, decode_request, encode_named};
+use crate::codec::{InferResponse, ModelRef, decode_request_within, encode_named};
 use crate::engine::{Engine, InferError, SubmitError};
 use crate::error::AgentError;
 use crate::metrics::Metrics;
@@ -404,6 +404,55 @@ async fn read_body(
     })
 }
 
+/// What one request for a model may carry, derived from its inputs with
+/// room for honest mistakes (an extra input, a wider dtype) to be
+/// reported as such.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InputBudget {
+    /// Data elements decoded at most, across all inputs.
+    pub elements: u64,
+}
+
+impl InputBudget {
+    /// Slack beyond the model's own elements.
+    const SLACK_ELEMENTS: u64 = 4096;
+    /// Bytes for JSON structure, names, npz headers.
+    const SLACK_BYTES: u64 = 64 * 1024;
+
+    pub fn of(inputs: &[edgefleet_wire::tensor::TensorSpec]) -> InputBudget {
+        let model: u64 = inputs
+            .iter()
+            .map(|s| s.element_count().unwrap_or(u64::MAX / 64))
+            .fold(0u64, u64::saturating_add);
+        InputBudget {
+            elements: model.saturating_mul(2).saturating_add(Self::SLACK_ELEMENTS),
+        }
+    }
+
+    /// A JSON body: up to 48 bytes per element (`-1.2345678901234567e-300, `).
+    pub fn json_body_bytes(&self) -> usize {
+        usize::try_from(
+            self.elements
+                .saturating_mul(48)
+                .saturating_add(Self::SLACK_BYTES),
+        )
+        .unwrap_or(usize::MAX)
+    }
+
+    /// What an .npz inflates to: 8 bytes per element at most.
+    pub fn decoded_bytes(&self) -> u64 {
+        self.elements
+            .saturating_mul(8)
+            .saturating_add(Self::SLACK_BYTES)
+    }
+
+    /// An .npz body (stored or deflated): never more than it inflates to.
+    pub fn npz_body_bytes(&self) -> usize {
+        usize::try_from(self.decoded_bytes().saturating_add(Self::SLACK_BYTES))
+            .unwrap_or(usize::MAX)
+    }
+}
+
 async fn infer(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     match infer_inner(&s, &headers, body).await {
         Ok(r) => {
@@ -419,19 +468,6 @@ async fn infer(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Res
 
 async fn infer_inner(s: &AppState, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
     let kind = body_kind(headers)?;
-    let bytes = read_body(body, headers, s.max_body_bytes).await?;
-    let inputs = match kind {
-        BodyKind::Json => decode_request(&bytes)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code, e.message))?,
-        BodyKind::Npz => from_npz_bytes(
-            &bytes,
-            NpzLimits {
-                max_entries: 256,
-                max_total_bytes: s.max_body_bytes as u64 * 4,
-            },
-        )
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_npz", e.to_string()))?,
-    };
     let active = s.engine.active().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -439,6 +475,26 @@ async fn infer_inner(s: &AppState, headers: &HeaderMap, body: Body) -> Result<Re
             "no model is serving",
         )
     })?;
+    // What the model takes bounds what a request may make the agent hold:
+    // the body read, the elements decoded, the bytes an .npz inflates to.
+    let budget = InputBudget::of(active.model.inputs());
+    let limit = s.max_body_bytes.min(match kind {
+        BodyKind::Json => budget.json_body_bytes(),
+        BodyKind::Npz => budget.npz_body_bytes(),
+    });
+    let bytes = read_body(body, headers, limit).await?;
+    let inputs = match kind {
+        BodyKind::Json => decode_request_within(&bytes, budget.elements)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code, e.message))?,
+        BodyKind::Npz => from_npz_bytes(
+            &bytes,
+            NpzLimits {
+                max_entries: 256,
+                max_total_bytes: budget.decoded_bytes(),
+            },
+        )
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_npz", e.to_string()))?,
+    };
     // Validate before queueing so bad input never occupies a worker.
     active
         .model

@@ -19,31 +19,169 @@ fn err(code: &'static str, message: String) -> CodecError {
     CodecError { code, message }
 }
 
+/// One JSON element, kept in 16 bytes (not a `serde_json::Value`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Elem {
+    Null,
+    Bool(bool),
+    I(i64),
+    U(u64),
+    F(f64),
+    /// A string, array or object where a number belongs.
+    Other,
+}
+
+impl std::fmt::Display for Elem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Elem::Null => write!(f, "null"),
+            Elem::Bool(b) => write!(f, "{b}"),
+            Elem::I(v) => write!(f, "{v}"),
+            Elem::U(v) => write!(f, "{v}"),
+            Elem::F(v) => write!(f, "{v}"),
+            Elem::Other => write!(f, "not a number"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Elem {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Elem;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number, a bool or null")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Elem, E> {
+                Ok(Elem::Bool(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Elem, E> {
+                Ok(Elem::I(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Elem, E> {
+                Ok(Elem::U(v))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Elem, E> {
+                Ok(Elem::F(v))
+            }
+            fn visit_unit<E>(self) -> Result<Elem, E> {
+                Ok(Elem::Null)
+            }
+            fn visit_none<E>(self) -> Result<Elem, E> {
+                Ok(Elem::Null)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Elem, E> {
+                Ok(Elem::Other)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Elem, A::Error> {
+                // Drained without keeping anything (it is counted below as
+                // one bad element).
+                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Elem::Other)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Elem, A::Error> {
+                while a
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Elem::Other)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The marker of the element-budget error inside serde's message.
+const OVER_BUDGET: &str = "more data elements than this model takes";
+
+thread_local! {
+    /// Elements the request being decoded on this thread may still carry.
+    static BUDGET: std::cell::Cell<u64> = const { std::cell::Cell::new(u64::MAX) };
+}
+
+/// A tensor's `data`, decoded element by element against the budget: a
+/// body can never make the decoder hold more than the budget's worth.
+struct Elems(Vec<Elem>);
+
+impl<'de> Deserialize<'de> for Elems {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Elems;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an array of elements")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Elems, A::Error> {
+                let left = BUDGET.with(std::cell::Cell::get);
+                let hint = a.size_hint().unwrap_or(0).min(left as usize).min(1 << 16);
+                let mut out = Vec::with_capacity(hint);
+                loop {
+                    let left = BUDGET.with(std::cell::Cell::get);
+                    if left == 0 {
+                        // One more element would be over: stop here.
+                        if a.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                            return Err(serde::de::Error::custom(OVER_BUDGET));
+                        }
+                        return Ok(Elems(out));
+                    }
+                    match a.next_element::<Elem>()? {
+                        Some(e) => {
+                            BUDGET.with(|b| b.set(left - 1));
+                            out.push(e);
+                        }
+                        None => return Ok(Elems(out)),
+                    }
+                }
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct JsonTensorIn {
     dtype: String,
     shape: Vec<u64>,
-    data: Vec<serde_json::Value>,
+    data: Elems,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct InferRequest {
-    inputs: serde_json::Map<String, serde_json::Value>,
+    inputs: std::collections::BTreeMap<String, JsonTensorIn>,
 }
 
-/// Decodes a `POST /v1/infer` JSON body into named tensors.
+/// Decodes a `POST /v1/infer` JSON body into named tensors (no element
+/// budget; see [`decode_request_within`]).
 pub fn decode_request(body: &[u8]) -> Result<Vec<NamedTensor>, CodecError> {
-    let req: InferRequest = serde_json::from_slice(body)
-        .map_err(|e| err("malformed_json", format!("request body: {e}")))?;
+    decode_request_within(body, u64::MAX)
+}
+
+/// Decodes a `POST /v1/infer` JSON body, holding at most `max_elements`
+/// data elements across all inputs while parsing (`element_count` past
+/// it): the decoder's memory is bounded by what the model takes, whatever
+/// the body.
+pub fn decode_request_within(
+    body: &[u8],
+    max_elements: u64,
+) -> Result<Vec<NamedTensor>, CodecError> {
+    BUDGET.with(|b| b.set(max_elements));
+    let parsed: Result<InferRequest, _> = serde_json::from_slice(body);
+    BUDGET.with(|b| b.set(u64::MAX));
+    let req = parsed.map_err(|e| {
+        if e.to_string().contains(OVER_BUDGET) {
+            err(
+                "element_count",
+                format!("request body: {OVER_BUDGET} (at most {max_elements} in all)"),
+            )
+        } else {
+            err("malformed_json", format!("request body: {e}"))
+        }
+    })?;
     req.inputs
         .into_iter()
-        .map(|(name, v)| {
-            let t: JsonTensorIn = serde_json::from_value(v)
-                .map_err(|e| err("malformed_json", format!("input {name:?}: {e}")))?;
-            Ok(NamedTensor::new(name.clone(), decode_tensor(&name, t)?))
-        })
+        .map(|(name, t)| Ok(NamedTensor::new(name.clone(), decode_tensor(&name, t)?)))
         .collect()
 }
 
@@ -56,18 +194,19 @@ fn decode_tensor(name: &str, t: JsonTensorIn) -> Result<Tensor, CodecError> {
     })?;
     let count =
         element_count(&t.shape).map_err(|e| err("wrong_shape", format!("input {name:?}: {e}")))?;
-    if count != t.data.len() as u64 {
+    let data = t.data.0;
+    if count != data.len() as u64 {
         return Err(err(
             "element_count",
             format!(
                 "input {name:?}: shape {:?} needs {count} elements, data has {}",
                 t.shape,
-                t.data.len()
+                data.len()
             ),
         ));
     }
-    let mut bytes = Vec::with_capacity(t.data.len() * dtype.size());
-    for (i, v) in t.data.iter().enumerate() {
+    let mut bytes = Vec::with_capacity(data.len() * dtype.size());
+    for (i, v) in data.iter().enumerate() {
         let bad = || {
             err(
                 "bad_value",
@@ -88,18 +227,16 @@ fn decode_tensor(name: &str, t: JsonTensorIn) -> Result<Tensor, CodecError> {
             DType::I8 => bytes.extend_from_slice(&int::<i8>(v).ok_or_else(bad)?.to_le_bytes()),
             DType::I16 => bytes.extend_from_slice(&int::<i16>(v).ok_or_else(bad)?.to_le_bytes()),
             DType::I32 => bytes.extend_from_slice(&int::<i32>(v).ok_or_else(bad)?.to_le_bytes()),
-            DType::I64 => bytes.extend_from_slice(&v.as_i64().ok_or_else(bad)?.to_le_bytes()),
+            DType::I64 => bytes.extend_from_slice(&int::<i64>(v).ok_or_else(bad)?.to_le_bytes()),
             DType::U8 => bytes.extend_from_slice(&uint::<u8>(v).ok_or_else(bad)?.to_le_bytes()),
             DType::U16 => bytes.extend_from_slice(&uint::<u16>(v).ok_or_else(bad)?.to_le_bytes()),
             DType::U32 => bytes.extend_from_slice(&uint::<u32>(v).ok_or_else(bad)?.to_le_bytes()),
-            DType::U64 => bytes.extend_from_slice(&v.as_u64().ok_or_else(bad)?.to_le_bytes()),
+            DType::U64 => bytes.extend_from_slice(&uint::<u64>(v).ok_or_else(bad)?.to_le_bytes()),
             DType::Bool => bytes.push(match v {
-                serde_json::Value::Bool(b) => u8::from(*b),
-                other => match other.as_u64() {
-                    Some(0) => 0,
-                    Some(1) => 1,
-                    _ => return Err(bad()),
-                },
+                Elem::Bool(b) => u8::from(*b),
+                Elem::U(0) | Elem::I(0) => 0,
+                Elem::U(1) | Elem::I(1) => 1,
+                _ => return Err(bad()),
             }),
         }
     }
@@ -107,19 +244,32 @@ fn decode_tensor(name: &str, t: JsonTensorIn) -> Result<Tensor, CodecError> {
         .map_err(|e| err("bad_value", format!("input {name:?}: {e}")))
 }
 
-fn float(v: &serde_json::Value) -> Option<f64> {
-    match v {
-        serde_json::Value::Null => Some(f64::NAN),
-        other => other.as_f64(),
+fn float(v: &Elem) -> Option<f64> {
+    match *v {
+        Elem::Null => Some(f64::NAN),
+        Elem::F(x) => Some(x),
+        Elem::I(x) => Some(x as f64),
+        Elem::U(x) => Some(x as f64),
+        Elem::Bool(_) | Elem::Other => None,
     }
 }
 
-fn int<T: TryFrom<i64>>(v: &serde_json::Value) -> Option<T> {
-    T::try_from(v.as_i64()?).ok()
+fn int<T: TryFrom<i64>>(v: &Elem) -> Option<T> {
+    let x = match *v {
+        Elem::I(x) => x,
+        Elem::U(x) => i64::try_from(x).ok()?,
+        _ => return None,
+    };
+    T::try_from(x).ok()
 }
 
-fn uint<T: TryFrom<u64>>(v: &serde_json::Value) -> Option<T> {
-    T::try_from(v.as_u64()?).ok()
+fn uint<T: TryFrom<u64>>(v: &Elem) -> Option<T> {
+    let x = match *v {
+        Elem::U(x) => x,
+        Elem::I(x) => u64::try_from(x).ok()?,
+        _ => return None,
+    };
+    T::try_from(x).ok()
 }
 
 /// Element data typed for serialization (floats print in their own
@@ -268,6 +418,28 @@ mod tests {
                 e.message
             );
         }
+    }
+
+    #[test]
+    fn the_element_budget_bounds_the_decoder_whatever_the_order_of_fields() {
+        let body = br#"{"inputs": {"x": {"data": [1, 2, 3], "shape": [3], "dtype": "f32"}}}"#;
+        assert_eq!(decode_request_within(body, 3).unwrap().len(), 1);
+        let e = decode_request_within(body, 2).unwrap_err();
+        assert_eq!(e.code, "element_count", "{}", e.message);
+        // Across inputs, and nested junk counts as one bad element.
+        let body = br#"{"inputs": {"a": {"dtype": "f32", "shape": [2], "data": [1, 2]},
+                                    "b": {"dtype": "f32", "shape": [2], "data": [[1, 2, 3], 4]}}}"#;
+        assert_eq!(
+            decode_request_within(body, 3).unwrap_err().code,
+            "element_count"
+        );
+        assert_eq!(
+            decode_request_within(body, 4).unwrap_err().code,
+            "bad_value"
+        );
+        // The budget does not leak into the next request on the thread.
+        let ok = br#"{"inputs": {"x": {"dtype": "u8", "shape": [4], "data": [1, 2, 3, 4]}}}"#;
+        assert!(decode_request(ok).is_ok());
     }
 
     #[test]

@@ -48,6 +48,11 @@ pub struct HttpConfig {
     pub download_concurrency: usize,
     /// Idle HTTP keep-alive connections are closed after this. Default 30 s.
     pub idle_timeout_secs: u64,
+    /// PEM certificate chain: with `tls_key`, the API speaks HTTPS only
+    /// (rustls on ring, as the devices use).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for HttpConfig {
@@ -58,6 +63,8 @@ impl Default for HttpConfig {
             max_request_bytes: 1024 * 1024,
             download_concurrency: 64,
             idle_timeout_secs: 30,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -227,6 +234,14 @@ impl ServerConfig {
         }
         if cfg.data_dir.is_relative() {
             cfg.data_dir = base.join(&cfg.data_dir);
+        }
+        for p in [&mut cfg.http.tls_cert, &mut cfg.http.tls_key]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
         }
         cfg.apply_env()?;
         Ok(cfg)

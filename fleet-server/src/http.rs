@@ -19,6 +19,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     idle: Duration,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let conns = TaskTracker::new();
@@ -52,12 +53,33 @@ pub async fn serve(
             // connection.
             .header_read_timeout(idle)
             .keep_alive(true);
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
         conns.spawn(async move {
-            if let Err(e) = conn.await {
+            let r = match tls {
+                None => {
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .into_owned();
+                    watcher.watch(conn).await
+                }
+                Some(acceptor) => {
+                    // A handshake that does not finish in time is dropped.
+                    let tls = match tokio::time::timeout(idle, acceptor.accept(stream)).await {
+                        Ok(Ok(t)) => t,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, %peer, "tls handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(tls), svc)
+                        .into_owned();
+                    watcher.watch(conn).await
+                }
+            };
+            if let Err(e) = r {
                 tracing::trace!(error = %e, "http connection ended");
             }
         });

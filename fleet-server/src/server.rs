@@ -250,6 +250,7 @@ pub async fn start(
         limits,
         mqtt,
     };
+    let tls = tls_acceptor(&config.http)?;
     let listener = listen(config.http.listen)?;
     let addr = listener
         .local_addr()
@@ -261,6 +262,7 @@ pub async fn start(
             listener,
             app,
             Duration::from_secs(config.http.idle_timeout_secs.max(1)),
+            tls,
             stop.clone(),
         )),
     );
@@ -294,4 +296,40 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<()
     println!("fleet-server listening on http://{}", running.addr);
     tracing::info!(addr = %running.addr, data_dir = %data_dir.display(), "fleet server started");
     serve.await
+}
+
+/// The HTTPS acceptor when `[http] tls_cert` and `tls_key` are set (both or
+/// neither); bad files fail the start with the file and the reason.
+fn tls_acceptor(http: &crate::config::HttpConfig) -> Result<Option<tokio_rustls::TlsAcceptor>> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (cert, key) = match (&http.tls_cert, &http.tls_key) {
+        (None, None) => return Ok(None),
+        (Some(c), Some(k)) => (c, k),
+        _ => {
+            return Err(Error::Usage(
+                "[http] tls_cert and tls_key go together".into(),
+            ));
+        }
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<std::result::Result<Vec<_>, _>>())
+        .map_err(|e| Error::Usage(format!("[http] tls_cert {}: {e}", cert.display())))?;
+    if chain.is_empty() {
+        return Err(Error::Usage(format!(
+            "[http] tls_cert {}: no certificate in it",
+            cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| Error::Usage(format!("[http] tls_key {}: {e}", key.display())))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| Error::Usage(format!("tls: {e}")))?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .map_err(|e| Error::Usage(format!("[http] tls_cert/tls_key: {e}")))?;
+    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
 }

@@ -40,6 +40,10 @@ pub struct Cli {
     /// Operator bearer token.
     #[arg(long, env = "FLEETCTL_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
+    /// PEM CA certificate(s) to trust for an https:// server instead of
+    /// the system's roots (your fleet CA).
+    #[arg(long, env = "FLEETCTL_CA_FILE", global = true, value_name = "PEM")]
+    pub ca_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -261,7 +265,13 @@ pub fn exit_code(e: &Error) -> i32 {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
-    let client = || Client::new(cli.server.clone(), cli.token.clone());
+    let client = || {
+        Client::with_ca(
+            cli.server.clone(),
+            cli.token.clone(),
+            cli.ca_file.as_deref(),
+        )
+    };
     match cli.command {
         Command::Bundle(BundleCommand::Push { file, json }) => {
             let rec = client()?.push_bundle(&file)?;

@@ -60,6 +60,16 @@ pub fn urlencode(v: &str) -> String {
 
 impl Client {
     pub fn new(server: Option<String>, token: Option<String>) -> Result<Client> {
+        Self::with_ca(server, token, None)
+    }
+
+    /// [`Client::new`] trusting only the PEM CA certificates in `ca_file`
+    /// for an `https://` server (default: the system's roots).
+    pub fn with_ca(
+        server: Option<String>,
+        token: Option<String>,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<Client> {
         let base = server
             .ok_or_else(|| {
                 Error::Usage("no server: pass --server URL or set FLEETCTL_SERVER".into())
@@ -71,8 +81,20 @@ impl Client {
         // rustls on ring for https:// servers (system roots). Err means a
         // provider is already installed.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::blocking::Client::builder()
-            .timeout(None)
+        let mut builder = reqwest::blocking::Client::builder().timeout(None);
+        if let Some(ca) = ca_file {
+            let pem = std::fs::read(ca).map_err(|e| Error::io(ca, e))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| Error::Usage(format!("--ca-file {}: {e}", ca.display())))?;
+            if certs.is_empty() {
+                return Err(Error::Usage(format!(
+                    "--ca-file {}: no certificate in it",
+                    ca.display()
+                )));
+            }
+            builder = builder.tls_certs_only(certs);
+        }
+        let http = builder
             .build()
             .map_err(|e| Error::Usage(format!("http client: {e}")))?;
         Ok(Client { base, token, http })

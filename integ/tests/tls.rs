@@ -468,3 +468,86 @@ async fn agents_publish_over_mutual_tls_to_mosquitto_only_with_a_device_certific
     bad.stop().await;
     stop_sub.cancel();
 }
+
+/// The fleet server terminates TLS itself (`[http] tls_cert`/`tls_key`):
+/// an agent with the fleet CA enrolls and reports over HTTPS, one with
+/// another CA never gets through, and fleetctl reaches it with
+/// `--ca-file` (and refuses it without).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_server_speaks_https_to_agents_and_fleetctl() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = pki(dir.path(), "fleet");
+    let other = pki(dir.path(), "other");
+    let (cert, key) = (fleet.server_cert.clone(), fleet.server_key.clone());
+    let server = TestFleet::start_with(move |cfg, _| {
+        cfg.http.tls_cert = Some(cert);
+        cfg.http.tls_key = Some(key);
+    })
+    .await;
+    let url = format!("https://127.0.0.1:{}", server.addr.port());
+
+    let https_agent = |id: &str, ca: &Path| {
+        let mut c = agent_config(dir.path(), id);
+        c.server.url = Some(url.clone());
+        c.server.ca_file = Some(ca.to_path_buf());
+        c.server.enrollment_token = Some(ENROLL.into());
+        c.server.poll_interval_secs = 1;
+        c.server.report_interval_secs = 1;
+        c
+    };
+    let good = Agent::start(https_agent("https-good", &fleet.ca)).await;
+    let bad = Agent::start(https_agent("https-bad", &other.ca)).await;
+
+    // fleetctl with the fleet CA lists the device once it has reported.
+    let fleetctl = |ca: Option<PathBuf>| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut c = std::process::Command::new(integ::bins::bin("fleetctl"));
+            c.args([
+                "devices", "list", "--json", "--server", &url, "--token", OPERATOR,
+            ]);
+            if let Some(ca) = ca {
+                c.arg("--ca-file").arg(ca);
+            }
+            c.output().unwrap()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = fleetctl(Some(fleet.ca.clone())).await.unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let list: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
+        if list
+            .iter()
+            .any(|d| d["id"] == "https-good" && d["last_seen"].is_u64())
+        {
+            assert!(
+                list.iter().all(|d| d["id"] != "https-bad"),
+                "an agent with another CA got through: {list:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "https-good never reported: {list:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Without the CA (system roots), fleetctl refuses the certificate.
+    let o = fleetctl(None).await.unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    // Plain HTTP to the HTTPS port gets nothing.
+    let plain = edge_agent::tls::default_client()
+        .get(format!("http://127.0.0.1:{}/healthz", server.addr.port()))
+        .send()
+        .await;
+    assert!(plain.is_err() || !plain.unwrap().status().is_success());
+    assert!(bad.answers().await);
+    good.stop().await;
+    bad.stop().await;
+}
