@@ -112,6 +112,11 @@ pub struct MqttConfig {
     pub notices_per_sec: u32,
     /// With an external mosquitto: the password file the server keeps.
     pub mosquitto: Option<MosquittoConfig>,
+    /// PEM certificate chain: with `tls_key`, the embedded broker speaks
+    /// MQTT over TLS only (`mqtts://`, rustls on ring).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 /// `[mqtt.mosquitto]`.
@@ -141,6 +146,8 @@ impl Default for MqttConfig {
             ingest_queue: 16_384,
             notices_per_sec: 1000,
             mosquitto: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -235,8 +242,15 @@ impl ServerConfig {
         if cfg.data_dir.is_relative() {
             cfg.data_dir = base.join(&cfg.data_dir);
         }
+        let mqtt_tls = cfg
+            .mqtt
+            .as_mut()
+            .map(|m| [&mut m.tls_cert, &mut m.tls_key])
+            .into_iter()
+            .flatten();
         for p in [&mut cfg.http.tls_cert, &mut cfg.http.tls_key]
             .into_iter()
+            .chain(mqtt_tls)
             .flatten()
         {
             if p.is_relative() {

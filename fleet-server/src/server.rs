@@ -172,6 +172,12 @@ pub async fn start(
             let addr = listener
                 .local_addr()
                 .map_err(|e| Error::io("mqtt listener", e))?;
+            let broker_tls = tls_acceptor("[mqtt]", &mc.tls_cert, &mc.tls_key)?;
+            let scheme = if broker_tls.is_some() {
+                "mqtts"
+            } else {
+                "mqtt"
+            };
             let broker = crate::mqtt::broker::Broker::new(
                 fleet.clone(),
                 tokens.clone(),
@@ -181,10 +187,10 @@ pub async fn start(
             );
             spawn(
                 "mqtt-broker",
-                Box::pin(broker.clone().serve(listener, stop.clone())),
+                Box::pin(broker.clone().serve(listener, broker_tls, stop.clone())),
             );
             tracing::info!(%addr, "embedded MQTT broker started");
-            Mqtt::embedded(format!("mqtt://{addr}"), ingest, broker)
+            Mqtt::embedded(format!("{scheme}://{addr}"), ingest, broker)
         } else {
             let (client, run) = crate::mqtt::external::start(
                 mc,
@@ -250,7 +256,7 @@ pub async fn start(
         limits,
         mqtt,
     };
-    let tls = tls_acceptor(&config.http)?;
+    let tls = tls_acceptor("[http]", &config.http.tls_cert, &config.http.tls_key)?;
     let listener = listen(config.http.listen)?;
     let addr = listener
         .local_addr()
@@ -298,31 +304,36 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<()
     serve.await
 }
 
-/// The HTTPS acceptor when `[http] tls_cert` and `tls_key` are set (both or
-/// neither); bad files fail the start with the file and the reason.
-fn tls_acceptor(http: &crate::config::HttpConfig) -> Result<Option<tokio_rustls::TlsAcceptor>> {
+/// The TLS acceptor of a listener when its `tls_cert` and `tls_key` are
+/// set (both or neither); bad files fail the start with the file and the
+/// reason.
+fn tls_acceptor(
+    section: &str,
+    cert: &Option<std::path::PathBuf>,
+    key: &Option<std::path::PathBuf>,
+) -> Result<Option<tokio_rustls::TlsAcceptor>> {
     use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let (cert, key) = match (&http.tls_cert, &http.tls_key) {
+    let (cert, key) = match (cert, key) {
         (None, None) => return Ok(None),
         (Some(c), Some(k)) => (c, k),
         _ => {
-            return Err(Error::Usage(
-                "[http] tls_cert and tls_key go together".into(),
-            ));
+            return Err(Error::Usage(format!(
+                "{section} tls_cert and tls_key go together"
+            )));
         }
     };
     let chain = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<std::result::Result<Vec<_>, _>>())
-        .map_err(|e| Error::Usage(format!("[http] tls_cert {}: {e}", cert.display())))?;
+        .map_err(|e| Error::Usage(format!("{section} tls_cert {}: {e}", cert.display())))?;
     if chain.is_empty() {
         return Err(Error::Usage(format!(
-            "[http] tls_cert {}: no certificate in it",
+            "{section} tls_cert {}: no certificate in it",
             cert.display()
         )));
     }
     let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| Error::Usage(format!("[http] tls_key {}: {e}", key.display())))?;
+        .map_err(|e| Error::Usage(format!("{section} tls_key {}: {e}", key.display())))?;
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -330,6 +341,6 @@ fn tls_acceptor(http: &crate::config::HttpConfig) -> Result<Option<tokio_rustls:
     .map_err(|e| Error::Usage(format!("tls: {e}")))?
     .with_no_client_auth()
     .with_single_cert(chain, key)
-    .map_err(|e| Error::Usage(format!("[http] tls_cert/tls_key: {e}")))?;
+    .map_err(|e| Error::Usage(format!("{section} tls_cert/tls_key: {e}")))?;
     Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
 }

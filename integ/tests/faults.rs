@@ -248,7 +248,16 @@ impl Tmpfs {
             .status()
             .unwrap()
             .success();
-        assert!(ok, "mount -t tmpfs failed although running as root");
+        if !ok {
+            // Root without CAP_SYS_ADMIN (some containers). CI sets
+            // EDGEFLEET_REQUIRE_TMPFS=1 where it can mount, so it never skips.
+            assert!(
+                std::env::var("EDGEFLEET_REQUIRE_TMPFS").is_err(),
+                "mount -t tmpfs failed and EDGEFLEET_REQUIRE_TMPFS is set"
+            );
+            eprintln!("SKIPPED: mount -t tmpfs is not permitted here (root without CAP_SYS_ADMIN)");
+            return None;
+        }
         Some(Tmpfs(at.to_path_buf()))
     }
 

@@ -551,3 +551,56 @@ async fn the_fleet_server_speaks_https_to_agents_and_fleetctl() {
     good.stop().await;
     bad.stop().await;
 }
+
+/// The embedded broker speaks MQTT over TLS itself (`[mqtt] tls_cert`/
+/// `tls_key`): an agent trusting the fleet CA comes online over
+/// `mqtts://` with its own credential; one trusting another CA never does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_broker_speaks_mqtts_to_agents_with_the_fleet_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = pki(dir.path(), "fleet");
+    let other = pki(dir.path(), "other");
+    let (cert, key) = (fleet.server_cert.clone(), fleet.server_key.clone());
+    let server = TestFleet::start_with(move |cfg, _| {
+        cfg.mqtt = Some(fleet_server::mqtt::MqttConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            tls_cert: Some(cert),
+            tls_key: Some(key),
+            ..Default::default()
+        });
+    })
+    .await;
+    let mqtt = server.mqtt_url.clone().unwrap();
+    assert!(mqtt.starts_with("mqtts://"), "{mqtt}");
+    let agent = |id: &str, ca: &Path| {
+        let mut c = agent_config(dir.path(), id);
+        c.server.url = Some(server.url.clone());
+        c.server.enrollment_token = Some(ENROLL.into());
+        c.server.poll_interval_secs = 1;
+        c.server.report_interval_secs = 1;
+        c.mqtt.url = Some(mqtt.clone());
+        c.mqtt.ca_file = Some(ca.to_path_buf());
+        c.mqtt.telemetry_interval_secs = 1;
+        c.mqtt.reconnect_min_ms = 200;
+        c.mqtt.reconnect_max_ms = 1000;
+        c
+    };
+    let good = Agent::start(agent("mqtts-good", &fleet.ca)).await;
+    let bad = Agent::start(agent("mqtts-bad", &other.ca)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let d = server.device("mqtts-good").await;
+        if d["online"] == true && d["telemetry"].is_object() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never online over mqtts: {d:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The other agent enrolled over HTTP but never got through TLS.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let d = server.device("mqtts-bad").await;
+    assert_ne!(d["online"], true, "{d:#}");
+    assert!(d["telemetry"].is_null(), "{d:#}");
+    good.stop().await;
+    bad.stop().await;
+}

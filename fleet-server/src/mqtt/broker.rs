@@ -205,6 +205,7 @@ impl Broker {
     pub async fn serve(
         self: Arc<Self>,
         listener: tokio::net::TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
         shutdown: CancellationToken,
     ) -> crate::error::Result<()> {
         let tasks = TaskTracker::new();
@@ -230,7 +231,24 @@ impl Broker {
             let _ = stream.set_nodelay(true);
             let b = self.clone();
             let stop = shutdown.clone();
-            tasks.spawn(async move { b.connection(stream, peer.ip(), stop).await });
+            match tls.clone() {
+                None => {
+                    tasks.spawn(async move { b.connection(stream, peer.ip(), stop).await });
+                }
+                Some(acceptor) => {
+                    tasks.spawn(async move {
+                        // The handshake shares CONNECT's deadline.
+                        match tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(stream)).await {
+                            Ok(Ok(tls)) => b.connection(tls, peer.ip(), stop).await,
+                            Ok(Err(e)) => {
+                                b.metrics.refuse("tls_handshake");
+                                tracing::debug!(error = %e, %peer, "mqtt tls handshake failed");
+                            }
+                            Err(_) => b.metrics.refuse("tls_handshake"),
+                        }
+                    });
+                }
+            }
         }
         tasks.close();
         tasks.wait().await;
