@@ -42,7 +42,7 @@ async fn floods_of_bad_credentials_get_429_while_honest_traffic_passes() {
     let f = TestFleet::start_with(|cfg, _| {
         cfg.limits = LimitsConfig {
             auth_failure_burst: 10,
-            auth_failures_per_minute: 6,
+            auth_failures_per_minute: 1,
             device_burst: 30,
             device_requests_per_sec: 1,
             ..LimitsConfig::default()
@@ -57,6 +57,7 @@ async fn floods_of_bad_credentials_get_429_while_honest_traffic_passes() {
     let _other = enroll(&f, "pi-2").await;
 
     // Guessing tokens: 401s, then 429 with Retry-After.
+    let t_flood = std::time::Instant::now();
     let mut statuses = Vec::new();
     for i in 0..40 {
         let r = f
@@ -78,7 +79,15 @@ async fn floods_of_bad_credentials_get_429_while_honest_traffic_passes() {
         statuses.push(status);
     }
     assert_eq!(&statuses[..10], &[401; 10], "{statuses:?}");
-    assert!(statuses[10..].iter().all(|s| *s == 429), "{statuses:?}");
+    // One attempt a minute refills: on a slow machine a late guess may get
+    // a 401 again, never more than the elapsed minutes allow.
+    let refills = t_flood.elapsed().as_secs() / 60 + 1;
+    let allowed = statuses[10..].iter().filter(|s| **s == 401).count() as u64;
+    assert!(allowed <= refills, "{statuses:?}");
+    assert!(
+        statuses[10..].iter().all(|s| *s == 429 || *s == 401),
+        "{statuses:?}"
+    );
     // Bad enrollment tokens from the locked-out address: 429 as well.
     let r = f
         .req(Method::POST, "/api/v1/devices/enroll", None)
@@ -120,7 +129,8 @@ async fn floods_of_bad_credentials_get_429_while_honest_traffic_passes() {
     assert!(ok.is_ok(), "a valid dashboard login: {:?}", ok.err());
 
     // A runaway device meets its own budget; another device does not.
-    let mut limited = 0;
+    let mut limited = 0u64;
+    let t_burst = std::time::Instant::now();
     for _ in 0..60 {
         let r = f
             .req(Method::GET, "/api/v1/device/desired", Some(&cred))
@@ -131,7 +141,14 @@ async fn floods_of_bad_credentials_get_429_while_honest_traffic_passes() {
             limited += 1;
         }
     }
-    assert!(limited >= 20, "{limited} of 60 limited");
+    // Budget: the 30-request burst (one already spent above) plus one a
+    // second while this ran.
+    let refilled = t_burst.elapsed().as_secs() + 1;
+    assert!(
+        limited + 29 + refilled >= 60 && limited >= 1,
+        "{limited} of 60 limited in {:?}",
+        t_burst.elapsed()
+    );
     let other = enroll(&f, "pi-3").await;
     let r = f
         .req(Method::GET, "/api/v1/device/desired", Some(&other))
@@ -149,12 +166,16 @@ async fn floods_of_bad_credentials_get_429_while_honest_traffic_passes() {
         .text()
         .await
         .unwrap();
+    // Every 429 above was counted: the flood's, the enrollment's (and the
+    // broker refusal's).
+    let refused_flood = statuses.iter().filter(|s| **s == 429).count() as u64;
     assert!(
-        counter(&m, "fleet_rate_limited_total{limit=\"auth_failures\"}") >= 31,
+        counter(&m, "fleet_rate_limited_total{limit=\"auth_failures\"}") >= refused_flood + 1,
         "{m}"
     );
-    assert!(
-        counter(&m, "fleet_rate_limited_total{limit=\"device\"}") >= 20,
+    assert_eq!(
+        counter(&m, "fleet_rate_limited_total{limit=\"device\"}"),
+        limited,
         "{m}"
     );
     assert!(counter(&m, "fleet_auth_failures_total") >= 10, "{m}");
