@@ -170,7 +170,7 @@ async fn floods_of_bad_credentials_get_429_while_honest_traffic_passes() {
     // broker refusal's).
     let refused_flood = statuses.iter().filter(|s| **s == 429).count() as u64;
     assert!(
-        counter(&m, "fleet_rate_limited_total{limit=\"auth_failures\"}") >= refused_flood + 1,
+        counter(&m, "fleet_rate_limited_total{limit=\"auth_failures\"}") > refused_flood,
         "{m}"
     );
     assert_eq!(
