@@ -188,11 +188,8 @@ pub fn check_bundle<R: Read>(
     Ok(manifest)
 }
 
-/// Hashes the compressed payload while passing it to the decompressor,
-/// which hashes the model: both checked against the signed manifest, with
-/// the same limits as [`read_payload`]. Nothing is kept.
-fn check_payload<R: Read>(manifest: &Verified<Manifest>, r: R, limits: &Limits) -> Result<()> {
-    let p = &manifest.payload;
+/// The signed sizes against the limits, before a byte is read.
+fn check_sizes(p: &crate::manifest::PayloadInfo, limits: &Limits) -> Result<()> {
     if p.compressed_len > limits.max_payload_bytes {
         return Err(Error::TooLarge {
             what: "payload",
@@ -207,6 +204,15 @@ fn check_payload<R: Read>(manifest: &Verified<Manifest>, r: R, limits: &Limits) 
             limit: limits.max_model_bytes,
         });
     }
+    Ok(())
+}
+
+/// Hashes the compressed payload while passing it to the decompressor,
+/// which hashes the model: both checked against the signed manifest, with
+/// the same limits as [`read_payload`]. Nothing is kept.
+fn check_payload<R: Read>(manifest: &Verified<Manifest>, r: R, limits: &Limits) -> Result<()> {
+    let p = &manifest.payload;
+    check_sizes(p, limits)?;
     /// Counts and hashes what the decompressor reads.
     struct Tee<R> {
         inner: R,
@@ -313,20 +319,7 @@ pub fn read_payload<R: Read>(
     limits: &Limits,
 ) -> Result<VerifiedModel> {
     let p = &manifest.payload;
-    if p.compressed_len > limits.max_payload_bytes {
-        return Err(Error::TooLarge {
-            what: "payload",
-            size: p.compressed_len,
-            limit: limits.max_payload_bytes,
-        });
-    }
-    if p.len > limits.max_model_bytes {
-        return Err(Error::TooLarge {
-            what: "model",
-            size: p.len,
-            limit: limits.max_model_bytes,
-        });
-    }
+    check_sizes(p, limits)?;
     let mut compressed = Vec::new();
     (&mut r)
         .take(p.compressed_len)
