@@ -41,3 +41,13 @@ pub fn mosquitto_bin() -> Option<PathBuf> {
         .map(PathBuf::from)
         .find(|p| p.exists())
 }
+
+/// VmHWM (peak resident memory) of process `pid`, in bytes.
+pub fn peak_rss(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM in /proc/PID/status")
+        * 1024
+}

@@ -12,18 +12,8 @@ use std::time::{Duration, Instant};
 use edgefleet_wire::npz::{NpzLimits, from_npz_bytes};
 use integ::agent::AgentProc;
 use integ::bundles::{Model, Pack};
-use integ::common::{repo, write_key};
+use integ::common::{peak_rss, repo, write_key};
 use serde_json::Value;
-
-/// VmHWM (peak RSS) of `pid`, in bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap()
-        * 1024
-}
 
 /// An .npz whose one entry declares a 64 MiB f32 array of zeros,
 /// deflated to a few dozen KiB.

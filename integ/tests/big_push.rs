@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use edgefleet_wire::bundle::{Limits, Signed, read_signed, write_bundle};
 use edgefleet_wire::keys::signing_key_from_seed;
 use integ::bundles::{Model, Pack};
-use integ::common::{free_port, write_key};
+use integ::common::{free_port, peak_rss, write_key};
 use sha2::{Digest as _, Sha256};
 
 const TOKEN: &str = "push-token";
@@ -22,16 +22,6 @@ impl Drop for Server {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// VmHWM (peak RSS) of `pid`, in bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap()
-        * 1024
 }
 
 /// A validly signed bundle whose model is `mib` MiB of incompressible
