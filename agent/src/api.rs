@@ -80,6 +80,8 @@ pub struct Control {
     pub max_bundle_bytes: u64,
     /// Extra Prometheus text (telemetry, drift), appended to /metrics.
     pub extra_metrics: Option<ExtraMetrics>,
+    /// The device report as the server gets it (degraded, trust version).
+    pub report: Option<Arc<dyn Fn() -> edgefleet_wire::device::DeviceReport + Send + Sync>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -251,10 +253,13 @@ async fn status(State(s): State<AppState>) -> Response {
     match control(&s) {
         Ok(c) => {
             let st = c.status.borrow().clone();
+            let report = c.report.as_ref().map(|r| r());
             axum::Json(StatusView {
                 state: st.record.phase.state(),
                 record: st.record,
                 step: st.step,
+                degraded: report.as_ref().and_then(|r| r.degraded.clone()),
+                trust_version: report.and_then(|r| r.trust_version),
             })
             .into_response()
         }
@@ -269,6 +274,13 @@ pub struct StatusView {
     pub record: crate::update::Record,
     /// Bumped on every step of the update machine.
     pub step: u64,
+    /// Set while the device runs degraded but serving (full disk, store
+    /// errors, a trust rotation it cannot follow): as in its report.
+    #[serde(default)]
+    pub degraded: Option<String>,
+    /// The trust version bundles are verified with.
+    #[serde(default)]
+    pub trust_version: Option<u64>,
 }
 
 /// `POST /v1/install`: the raw bundle bytes. Accepted (202) once the file

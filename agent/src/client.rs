@@ -144,6 +144,24 @@ impl ServerClient {
         })
     }
 
+    /// `GET /api/v1/trust`: the fleet's chain of trust documents.
+    pub async fn trust(&self) -> Result<edgefleet_wire::api::v1::TrustView, AgentError> {
+        let url = self.url("/api/v1/trust");
+        let resp = self
+            .authed(self.http.get(&url).timeout(self.timeout))
+            .send()
+            .await
+            .map_err(|e| Self::http_err(&url, e))?;
+        if !resp.status().is_success() {
+            return Err(Self::fail(&url, resp).await);
+        }
+        let bytes = resp.bytes().await.map_err(|e| Self::http_err(&url, e))?;
+        serde_json::from_slice(&bytes).map_err(|e| AgentError::Http {
+            url,
+            detail: format!("malformed trust chain: {e}"),
+        })
+    }
+
     pub async fn report(&self, report: &DeviceReport) -> Result<(), AgentError> {
         let url = self.url("/api/v1/device/report");
         let body = serde_json::to_vec(report).map_err(|e| AgentError::Invariant(e.to_string()))?;

@@ -97,6 +97,10 @@ pub struct TrustSection {
     pub keys: Vec<PathBuf>,
     /// Distinct trusted signatures required. Default 1.
     pub threshold: usize,
+    /// A signed trust document to start from instead of `keys`: boards
+    /// provisioned after a key rotation (`fleetctl trust show --out`).
+    /// Rotations the device accepts later are kept in `data_dir`.
+    pub document: Option<PathBuf>,
 }
 
 impl Default for TrustSection {
@@ -104,6 +108,7 @@ impl Default for TrustSection {
         TrustSection {
             keys: Vec::new(),
             threshold: 1,
+            document: None,
         }
     }
 }
@@ -292,7 +297,7 @@ impl AgentConfig {
         let mut cfg = Self::parse(&text)
             .map_err(|e| AgentError::Config(format!("{}: {e}", path.display())))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for k in &mut cfg.trust.keys {
+        for k in cfg.trust.keys.iter_mut().chain(cfg.trust.document.as_mut()) {
             if k.is_relative() {
                 *k = base.join(&*k);
             }
@@ -372,8 +377,11 @@ impl AgentConfig {
 
     pub fn validate(&self) -> Result<(), AgentError> {
         let bad = |m: String| Err(AgentError::Config(m));
-        if self.trust.keys.is_empty() {
-            return bad("[trust] keys: list at least one release public key".into());
+        if self.trust.keys.is_empty() && self.trust.document.is_none() {
+            return bad(
+                "[trust] keys: list at least one release public key (or set [trust] document)"
+                    .into(),
+            );
         }
         if self.engine.workers == 0 || self.engine.queue == 0 {
             return bad("[engine] workers and queue must be at least 1".into());

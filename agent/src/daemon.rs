@@ -19,7 +19,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{self, ApiConfig, Control};
-use crate::bundle::trust_root_from_files;
 use crate::client::{Poll, ServerClient};
 use crate::config::AgentConfig;
 use crate::engine::{Engine, EngineConfig};
@@ -27,6 +26,7 @@ use crate::error::AgentError;
 use crate::floor::FloorFile;
 use crate::metrics::Metrics;
 use crate::store::{SledStore, Store, StoreOptions, write_atomic};
+use crate::trust::TrustState;
 use crate::update::Record;
 use crate::updater::{Ctx, Notice, RECORD_KEY, Slots, Status, Updater, load_installed, target_of};
 
@@ -40,12 +40,12 @@ fn credential_path(cfg: &AgentConfig) -> PathBuf {
 fn serve_installed(
     rec: &Record,
     slots: &Slots,
-    root: &edgefleet_wire::verify::TrustRoot,
+    trust: &TrustState,
     cfg: &AgentConfig,
     engine: &Engine,
 ) -> Option<edgefleet_wire::device::BundleRef> {
     for b in [&rec.active, &rec.last_known_good].into_iter().flatten() {
-        match load_installed(slots, root, b, cfg) {
+        match load_installed(slots, trust, b, cfg) {
             Ok(m) => {
                 tracing::info!(name = %m.info.name, version = %m.info.version, "serving installed model");
                 engine.activate(m);
@@ -84,7 +84,6 @@ pub async fn start(
     let cfg = Arc::new(cfg);
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| AgentError::io(&cfg.data_dir, e))?;
     let device_id = cfg.device_id();
-    let root = trust_root_from_files(&cfg.trust.keys, cfg.trust.threshold)?;
     // Bad TLS files fail the start, not a background task later.
     for (url, scheme, files) in [
         (&cfg.server.url, "https://", cfg.server_tls()),
@@ -94,6 +93,8 @@ pub async fn start(
             crate::tls::client_config(&files)?;
         }
     }
+    // A chain that cannot be read refuses the start (see crate::trust).
+    let trust = Arc::new(TrustState::open(&cfg.trust, &cfg.data_dir)?);
     let slots = Slots::new(&cfg.data_dir)?;
     let open_store = || {
         SledStore::open_with(
@@ -117,6 +118,9 @@ pub async fn start(
     // An unreadable floor must not be guessed lower: refuse to start.
     floor.load()?;
     let metrics = Arc::new(Metrics::default());
+    metrics
+        .trust_version
+        .store(trust.version(), std::sync::atomic::Ordering::Relaxed);
     let engine = Engine::start(
         EngineConfig {
             workers: cfg.engine.workers,
@@ -133,9 +137,10 @@ pub async fn start(
         None => Record::default(),
     };
     let served = {
-        let (slots, root, cfg, engine) = (slots.clone(), root.clone(), cfg.clone(), engine.clone());
+        let (slots, trust, cfg, engine) =
+            (slots.clone(), trust.clone(), cfg.clone(), engine.clone());
         let rec = record.clone();
-        tokio::task::spawn_blocking(move || serve_installed(&rec, &slots, &root, &cfg, &engine))
+        tokio::task::spawn_blocking(move || serve_installed(&rec, &slots, &trust, &cfg, &engine))
             .await
             .map_err(|e| AgentError::Invariant(e.to_string()))?
     };
@@ -162,6 +167,8 @@ pub async fn start(
         client: client_cell.clone(),
         credential: credential_cell.clone(),
         booted_at: edgefleet_wire::time::unix_now(),
+        trust: trust.clone(),
+        trust_problem: Arc::default(),
     };
 
     let counters = Arc::new(crate::telemetry::Counters::default());
@@ -192,6 +199,10 @@ pub async fn start(
             store.clone(),
             engine.clone(),
         )),
+        report: Some({
+            let shared = shared.clone();
+            Arc::new(move || shared.report())
+        }),
     });
     let app = api::router_with(engine.clone(), metrics.clone(), &api_cfg, Some(control));
 
@@ -228,7 +239,7 @@ pub async fn start(
         floor,
         slots,
         engine: engine.clone(),
-        root,
+        trust: trust.clone(),
         client: client_cell.clone(),
         clock: crate::updater::system_clock(),
     };
@@ -426,11 +437,19 @@ async fn poll_loop(
         match client.desired(etag.as_deref()).await {
             Ok(Poll::NotModified) => {}
             Ok(Poll::Changed { desired, etag: e }) => {
-                etag = Some(e);
-                if let Some(t) = target_of(&desired)
-                    && desired_tx.send(t).await.is_err()
-                {
-                    return;
+                // Verified under an older root, a bundle signed by new keys
+                // would be refused for good: until the device follows the
+                // fleet's trust version, hold the target and fetch the
+                // desired state again at the next poll.
+                if follow_trust(&shared, &client, &desired).await {
+                    etag = Some(e);
+                    if let Some(t) = target_of(&desired)
+                        && desired_tx.send(t).await.is_err()
+                    {
+                        return;
+                    }
+                } else {
+                    etag = None;
                 }
             }
             Err(e) => tracing::warn!(error = %e, "desired-state poll failed"),
@@ -455,6 +474,88 @@ async fn poll_loop(
             () = stop.cancelled() => return,
         }
     }
+}
+
+/// Walks to the trust version the desired state names (fetching the chain
+/// when the device is more than one version behind). Returns whether the
+/// device may act on the desired state: its trust is current and fresh.
+async fn follow_trust(
+    shared: &Shared,
+    client: &ServerClient,
+    desired: &edgefleet_wire::device::DesiredState,
+) -> bool {
+    let set_problem = |p: Option<String>| {
+        *shared
+            .trust_problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = p;
+    };
+    let wanted = match desired.trust.as_ref().map(|d| d.peek_unverified()) {
+        None => None,
+        Some(Ok(d)) => Some(d.version),
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "unreadable trust document in the desired state");
+            set_problem(Some(format!("trust_refused: {e}")));
+            return false;
+        }
+    };
+    if let Some(wanted) = wanted.filter(|w| *w > shared.trust.version()) {
+        let trust = shared.trust.clone();
+        let first: Vec<_> = desired.trust.iter().cloned().collect();
+        let mut outcome = tokio::task::spawn_blocking(move || trust.advance(&first)).await;
+        if !matches!(&outcome, Ok(Ok((v, _))) if *v >= wanted) {
+            // More than one version behind (or a gap): walk the whole chain.
+            match client.trust().await {
+                Ok(view) => {
+                    let trust = shared.trust.clone();
+                    outcome = tokio::task::spawn_blocking(move || trust.advance(&view.chain)).await;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot fetch the trust chain"),
+            }
+        }
+        match outcome {
+            Ok(Ok((v, refusal))) => {
+                shared
+                    .metrics
+                    .trust_version
+                    .store(v, std::sync::atomic::Ordering::Relaxed);
+                if v > 1 {
+                    tracing::info!(version = v, "trust version");
+                }
+                if v < wanted {
+                    let why = refusal.map_or_else(
+                        || format!("trust version {wanted} not reached (at {v})"),
+                        |e| e.to_string(),
+                    );
+                    tracing::error!(at = v, wanted, reason = %why, "trust rotation refused");
+                    shared
+                        .metrics
+                        .trust_refused
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    set_problem(Some(format!("trust_refused: {why}")));
+                    return false;
+                }
+            }
+            Ok(Err(e)) => {
+                // Persisting failed (a full disk): not used until it is kept.
+                tracing::error!(error = %e, "cannot keep the trust chain");
+                set_problem(Some(format!("trust_not_kept: {e}")));
+                return false;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "trust task failed");
+                return false;
+            }
+        }
+    }
+    let current = shared.trust.current();
+    if let Err(e) = current.check_fresh(edgefleet_wire::time::unix_now()) {
+        tracing::error!(error = %e, "not installing: the trust version expired");
+        set_problem(Some(format!("trust_expired: {e}")));
+        return false;
+    }
+    set_problem(None);
+    true
 }
 
 async fn report_loop(shared: Shared, client: ServerClient, stop: CancellationToken) {

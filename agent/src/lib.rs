@@ -12,6 +12,7 @@
 //!   (download, verify, self-test, shadow, swap, watch, rollback).
 //! - [`drift`]: rolling drift histograms and PSI alerts.
 //! - [`health`]: judging a new model in its watch window.
+//! - [`trust`]: the device's trust chain (key rotations, kept on disk);
 //! - [`floor`]: the anti-rollback floor file; [`store`]: sled behind a trait
 //!   (update record, outbox).
 //! - [`client`]: the device side of the fleet server API.
@@ -41,6 +42,7 @@ pub mod shared;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod trust;
 pub mod update;
 pub mod updater;
 

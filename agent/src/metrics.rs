@@ -19,6 +19,10 @@ pub struct Metrics {
     pub latency: Histogram,
     pub queue_depth: AtomicU64,
     pub worker_panics: AtomicU64,
+    /// The trust version bundles are verified with.
+    pub trust_version: AtomicU64,
+    /// Trust rotations refused (or not reached) from the desired state.
+    pub trust_refused: AtomicU64,
     active: Mutex<Option<ModelInfo>>,
 }
 
@@ -97,6 +101,24 @@ impl Metrics {
             "edge_agent_worker_panics_total {}",
             self.worker_panics.load(Ordering::Relaxed)
         );
+        for (name, help, kind, v) in [
+            (
+                "edge_agent_trust_version",
+                "The trust version bundles are verified with (1: the configured keys).",
+                "gauge",
+                &self.trust_version,
+            ),
+            (
+                "edge_agent_trust_refused_total",
+                "Trust rotations from the server that the device refused or could not reach.",
+                "counter",
+                &self.trust_refused,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
+        }
         let _ = writeln!(
             out,
             "# HELP edge_agent_active_model The model being served (value 1)."

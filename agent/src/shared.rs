@@ -30,6 +30,10 @@ pub struct Shared {
     pub client: Arc<OnceLock<ServerClient>>,
     pub credential: Arc<OnceLock<String>>,
     pub booted_at: u64,
+    /// The trust chain bundles are verified with.
+    pub trust: Arc<crate::trust::TrustState>,
+    /// Why the device cannot follow the fleet's trust version, if it cannot.
+    pub trust_problem: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -63,6 +67,12 @@ impl Shared {
                     "insufficient_space: the disk is (nearly) full; the store has given up its space reserve"
                         .to_string()
                 })
+            })
+            .or_else(|| {
+                self.trust_problem
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
             });
         drop(status);
         DeviceReport {
@@ -77,6 +87,7 @@ impl Shared {
             last_known_good: rec.last_known_good.clone(),
             shadow: rec.shadow.clone(),
             agent_version: Some(crate::AGENT_VERSION.to_string()),
+            trust_version: Some(self.trust.version()),
         }
     }
 }

@@ -13,6 +13,7 @@ use edge_agent::error::AgentError;
 use edge_agent::floor::FloorFile;
 use edge_agent::metrics::Metrics;
 use edge_agent::store::{OutboxRecord, PushOutcome, RecordClass, SledStore, Store};
+use edge_agent::trust::TrustState;
 use edge_agent::update::{Event, Lifecycle, Phase, Record, Target};
 use edge_agent::updater::{Ctx, Notice, RECORD_KEY, Slots, Status, Updater, system_clock};
 use edgefleet_wire::device::{BundleRef, UpdateState};
@@ -127,7 +128,13 @@ async fn a_failed_persist_runs_no_effect_until_the_record_is_written() {
         floor: FloorFile::new(dir.path()),
         slots: Slots::new(dir.path()).unwrap(),
         engine: Engine::start(EngineConfig::default(), Arc::new(Metrics::default())).unwrap(),
-        root: TrustRoot::new([signing_key_from_seed([1; 32]).verifying_key()], 1).unwrap(),
+        trust: Arc::new(
+            TrustState::with_root(
+                TrustRoot::new([signing_key_from_seed([1; 32]).verifying_key()], 1).unwrap(),
+                dir.path(),
+            )
+            .unwrap(),
+        ),
         client: Arc::new(OnceLock::new()),
         clock: system_clock(),
     };
@@ -213,7 +220,13 @@ fn apply_returns_no_effects_when_the_record_cannot_be_written() {
         floor: FloorFile::new(dir.path()),
         slots: Slots::new(dir.path()).unwrap(),
         engine: Engine::start(EngineConfig::default(), Arc::new(Metrics::default())).unwrap(),
-        root: TrustRoot::new([signing_key_from_seed([1; 32]).verifying_key()], 1).unwrap(),
+        trust: Arc::new(
+            TrustState::with_root(
+                TrustRoot::new([signing_key_from_seed([1; 32]).verifying_key()], 1).unwrap(),
+                dir.path(),
+            )
+            .unwrap(),
+        ),
         client: Arc::new(OnceLock::new()),
         clock: system_clock(),
     };

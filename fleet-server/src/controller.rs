@@ -196,7 +196,7 @@ impl Controller {
             .collect()
     }
 
-    fn terms(&self, rollout: Option<&str>) -> RolloutTerms {
+    pub fn terms(&self, rollout: Option<&str>) -> RolloutTerms {
         rollout
             .and_then(|id| {
                 self.rollouts
@@ -287,11 +287,16 @@ impl Controller {
             let Some(cell) = self.fleet.get(&id) else {
                 continue;
             };
-            let doc = Arc::new(DesiredDoc::of(&desired, &self.terms(Some(&rollout_id))));
+            let terms = self.terms(Some(&rollout_id));
             {
                 let mut d = lock(&cell);
+                // Read under the lock: see Fleet::set_trust.
+                d.doc = Arc::new(DesiredDoc::of(
+                    &desired,
+                    &terms,
+                    self.fleet.trust_doc().as_deref(),
+                ));
                 d.rec.desired = desired;
-                d.doc = doc;
             }
             if let Some(n) = &self.notify {
                 // A device that misses a notice polls anyway.

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use edgefleet_wire::api::v1::DeviceView;
 use edgefleet_wire::device::{DesiredState, ShadowRequest, WatchPolicy};
+use edgefleet_wire::trust::SignedTrust;
 
 use crate::store::{Desired, DeviceRecord};
 
@@ -30,7 +31,7 @@ pub struct RolloutTerms {
 }
 
 impl DesiredDoc {
-    pub fn of(d: &Desired, terms: &RolloutTerms) -> DesiredDoc {
+    pub fn of(d: &Desired, terms: &RolloutTerms, trust: Option<&SignedTrust>) -> DesiredDoc {
         let state = DesiredState {
             download: d
                 .bundle
@@ -42,6 +43,7 @@ impl DesiredDoc {
             // An abort's rollback is judged by the device's own limits.
             watch: terms.watch.clone().filter(|_| !d.rollback),
             shadow: terms.shadow.clone().filter(|_| !d.rollback),
+            trust: trust.cloned(),
         };
         let body = serde_json::to_vec(&state).unwrap_or_else(|_| b"{}".to_vec());
         let etag = format!(
@@ -74,12 +76,22 @@ pub struct Fleet {
     credentials: RwLock<HashMap<String, String>>,
     /// Bumped when devices join or leave or change tags (cohort caches).
     generation: AtomicU64,
+    /// The newest trust document, part of every desired state.
+    trust: RwLock<Option<Arc<SignedTrust>>>,
 }
 
 impl Fleet {
     /// The inventory as loaded; `terms` gives each device's rollout terms.
-    pub fn load(records: Vec<DeviceRecord>, terms: impl Fn(Option<&str>) -> RolloutTerms) -> Fleet {
-        let f = Fleet::default();
+    pub fn load(
+        records: Vec<DeviceRecord>,
+        terms: impl Fn(Option<&str>) -> RolloutTerms,
+        trust: Option<SignedTrust>,
+    ) -> Fleet {
+        let f = Fleet {
+            trust: RwLock::new(trust.map(Arc::new)),
+            ..Fleet::default()
+        };
+        let doc_trust = f.trust_doc();
         {
             let mut devices = f.devices.write().unwrap_or_else(|e| e.into_inner());
             let mut creds = f.credentials.write().unwrap_or_else(|e| e.into_inner());
@@ -87,6 +99,7 @@ impl Fleet {
                 let doc = Arc::new(DesiredDoc::of(
                     &rec.desired,
                     &terms(rec.desired.rollout.as_deref()),
+                    doc_trust.as_deref(),
                 ));
                 if !rec.is_revoked() {
                     creds.insert(rec.identity.credential_sha256.clone(), rec.id.clone());
@@ -95,6 +108,28 @@ impl Fleet {
             }
         }
         f
+    }
+
+    /// The newest trust document (none before the first rotation).
+    pub fn trust_doc(&self) -> Option<Arc<SignedTrust>> {
+        self.trust.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts a new trust document in every desired state. Writers of a
+    /// device's document read the trust document under the device's lock,
+    /// after this stored it, so none keeps the old one.
+    pub fn set_trust(&self, doc: SignedTrust, terms: impl Fn(Option<&str>) -> RolloutTerms) {
+        let doc = Arc::new(doc);
+        *self.trust.write().unwrap_or_else(|e| e.into_inner()) = Some(doc.clone());
+        for cell in self.cells() {
+            let mut d = lock(&cell);
+            let rebuilt = DesiredDoc::of(
+                &d.rec.desired,
+                &terms(d.rec.desired.rollout.as_deref()),
+                Some(&doc),
+            );
+            d.doc = Arc::new(rebuilt);
+        }
     }
 
     pub fn generation(&self) -> u64 {
@@ -149,7 +184,11 @@ impl Fleet {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(rec.identity.credential_sha256.clone(), rec.id.clone());
-        let doc = Arc::new(DesiredDoc::of(&rec.desired, &RolloutTerms::default()));
+        let doc = Arc::new(DesiredDoc::of(
+            &rec.desired,
+            &RolloutTerms::default(),
+            self.trust_doc().as_deref(),
+        ));
         devices.insert(rec.id.clone(), Arc::new(Mutex::new(Device { rec, doc })));
         drop(devices);
         self.touch_generation();
@@ -240,6 +279,7 @@ pub fn view(d: &DeviceRecord) -> DeviceView {
         reason: report.and_then(|r| r.reason.clone()),
         retries: report.map_or(0, |r| r.retries),
         degraded: report.and_then(|r| r.degraded.clone()),
+        trust_version: report.and_then(|r| r.trust_version),
         health: report.map(|r| r.health.clone()),
         last_known_good: report.and_then(|r| r.last_known_good.clone()),
         shadow: report.and_then(|r| r.shadow.clone()),
@@ -303,9 +343,12 @@ mod tests {
     #[test]
     fn the_etag_changes_with_the_desired_state_and_only_then() {
         let mut d = Desired::default();
-        let a = DesiredDoc::of(&d, &RolloutTerms::default());
-        assert_eq!(a, DesiredDoc::of(&d, &RolloutTerms::default()));
+        let a = DesiredDoc::of(&d, &RolloutTerms::default(), None);
+        assert_eq!(a, DesiredDoc::of(&d, &RolloutTerms::default(), None));
         d.rollout = Some("r1".into());
-        assert_ne!(a.etag, DesiredDoc::of(&d, &RolloutTerms::default()).etag);
+        assert_ne!(
+            a.etag,
+            DesiredDoc::of(&d, &RolloutTerms::default(), None).etag
+        );
     }
 }

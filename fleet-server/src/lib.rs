@@ -40,4 +40,5 @@ pub mod registry;
 pub mod rollout;
 pub mod server;
 pub mod store;
+pub mod trust;
 pub mod writer;

@@ -56,6 +56,8 @@ impl utoipa::Modify for BearerAuth {
         crate::api::admin::create_token,
         crate::api::admin::list_tokens,
         crate::api::admin::revoke_token,
+        crate::api::trust::get,
+        crate::api::trust::rotate,
         crate::api::rollouts::create,
         crate::api::rollouts::list,
         crate::api::rollouts::get_one,
@@ -71,7 +73,7 @@ impl utoipa::Modify for BearerAuth {
         (name = "devices", description = "Enrollment and the inventory"),
         (name = "device", description = "Endpoints for devices, with their own credential"),
         (name = "rollouts", description = "Staged rollouts with health gates"),
-        (name = "admin", description = "Enrollment tokens, the audit log"),
+        (name = "admin", description = "Enrollment tokens, the audit log, trust-root rotation"),
         (name = "mqtt", description = "Auth and ACL decisions for external brokers (EMQX HTTP auth/authorization)"),
         (name = "server", description = "Metrics, this document"),
     )

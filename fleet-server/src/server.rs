@@ -118,9 +118,15 @@ pub async fn start(
         "store loaded"
     );
     let terms = Controller::terms_table(&snapshot.rollouts);
-    let fleet = Arc::new(Fleet::load(snapshot.devices, |r| {
-        r.and_then(|id| terms.get(id).cloned()).unwrap_or_default()
-    }));
+    let trust = Arc::new(crate::trust::TrustChain::load(trust, &snapshot.trust)?);
+    if trust.current().version() > 1 {
+        tracing::info!(version = trust.current().version(), "trust chain loaded");
+    }
+    let fleet = Arc::new(Fleet::load(
+        snapshot.devices,
+        |r| r.and_then(|id| terms.get(id).cloned()).unwrap_or_default(),
+        trust.newest_document(),
+    ));
     let (writer, writer_thread) =
         Writer::start(store.clone(), WRITE_QUEUE).map_err(|e| Error::io("store writer", e))?;
     let registry = Arc::new(Registry::open(&config.data_dir, snapshot.bundles)?);

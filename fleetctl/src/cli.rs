@@ -16,11 +16,13 @@ use edgefleet_wire::names::ModelName;
 use edgefleet_wire::verify::{Expiry, TrustRoot, open_bundle};
 use serde_json::json;
 
+use ed25519_dalek::SigningKey;
 use edgefleet_wire::api::v1::{
     CreateEnrollmentToken, CreateRollout, DeviceView, EnrollmentTokenView, Gates, RolloutAction,
-    RolloutView, Stage,
+    RolloutView, Stage, TrustView,
 };
 use edgefleet_wire::time::unix_now as now_unix;
+use edgefleet_wire::trust::{SignedTrust, TrustDoc};
 
 use crate::client::{Client, DeviceFilter};
 use crate::duration::{parse_duration, rfc3339};
@@ -70,6 +72,60 @@ pub enum Command {
     /// Per-batch enrollment tokens (admin): expiry, use count, fixed tags.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The fleet's trust root: show it, rotate signing keys (admin).
+    #[command(subcommand)]
+    Trust(TrustCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TrustCommand {
+    /// The trust version now, its keys and threshold.
+    Show {
+        /// Also write the newest signed trust document here (provisioning
+        /// new boards: `[trust] document` in their agent.toml).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish the next trust version: OLD's key out, NEW's key in, signed
+    /// by both (plus --sign-key holders when the threshold needs more).
+    Rotate {
+        /// Secret key being rotated out (it signs the hand-over).
+        #[arg(long, value_name = "OLD.key")]
+        old_key: PathBuf,
+        /// Secret key rotated in (it signs too: proof the new holder has it).
+        #[arg(long, value_name = "NEW.key")]
+        new_key: PathBuf,
+        /// More signing keys, old or new (repeatable).
+        #[arg(long = "sign-key", value_name = "KEY.key")]
+        sign_keys: Vec<PathBuf>,
+        /// Threshold of the new version. Default: the current one, at most
+        /// the number of keys.
+        #[arg(long)]
+        threshold: Option<u32>,
+        /// Validity of the new version, e.g. 365d.
+        #[arg(long, default_value = "365d")]
+        expires_in: String,
+        /// Write the signed document here for more signatures (`trust sign`)
+        /// instead of publishing it.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a signature to a trust document written by `rotate --out`.
+    Sign {
+        file: PathBuf,
+        #[arg(long = "key", value_name = "KEY.key", required = true)]
+        keys: Vec<PathBuf>,
+    },
+    /// Publish a signed trust document.
+    Push {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -333,6 +389,8 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Rollout(cmd) => rollout_cmd(&client()?, cmd),
         Command::Token(cmd) => token_cmd(&client()?, cmd),
+        Command::Trust(TrustCommand::Sign { file, keys }) => trust_sign(&file, &keys),
+        Command::Trust(cmd) => trust_cmd(&client()?, cmd),
         Command::Keygen { out, force } => keygen(&out, force),
         Command::Bundle(BundleCommand::Pack(args)) => pack_cmd(*args),
         Command::Bundle(BundleCommand::Verify {
@@ -889,6 +947,135 @@ fn token_cmd(c: &Client, cmd: TokenCommand) -> Result<()> {
             println!("revoked {}", clean(&t.name));
         }
     }
+    Ok(())
+}
+
+fn read_secret(p: &Path) -> Result<SigningKey> {
+    decode_secret_key(&read_text(p)?).map_err(|source| Error::File {
+        path: p.to_path_buf(),
+        source,
+    })
+}
+
+fn read_trust(p: &Path) -> Result<SignedTrust> {
+    serde_json::from_str(&read_text(p)?).map_err(|e| Error::Usage(format!("{}: {e}", p.display())))
+}
+
+fn write_trust(p: &Path, doc: &SignedTrust) -> Result<()> {
+    let text = serde_json::to_string_pretty(doc).map_err(|e| Error::Usage(e.to_string()))?;
+    std::fs::write(p, text + "\n").map_err(|e| Error::io(p, e))
+}
+
+fn print_trust(v: &TrustView) {
+    println!(
+        "trust version {}: threshold {} of {} key(s), {}",
+        v.version,
+        v.threshold,
+        v.keys.len(),
+        v.expires_at.map_or_else(
+            || "the configured keys (no expiry)".to_string(),
+            |t| format!("expires {}", rfc3339(t))
+        )
+    );
+    for k in &v.keys {
+        let id = hex::decode(k)
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .and_then(|b| ed25519_dalek::VerifyingKey::from_bytes(&b).ok())
+            .map_or_else(|| "?".to_string(), |pk| KeyId::of(&pk).short());
+        println!("  key {id}  {}", clean(k));
+    }
+}
+
+fn trust_sign(file: &Path, keys: &[PathBuf]) -> Result<()> {
+    let mut doc = read_trust(file)?;
+    let version = doc.peek_unverified()?.version;
+    for k in keys {
+        doc.add_signature(&read_secret(k)?);
+    }
+    write_trust(file, &doc)?;
+    eprintln!(
+        "trust version {version}: {} signature(s) in {}",
+        doc.signatures.len(),
+        file.display()
+    );
+    Ok(())
+}
+
+fn trust_cmd(c: &Client, cmd: TrustCommand) -> Result<()> {
+    let (view, json) = match cmd {
+        TrustCommand::Show { out, json } => {
+            let v = c.get_trust()?;
+            if let Some(out) = out {
+                let doc = v.chain.last().ok_or_else(|| {
+                    Error::Usage(
+                        "the fleet is at trust version 1 (its configured keys): there is no \
+                         signed document yet; provision boards with [trust] keys"
+                            .into(),
+                    )
+                })?;
+                write_trust(&out, doc)?;
+                eprintln!("wrote trust version {} to {}", v.version, out.display());
+            }
+            (v, json)
+        }
+        TrustCommand::Rotate {
+            old_key,
+            new_key,
+            sign_keys,
+            threshold,
+            expires_in,
+            out,
+            json,
+        } => {
+            let old = read_secret(&old_key)?;
+            let new = read_secret(&new_key)?;
+            let current = c.get_trust()?;
+            let old_hex = hex::encode(old.verifying_key().as_bytes());
+            let new_hex = hex::encode(new.verifying_key().as_bytes());
+            if !current.keys.contains(&old_hex) {
+                return Err(Error::Usage(format!(
+                    "{}: not a key of trust version {} (nothing to rotate out)",
+                    old_key.display(),
+                    current.version
+                )));
+            }
+            let mut keys: Vec<ed25519_dalek::VerifyingKey> = Vec::new();
+            for k in current
+                .keys
+                .iter()
+                .filter(|k| **k != old_hex && **k != new_hex)
+            {
+                keys.push(decode_public_key(&format!("edgefleet-ed25519-public {k}"))?);
+            }
+            keys.push(new.verifying_key());
+            let threshold = threshold
+                .unwrap_or(current.threshold)
+                .min(keys.len() as u32);
+            let expires_at = edgefleet_wire::time::unix_now() + parse_duration(&expires_in)?;
+            let next = TrustDoc::new(current.version + 1, &keys, threshold, expires_at)?;
+            let mut signers = vec![old, new];
+            for k in &sign_keys {
+                signers.push(read_secret(k)?);
+            }
+            let doc = SignedTrust::sign(&next, &signers.iter().collect::<Vec<_>>())?;
+            if let Some(out) = out {
+                write_trust(&out, &doc)?;
+                eprintln!(
+                    "wrote trust version {} with {} signature(s) to {}; add more with \
+                     `fleetctl trust sign`, publish with `fleetctl trust push`",
+                    next.version,
+                    doc.signatures.len(),
+                    out.display()
+                );
+                return Ok(());
+            }
+            (c.push_trust(&doc)?, json)
+        }
+        TrustCommand::Push { file, json } => (c.push_trust(&read_trust(&file)?)?, json),
+        TrustCommand::Sign { .. } => unreachable!("handled without a server"),
+    };
+    print_or(json, &view, || print_trust(&view));
     Ok(())
 }
 

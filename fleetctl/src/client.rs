@@ -6,8 +6,9 @@ use std::io::Read;
 
 use edgefleet_wire::api::v1::{
     AuditEntry, BundleView, CreateEnrollmentToken, CreateRollout, CreatedEnrollmentToken,
-    DeviceView, EnrollmentTokenView, ErrorBody, RolloutAction, RolloutView,
+    DeviceView, EnrollmentTokenView, ErrorBody, RolloutAction, RolloutView, TrustView,
 };
+use edgefleet_wire::trust::SignedTrust;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
@@ -246,6 +247,18 @@ impl Client {
             self.base,
             urlencode(name)
         )))
+    }
+
+    pub fn get_trust(&self) -> Result<TrustView> {
+        self.get("/api/v1/trust")
+    }
+
+    pub fn push_trust(&self, doc: &SignedTrust) -> Result<TrustView> {
+        self.send(
+            self.http
+                .post(format!("{}/api/v1/trust", self.base))
+                .json(doc),
+        )
     }
 
     pub fn rollout_action(&self, id: &str, action: RolloutAction) -> Result<RolloutView> {

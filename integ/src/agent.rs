@@ -80,3 +80,134 @@ pub fn floor_sequence(data: &Path, model: &str) -> u64 {
         Err(_) => 0,
     }
 }
+
+/// An agent in the test process (`edge_agent::daemon::start`), with the
+/// tests' timings: polls and reports every second, short watch window,
+/// fast retries. Stops when [`InProcAgent::stop`] is awaited.
+pub struct InProcAgent {
+    /// `http://127.0.0.1:<port>` of its local API.
+    pub url: String,
+    pub http: reqwest::Client,
+    stop: tokio_util::sync::CancellationToken,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for InProcAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProcAgent")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl InProcAgent {
+    /// The tests' agent config: enrolls at `server` as `id` tagged
+    /// `board=<board>`, state in `data/state`, trusting the key files in
+    /// `trust` (threshold 1).
+    pub fn config(
+        server_url: &str,
+        data: &Path,
+        id: &str,
+        board: &str,
+        trust: Vec<std::path::PathBuf>,
+    ) -> edge_agent::config::AgentConfig {
+        std::fs::create_dir_all(data).expect("agent dir");
+        let mut c = edge_agent::config::AgentConfig {
+            device_id: Some(id.into()),
+            data_dir: data.join("state"),
+            ..Default::default()
+        };
+        c.tags.insert("board".into(), board.into());
+        c.server.url = Some(server_url.into());
+        c.server.enrollment_token = Some(crate::fleet::ENROLL.into());
+        c.server.poll_interval_secs = 1;
+        c.server.report_interval_secs = 1;
+        c.trust.keys = trust;
+        c.http.listen = "127.0.0.1:0".parse().expect("address");
+        c.engine.queue = 64;
+        c.update.watch_secs = 2;
+        c.update.watch_min_inferences = 10;
+        c.update.retry_min_ms = 100;
+        c.update.retry_max_ms = 1000;
+        // Tests run in parallel on 2 cores: tolerate scheduling noise.
+        c.update.max_p95_ratio = 3.0;
+        c.update.p95_slack_ms = 20.0;
+        c
+    }
+
+    pub async fn start(cfg: edge_agent::config::AgentConfig) -> InProcAgent {
+        let stop = tokio_util::sync::CancellationToken::new();
+        // After a stop in this process, connection tasks of the old local
+        // API may hold its store for a moment (a new process would not).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let (addr, _, run) = loop {
+            match edge_agent::daemon::start(cfg.clone(), stop.clone()).await {
+                Ok(started) => break started,
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("the agent starts: {e}"),
+            }
+        };
+        let done = tokio::spawn(async move {
+            run.await.expect("the agent runs until stopped");
+        });
+        InProcAgent {
+            url: format!("http://{addr}"),
+            http: edge_agent::tls::default_client(),
+            stop,
+            done,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.done.await.expect("the agent task");
+    }
+
+    /// `GET /v1/status`.
+    pub async fn status(&self) -> Value {
+        self.http
+            .get(format!("{}/v1/status", self.url))
+            .send()
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("status JSON")
+    }
+
+    /// The version of the model being served, if any.
+    pub async fn model_version(&self) -> Option<String> {
+        let r = self
+            .http
+            .get(format!("{}/v1/model", self.url))
+            .send()
+            .await
+            .ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        let v: Value = r.json().await.ok()?;
+        v["version"].as_str().map(str::to_string)
+    }
+
+    /// Waits until `pred` holds on the status, or panics with the last one.
+    pub async fn wait_for(&self, what: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            let s = self.status().await;
+            if pred(&s) {
+                return s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}; last status: {s:#}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+}

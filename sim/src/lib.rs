@@ -769,6 +769,7 @@ async fn device_main(
                 agent_version: Some("0.1.0".into()),
                 retries: 0,
                 degraded: None,
+                trust_version: None,
             };
             let t = Instant::now();
             match http

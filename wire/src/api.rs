@@ -36,6 +36,21 @@ pub mod v1 {
         vec!["board".into()]
     }
 
+    /// `GET /api/v1/trust`: the fleet's trust version now and the chain of
+    /// signed documents since the configured keys (version 1).
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+    pub struct TrustView {
+        pub version: u64,
+        /// Public keys of this version, 64 hex characters each.
+        pub keys: Vec<String>,
+        pub threshold: u32,
+        /// None for the configured keys (version 1).
+        pub expires_at: Option<u64>,
+        /// Versions 2.. in order; empty before the first rotation.
+        pub chain: Vec<crate::trust::SignedTrust>,
+    }
+
     /// A token as listed (never the secret or its hash).
     #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
     #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -145,6 +160,9 @@ pub mod v1 {
         /// `insufficient_space: …`).
         #[serde(default)]
         pub degraded: Option<String>,
+        /// The trust version the device verifies bundles with (reported).
+        #[serde(default)]
+        pub trust_version: Option<u64>,
         pub health: Option<Health>,
         pub last_known_good: Option<BundleRef>,
         pub shadow: Option<ShadowAgreement>,

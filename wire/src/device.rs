@@ -90,6 +90,10 @@ pub struct DesiredState {
     /// Shadow the candidate before activating it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<ShadowRequest>,
+    /// The fleet's newest trust document (after a key rotation). A device
+    /// more than one version behind fetches the chain from `/api/v1/trust`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<crate::trust::SignedTrust>,
 }
 
 /// Update lifecycle state as the device reports it.
@@ -178,6 +182,10 @@ pub struct DeviceReport {
     /// `insufficient_space: …` (its disk is full) or `store_io_error: …`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub degraded: Option<String>,
+    /// The trust version the device verifies bundles with (1: its
+    /// configured keys; higher after rotations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_version: Option<u64>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -207,6 +215,7 @@ mod tests {
             agent_version: None,
             retries: 0,
             degraded: None,
+            trust_version: None,
         };
         let s = serde_json::to_string(&r).unwrap();
         assert!(s.contains("\"rolled_back\""), "{s}");

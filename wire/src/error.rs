@@ -48,6 +48,16 @@ pub enum Error {
         expected: u64,
         actual: u64,
     },
+    #[error("rotation refused: trust version {version}: {detail}")]
+    RotationRefused { version: u64, detail: String },
+    #[error(
+        "trust expired: trust version {version} expired at {expires_at} (unix), now is {now}; publish a new version"
+    )]
+    TrustExpired {
+        version: u64,
+        expires_at: u64,
+        now: u64,
+    },
     #[error("malformed {what}: {detail}")]
     Malformed { what: &'static str, detail: String },
     #[error("invalid {what}: {detail}")]
@@ -75,6 +85,8 @@ impl Error {
             Error::Expired { .. } => "expired",
             Error::HashMismatch { .. } => "hash_mismatch",
             Error::LengthMismatch { .. } => "length_mismatch",
+            Error::RotationRefused { .. } => "rotation_refused",
+            Error::TrustExpired { .. } => "trust_expired",
             Error::Malformed { .. } => "malformed",
             Error::Invalid { .. } => "invalid",
             Error::Io { .. } => "io",

@@ -3,7 +3,7 @@
 //! Files are one line of text so they can be pasted into a config file:
 //! `edgefleet-ed25519-public <64 hex>` and `edgefleet-ed25519-secret <64 hex>`.
 
-use ed25519_dalek::{SigningKey, VerifyingKey};
+pub use ed25519_dalek::{SigningKey, VerifyingKey};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};

@@ -17,6 +17,7 @@
 //! - [`device`]: the device ↔ server protocol (enroll, desired, report).
 //! - [`telemetry`]: MQTT topics and payloads (state, telemetry, events, commands).
 //! - [`verify`]: the trust root and the only way to obtain a [`verify::Verified`] manifest.
+//! - [`trust`]: signed trust documents and the rotation rule (a TUF-style root chain).
 //! - [`api`]: the operator API's request and response bodies (`api::v1`).
 //! - [`backoff`]: the one retry policy; [`stats`]: the one percentile.
 //! - [`prom`]: Prometheus text helpers; [`time`]: the wall clock in unix seconds.
@@ -37,6 +38,7 @@ pub mod stats;
 pub mod telemetry;
 pub mod tensor;
 pub mod time;
+pub mod trust;
 pub mod verify;
 
 pub use error::{Error, Result};

@@ -41,6 +41,15 @@ impl TrustRoot {
     pub fn key_ids(&self) -> impl Iterator<Item = &KeyId> {
         self.keys.keys()
     }
+
+    /// The trusted public keys, in key-id order.
+    pub fn keys(&self) -> impl Iterator<Item = &VerifyingKey> {
+        self.keys.values()
+    }
+
+    pub fn contains(&self, id: &KeyId) -> bool {
+        self.keys.contains_key(id)
+    }
 }
 
 /// Whether to enforce the manifest's expiry, and against which clock.
@@ -109,13 +118,38 @@ pub fn verify(
     signed: &Signed<Manifest>,
     expiry: Expiry,
 ) -> Result<Verified<Manifest>> {
-    let msg = signing_message(signed.bytes());
+    let signers = check_signatures(root, &signing_message(signed.bytes()), signed.signatures())?;
+    let value = decode_manifest(signed.bytes())?;
+    value.validate()?;
+    if let Expiry::Enforce { now } = expiry
+        && now >= value.expires_at
+    {
+        return Err(Error::Expired {
+            expires_at: value.expires_at,
+            now,
+        });
+    }
+    Ok(Verified {
+        value,
+        bytes: signed.bytes().to_vec(),
+        signers,
+    })
+}
+
+/// Checks `signatures` over `msg` against the root: returns the distinct
+/// trusted signers when they meet its threshold. A signature by a trusted
+/// key that fails is tampering, even if others would meet the threshold.
+pub(crate) fn check_signatures(
+    root: &TrustRoot,
+    msg: &[u8],
+    signatures: &[crate::bundle::SignatureEntry],
+) -> Result<Vec<KeyId>> {
     let mut signers: Vec<KeyId> = Vec::new();
     let mut unknown: Vec<KeyId> = Vec::new();
-    for entry in signed.signatures() {
+    for entry in signatures {
         match root.keys.get(&entry.key_id) {
             Some(key) => {
-                key.verify_strict(&msg, &entry.signature)
+                key.verify_strict(msg, &entry.signature)
                     .map_err(|_| Error::BadSignature {
                         key_id: entry.key_id.short(),
                     })?;
@@ -141,21 +175,7 @@ pub fn verify(
             threshold: root.threshold,
         });
     }
-    let value = decode_manifest(signed.bytes())?;
-    value.validate()?;
-    if let Expiry::Enforce { now } = expiry
-        && now >= value.expires_at
-    {
-        return Err(Error::Expired {
-            expires_at: value.expires_at,
-            now,
-        });
-    }
-    Ok(Verified {
-        value,
-        bytes: signed.bytes().to_vec(),
-        signers,
-    })
+    Ok(signers)
 }
 
 /// Reads and fully verifies a bundle from a stream: header, signatures,

@@ -28,7 +28,6 @@ use std::time::Duration;
 
 use edgefleet_wire::backoff::Backoff;
 use edgefleet_wire::device::{BundleRef, DesiredState, ShadowAgreement};
-use edgefleet_wire::verify::TrustRoot;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch as watch_channel};
 use tokio_util::sync::CancellationToken;
@@ -120,7 +119,7 @@ pub struct Ctx {
     pub floor: FloorFile,
     pub slots: Slots,
     pub engine: Arc<Engine>,
-    pub root: TrustRoot,
+    pub trust: Arc<crate::trust::TrustState>,
     pub client: Arc<OnceLock<ServerClient>>,
     pub clock: Clock,
 }

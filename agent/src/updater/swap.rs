@@ -71,7 +71,7 @@ pub(super) async fn rollback(ctx: &Ctx, to: Option<BundleRef>) -> Outcome {
     let ctx2 = ctx.clone();
     let to2 = to.clone();
     let loaded: Result<ActiveModel, AgentError> =
-        blocking(move || load_installed(&ctx2.slots, &ctx2.root, &to2, &ctx2.cfg)).await;
+        blocking(move || load_installed(&ctx2.slots, &ctx2.trust, &to2, &ctx2.cfg)).await;
     match loaded {
         Ok(m) => {
             // The last known good bundle ran here, so it is on the floor's

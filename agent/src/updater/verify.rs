@@ -5,7 +5,7 @@
 use edgefleet_wire::bundle::Limits;
 use edgefleet_wire::device::BundleRef;
 use edgefleet_wire::time::unix_now;
-use edgefleet_wire::verify::{Expiry, TrustRoot};
+use edgefleet_wire::verify::Expiry;
 
 use super::slots::{Slots, file_content_address};
 use super::{Ctx, Outcome};
@@ -13,6 +13,7 @@ use crate::bundle::open_file_with;
 use crate::config::AgentConfig;
 use crate::engine::{ActiveModel, prepare};
 use crate::error::AgentError;
+use crate::trust::TrustState;
 use crate::update::{Event, Target};
 
 /// Checks the staged file of `target`; a refusal is final for the bundle.
@@ -29,9 +30,14 @@ pub(super) fn verify(ctx: &Ctx, target: &Target) -> Outcome {
         }
         Err(e) => return reject(e.to_string()),
     }
+    // Installs follow the newest trust version only, and only while it is fresh.
+    let trusted = ctx.trust.current();
+    if let Err(e) = trusted.check_fresh(unix_now()) {
+        return reject(format!("{} ({})", e, e.code()));
+    }
     let tb = match open_file_with(
         &path,
-        &ctx.root,
+        trusted.root(),
         &Limits::default(),
         Expiry::Enforce { now: unix_now() },
     ) {
@@ -57,19 +63,28 @@ pub(super) fn verify(ctx: &Ctx, target: &Target) -> Outcome {
 /// Loads a bundle already installed here (active or last known good).
 /// Expiry is not enforced: it was checked when the bundle was installed,
 /// and an expired model keeps serving rather than leave the device with
-/// none (the signature and digests are still checked).
+/// none (the signature and digests are still checked, against the newest
+/// trust version that knows the signer: see [`crate::trust`]).
 pub fn load_installed(
     slots: &Slots,
-    root: &TrustRoot,
+    trust: &TrustState,
     b: &BundleRef,
     cfg: &AgentConfig,
 ) -> Result<ActiveModel, AgentError> {
-    let tb = open_file_with(
-        &slots.bundle(&b.id),
-        root,
-        &Limits::default(),
-        Expiry::Ignore,
-    )?;
+    let path = slots.bundle(&b.id);
+    let mut roots = trust.roots_newest_first().into_iter().peekable();
+    let tb = loop {
+        let Some(root) = roots.next() else {
+            return Err(AgentError::Invariant("a trust chain has a root".into()));
+        };
+        match open_file_with(&path, &root, &Limits::default(), Expiry::Ignore) {
+            Ok(tb) => break tb,
+            Err(AgentError::Bundle { source, .. })
+                if roots.peek().is_some()
+                    && matches!(source.code(), "unknown_key" | "threshold_not_met") => {}
+            Err(e) => return Err(e),
+        }
+    };
     let (mut m, _) = prepare(&tb)?;
     m.bundle_id = b.id.clone();
     m.faults = super::faults_for(cfg, &m.info.name, &m.info.version);

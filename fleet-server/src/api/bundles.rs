@@ -101,7 +101,15 @@ pub async fn push(
 
     // Verify from the file, streaming (signatures, expiry, both digests).
     let path = upload.path.clone();
-    let trust = s.trust.clone();
+    let current = s.trust.current();
+    current.check_fresh(now()).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            e.code(),
+            format!("bundle rejected: {e}"),
+        )
+    })?;
+    let trust = current.root().clone();
     let manifest = tokio::task::spawn_blocking(move || {
         let f = std::fs::File::open(&path)?;
         Ok::<_, std::io::Error>(check_bundle(

@@ -11,13 +11,15 @@
 //! - [`devices`]: enrollment, the inventory, tags, revocation;
 //! - [`device`]: what devices call (desired state, report);
 //! - [`rollouts`]: create, list, status, pause/resume/abort/promote;
-//! - [`admin`]: enrollment tokens, the audit log.
+//! - [`admin`]: enrollment tokens, the audit log;
+//! - [`trust`]: the trust chain and its rotation.
 
 pub mod admin;
 pub mod bundles;
 pub mod device;
 pub mod devices;
 pub mod rollouts;
+pub mod trust;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -29,7 +31,6 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use edgefleet_wire::api::v1::AuditEntry;
-use edgefleet_wire::verify::TrustRoot;
 use http_body_util::BodyExt as _;
 use serde::de::DeserializeOwned;
 
@@ -53,7 +54,7 @@ pub struct AppState {
     pub writer: Writer,
     pub controller: Arc<Controller>,
     pub registry: Arc<Registry>,
-    pub trust: TrustRoot,
+    pub trust: Arc<crate::trust::TrustChain>,
     pub tokens: Tokens,
     pub enrollment: Arc<Enrollment>,
     pub downloads: Arc<tokio::sync::Semaphore>,
@@ -221,6 +222,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/device/desired", get(device::desired))
         .route("/api/v1/device/report", post(device::report))
         .route("/api/v1/audit", get(admin::audit))
+        .route("/api/v1/trust", get(trust::get).post(trust::rotate))
         .route(
             "/api/v1/enrollment-tokens",
             post(admin::create_token).get(admin::list_tokens),

@@ -215,6 +215,8 @@ pub enum Write {
     /// Delete a device and everything about it.
     RemoveDevice(String),
     EnrollmentToken(EnrollmentToken),
+    /// A new trust version (the server checked it follows the chain).
+    Trust(edgefleet_wire::trust::SignedTrust),
 }
 
 /// Everything the server holds in memory, read once at start.
@@ -224,6 +226,8 @@ pub struct Snapshot {
     pub devices: Vec<DeviceRecord>,
     pub rollouts: Vec<Rollout>,
     pub enrollment_tokens: Vec<EnrollmentToken>,
+    /// Trust versions 2.., as stored (walked from the configured keys at start).
+    pub trust: Vec<edgefleet_wire::trust::SignedTrust>,
 }
 
 /// Storage the server needs. Implementations must make `commit` atomic

@@ -249,6 +249,7 @@ impl Store for SledStore {
             bundles: self.scan("b/")?,
             rollouts: self.scan("r/")?,
             enrollment_tokens: self.scan("t/")?,
+            trust: self.scan("k/")?,
             devices: Vec::new(),
         };
         // d/{id}/{part}: parts of one device are adjacent.
@@ -364,6 +365,14 @@ impl Store for SledStore {
                     events.remove(id);
                 }
                 Write::EnrollmentToken(t) => put(&mut batch, format!("t/{}", t.name), enc(t)?),
+                Write::Trust(doc) => {
+                    // Keyed by version: scans return the chain in order.
+                    let version = doc
+                        .peek_unverified()
+                        .map_err(|e| crate::error::Error::Store(format!("trust document: {e}")))?
+                        .version;
+                    put(&mut batch, format!("k/{version:020}"), enc(doc)?);
+                }
             }
         }
         batch.insert(AUDIT_SEQ, &seq.to_be_bytes());
