@@ -73,6 +73,11 @@ pub struct ServerSection {
     /// PEM roots trusted for an `https://` server URL. Default: the
     /// system store.
     pub ca_file: Option<PathBuf>,
+    /// The device's client certificate (PEM) and key for an `https://`
+    /// server that checks them (`[http] client_ca` on the server). The
+    /// certificate names the device id (subjectAltName DNS).
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
 }
 
 impl Default for ServerSection {
@@ -86,6 +91,8 @@ impl Default for ServerSection {
             report_interval_secs: 30,
             timeout_secs: 15,
             ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
         }
     }
 }
@@ -307,6 +314,8 @@ impl AgentConfig {
         }
         for p in [
             &mut cfg.server.ca_file,
+            &mut cfg.server.client_cert_file,
+            &mut cfg.server.client_key_file,
             &mut cfg.mqtt.ca_file,
             &mut cfg.mqtt.client_cert_file,
             &mut cfg.mqtt.client_key_file,
@@ -343,7 +352,8 @@ impl AgentConfig {
     pub fn server_tls(&self) -> crate::tls::TlsFiles {
         crate::tls::TlsFiles {
             ca_file: self.server.ca_file.clone(),
-            ..Default::default()
+            client_cert_file: self.server.client_cert_file.clone(),
+            client_key_file: self.server.client_key_file.clone(),
         }
     }
 

@@ -53,6 +53,23 @@ pub struct HttpConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// PEM CA(s) that issue device client certificates. With it, a device
+    /// may present one (mutual TLS); it must name the device (a
+    /// subjectAltName DNS entry equal to the device id).
+    pub client_ca: Option<PathBuf>,
+    /// `optional` (default): a certificate, when presented, must name the
+    /// device; `required`: device requests and enrollments without one are
+    /// refused. Operators never need one.
+    pub device_certs: DeviceCerts,
+}
+
+/// Whether devices must present a client certificate (`[http] device_certs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceCerts {
+    #[default]
+    Optional,
+    Required,
 }
 
 impl Default for HttpConfig {
@@ -65,6 +82,8 @@ impl Default for HttpConfig {
             idle_timeout_secs: 30,
             tls_cert: None,
             tls_key: None,
+            client_ca: None,
+            device_certs: DeviceCerts::Optional,
         }
     }
 }

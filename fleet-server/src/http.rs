@@ -40,11 +40,15 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         // Every request carries its peer address (rate limits by source).
         let app = app.clone();
-        let svc =
+        let svc = move |cert: Option<crate::api::ClientCert>| {
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(crate::api::Peer(peer));
+                if let Some(c) = &cert {
+                    req.extensions_mut().insert(c.clone());
+                }
                 tower::ServiceExt::oneshot(app.clone(), req.map(axum::body::Body::new))
-            });
+            })
+        };
         let mut builder = Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -59,7 +63,7 @@ pub async fn serve(
             let r = match tls {
                 None => {
                     let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc(None))
                         .into_owned();
                     watcher.watch(conn).await
                 }
@@ -73,8 +77,18 @@ pub async fn serve(
                         }
                         Err(_) => return,
                     };
+                    // The client certificate (already verified against
+                    // `[http] client_ca` by the handshake), if one was sent.
+                    let cert = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| {
+                            crate::api::ClientCert(std::sync::Arc::new(c.clone().into_owned()))
+                        });
                     let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(tls), svc)
+                        .serve_connection_with_upgrades(TokioIo::new(tls), svc(cert))
                         .into_owned();
                     watcher.watch(conn).await
                 }

@@ -46,6 +46,8 @@ type RouteKey = (String, String, u16);
 pub struct ServerMetrics {
     pub downloads: Counter,
     pub downloads_refused: Counter,
+    /// Device requests refused for a missing or mismatched client certificate.
+    pub client_cert_refusals: Counter,
     requests: Mutex<BTreeMap<RouteKey, Histogram>>,
 }
 
@@ -222,6 +224,11 @@ pub fn render(s: &AppState) -> String {
             "fleet_bundle_downloads_refused_total",
             "Downloads answered 503 at the concurrency limit.",
             s.metrics.downloads_refused.get(),
+        ),
+        (
+            "fleet_client_cert_refusals_total",
+            "Device requests refused for a missing client certificate or one naming another device.",
+            s.metrics.client_cert_refusals.get(),
         ),
         (
             "fleet_store_batches_total",

@@ -178,7 +178,7 @@ pub async fn start(
             let addr = listener
                 .local_addr()
                 .map_err(|e| Error::io("mqtt listener", e))?;
-            let broker_tls = tls_acceptor("[mqtt]", &mc.tls_cert, &mc.tls_key)?;
+            let broker_tls = tls_acceptor("[mqtt]", &mc.tls_cert, &mc.tls_key, &None)?;
             let scheme = if broker_tls.is_some() {
                 "mqtts"
             } else {
@@ -262,7 +262,25 @@ pub async fn start(
         limits,
         mqtt,
     };
-    let tls = tls_acceptor("[http]", &config.http.tls_cert, &config.http.tls_key)?;
+    if config.http.client_ca.is_some() && config.http.tls_cert.is_none() {
+        return Err(Error::Usage(
+            "[http] client_ca needs tls_cert and tls_key: client certificates are a TLS feature"
+                .into(),
+        ));
+    }
+    if config.http.device_certs == crate::config::DeviceCerts::Required
+        && config.http.client_ca.is_none()
+    {
+        return Err(Error::Usage(
+            "[http] device_certs = \"required\" needs client_ca".into(),
+        ));
+    }
+    let tls = tls_acceptor(
+        "[http]",
+        &config.http.tls_cert,
+        &config.http.tls_key,
+        &config.http.client_ca,
+    )?;
     let listener = listen(config.http.listen)?;
     let addr = listener
         .local_addr()
@@ -317,6 +335,7 @@ fn tls_acceptor(
     section: &str,
     cert: &Option<std::path::PathBuf>,
     key: &Option<std::path::PathBuf>,
+    client_ca: &Option<std::path::PathBuf>,
 ) -> Result<Option<tokio_rustls::TlsAcceptor>> {
     use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -340,13 +359,43 @@ fn tls_acceptor(
     }
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| Error::Usage(format!("{section} tls_key {}: {e}", key.display())))?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| Error::Usage(format!("tls: {e}")))?
-    .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .map_err(|e| Error::Usage(format!("{section} tls_cert/tls_key: {e}")))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Usage(format!("tls: {e}")))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            let certs = CertificateDer::pem_file_iter(ca)
+                .and_then(|it| it.collect::<std::result::Result<Vec<_>, _>>())
+                .map_err(|e| Error::Usage(format!("{section} client_ca {}: {e}", ca.display())))?;
+            for c in certs {
+                roots.add(c).map_err(|e| {
+                    Error::Usage(format!("{section} client_ca {}: {e}", ca.display()))
+                })?;
+            }
+            if roots.is_empty() {
+                return Err(Error::Usage(format!(
+                    "{section} client_ca {}: no certificate in it",
+                    ca.display()
+                )));
+            }
+            // A certificate is checked whenever one is presented; whether
+            // a device must present one is decided per request (operators
+            // never need one).
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| Error::Usage(format!("{section} client_ca {}: {e}", ca.display())))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| Error::Usage(format!("{section} tls_cert/tls_key: {e}")))?;
     Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
 }

@@ -9,6 +9,10 @@
 //!   certificates (mutual TLS). An agent with the device certificate comes
 //!   online (retained state) and reports telemetry; one without a
 //!   certificate is refused and never appears.
+//! - device client certificates on the fleet server's own HTTPS
+//!   (`[http] client_ca`, `device_certs = "required"`): a device enrolls
+//!   and reports only with a certificate naming it; a stolen certificate,
+//!   none, or another CA's gets nothing; operators need none.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -41,9 +45,17 @@ struct Pki {
     server_key: PathBuf,
     client_cert: PathBuf,
     client_key: PathBuf,
+    /// Client certificates naming a device (subjectAltName DNS = its id):
+    /// (id, certificate, key).
+    devices: Vec<(String, PathBuf, PathBuf)>,
 }
 
 fn pki(dir: &Path, name: &str) -> Pki {
+    pki_for(dir, name, &[])
+}
+
+/// [`pki`], plus a client certificate for each of `devices`.
+fn pki_for(dir: &Path, name: &str, devices: &[&str]) -> Pki {
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params
         .distinguished_name
@@ -80,7 +92,23 @@ fn pki(dir: &Path, name: &str) -> Pki {
         std::fs::write(&p, text).unwrap();
         p
     };
+    let devices = devices
+        .iter()
+        .map(|id| {
+            let (pem, key) = issue(
+                vec![(*id).to_string()],
+                id,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            );
+            (
+                (*id).to_string(),
+                write(&format!("{id}.pem"), &pem),
+                write(&format!("{id}.key"), &key),
+            )
+        })
+        .collect();
     Pki {
+        devices,
         ca: write("ca.pem", &ca.pem()),
         server_cert: write("server.pem", &server_pem),
         server_key: write("server.key", &server_key),
@@ -603,4 +631,166 @@ async fn the_embedded_broker_speaks_mqtts_to_agents_with_the_fleet_ca() {
     assert!(d["telemetry"].is_null(), "{d:#}");
     good.stop().await;
     bad.stop().await;
+}
+
+/// A reqwest client trusting `ca`, with a client identity if given.
+fn https_client(url: &str, ca: &Path, identity: Option<(&Path, &Path)>) -> reqwest::Client {
+    edge_agent::tls::http_client(
+        url,
+        &TlsFiles {
+            ca_file: Some(ca.to_path_buf()),
+            client_cert_file: identity.map(|i| i.0.to_path_buf()),
+            client_key_file: identity.map(|i| i.1.to_path_buf()),
+        },
+        reqwest::Client::builder(),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_need_a_client_certificate_naming_them_when_the_server_requires_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = pki_for(dir.path(), "fleet", &["cert-a", "cert-b"]);
+    let other = pki_for(dir.path(), "other", &["cert-a"]);
+    let (cert, key, ca) = (
+        fleet.server_cert.clone(),
+        fleet.server_key.clone(),
+        fleet.ca.clone(),
+    );
+    let server = TestFleet::start_with(move |cfg, _| {
+        cfg.http.tls_cert = Some(cert);
+        cfg.http.tls_key = Some(key);
+        cfg.http.client_ca = Some(ca);
+        cfg.http.device_certs = fleet_server::config::DeviceCerts::Required;
+    })
+    .await;
+    let url = format!("https://127.0.0.1:{}", server.addr.port());
+    let (a_cert, a_key) = (&fleet.devices[0].1, &fleet.devices[0].2);
+    let (b_cert, b_key) = (&fleet.devices[1].1, &fleet.devices[1].2);
+
+    // The device with its certificate enrolls and reports.
+    let mut c = agent_config(dir.path(), "cert-a");
+    c.server.url = Some(url.clone());
+    c.server.ca_file = Some(fleet.ca.clone());
+    c.server.client_cert_file = Some(a_cert.clone());
+    c.server.client_key_file = Some(a_key.clone());
+    c.server.enrollment_token = Some(ENROLL.into());
+    c.server.poll_interval_secs = 1;
+    c.server.report_interval_secs = 1;
+    let agent = Agent::start(c).await;
+    let operator = https_client(&url, &fleet.ca, None);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = operator
+            .get(format!("{url}/api/v1/devices/cert-a"))
+            .bearer_auth(OPERATOR)
+            .send()
+            .await
+            .unwrap();
+        // Operators need no certificate.
+        if r.status().is_success() {
+            let d: Value = r.json().await.unwrap();
+            if d["last_seen"].is_u64() && d["state"].is_string() {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "cert-a never reported");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let credential = std::fs::read_to_string(dir.path().join("cert-a/credential")).unwrap();
+
+    let enroll = |client: reqwest::Client, id: &'static str| {
+        let url = url.clone();
+        async move {
+            let r = client
+                .post(format!("{url}/api/v1/devices/enroll"))
+                .json(&json!({
+                    "enrollment_token": ENROLL, "device_id": id,
+                    "tags": {}, "arch": "x86_64", "agent_version": "0.1.0",
+                }))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    // A stolen enrollment token without a certificate, or with another
+    // device's, enrolls nothing.
+    let (s, v) = enroll(https_client(&url, &fleet.ca, None), "cert-x").await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (403, Some("client_certificate_required")),
+        "{v}"
+    );
+    let (s, v) = enroll(
+        https_client(&url, &fleet.ca, Some((a_cert, a_key))),
+        "cert-x",
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (403, Some("client_certificate_mismatch")),
+        "{v}"
+    );
+
+    // cert-a's credential works only with cert-a's certificate.
+    let desired = |client: reqwest::Client| {
+        let (url, credential) = (url.clone(), credential.clone());
+        async move {
+            let r = client
+                .get(format!("{url}/api/v1/device/desired"))
+                .bearer_auth(credential.trim())
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (s, _) = desired(https_client(&url, &fleet.ca, Some((a_cert, a_key)))).await;
+    assert_eq!(s, 200);
+    let (s, v) = desired(https_client(&url, &fleet.ca, None)).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (403, Some("client_certificate_required")),
+        "{v}"
+    );
+    let (s, v) = desired(https_client(&url, &fleet.ca, Some((b_cert, b_key)))).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (403, Some("client_certificate_mismatch")),
+        "{v}"
+    );
+    // A certificate naming cert-a from another CA fails the handshake.
+    let r = https_client(
+        &url,
+        &fleet.ca,
+        Some((&other.devices[0].1, &other.devices[0].2)),
+    )
+    .get(format!("{url}/api/v1/device/desired"))
+    .bearer_auth(credential.trim())
+    .send()
+    .await;
+    assert!(
+        r.as_ref().map_or(true, |r| !r.status().is_success()),
+        "another CA's certificate got through: {r:?}"
+    );
+    let metrics = operator
+        .get(format!("{url}/metrics"))
+        .bearer_auth(OPERATOR)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let refusals: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("fleet_client_cert_refusals_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(refusals >= 4, "{refusals} refusals counted");
+    assert!(agent.answers().await);
+    agent.stop().await;
 }

@@ -58,10 +58,14 @@ fn valid_tags(tags: &BTreeMap<String, String>) -> Result<(), ApiError> {
               (status = 409, description = "Already enrolled", body = ErrorBody)))]
 pub async fn enroll(
     State(s): State<AppState>,
+    cert: Option<axum::Extension<super::ClientCert>>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
     let req: EnrollRequest = read_json(&s, body, &headers, "enroll request").await?;
+    // With device certificates, a stolen enrollment token alone enrolls
+    // nothing: the certificate must name the id being enrolled.
+    super::check_device_cert(&s, cert.as_ref().map(|c| &c.0), &req.device_id)?;
     let at = now();
     let grant = s
         .enrollment

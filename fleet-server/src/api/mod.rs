@@ -257,6 +257,56 @@ pub fn router(state: AppState) -> Router {
 #[derive(Clone, Copy, Debug)]
 pub struct Peer(pub std::net::SocketAddr);
 
+/// The verified client certificate of the request's TLS connection, set
+/// by [`crate::http::serve`] when the client sent one.
+#[derive(Clone, Debug)]
+pub struct ClientCert(pub Arc<rustls::pki_types::CertificateDer<'static>>);
+
+impl ClientCert {
+    /// Whether the certificate names `device_id` (a subjectAltName DNS
+    /// entry; ids that are not DNS names cannot be named).
+    pub fn names(&self, device_id: &str) -> bool {
+        let Ok(name) = rustls::pki_types::ServerName::try_from(device_id) else {
+            return false;
+        };
+        webpki::EndEntityCert::try_from(self.0.as_ref())
+            .is_ok_and(|c| c.verify_is_valid_for_subject_name(&name).is_ok())
+    }
+}
+
+/// Binds a device's requests to its client certificate (`[http]
+/// client_ca`, `device_certs`): a certificate presented must name the
+/// device; with `required`, none presented is refused too.
+pub fn check_device_cert(
+    s: &AppState,
+    cert: Option<&ClientCert>,
+    device_id: &str,
+) -> ApiResult<()> {
+    if s.config.http.client_ca.is_none() {
+        return Ok(());
+    }
+    match cert {
+        Some(c) if c.names(device_id) => Ok(()),
+        Some(_) => {
+            s.metrics.client_cert_refusals.inc();
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "client_certificate_mismatch",
+                format!("the client certificate does not name device {device_id:?}"),
+            ))
+        }
+        None if s.config.http.device_certs == crate::config::DeviceCerts::Required => {
+            s.metrics.client_cert_refusals.inc();
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "client_certificate_required",
+                "devices must present a client certificate issued by the fleet's device CA",
+            ))
+        }
+        None => Ok(()),
+    }
+}
+
 /// Rate limits ([`crate::limits`]): per device and per token for valid
 /// credentials; per source address for everything else, counting the
 /// failed authentications (401, refused enrollments).
@@ -283,6 +333,12 @@ async fn rate_limit(
         None if enroll => Ok(()),
         None => ip.map_or(Ok(()), |ip| s.limits.unauthenticated(ip)),
     };
+    // A device credential is only good with the device's own certificate.
+    if let Some(crate::auth::Caller::Device { id, .. }) = &caller
+        && let Err(e) = check_device_cert(&s, req.extensions().get::<ClientCert>(), id)
+    {
+        return e.into_response();
+    }
     if let Err((what, wait)) = verdict {
         let message = match what {
             crate::limits::Limited::AuthFailures => {
