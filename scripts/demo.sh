@@ -12,7 +12,10 @@
 # Exits non-zero if any step does not happen as described. Logs stay in the
 # printed work dir. Ctrl-C stops everything.
 #
-# Environment: DEMO_QUIET=1 prints less (CI); CARGO_TARGET_DIR is honoured;
+# Environment: DEMO_QUIET=1 prints less (CI); DEMO_TLS=1 runs everything
+# over TLS with a demo CA made by openssl: HTTPS API, mqtts broker, and
+# device client certificates the server requires (each names its device);
+# CARGO_TARGET_DIR is honoured;
 # EDGEFLEET_BIN_DIR=DIR uses fleet-server, fleetctl and edge-agent from DIR
 # instead of building them (the tests pass their own build).
 set -euo pipefail
@@ -20,6 +23,7 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 
 quiet="${DEMO_QUIET:-0}"
+tls="${DEMO_TLS:-0}"
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 fail() { printf '\nDEMO FAILED: %s\n(logs: %s)\n' "$*" "${work:-?}" >&2; exit 1; }
 
@@ -52,6 +56,33 @@ step "two release keys; devices and server require both signatures (threshold 2)
 "$fleetctl" keygen --out release-b >/dev/null
 echo "release-a.pub, release-b.pub in $work"
 
+http_tls="" mqtt_tls="" agent_server_tls="" agent_mqtt_tls="" sub_tls=""
+if [ "$tls" = 1 ]; then
+  step "TLS: a demo CA, the server's certificate and one client certificate per device"
+  command -v openssl >/dev/null || fail "DEMO_TLS=1 needs openssl"
+  newkey=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
+  openssl req -x509 "${newkey[@]}" -keyout ca.key -out ca.pem -days 30 -subj "/CN=edgefleet demo CA" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+  issue() { # name subjectAltName extendedKeyUsage
+    openssl req "${newkey[@]}" -keyout "$1.key" -out "$1.csr" -subj "/CN=$1" 2>/dev/null
+    printf 'subjectAltName=%s\nextendedKeyUsage=%s\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n' "$2" "$3" > "$1.ext"
+    openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days 30 \
+      -extfile "$1.ext" -out "$1.pem" 2>/dev/null
+  }
+  issue server "IP:127.0.0.1,DNS:localhost" serverAuth
+  for i in $(seq 1 8); do issue "dev-$i" "DNS:dev-$i" clientAuth; done
+  http_tls="tls_cert = \"$work/server.pem\"
+tls_key = \"$work/server.key\"
+client_ca = \"$work/ca.pem\"
+device_certs = \"required\""
+  mqtt_tls="tls_cert = \"$work/server.pem\"
+tls_key = \"$work/server.key\""
+  agent_mqtt_tls="ca_file = \"$work/ca.pem\""
+  sub_tls="--cafile $work/ca.pem "
+  export FLEETCTL_CA_FILE="$work/ca.pem"
+  echo "ca.pem, server.pem, dev-1.pem … dev-8.pem in $work"
+fi
+
 token=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
 enroll=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
 cat > fleet-server.toml <<EOF
@@ -59,6 +90,7 @@ data_dir = "$work/server"
 rollout_tick_ms = 1000
 [http]
 listen = "127.0.0.1:0"
+$http_tls
 [trust]
 keys = ["$work/release-a.pub", "$work/release-b.pub"]
 threshold = 2
@@ -70,6 +102,7 @@ role = "admin"
 token = "$token"
 [mqtt]
 listen = "127.0.0.1:0"
+$mqtt_tls
 EOF
 
 step "fleet server with its embedded MQTT broker"
@@ -79,11 +112,11 @@ for _ in $(seq 100); do
   grep -q "listening on" logs/server.out 2>/dev/null && break
   sleep 0.1
 done
-server=$(grep -o 'http://[0-9.:]*' logs/server.out | head -1)
-mqtt=$(grep -o 'mqtt://[0-9.:]*' logs/server.out | head -1)
+server=$(grep -o 'https\?://[0-9.:]*' logs/server.out | head -1)
+mqtt=$(grep -o 'mqtts\?://[0-9.:]*' logs/server.out | head -1)
 [ -n "$server" ] && [ -n "$mqtt" ] || fail "the server did not start (logs/server.log)"
 export FLEETCTL_SERVER="$server" FLEETCTL_TOKEN="$token"
-hp=${mqtt#mqtt://}
+hp=${mqtt#*://}
 mqtt_host=${hp%:*}
 mqtt_port=${hp##*:}
 echo "API $server, broker $mqtt"
@@ -95,6 +128,11 @@ step "8 agents (each its own data dir, port and board tag), enrolling"
 for i in $(seq 1 8); do
   id="dev-$i"
   mkdir -p "agents/$id"
+  if [ "$tls" = 1 ]; then
+    agent_server_tls="ca_file = \"$work/ca.pem\"
+client_cert_file = \"$work/$id.pem\"
+client_key_file = \"$work/$id.key\""
+  fi
   cat > "agents/$id/agent.toml" <<EOF
 device_id = "$id"
 data_dir = "$work/agents/$id/state"
@@ -105,6 +143,7 @@ url = "$server"
 enrollment_token = "$enroll"
 poll_interval_secs = 2
 report_interval_secs = 1
+$agent_server_tls
 [trust]
 keys = ["$work/release-a.pub", "$work/release-b.pub"]
 threshold = 2
@@ -113,6 +152,7 @@ listen = "127.0.0.1:0"
 [mqtt]
 url = "$mqtt"
 telemetry_interval_secs = 2
+$agent_mqtt_tls
 [update]
 watch_secs = 6
 watch_inferences = 1000000
@@ -241,10 +281,10 @@ cat <<EOF
 - v3 passed its self-test everywhere it was tried, then ran 150 ms slower in
   production: $rolled canary device(s) rolled back on their own, the rollout paused
   itself on max_rollback_pct, and all 8 devices serve cls 2.0.0.
-- Took ${elapsed} s after the build.
+- Took ${elapsed} s after the build.$( [ "$tls" = 1 ] && printf '\n- Over TLS: HTTPS API and mqtts broker (demo CA), each device with its own\n  client certificate, which the server required.' )
 
 Logs: $work/logs (server.log, dev-N.log, load.out)
 Watch the topics while it runs (any user name, the operator token as password):
-  mosquitto_sub -h $mqtt_host -p $mqtt_port -u demo -P $token -v -t 'edgefleet/v1/#'
+  mosquitto_sub ${sub_tls}-h $mqtt_host -p $mqtt_port -u demo -P $token -v -t 'edgefleet/v1/#'
 DEMO OK
 EOF

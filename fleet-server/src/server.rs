@@ -318,12 +318,17 @@ pub async fn start(
 /// Runs the server until `shutdown` is cancelled.
 pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<()> {
     let data_dir = config.data_dir.clone();
+    let scheme = if config.http.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let (running, serve) = start(config, shutdown).await?;
     // Scripts and tests read these lines.
     if let Some(u) = &running.mqtt_url {
         println!("mqtt broker at {u}");
     }
-    println!("fleet-server listening on http://{}", running.addr);
+    println!("fleet-server listening on {scheme}://{}", running.addr);
     tracing::info!(addr = %running.addr, data_dir = %data_dir.display(), "fleet server started");
     serve.await
 }
