@@ -18,9 +18,10 @@ use serde_json::json;
 
 use ed25519_dalek::SigningKey;
 use edgefleet_wire::api::v1::{
-    CreateEnrollmentToken, CreateRollout, DeviceView, EnrollmentTokenView, Gates, RolloutAction,
-    RolloutView, Stage, TrustView,
+    BundleView, CreateEnrollmentToken, CreateRollout, DeviceView, EnrollmentTokenView, Gates,
+    Phase, RolloutAction, RolloutView, Stage, TrustView,
 };
+use edgefleet_wire::device::ShadowRequest;
 use edgefleet_wire::time::unix_now as now_unix;
 use edgefleet_wire::trust::{SignedTrust, TrustDoc};
 
@@ -46,6 +47,9 @@ pub struct Cli {
     /// the system's roots (your fleet CA).
     #[arg(long, env = "FLEETCTL_CA_FILE", global = true, value_name = "PEM")]
     pub ca_file: Option<PathBuf>,
+    /// Print the result as JSON on stdout (every command).
+    #[arg(long, global = true)]
+    pub json: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -75,6 +79,19 @@ pub enum Command {
     /// The fleet's trust root: show it, rotate signing keys (admin).
     #[command(subcommand)]
     Trust(TrustCommand),
+    /// The audit log: privileged actions, who did them, when.
+    Audit {
+        /// The most recent this many entries.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Shell completions on stdout (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Man pages for fleetctl and every subcommand.
+    Man {
+        #[arg(long, value_name = "DIR", default_value = "man")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -85,8 +102,6 @@ pub enum TrustCommand {
         /// new boards: `[trust] document` in their agent.toml).
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
     },
     /// Publish the next trust version: OLD's key out, NEW's key in, signed
     /// by both (plus --sign-key holders when the threshold needs more).
@@ -111,8 +126,6 @@ pub enum TrustCommand {
         /// instead of publishing it.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
     },
     /// Add a signature to a trust document written by `rotate --out`.
     Sign {
@@ -121,19 +134,21 @@ pub enum TrustCommand {
         keys: Vec<PathBuf>,
     },
     /// Publish a signed trust document.
-    Push {
-        file: PathBuf,
-        #[arg(long)]
-        json: bool,
-    },
+    Push { file: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
-    /// Create a token; the secret is printed once, on stdout.
+    /// Create an enrollment token on the server; the secret is printed
+    /// once, on stdout. With --role: an operator API token instead, made
+    /// here, printed once with the `[[auth.tokens]]` lines (its sha256) for
+    /// fleet-server.toml.
     Create {
         /// 1-64 of [A-Za-z0-9._-].
         name: String,
+        /// admin, operator or viewer: an API token for the server's config.
+        #[arg(long)]
+        role: Option<String>,
         /// How long it is valid, e.g. 7d, 12h, 30m.
         #[arg(long, default_value = "7d")]
         expires_in: String,
@@ -146,14 +161,9 @@ pub enum TokenCommand {
         /// Tag keys devices may set themselves (repeatable). Default: board.
         #[arg(long = "allow-tag", value_name = "KEY")]
         allowed_tags: Vec<String>,
-        #[arg(long)]
-        json: bool,
     },
     /// List tokens (never their secrets).
-    List {
-        #[arg(long)]
-        json: bool,
-    },
+    List,
     /// Revoke a token: no device enrolls with it any more.
     Revoke { name: String },
 }
@@ -170,8 +180,17 @@ pub enum DevicesCommand {
         /// Only devices reporting this active model version.
         #[arg(long)]
         version: Option<String>,
-        #[arg(long)]
-        json: bool,
+    },
+    /// One device: tags, what it runs, update state and reason, health,
+    /// telemetry, events.
+    Show { id: String },
+    /// Set (k=v) or remove (--remove k) tags of a device.
+    Tag {
+        id: String,
+        #[arg(value_name = "K=V")]
+        tags: Vec<String>,
+        #[arg(long = "remove", value_name = "KEY")]
+        remove: Vec<String>,
     },
 }
 
@@ -179,14 +198,15 @@ pub enum DevicesCommand {
 pub enum RolloutCommand {
     /// Start a staged rollout of a pushed bundle.
     Create(Box<RolloutArgs>),
+    /// Every rollout, newest last.
+    List,
     /// Progress per stage and the reasons of automatic decisions.
     Status {
         id: String,
-        /// Refresh every 2 s until the rollout completes or is aborted.
+        /// Refresh every 2 s until the rollout completes (exit 0), pauses
+        /// (exit 3) or is aborted (exit 4).
         #[arg(long)]
         watch: bool,
-        #[arg(long)]
-        json: bool,
     },
     Pause {
         id: String,
@@ -206,7 +226,7 @@ pub enum RolloutCommand {
 
 #[derive(Debug, Args)]
 pub struct RolloutArgs {
-    /// Bundle id (from `bundle push` / `bundle list`).
+    /// Bundle: its id, a unique id prefix, or NAME@VERSION.
     #[arg(long)]
     bundle: String,
     /// Tag the devices must carry (k=v, repeatable).
@@ -225,8 +245,19 @@ pub struct RolloutArgs {
     max_error_rate: Option<f64>,
     #[arg(long)]
     min_reporting_devices: Option<u32>,
+    /// Shadow mode: mirror this fraction of live requests, in (0, 1], to
+    /// the candidate before activating it (with --shadow-samples).
     #[arg(long)]
-    json: bool,
+    shadow_sample_rate: Option<f64>,
+    /// Mirrored requests compared before deciding.
+    #[arg(long)]
+    shadow_samples: Option<u32>,
+    /// Minimum top-1 agreement with the active model (classifiers).
+    #[arg(long)]
+    shadow_min_top1_agreement: Option<f64>,
+    /// Largest allowed max-abs difference over all outputs.
+    #[arg(long)]
+    shadow_max_abs_diff: Option<f64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -244,22 +275,11 @@ pub enum BundleCommand {
         threshold: usize,
     },
     /// Show a bundle's manifest (signatures are listed, not verified).
-    Inspect {
-        file: PathBuf,
-        #[arg(long)]
-        json: bool,
-    },
+    Inspect { file: PathBuf },
     /// Upload a bundle to the fleet server (it verifies it too).
-    Push {
-        file: PathBuf,
-        #[arg(long)]
-        json: bool,
-    },
+    Push { file: PathBuf },
     /// Bundles in the server's registry.
-    List {
-        #[arg(long)]
-        json: bool,
-    },
+    List,
 }
 
 #[derive(Debug, Args)]
@@ -312,10 +332,20 @@ pub struct PackArgs {
     out: PathBuf,
 }
 
-/// Exit status a command failure maps to.
+/// Exit status of a rollout that paused (a gate breached, or an operator).
+pub const EXIT_PAUSED: i32 = 3;
+/// Exit status of an aborted rollout.
+pub const EXIT_ABORTED: i32 = 4;
+/// Exit status when what was named does not exist.
+pub const EXIT_NOT_FOUND: i32 = 5;
+
+/// Exit status a command failure maps to: 1 error, 2 usage, 3 a rollout
+/// paused, 4 aborted, 5 not found (0 is success).
 pub fn exit_code(e: &Error) -> i32 {
     match e {
         Error::Usage(_) => 2,
+        Error::Outcome { code, .. } => *code,
+        Error::NotFound(_) | Error::Api { status: 404, .. } => EXIT_NOT_FOUND,
         _ => 1,
     }
 }
@@ -328,8 +358,9 @@ pub fn run(cli: Cli) -> Result<()> {
             cli.ca_file.as_deref(),
         )
     };
+    let json = cli.json;
     match cli.command {
-        Command::Bundle(BundleCommand::Push { file, json }) => {
+        Command::Bundle(BundleCommand::Push { file }) => {
             let rec = client()?.push_bundle(&file)?;
             print_or(json, &rec, || {
                 println!(
@@ -341,7 +372,7 @@ pub fn run(cli: Cli) -> Result<()> {
             });
             Ok(())
         }
-        Command::Bundle(BundleCommand::List { json }) => {
+        Command::Bundle(BundleCommand::List) => {
             let list = client()?.list_bundles()?;
             print_or(json, &list, || {
                 table(
@@ -364,7 +395,6 @@ pub fn run(cli: Cli) -> Result<()> {
             tags,
             state,
             version,
-            json,
         }) => {
             let list = client()?.list_devices(&DeviceFilter {
                 tags,
@@ -387,18 +417,80 @@ pub fn run(cli: Cli) -> Result<()> {
             });
             Ok(())
         }
-        Command::Rollout(cmd) => rollout_cmd(&client()?, cmd),
-        Command::Token(cmd) => token_cmd(&client()?, cmd),
-        Command::Trust(TrustCommand::Sign { file, keys }) => trust_sign(&file, &keys),
-        Command::Trust(cmd) => trust_cmd(&client()?, cmd),
-        Command::Keygen { out, force } => keygen(&out, force),
-        Command::Bundle(BundleCommand::Pack(args)) => pack_cmd(*args),
+        Command::Devices(DevicesCommand::Show { id }) => {
+            let d = client()?.get_device(&id)?;
+            print_or(json, &d, || print_device(&d));
+            Ok(())
+        }
+        Command::Devices(DevicesCommand::Tag { id, tags, remove }) => {
+            let c = client()?;
+            let mut now = c.get_device(&id)?.tags;
+            for k in &remove {
+                now.remove(k);
+            }
+            for kv in &tags {
+                let (k, v) = parse_kv(kv)?;
+                now.insert(k, v);
+            }
+            let d = c.patch_device(&id, now)?;
+            print_or(json, &d, || {
+                println!(
+                    "{} tags: {}",
+                    clean(&d.id),
+                    clean(
+                        &d.tags
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    )
+                );
+            });
+            Ok(())
+        }
+        Command::Audit { limit } => {
+            let mut list = client()?.audit()?;
+            if list.len() > limit {
+                list.drain(..list.len() - limit);
+            }
+            print_or(json, &list, || {
+                table(
+                    &["WHEN", "WHO", "ACTION", "TARGET"],
+                    list.iter().map(|e| {
+                        vec![
+                            rfc3339(e.at),
+                            e.who.clone(),
+                            e.action.clone(),
+                            e.target.clone(),
+                        ]
+                    }),
+                )
+            });
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "fleetctl", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { out } => man_pages(&out, json),
+        Command::Rollout(cmd) => rollout_cmd(&client()?, cmd, json),
+        Command::Token(TokenCommand::Create {
+            name,
+            role: Some(role),
+            ..
+        }) => api_token(&name, &role, json),
+        Command::Token(cmd) => token_cmd(&client()?, cmd, json),
+        Command::Trust(TrustCommand::Sign { file, keys }) => trust_sign(&file, &keys, json),
+        Command::Trust(cmd) => trust_cmd(&client()?, cmd, json),
+        Command::Keygen { out, force } => keygen(&out, force, json),
+        Command::Bundle(BundleCommand::Pack(args)) => pack_cmd(*args, json),
         Command::Bundle(BundleCommand::Verify {
             file,
             trust,
             threshold,
-        }) => verify_cmd(&file, &trust, threshold),
-        Command::Bundle(BundleCommand::Inspect { file, json }) => inspect_cmd(&file, json),
+        }) => verify_cmd(&file, &trust, threshold, json),
+        Command::Bundle(BundleCommand::Inspect { file }) => inspect_cmd(&file, json),
     }
 }
 
@@ -432,7 +524,7 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32, force: bool) -> Result<()> {
         .map_err(|e| Error::io(path, e))
 }
 
-fn keygen(prefix: &Path, force: bool) -> Result<()> {
+fn keygen(prefix: &Path, force: bool, json: bool) -> Result<()> {
     let mut seed = [0u8; 32];
     getrandom::fill(&mut seed)
         .map_err(|e| Error::io(prefix, std::io::Error::other(e.to_string())))?;
@@ -446,12 +538,15 @@ fn keygen(prefix: &Path, force: bool) -> Result<()> {
         0o644,
         force,
     )?;
-    println!(
-        "wrote {} and {} (key id {})",
-        key_path.display(),
-        pub_path.display(),
-        KeyId::of(&sk.verifying_key())
-    );
+    let id = KeyId::of(&sk.verifying_key());
+    let v = json!({"secret_key": key_path, "public_key": pub_path, "key_id": hex::encode(id.0)});
+    print_or(json, &v, || {
+        println!(
+            "wrote {} and {} (key id {id})",
+            key_path.display(),
+            pub_path.display(),
+        );
+    });
     Ok(())
 }
 
@@ -459,7 +554,7 @@ fn read_text(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
 }
 
-fn pack_cmd(a: PackArgs) -> Result<()> {
+fn pack_cmd(a: PackArgs, json: bool) -> Result<()> {
     let usage = |e: edgefleet_wire::Error| Error::Usage(e.to_string());
     let keys = a
         .keys
@@ -512,6 +607,19 @@ fn pack_cmd(a: PackArgs) -> Result<()> {
     }
     write_file(&a.out, &packed.bundle, 0o644, true)?;
     let m = &packed.manifest;
+    if json {
+        let v = json!({
+            "file": a.out,
+            "id": edgefleet_wire::bundle::content_address(&packed.bundle),
+            "size": packed.bundle.len(),
+            "max_abs_diff": packed.max_abs_diff,
+            "warnings": packed.warnings,
+            "manifest": manifest_json(m, &[]),
+            "signatures": req.keys.len(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(());
+    }
     println!(
         "packed {} {} (sequence {}, {}) -> {}: {} bytes, {} golden case(s) pass, max abs diff {:e} (tolerance {:e}), {} signature(s)",
         m.name,
@@ -528,7 +636,7 @@ fn pack_cmd(a: PackArgs) -> Result<()> {
     Ok(())
 }
 
-fn verify_cmd(file: &Path, trust: &[PathBuf], threshold: usize) -> Result<()> {
+fn verify_cmd(file: &Path, trust: &[PathBuf], threshold: usize, json: bool) -> Result<()> {
     let keys = trust
         .iter()
         .map(|p| {
@@ -550,6 +658,19 @@ fn verify_cmd(file: &Path, trust: &[PathBuf], threshold: usize) -> Result<()> {
         path: file.to_path_buf(),
         source,
     })?;
+    if json {
+        let v = json!({
+            "ok": true,
+            "name": manifest.name,
+            "version": manifest.version.to_string(),
+            "sequence": manifest.sequence,
+            "signers": manifest.signers().iter().map(|k| hex::encode(k.0)).collect::<Vec<_>>(),
+            "threshold": root.threshold(),
+            "expires_at": manifest.expires_at,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(());
+    }
     println!(
         "ok: {} {} (sequence {}) signed by {} of {} required trusted key(s), expires {}",
         manifest.name,
@@ -677,6 +798,60 @@ fn manifest_json(m: &Manifest, key_ids: &[String]) -> serde_json::Value {
         "signatures": key_ids,
         "signatures_verified": false,
     })
+}
+
+/// `devices show`: one device, every field the server has.
+fn print_device(d: &DeviceView) {
+    let bundle = |b: &Option<edgefleet_wire::device::BundleRef>| {
+        b.as_ref().map_or_else(
+            || "-".to_string(),
+            |b| {
+                format!(
+                    "{} {} (sequence {}, {})",
+                    b.name, b.version, b.sequence, b.id
+                )
+            },
+        )
+    };
+    let row = device_row(d);
+    let lines = [
+        ("device", d.id.clone()),
+        ("tags", row[1].clone()),
+        ("arch", d.arch.clone()),
+        ("agent", d.agent_version.clone()),
+        ("enrolled", rfc3339(d.enrolled_at)),
+        ("last seen", row[6].clone()),
+        ("online", row[5].clone()),
+        ("active", bundle(&d.active)),
+        ("desired", bundle(&d.desired)),
+        ("rollout", d.rollout.clone().unwrap_or_else(|| "-".into())),
+        ("state", row[3].clone()),
+        ("reason", d.reason.clone().unwrap_or_else(|| "-".into())),
+        ("last failed", bundle(&d.last_failed)),
+        ("known good", bundle(&d.last_known_good)),
+        ("degraded", d.degraded.clone().unwrap_or_else(|| "-".into())),
+        (
+            "trust",
+            d.trust_version
+                .map_or_else(|| "-".into(), |v| format!("version {v}")),
+        ),
+        ("p95 ms", row[4].clone()),
+    ];
+    for (k, v) in lines {
+        println!("{k:<12}{}", clean(&v));
+    }
+    if let Some(h) = &d.health {
+        println!(
+            "{:<12}{} inferences, {} errors in the last window",
+            "health", h.inferences, h.errors
+        );
+    }
+    if !d.events.is_empty() {
+        println!("events");
+        for e in &d.events {
+            println!("  {}", clean(&serde_json::to_string(e).unwrap_or_default()));
+        }
+    }
 }
 
 /// One row of `devices list`.
@@ -903,7 +1078,7 @@ const TOKEN_HEADERS: [&str; 7] = [
     "CREATED BY",
 ];
 
-fn token_cmd(c: &Client, cmd: TokenCommand) -> Result<()> {
+fn token_cmd(c: &Client, cmd: TokenCommand, json: bool) -> Result<()> {
     match cmd {
         TokenCommand::Create {
             name,
@@ -911,7 +1086,7 @@ fn token_cmd(c: &Client, cmd: TokenCommand) -> Result<()> {
             max_uses,
             tags,
             allowed_tags,
-            json,
+            role: _,
         } => {
             let expires_in_secs = crate::duration::parse_duration(&expires_in)?;
             let req = CreateEnrollmentToken {
@@ -936,7 +1111,7 @@ fn token_cmd(c: &Client, cmd: TokenCommand) -> Result<()> {
                 );
             });
         }
-        TokenCommand::List { json } => {
+        TokenCommand::List => {
             let list = c.list_enrollment_tokens()?;
             print_or(json, &list, || {
                 table(&TOKEN_HEADERS, list.iter().map(token_row))
@@ -944,7 +1119,7 @@ fn token_cmd(c: &Client, cmd: TokenCommand) -> Result<()> {
         }
         TokenCommand::Revoke { name } => {
             let t = c.revoke_enrollment_token(&name)?;
-            println!("revoked {}", clean(&t.name));
+            print_or(json, &t, || println!("revoked {}", clean(&t.name)));
         }
     }
     Ok(())
@@ -987,24 +1162,27 @@ fn print_trust(v: &TrustView) {
     }
 }
 
-fn trust_sign(file: &Path, keys: &[PathBuf]) -> Result<()> {
+fn trust_sign(file: &Path, keys: &[PathBuf], json: bool) -> Result<()> {
     let mut doc = read_trust(file)?;
     let version = doc.peek_unverified()?.version;
     for k in keys {
         doc.add_signature(&read_secret(k)?);
     }
     write_trust(file, &doc)?;
-    eprintln!(
-        "trust version {version}: {} signature(s) in {}",
-        doc.signatures.len(),
-        file.display()
-    );
+    let v = json!({"file": file, "version": version, "signatures": doc.signatures.len()});
+    print_or(json, &v, || {
+        eprintln!(
+            "trust version {version}: {} signature(s) in {}",
+            doc.signatures.len(),
+            file.display()
+        );
+    });
     Ok(())
 }
 
-fn trust_cmd(c: &Client, cmd: TrustCommand) -> Result<()> {
-    let (view, json) = match cmd {
-        TrustCommand::Show { out, json } => {
+fn trust_cmd(c: &Client, cmd: TrustCommand, json: bool) -> Result<()> {
+    let view = match cmd {
+        TrustCommand::Show { out } => {
             let v = c.get_trust()?;
             if let Some(out) = out {
                 let doc = v.chain.last().ok_or_else(|| {
@@ -1017,7 +1195,7 @@ fn trust_cmd(c: &Client, cmd: TrustCommand) -> Result<()> {
                 write_trust(&out, doc)?;
                 eprintln!("wrote trust version {} to {}", v.version, out.display());
             }
-            (v, json)
+            v
         }
         TrustCommand::Rotate {
             old_key,
@@ -1026,7 +1204,6 @@ fn trust_cmd(c: &Client, cmd: TrustCommand) -> Result<()> {
             threshold,
             expires_in,
             out,
-            json,
         } => {
             let old = read_secret(&old_key)?;
             let new = read_secret(&new_key)?;
@@ -1061,6 +1238,9 @@ fn trust_cmd(c: &Client, cmd: TrustCommand) -> Result<()> {
             let doc = SignedTrust::sign(&next, &signers.iter().collect::<Vec<_>>())?;
             if let Some(out) = out {
                 write_trust(&out, &doc)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+                }
                 eprintln!(
                     "wrote trust version {} with {} signature(s) to {}; add more with \
                      `fleetctl trust sign`, publish with `fleetctl trust push`",
@@ -1070,25 +1250,111 @@ fn trust_cmd(c: &Client, cmd: TrustCommand) -> Result<()> {
                 );
                 return Ok(());
             }
-            (c.push_trust(&doc)?, json)
+            c.push_trust(&doc)?
         }
-        TrustCommand::Push { file, json } => (c.push_trust(&read_trust(&file)?)?, json),
+        TrustCommand::Push { file } => c.push_trust(&read_trust(&file)?)?,
         TrustCommand::Sign { .. } => unreachable!("handled without a server"),
     };
     print_or(json, &view, || print_trust(&view));
     Ok(())
 }
 
-fn rollout_cmd(c: &Client, cmd: RolloutCommand) -> Result<()> {
-    let (r, as_json) = match cmd {
+/// The full id of a bundle named by a unique id prefix or `name@version`.
+fn resolve_bundle(c: &Client, given: &str) -> Result<String> {
+    if edgefleet_wire::bundle::is_content_address(given) {
+        return Ok(given.to_string());
+    }
+    let list = c.list_bundles()?;
+    let hits: Vec<&BundleView> = match given.split_once('@') {
+        Some((name, version)) => list
+            .iter()
+            .filter(|b| b.name == name && b.version == version)
+            .collect(),
+        None => list.iter().filter(|b| b.id.starts_with(given)).collect(),
+    };
+    unique("bundle", given, hits.iter().map(|b| b.id.as_str()))
+}
+
+/// The full id of a rollout named by a unique id prefix.
+fn resolve_rollout(c: &Client, given: &str) -> Result<String> {
+    let list = c.list_rollouts()?;
+    if list.iter().any(|r| r.id == given) {
+        return Ok(given.to_string());
+    }
+    unique(
+        "rollout",
+        given,
+        list.iter()
+            .map(|r| r.id.as_str())
+            .filter(|id| id.starts_with(given)),
+    )
+}
+
+fn unique<'a>(what: &str, given: &str, hits: impl Iterator<Item = &'a str>) -> Result<String> {
+    let hits: Vec<&str> = hits.collect();
+    match hits.as_slice() {
+        [one] => Ok((*one).to_string()),
+        [] => Err(Error::NotFound(format!(
+            "no {what} matches {:?}",
+            clean(given)
+        ))),
+        many => Err(Error::Usage(format!(
+            "{:?} matches {} {what}s ({}…): give more of the id",
+            clean(given),
+            many.len(),
+            many.iter()
+                .take(3)
+                .map(|id| id.chars().take(16).collect::<String>())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// What a rollout's phase means for `rollout status --watch`.
+fn outcome(r: &RolloutView) -> Result<()> {
+    let last = r
+        .decisions
+        .last()
+        .map(|d| format!(": {}", clean(&d.message)))
+        .unwrap_or_default();
+    match r.phase {
+        Phase::Paused { .. } => Err(Error::Outcome {
+            code: EXIT_PAUSED,
+            message: format!("rollout {} paused{last}", clean(&r.id)),
+        }),
+        Phase::Aborted { .. } => Err(Error::Outcome {
+            code: EXIT_ABORTED,
+            message: format!("rollout {} aborted{last}", clean(&r.id)),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn rollout_cmd(c: &Client, cmd: RolloutCommand, json: bool) -> Result<()> {
+    let r = match cmd {
         RolloutCommand::Create(a) => {
             let selector = a
                 .selector
                 .iter()
                 .map(|kv| parse_kv(kv))
                 .collect::<Result<_>>()?;
+            let shadow = match (a.shadow_sample_rate, a.shadow_samples) {
+                (None, None) => None,
+                (Some(sample_rate), Some(samples)) => Some(ShadowRequest {
+                    sample_rate,
+                    samples,
+                    min_top1_agreement: a.shadow_min_top1_agreement,
+                    max_abs_diff: a.shadow_max_abs_diff,
+                }),
+                _ => {
+                    return Err(Error::Usage(
+                        "shadow mode needs both --shadow-sample-rate and --shadow-samples".into(),
+                    ));
+                }
+            };
             let req = CreateRollout {
-                bundle: a.bundle,
+                bundle: resolve_bundle(c, &a.bundle)?,
                 selector,
                 stages: parse_stages(&a.stages)?,
                 gates: Gates {
@@ -1098,25 +1364,124 @@ fn rollout_cmd(c: &Client, cmd: RolloutCommand) -> Result<()> {
                     max_error_rate: a.max_error_rate,
                     min_reporting_devices: a.min_reporting_devices,
                 },
-                shadow: None,
+                shadow,
             };
-            (c.create_rollout(&req)?, a.json)
+            c.create_rollout(&req)?
         }
-        RolloutCommand::Status { id, watch, json } => loop {
-            let r = c.get_rollout(&id)?;
-            print_or(json, &r, || print_rollout(&r));
-            if !watch || r.phase.is_final() {
-                return Ok(());
+        RolloutCommand::List => {
+            let list = c.list_rollouts()?;
+            print_or(json, &list, || {
+                table(
+                    &["ID", "BUNDLE", "PHASE", "STAGE", "DEVICES", "DECISIONS"],
+                    list.iter().map(|r| {
+                        vec![
+                            r.id.clone(),
+                            format!("{} {}", r.bundle.name, r.bundle.version),
+                            r.phase.name().to_string(),
+                            r.phase.stage().map_or_else(
+                                || "-".into(),
+                                |i| format!("{}/{}", i + 1, r.stages.len()),
+                            ),
+                            r.stages.last().map_or(0, |s| s.devices).to_string(),
+                            r.decisions.len().to_string(),
+                        ]
+                    }),
+                )
+            });
+            return Ok(());
+        }
+        RolloutCommand::Status { id, watch } => {
+            let id = resolve_rollout(c, &id)?;
+            loop {
+                let r = c.get_rollout(&id)?;
+                print_or(json, &r, || print_rollout(&r));
+                if !watch {
+                    return Ok(());
+                }
+                // Paused needs an operator; completed and aborted are final.
+                if r.phase.is_final() || matches!(r.phase, Phase::Paused { .. }) {
+                    return outcome(&r);
+                }
+                std::thread::sleep(std::time::Duration::from_secs(2));
+                if !json {
+                    println!();
+                }
             }
-            std::thread::sleep(std::time::Duration::from_secs(2));
-            println!();
-        },
-        RolloutCommand::Pause { id } => (c.rollout_action(&id, RolloutAction::Pause)?, false),
-        RolloutCommand::Resume { id } => (c.rollout_action(&id, RolloutAction::Resume)?, false),
-        RolloutCommand::Abort { id } => (c.rollout_action(&id, RolloutAction::Abort)?, false),
-        RolloutCommand::Promote { id } => (c.rollout_action(&id, RolloutAction::Promote)?, false),
+        }
+        RolloutCommand::Pause { id } => {
+            c.rollout_action(&resolve_rollout(c, &id)?, RolloutAction::Pause)?
+        }
+        RolloutCommand::Resume { id } => {
+            c.rollout_action(&resolve_rollout(c, &id)?, RolloutAction::Resume)?
+        }
+        RolloutCommand::Abort { id } => {
+            c.rollout_action(&resolve_rollout(c, &id)?, RolloutAction::Abort)?
+        }
+        RolloutCommand::Promote { id } => {
+            c.rollout_action(&resolve_rollout(c, &id)?, RolloutAction::Promote)?
+        }
     };
-    print_or(as_json, &r, || print_rollout(&r));
+    print_or(json, &r, || print_rollout(&r));
+    Ok(())
+}
+
+/// An operator API token for `[[auth.tokens]]`, made here: the token is
+/// printed once (stdout), the config lines carry only its sha256.
+fn api_token(name: &str, role: &str, json: bool) -> Result<()> {
+    if !matches!(role, "admin" | "operator" | "viewer") {
+        return Err(Error::Usage(format!(
+            "--role {role:?}: one of admin, operator, viewer"
+        )));
+    }
+    let mut secret = [0u8; 24];
+    getrandom::fill(&mut secret).map_err(|e| Error::Usage(format!("no random source: {e}")))?;
+    let token = format!("eft_{}", hex::encode(secret));
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()));
+    let config =
+        format!("[[auth.tokens]]\nname = {name:?}\nrole = {role:?}\ntoken_sha256 = \"{sha}\"\n");
+    if json {
+        let v = json!({"name": name, "role": role, "token": token, "token_sha256": sha, "config": config});
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        println!("{token}");
+        eprintln!("add to fleet-server.toml (the token is shown only now):\n\n{config}");
+    }
+    Ok(())
+}
+
+/// Man pages of fleetctl and every subcommand, into `out`.
+fn man_pages(out: &Path, json: bool) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let mut written = Vec::new();
+    fn walk(
+        cmd: clap::Command,
+        prefix: &str,
+        out: &Path,
+        written: &mut Vec<PathBuf>,
+    ) -> Result<()> {
+        let name = if prefix.is_empty() {
+            cmd.get_name().to_string()
+        } else {
+            format!("{prefix}-{}", cmd.get_name())
+        };
+        let path = out.join(format!("{name}.1"));
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(cmd.clone().name(name.clone()))
+            .render(&mut buf)
+            .map_err(|e| Error::io(&path, e))?;
+        std::fs::write(&path, buf).map_err(|e| Error::io(&path, e))?;
+        written.push(path);
+        for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+            walk(sub.clone(), &name, out, written)?;
+        }
+        Ok(())
+    }
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    cmd.build();
+    walk(cmd, "", out, &mut written)?;
+    print_or(json, &written, || {
+        println!("wrote {} man pages to {}", written.len(), out.display());
+    });
     Ok(())
 }
 

@@ -111,22 +111,31 @@ impl Client {
         &self,
         req: reqwest::blocking::RequestBuilder,
     ) -> Result<(T, Option<String>)> {
+        let (v, headers) = self.send_with_headers(req)?;
+        let next = headers
+            .get(reqwest::header::LINK)
+            .and_then(|v| v.to_str().ok())
+            .and_then(next_link);
+        Ok((v, next))
+    }
+
+    /// [`Client::send`], with the response's headers.
+    fn send_with_headers<T: DeserializeOwned>(
+        &self,
+        req: reqwest::blocking::RequestBuilder,
+    ) -> Result<(T, reqwest::header::HeaderMap)> {
         let resp = req
             .bearer_auth(&self.token)
             .send()
             .map_err(|e| Error::Remote(format!("{}: {e}", self.base)))?;
         let status = resp.status();
-        let next = resp
-            .headers()
-            .get(reqwest::header::LINK)
-            .and_then(|v| v.to_str().ok())
-            .and_then(next_link);
+        let headers = resp.headers().clone();
         let bytes = resp
             .bytes()
             .map_err(|e| Error::Remote(format!("{}: {e}", self.base)))?;
         if status.is_success() {
             return serde_json::from_slice(&bytes)
-                .map(|v| (v, next))
+                .map(|v| (v, headers))
                 .map_err(|e| {
                     Error::Remote(format!("{}: unexpected response body: {e}", self.base))
                 });
@@ -206,8 +215,41 @@ impl Client {
         self.get(&format!("/api/v1/devices/{}", urlencode(id)))
     }
 
+    /// The whole audit log, oldest first (pages of 10,000).
     pub fn audit(&self) -> Result<Vec<AuditEntry>> {
-        self.get("/api/v1/audit")
+        const PAGE: usize = 10_000;
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut url = format!("{}/api/v1/audit?limit={PAGE}", self.base);
+            if let Some(a) = &after {
+                url.push_str(&format!("&after={}", urlencode(a)));
+            }
+            let (page, headers): (Vec<AuditEntry>, _) =
+                self.send_with_headers(self.http.get(url))?;
+            let n = page.len();
+            all.extend(page);
+            after = headers
+                .get("x-next-position")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            if n < PAGE || after.is_none() {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// `PATCH /api/v1/devices/{id}`: replaces the device's tags.
+    pub fn patch_device(
+        &self,
+        id: &str,
+        tags: std::collections::BTreeMap<String, String>,
+    ) -> Result<DeviceView> {
+        self.send(
+            self.http
+                .patch(format!("{}/api/v1/devices/{}", self.base, urlencode(id)))
+                .json(&edgefleet_wire::api::v1::PatchDevice { tags }),
+        )
     }
 
     pub fn create_rollout(&self, req: &CreateRollout) -> Result<RolloutView> {

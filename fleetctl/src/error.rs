@@ -9,6 +9,13 @@ use edgefleet_runtime::RuntimeError;
 pub enum Error {
     #[error("{0}")]
     Usage(String),
+    /// What the command named does not exist (exit 5).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The command worked; what it watched ended badly (exit `code`:
+    /// 3 paused, 4 aborted).
+    #[error("{message}")]
+    Outcome { code: i32, message: String },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -642,3 +642,316 @@ async fn token_create_list_revoke() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("403"), "{}", stderr(&o));
 }
+
+/// fleetctl in scripts: `--json` on every command, the documented exit
+/// codes (2 usage, 3 paused, 4 aborted, 5 not found), id prefixes and
+/// `name@version`, and the commands scripts need (`rollout list`,
+/// `devices show|tag`, `audit`, API tokens with their config line,
+/// completions, man pages) against a real server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_get_json_exit_codes_prefixes_and_every_command() {
+    use integ::bundles::{Model, Pack};
+    use integ::fleet::{ENROLL, OPERATOR, TestFleet};
+    let fleet = TestFleet::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("m.bundle");
+    std::fs::write(&bundle, Pack::new(Model::MultiIo, 1).bytes()).unwrap();
+    let url = fleet.url.clone();
+    let run = move |args: Vec<String>| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+            a.extend(["--server", url.as_str(), "--token", OPERATOR]);
+            fleetctl(&a)
+        })
+    };
+    let v = |args: &[&str]| args.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let json_of = |o: &Output| -> serde_json::Value {
+        serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(o)))
+    };
+    let code = |o: &Output| o.status.code();
+
+    let pushed = json_of(&ok(run(v(&[
+        "bundle",
+        "push",
+        bundle.to_str().unwrap(),
+        "--json",
+    ]))
+    .await
+    .unwrap()));
+    let id = pushed["id"].as_str().unwrap().to_string();
+
+    // One device (its reports sent here by hand) for a rollout to finish.
+    let r = fleet
+        .req(reqwest::Method::POST, "/api/v1/devices/enroll", None)
+        .json(
+            &serde_json::json!({"enrollment_token": ENROLL, "device_id": "solo-1",
+               "tags": {"board": "solo"}, "arch": "aarch64", "agent_version": "0.1.0"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let cred: serde_json::Value = r.json().await.unwrap();
+    let cred = cred["credential"].as_str().unwrap().to_string();
+
+    // name@version resolves; once the device reports the bundle
+    // committed, the rollout completes and --watch exits 0.
+    let r1 = json_of(&ok(run(v(&[
+        "rollout",
+        "create",
+        "--bundle",
+        "multi-io@1.1.0",
+        "--selector",
+        "board=solo",
+        "--stages",
+        "100:0",
+        "--json",
+    ]))
+    .await
+    .unwrap()));
+    assert_eq!(r1["bundle"]["id"], id.as_str(), "{r1}");
+    let r1_id = r1["id"].as_str().unwrap().to_string();
+    // The device reports as an agent does, every half second.
+    let reporter = {
+        let req = fleet
+            .req(reqwest::Method::POST, "/api/v1/device/report", Some(&cred))
+            .json(&serde_json::json!({
+                "active": r1["bundle"], "staged": null, "last_failed": null,
+                "state": "committed", "reason": null,
+            }));
+        tokio::spawn(async move {
+            loop {
+                let r = req.try_clone().unwrap().send().await.unwrap();
+                assert!(r.status().is_success(), "{}", r.status());
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let o = run(v(&["rollout", "status", &r1_id[..6], "--watch", "--json"]))
+        .await
+        .unwrap();
+    reporter.abort();
+    assert_eq!(code(&o), Some(0), "completed: {}", stderr(&o));
+    // Completed because the device runs it (not because it went silent).
+    let last = serde_json::Deserializer::from_slice(&o.stdout)
+        .into_iter::<serde_json::Value>()
+        .last()
+        .unwrap()
+        .unwrap();
+    assert_eq!(last["phase"]["state"], "completed", "{last}");
+    assert_eq!(last["stages"][0]["running"], 1, "{last}");
+    assert_eq!(code(&o), Some(0), "completed: {}", stderr(&o));
+
+    // A unique id prefix resolves too; pausing makes --watch exit 3, an
+    // abort 4.
+    let r2 = json_of(&ok(run(v(&[
+        "rollout",
+        "create",
+        "--bundle",
+        &id[..10],
+        "--selector",
+        "board=none",
+        "--stages",
+        "50:10m,100:0",
+        "--json",
+    ]))
+    .await
+    .unwrap()));
+    let r2_id = r2["id"].as_str().unwrap().to_string();
+    let paused = json_of(&ok(run(v(&["rollout", "pause", &r2_id[..8], "--json"]))
+        .await
+        .unwrap()));
+    assert_eq!(paused["phase"]["state"], "paused", "{paused}");
+    let o = run(v(&["rollout", "status", &r2_id, "--watch"]))
+        .await
+        .unwrap();
+    assert_eq!(code(&o), Some(3), "paused: {}", stderr(&o));
+    assert!(stderr(&o).contains("paused"), "{}", stderr(&o));
+    let resumed = json_of(&ok(run(v(&["rollout", "resume", &r2_id, "--json"]))
+        .await
+        .unwrap()));
+    assert_eq!(resumed["phase"]["state"], "running", "{resumed}");
+    ok(run(v(&["rollout", "abort", &r2_id, "--json"]))
+        .await
+        .unwrap());
+    let o = run(v(&["rollout", "status", &r2_id, "--watch", "--json"]))
+        .await
+        .unwrap();
+    assert_eq!(code(&o), Some(4), "aborted: {}", stderr(&o));
+    let list = json_of(&ok(run(v(&["rollout", "list", "--json"])).await.unwrap()));
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+
+    // Not found: 5. Usage: 2 (ours and clap's).
+    let o = run(v(&["devices", "show", "nope"])).await.unwrap();
+    assert_eq!(code(&o), Some(5), "{}", stderr(&o));
+    let o = run(v(&["rollout", "status", "ffffffff"])).await.unwrap();
+    assert_eq!(code(&o), Some(5), "{}", stderr(&o));
+    let o = run(v(&[
+        "rollout",
+        "create",
+        "--bundle",
+        "nope@9.9.9",
+        "--stages",
+        "100:0",
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(code(&o), Some(5), "{}", stderr(&o));
+    let o = run(v(&[
+        "rollout", "create", "--bundle", &id, "--stages", "100",
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(code(&o), Some(2), "{}", stderr(&o));
+    let o = run(v(&[
+        "rollout",
+        "create",
+        "--bundle",
+        &id,
+        "--stages",
+        "100:0",
+        "--shadow-sample-rate",
+        "0.5",
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(code(&o), Some(2), "shadow needs samples: {}", stderr(&o));
+    let o = run(v(&["rollout", "frobnicate"])).await.unwrap();
+    assert_eq!(code(&o), Some(2), "{}", stderr(&o));
+    // Shadow flags reach the server, which checks their ranges.
+    let o = run(v(&[
+        "rollout",
+        "create",
+        "--bundle",
+        &id,
+        "--stages",
+        "100:0",
+        "--selector",
+        "board=none",
+        "--shadow-sample-rate",
+        "7",
+        "--shadow-samples",
+        "10",
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(code(&o), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("sample_rate"), "{}", stderr(&o));
+    let shadowed = json_of(&ok(run(v(&[
+        "rollout",
+        "create",
+        "--bundle",
+        &id,
+        "--stages",
+        "100:0",
+        "--selector",
+        "board=none",
+        "--shadow-sample-rate",
+        "0.25",
+        "--shadow-samples",
+        "40",
+        "--json",
+    ]))
+    .await
+    .unwrap()));
+    assert_eq!(shadowed["shadow"]["samples"], 40, "{shadowed}");
+
+    // devices show and tag.
+    let r = fleet
+        .req(reqwest::Method::POST, "/api/v1/devices/enroll", None)
+        .json(
+            &serde_json::json!({"enrollment_token": ENROLL, "device_id": "pi-9",
+               "tags": {"board": "rpi4"}, "arch": "aarch64", "agent_version": "0.1.0"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let tagged = json_of(&ok(run(v(&[
+        "devices",
+        "tag",
+        "pi-9",
+        "site=lyon",
+        "--remove",
+        "board",
+        "--json",
+    ]))
+    .await
+    .unwrap()));
+    assert_eq!(
+        tagged["tags"],
+        serde_json::json!({"site": "lyon"}),
+        "{tagged}"
+    );
+    let shown = json_of(&ok(run(v(&["devices", "show", "pi-9", "--json"]))
+        .await
+        .unwrap()));
+    assert_eq!(shown["tags"]["site"], "lyon");
+    let text = stdout(&ok(run(v(&["devices", "show", "pi-9"])).await.unwrap()));
+    assert!(
+        text.contains("site=lyon") && text.contains("aarch64"),
+        "{text}"
+    );
+
+    // The audit log shows who did what.
+    let audit = json_of(&ok(run(v(&["audit", "--json"])).await.unwrap()));
+    let entries = audit.as_array().unwrap();
+    assert!(
+        entries.iter().any(|e| e["who"] == "ops" && e["action"].as_str().unwrap_or("").starts_with("rollout")),
+        "{audit}"
+    );
+
+    // API tokens: printed once, with the config line holding only the hash.
+    let o = ok(run(v(&["token", "create", "ci-bot", "--role", "viewer"]))
+        .await
+        .unwrap());
+    let token = stdout(&o).trim().to_string();
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()));
+    let conf = stderr(&o);
+    assert!(
+        conf.contains(&format!("token_sha256 = \"{sha}\"")),
+        "{conf}"
+    );
+    assert!(
+        conf.contains("role = \"viewer\"") && !conf.contains(&token),
+        "{conf}"
+    );
+    let o = run(v(&["token", "create", "x", "--role", "root"]))
+        .await
+        .unwrap();
+    assert_eq!(code(&o), Some(2));
+
+    // Offline commands take --json too; completions and man pages.
+    let k = dir.path().join("k");
+    let kj = json_of(&ok(fleetctl(&[
+        "keygen",
+        "--out",
+        k.to_str().unwrap(),
+        "--json",
+    ])));
+    assert_eq!(kj["key_id"].as_str().map(str::len), Some(64), "{kj}");
+    let vj = json_of(&ok(fleetctl(&[
+        "bundle",
+        "verify",
+        bundle.to_str().unwrap(),
+        "--trust",
+        integ::fleet::trust_key(dir.path(), 1).to_str().unwrap(),
+        "--json",
+    ])));
+    assert_eq!(vj["ok"], true, "{vj}");
+    let comp = stdout(&ok(fleetctl(&["completions", "bash"])));
+    assert!(
+        comp.contains("fleetctl") && comp.contains("rollout"),
+        "{comp:.200}"
+    );
+    let man = dir.path().join("man");
+    ok(fleetctl(&["man", "--out", man.to_str().unwrap()]));
+    for page in [
+        "fleetctl.1",
+        "fleetctl-rollout-create.1",
+        "fleetctl-trust-rotate.1",
+    ] {
+        assert!(man.join(page).exists(), "{page} missing");
+    }
+}
