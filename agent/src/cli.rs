@@ -20,14 +20,42 @@ use crate::metrics::Metrics;
 use crate::procstat;
 use edgefleet_runtime::to_tract;
 
-/// `--version`: the version and the model formats this build loads.
 #[cfg(feature = "onnx")]
-const LONG_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (model formats: onnx, nnef)");
+macro_rules! model_formats {
+    () => {
+        "onnx, nnef"
+    };
+}
 #[cfg(not(feature = "onnx"))]
+macro_rules! model_formats {
+    () => {
+        "nnef (an NNEF-only build)"
+    };
+}
+
+/// `--version`: the version, commit, target, tract and the model formats
+/// this build loads.
 const LONG_VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
-    " (model formats: nnef; an NNEF-only build)"
+    " (commit ",
+    env!("EDGEFLEET_GIT_COMMIT"),
+    ", target ",
+    env!("EDGEFLEET_TARGET"),
+    ", tract 0.23.9, model formats: ",
+    model_formats!(),
+    ")"
 );
+
+/// How the daemons write their logs to stderr.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines; colour only on a terminal (never under
+    /// journald or with NO_COLOR).
+    #[default]
+    Text,
+    /// One JSON object per event (log shippers).
+    Json,
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -37,6 +65,16 @@ const LONG_VERSION: &str = concat!(
     about = "edgefleet device agent: serve verified ONNX model bundles with tract"
 )]
 pub struct Cli {
+    /// Log format on stderr (env EDGE_AGENT_LOG_FORMAT); the level is
+    /// EDGE_AGENT_LOG (e.g. `info`, `edge_agent=debug,warn`).
+    #[arg(
+        long,
+        global = true,
+        env = "EDGE_AGENT_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -55,6 +93,17 @@ pub struct BundleArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    Check {
+        #[arg(long, value_name = "agent.toml", env = "EDGE_AGENT_CONFIG")]
+        config: PathBuf,
+        /// Also reach the fleet server (`/healthz`) and the MQTT broker.
+        #[arg(long)]
+        reach: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum Command {
     /// The device daemon: enroll, poll the desired state, install, watch,
     /// roll back, report; serves the local inference API throughout.
@@ -62,6 +111,12 @@ pub enum Command {
         #[arg(long, value_name = "agent.toml", env = "EDGE_AGENT_CONFIG")]
         config: PathBuf,
     },
+    /// Check a config without running: parse it, load the trust keys and
+    /// chain, the TLS files and the credential; with --reach, also contact
+    /// the fleet server and the broker. Exit 1 with the file and the key
+    /// at fault.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Sideload a bundle into the running agent (no server needed): the
     /// same verify, self-test, swap and watch path as a server update.
     Install {
@@ -183,6 +238,13 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), AgentError
         Command::Run { config } => {
             let cfg = crate::config::AgentConfig::load(&config)?;
             crate::daemon::run(cfg, shutdown).await
+        }
+        Command::Config(ConfigCommand::Check { config, reach }) => {
+            for line in crate::check::check(&config, reach).await? {
+                println!("ok: {line}");
+            }
+            println!("config {} is good", config.display());
+            Ok(())
         }
         Command::Compare { a, b, tolerance } => compare(&a, &b, tolerance),
         Command::Load {

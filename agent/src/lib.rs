@@ -24,6 +24,7 @@
 
 pub mod api;
 pub mod bundle;
+pub mod check;
 pub mod cli;
 pub mod client;
 pub mod codec;

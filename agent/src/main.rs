@@ -8,6 +8,7 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 
 #[tokio::main]
 async fn main() {
+    let cli = edge_agent::cli::Cli::parse();
     // EDGE_AGENT_LOG: `info`, `edge_agent=debug,warn`, ... (target=level
     // lists; no span or field filters, which would need a regex engine).
     let filter = match std::env::var("EDGE_AGENT_LOG") {
@@ -17,11 +18,17 @@ async fn main() {
         }),
         Err(_) => Targets::new().with_default(LevelFilter::WARN),
     };
-    tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-        .with(filter)
-        .init();
-    let cli = edge_agent::cli::Cli::parse();
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    match cli.log_format {
+        edge_agent::cli::LogFormat::Json => tracing_subscriber::registry()
+            .with(fmt.json())
+            .with(filter)
+            .init(),
+        edge_agent::cli::LogFormat::Text => tracing_subscriber::registry()
+            .with(fmt.with_ansi(colour()))
+            .with(filter)
+            .init(),
+    }
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
     tokio::spawn(async move {
@@ -40,4 +47,13 @@ async fn main() {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
+}
+
+/// Colour only for a person at a terminal: not into files or pipes, not
+/// under journald (JOURNAL_STREAM), not with NO_COLOR.
+fn colour() -> bool {
+    use std::io::IsTerminal as _;
+    std::io::stderr().is_terminal()
+        && std::env::var_os("JOURNAL_STREAM").is_none()
+        && std::env::var_os("NO_COLOR").is_none()
 }

@@ -12,7 +12,7 @@ use edge_agent::engine::{Engine, EngineConfig, prepare};
 use edge_agent::metrics::Metrics;
 use edgefleet_runtime::{Model, TRACT_VERSION};
 use edgefleet_wire::bundle::{Limits, Signed, compress_model, write_bundle};
-use edgefleet_wire::keys::signing_key_from_seed;
+use edgefleet_wire::keys::{encode_public_key, signing_key_from_seed};
 use edgefleet_wire::manifest::{
     GoldenCase, GoldenSet, Manifest, ModelFormat, NonFiniteInputs, ReferenceSource, TargetArch,
 };
@@ -890,4 +890,66 @@ fn serve_cli_verifies_self_tests_and_serves_until_terminated() {
     ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("requires an API bearer token"));
+}
+
+/// `edge-agent config check`: good configs pass without starting
+/// anything; a missing key file, bad TLS files and an unenrollable setup
+/// fail naming the file and key; `--reach` reports an unreachable server.
+#[test]
+fn config_check_loads_everything_the_daemon_would_and_names_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("release.pub"),
+        encode_public_key(&signing_key_from_seed([1; 32]).verifying_key()),
+    )
+    .unwrap();
+    let check = |name: &str, text: &str, extra: &[&str]| {
+        let p = d.join(name);
+        std::fs::write(&p, text).unwrap();
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+            .args(["config", "check", "--config", p.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let base = "device_id = \"d1\"\ndata_dir = \"state\"\n[trust]\nkeys = [\"release.pub\"]\n";
+    let (code, out, err) = check("ok.toml", base, &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("[trust]: version 1") && out.contains("is good"),
+        "{out}"
+    );
+    assert!(!d.join("state/store").exists(), "nothing started");
+
+    let (code, _, err) = check(
+        "nokey.toml",
+        "data_dir = \"state\"\n[trust]\nkeys = [\"gone.pub\"]\n",
+        &[],
+    );
+    assert_eq!(code, Some(1));
+    assert!(err.contains("gone.pub"), "{err}");
+
+    let server = "[server]\nurl = \"https://127.0.0.1:9\"\nca_file = \"release.pub\"\n";
+    let (code, _, err) = check("tls.toml", &format!("{base}{server}"), &[]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("[server]") && err.contains("ca_file"), "{err}");
+
+    let server = "[server]\nurl = \"http://127.0.0.1:9\"\n";
+    let (code, _, err) = check("noenroll.toml", &format!("{base}{server}"), &[]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("enrollment_token"), "{err}");
+
+    let server = "[server]\nurl = \"http://127.0.0.1:9\"\nenrollment_token = \"e\"\n";
+    let (code, out, _) = check("enroll.toml", &format!("{base}{server}"), &[]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("not enrolled yet"), "{out}");
+    let (code, _, err) = check("reach.toml", &format!("{base}{server}"), &["--reach"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("unreachable"), "{err}");
 }

@@ -32,7 +32,8 @@ const WRITE_QUEUE: usize = 8192;
 fn trust_root(config: &ServerConfig) -> Result<TrustRoot> {
     let mut keys = Vec::new();
     for p in &config.trust.keys {
-        let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+        let text = std::fs::read_to_string(p)
+            .map_err(|e| Error::Usage(format!("[trust] keys: {}: {e}", p.display())))?;
         keys.push(decode_public_key(&text).map_err(|source| Error::File {
             path: p.clone(),
             source,
@@ -43,6 +44,58 @@ fn trust_root(config: &ServerConfig) -> Result<TrustRoot> {
             "[trust]: {e} (list the release public keys in trust.keys)"
         ))
     })
+}
+
+/// `fleet-server --check-config`: what [`start`] would load, without
+/// binding or opening the store; one line per thing found good.
+pub fn check(config: &ServerConfig) -> Result<Vec<String>> {
+    let mut ok = Vec::new();
+    let root = trust_root(config)?;
+    ok.push(format!(
+        "[trust]: threshold {} of {} key(s)",
+        root.threshold(),
+        root.key_ids().count()
+    ));
+    let tokens = Tokens::from_config(&config.auth.tokens)
+        .map_err(|e| Error::Usage(format!("[auth]: {e}")))?;
+    drop(tokens);
+    ok.push(format!(
+        "[auth]: {} operator token(s), {} enrollment token(s)",
+        config.auth.tokens.len(),
+        config.auth.enrollment_tokens.len()
+    ));
+    if tls_acceptor(
+        "[http]",
+        &config.http.tls_cert,
+        &config.http.tls_key,
+        &config.http.client_ca,
+    )?
+    .is_some()
+    {
+        ok.push(format!(
+            "[http]: TLS files load{}",
+            if config.http.client_ca.is_some() {
+                ", with device client certificates"
+            } else {
+                ""
+            }
+        ));
+    }
+    if let Some(mc) = &config.mqtt
+        && tls_acceptor("[mqtt]", &mc.tls_cert, &mc.tls_key, &None)?.is_some()
+    {
+        ok.push("[mqtt]: TLS files load".into());
+    }
+    // The data dir must take writes (the store, the registry's uploads).
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::io(&config.data_dir, e))?;
+    let probe = config.data_dir.join(".check-config");
+    std::fs::write(&probe, b"ok").map_err(|e| Error::io(&probe, e))?;
+    let _ = std::fs::remove_file(&probe);
+    ok.push(format!(
+        "data_dir {} is writable",
+        config.data_dir.display()
+    ));
+    Ok(ok)
 }
 
 /// Connections waiting to be accepted: a whole fleet reconnecting after
