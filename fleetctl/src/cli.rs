@@ -1353,10 +1353,12 @@ fn rollout_cmd(c: &Client, cmd: RolloutCommand, json: bool) -> Result<()> {
                     ));
                 }
             };
+            // Local checks first: a usage error needs no server.
+            let stages = parse_stages(&a.stages)?;
             let req = CreateRollout {
                 bundle: resolve_bundle(c, &a.bundle)?,
                 selector,
-                stages: parse_stages(&a.stages)?,
+                stages,
                 gates: Gates {
                     max_failed_devices_pct: a.max_failed_devices_pct,
                     max_rollback_pct: a.max_rollback_pct,
