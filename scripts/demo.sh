@@ -120,6 +120,7 @@ hp=${mqtt#*://}
 mqtt_host=${hp%:*}
 mqtt_port=${hp##*:}
 echo "API $server, broker $mqtt"
+echo "console $server/ui/ (log in with the operator token: $token)"
 
 # Stages take their share of every board type: 3 rpi4 + 3 rpi5 + 2 orin
 # gives 3 devices at 25 %, 5 at 50 %, 8 at 100 %.
@@ -284,6 +285,7 @@ cat <<EOF
 - Took ${elapsed} s after the build.$( [ "$tls" = 1 ] && printf '\n- Over TLS: HTTPS API and mqtts broker (demo CA), each device with its own\n  client certificate, which the server required.' )
 
 Logs: $work/logs (server.log, dev-N.log, load.out)
+Watch it in the web console while it runs: $server/ui/ (token $token).
 Watch the topics while it runs (any user name, the operator token as password):
   mosquitto_sub ${sub_tls}-h $mqtt_host -p $mqtt_port -u demo -P $token -v -t 'edgefleet/v1/#'
 DEMO OK

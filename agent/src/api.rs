@@ -1,6 +1,8 @@
 //! The local inference API (HTTP/1.1, JSON or `.npz` bodies).
 //!
-//! Routes: `POST /v1/infer`, `GET /v1/model`, `GET /healthz`, `GET /metrics`.
+//! Routes: `POST /v1/infer`, `GET /v1/model`, `POST /v1/feedback`,
+//! `GET|POST|DELETE /v1/defer` (the app holds activations while busy),
+//! `GET /v1/status`, `POST /v1/install`, `GET /healthz`, `GET /metrics`.
 //! Every failure is `{"error": {"code", "message"}}` with a 4xx for bad
 //! input (never a 500), 503 + `Retry-After` when the queue is full.
 
@@ -82,6 +84,8 @@ pub struct Control {
     pub extra_metrics: Option<ExtraMetrics>,
     /// The device report as the server gets it (degraded, trust version).
     pub report: Option<Arc<dyn Fn() -> edgefleet_wire::device::DeviceReport + Send + Sync>>,
+    /// Maintenance windows and the app's defers.
+    pub activation: Option<Arc<crate::updater::hold::Activation>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -157,7 +161,12 @@ pub fn router_with(
     let protected = Router::new()
         .route("/v1/infer", post(infer))
         .route("/v1/model", get(model))
+        .route("/v1/feedback", post(feedback))
         .route("/v1/status", get(status))
+        .route(
+            "/v1/defer",
+            get(defer_get).post(defer_post).delete(defer_delete),
+        )
         .route("/v1/install", post(install))
         .route("/metrics", get(metrics_text))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -231,12 +240,186 @@ async fn model(State(s): State<AppState>) -> Response {
     }
 }
 
+/// `POST /v1/feedback`: an application outcome for the model that served
+/// a request, e.g. `{"value": 1.0}` when the user accepted its answer.
+/// `model` (`name@version`; `/v1/infer` answers with `X-Model-Name` and
+/// `X-Model-Version`) guards
+/// against crediting a model swapped in since: a mismatch is 409.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Feedback {
+    value: f64,
+    #[serde(default)]
+    model: Option<String>,
+    /// The caller's own id of the request (accepted, not stored).
+    #[serde(default)]
+    #[allow(dead_code)]
+    request_id: Option<String>,
+}
+
+async fn feedback(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let bytes = match read_body(body, &headers, 4096).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let f: Feedback = match serde_json::from_slice(&bytes) {
+        Ok(f) => f,
+        Err(e) => {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_feedback",
+                format!("send {{\"value\": NUMBER, \"model\": \"name@version\"}}: {e}"),
+            )
+            .into_response();
+        }
+    };
+    if !f.value.is_finite() {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_feedback",
+            "value must be a finite number",
+        )
+        .into_response();
+    }
+    let Some(m) = s.engine.active() else {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_model",
+            "no model is serving",
+        )
+        .into_response();
+    };
+    let serving = format!("{}@{}", m.info.name, m.info.version);
+    if let Some(want) = &f.model
+        && *want != serving
+    {
+        return ApiError::new(
+            StatusCode::CONFLICT,
+            "model_mismatch",
+            format!("the feedback is for {want}, but {serving} is serving now"),
+        )
+        .into_response();
+    }
+    m.stats.feedback(f.value);
+    (
+        StatusCode::ACCEPTED,
+        axum::Json(serde_json::json!({"model": serving})),
+    )
+        .into_response()
+}
+
 async fn metrics_text(State(s): State<AppState>) -> Response {
+    use std::fmt::Write as _;
     let mut text = s.metrics.render();
+    if let Some(c) = s.control.as_ref() {
+        let now = c.status.borrow().record.phase.state();
+        text.push_str(
+            "# HELP edge_agent_update_state The update machine's state (1 for the current one).\n\
+             # TYPE edge_agent_update_state gauge\n",
+        );
+        for st in edgefleet_wire::device::UpdateState::ALL {
+            let _ = writeln!(
+                text,
+                "edge_agent_update_state{{state=\"{}\"}} {}",
+                st.as_str(),
+                u8::from(st == now)
+            );
+        }
+    }
     if let Some(extra) = s.control.as_ref().and_then(|c| c.extra_metrics.as_ref()) {
         text.push_str(&extra());
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// `POST /v1/defer`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeferRequest {
+    /// Busy for this many more seconds (0: not busy any more).
+    seconds: u64,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// `GET/POST/DELETE /v1/defer`: the defer and what it holds.
+#[derive(serde::Serialize)]
+struct DeferResponse {
+    #[serde(flatten)]
+    defer: crate::updater::hold::DeferView,
+    /// The update's state: `waiting` while a window or the app holds it.
+    state: edgefleet_wire::device::UpdateState,
+    /// Why the update waits, when it does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    waiting: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    activate_at: Option<u64>,
+}
+
+fn activation(
+    s: &AppState,
+) -> Result<(Arc<Control>, Arc<crate::updater::hold::Activation>), ApiError> {
+    let c = control(s)?;
+    let a = c.activation.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_updater",
+            "defers are handled by `edge-agent run`",
+        )
+    })?;
+    Ok((c.clone(), a))
+}
+
+fn defer_response(c: &Control, defer: crate::updater::hold::DeferView) -> Response {
+    let rec = c.status.borrow().record.clone();
+    let waiting = matches!(rec.phase, crate::update::Phase::Waiting { .. });
+    axum::Json(DeferResponse {
+        defer,
+        state: rec.phase.state(),
+        waiting: rec.reason.filter(|_| waiting),
+        activate_at: rec.phase.activate_at(),
+    })
+    .into_response()
+}
+
+async fn defer_get(State(s): State<AppState>) -> Response {
+    match activation(&s) {
+        Ok((c, a)) => defer_response(&c, a.view()),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn defer_post(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let (c, a) = match activation(&s) {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
+    let bytes = match read_body(body, &headers, 4096).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let r: DeferRequest = match serde_json::from_slice(&bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            return ApiError::bad_request(
+                "bad_defer",
+                format!("send {{\"seconds\": N, \"reason\": \"…\"}}: {e}"),
+            )
+            .into_response();
+        }
+    };
+    if r.reason.as_ref().is_some_and(|x| x.len() > 200) {
+        return ApiError::bad_request("bad_defer", "reason: at most 200 bytes").into_response();
+    }
+    let view = a.defer(r.seconds, r.reason);
+    defer_response(&c, view)
+}
+
+async fn defer_delete(State(s): State<AppState>) -> Response {
+    match activation(&s) {
+        Ok((c, a)) => defer_response(&c, a.release()),
+        Err(e) => e.into_response(),
+    }
 }
 
 fn control(s: &AppState) -> Result<&Arc<Control>, ApiError> {
@@ -340,6 +523,7 @@ async fn install(State(s): State<AppState>, headers: HeaderMap, body: Body) -> R
         rollout_id: None,
         watch: None,
         shadow: None,
+        window: None,
     };
     if c.sideload.send(target).await.is_err() {
         return ApiError::new(

@@ -259,6 +259,17 @@ pub struct UpdateSection {
     /// so the agent can still open its store, start and write its update
     /// record; taken back once space returns. 0: none. Default 2 MiB.
     pub store_reserve_bytes: u64,
+    /// The device's time zone (IANA name, e.g. `Europe/Berlin`) for
+    /// maintenance windows that name none. Default: the system's (`TZ`,
+    /// `/etc/localtime`), UTC without either.
+    pub time_zone: Option<String>,
+    /// Hold every ready update until the local app allows it
+    /// (`DELETE /v1/defer`) or `max_defer_secs` pass. Default false.
+    pub defer_activation: bool,
+    /// The longest the local app may hold an activation (`POST /v1/defer`,
+    /// `defer_activation`), counted from when the update was ready.
+    /// Maintenance windows still apply after it. Default 4 h.
+    pub max_defer_secs: u64,
 }
 
 impl Default for UpdateSection {
@@ -280,6 +291,9 @@ impl Default for UpdateSection {
             download_min_bytes_per_sec: 8192,
             free_space_margin_bytes: 8 * 1024 * 1024,
             store_reserve_bytes: 2 * 1024 * 1024,
+            time_zone: None,
+            defer_activation: false,
+            max_defer_secs: 4 * 3600,
         }
     }
 }
@@ -404,6 +418,13 @@ impl AgentConfig {
         }
         if self.server.poll_interval_secs == 0 {
             return bad("[server] poll_interval_secs must be at least 1".into());
+        }
+        if let Some(tz) = &self.update.time_zone
+            && jiff::tz::TimeZone::get(tz).is_err()
+        {
+            return bad(format!(
+                "[update] time_zone {tz:?} is not a time zone of this system's tz database (/usr/share/zoneinfo)"
+            ));
         }
         if self.update.retry_min_ms == 0 || self.update.retry_max_ms < self.update.retry_min_ms {
             return bad("[update] need 0 < retry_min_ms <= retry_max_ms".into());

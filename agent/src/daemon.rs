@@ -81,6 +81,23 @@ pub async fn start(
     ),
     AgentError,
 > {
+    start_with_clock(cfg, crate::updater::system_clock(), shutdown).await
+}
+
+/// [`start`] on an injected wall clock (unix seconds) for the update
+/// machine: the watch window, maintenance windows and defers read it.
+pub async fn start_with_clock(
+    cfg: AgentConfig,
+    clock: crate::updater::Clock,
+    shutdown: CancellationToken,
+) -> Result<
+    (
+        std::net::SocketAddr,
+        String,
+        impl Future<Output = Result<(), AgentError>> + use<>,
+    ),
+    AgentError,
+> {
     let cfg = Arc::new(cfg);
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| AgentError::io(&cfg.data_dir, e))?;
     let device_id = cfg.device_id();
@@ -189,7 +206,12 @@ pub async fn start(
     let addr = listener
         .local_addr()
         .map_err(|e| AgentError::Invariant(e.to_string()))?;
+    let activation = Arc::new(crate::updater::hold::Activation::new(
+        &cfg.update,
+        clock.clone(),
+    ));
     let control = Arc::new(Control {
+        activation: Some(activation.clone()),
         status: status_rx.clone(),
         sideload: desired_tx.clone(),
         slots: slots.clone(),
@@ -198,6 +220,7 @@ pub async fn start(
             counters.clone(),
             store.clone(),
             engine.clone(),
+            cfg.data_dir.clone(),
         )),
         report: Some({
             let shared = shared.clone();
@@ -241,7 +264,8 @@ pub async fn start(
         engine: engine.clone(),
         trust: trust.clone(),
         client: client_cell.clone(),
-        clock: crate::updater::system_clock(),
+        clock,
+        activation,
     };
     let updater = Updater::new(ctx, record, status_tx, notice_tx);
     tasks.spawn(updater.run(served, desired_rx, stop.clone()));

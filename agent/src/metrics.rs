@@ -121,15 +121,22 @@ impl Metrics {
         }
         let _ = writeln!(
             out,
-            "# HELP edge_agent_active_model The model being served (value 1)."
+            "# HELP edge_agent_build_info The agent's build (value 1).\n# TYPE edge_agent_build_info gauge\nedge_agent_build_info{{version=\"{}\",commit=\"{}\",target=\"{}\",tract=\"0.23.9\"}} 1",
+            env!("CARGO_PKG_VERSION"),
+            env!("EDGEFLEET_GIT_COMMIT"),
+            env!("EDGEFLEET_TARGET"),
         );
-        let _ = writeln!(out, "# TYPE edge_agent_active_model gauge");
+        let _ = writeln!(
+            out,
+            "# HELP edge_agent_active_model_info The model being served (value 1)."
+        );
+        let _ = writeln!(out, "# TYPE edge_agent_active_model_info gauge");
         if let Ok(a) = self.active.lock()
             && let Some(info) = a.as_ref()
         {
             let _ = writeln!(
                 out,
-                "edge_agent_active_model{{name=\"{}\",version=\"{}\",sequence=\"{}\"}} 1",
+                "edge_agent_active_model_info{{name=\"{}\",version=\"{}\",sequence=\"{}\"}} 1",
                 escape(&info.name),
                 escape(&info.version),
                 info.sequence

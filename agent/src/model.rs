@@ -78,6 +78,8 @@ pub struct ModelStats {
     latencies: std::sync::Mutex<std::collections::VecDeque<f32>>,
     /// Latencies since the last telemetry record (capped).
     interval: std::sync::Mutex<Vec<f32>>,
+    /// Application feedback (`POST /v1/feedback`) since the last record.
+    reward: std::sync::Mutex<edgefleet_wire::telemetry::Reward>,
 }
 
 /// Latencies kept per telemetry interval; beyond it, every other sample.
@@ -99,6 +101,25 @@ impl ModelStats {
             }
             v.push(ms);
         }
+    }
+
+    /// Counts one application outcome for this model.
+    pub fn feedback(&self, value: f64) {
+        if let Ok(mut r) = self.reward.lock() {
+            r.count += 1;
+            r.sum += value;
+            r.sum_sq += value * value;
+        }
+    }
+
+    /// Takes the feedback since the last call (`None` without any).
+    pub fn take_reward(&self) -> Option<edgefleet_wire::telemetry::Reward> {
+        let r = self
+            .reward
+            .lock()
+            .map(|mut r| std::mem::take(&mut *r))
+            .ok()?;
+        (r.count > 0).then_some(r)
     }
 
     /// Takes the latencies recorded since the last call.

@@ -88,6 +88,7 @@ impl Shared {
             shadow: rec.shadow.clone(),
             agent_version: Some(crate::AGENT_VERSION.to_string()),
             trust_version: Some(self.trust.version()),
+            activate_at: rec.phase.activate_at(),
         }
     }
 }

@@ -49,12 +49,28 @@ pub fn metrics_text(
     counters: Arc<Counters>,
     store: Arc<dyn crate::store::Store>,
     engine: Arc<crate::engine::Engine>,
+    data_dir: std::path::PathBuf,
 ) -> crate::api::ExtraMetrics {
     Arc::new(move || {
         use std::fmt::Write as _;
         let (depth, bytes) = store.outbox_depth();
         let health = store.health();
         let mut out = String::new();
+        // The family is always declared; the sample only where the board
+        // has a thermal zone.
+        out.push_str(
+            "# HELP edge_agent_temperature_celsius The board's first thermal zone.\n\
+             # TYPE edge_agent_temperature_celsius gauge\n",
+        );
+        if let Some(t) = board_temperature() {
+            let _ = writeln!(out, "edge_agent_temperature_celsius {t}");
+        }
+        if let Some(free) = disk_free(&data_dir) {
+            let _ = writeln!(
+                out,
+                "# HELP edge_agent_disk_free_bytes Free bytes on the data directory's filesystem.\n# TYPE edge_agent_disk_free_bytes gauge\nedge_agent_disk_free_bytes {free}"
+            );
+        }
         if let Some(m) = engine.active()
             && let Some(d) = &m.drift
             && let Ok(d) = d.lock()
@@ -248,6 +264,7 @@ impl Sampler {
         self.last_cpu = cpu;
         self.last_at = now;
         let active = shared.engine.active();
+        let reward = active.as_ref().and_then(|m| m.stats.take_reward());
         let (model, inferences, errors, latency) = match &active {
             Some(m) => {
                 let gen_id = m.generation();
@@ -298,6 +315,7 @@ impl Sampler {
                 .and_then(|m| m.drift.as_ref())
                 .and_then(|d| d.lock().ok().map(|d| d.snapshot()))
                 .unwrap_or_default(),
+            reward,
         }
     }
 }

@@ -12,7 +12,9 @@
 //!                                   are counted, and after the limit the
 //!                                   device reports failed, still retrying)
 //!   Downloading ──downloaded──▶ Verifying ──verified──▶ SelfTesting
-//!   SelfTesting ──passed──▶ Shadowing? ──▶ Activate
+//!   SelfTesting ──passed──▶ Shadowing? ──▶ AwaitWindow
+//!   AwaitWindow ──held──▶ Waiting{reason, until} ──open──▶ Activate
+//!               ──open──▶ Activate
 //!   Activate ──activated──▶ Watching ──window passed──▶ Committed
 //!                           Watching ──health breach──▶ RolledBack{reason}
 //!   any step ──rejected / failed──▶ Failed{reason}
@@ -27,6 +29,7 @@
 use std::collections::VecDeque;
 
 use edgefleet_wire::device::{BundleRef, ShadowAgreement, ShadowRequest, UpdateState, WatchPolicy};
+use edgefleet_wire::window::Schedule;
 use serde::{Deserialize, Serialize};
 
 /// What the device was asked to install.
@@ -40,6 +43,27 @@ pub struct Target {
     pub rollout_id: Option<String>,
     pub watch: Option<WatchPolicy>,
     pub shadow: Option<ShadowRequest>,
+    /// Maintenance windows: the swap waits for one to be open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<Schedule>,
+}
+
+/// Why a ready update is not activated yet, and when that may change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    /// `waiting for window (next: 2026-12-04T02:00:00+01:00)`, or the
+    /// local app's defer.
+    pub reason: String,
+    /// Unix seconds when the activation may go on, if known.
+    pub until: Option<u64>,
+}
+
+/// When the target first became ready to activate (self-tested, shadowed):
+/// the local app's defers are bounded from here, across restarts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ready {
+    pub bundle_id: String,
+    pub since: u64,
 }
 
 /// Where an update stands.
@@ -83,6 +107,14 @@ pub enum Phase {
     Shadowing {
         target: Target,
     },
+    /// Ready, but the swap waits for a maintenance window or the local
+    /// app. A restart verifies and self-tests the file again, then waits
+    /// again.
+    Waiting {
+        target: Target,
+        reason: String,
+        until: Option<u64>,
+    },
     /// `target` is active; `since` is unix seconds of activation: the watch
     /// window is measured from it, across restarts.
     Watching {
@@ -110,6 +142,7 @@ impl Phase {
             Phase::Staged { .. } => UpdateState::Staged,
             Phase::SelfTesting { .. } => UpdateState::SelfTesting,
             Phase::Shadowing { .. } => UpdateState::Shadowing,
+            Phase::Waiting { .. } => UpdateState::Waiting,
             Phase::Watching { .. } => UpdateState::Watching,
             Phase::Committed => UpdateState::Committed,
             Phase::Failed { .. } => UpdateState::Failed,
@@ -126,7 +159,30 @@ impl Phase {
             | Phase::Staged { target }
             | Phase::SelfTesting { target }
             | Phase::Shadowing { target }
+            | Phase::Waiting { target, .. }
             | Phase::Watching { target, .. } => Some(target),
+            _ => None,
+        }
+    }
+
+    fn target_mut(&mut self) -> Option<&mut Target> {
+        match self {
+            Phase::Downloading { target, .. }
+            | Phase::Blocked { target, .. }
+            | Phase::Verifying { target }
+            | Phase::Staged { target }
+            | Phase::SelfTesting { target }
+            | Phase::Shadowing { target }
+            | Phase::Waiting { target, .. }
+            | Phase::Watching { target, .. } => Some(target),
+            _ => None,
+        }
+    }
+
+    /// When a waiting update may go on (unix seconds), if known.
+    pub fn activate_at(&self) -> Option<u64> {
+        match self {
+            Phase::Waiting { until, .. } => *until,
             _ => None,
         }
     }
@@ -174,6 +230,9 @@ pub struct Record {
     #[serde(default)]
     pub failures: VecDeque<Failure>,
     pub shadow: Option<ShadowAgreement>,
+    /// When the target became ready to activate (bounds the app's defers).
+    #[serde(default)]
+    pub ready: Option<Ready>,
 }
 
 impl Default for Record {
@@ -187,6 +246,7 @@ impl Default for Record {
             pending: None,
             failures: VecDeque::new(),
             shadow: None,
+            ready: None,
         }
     }
 }
@@ -200,6 +260,21 @@ impl Record {
                 .failures
                 .iter()
                 .any(|f| f.bundle_id == t.bundle.id && f.rollout_id == t.rollout_id)
+    }
+
+    /// When `t` became ready to activate; starts the clock at `now` the
+    /// first time.
+    fn ready_since(&mut self, t: &Target, now: u64) -> u64 {
+        match &self.ready {
+            Some(r) if r.bundle_id == t.bundle.id => r.since,
+            _ => {
+                self.ready = Some(Ready {
+                    bundle_id: t.bundle.id.clone(),
+                    since: now,
+                });
+                now
+            }
+        }
     }
 }
 
@@ -220,6 +295,8 @@ pub enum Lifecycle {
     ShadowStarted,
     ShadowPassed,
     ShadowFailed,
+    /// Ready; the swap waits for a maintenance window or the local app.
+    Waiting,
     Activated,
     RolledBack,
     Committed,
@@ -283,6 +360,10 @@ pub enum Event {
         agreement: ShadowAgreement,
         passed: Result<(), String>,
     },
+    /// A window is open and nothing defers: swap now.
+    WindowOpen,
+    /// The swap waits (a new or changed reason).
+    Held(Hold),
     Activated,
     /// The activation itself failed (e.g. the floor could not be written).
     ActivationFailed {
@@ -326,6 +407,14 @@ pub enum Effect {
     },
     Shadow {
         target: Target,
+    },
+    /// Decide whether the swap may happen now; wait while nothing changes
+    /// from `held` (the hold already recorded). `ready_since` bounds the
+    /// local app's defers.
+    AwaitWindow {
+        target: Target,
+        ready_since: u64,
+        held: Option<Hold>,
     },
     /// Raise the anti-rollback floor durably, then swap the model in.
     Activate {
@@ -372,6 +461,8 @@ fn event_name(e: &Event) -> &'static str {
         Event::SelfTestPassed => "self_test_passed",
         Event::SelfTestFailed { .. } => "self_test_failed",
         Event::ShadowDone { .. } => "shadow_done",
+        Event::WindowOpen => "window_open",
+        Event::Held(_) => "held",
         Event::Activated => "activated",
         Event::ActivationFailed { .. } => "activation_failed",
         Event::HealthBreached { .. } => "health_breached",
@@ -382,6 +473,15 @@ fn event_name(e: &Event) -> &'static str {
 
 fn announce(what: Lifecycle, reason: Option<String>) -> Effect {
     Effect::Announce { what, reason }
+}
+
+/// The update is ready to activate: ask the driver whether it may.
+fn await_window(r: &mut Record, target: &Target, held: Option<Hold>, now: u64) -> Effect {
+    Effect::AwaitWindow {
+        target: target.clone(),
+        ready_since: r.ready_since(target, now),
+        held,
+    }
 }
 
 fn download(target: &Target, attempt: u32, patient: bool) -> Effect {
@@ -447,7 +547,8 @@ pub fn next(rec: &Record, event: Event, now: u64) -> Result<(Record, Vec<Effect>
                 Phase::Verifying { target }
                 | Phase::Staged { target }
                 | Phase::SelfTesting { target }
-                | Phase::Shadowing { target } => {
+                | Phase::Shadowing { target }
+                | Phase::Waiting { target, .. } => {
                     r.phase = Phase::Verifying {
                         target: target.clone(),
                     };
@@ -497,7 +598,24 @@ pub fn next(rec: &Record, event: Event, now: u64) -> Result<(Record, Vec<Effect>
                 .target()
                 .is_some_and(|t| t.bundle.id == want.bundle.id);
             if same_as_current {
-                // Same bundle, maybe new rollout parameters: nothing to redo.
+                // Same bundle, maybe new rollout parameters: nothing to
+                // redo, but a changed maintenance window applies to the
+                // swap that has not happened yet.
+                let cur = phase.target().map(|t| t.window.clone());
+                if !matches!(phase, Phase::Watching { .. }) && cur != Some(want.window.clone()) {
+                    if let Some(t) = r.phase.target_mut() {
+                        t.window = want.window.clone();
+                    }
+                    if let Phase::Waiting {
+                        target,
+                        reason,
+                        until,
+                    } = r.phase.clone()
+                    {
+                        let held = Hold { reason, until };
+                        fx.push(await_window(&mut r, &target, Some(held), now));
+                    }
+                }
                 return Ok((r, fx));
             }
             if let Phase::Watching { target, .. } = phase {
@@ -555,6 +673,7 @@ pub fn next(rec: &Record, event: Event, now: u64) -> Result<(Record, Vec<Effect>
             }
             r.reason = None;
             r.shadow = None;
+            r.ready = None;
             r.phase = Phase::Downloading {
                 target: want.clone(),
                 offset: 0,
@@ -672,7 +791,9 @@ pub fn next(rec: &Record, event: Event, now: u64) -> Result<(Record, Vec<Effect>
             Phase::Downloading { target, .. }
             | Phase::Blocked { target, .. }
             | Phase::Verifying { target }
-            | Phase::SelfTesting { target },
+            | Phase::SelfTesting { target }
+            | Phase::Shadowing { target }
+            | Phase::Waiting { target, .. },
             Event::Rejected { reason },
         ) => {
             fail_candidate(&mut r, &mut fx, target, Lifecycle::Rejected, reason);
@@ -688,9 +809,7 @@ pub fn next(rec: &Record, event: Event, now: u64) -> Result<(Record, Vec<Effect>
                     target: target.clone(),
                 });
             } else {
-                fx.push(Effect::Activate {
-                    target: target.clone(),
-                });
+                fx.push(await_window(&mut r, target, None, now));
             }
         }
         (Phase::SelfTesting { target }, Event::SelfTestFailed { reason }) => {
@@ -701,9 +820,7 @@ pub fn next(rec: &Record, event: Event, now: u64) -> Result<(Record, Vec<Effect>
             match passed {
                 Ok(()) => {
                     fx.push(announce(Lifecycle::ShadowPassed, None));
-                    fx.push(Effect::Activate {
-                        target: target.clone(),
-                    });
+                    fx.push(await_window(&mut r, target, None, now));
                 }
                 Err(reason) => {
                     fail_candidate(&mut r, &mut fx, target, Lifecycle::ShadowFailed, reason);
@@ -711,10 +828,46 @@ pub fn next(rec: &Record, event: Event, now: u64) -> Result<(Record, Vec<Effect>
             }
         }
 
+        // ---- maintenance windows and defers -------------------------------
+        (
+            Phase::SelfTesting { target }
+            | Phase::Shadowing { target }
+            | Phase::Waiting { target, .. },
+            Event::WindowOpen,
+        ) => {
+            fx.push(Effect::Activate {
+                target: target.clone(),
+            });
+        }
+        (
+            Phase::SelfTesting { target }
+            | Phase::Shadowing { target }
+            | Phase::Waiting { target, .. },
+            Event::Held(hold),
+        ) => {
+            if !matches!(rec.phase, Phase::Waiting { .. }) {
+                fx.push(announce(Lifecycle::Waiting, Some(hold.reason.clone())));
+            }
+            r.reason = Some(hold.reason.clone());
+            r.phase = Phase::Waiting {
+                target: target.clone(),
+                reason: hold.reason.clone(),
+                until: hold.until,
+            };
+            fx.push(await_window(&mut r, target, Some(hold), now));
+        }
+
         // ---- activation and watch -------------------------------------------
-        (Phase::SelfTesting { target } | Phase::Shadowing { target }, Event::Activated) => {
+        (
+            Phase::SelfTesting { target }
+            | Phase::Shadowing { target }
+            | Phase::Waiting { target, .. },
+            Event::Activated,
+        ) => {
             // The previous committed model becomes the rollback target.
             r.last_known_good = rec.active.clone().or(rec.last_known_good.clone());
+            r.ready = None;
+            r.reason = None;
             r.active = Some(target.bundle.clone());
             r.phase = Phase::Watching {
                 target: target.clone(),
@@ -728,7 +881,9 @@ pub fn next(rec: &Record, event: Event, now: u64) -> Result<(Record, Vec<Effect>
             });
         }
         (
-            Phase::SelfTesting { target } | Phase::Shadowing { target },
+            Phase::SelfTesting { target }
+            | Phase::Shadowing { target }
+            | Phase::Waiting { target, .. },
             Event::ActivationFailed { reason },
         ) => {
             fail_candidate(&mut r, &mut fx, target, Lifecycle::Rejected, reason);
@@ -785,6 +940,7 @@ fn fail_candidate(
     remember_failure(r, target);
     r.last_failed = Some(target.bundle.clone());
     r.reason = Some(reason.clone());
+    r.ready = None;
     r.phase = Phase::Failed {
         reason: reason.clone(),
     };
@@ -829,6 +985,7 @@ mod tests {
             rollout_id: Some("r1".into()),
             watch: None,
             shadow: None,
+            window: None,
         }
     }
 
@@ -891,6 +1048,15 @@ mod tests {
         assert_eq!(r.phase.state(), UpdateState::SelfTesting);
         assert!(has(&fx, |e| matches!(e, Effect::SelfTest { .. })));
         let (r, fx) = step(&r, Event::SelfTestPassed);
+        assert!(has(&fx, |e| matches!(
+            e,
+            Effect::AwaitWindow {
+                ready_since: 1000,
+                held: None,
+                ..
+            }
+        )));
+        let (r, fx) = step(&r, Event::WindowOpen);
         assert!(has(&fx, |e| matches!(e, Effect::Activate { .. })));
         assert_eq!(
             r.active.as_ref().unwrap().id,
@@ -1276,7 +1442,172 @@ mod tests {
                 passed: Ok(()),
             },
         );
+        assert!(has(&fx, |e| matches!(e, Effect::AwaitWindow { .. })));
+    }
+
+    fn window(spec: &str) -> Option<Schedule> {
+        Some(Schedule {
+            windows: vec![spec.into()],
+            time_zone: None,
+        })
+    }
+
+    /// A record whose target `b` passed its self-test.
+    fn ready_b(t: Target) -> Record {
+        let r = committed_on("a", 1);
+        let (r, _) = step(&r, Event::Desired(Some(t)));
+        let (r, _) = step(&r, Event::Downloaded);
+        let (r, _) = step(&r, Event::Verified);
+        r
+    }
+
+    #[test]
+    fn a_held_update_waits_then_activates_when_the_window_opens() {
+        let mut t = target("b", 2);
+        t.window = window("daily 02:00-04:00");
+        let r = ready_b(t);
+        let (r, fx) = next(&r, Event::SelfTestPassed, 500).unwrap();
+        assert!(has(&fx, |e| matches!(
+            e,
+            Effect::AwaitWindow {
+                ready_since: 500,
+                ..
+            }
+        )));
+        let hold = Hold {
+            reason: "waiting for window (next: …)".into(),
+            until: Some(9000),
+        };
+        let (r, fx) = next(&r, Event::Held(hold.clone()), 600).unwrap();
+        assert_eq!(r.phase.state(), UpdateState::Waiting);
+        assert_eq!(r.phase.activate_at(), Some(9000));
+        assert_eq!(r.reason.as_deref(), Some("waiting for window (next: …)"));
+        assert_eq!(r.active.as_ref().unwrap().id, "a", "still serving a");
+        assert!(has(&fx, |e| matches!(
+            e,
+            Effect::Announce {
+                what: Lifecycle::Waiting,
+                ..
+            }
+        )));
+        // The defer bound counts from when it was first ready.
+        assert!(has(&fx, |e| matches!(
+            e,
+            Effect::AwaitWindow { ready_since: 500, held: Some(h), .. } if *h == hold
+        )));
+        // A changed hold is recorded without a second announcement.
+        let later = Hold {
+            reason: "deferred by the local app".into(),
+            until: Some(9100),
+        };
+        let (r, fx) = next(&r, Event::Held(later), 700).unwrap();
+        assert_eq!(r.phase.activate_at(), Some(9100));
+        assert!(!has(&fx, |e| matches!(e, Effect::Announce { .. })));
+        let (r, fx) = next(&r, Event::WindowOpen, 9000).unwrap();
         assert!(has(&fx, |e| matches!(e, Effect::Activate { .. })));
+        let (r, _) = next(&r, Event::Activated, 9001).unwrap();
+        assert!(matches!(r.phase, Phase::Watching { since: 9001, .. }));
+        assert_eq!(r.active.as_ref().unwrap().id, "b");
+        assert_eq!(r.ready, None);
+        assert_eq!(r.reason, None);
+    }
+
+    #[test]
+    fn a_restart_while_waiting_verifies_again_and_keeps_the_defer_bound() {
+        let mut t = target("b", 2);
+        t.window = window("daily 02:00-04:00");
+        let r = ready_b(t);
+        let (r, _) = next(&r, Event::SelfTestPassed, 500).unwrap();
+        let hold = Hold {
+            reason: "waiting".into(),
+            until: None,
+        };
+        let (r, _) = next(&r, Event::Held(hold), 600).unwrap();
+        let (r, fx) = next(
+            &r,
+            Event::Boot {
+                served: Some(bref("a", 1)),
+                max_watch_restarts: 3,
+            },
+            5000,
+        )
+        .unwrap();
+        assert_eq!(r.phase.state(), UpdateState::Verifying);
+        assert!(has(&fx, |e| matches!(e, Effect::Verify { .. })));
+        let (r, _) = next(&r, Event::Verified, 5001).unwrap();
+        let (_, fx) = next(&r, Event::SelfTestPassed, 5002).unwrap();
+        assert!(
+            has(&fx, |e| matches!(
+                e,
+                Effect::AwaitWindow {
+                    ready_since: 500,
+                    ..
+                }
+            )),
+            "{fx:?}"
+        );
+    }
+
+    #[test]
+    fn a_new_window_for_the_waiting_bundle_is_judged_again() {
+        let mut t = target("b", 2);
+        t.window = window("daily 02:00-04:00");
+        let r = ready_b(t.clone());
+        let (r, _) = step(&r, Event::SelfTestPassed);
+        let hold = Hold {
+            reason: "waiting".into(),
+            until: Some(9000),
+        };
+        let (r, _) = step(&r, Event::Held(hold.clone()));
+        // The operator lifts the window: the same bundle without one.
+        let mut lifted = t.clone();
+        lifted.window = None;
+        let (r2, fx) = step(&r, Event::Desired(Some(lifted)));
+        assert_eq!(r2.phase.state(), UpdateState::Waiting);
+        assert!(has(&fx, |e| matches!(
+            e,
+            Effect::AwaitWindow { target, held: Some(h), .. } if target.window.is_none() && *h == hold
+        )));
+        // The same desired state again changes nothing.
+        let (_, fx) = step(&r, Event::Desired(Some(t)));
+        assert!(fx.is_empty(), "{fx:?}");
+        // A newer bundle supersedes the wait.
+        let (r3, fx) = step(&r, Event::Desired(Some(target("c", 3))));
+        assert_eq!(r3.phase.state(), UpdateState::Downloading);
+        assert_eq!(r3.ready, None);
+        assert!(has(&fx, |e| matches!(
+            e,
+            Effect::Announce {
+                what: Lifecycle::Cancelled,
+                ..
+            }
+        )));
+    }
+
+    #[test]
+    fn a_window_set_while_downloading_applies_to_the_swap() {
+        let r = committed_on("a", 1);
+        let (r, _) = step(&r, Event::Desired(Some(target("b", 2))));
+        let mut t = target("b", 2);
+        t.window = window("daily 02:00-04:00");
+        let (r, fx) = step(&r, Event::Desired(Some(t.clone())));
+        assert!(fx.is_empty(), "the download goes on: {fx:?}");
+        assert_eq!(r.phase.target().unwrap().window, t.window);
+    }
+
+    #[test]
+    fn an_unreadable_window_fails_the_candidate() {
+        let r = ready_b(target("b", 2));
+        let (r, _) = step(&r, Event::SelfTestPassed);
+        let (r, fx) = step(
+            &r,
+            Event::Rejected {
+                reason: "maintenance window: unknown time zone".into(),
+            },
+        );
+        assert_eq!(r.phase.state(), UpdateState::Failed);
+        assert_eq!(r.active.as_ref().unwrap().id, "a");
+        assert!(has(&fx, |e| matches!(e, Effect::DiscardDownload { .. })));
     }
 
     #[test]

@@ -567,7 +567,7 @@ async fn exposes_prometheus_metrics() {
         "edge_agent_inference_seconds_count 1",
         "edge_agent_inference_seconds_bucket{le=\"+Inf\"} 1",
         "edge_agent_queue_depth 0",
-        "edge_agent_active_model{name=\"ppocr-cls\",version=\"1.0.1\",sequence=\"1\"} 1",
+        "edge_agent_active_model_info{name=\"ppocr-cls\",version=\"1.0.1\",sequence=\"1\"} 1",
         "process_resident_memory_bytes ",
         "process_cpu_seconds_total ",
     ] {
@@ -952,4 +952,60 @@ fn config_check_loads_everything_the_daemon_would_and_names_what_is_wrong() {
     let (code, _, err) = check("reach.toml", &format!("{base}{server}"), &["--reach"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("unreachable"), "{err}");
+}
+
+#[tokio::test]
+async fn feedback_is_counted_for_the_serving_model_and_bad_feedback_is_refused() {
+    let server = serve(Some(&CLS), EngineConfig::default(), ApiConfig::default()).await;
+    let http = edge_agent::tls::default_client();
+    let post = |body: String| {
+        let http = http.clone();
+        let url = format!("{}/v1/feedback", server.url);
+        async move {
+            let r = http
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    for (body, status, code) in [
+        ("{\"value\": \"high\"}", 400, "bad_feedback"),
+        ("not json", 400, "bad_feedback"),
+        ("{\"value\": 1, \"extra\": 2}", 400, "bad_feedback"),
+        (
+            "{\"value\": 1, \"model\": \"ppocr-cls@0.9.0\"}",
+            409,
+            "model_mismatch",
+        ),
+    ] {
+        let (s, v) = post(body.into()).await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{body}: {v}"
+        );
+    }
+    for (value, model) in [(1.0, "\"ppocr-cls@1.0.1\""), (0.5, "null"), (0.0, "null")] {
+        let (s, v) = post(format!("{{\"value\": {value}, \"model\": {model}}}")).await;
+        assert_eq!(s, 202, "{v}");
+        assert_eq!(v["model"], "ppocr-cls@1.0.1");
+    }
+    // The telemetry task takes the interval's sum.
+    let active = server.engine.active().unwrap();
+    let r = active.stats.take_reward().unwrap();
+    assert_eq!((r.count, r.sum, r.sum_sq), (3, 1.5, 1.25));
+    assert!(active.stats.take_reward().is_none(), "taken once");
+    let empty = serve(None, EngineConfig::default(), ApiConfig::default()).await;
+    let r = http
+        .post(format!("{}/v1/feedback", empty.url))
+        .json(&json!({"value": 1.0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
 }

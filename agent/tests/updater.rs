@@ -99,6 +99,7 @@ fn sideload_target() -> Target {
         rollout_id: None,
         watch: None,
         shadow: None,
+        window: None,
     }
 }
 
@@ -137,6 +138,10 @@ async fn a_failed_persist_runs_no_effect_until_the_record_is_written() {
         ),
         client: Arc::new(OnceLock::new()),
         clock: system_clock(),
+        activation: Arc::new(edge_agent::updater::hold::Activation::new(
+            &AgentConfig::default().update,
+            system_clock(),
+        )),
     };
     let (status_tx, mut status_rx) = watch::channel(Status::default());
     let (notice_tx, mut notices) = mpsc::unbounded_channel::<Notice>();
@@ -229,6 +234,10 @@ fn apply_returns_no_effects_when_the_record_cannot_be_written() {
         ),
         client: Arc::new(OnceLock::new()),
         clock: system_clock(),
+        activation: Arc::new(edge_agent::updater::hold::Activation::new(
+            &AgentConfig::default().update,
+            system_clock(),
+        )),
     };
     let (status_tx, status_rx) = watch::channel(Status::default());
     let (notice_tx, _notices) = mpsc::unbounded_channel::<Notice>();

@@ -88,6 +88,16 @@ impl Default for HttpConfig {
     }
 }
 
+/// `[metrics]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Also export one series per device (`fleet_device_*{device}`).
+    /// Default false: /metrics aggregates by state, model and board, so
+    /// its size does not grow with the fleet. Turn on for small fleets.
+    pub per_device: bool,
+}
+
 /// `[rollouts]`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -228,6 +238,7 @@ pub struct ServerConfig {
     pub mqtt: Option<MqttConfig>,
     /// Rate limits (failed auth per address, traffic per device/token).
     pub limits: crate::limits::LimitsConfig,
+    pub metrics: MetricsConfig,
 }
 
 impl Default for ServerConfig {
@@ -241,6 +252,7 @@ impl Default for ServerConfig {
             rollouts: RolloutsConfig::default(),
             mqtt: None,
             limits: crate::limits::LimitsConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }

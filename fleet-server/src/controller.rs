@@ -15,7 +15,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
-use crate::fleet::{DesiredDoc, Fleet, RolloutTerms, lock};
+use crate::experiment::{Arm, ExpDevice, Experiment};
+use crate::fleet::{Fleet, RolloutTerms, lock};
 use crate::rollout::{
     Command, DeviceStatus, Effect, Phase, Rollout, RolloutError, RolloutSpec, Tally, next,
     targets_for_stage,
@@ -34,7 +35,16 @@ pub enum ControllerError {
     Store(#[from] Error),
     #[error(transparent)]
     Write(#[from] WriteError),
+    /// Another rollout or experiment holds some of the devices.
+    #[error("{0}")]
+    Conflict(String),
+    #[error("invalid experiment: {0}")]
+    Invalid(String),
 }
+
+/// How often a running experiment's statistics are stored when nothing
+/// else about it changed (a crash loses at most this much of them).
+const STATS_PERSIST_SECS: u64 = 30;
 
 /// Device writes per commit when a transition changes many devices.
 const COMMIT_CHUNK: usize = 500;
@@ -59,6 +69,10 @@ pub struct Controller {
     notify: Option<mpsc::Sender<String>>,
     /// A device silent for longer counts as offline for the stages.
     offline_after: u64,
+    /// A/B experiments (crate::experiment), ticked after the rollouts.
+    experiments: RwLock<BTreeMap<String, Experiment>>,
+    /// The bandit's randomness.
+    rng: std::sync::Mutex<crate::stats::Rng>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -102,6 +116,8 @@ pub fn status_of(d: &DeviceRecord, now: u64, offline_after: u64) -> DeviceStatus
             .joined
             .as_ref()
             .map(|j| (j.rollout.clone(), j.previous.clone())),
+        staged: r.and_then(|r| r.staged.clone()),
+        activate_at: r.and_then(|r| r.activate_at),
     }
 }
 
@@ -113,6 +129,7 @@ pub fn terms_of(spec: &RolloutSpec) -> RolloutTerms {
             max_p95_latency_ms: spec.gates.max_p95_latency_ms,
         }),
         shadow: spec.shadow.clone(),
+        window: spec.window.clone(),
     }
 }
 
@@ -137,6 +154,8 @@ pub fn progress(r: &Rollout, fleet: &[DeviceStatus]) -> RolloutView {
                 failed: t.failed as u64,
                 rolled_back: t.rolled_back as u64,
                 offline: t.offline as u64,
+                waiting: t.waiting as u64,
+                next_window: t.next_window,
             }
         })
         .collect();
@@ -146,6 +165,7 @@ pub fn progress(r: &Rollout, fleet: &[DeviceStatus]) -> RolloutView {
         selector: r.spec.selector.clone(),
         gates: r.spec.gates.clone(),
         shadow: r.spec.shadow.clone(),
+        window: r.spec.window.clone(),
         phase: r.phase.clone(),
         created_at: r.created_at,
         stages,
@@ -169,6 +189,8 @@ impl Controller {
             lock: tokio::sync::Mutex::new(()),
             notify,
             offline_after,
+            experiments: RwLock::new(BTreeMap::new()),
+            rng: std::sync::Mutex::new(crate::stats::Rng::new(now ^ 0x5DEE_CE66_D1CE)),
         };
         let statuses = c.statuses(now);
         let mut map = c.rollouts.write().unwrap_or_else(|e| e.into_inner());
@@ -217,9 +239,26 @@ impl Controller {
         statuses: &[DeviceStatus],
         now: u64,
     ) -> Result<(), ControllerError> {
+        self.apply_all(rollouts, Vec::new(), effects, statuses, now)
+            .await
+    }
+
+    async fn apply_all(
+        &self,
+        rollouts: Vec<Rollout>,
+        experiments: Vec<Experiment>,
+        effects: &[(String, Effect)],
+        statuses: &[DeviceStatus],
+        now: u64,
+    ) -> Result<(), ControllerError> {
         let mut writes: Vec<Write> = rollouts
             .iter()
             .map(|r| Write::Rollout(Box::new(r.clone())))
+            .chain(
+                experiments
+                    .iter()
+                    .map(|e| Write::Experiment(Box::new(e.clone()))),
+            )
             .collect();
         let mut changed: Vec<(String, Desired, String)> = Vec::new();
         for (rollout_id, e) in effects {
@@ -267,7 +306,7 @@ impl Controller {
         // The rollout records go last, after every device write.
         let (rollout_writes, device_writes): (Vec<Write>, Vec<Write>) = writes
             .into_iter()
-            .partition(|w| matches!(w, Write::Rollout(_)));
+            .partition(|w| matches!(w, Write::Rollout(_) | Write::Experiment(_)));
         let mut device_writes = device_writes;
         while !device_writes.is_empty() {
             let rest = device_writes.split_off(device_writes.len().min(COMMIT_CHUNK));
@@ -283,6 +322,12 @@ impl Controller {
                 map.insert(r.id.clone(), Entry { rollout: r, view });
             }
         }
+        {
+            let mut map = self.experiments.write().unwrap_or_else(|e| e.into_inner());
+            for e in experiments {
+                map.insert(e.id.clone(), e);
+            }
+        }
         for (id, desired, rollout_id) in changed {
             let Some(cell) = self.fleet.get(&id) else {
                 continue;
@@ -290,13 +335,9 @@ impl Controller {
             let terms = self.terms(Some(&rollout_id));
             {
                 let mut d = lock(&cell);
-                // Read under the lock: see Fleet::set_trust.
-                d.doc = Arc::new(DesiredDoc::of(
-                    &desired,
-                    &terms,
-                    self.fleet.trust_doc().as_deref(),
-                ));
                 d.rec.desired = desired;
+                // Read under the lock: see Fleet::set_trust.
+                self.fleet.rebuild(&mut d, &terms);
             }
             if let Some(n) = &self.notify {
                 // A device that misses a notice polls anyway.
@@ -332,6 +373,23 @@ impl Controller {
             .iter()
             .map(|d| d.id.as_str())
             .collect();
+        if let Some((exp, dev)) = self
+            .experiments
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|e| e.is_running())
+            .find_map(|e| {
+                e.assignments
+                    .keys()
+                    .find(|d| ours.contains(d.as_str()))
+                    .map(|d| (e.id.clone(), d.clone()))
+            })
+        {
+            return Err(ControllerError::Conflict(format!(
+                "device {dev} is in running experiment {exp}; stop or conclude it first"
+            )));
+        }
         let active: Vec<Rollout> = self
             .rollouts
             .read()
@@ -410,6 +468,7 @@ impl Controller {
             })
             .map(|e| e.rollout.clone())
             .collect();
+        self.tick_experiments(now).await?;
         if live.is_empty() {
             return Ok(());
         }
@@ -473,13 +532,342 @@ impl Controller {
         out
     }
 
-    /// Whether `bundle` is referenced by a rollout (for the registry).
+    /// Whether `bundle` is referenced by a rollout or an experiment (for
+    /// the registry).
     pub fn uses_bundle(&self, bundle: &BundleRef) -> bool {
         self.rollouts
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .values()
             .any(|e| e.rollout.spec.bundle.id == bundle.id)
+            || self
+                .experiments
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .any(|e| e.spec.a.id == bundle.id || e.spec.b.id == bundle.id)
+    }
+}
+
+/// Operator commands on an experiment.
+#[derive(Clone, Debug)]
+pub enum ExperimentCommand {
+    Stop,
+    /// The winner (None: the significant one on the primary metric), and
+    /// for B the rollout to create (its id and spec without the bundle).
+    Conclude {
+        winner: Option<Arm>,
+        rollout_id: String,
+        stages: Vec<crate::rollout::Stage>,
+        gates: crate::rollout::Gates,
+    },
+}
+
+impl Controller {
+    /// The experiments as stored (at start).
+    pub fn load_experiments(&self, experiments: Vec<Experiment>) {
+        let mut map = self.experiments.write().unwrap_or_else(|e| e.into_inner());
+        for e in experiments {
+            map.insert(e.id.clone(), e);
+        }
+    }
+
+    /// Every device as experiments see it: who holds it now.
+    fn exp_devices(&self) -> Vec<ExpDevice> {
+        // Who holds devices, read first: no map lock is held while device
+        // locks are taken (writers of those maps take device locks).
+        let mut holders: std::collections::HashSet<String> = self
+            .rollouts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|e| {
+                matches!(
+                    e.rollout.phase,
+                    Phase::Running { .. } | Phase::Paused { .. }
+                )
+            })
+            .map(|e| e.rollout.id.clone())
+            .collect();
+        holders.extend(
+            self.experiments
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .filter(|e| e.is_running())
+                .map(|e| e.id.clone()),
+        );
+        let holds = |owner: &str| holders.contains(owner);
+        self.fleet
+            .cells()
+            .iter()
+            .map(|c| {
+                let d = lock(c);
+                let r = &d.rec;
+                let owner = r.desired.rollout.clone();
+                ExpDevice {
+                    id: r.id.clone(),
+                    tags: r.identity.tags.clone(),
+                    active: r.report().and_then(|x| x.active.clone()),
+                    telemetry: r.live.telemetry.clone(),
+                    desired: r.desired.bundle.clone().map(|b| (b, r.desired.rollback)),
+                    claimed: owner.as_deref().is_some_and(holds),
+                    owner,
+                }
+            })
+            .collect()
+    }
+
+    fn experiment(&self, id: &str) -> Option<Experiment> {
+        self.experiments
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Resolves an experiment id, a unique prefix (4+) or its name.
+    pub fn find_experiment(&self, key: &str) -> Result<String, ControllerError> {
+        let map = self.experiments.read().unwrap_or_else(|e| e.into_inner());
+        if map.contains_key(key) {
+            return Ok(key.to_string());
+        }
+        // A name means the running experiment of that name, if there is
+        // one (names are reused once an experiment is over).
+        if let Some(e) = map.values().find(|e| e.is_running() && e.spec.name == key) {
+            return Ok(e.id.clone());
+        }
+        let hits: Vec<&Experiment> = map
+            .values()
+            .filter(|e| (key.len() >= 4 && e.id.starts_with(key)) || e.spec.name == key)
+            .collect();
+        match hits.as_slice() {
+            [one] => Ok(one.id.clone()),
+            [] => Err(ControllerError::NotFound),
+            many => Err(ControllerError::Conflict(format!(
+                "{key:?} names {} experiments; use more of the id",
+                many.len()
+            ))),
+        }
+    }
+
+    pub fn experiment_view(&self, id: &str) -> Option<edgefleet_wire::api::v1::ExperimentView> {
+        self.experiment(id).map(|e| self.view_of(&e))
+    }
+
+    fn view_of(&self, e: &Experiment) -> edgefleet_wire::api::v1::ExperimentView {
+        let mut v = e.view();
+        let mut per: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for c in self.fleet.cells() {
+            let d = lock(&c);
+            if let Some(arm) = e.assignments.get(&d.rec.id) {
+                let board = d
+                    .rec
+                    .identity
+                    .tags
+                    .get("board")
+                    .cloned()
+                    .unwrap_or_else(|| "none".into());
+                let x = per.entry(board).or_default();
+                x.0 += 1;
+                x.1 += u64::from(*arm == Arm::B);
+            }
+        }
+        v.b_share_by_board = per
+            .into_iter()
+            .map(|(b, (n, on_b))| (b, on_b as f64 / n.max(1) as f64))
+            .collect();
+        v
+    }
+
+    /// Every experiment, newest first.
+    pub fn experiment_views(&self) -> Vec<edgefleet_wire::api::v1::ExperimentView> {
+        let list: Vec<Experiment> = self
+            .experiments
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut v: Vec<_> = list.iter().map(|e| self.view_of(e)).collect();
+        v.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.id.cmp(&b.id)));
+        v
+    }
+
+    /// Starts an experiment and runs its first tick. Devices held by a
+    /// running or paused rollout, or another running experiment, are left
+    /// out; if that leaves none of the selected devices, it is a conflict.
+    pub async fn create_experiment(
+        &self,
+        id: String,
+        spec: crate::experiment::ExperimentSpec,
+        now: u64,
+    ) -> Result<edgefleet_wire::api::v1::ExperimentView, ControllerError> {
+        spec.validate().map_err(ControllerError::Invalid)?;
+        let _g = self.lock.lock().await;
+        if self
+            .experiments
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .any(|e| e.is_running() && e.spec.name == spec.name)
+        {
+            return Err(ControllerError::Conflict(format!(
+                "an experiment named {:?} is running",
+                spec.name
+            )));
+        }
+        let devices = self.exp_devices();
+        let selected: Vec<&ExpDevice> = devices
+            .iter()
+            .filter(|d| crate::rollout::selects(&spec.selector, &d.tags))
+            .collect();
+        if let Some(d) = selected.iter().find(|d| d.claimed) {
+            return Err(ControllerError::Conflict(format!(
+                "device {} is held by {}; let it finish, or stop it, first",
+                d.id,
+                d.owner.as_deref().unwrap_or("?")
+            )));
+        }
+        let e = Experiment::new(id.clone(), spec, now);
+        let (e, effects) = {
+            let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+            crate::experiment::tick(&e, &devices, now, &mut rng)
+        };
+        let effects: Vec<_> = effects.into_iter().map(|x| (id.clone(), x)).collect();
+        let statuses = self.statuses(now);
+        self.apply_all(Vec::new(), vec![e], &effects, &statuses, now)
+            .await?;
+        tracing::info!(experiment = %id, "experiment started");
+        self.experiment_view(&id).ok_or(ControllerError::NotFound)
+    }
+
+    async fn tick_experiments(&self, now: u64) -> Result<(), ControllerError> {
+        let running: Vec<Experiment> = self
+            .experiments
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|e| e.is_running())
+            .cloned()
+            .collect();
+        if running.is_empty() {
+            return Ok(());
+        }
+        let devices = self.exp_devices();
+        let statuses = self.statuses(now);
+        let mut dirty = Vec::new();
+        let mut effects = Vec::new();
+        for e in running {
+            let (n, fx) = {
+                let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+                crate::experiment::tick(&e, &devices, now, &mut rng)
+            };
+            if let edgefleet_wire::api::v1::ExperimentPhase::Stopped { reason, .. } = &n.phase {
+                tracing::warn!(experiment = %n.id, "experiment stopped: {reason}");
+            }
+            effects.extend(fx.into_iter().map(|x| (n.id.clone(), x)));
+            // Stats change with every telemetry record: they are stored at
+            // most every STATS_PERSIST_SECS; anything else (assignments,
+            // decisions, the phase) at once. The `seen` marks live in
+            // memory only.
+            let structural = n.phase != e.phase
+                || n.assignments != e.assignments
+                || n.decisions.last() != e.decisions.last()
+                || n.switches != e.switches;
+            let stats_changed = n.stats_a != e.stats_a || n.stats_b != e.stats_b;
+            let mut n = n;
+            let stale = now.saturating_sub(n.persisted_at) >= STATS_PERSIST_SECS;
+            if structural || (stats_changed && stale) {
+                n.persisted_at = now;
+                dirty.push(n);
+            } else {
+                self.experiments
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(n.id.clone(), n);
+            }
+        }
+        self.apply_all(Vec::new(), dirty, &effects, &statuses, now)
+            .await
+    }
+
+    /// Stops or concludes an experiment.
+    pub async fn experiment_command(
+        &self,
+        id: &str,
+        cmd: ExperimentCommand,
+        now: u64,
+    ) -> Result<edgefleet_wire::api::v1::ExperimentView, ControllerError> {
+        let rollout = {
+            let _g = self.lock.lock().await;
+            let e = self.experiment(id).ok_or(ControllerError::NotFound)?;
+            if !e.is_running() {
+                return Err(ControllerError::Conflict(format!(
+                    "the experiment is {}",
+                    match e.phase {
+                        edgefleet_wire::api::v1::ExperimentPhase::Stopped { .. } => "stopped",
+                        _ => "concluded",
+                    }
+                )));
+            }
+            let devices = self.exp_devices();
+            let statuses = self.statuses(now);
+            let (n, fx, rollout) = match cmd {
+                ExperimentCommand::Stop => {
+                    let (n, fx) =
+                        crate::experiment::stop(&e, &devices, now, "stopped by an operator");
+                    (n, fx, None)
+                }
+                ExperimentCommand::Conclude {
+                    winner,
+                    rollout_id,
+                    stages,
+                    gates,
+                } => {
+                    let winner = winner.or_else(|| e.winner()).ok_or_else(|| {
+                        ControllerError::Conflict(format!(
+                            "no arm is significantly better on {} yet; name the winner to conclude anyway",
+                            e.spec.primary.as_str()
+                        ))
+                    })?;
+                    match winner {
+                        Arm::A => {
+                            let (n, fx) =
+                                crate::experiment::conclude(&e, &devices, now, Arm::A, None);
+                            (n, fx, None)
+                        }
+                        Arm::B => {
+                            let spec = RolloutSpec {
+                                bundle: e.spec.b.clone(),
+                                selector: e.spec.selector.clone(),
+                                stages,
+                                gates,
+                                shadow: None,
+                                window: None,
+                            };
+                            spec.validate()?;
+                            let (n, fx) = crate::experiment::conclude(
+                                &e,
+                                &devices,
+                                now,
+                                Arm::B,
+                                Some(rollout_id.clone()),
+                            );
+                            (n, fx, Some((rollout_id, spec)))
+                        }
+                    }
+                }
+            };
+            let effects: Vec<_> = fx.into_iter().map(|x| (n.id.clone(), x)).collect();
+            self.apply_all(Vec::new(), vec![n], &effects, &statuses, now)
+                .await?;
+            rollout
+        };
+        if let Some((rid, spec)) = rollout {
+            self.create(rid, spec, now).await?;
+        }
+        self.experiment_view(id).ok_or(ControllerError::NotFound)
     }
 }
 

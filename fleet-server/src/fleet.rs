@@ -8,9 +8,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use edgefleet_wire::api::v1::DeviceView;
+use edgefleet_wire::api::v1::{DeviceView, WindowEntry};
 use edgefleet_wire::device::{DesiredState, ShadowRequest, WatchPolicy};
 use edgefleet_wire::trust::SignedTrust;
+use edgefleet_wire::window::Schedule;
 
 use crate::store::{Desired, DeviceRecord};
 
@@ -23,15 +24,61 @@ pub struct DesiredDoc {
 
 /// What a rollout adds to a device's desired state: the watch limits (its
 /// gates, so the device rolls back on the numbers that would pause the
-/// rollout) and shadow mode.
+/// rollout), shadow mode and its maintenance windows.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RolloutTerms {
     pub watch: Option<WatchPolicy>,
     pub shadow: Option<ShadowRequest>,
+    pub window: Option<Schedule>,
+}
+
+/// Maintenance windows set on devices and tags, by scope: `device:<id>`,
+/// `tag:<key>=<value>`.
+pub type WindowTable = BTreeMap<String, Schedule>;
+
+/// The scope of a device's own window.
+pub fn device_scope(id: &str) -> String {
+    format!("device:{id}")
+}
+
+/// The window that applies to a device and where it comes from: its own,
+/// then its tags' in tag order, then its rollout's.
+pub fn window_for(
+    table: &WindowTable,
+    id: &str,
+    tags: &BTreeMap<String, String>,
+    rollout: Option<&Schedule>,
+) -> Option<WindowEntry> {
+    let own = table
+        .get_key_value(&device_scope(id))
+        .map(|(k, v)| (k.clone(), v));
+    let tagged = || {
+        tags.iter().find_map(|(k, v)| {
+            let scope = format!("tag:{k}={v}");
+            table.get(&scope).map(|s| (scope, s))
+        })
+    };
+    own.or_else(tagged)
+        .map(|(scope, s)| WindowEntry {
+            scope,
+            schedule: s.clone(),
+        })
+        .or_else(|| {
+            rollout.map(|s| WindowEntry {
+                scope: "rollout".into(),
+                schedule: s.clone(),
+            })
+        })
 }
 
 impl DesiredDoc {
-    pub fn of(d: &Desired, terms: &RolloutTerms, trust: Option<&SignedTrust>) -> DesiredDoc {
+    /// The document of `d`; `window` is what [`window_for`] resolved.
+    pub fn of(
+        d: &Desired,
+        terms: &RolloutTerms,
+        trust: Option<&SignedTrust>,
+        window: Option<&Schedule>,
+    ) -> DesiredDoc {
         let state = DesiredState {
             download: d
                 .bundle
@@ -44,6 +91,10 @@ impl DesiredDoc {
             watch: terms.watch.clone().filter(|_| !d.rollback),
             shadow: terms.shadow.clone().filter(|_| !d.rollback),
             trust: trust.cloned(),
+            // An abort's rollback is an emergency brake: never held.
+            window: window
+                .cloned()
+                .filter(|_| !d.rollback && d.bundle.is_some()),
         };
         let body = serde_json::to_vec(&state).unwrap_or_else(|_| b"{}".to_vec());
         let etag = format!(
@@ -59,6 +110,44 @@ impl DesiredDoc {
 pub struct Device {
     pub rec: DeviceRecord,
     pub doc: Arc<DesiredDoc>,
+    /// Recent telemetry, newest last, at most
+    /// [`edgefleet_wire::api::v1::TELEMETRY_POINTS`]; in memory only (a
+    /// restart starts it again; the newest record is in `rec.live`).
+    pub history: std::collections::VecDeque<edgefleet_wire::api::v1::TelemetryPoint>,
+}
+
+impl Device {
+    pub fn new(rec: DeviceRecord, doc: Arc<DesiredDoc>) -> Device {
+        Device {
+            rec,
+            doc,
+            history: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Keeps a telemetry record's point, dropping the oldest beyond the cap.
+    pub fn remember(&mut self, t: &edgefleet_wire::telemetry::Telemetry) {
+        use edgefleet_wire::api::v1::{TELEMETRY_POINTS, TelemetryPoint};
+        if self.history.len() >= TELEMETRY_POINTS {
+            self.history.pop_front();
+        }
+        let secs = t.interval_secs.max(1) as f64;
+        self.history.push_back(TelemetryPoint {
+            at: t.at,
+            model: t.model.clone(),
+            inferences_per_sec: (t.inferences as f64 / secs) as f32,
+            errors: u32::try_from(t.errors).unwrap_or(u32::MAX),
+            p95_latency_ms: t.latency_ms.as_ref().map(|l| l.p95 as f32),
+            cpu_pct: t.cpu_pct as f32,
+            temperature_c: t.temperature_c.map(|c| c as f32),
+            drift_psi_max: t
+                .drift
+                .iter()
+                .map(|d| d.psi)
+                .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
+                .map(|v| v as f32),
+        });
+    }
 }
 
 /// A device's lock. Poisoning is ignored: every change to a record is
@@ -78,6 +167,10 @@ pub struct Fleet {
     generation: AtomicU64,
     /// The newest trust document, part of every desired state.
     trust: RwLock<Option<Arc<SignedTrust>>>,
+    /// Device and tag maintenance windows.
+    windows: RwLock<Arc<WindowTable>>,
+    /// Serializes changes to `windows` (read, change, commit, show).
+    pub windows_lock: tokio::sync::Mutex<()>,
 }
 
 impl Fleet {
@@ -86,25 +179,22 @@ impl Fleet {
         records: Vec<DeviceRecord>,
         terms: impl Fn(Option<&str>) -> RolloutTerms,
         trust: Option<SignedTrust>,
+        windows: WindowTable,
     ) -> Fleet {
         let f = Fleet {
             trust: RwLock::new(trust.map(Arc::new)),
+            windows: RwLock::new(Arc::new(windows)),
             ..Fleet::default()
         };
-        let doc_trust = f.trust_doc();
         {
             let mut devices = f.devices.write().unwrap_or_else(|e| e.into_inner());
             let mut creds = f.credentials.write().unwrap_or_else(|e| e.into_inner());
             for rec in records {
-                let doc = Arc::new(DesiredDoc::of(
-                    &rec.desired,
-                    &terms(rec.desired.rollout.as_deref()),
-                    doc_trust.as_deref(),
-                ));
+                let doc = Arc::new(f.doc_of(&rec, &terms(rec.desired.rollout.as_deref())));
                 if !rec.is_revoked() {
                     creds.insert(rec.identity.credential_sha256.clone(), rec.id.clone());
                 }
-                devices.insert(rec.id.clone(), Arc::new(Mutex::new(Device { rec, doc })));
+                devices.insert(rec.id.clone(), Arc::new(Mutex::new(Device::new(rec, doc))));
             }
         }
         f
@@ -119,17 +209,59 @@ impl Fleet {
     /// device's document read the trust document under the device's lock,
     /// after this stored it, so none keeps the old one.
     pub fn set_trust(&self, doc: SignedTrust, terms: impl Fn(Option<&str>) -> RolloutTerms) {
-        let doc = Arc::new(doc);
-        *self.trust.write().unwrap_or_else(|e| e.into_inner()) = Some(doc.clone());
+        *self.trust.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(doc));
+        self.rebuild_all(terms);
+    }
+
+    /// The device and tag maintenance windows.
+    pub fn windows(&self) -> Arc<WindowTable> {
+        self.windows
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the window table and every desired state it changes (as
+    /// [`Fleet::set_trust`]).
+    pub fn set_windows(&self, table: WindowTable, terms: impl Fn(Option<&str>) -> RolloutTerms) {
+        *self.windows.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
+        self.rebuild_all(terms);
+    }
+
+    fn rebuild_all(&self, terms: impl Fn(Option<&str>) -> RolloutTerms) {
         for cell in self.cells() {
             let mut d = lock(&cell);
-            let rebuilt = DesiredDoc::of(
-                &d.rec.desired,
-                &terms(d.rec.desired.rollout.as_deref()),
-                Some(&doc),
-            );
-            d.doc = Arc::new(rebuilt);
+            let t = terms(d.rec.desired.rollout.as_deref());
+            self.rebuild(&mut d, &t);
         }
+    }
+
+    /// The window that applies to `rec` under `terms`, and where it is set.
+    pub fn window_of(&self, rec: &DeviceRecord, terms: &RolloutTerms) -> Option<WindowEntry> {
+        window_for(
+            &self.windows(),
+            &rec.id,
+            &rec.identity.tags,
+            terms.window.as_ref(),
+        )
+    }
+
+    /// The document of `rec` now: its desired state, the rollout's terms,
+    /// the newest trust document and its maintenance window.
+    pub fn doc_of(&self, rec: &DeviceRecord, terms: &RolloutTerms) -> DesiredDoc {
+        let window = self.window_of(rec, terms);
+        DesiredDoc::of(
+            &rec.desired,
+            terms,
+            self.trust_doc().as_deref(),
+            window.as_ref().map(|w| &w.schedule),
+        )
+    }
+
+    /// Rebuilds a device's document after its record changed; call with
+    /// the device locked (see [`Fleet::set_trust`]).
+    pub fn rebuild(&self, d: &mut Device, terms: &RolloutTerms) {
+        d.doc = Arc::new(self.doc_of(&d.rec, terms));
     }
 
     pub fn generation(&self) -> u64 {
@@ -184,12 +316,8 @@ impl Fleet {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(rec.identity.credential_sha256.clone(), rec.id.clone());
-        let doc = Arc::new(DesiredDoc::of(
-            &rec.desired,
-            &RolloutTerms::default(),
-            self.trust_doc().as_deref(),
-        ));
-        devices.insert(rec.id.clone(), Arc::new(Mutex::new(Device { rec, doc })));
+        let doc = Arc::new(self.doc_of(&rec, &RolloutTerms::default()));
+        devices.insert(rec.id.clone(), Arc::new(Mutex::new(Device::new(rec, doc))));
         drop(devices);
         self.touch_generation();
         true
@@ -280,6 +408,10 @@ pub fn view(d: &DeviceRecord) -> DeviceView {
         retries: report.map_or(0, |r| r.retries),
         degraded: report.and_then(|r| r.degraded.clone()),
         trust_version: report.and_then(|r| r.trust_version),
+        activate_at: report
+            .filter(|r| r.state == edgefleet_wire::device::UpdateState::Waiting)
+            .and_then(|r| r.activate_at),
+        window: None,
         health: report.map(|r| r.health.clone()),
         last_known_good: report.and_then(|r| r.last_known_good.clone()),
         shadow: report.and_then(|r| r.shadow.clone()),
@@ -343,12 +475,61 @@ mod tests {
     #[test]
     fn the_etag_changes_with_the_desired_state_and_only_then() {
         let mut d = Desired::default();
-        let a = DesiredDoc::of(&d, &RolloutTerms::default(), None);
-        assert_eq!(a, DesiredDoc::of(&d, &RolloutTerms::default(), None));
+        let a = DesiredDoc::of(&d, &RolloutTerms::default(), None, None);
+        assert_eq!(a, DesiredDoc::of(&d, &RolloutTerms::default(), None, None));
         d.rollout = Some("r1".into());
         assert_ne!(
             a.etag,
-            DesiredDoc::of(&d, &RolloutTerms::default(), None).etag
+            DesiredDoc::of(&d, &RolloutTerms::default(), None, None).etag
         );
+    }
+
+    fn sched(w: &str) -> Schedule {
+        Schedule {
+            windows: vec![w.into()],
+            time_zone: None,
+        }
+    }
+
+    #[test]
+    fn a_devices_window_is_its_own_then_its_tags_then_its_rollouts() {
+        let mut table = WindowTable::new();
+        table.insert("tag:site=berlin".into(), sched("daily 01:00-02:00"));
+        table.insert("tag:board=rpi4".into(), sched("daily 03:00-04:00"));
+        let tags: BTreeMap<String, String> = [
+            ("board".to_string(), "rpi4".to_string()),
+            ("site".to_string(), "berlin".to_string()),
+        ]
+        .into();
+        let rollout = sched("daily 05:00-06:00");
+        // Tags in key order: board before site.
+        let w = window_for(&table, "d1", &tags, Some(&rollout)).unwrap();
+        assert_eq!(w.scope, "tag:board=rpi4");
+        table.insert(device_scope("d1"), sched("daily 07:00-08:00"));
+        let w = window_for(&table, "d1", &tags, Some(&rollout)).unwrap();
+        assert_eq!(
+            (w.scope.as_str(), w.schedule.windows[0].as_str()),
+            ("device:d1", "daily 07:00-08:00")
+        );
+        let w = window_for(&table, "d2", &BTreeMap::new(), Some(&rollout)).unwrap();
+        assert_eq!(w.scope, "rollout");
+        assert_eq!(window_for(&table, "d2", &BTreeMap::new(), None), None);
+        // The document carries it, except for an abort's rollback.
+        let mut d = Desired {
+            bundle: Some(edgefleet_wire::device::BundleRef {
+                id: "b".into(),
+                name: "cls".into(),
+                version: "1.0.0".into(),
+                sequence: 1,
+            }),
+            ..Desired::default()
+        };
+        let doc = DesiredDoc::of(&d, &RolloutTerms::default(), None, Some(&rollout));
+        let state: DesiredState = serde_json::from_slice(&doc.body).unwrap();
+        assert_eq!(state.window, Some(rollout.clone()));
+        d.rollback = true;
+        let doc = DesiredDoc::of(&d, &RolloutTerms::default(), None, Some(&rollout));
+        let state: DesiredState = serde_json::from_slice(&doc.body).unwrap();
+        assert_eq!(state.window, None);
     }
 }

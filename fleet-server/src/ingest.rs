@@ -96,6 +96,9 @@ pub fn apply(fleet: &Fleet, device: &str, msg: Message, now: u64) -> Result<Vec<
     if d.rec.is_revoked() {
         return Err(Refusal::UnknownDevice);
     }
+    if let Message::Telemetry(t) = &msg {
+        d.remember(t);
+    }
     let live = &mut d.rec.live;
     let writes = match msg {
         Message::State(s) => {

@@ -70,10 +70,10 @@ pub fn render(s: &AppState) -> String {
     let mut out = String::with_capacity(8192);
     let _ = writeln!(
         out,
-        "# HELP fleet_build_info The fleet server's version.\n# TYPE fleet_build_info gauge\nfleet_build_info{{version=\"{}\",commit=\"{}\",target=\"{}\"}} 1",
+        "# HELP fleet_build_info The fleet server's build (value 1).\n# TYPE fleet_build_info gauge\nfleet_build_info{{version=\"{}\",commit=\"{}\",target=\"{}\"}} 1",
         env!("CARGO_PKG_VERSION"),
-        option_env!("EDGEFLEET_GIT_COMMIT").unwrap_or("unknown"),
-        std::env::consts::ARCH
+        env!("EDGEFLEET_GIT_COMMIT"),
+        env!("EDGEFLEET_TARGET")
     );
     s.limits.render(&mut out);
     // Devices, aggregated (bounded by states × boards × models).
@@ -83,10 +83,34 @@ pub fn render(s: &AppState) -> String {
     let (mut online, mut revoked) = (0u64, 0u64);
     let mut p95: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
     let mut drift_alarms = 0u64;
+    // Per board: the hottest device and the least free disk.
+    let mut hottest: BTreeMap<String, f64> = BTreeMap::new();
+    let mut least_disk: BTreeMap<String, u64> = BTreeMap::new();
+    let per_device = s.config.metrics.per_device;
+    let mut devices = String::new();
     for cell in s.fleet.cells() {
         let d = lock(&cell);
         let r = &d.rec;
         let report = r.report();
+        let board = r
+            .identity
+            .tags
+            .get("board")
+            .cloned()
+            .unwrap_or_else(|| "none".into());
+        if let Some(t) = r.live.telemetry.as_ref() {
+            if let Some(c) = t.temperature_c {
+                let e = hottest.entry(board.clone()).or_insert(c);
+                *e = e.max(c);
+            }
+            if let Some(free) = t.disk_free_bytes {
+                let e = least_disk.entry(board.clone()).or_insert(free);
+                *e = (*e).min(free);
+            }
+        }
+        if per_device {
+            device_series(&mut devices, r);
+        }
         *by_state
             .entry(
                 report
@@ -117,15 +141,7 @@ pub fn render(s: &AppState) -> String {
             drift_alarms += 1;
         }
         *by_model.entry((name, version)).or_default() += 1;
-        *by_board
-            .entry(
-                r.identity
-                    .tags
-                    .get("board")
-                    .cloned()
-                    .unwrap_or_else(|| "none".into()),
-            )
-            .or_default() += 1;
+        *by_board.entry(board).or_default() += 1;
         if r.live.online == Some(true) {
             online += 1;
         }
@@ -204,6 +220,35 @@ pub fn render(s: &AppState) -> String {
             esc(name),
             esc(version)
         );
+    }
+    family(
+        &mut out,
+        "fleet_board_temperature_max_celsius",
+        "gauge",
+        "The highest temperature in the last telemetry of the board's devices.",
+    );
+    for (board, c) in &hottest {
+        let _ = writeln!(
+            out,
+            "fleet_board_temperature_max_celsius{{board=\"{}\"}} {c}",
+            esc(board)
+        );
+    }
+    family(
+        &mut out,
+        "fleet_board_disk_free_min_bytes",
+        "gauge",
+        "The least free disk in the last telemetry of the board's devices.",
+    );
+    for (board, b) in &least_disk {
+        let _ = writeln!(
+            out,
+            "fleet_board_disk_free_min_bytes{{board=\"{}\"}} {b}",
+            esc(board)
+        );
+    }
+    if per_device {
+        out.push_str(&by_family(&devices));
     }
     family(&mut out, "fleet_rollouts", "gauge", "Rollouts by phase.");
     let phases = s.controller.phases();
@@ -291,6 +336,79 @@ pub fn render(s: &AppState) -> String {
                 ),
                 &mut out,
             );
+        }
+    }
+    out
+}
+
+/// The per-device families, in the order [`PER_DEVICE`] lists them.
+const PER_DEVICE: [(&str, &str); 4] = [
+    (
+        "fleet_device_info",
+        "One per device (value 1): its board, model, version and update state.",
+    ),
+    (
+        "fleet_device_online",
+        "1 while the device's MQTT state says online.",
+    ),
+    (
+        "fleet_device_latency_p95_seconds",
+        "The p95 inference latency of the device's last telemetry.",
+    ),
+    (
+        "fleet_device_drift_psi_max",
+        "The highest drift PSI of the device's last telemetry.",
+    ),
+];
+
+/// One device's series (`[metrics] per_device = true`), appended to
+/// `out` family by family: the caller sorts them into families.
+fn device_series(out: &mut String, r: &crate::store::DeviceRecord) {
+    let id = esc(&r.id);
+    let report = r.report();
+    let (model, version) = report
+        .and_then(|r| r.active.as_ref())
+        .map_or(("none".to_string(), "none".to_string()), |a| {
+            (a.name.clone(), a.version.clone())
+        });
+    let _ = writeln!(
+        out,
+        "fleet_device_info{{device=\"{id}\",board=\"{}\",model=\"{}\",version=\"{}\",state=\"{}\"}} 1",
+        esc(r.identity.tags.get("board").map_or("none", String::as_str)),
+        esc(&model),
+        esc(&version),
+        report.map_or("unreported", |r| r.state.as_str())
+    );
+    let _ = writeln!(
+        out,
+        "fleet_device_online{{device=\"{id}\"}} {}",
+        u8::from(r.live.online == Some(true))
+    );
+    if let Some(t) = r.live.telemetry.as_ref() {
+        if let Some(l) = t.latency_ms.as_ref() {
+            let _ = writeln!(
+                out,
+                "fleet_device_latency_p95_seconds{{device=\"{id}\"}} {}",
+                l.p95 / 1000.0
+            );
+        }
+        if let Some(m) = t.drift.iter().map(|v| v.psi).reduce(f64::max) {
+            let _ = writeln!(out, "fleet_device_drift_psi_max{{device=\"{id}\"}} {m}");
+        }
+    }
+}
+
+/// Groups per-device lines by family, each under its HELP and TYPE.
+fn by_family(lines: &str) -> String {
+    let mut out = String::with_capacity(lines.len() + 512);
+    for (name, help) in PER_DEVICE {
+        family(&mut out, name, "gauge", help);
+        for l in lines.lines().filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{'))
+        }) {
+            out.push_str(l);
+            out.push('\n');
         }
     }
     out

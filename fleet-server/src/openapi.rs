@@ -11,7 +11,7 @@ use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
 use crate::api::AppState;
-use crate::auth::{Action, Caller, authenticate, require};
+use crate::auth::{Action, Caller, require};
 
 struct BearerAuth;
 
@@ -50,6 +50,9 @@ impl utoipa::Modify for BearerAuth {
         crate::api::devices::patch,
         crate::api::devices::revoke,
         crate::api::devices::decommission,
+        crate::api::console::summary,
+        crate::api::console::telemetry,
+        crate::api::console::stream,
         crate::api::device::desired,
         crate::api::device::report,
         crate::api::admin::audit,
@@ -62,6 +65,13 @@ impl utoipa::Modify for BearerAuth {
         crate::api::rollouts::list,
         crate::api::rollouts::get_one,
         crate::api::rollouts::action,
+        crate::api::experiments::create,
+        crate::api::experiments::list,
+        crate::api::experiments::get_one,
+        crate::api::experiments::action,
+        crate::api::windows::list,
+        crate::api::windows::put,
+        crate::api::windows::delete,
         crate::mqtt::http_auth,
         crate::mqtt::http_acl,
         serve,
@@ -73,6 +83,8 @@ impl utoipa::Modify for BearerAuth {
         (name = "devices", description = "Enrollment and the inventory"),
         (name = "device", description = "Endpoints for devices, with their own credential"),
         (name = "rollouts", description = "Staged rollouts with health gates"),
+        (name = "experiments", description = "A/B experiments and bandits between two bundles, with always-valid verdicts"),
+        (name = "windows", description = "Maintenance windows on devices and tags: when devices may activate a new model"),
         (name = "admin", description = "Enrollment tokens, the audit log, trust-root rotation"),
         (name = "mqtt", description = "Auth and ACL decisions for external brokers (EMQX HTTP auth/authorization)"),
         (name = "server", description = "Metrics, this document"),
@@ -99,7 +111,7 @@ pub fn document() -> String {
               (status = 401, body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn serve(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    let caller = match authenticate(&headers, &s.tokens, &s.fleet) {
+    let caller = match s.caller(&headers, None) {
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };

@@ -31,6 +31,19 @@ pub struct RolloutSpec {
     /// Devices shadow the candidate on live traffic before activating it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<edgefleet_wire::device::ShadowRequest>,
+    /// Devices activate only inside these maintenance windows (their own
+    /// device or tag windows come first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<edgefleet_wire::window::Schedule>,
+}
+
+/// Checks a maintenance schedule the way devices will read it: every
+/// window parses and a named zone exists in the server's tz database.
+pub fn validate_window(s: &edgefleet_wire::window::Schedule) -> Result<(), String> {
+    s.compile().map_err(|e| e.to_string())?;
+    s.zone(&jiff::tz::TimeZone::UTC)
+        .map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 /// A rollout and why it is where it is.
@@ -59,6 +72,10 @@ pub struct DeviceStatus {
     pub offline: bool,
     /// The rollout it joined and what it ran before (for abort).
     pub joined: Option<(String, Option<BundleRef>)>,
+    /// The bundle it is installing (reported).
+    pub staged: Option<BundleRef>,
+    /// While `waiting`: when it may activate (reported).
+    pub activate_at: Option<u64>,
 }
 
 /// A desired-state change for one device.
@@ -159,6 +176,9 @@ impl RolloutSpec {
                 return bad("shadow max_abs_diff must be a non-negative number".into());
             }
         }
+        if let Some(w) = &self.window {
+            validate_window(w).map_err(|e| RolloutError::Invalid(format!("window: {e}")))?;
+        }
         Ok(())
     }
 }
@@ -223,6 +243,9 @@ pub enum Standing {
     RolledBack,
     /// Cannot be heard; accounted for, not waited for.
     Offline,
+    /// Installed it and waits for a maintenance window (or its local app)
+    /// to activate it: neither failed nor stalled.
+    Waiting,
     /// None of the above yet.
     Pending,
 }
@@ -244,6 +267,10 @@ pub fn standing(d: &DeviceStatus, bundle: &BundleRef, since: u64) -> Standing {
     if d.offline {
         return Standing::Offline;
     }
+    if d.state == Some(UpdateState::Waiting) && d.staged.as_ref().is_some_and(|s| s.id == bundle.id)
+    {
+        return Standing::Waiting;
+    }
     Standing::Pending
 }
 
@@ -255,6 +282,9 @@ pub struct Tally {
     pub rolled_back: usize,
     pub offline: usize,
     pub pending: usize,
+    pub waiting: usize,
+    /// The earliest `activate_at` of the waiting devices.
+    pub next_window: Option<u64>,
 }
 
 impl Tally {
@@ -267,20 +297,42 @@ impl Tally {
                 Standing::RolledBack => t.rolled_back += 1,
                 Standing::Offline => t.offline += 1,
                 Standing::Pending => t.pending += 1,
+                Standing::Waiting => {
+                    t.waiting += 1;
+                    if let Some(at) = d.activate_at {
+                        t.next_window = Some(t.next_window.map_or(at, |n| n.min(at)));
+                    }
+                }
             }
         }
         t
     }
 
     pub fn total(&self) -> usize {
-        self.running + self.failed + self.rolled_back + self.offline + self.pending
+        self.running + self.failed + self.rolled_back + self.offline + self.pending + self.waiting
     }
 
     fn summary(&self) -> String {
-        format!(
+        let mut s = format!(
             "{} running, {} failed, {} rolled back, {} offline, {} pending",
             self.running, self.failed, self.rolled_back, self.offline, self.pending
-        )
+        );
+        if self.waiting > 0 {
+            s.push_str(&format!(", {} {}", self.waiting, self.waiting_words()));
+        }
+        s
+    }
+
+    /// `waiting for window (next: 2026-12-04T02:00:00Z)`.
+    pub fn waiting_words(&self) -> String {
+        match self.next_window {
+            Some(at) => format!(
+                "waiting for window (next: {})",
+                jiff::Timestamp::from_second(at as i64)
+                    .map_or_else(|_| at.to_string(), |t| t.to_string())
+            ),
+            None => "waiting for window".to_string(),
+        }
     }
 }
 
@@ -459,15 +511,31 @@ pub fn next(
             // stage go on once that many run it. The last stage always
             // waits for everyone: "completed" accounts for every device.
             // A stage with no device yet waits for devices to enroll.
+            //
+            // Devices waiting for a maintenance window are settled but not
+            // done: a canary stage goes on once at least one device runs
+            // the bundle (someone must have judged it) and the rest run it,
+            // failed, are offline or wait; the last stage waits for them
+            // to activate. Either way waiting is never a reason to pause.
+            let needed = match r.spec.gates.min_reporting_devices {
+                Some(min) if !last => (min as usize).min(targets.len().max(1)),
+                Some(min) => (min as usize).min(targets.len() - tally.offline),
+                None => 0,
+            };
             let enough = !targets.is_empty()
                 && match r.spec.gates.min_reporting_devices {
-                    Some(min) if !last => tally.running >= (min as usize).min(targets.len().max(1)),
-                    Some(min) => {
-                        tally.pending == 0
-                            && tally.running >= (min as usize).min(targets.len() - tally.offline)
-                    }
-                    None => tally.pending == 0,
+                    Some(_) if !last => tally.running >= needed,
+                    Some(_) => tally.pending == 0 && tally.waiting == 0 && tally.running >= needed,
+                    None if last => tally.pending == 0 && tally.waiting == 0,
+                    None => tally.pending == 0 && (tally.waiting == 0 || tally.running > 0),
                 };
+            // Short only by devices that wait for their window: hold.
+            let held_by_windows = tally.waiting > 0
+                && tally.pending == 0
+                && tally.running + tally.waiting >= needed.max(1);
+            if !enough && held_by_windows {
+                return Ok((out, effects));
+            }
             if !enough {
                 // Devices that never settle hold the stage; after a while
                 // that becomes a recorded pause naming them.
@@ -671,6 +739,8 @@ mod tests {
                 last_seen: Some(T0),
                 offline: false,
                 joined: None,
+                staged: None,
+                activate_at: None,
             })
             .collect()
     }
@@ -700,6 +770,7 @@ mod tests {
                 ],
                 gates,
                 shadow: None,
+                window: None,
             },
             phase: Phase::Running {
                 stage: 0,
@@ -761,6 +832,70 @@ mod tests {
         let done = r.decisions.last().unwrap();
         assert_eq!(done.action, "complete");
         assert!(done.message.contains("20 of 20"), "{}", done.message);
+    }
+
+    /// Devices told to run the bundle installed it and wait for a window.
+    fn wait(fleet: &mut [DeviceStatus], effects: &[Effect], now: u64, at: u64) {
+        for e in effects {
+            let d = fleet.iter_mut().find(|d| d.id == e.device).unwrap();
+            if let Some(prev) = &e.joins {
+                d.joined = Some(("r1".into(), prev.clone()));
+            }
+            d.state = Some(UpdateState::Waiting);
+            d.staged = e.bundle.clone();
+            d.activate_at = Some(at);
+            d.last_seen = Some(now);
+        }
+    }
+
+    #[test]
+    fn devices_waiting_for_a_window_hold_a_stage_without_pausing_or_failing_it() {
+        let mut f = fleet(20, &["rpi4"]);
+        let r = rollout(Gates::default());
+        let (r, eff) = next(&r, &f, Command::Tick, T0).unwrap();
+        wait(&mut f, &eff, T0 + 10, T0 + 50_000);
+        let t = Tally::of(&targets_for_stage(&r, &f, 0), &r.spec.bundle, T0);
+        assert_eq!((t.waiting, t.pending, t.failed), (2, 0, 0));
+        assert_eq!(t.next_window, Some(T0 + 50_000));
+        assert!(
+            t.summary().contains("2 waiting for window (next: "),
+            "{}",
+            t.summary()
+        );
+        // Long past the bake time and the settle timeout: held, not paused.
+        let (r, eff) = next(&r, &f, Command::Tick, T0 + 40_000).unwrap();
+        assert_eq!(stage_of(&r), Some(0));
+        assert!(matches!(r.phase, Phase::Running { .. }), "{:?}", r.phase);
+        assert!(r.decisions.is_empty(), "{:?}", r.decisions);
+        assert_eq!(eff.len(), 2, "the stage's devices keep their desired state");
+        // The window opens: one activates; the stage goes on with the
+        // other still waiting.
+        let first = &eff[..1];
+        apply(&mut f, first, T0 + 50_010);
+        for d in f.iter_mut().filter(|d| d.id == first[0].device) {
+            d.state = Some(UpdateState::Committed);
+        }
+        let (r, eff) = next(&r, &f, Command::Tick, T0 + 50_020).unwrap();
+        assert_eq!(stage_of(&r), Some(1), "{:?}", r.decisions);
+        assert!(
+            r.decisions[0].message.contains("1 waiting for window"),
+            "{}",
+            r.decisions[0].message
+        );
+        // The last stage completes only once every device runs it.
+        wait(&mut f, &eff, T0 + 50_030, T0 + 130_000);
+        let (r, eff) = next(&r, &f, Command::Tick, T0 + 51_000).unwrap();
+        assert_eq!(stage_of(&r), Some(2), "{:?}", r.decisions);
+        wait(&mut f, &eff, T0 + 51_010, T0 + 130_000);
+        let (r, _) = next(&r, &f, Command::Tick, T0 + 120_000).unwrap();
+        assert_eq!(stage_of(&r), Some(2), "waiting devices hold completion");
+        assert!(matches!(r.phase, Phase::Running { .. }));
+        apply(&mut f, &eff, T0 + 130_010);
+        for d in &mut f {
+            d.state = Some(UpdateState::Committed);
+        }
+        let (r, _) = next(&r, &f, Command::Tick, T0 + 130_020).unwrap();
+        assert!(matches!(r.phase, Phase::Completed { .. }), "{:?}", r.phase);
     }
 
     #[test]

@@ -179,6 +179,11 @@ pub async fn start(
         snapshot.devices,
         |r| r.and_then(|id| terms.get(id).cloned()).unwrap_or_default(),
         trust.newest_document(),
+        snapshot
+            .windows
+            .iter()
+            .map(|w| (w.scope.clone(), w.schedule.clone()))
+            .collect(),
     ));
     let (writer, writer_thread) =
         Writer::start(store.clone(), WRITE_QUEUE).map_err(|e| Error::io("store writer", e))?;
@@ -217,6 +222,7 @@ pub async fn start(
         config.mqtt.as_ref().map(|_| notice_tx),
         edgefleet_wire::time::unix_now(),
     ));
+    controller.load_experiments(snapshot.experiments);
 
     config.limits.validate().map_err(Error::Usage)?;
     let limits = Arc::new(crate::limits::Limits::new(&config.limits));
@@ -314,6 +320,11 @@ pub async fn start(
         metrics: Arc::new(crate::metrics::ServerMetrics::default()),
         limits,
         mqtt,
+        sessions: Arc::new(crate::ui::Sessions::default()),
+        streams: Arc::new(tokio::sync::Semaphore::new(
+            crate::api::console::MAX_STREAMS,
+        )),
+        stop: stop.clone(),
     };
     if config.http.client_ca.is_some() && config.http.tls_cert.is_none() {
         return Err(Error::Usage(

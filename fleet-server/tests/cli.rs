@@ -178,3 +178,24 @@ fn a_missing_or_invalid_config_exits_2_naming_the_problem() {
         "{err}"
     );
 }
+
+#[test]
+fn the_commented_example_config_passes_check_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/fleet-server.example.toml");
+    let cfg = dir.path().join("fleet-server.toml");
+    std::fs::copy(&example, &cfg).expect("copy the example");
+    for (name, seed) in [("release-a.pub", 1u8), ("release-b.pub", 2)] {
+        std::fs::write(
+            dir.path().join(name),
+            edgefleet_wire::keys::encode_public_key(
+                &edgefleet_wire::keys::signing_key_from_seed([seed; 32]).verifying_key(),
+            ),
+        )
+        .expect("write a key");
+    }
+    let (code, out, err) = run_out(&["--config", cfg.to_str().expect("utf-8"), "--check-config"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("config is good"), "{out}");
+}

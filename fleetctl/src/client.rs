@@ -5,8 +5,9 @@
 use std::io::Read;
 
 use edgefleet_wire::api::v1::{
-    AuditEntry, BundleView, CreateEnrollmentToken, CreateRollout, CreatedEnrollmentToken,
-    DeviceView, EnrollmentTokenView, ErrorBody, RolloutAction, RolloutView, TrustView,
+    AuditEntry, BundleView, ConcludeExperiment, CreateEnrollmentToken, CreateExperiment,
+    CreateRollout, CreatedEnrollmentToken, DeviceView, EnrollmentTokenView, ErrorBody,
+    ExperimentView, RolloutAction, RolloutView, TrustView,
 };
 use edgefleet_wire::trust::SignedTrust;
 use serde::de::DeserializeOwned;
@@ -300,6 +301,70 @@ impl Client {
             self.http
                 .post(format!("{}/api/v1/trust", self.base))
                 .json(doc),
+        )
+    }
+
+    pub fn create_experiment(&self, req: &CreateExperiment) -> Result<ExperimentView> {
+        self.send(
+            self.http
+                .post(format!("{}/api/v1/experiments", self.base))
+                .json(req),
+        )
+    }
+
+    pub fn list_experiments(&self) -> Result<Vec<ExperimentView>> {
+        self.get("/api/v1/experiments")
+    }
+
+    /// An experiment by id, unique id prefix or name.
+    pub fn get_experiment(&self, id: &str) -> Result<ExperimentView> {
+        self.get(&format!("/api/v1/experiments/{}", urlencode(id)))
+    }
+
+    pub fn stop_experiment(&self, id: &str) -> Result<ExperimentView> {
+        self.send(self.http.post(format!(
+            "{}/api/v1/experiments/{}/stop",
+            self.base,
+            urlencode(id)
+        )))
+    }
+
+    pub fn conclude_experiment(
+        &self,
+        id: &str,
+        req: &ConcludeExperiment,
+    ) -> Result<ExperimentView> {
+        self.send(
+            self.http
+                .post(format!(
+                    "{}/api/v1/experiments/{}/conclude",
+                    self.base,
+                    urlencode(id)
+                ))
+                .json(req),
+        )
+    }
+
+    pub fn list_windows(&self) -> Result<Vec<edgefleet_wire::api::v1::WindowEntry>> {
+        self.get("/api/v1/windows")
+    }
+
+    pub fn set_window(
+        &self,
+        scope: &str,
+        schedule: &edgefleet_wire::window::Schedule,
+    ) -> Result<edgefleet_wire::api::v1::WindowEntry> {
+        self.send(
+            self.http
+                .put(format!("{}/api/v1/windows/{}", self.base, urlencode(scope)))
+                .json(schedule),
+        )
+    }
+
+    pub fn clear_window(&self, scope: &str) -> Result<edgefleet_wire::api::v1::WindowEntry> {
+        self.send(
+            self.http
+                .delete(format!("{}/api/v1/windows/{}", self.base, urlencode(scope))),
         )
     }
 

@@ -135,13 +135,37 @@ impl InProcAgent {
         c
     }
 
+    /// `cfg` with telemetry every second over the broker at
+    /// `127.0.0.1:mqtt_port`, reconnecting fast.
+    pub fn over_mqtt(
+        mut cfg: edge_agent::config::AgentConfig,
+        mqtt_port: u16,
+    ) -> edge_agent::config::AgentConfig {
+        cfg.mqtt.url = Some(format!("mqtt://127.0.0.1:{mqtt_port}"));
+        cfg.mqtt.telemetry_interval_secs = 1;
+        cfg.mqtt.reconnect_min_ms = 200;
+        cfg.mqtt.reconnect_max_ms = 1000;
+        cfg
+    }
+
     pub async fn start(cfg: edge_agent::config::AgentConfig) -> InProcAgent {
+        Self::start_with_clock(cfg, edge_agent::updater::system_clock()).await
+    }
+
+    /// [`InProcAgent::start`] with an injected wall clock for the update
+    /// machine (maintenance windows, defers, the watch window).
+    pub async fn start_with_clock(
+        cfg: edge_agent::config::AgentConfig,
+        clock: edge_agent::updater::Clock,
+    ) -> InProcAgent {
         let stop = tokio_util::sync::CancellationToken::new();
         // After a stop in this process, connection tasks of the old local
         // API may hold its store for a moment (a new process would not).
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         let (addr, _, run) = loop {
-            match edge_agent::daemon::start(cfg.clone(), stop.clone()).await {
+            match edge_agent::daemon::start_with_clock(cfg.clone(), clock.clone(), stop.clone())
+                .await
+            {
                 Ok(started) => break started,
                 Err(e)
                     if e.to_string().contains("could not acquire lock")

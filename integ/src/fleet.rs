@@ -104,6 +104,57 @@ impl TestFleet {
         }
     }
 
+    /// A server with the embedded MQTT broker on `127.0.0.1:mqtt_port`
+    /// and a rollout tick of `tick_ms`.
+    pub async fn start_with_broker(mqtt_port: u16, tick_ms: u64) -> TestFleet {
+        Self::start_with(|cfg, _| {
+            cfg.rollout_tick_ms = tick_ms;
+            cfg.mqtt = Some(fleet_server::mqtt::MqttConfig {
+                listen: format!("127.0.0.1:{mqtt_port}").parse().expect("address"),
+                ..Default::default()
+            });
+        })
+        .await
+    }
+
+    /// `GET path` as the viewer, as JSON.
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.req(reqwest::Method::GET, path, Some(VIEWER))
+            .send()
+            .await
+            .expect("GET")
+            .json()
+            .await
+            .expect("a JSON body")
+    }
+
+    /// Waits until rollout `id` is in `phase`; returns it (panics after
+    /// `secs` with the last view).
+    pub async fn wait_rollout(&self, id: &str, phase: &str, secs: u64) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            let r = self.get_json(&format!("/api/v1/rollouts/{id}")).await;
+            if r["phase"]["state"] == phase {
+                return r;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "rollout {id} not {phase}: {r:#}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Runs the real `fleetctl` against this server with `token`.
+    pub fn fleetctl(&self, token: &str, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(crate::bins::bin("fleetctl"))
+            .args(args)
+            .env("FLEETCTL_SERVER", &self.url)
+            .env("FLEETCTL_TOKEN", token)
+            .output()
+            .expect("run fleetctl")
+    }
+
     /// A request to `path` with `token`, if any.
     pub fn req(
         &self,
@@ -212,4 +263,16 @@ impl TestFleet {
         }
         walk(self.dir.path(), id).expect("bundle file in the registry")
     }
+}
+
+/// fleetctl's stdout, asserting it succeeded (stderr in the message).
+#[track_caller]
+pub fn ok(o: std::process::Output) -> String {
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "fleetctl failed: {}\n{out}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
 }

@@ -105,7 +105,21 @@ impl Agent {
 
     async fn start(cfg: AgentConfig) -> Agent {
         let stop = CancellationToken::new();
-        let (addr, _, run) = edge_agent::daemon::start(cfg, stop.clone()).await.unwrap();
+        // After a stop in this process, connection tasks of the old local
+        // API may hold its store for a moment (a new process would not).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (addr, _, run) = loop {
+            match edge_agent::daemon::start(cfg.clone(), stop.clone()).await {
+                Ok(started) => break started,
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("the agent starts: {e}"),
+            }
+        };
         let done = tokio::spawn(async move {
             run.await.unwrap();
         });

@@ -6,40 +6,20 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+
 use std::time::{Duration, Instant};
 
 use edgefleet_wire::keys::{encode_secret_key, signing_key_from_seed};
 use edgefleet_wire::trust::{SignedTrust, TrustDoc};
 use integ::agent::InProcAgent;
 use integ::bundles::{Model, Pack};
-use integ::fleet::{ADMIN, OPERATOR, TestFleet, trust_key};
+use integ::fleet::{ADMIN, OPERATOR, TestFleet, ok, trust_key};
 use serde_json::Value;
 
 fn secret_key(dir: &Path, seed: u8) -> PathBuf {
     let p = dir.join(format!("k{seed}.key"));
     std::fs::write(&p, encode_secret_key(&signing_key_from_seed([seed; 32]))).unwrap();
     p
-}
-
-fn fleetctl(server: &TestFleet, token: &str, args: &[&str]) -> Output {
-    Command::new(integ::bins::bin("fleetctl"))
-        .args(args)
-        .env("FLEETCTL_SERVER", &server.url)
-        .env("FLEETCTL_TOKEN", token)
-        .output()
-        .unwrap()
-}
-
-#[track_caller]
-fn ok(o: Output) -> String {
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(
-        o.status.success(),
-        "fleetctl failed: {}\n{out}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    out
 }
 
 fn multi(minor: u64, key_seed: u8) -> Vec<u8> {
@@ -112,8 +92,7 @@ async fn a_compromised_key_is_rotated_out_across_the_fleet() {
 
     // dev-b is off while both rotations happen.
     b.stop().await;
-    let out = ok(fleetctl(
-        &server,
+    let out = ok(server.fleetctl(
         ADMIN,
         &[
             "trust",
@@ -125,8 +104,7 @@ async fn a_compromised_key_is_rotated_out_across_the_fleet() {
         ],
     ));
     assert!(out.contains("trust version 2"), "{out}");
-    let out = ok(fleetctl(
-        &server,
+    let out = ok(server.fleetctl(
         ADMIN,
         &[
             "trust",
@@ -265,8 +243,7 @@ async fn a_restarted_server_keeps_the_chain_and_new_boards_start_from_a_document
     let (k1, k2) = (secret_key(dir.path(), 1), secret_key(dir.path(), 2));
     // Offline co-signing: write, sign, push.
     let doc = dir.path().join("v2.json");
-    ok(fleetctl(
-        &server,
+    ok(server.fleetctl(
         ADMIN,
         &[
             "trust",
@@ -282,8 +259,7 @@ async fn a_restarted_server_keeps_the_chain_and_new_boards_start_from_a_document
     let written: SignedTrust = serde_json::from_slice(&std::fs::read(&doc).unwrap()).unwrap();
     assert_eq!(written.signatures.len(), 2);
     // Re-signing with a key already on it replaces that signature.
-    ok(fleetctl(
-        &server,
+    ok(server.fleetctl(
         ADMIN,
         &[
             "trust",
@@ -293,11 +269,7 @@ async fn a_restarted_server_keeps_the_chain_and_new_boards_start_from_a_document
             k2.to_str().unwrap(),
         ],
     ));
-    let out = ok(fleetctl(
-        &server,
-        ADMIN,
-        &["trust", "push", doc.to_str().unwrap()],
-    ));
+    let out = ok(server.fleetctl(ADMIN, &["trust", "push", doc.to_str().unwrap()]));
     assert!(out.contains("trust version 2"), "{out}");
     drop(server);
     // The store is free once the stopped server let go of it.
@@ -327,8 +299,7 @@ async fn a_restarted_server_keeps_the_chain_and_new_boards_start_from_a_document
     assert_eq!(v["version"], 2, "{v}");
     // A board provisioned now starts from the document, not key 1.
     let provisioned = dir.path().join("trust-now.json");
-    ok(fleetctl(
-        &server,
+    ok(server.fleetctl(
         OPERATOR,
         &["trust", "show", "--out", provisioned.to_str().unwrap()],
     ));

@@ -484,6 +484,7 @@ async fn rollout(
             .collect(),
         gates: Default::default(),
         shadow: None,
+        window: None,
     };
     let t = Instant::now();
     let r = http
@@ -770,6 +771,7 @@ async fn device_main(
                 retries: 0,
                 degraded: None,
                 trust_version: None,
+                activate_at: None,
             };
             let t = Instant::now();
             match http
@@ -894,6 +896,7 @@ fn telemetry(seq: u64, active: &Option<BundleRef>) -> Vec<u8> {
         outbox: Default::default(),
         bytes_sent: 0,
         drift: Vec::new(),
+        reward: None,
     })
     .unwrap_or_default()
 }

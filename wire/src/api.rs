@@ -163,6 +163,13 @@ pub mod v1 {
         /// The trust version the device verifies bundles with (reported).
         #[serde(default)]
         pub trust_version: Option<u64>,
+        /// While `waiting`: when the activation may go on (unix seconds).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub activate_at: Option<u64>,
+        /// The maintenance windows in its desired state and where they
+        /// come from (`device`, `tag site=berlin`, `rollout`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub window: Option<WindowEntry>,
         pub health: Option<Health>,
         pub last_known_good: Option<BundleRef>,
         pub shadow: Option<ShadowAgreement>,
@@ -250,6 +257,22 @@ pub mod v1 {
         /// Shadow the candidate on live traffic before activating it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub shadow: Option<ShadowRequest>,
+        /// Devices activate only inside these maintenance windows (unless
+        /// their own device or tag windows say otherwise).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub window: Option<crate::window::Schedule>,
+    }
+
+    /// Maintenance windows set on a device or a tag (`GET
+    /// /api/v1/windows`; `PUT /api/v1/windows/{scope}` takes the schedule).
+    /// A device's desired state carries the first that applies: its own,
+    /// then its tags' (in tag order), then its rollout's.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+    pub struct WindowEntry {
+        /// `device:<id>`, `tag:<key>=<value>`, or `rollout` (read only).
+        pub scope: String,
+        pub schedule: crate::window::Schedule,
     }
 
     /// Lifecycle of a rollout.
@@ -310,6 +333,241 @@ pub mod v1 {
 
     /// Device ids kept in one decision: the record must not grow with the
     /// fleet.
+    /// `GET /api/v1/summary`: the fleet at a glance (the console's
+    /// overview). Devices are counted by reported update state
+    /// (`unreported` before the first report), by the model they run
+    /// (`name@version`, `none`), by board tag (`none`) and by MQTT
+    /// presence (`online`, `offline`, `unknown` without MQTT).
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+    pub struct FleetSummary {
+        pub devices: u64,
+        pub by_state: BTreeMap<String, u64>,
+        pub by_version: BTreeMap<String, u64>,
+        pub by_board: BTreeMap<String, u64>,
+        pub by_presence: BTreeMap<String, u64>,
+        /// Rollouts by phase (`running`, `paused`, `completed`, `aborted`).
+        pub rollouts: BTreeMap<String, u64>,
+    }
+
+    /// One point of a device's recent telemetry
+    /// (`GET /api/v1/devices/{id}/telemetry`), kept in memory by the
+    /// server: the last [`TELEMETRY_POINTS`] records heard over MQTT.
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+    pub struct TelemetryPoint {
+        /// Unix seconds at the end of the interval.
+        pub at: u64,
+        /// The model that served the interval (`name@version`).
+        pub model: Option<String>,
+        pub inferences_per_sec: f32,
+        pub errors: u32,
+        pub p95_latency_ms: Option<f32>,
+        pub cpu_pct: f32,
+        pub temperature_c: Option<f32>,
+        /// The highest drift PSI over the model's inputs.
+        pub drift_psi_max: Option<f32>,
+    }
+
+    /// What an experiment compares, per arm. `lower` is better for every
+    /// metric but `reward` (the application's own outcome, higher better).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+    #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+    #[serde(rename_all = "snake_case")]
+    pub enum Metric {
+        LatencyP50Ms,
+        LatencyP95Ms,
+        ErrorRate,
+        DriftPsi,
+        Reward,
+    }
+
+    impl Metric {
+        pub const ALL: [Metric; 5] = [
+            Metric::LatencyP50Ms,
+            Metric::LatencyP95Ms,
+            Metric::ErrorRate,
+            Metric::DriftPsi,
+            Metric::Reward,
+        ];
+
+        pub fn as_str(self) -> &'static str {
+            match self {
+                Metric::LatencyP50Ms => "latency_p50_ms",
+                Metric::LatencyP95Ms => "latency_p95_ms",
+                Metric::ErrorRate => "error_rate",
+                Metric::DriftPsi => "drift_psi",
+                Metric::Reward => "reward",
+            }
+        }
+
+        /// Whether a higher value is better.
+        pub fn higher_is_better(self) -> bool {
+            matches!(self, Metric::Reward)
+        }
+    }
+
+    /// How devices are split between the arms.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+    #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+    #[serde(rename_all = "snake_case")]
+    pub enum Allocation {
+        /// `split_pct` of each board's devices on B, for the whole run.
+        #[default]
+        Fixed,
+        /// Thompson sampling on the primary metric: devices move toward the
+        /// arm more likely to be better, within `min_share` and
+        /// `max_switches_per_hour`.
+        Thompson,
+    }
+
+    /// Stop the experiment (and send B's devices back to A) when B is
+    /// worse than A on `metric` by more than `max_worse_pct` percent of A's
+    /// mean, with the experiment's confidence.
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+    #[serde(deny_unknown_fields)]
+    pub struct Guardrail {
+        pub metric: Metric,
+        pub max_worse_pct: f64,
+    }
+
+    /// `POST /api/v1/experiments`.
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+    #[serde(deny_unknown_fields)]
+    pub struct CreateExperiment {
+        /// 1-64 of [A-Za-z0-9._-].
+        pub name: String,
+        /// Arm A, the control: a bundle id, a unique prefix, or NAME@VERSION.
+        pub a: String,
+        /// Arm B, the candidate. With the same model name as A, its
+        /// sequence must be higher (devices return to A as a rollback).
+        pub b: String,
+        /// Tags a device must all carry. Empty: every device.
+        #[serde(default)]
+        pub selector: BTreeMap<String, String>,
+        /// Percent of each board's devices on B (fixed allocation; the
+        /// bandit's start). Default 50.
+        #[serde(default)]
+        pub split_pct: Option<f64>,
+        #[serde(default)]
+        pub allocation: Allocation,
+        /// The metric the verdict and the bandit follow. Default
+        /// `latency_p95_ms`.
+        #[serde(default)]
+        pub primary: Option<Metric>,
+        #[serde(default)]
+        pub guardrail: Option<Guardrail>,
+        /// Of the confidence sequences. Default 0.95.
+        #[serde(default)]
+        pub confidence: Option<f64>,
+        /// Bandit: the least share of devices each arm keeps. Default 0.1.
+        #[serde(default)]
+        pub min_share: Option<f64>,
+        /// Bandit: arm changes per device per hour at most (each costs a
+        /// download and a swap). Default 1.
+        #[serde(default)]
+        pub max_switches_per_hour: Option<u32>,
+    }
+
+    /// One arm's numbers for one metric.
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+    pub struct ArmEstimate {
+        /// Observations: telemetry intervals of the arm's devices.
+        pub n: u64,
+        pub mean: Option<f64>,
+        /// The always-valid confidence sequence for the mean.
+        pub low: Option<f64>,
+        pub high: Option<f64>,
+    }
+
+    /// The verdict on one metric: B − A with an always-valid interval.
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+    pub struct MetricVerdict {
+        pub metric: Metric,
+        pub higher_is_better: bool,
+        pub a: ArmEstimate,
+        pub b: ArmEstimate,
+        /// mean(B) − mean(A).
+        pub effect: Option<f64>,
+        pub effect_low: Option<f64>,
+        pub effect_high: Option<f64>,
+        /// The effect relative to A's mean, in percent.
+        pub effect_pct: Option<f64>,
+        /// The interval excludes 0.
+        pub significant: bool,
+        /// `a` or `b` when significant.
+        pub better: Option<String>,
+    }
+
+    /// Where an experiment is.
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+    #[serde(tag = "state", rename_all = "snake_case")]
+    pub enum ExperimentPhase {
+        Running,
+        /// By an operator or the guardrail; B's devices went back to A.
+        Stopped {
+            at: u64,
+            reason: String,
+        },
+        /// `winner` became a rollout (`rollout`), or A was kept.
+        Concluded {
+            at: u64,
+            winner: String,
+            rollout: Option<String>,
+        },
+    }
+
+    /// `GET /api/v1/experiments/{id}`.
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+    pub struct ExperimentView {
+        pub id: String,
+        pub name: String,
+        pub a: BundleRef,
+        pub b: BundleRef,
+        pub selector: BTreeMap<String, String>,
+        pub allocation: Allocation,
+        pub split_pct: f64,
+        pub primary: Metric,
+        pub guardrail: Option<Guardrail>,
+        pub confidence: f64,
+        pub phase: ExperimentPhase,
+        pub created_at: u64,
+        /// Devices assigned to each arm now.
+        pub devices_a: u64,
+        pub devices_b: u64,
+        /// Devices assigned to B by board.
+        pub b_share_by_board: BTreeMap<String, f64>,
+        pub verdicts: Vec<MetricVerdict>,
+        /// The verdict in words.
+        pub summary: String,
+        pub decisions: Vec<Decision>,
+    }
+
+    /// `POST /api/v1/experiments/{id}/conclude`.
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+    #[serde(deny_unknown_fields)]
+    pub struct ConcludeExperiment {
+        /// `a` or `b`; default: the arm significantly better on the
+        /// primary metric (409 when there is none yet).
+        #[serde(default)]
+        pub winner: Option<String>,
+        /// The winner's rollout stages (default: one stage, 100 %).
+        #[serde(default)]
+        pub stages: Option<Vec<Stage>>,
+        #[serde(default)]
+        pub gates: Option<Gates>,
+    }
+
+    /// Telemetry points the server keeps per device.
+    pub const TELEMETRY_POINTS: usize = 60;
+
     pub const DECISION_DEVICES: usize = 20;
 
     impl Decision {
@@ -360,6 +618,13 @@ pub mod v1 {
         /// Pending devices whose MQTT state says offline.
         #[serde(default)]
         pub offline: u64,
+        /// Ready (downloaded and self-tested) but waiting for a maintenance
+        /// window or their local app: neither pending nor failed.
+        #[serde(default)]
+        pub waiting: u64,
+        /// The earliest time one of them may activate (unix seconds).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub next_window: Option<u64>,
     }
 
     /// A rollout with its progress (`GET /api/v1/rollouts/{id}`).
@@ -372,6 +637,8 @@ pub mod v1 {
         pub gates: Gates,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub shadow: Option<ShadowRequest>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub window: Option<crate::window::Schedule>,
         pub phase: Phase,
         pub created_at: u64,
         pub stages: Vec<StageProgress>,

@@ -94,6 +94,11 @@ pub struct DesiredState {
     /// more than one version behind fetches the chain from `/api/v1/trust`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust: Option<crate::trust::SignedTrust>,
+    /// The maintenance windows this device activates in (its own, its
+    /// tag's or the rollout's). Downloads, verification and self-tests run
+    /// at any time; only the swap waits. Unset: activate at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<crate::window::Schedule>,
 }
 
 /// Update lifecycle state as the device reports it.
@@ -114,9 +119,30 @@ pub enum UpdateState {
     Committed,
     Failed,
     RolledBack,
+    /// Downloaded, verified and self-tested; the activation waits for a
+    /// maintenance window or for the local app (`reason` says which,
+    /// `activate_at` when it may go on). Last: postcard encodes variants
+    /// by index.
+    Waiting,
 }
 
 impl UpdateState {
+    /// Every state, in the machine's order (Prometheus state sets).
+    pub const ALL: [UpdateState; 12] = [
+        UpdateState::Idle,
+        UpdateState::Downloading,
+        UpdateState::Blocked,
+        UpdateState::Verifying,
+        UpdateState::Staged,
+        UpdateState::SelfTesting,
+        UpdateState::Shadowing,
+        UpdateState::Waiting,
+        UpdateState::Watching,
+        UpdateState::Committed,
+        UpdateState::Failed,
+        UpdateState::RolledBack,
+    ];
+
     /// The snake_case name, as in JSON (`rolled_back`).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -131,6 +157,7 @@ impl UpdateState {
             UpdateState::Committed => "committed",
             UpdateState::Failed => "failed",
             UpdateState::RolledBack => "rolled_back",
+            UpdateState::Waiting => "waiting",
         }
     }
 }
@@ -186,6 +213,10 @@ pub struct DeviceReport {
     /// configured keys; higher after rotations).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust_version: Option<u64>,
+    /// While `waiting`: when the activation may go on (unix seconds; the
+    /// next window opening or the end of the app's defer), if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activate_at: Option<u64>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -216,6 +247,7 @@ mod tests {
             retries: 0,
             degraded: None,
             trust_version: None,
+            activate_at: None,
         };
         let s = serde_json::to_string(&r).unwrap();
         assert!(s.contains("\"rolled_back\""), "{s}");

@@ -40,5 +40,6 @@ pub mod tensor;
 pub mod time;
 pub mod trust;
 pub mod verify;
+pub mod window;
 
 pub use error::{Error, Result};

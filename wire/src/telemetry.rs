@@ -107,6 +107,16 @@ pub struct OutboxStats {
     pub dropped_events: u64,
 }
 
+/// Application outcomes of an interval (`POST /v1/feedback` on the agent):
+/// how many, their sum and sum of squares (so the server can pool them).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Reward {
+    pub count: u64,
+    pub sum: f64,
+    pub sum_sq: f64,
+}
+
 /// Population stability index of one drift feature.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -143,6 +153,11 @@ pub struct Telemetry {
     pub bytes_sent: u64,
     #[serde(default)]
     pub drift: Vec<DriftValue>,
+    /// Feedback the local application posted for the serving model in the
+    /// interval; `None` without any. Last, so older postcard records (which
+    /// end before it) still decode.
+    #[serde(default)]
+    pub reward: Option<Reward>,
 }
 
 /// An update lifecycle event or a drift alert.
@@ -191,7 +206,63 @@ pub fn decode_telemetry(payload: &[u8]) -> crate::Result<Telemetry> {
     if payload.first() == Some(&b'{') {
         serde_json::from_slice(payload).map_err(|e| crate::Error::malformed("telemetry", e))
     } else {
-        postcard::from_bytes(payload).map_err(|e| crate::Error::malformed("telemetry", e))
+        match postcard::from_bytes::<Telemetry>(payload) {
+            Ok(t) => Ok(t),
+            // Agents before `reward` end their records one field earlier.
+            Err(_) => postcard::from_bytes::<legacy::TelemetryNoReward>(payload)
+                .map(Telemetry::from)
+                .map_err(|e| crate::Error::malformed("telemetry", e)),
+        }
+    }
+}
+
+mod legacy {
+    use super::*;
+
+    /// [`Telemetry`] as agents before feedback sent it (postcard has no
+    /// field names, so a missing trailing field is a decode error).
+    #[derive(Debug, Deserialize)]
+    pub struct TelemetryNoReward {
+        at: u64,
+        interval_secs: u64,
+        seq: u64,
+        model: Option<String>,
+        inferences: u64,
+        errors: u64,
+        latency_ms: Option<Latency>,
+        queue_depth: u64,
+        cpu_pct: f64,
+        rss_bytes: u64,
+        temperature_c: Option<f64>,
+        disk_free_bytes: Option<u64>,
+        uptime_secs: u64,
+        outbox: OutboxStats,
+        bytes_sent: u64,
+        drift: Vec<DriftValue>,
+    }
+
+    impl From<TelemetryNoReward> for Telemetry {
+        fn from(t: TelemetryNoReward) -> Telemetry {
+            Telemetry {
+                at: t.at,
+                interval_secs: t.interval_secs,
+                seq: t.seq,
+                model: t.model,
+                inferences: t.inferences,
+                errors: t.errors,
+                latency_ms: t.latency_ms,
+                queue_depth: t.queue_depth,
+                cpu_pct: t.cpu_pct,
+                rss_bytes: t.rss_bytes,
+                temperature_c: t.temperature_c,
+                disk_free_bytes: t.disk_free_bytes,
+                uptime_secs: t.uptime_secs,
+                outbox: t.outbox,
+                bytes_sent: t.bytes_sent,
+                drift: t.drift,
+                reward: None,
+            }
+        }
     }
 }
 
@@ -208,6 +279,29 @@ mod tests {
         assert_eq!(parse_topic("edgefleet/v1/+/state"), None);
         assert_eq!(parse_topic("edgefleet/v2/pi/state"), None);
         assert_eq!(parse_topic("edgefleet/v1/pi/other"), None);
+    }
+
+    #[test]
+    fn postcard_records_of_agents_before_feedback_still_decode() {
+        let mut t = Telemetry {
+            at: 7,
+            model: Some("cls@1.0.0".into()),
+            inferences: 3,
+            ..Telemetry::default()
+        };
+        let now = telemetry_to_postcard(&t).unwrap();
+        // `reward: None` is postcard's single 0 byte at the end: without it
+        // the bytes are what an older agent sent.
+        assert_eq!(now.last(), Some(&0));
+        let old = &now[..now.len() - 1];
+        assert_eq!(decode_telemetry(old).unwrap(), t);
+        t.reward = Some(Reward {
+            count: 2,
+            sum: 1.5,
+            sum_sq: 1.25,
+        });
+        let with = telemetry_to_postcard(&t).unwrap();
+        assert_eq!(decode_telemetry(&with).unwrap(), t);
     }
 
     #[test]
@@ -236,6 +330,7 @@ mod tests {
                 feature: "x[c=0]".into(),
                 psi: 0.03,
             }],
+            reward: None,
         };
         let json = serde_json::to_vec(&t).unwrap();
         let pc = telemetry_to_postcard(&t).unwrap();

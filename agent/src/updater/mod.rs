@@ -13,9 +13,11 @@
 //! - [`verify`]: verification and loading of installed bundles;
 //! - [`swap`]: activation (floor first) and rollback;
 //! - [`shadow`]: the candidate on mirrored live traffic;
+//! - [`hold`]: maintenance windows and the local app's defers before a swap;
 //! - [`watch`]: the health watch after a swap.
 
 mod download;
+pub mod hold;
 mod shadow;
 pub mod slots;
 mod swap;
@@ -74,6 +76,7 @@ pub fn target_of(d: &DesiredState) -> Option<Target> {
         rollout_id: d.rollout_id.clone(),
         watch: d.watch.clone(),
         shadow: d.shadow.clone(),
+        window: d.window.clone(),
     })
 }
 
@@ -122,6 +125,8 @@ pub struct Ctx {
     pub trust: Arc<crate::trust::TrustState>,
     pub client: Arc<OnceLock<ServerClient>>,
     pub clock: Clock,
+    /// Maintenance windows and the local app's defers.
+    pub activation: Arc<hold::Activation>,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -371,14 +376,20 @@ impl Updater {
                     | Effect::AwaitSpace { .. }
                     | Effect::Watch { .. }
                     | Effect::Shadow { .. }
+                    | Effect::AwaitWindow { .. }
             );
             let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<u64>();
+            // Only the effects that use the loaded candidate take it.
+            let takes = matches!(
+                effect,
+                Effect::SelfTest { .. } | Effect::Shadow { .. } | Effect::Activate { .. }
+            );
             let fut = perform(
                 self.ctx.clone(),
                 effect,
                 progress_tx,
-                self.verified.take(),
-                self.staged.take(),
+                if takes { self.verified.take() } else { None },
+                if takes { self.staged.take() } else { None },
                 self.baseline_p95,
             );
             tokio::pin!(fut);
@@ -397,11 +408,11 @@ impl Updater {
                     }
                     t = desired.recv(), if preemptible => {
                         let Some(t) = t else { return };
-                        let before = self.record.phase.target().map(|t| t.bundle.id.clone());
+                        let before = running_key(&self.record);
                         let Some(fx) = self.commit(Event::Desired(Some(t)), &shutdown).await else {
                             return;
                         };
-                        let after = self.record.phase.target().map(|t| t.bundle.id.clone());
+                        let after = running_key(&self.record);
                         if before != after {
                             // Superseded: drop the running effect.
                             queue.clear();
@@ -439,6 +450,12 @@ impl Updater {
             if let Some(e) = event {
                 if let Event::DownloadFailed { reason, .. } = &e {
                     tracing::warn!(%reason, "download failed; will retry");
+                }
+                if matches!(e, Event::Held(_)) {
+                    // A wait may last hours: do not keep a second model in
+                    // memory for it; the swap loads it again.
+                    self.staged = None;
+                    self.verified = None;
                 }
                 match self.commit(e, &shutdown).await {
                     Some(fx) => queue.extend(fx),
@@ -551,32 +568,13 @@ async fn perform(
             let ctx2 = ctx.clone();
             blocking(move || verify::verify(&ctx2, &target)).await
         }
-        Effect::SelfTest { target } => {
-            let tb = match verified {
-                Some((id, tb)) if id == target.bundle.id => tb,
-                _ => match blocking({
-                    let target = target.clone();
-                    move || verify::verify(&ctx, &target)
-                })
-                .await
-                {
-                    Outcome::Verified(tb) => *tb,
-                    other => return other,
-                },
-            };
-            let id = target.bundle.id.clone();
-            blocking(move || match prepare(&tb) {
-                Ok((mut m, _)) => {
-                    m.bundle_id = id;
-                    Outcome::Tested(Box::new(m))
-                }
-                Err(e) => Outcome::Event(Event::SelfTestFailed {
-                    reason: e.to_string(),
-                }),
-            })
-            .await
-        }
+        Effect::SelfTest { target } => self_test(ctx, target, verified).await,
         Effect::Shadow { target } => shadow::shadow(&ctx, &target, staged).await,
+        Effect::AwaitWindow {
+            target,
+            ready_since,
+            held,
+        } => hold::await_window(&ctx, &target, ready_since, held).await,
         Effect::Activate { target } => swap::activate(&ctx, &target, staged).await,
         Effect::Watch { target, since } => {
             watch::watch_health(&ctx, &target, since, baseline_p95).await
@@ -586,6 +584,44 @@ async fn perform(
             Outcome::Nothing
         }
     }
+}
+
+/// Verifies (unless `verified` is this bundle) and loads the installed
+/// bundle, running its golden self-test: [`Outcome::Tested`] or the event
+/// that says why not.
+async fn self_test(ctx: Ctx, target: Target, verified: Option<(String, TrustedBundle)>) -> Outcome {
+    let tb = match verified {
+        Some((id, tb)) if id == target.bundle.id => tb,
+        _ => match blocking({
+            let target = target.clone();
+            move || verify::verify(&ctx, &target)
+        })
+        .await
+        {
+            Outcome::Verified(tb) => *tb,
+            other => return other,
+        },
+    };
+    let id = target.bundle.id.clone();
+    blocking(move || match prepare(&tb) {
+        Ok((mut m, _)) => {
+            m.bundle_id = id;
+            Outcome::Tested(Box::new(m))
+        }
+        Err(e) => Outcome::Event(Event::SelfTestFailed {
+            reason: e.to_string(),
+        }),
+    })
+    .await
+}
+
+/// What a running effect works on: a new desired state that changes it
+/// supersedes the effect. The bundle, and while waiting for a window the
+/// whole target (a changed window is judged again at once).
+fn running_key(r: &Record) -> Option<(String, Option<Target>)> {
+    let t = r.phase.target()?;
+    let waiting = matches!(r.phase, crate::update::Phase::Waiting { .. });
+    Some((t.bundle.id.clone(), waiting.then(|| t.clone())))
 }
 
 /// Waits until `needed` bytes are free in the slots' filesystem.

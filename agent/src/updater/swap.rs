@@ -33,11 +33,21 @@ pub(super) async fn activate(
 ) -> Outcome {
     let model = match staged {
         Some((id, m)) if id == target.bundle.id => m,
-        _ => {
-            return Outcome::Event(Event::ActivationFailed {
-                reason: "internal: no staged model to activate".into(),
-            });
-        }
+        // Dropped while it waited for a window: the file on disk is checked
+        // and loaded again, self-test included.
+        _ => match super::self_test(ctx.clone(), target.clone(), None).await {
+            Outcome::Tested(m) => *m,
+            Outcome::Event(Event::SelfTestFailed { reason } | Event::Rejected { reason }) => {
+                return Outcome::Event(Event::ActivationFailed {
+                    reason: format!("the bundle failed its checks again before the swap: {reason}"),
+                });
+            }
+            _ => {
+                return Outcome::Event(Event::ActivationFailed {
+                    reason: "internal: the bundle could not be loaded for the swap".into(),
+                });
+            }
+        },
     };
     let floor = ctx.floor.clone();
     let manifest = model.manifest.clone();

@@ -16,7 +16,7 @@ use http_body_util::BodyExt as _;
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 
 use super::{ApiError, ApiResult, AppState};
-use crate::auth::{Action, Caller, authenticate, require};
+use crate::auth::{Action, Caller, require};
 use crate::error::Error;
 use crate::fleet::lock;
 use crate::store::{BundleRecord, Write};
@@ -302,7 +302,7 @@ pub async fn download(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let caller = authenticate(&headers, &s.tokens, &s.fleet)?;
+    let caller = s.caller(&headers, None)?;
     match caller {
         Caller::Device { .. } => {
             require(&caller, Action::DownloadAssignedBundle)?;

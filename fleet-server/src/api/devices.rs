@@ -28,7 +28,7 @@ pub fn valid_device_id(id: &str) -> bool {
 }
 
 /// Tag keys and values: printable, short, no control characters.
-fn valid_tags(tags: &BTreeMap<String, String>) -> Result<(), ApiError> {
+pub(super) fn valid_tags(tags: &BTreeMap<String, String>) -> Result<(), ApiError> {
     if tags.len() > 32 {
         return Err(ApiError::bad_request("bad_tags", "at most 32 tags"));
     }
@@ -153,6 +153,7 @@ pub const MAX_PAGE: usize = 1000;
            ("status" = Option<String>, Query, description = "Reported update state"),
            ("version" = Option<String>, Query, description = "Reported active version"),
            ("online" = Option<bool>, Query, description = "MQTT online state"),
+           ("rollout" = Option<String>, Query, description = "The rollout that assigned the device its desired bundle (full id)"),
            ("limit" = Option<usize>, Query, description = "Page size, 1..=1000 (default 500)"),
            ("cursor" = Option<String>, Query, description = "The last id of the previous page")),
     responses((status = 200, description = "One page, in id order; a `Link: <…>; rel=\"next\"` header points to the next", body = Vec<DeviceView>),
@@ -166,6 +167,7 @@ pub async fn list(
     s.allow(&headers, Action::ReadFleet)?;
     let mut tags = Vec::new();
     let (mut status, mut version, mut online, mut cursor) = (None, None, None, None);
+    let mut rollout: Option<String> = None;
     let mut limit = DEFAULT_PAGE;
     for (k, v) in &q {
         match k.as_str() {
@@ -178,6 +180,7 @@ pub async fn list(
             ),
             "status" => status = Some(v.clone()),
             "version" => version = Some(v.clone()),
+            "rollout" => rollout = Some(v.clone()),
             "online" => {
                 online =
                     Some(v.parse::<bool>().map_err(|_| {
@@ -198,7 +201,7 @@ pub async fn list(
                 return Err(ApiError::bad_request(
                     "bad_filter",
                     format!(
-                        "unknown filter {other:?}; use tag, status, version, online, limit, cursor"
+                        "unknown filter {other:?}; use tag, status, version, online, rollout, limit, cursor"
                     ),
                 ));
             }
@@ -215,6 +218,9 @@ pub async fn list(
                     .is_some_and(|a| &a.version == ver)
             })
             && online.is_none_or(|o| d.live.online.unwrap_or(false) == o)
+            && rollout
+                .as_ref()
+                .is_none_or(|r| d.desired.rollout.as_deref() == Some(r.as_str()))
     });
     let mut r = axum::Json(&page).into_response();
     if more && let Some(last) = page.last() {
@@ -260,8 +266,16 @@ pub async fn get_one(
         .fleet
         .get(&id)
         .ok_or_else(|| ApiError::not_found("device"))?;
-    let v = view(&lock(&cell).rec);
+    let v = view_with_window(&s, &lock(&cell).rec);
     Ok(axum::Json(v))
+}
+
+/// The device view with the maintenance window that applies to it.
+fn view_with_window(s: &AppState, rec: &crate::store::DeviceRecord) -> DeviceView {
+    let mut v = view(rec);
+    let terms = s.controller.terms(rec.desired.rollout.as_deref());
+    v.window = s.fleet.window_of(rec, &terms);
+    v
 }
 
 #[utoipa::path(patch, path = "/api/v1/devices/{id}", tag = "devices",
@@ -294,7 +308,13 @@ pub async fn patch(
         s.audit_write(&caller, "device.tags", &id),
     ])
     .await?;
-    let v = view(&lock(&cell).rec);
+    // New tags may bring other tag windows.
+    let v = {
+        let mut d = lock(&cell);
+        let terms = s.controller.terms(d.rec.desired.rollout.as_deref());
+        s.fleet.rebuild(&mut d, &terms);
+        view_with_window(&s, &d.rec)
+    };
     Ok(axum::Json(v))
 }
 

@@ -16,10 +16,13 @@
 
 pub mod admin;
 pub mod bundles;
+pub mod console;
 pub mod device;
 pub mod devices;
+pub mod experiments;
 pub mod rollouts;
 pub mod trust;
+pub mod windows;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -62,6 +65,12 @@ pub struct AppState {
     pub limits: Arc<crate::limits::Limits>,
     /// Set when MQTT is configured.
     pub mqtt: Option<Arc<crate::mqtt::Mqtt>>,
+    /// Console sessions (cookie logins).
+    pub sessions: Arc<crate::ui::Sessions>,
+    /// Change streams (`/api/v1/stream`) that may still open.
+    pub streams: Arc<tokio::sync::Semaphore>,
+    /// Cancelled when the server stops (ends long-lived responses).
+    pub stop: tokio_util::sync::CancellationToken,
 }
 
 impl std::fmt::Debug for AppState {
@@ -88,9 +97,22 @@ impl From<WriteError> for ApiError {
 impl AppState {
     /// The authenticated caller, if allowed to do `action`.
     pub fn allow(&self, headers: &HeaderMap, action: Action) -> ApiResult<Caller> {
-        let caller = authenticate(headers, &self.tokens, &self.fleet)?;
+        let caller = self.caller(headers, Some(action))?;
         require(&caller, action)?;
         Ok(caller)
+    }
+
+    /// Who is calling: a bearer token (operator or device), else a
+    /// console session (whose changes need its CSRF token; `action` says
+    /// what is asked, `None` for reading).
+    pub fn caller(&self, headers: &HeaderMap, action: Option<Action>) -> ApiResult<Caller> {
+        if crate::auth::bearer(headers).is_some() {
+            return authenticate(headers, &self.tokens, &self.fleet);
+        }
+        match self.sessions.caller(headers, &self.tokens, action)? {
+            Some(c) => Ok(c),
+            None => authenticate(headers, &self.tokens, &self.fleet),
+        }
     }
 
     /// An audit entry, durable before the caller hears back.
@@ -107,6 +129,13 @@ impl AppState {
     pub async fn commit(&self, writes: Vec<Write>) -> ApiResult<()> {
         Ok(self.writer.commit(writes).await?)
     }
+}
+
+/// A fresh 16-hex-digit id (rollouts, experiments).
+pub fn random_id() -> ApiResult<String> {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).map_err(|e| crate::error::Error::Store(format!("random: {e}")))?;
+    Ok(hex::encode(b))
 }
 
 /// Reads a body of at most `limit` bytes; bigger ones are refused with 413
@@ -219,9 +248,17 @@ pub fn router(state: AppState) -> Router {
                 .delete(devices::decommission),
         )
         .route("/api/v1/devices/{id}/revoke", post(devices::revoke))
+        .route("/api/v1/devices/{id}/telemetry", get(console::telemetry))
+        .route("/api/v1/summary", get(console::summary))
+        .route("/api/v1/stream", get(console::stream))
         .route("/api/v1/device/desired", get(device::desired))
         .route("/api/v1/device/report", post(device::report))
         .route("/api/v1/audit", get(admin::audit))
+        .route("/api/v1/windows", get(windows::list))
+        .route(
+            "/api/v1/windows/{scope}",
+            axum::routing::put(windows::put).delete(windows::delete),
+        )
         .route("/api/v1/trust", get(trust::get).post(trust::rotate))
         .route(
             "/api/v1/enrollment-tokens",
@@ -238,7 +275,17 @@ pub fn router(state: AppState) -> Router {
             post(rollouts::create).get(rollouts::list),
         )
         .route("/api/v1/rollouts/{id}", get(rollouts::get_one))
+        .route(
+            "/api/v1/experiments",
+            post(experiments::create).get(experiments::list),
+        )
+        .route("/api/v1/experiments/{id}", get(experiments::get_one))
+        .route(
+            "/api/v1/experiments/{id}/{action}",
+            post(experiments::action),
+        )
         .route("/api/v1/rollouts/{id}/{action}", post(rollouts::action))
+        .merge(crate::ui::routes())
         // Inside routing, so the route template is known.
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), timed))
         .route_layer(axum::middleware::from_fn_with_state(
@@ -325,8 +372,14 @@ async fn rate_limit(
     // handler, and only a refused one meets the address's lockout, so a
     // valid enrollment token works even from a locked-out (shared) address.
     let enroll = path == "/api/v1/devices/enroll";
-    let caller = crate::auth::bearer(req.headers())
-        .and_then(|t| crate::auth::identify(t, &s.tokens, &s.fleet));
+    let caller = match crate::auth::bearer(req.headers()) {
+        Some(t) => crate::auth::identify(t, &s.tokens, &s.fleet),
+        None => s
+            .sessions
+            .caller(req.headers(), &s.tokens, None)
+            .ok()
+            .flatten(),
+    };
     let verdict = match &caller {
         Some(crate::auth::Caller::Device { id, .. }) => s.limits.device(id),
         Some(crate::auth::Caller::Operator { name, .. }) => s.limits.token(name),

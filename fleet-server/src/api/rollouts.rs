@@ -11,7 +11,6 @@ use edgefleet_wire::time::unix_now as now;
 use super::{ApiError, ApiResult, AppState, read_json};
 use crate::auth::Action;
 use crate::controller::ControllerError;
-use crate::error::Error;
 use crate::rollout::{Command, RolloutSpec};
 
 impl From<ControllerError> for ApiError {
@@ -28,6 +27,8 @@ impl From<ControllerError> for ApiError {
             ControllerError::Rollout(r) => ApiError::bad_request("invalid_rollout", r.to_string()),
             ControllerError::Store(e) => e.into(),
             ControllerError::Write(e) => e.into(),
+            ControllerError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            ControllerError::Invalid(m) => ApiError::bad_request("invalid_experiment", m),
         }
     }
 }
@@ -50,15 +51,14 @@ pub async fn create(
             format!("no bundle {:?}; push it first", req.bundle),
         )
     })?;
-    let mut id_bytes = [0u8; 8];
-    getrandom::fill(&mut id_bytes).map_err(|e| Error::Store(format!("random: {e}")))?;
-    let id = hex::encode(id_bytes);
+    let id = super::random_id()?;
     let spec = RolloutSpec {
         bundle: bundle.to_ref(),
         selector: req.selector,
         stages: req.stages,
         gates: req.gates,
         shadow: req.shadow,
+        window: req.window,
     };
     let view = s.controller.create(id.clone(), spec, now()).await?;
     s.commit(vec![s.audit_write(&caller, "rollout.create", &id)])

@@ -10,7 +10,7 @@ use edgefleet_wire::time::unix_now as now;
 use edgefleet_wire::trust::SignedTrust;
 
 use super::{ApiError, ApiResult, AppState, read_json};
-use crate::auth::{Action, authenticate, require};
+use crate::auth::{Action, require};
 use crate::store::Write;
 
 #[utoipa::path(get, path = "/api/v1/trust", tag = "admin",
@@ -22,7 +22,7 @@ pub async fn get(
     headers: HeaderMap,
 ) -> ApiResult<axum::Json<TrustView>> {
     // Operators read it; devices walk it.
-    let caller = authenticate(&headers, &s.tokens, &s.fleet)?;
+    let caller = s.caller(&headers, None)?;
     require(&caller, Action::ReadFleet).or_else(|_| require(&caller, Action::CheckIn))?;
     Ok(axum::Json(s.trust.view()))
 }

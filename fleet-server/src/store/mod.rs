@@ -217,6 +217,10 @@ pub enum Write {
     EnrollmentToken(EnrollmentToken),
     /// A new trust version (the server checked it follows the chain).
     Trust(edgefleet_wire::trust::SignedTrust),
+    Experiment(Box<crate::experiment::Experiment>),
+    /// Set (or with `None` clear) the maintenance window of a scope
+    /// (`device:<id>`, `tag:<key>=<value>`).
+    Window(String, Option<edgefleet_wire::window::Schedule>),
 }
 
 /// Everything the server holds in memory, read once at start.
@@ -228,6 +232,9 @@ pub struct Snapshot {
     pub enrollment_tokens: Vec<EnrollmentToken>,
     /// Trust versions 2.., as stored (walked from the configured keys at start).
     pub trust: Vec<edgefleet_wire::trust::SignedTrust>,
+    pub experiments: Vec<crate::experiment::Experiment>,
+    /// Device and tag maintenance windows.
+    pub windows: Vec<edgefleet_wire::api::v1::WindowEntry>,
 }
 
 /// Storage the server needs. Implementations must make `commit` atomic

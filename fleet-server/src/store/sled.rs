@@ -3,8 +3,8 @@
 //! keys, so a batch of writes is one atomic `apply_batch` and one flush.
 //!
 //! Keys: `b/{id}` bundle, `n/{name}@{version}` its claim, `d/{id}/{i|d|r|l}`
-//! device parts, `e/{id}` its events, `r/{id}` rollout, `t/{name}`
-//! enrollment token, `a/{seq}` audit entry. Values are JSON, readable and
+//! device parts, `e/{id}` its events, `r/{id}` rollout, `x/{id}`
+//! experiment, `t/{name}` enrollment token, `a/{seq}` audit entry. Values are JSON, readable and
 //! able to gain fields.
 //!
 //! Stores written by edgefleet 0.1 (one tree per record type, whole device
@@ -250,6 +250,8 @@ impl Store for SledStore {
             rollouts: self.scan("r/")?,
             enrollment_tokens: self.scan("t/")?,
             trust: self.scan("k/")?,
+            experiments: self.scan("x/")?,
+            windows: self.scan("w/")?,
             devices: Vec::new(),
         };
         // d/{id}/{part}: parts of one device are adjacent.
@@ -322,6 +324,17 @@ impl Store for SledStore {
                     put(&mut batch, format!("b/{}", b.id), enc(b)?);
                 }
                 Write::Rollout(r) => put(&mut batch, format!("r/{}", r.id), enc(r)?),
+                Write::Experiment(e) => put(&mut batch, format!("x/{}", e.id), enc(e)?),
+                Write::Window(scope, Some(schedule)) => {
+                    let entry = edgefleet_wire::api::v1::WindowEntry {
+                        scope: scope.clone(),
+                        schedule: schedule.clone(),
+                    };
+                    put(&mut batch, format!("w/{scope}"), enc(&entry)?);
+                }
+                Write::Window(scope, None) => {
+                    batch.remove(format!("w/{scope}").as_bytes());
+                }
                 Write::Audit(a) => {
                     seq += 1;
                     put(&mut batch, format!("a/{seq:016x}"), enc(a)?);
@@ -407,6 +420,24 @@ impl Store for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Opens the store in `dir`. Right after a store of the same folder
+    /// was dropped, sled's flusher thread may still hold the folder's lock
+    /// for a moment: retry that (and only that) briefly.
+    fn reopen(dir: &std::path::Path) -> SledStore {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match SledStore::open(dir) {
+                Ok(s) => return s,
+                Err(e)
+                    if e.to_string().contains("lock") && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("open the store: {e}"),
+            }
+        }
+    }
     use crate::store::{BundleRecord, Joined};
 
     fn identity(cred: &str) -> Identity {
@@ -441,7 +472,7 @@ mod tests {
     fn batches_survive_reopen_part_by_part() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = SledStore::open(dir.path()).unwrap();
+            let s = reopen(dir.path());
             let d = DeviceRecord::enrolled("pi-1".into(), identity("c1"));
             s.commit(&[
                 Write::NewDevice(Box::new(d)),
@@ -485,7 +516,7 @@ mod tests {
                 .unwrap();
             }
         }
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         let snap = s.load().unwrap();
         assert_eq!(snap.bundles.len(), 1);
         let d = &snap.devices[0];
@@ -499,7 +530,7 @@ mod tests {
     #[test]
     fn a_bundle_and_its_name_claim_are_one_write_and_conflicts_fail_the_batch() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         s.commit(&[Write::Bundle(bundle("aa", "1.0.0"))]).unwrap();
         // Same bytes again: idempotent.
         s.commit(&[Write::Bundle(bundle("aa", "1.0.0"))]).unwrap();
@@ -527,7 +558,7 @@ mod tests {
     fn audit_pages_in_order_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = SledStore::open(dir.path()).unwrap();
+            let s = reopen(dir.path());
             for i in 0..5 {
                 s.commit(&[Write::Audit(AuditEntry {
                     at: i,
@@ -538,7 +569,7 @@ mod tests {
                 .unwrap();
             }
         }
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         s.commit(&[Write::Audit(AuditEntry {
             at: 5,
             who: "ops".into(),
@@ -560,7 +591,7 @@ mod tests {
     #[test]
     fn removed_devices_leave_nothing_behind() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         let d = DeviceRecord::enrolled("pi-1".into(), identity("c1"));
         s.commit(&[Write::NewDevice(Box::new(d))]).unwrap();
         s.commit(&[Write::RemoveDevice("pi-1".into())]).unwrap();
