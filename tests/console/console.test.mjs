@@ -66,7 +66,8 @@ async function login(context, token) {
   await page.locator('#token').fill(token);
   await page.locator('form button[type=submit]').click();
   // The session is there once the header names the caller's role.
-  await page.locator('#who[data-role]').waitFor({ timeout: TIMEOUT });
+  // (attached, not visible: a phone-sized layout hides the name.)
+  await page.locator('#who[data-role]').waitFor({ state: 'attached', timeout: TIMEOUT });
   check(await page.locator('#nav').isVisible(), 'the navigation shows after login');
   return page;
 }
