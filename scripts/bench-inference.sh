@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Inference benchmarks, one invocation, every model in models/:
 #   the agent in-process path, its HTTP path (JSON and npz), bare tract,
-#   and ONNX Runtime (1 thread) as the reference.
+#   and ONNX Runtime as the reference, one thread each; then two threads
+#   against ORT's two; per-op profiles of tract and ORT; and tract's
+#   tuning levers, each measured against the default in the same run.
 # Prints ratios and regenerates docs/benchmarks.md with the machine info.
 #
-#   scripts/bench-inference.sh            # full run
+#   scripts/bench-inference.sh                  # full run
 #   ITER_SCALE=0.2 scripts/bench-inference.sh   # quicker, fewer iterations
+#   LEVER_BUILDS=1 scripts/bench-inference.sh   # also rebuild the agent per
+#       compiler lever (-C target-cpu=native, the fat-LTO dist profile)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -23,6 +27,11 @@ trap 'rm -rf "$work"' EXIT
 "$fleetctl" keygen --out "$work/bench" >/dev/null
 results="$work/results.jsonl"
 scale=${ITER_SCALE:-1}
+
+# Appends one JSON result line tagged with the benchmark's name (and lever).
+record() { # name lever
+  python3 -c "import json,sys; d=json.load(sys.stdin); d['bench']='$1'; d['lever']='$2'; print(json.dumps(d))" >>"$results"
+}
 
 # name | model | golden dir | cases | iterations | extra pack flags
 models=(
@@ -46,14 +55,53 @@ for spec in "${models[@]}"; do
   "$fleetctl" bundle pack --model "$model" --name "${name%-nnef}" --version 1.0.0 --sequence 1 \
     "${golden[@]}" --key "$work/bench.key" $flags --out "$bundle" >/dev/null
   echo "==> $name ($iters iterations)"
+  bench() { "$agent" bench --bundle "$bundle" --trust "$work/bench.pub" --iterations "$iters" --json "$@"; }
   for mode in in-process http-json http-npz bare; do
-    "$agent" bench --bundle "$bundle" --trust "$work/bench.pub" --iterations "$iters" --mode "$mode" --json \
-      | python3 -c "import json,sys; d=json.load(sys.stdin); d['bench']='$name'; print(json.dumps(d))" >>"$results"
+    bench --mode "$mode" | record "$name" ""
   done
   if [[ "$name" != *-nnef ]]; then
     python3 scripts/bench_ort.py --model "$model" --inputs "$dir/golden/in_0.npz" --iterations "$iters" \
-      | python3 -c "import json,sys; d=json.load(sys.stdin); d['bench']='$name'; print(json.dumps(d))" >>"$results"
+      | record "$name" ""
   fi
+  case $name in
+    cls | rec)
+      # Two compute threads against ORT's two; per-op profiles of both.
+      bench --mode in-process --threads 2 | record "$name" "threads=2"
+      python3 scripts/bench_ort.py --model "$model" --inputs "$dir/golden/in_0.npz" --iterations "$iters" \
+        --threads 2 | record "$name" "threads=2"
+      bench --mode bare --profile 8 | record "$name" "profile"
+      python3 scripts/bench_ort.py --model "$model" --inputs "$dir/golden/in_0.npz" --iterations "$iters" \
+        --profile 8 | record "$name" "profile"
+      # tract's run-time knobs (read when the plan is optimized), one at a time.
+      for knob in TRACT_DISABLE_DIRECT_SPATIAL=1 TRACT_ENABLE_BLOCKED_CONV=1 \
+        TRACT_LAZY_IM2COL_MIN_KERNEL=1 TRACT_LAZY_IM2COL_MIN_KERNEL=100 TRACT_AVGPOOL_SEPARABLE=1; do
+        env "$knob" "$agent" bench --bundle "$bundle" --trust "$work/bench.pub" --iterations "$iters" \
+          --json --mode bare | record "$name" "$knob"
+      done
+      ;;
+  esac
 done
+
+if [ "${LEVER_BUILDS:-0}" = 1 ]; then
+  # Compiler levers need their own build (own target dir, so the default
+  # build above stays cached). Bare tract on the fp32 models.
+  for lever in "target-cpu=native" "dist profile (fat LTO, 1 codegen unit)"; do
+    dir="$target_dir/lever-${lever%%[ =]*}"
+    case $lever in
+      target-cpu=*)
+        RUSTFLAGS="-C target-cpu=native" CARGO_TARGET_DIR="$dir" \
+          cargo build --release --locked -p edge-agent --bin edge-agent
+        bin="$dir/release/edge-agent" ;;
+      dist*)
+        cargo build --profile dist --locked -p edge-agent --bin edge-agent
+        bin="$target_dir/dist/edge-agent" ;;
+    esac
+    for name in cls rec; do
+      iters=$(python3 -c "print(max(5, int({'cls': 300, 'rec': 40}['$name'] * $scale)))")
+      "$bin" bench --bundle "$work/$name.bundle" --trust "$work/bench.pub" --iterations "$iters" \
+        --json --mode bare | record "$name" "$lever"
+    done
+  done
+fi
 
 python3 scripts/bench_report.py "$results" docs/benchmarks.md

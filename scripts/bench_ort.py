@@ -21,18 +21,52 @@ def rss_bytes() -> int:
     return 0
 
 
+def op_profile(a, feeds) -> list:
+    """Mean time per inference by ONNX op type, from ORT's profiler (a
+    separate session, so the timed runs above are not slowed down)."""
+    import os
+    import tempfile
+    from collections import defaultdict
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = a.threads
+    so.inter_op_num_threads = 1
+    so.enable_profiling = True
+    so.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ort")
+    sess = ort.InferenceSession(a.model, so, providers=["CPUExecutionProvider"])
+    for _ in range(a.warmup):
+        sess.run(None, feeds)
+    n = max(5, a.iterations)
+    for _ in range(n):
+        sess.run(None, feeds)
+    path = sess.end_profiling()
+    by_op = defaultdict(float)
+    nodes = defaultdict(set)
+    for ev in json.load(open(path)):
+        if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
+            op = ev.get("args", {}).get("op_name", "?")
+            by_op[op] += ev["dur"] / 1e3
+            nodes[op].add(ev["name"])
+    runs = n + a.warmup
+    top = sorted(by_op.items(), key=lambda kv: -kv[1])[: a.profile]
+    return [{"op": op, "nodes": len(nodes[op]), "ms": ms / runs} for op, ms in top]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--inputs", required=True, help="golden inputs .npz")
     ap.add_argument("--iterations", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also print the N op types ORT spent most time in (its own profiler)")
     a = ap.parse_args()
 
     feeds = dict(np.load(a.inputs))
     rss_before = rss_bytes()
     so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
+    so.intra_op_num_threads = a.threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     t = time.perf_counter()
@@ -48,10 +82,13 @@ def main() -> None:
         if i >= a.warmup:
             samples.append((time.perf_counter() - t) * 1e3)
     samples.sort()
+    profile = op_profile(a, feeds) if a.profile else []
     pct = lambda p: samples[min(len(samples) - 1, round((len(samples) - 1) * p))]  # noqa: E731
     print(json.dumps({
         "mode": "onnxruntime",
         "ort_version": ort.__version__,
+        "threads": a.threads,
+        "profile": profile,
         "iterations": len(samples),
         "session_ms": session_ms,
         "first_inference_ms": first_ms,

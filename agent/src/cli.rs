@@ -147,6 +147,9 @@ pub enum Command {
         /// Requests that may wait for a worker before 503.
         #[arg(long, default_value_t = 16)]
         queue: usize,
+        /// Compute threads one inference may use, shared by the workers.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
         /// Largest request body in bytes.
         #[arg(long, default_value_t = 64 * 1024 * 1024)]
         max_body_bytes: usize,
@@ -214,6 +217,13 @@ pub enum Command {
         /// Which path to time.
         #[arg(long, value_enum, default_value_t = BenchMode::InProcess)]
         mode: BenchMode,
+        /// Compute threads per inference (`[engine] threads`).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Also time every node of the plan and print the N most expensive
+        /// op kinds (per inference, over the timed iterations).
+        #[arg(long, value_name = "N")]
+        profile: Option<usize>,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -290,6 +300,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), AgentError
             listen,
             workers,
             queue,
+            threads,
             max_body_bytes,
             token,
         } => {
@@ -298,7 +309,17 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), AgentError
                 max_body_bytes,
                 token,
             };
-            serve(&bundle, EngineConfig { workers, queue }, api, shutdown).await
+            serve(
+                &bundle,
+                EngineConfig {
+                    workers,
+                    queue,
+                    threads,
+                },
+                api,
+                shutdown,
+            )
+            .await
         }
         Command::Infer {
             bundle,
@@ -316,8 +337,20 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), AgentError
             iterations,
             warmup,
             mode,
+            threads,
+            profile,
             json,
-        } => bench(&bundle, iterations.max(1), warmup, mode, json).await,
+        } => {
+            let opts = BenchOptions {
+                iterations: iterations.max(1),
+                warmup,
+                mode,
+                threads,
+                profile,
+                json,
+            };
+            bench(&bundle, &opts).await
+        }
     }
 }
 
@@ -426,34 +459,65 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-async fn bench(
-    args: &BundleArgs,
+/// What `edge-agent bench` runs.
+#[derive(Clone, Copy, Debug)]
+struct BenchOptions {
     iterations: usize,
     warmup: usize,
     mode: BenchMode,
-    as_json: bool,
-) -> Result<(), AgentError> {
+    threads: usize,
+    profile: Option<usize>,
+    json: bool,
+}
+
+/// What one `bench` run measured.
+struct Measured {
+    /// The agent's one-time warm-up at start (front ends), not part of any
+    /// model's cold start.
+    warm_up: Duration,
+    verify: Duration,
+    timings: crate::engine::PrepareTimings,
+    first: Duration,
+    samples: Vec<f64>,
+    profile: Vec<edgefleet_runtime::OpProfile>,
+}
+
+async fn bench(args: &BundleArgs, opts: &BenchOptions) -> Result<(), AgentError> {
+    let (iterations, warmup, mode) = (opts.iterations, opts.warmup, opts.mode);
+    // As the daemon does at start, before any bundle arrives.
+    let warm_up = tokio::task::spawn_blocking(edgefleet_runtime::warm_up)
+        .await
+        .map_err(|e| AgentError::Invariant(e.to_string()))?;
     let t0 = Instant::now();
     let bundle = open(args)?;
     let verify = t0.elapsed();
     let inputs = bundle.manifest.golden.cases[0].inputs.clone();
     let name = format!("{} {}", bundle.manifest.name, bundle.manifest.version);
     let format = bundle.manifest.payload.format;
+    let threads = edgefleet_runtime::Threads::new(opts.threads, "tract")?;
 
-    if mode == BenchMode::Bare {
+    if mode == BenchMode::Bare || opts.profile.is_some() {
         // tract alone: no engine, no self-test, nothing else resident.
-        let (load, first, samples) =
-            tokio::task::spawn_blocking(move || bare_tract(&bundle, &inputs, warmup, iterations))
-                .await
-                .map_err(|e| AgentError::Invariant(e.to_string()))??;
+        let profile = opts.profile.map(|_| iterations);
+        let (load, first, samples, ops) = tokio::task::spawn_blocking(move || {
+            threads.scope(|| bare_tract(&bundle, &inputs, warmup, iterations, profile))
+        })
+        .await
+        .map_err(|e| AgentError::Invariant(e.to_string()))??;
         let timings = crate::engine::PrepareTimings {
             load: load.parse,
             optimize: load.optimize,
             self_test: Duration::ZERO,
         };
-        return report(
-            &name, format, mode, verify, timings, first, samples, as_json,
-        );
+        let m = Measured {
+            warm_up,
+            verify,
+            timings,
+            first,
+            samples,
+            profile: ops,
+        };
+        return report(&name, format, BenchMode::Bare, opts, m);
     }
     let (active, timings) = {
         let b = bundle.clone();
@@ -462,7 +526,13 @@ async fn bench(
             .map_err(|e| AgentError::Invariant(e.to_string()))??
     };
     let metrics = Arc::new(Metrics::default());
-    let engine = Engine::start(EngineConfig::default(), metrics.clone())?;
+    let engine = Engine::start(
+        EngineConfig {
+            threads: opts.threads,
+            ..EngineConfig::default()
+        },
+        metrics.clone(),
+    )?;
     engine.activate(active);
 
     let mut samples = Vec::with_capacity(iterations);
@@ -532,29 +602,48 @@ async fn bench(
         stop.cancel();
         let _ = server.await;
     }
-    report(
-        &name, format, mode, verify, timings, first, samples, as_json,
-    )
+    let m = Measured {
+        warm_up,
+        verify,
+        timings,
+        first,
+        samples,
+        profile: Vec::new(),
+    };
+    report(&name, format, mode, opts, m)
 }
 
-#[allow(clippy::too_many_arguments)]
 fn report(
     name: &str,
     format: edgefleet_wire::manifest::ModelFormat,
     mode: BenchMode,
-    verify: Duration,
-    timings: crate::engine::PrepareTimings,
-    first: Duration,
-    mut samples: Vec<f64>,
-    as_json: bool,
+    opts: &BenchOptions,
+    m: Measured,
 ) -> Result<(), AgentError> {
+    let Measured {
+        warm_up,
+        verify,
+        timings,
+        first,
+        mut samples,
+        profile,
+    } = m;
+    let as_json = opts.json;
     samples.sort_by(f64::total_cmp);
     let mean = samples.iter().sum::<f64>() / samples.len() as f64;
+    let top = opts.profile.unwrap_or(0);
+    let ops: Vec<_> = profile
+        .iter()
+        .take(top)
+        .map(|p| json!({"op": p.op, "nodes": p.nodes.len(), "ms": ms(p.total)}))
+        .collect();
     let report = json!({
         "model": name,
         "format": format,
         "mode": mode.to_possible_value().map(|v| v.get_name().to_string()),
+        "threads": opts.threads,
         "iterations": samples.len(),
+        "warm_up_ms": ms(warm_up),
         "verify_ms": ms(verify),
         "load_ms": ms(timings.load),
         "optimize_ms": ms(timings.optimize),
@@ -566,6 +655,7 @@ fn report(
         "p99_ms": percentile(&samples, 0.99),
         "mean_ms": mean,
         "rss_bytes": procstat::rss_bytes(),
+        "profile": ops,
     });
     if as_json {
         println!("{report}");
@@ -590,6 +680,19 @@ fn report(
             percentile(&samples, 0.99)
         );
         println!("  rss: {:.1} MiB", procstat::rss_bytes() as f64 / 1048576.0);
+        if !profile.is_empty() {
+            let all: f64 = profile.iter().map(|p| ms(p.total)).sum();
+            println!("  top ops (ms per inference, {:.3} ms in all ops):", all);
+            for p in profile.iter().take(top) {
+                println!(
+                    "    {:>8.3}  {:>5.1}%  {:>3} nodes  {}",
+                    ms(p.total),
+                    100.0 * ms(p.total) / all.max(f64::MIN_POSITIVE),
+                    p.nodes.len(),
+                    p.op
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -602,12 +705,20 @@ fn infer_err(e: crate::engine::InferError) -> AgentError {
 }
 
 /// tract with nothing around it: its own plan, inputs converted once.
+type BareRun = (
+    edgefleet_runtime::LoadTimings,
+    Duration,
+    Vec<f64>,
+    Vec<edgefleet_runtime::OpProfile>,
+);
+
 fn bare_tract(
     bundle: &TrustedBundle,
     inputs: &[NamedTensor],
     warmup: usize,
     iterations: usize,
-) -> Result<(edgefleet_runtime::LoadTimings, Duration, Vec<f64>), AgentError> {
+    profile: Option<usize>,
+) -> Result<BareRun, AgentError> {
     let model = edgefleet_runtime::Model::load(
         bundle.model.format(),
         bundle.model.bytes(),
@@ -631,7 +742,11 @@ fn bare_tract(
             samples.push(ms(t.elapsed()));
         }
     }
-    Ok((load, first, samples))
+    let ops = match profile {
+        Some(n) => session.profile(values, n)?,
+        None => Vec::new(),
+    };
+    Ok((load, first, samples, ops))
 }
 
 /// `edge-agent install`: hand the bundle to the running agent, then follow

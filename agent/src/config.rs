@@ -148,6 +148,10 @@ pub struct EngineSection {
     pub workers: usize,
     /// Default 16.
     pub queue: usize,
+    /// Compute threads one inference may use (intra-op parallelism),
+    /// shared by the workers. Default 1. `workers` buys throughput for
+    /// concurrent requests; `threads` buys latency for one request.
+    pub threads: usize,
 }
 
 impl Default for EngineSection {
@@ -155,6 +159,7 @@ impl Default for EngineSection {
         EngineSection {
             workers: 1,
             queue: 16,
+            threads: 1,
         }
     }
 }
@@ -410,6 +415,13 @@ impl AgentConfig {
         if self.engine.workers == 0 || self.engine.queue == 0 {
             return bad("[engine] workers and queue must be at least 1".into());
         }
+        if !(1..=edgefleet_runtime::threads::MAX_THREADS).contains(&self.engine.threads) {
+            return bad(format!(
+                "[engine] threads must be between 1 and {} (got {})",
+                edgefleet_runtime::threads::MAX_THREADS,
+                self.engine.threads
+            ));
+        }
         if !(0.0..=60.0).contains(&self.server.notice_spread_secs) {
             return bad("[server] notice_spread_secs must be within 0..=60".into());
         }
@@ -509,6 +521,22 @@ watch_secs = 30
         assert!(e.to_string().contains("urll"), "{e}");
         let e = AgentConfig::default().validate().unwrap_err();
         assert!(e.to_string().contains("[trust] keys"), "{e}");
+    }
+
+    #[test]
+    fn engine_threads_default_to_one_and_are_bounded() {
+        let base = "[trust]\nkeys = [\"k.pub\"]\n";
+        let c = AgentConfig::parse(base).unwrap();
+        assert_eq!(c.engine.threads, 1);
+        c.validate().unwrap();
+        let c = AgentConfig::parse(&format!("{base}[engine]\nworkers = 2\nthreads = 2\n")).unwrap();
+        c.validate().unwrap();
+        assert_eq!((c.engine.workers, c.engine.threads), (2, 2));
+        for bad in [0, 65] {
+            let c = AgentConfig::parse(&format!("{base}[engine]\nthreads = {bad}\n")).unwrap();
+            let e = c.validate().unwrap_err();
+            assert!(e.to_string().contains("[engine] threads"), "{e}");
+        }
     }
 
     #[test]

@@ -138,10 +138,22 @@ pub async fn start_with_clock(
     metrics
         .trust_version
         .store(trust.version(), std::sync::atomic::Ordering::Relaxed);
+    // tract's front ends are built once per process: build them now, so
+    // that the first update's cold start does not pay for them.
+    let warm_up = tokio::task::spawn_blocking(edgefleet_runtime::warm_up)
+        .await
+        .map_err(|e| AgentError::Invariant(format!("warm-up: {e}")))?;
+    tracing::info!(
+        warm_up_ms = warm_up.as_secs_f64() * 1e3,
+        workers = cfg.engine.workers,
+        threads = cfg.engine.threads,
+        "inference engine warmed up"
+    );
     let engine = Engine::start(
         EngineConfig {
             workers: cfg.engine.workers,
             queue: cfg.engine.queue,
+            threads: cfg.engine.threads,
         },
         metrics.clone(),
     )?;

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
-use edgefleet_runtime::Session;
+use edgefleet_runtime::{Session, Threads};
 use edgefleet_wire::tensor::NamedTensor;
 
 use crate::error::{AgentError, RuntimeError};
@@ -55,6 +55,9 @@ pub struct EngineConfig {
     pub workers: usize,
     /// Jobs that may wait for a worker before requests get 503. Default 16.
     pub queue: usize,
+    /// Compute threads one inference may use (intra-op parallelism), shared
+    /// by all workers. Default 1: each inference runs on its worker alone.
+    pub threads: usize,
 }
 
 impl Default for EngineConfig {
@@ -62,6 +65,7 @@ impl Default for EngineConfig {
         EngineConfig {
             workers: 1,
             queue: 16,
+            threads: 1,
         }
     }
 }
@@ -90,6 +94,8 @@ impl Engine {
                 "workers and queue must be at least 1".into(),
             ));
         }
+        let threads = Threads::new(config.threads, "tract")
+            .map_err(|e| AgentError::Config(format!("[engine] threads: {e}")))?;
         let (tx, rx) = crossbeam_channel::bounded::<Job>(config.queue);
         let slot: Arc<ArcSwapOption<ActiveModel>> = Arc::new(ArcSwapOption::empty());
         let shadow: Arc<ArcSwapOption<Shadow>> = Arc::new(ArcSwapOption::empty());
@@ -98,9 +104,10 @@ impl Engine {
             let slot = slot.clone();
             let shadow = shadow.clone();
             let metrics = metrics.clone();
+            let threads = threads.clone();
             std::thread::Builder::new()
                 .name(format!("infer-{i}"))
-                .spawn(move || worker(rx, slot, shadow, metrics))
+                .spawn(move || threads.scope(|| worker(rx, slot, shadow, metrics)))
                 .map_err(|e| AgentError::Invariant(format!("cannot spawn worker: {e}")))?;
         }
         Ok(Arc::new(Engine {

@@ -126,6 +126,7 @@ fn bundle_bytes(f: &Fixture, sequence: u64, shift_reference: f32) -> Vec<u8> {
             cases,
         },
         drift_baseline: None,
+        pack_latency: None,
     };
     let key = signing_key_from_seed([9; 32]);
     let signed = Signed::sign(&manifest, &[&key]).unwrap();
@@ -295,6 +296,51 @@ async fn assert_serves_references(f: &Fixture) {
             );
         }
     }
+}
+
+#[tokio::test]
+async fn engine_threads_start_a_shared_compute_pool_and_keep_outputs_exact() {
+    let tract_threads = || {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+            .filter(|c| c.starts_with("tract-"))
+            .count()
+    };
+    let before = tract_threads();
+    let server = serve(
+        Some(&REC),
+        EngineConfig {
+            workers: 2,
+            queue: 16,
+            threads: 3,
+        },
+        ApiConfig::default(),
+    )
+    .await;
+    // One pool for the engine, not one per worker.
+    assert_eq!(tract_threads() - before, 3);
+    for (i, case) in cases(&REC).iter().enumerate() {
+        let out = server.engine.infer(case.inputs.clone()).await.unwrap();
+        for expected in &case.outputs {
+            let got = out
+                .outputs
+                .iter()
+                .find(|o| o.name == expected.name)
+                .unwrap();
+            let d = max_abs_diff(&got.tensor, &expected.tensor).unwrap();
+            assert!(d.max_abs <= f64::from(REC.tolerance), "case {i}: {d:?}");
+        }
+    }
+    let e = Engine::start(
+        EngineConfig {
+            threads: 0,
+            ..EngineConfig::default()
+        },
+        server.metrics.clone(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("[engine] threads"), "{e}");
 }
 
 #[tokio::test]
@@ -514,6 +560,7 @@ async fn a_full_queue_answers_503_with_retry_after() {
         EngineConfig {
             workers: 1,
             queue: 1,
+            threads: 1,
         },
         ApiConfig::default(),
     )

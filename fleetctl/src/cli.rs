@@ -660,6 +660,11 @@ pub struct PackArgs {
     /// sample axis): the drift baseline devices compare live traffic with.
     #[arg(long, value_name = "CALIB.npz")]
     baseline: Option<PathBuf>,
+    /// Refuse the model if its median latency on this machine (one thread,
+    /// the first golden case) is above this. The measurement is always
+    /// printed and recorded in the manifest.
+    #[arg(long, value_name = "MS")]
+    max_latency_ms: Option<f64>,
     #[arg(long, value_name = "FILE.bundle")]
     out: PathBuf,
 }
@@ -934,6 +939,14 @@ fn pack_cmd(a: PackArgs, json: bool) -> Result<()> {
             NonFiniteInputs::Reject
         },
         baseline: a.baseline,
+        max_latency_ms: match a.max_latency_ms {
+            Some(ms) if !(ms.is_finite() && ms > 0.0) => {
+                return Err(Error::Usage(format!(
+                    "--max-latency-ms {ms}: give a positive number of milliseconds"
+                )));
+            }
+            other => other,
+        },
     };
     let packed = pack(&req)?;
     for w in &packed.warnings {
@@ -967,7 +980,21 @@ fn pack_cmd(a: PackArgs, json: bool) -> Result<()> {
         m.golden.tolerance,
         req.keys.len()
     );
+    if let Some(l) = &m.pack_latency {
+        println!("{}", latency_line(l));
+    }
     Ok(())
+}
+
+/// The packer's measurement in words.
+fn latency_line(l: &edgefleet_wire::manifest::PackLatency) -> String {
+    format!(
+        "latency     median {:.3} ms, p90 {:.3} ms over {} runs, 1 thread, on the packing machine ({})",
+        l.median_us as f64 / 1e3,
+        l.p90_us as f64 / 1e3,
+        l.iterations,
+        l.machine
+    )
 }
 
 fn verify_cmd(file: &Path, trust: &[PathBuf], threshold: usize, json: bool) -> Result<()> {
@@ -1076,6 +1103,10 @@ fn inspect_cmd(file: &Path, as_json: bool) -> Result<()> {
         m.golden.reference
     );
     println!("non-finite  {:?}", m.non_finite_inputs);
+    match &m.pack_latency {
+        Some(l) => println!("{}", latency_line(l)),
+        None => println!("latency     not measured (packed before fleetctl recorded it)"),
+    }
     match &m.drift_baseline {
         Some(b) => println!(
             "drift       baseline of {} samples: {} input features + {}, {} bins",
@@ -1128,6 +1159,13 @@ fn manifest_json(m: &Manifest, key_ids: &[String]) -> serde_json::Value {
             "samples": b.samples,
             "features": b.inputs.iter().chain(b.output.iter()).map(|h| h.feature.clone()).collect::<Vec<_>>(),
             "bins": edgefleet_wire::drift::BINS,
+        })),
+        "pack_latency": m.pack_latency.as_ref().map(|l| json!({
+            "median_ms": l.median_us as f64 / 1e3,
+            "p90_ms": l.p90_us as f64 / 1e3,
+            "iterations": l.iterations,
+            "threads": 1,
+            "machine": l.machine,
         })),
         "signatures": key_ids,
         "signatures_verified": false,

@@ -48,6 +48,15 @@ pub enum Error {
     },
     #[error("{0}")]
     Runtime(#[from] RuntimeError),
+    /// The model is slower on this machine than `--max-latency-ms` allows.
+    #[error(
+        "refusing to pack: median latency {median_ms:.3} ms on this machine ({machine}) is above --max-latency-ms {limit_ms}"
+    )]
+    TooSlow {
+        median_ms: f64,
+        limit_ms: f64,
+        machine: String,
+    },
     /// The server could not be reached or the transfer broke.
     #[error("server: {0}")]
     Remote(String),

@@ -14,7 +14,8 @@ use ed25519_dalek::SigningKey;
 use edgefleet_runtime::{Model, TRACT_VERSION, declared_inputs, onnx_to_nnef, self_test};
 use edgefleet_wire::bundle::{Signed, compress_model, write_bundle};
 use edgefleet_wire::manifest::{
-    GoldenCase, GoldenSet, Manifest, ModelFormat, NonFiniteInputs, ReferenceSource, TargetArch,
+    GoldenCase, GoldenSet, MAX_MACHINE_LEN, Manifest, ModelFormat, NonFiniteInputs, PackLatency,
+    ReferenceSource, TargetArch,
 };
 use edgefleet_wire::names::ModelName;
 use edgefleet_wire::npz::{NpzLimits, read_npz};
@@ -47,6 +48,62 @@ pub struct PackRequest {
     /// Calibration inputs (`.npz`, one array per model input with a leading
     /// sample axis) for the drift baseline.
     pub baseline: Option<PathBuf>,
+    /// Refuse a model whose measured median latency on this machine is
+    /// above this many milliseconds.
+    pub max_latency_ms: Option<f64>,
+}
+
+/// Roughly how long the packer spends timing a model.
+const LATENCY_BUDGET: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Times the stored model form on this machine: one compute thread, the
+/// first golden case through the same checks a device request passes,
+/// after three untimed runs; 5 to 100 timed runs within about a second.
+fn measure_latency(model: &Model, inputs: &[NamedTensor]) -> Result<PackLatency> {
+    let mut session = model.session()?;
+    let mut once = || -> Result<std::time::Duration> {
+        let t = std::time::Instant::now();
+        session.run(inputs)?;
+        Ok(t.elapsed())
+    };
+    let mut probe = std::time::Duration::ZERO;
+    for _ in 0..3 {
+        probe = once()?;
+    }
+    let fit = LATENCY_BUDGET.as_nanos() / probe.as_nanos().max(1);
+    let iterations = usize::try_from(fit).unwrap_or(usize::MAX).clamp(5, 100);
+    let mut samples = (0..iterations)
+        .map(|_| once().map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)))
+        .collect::<Result<Vec<u64>>>()?;
+    samples.sort_unstable();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    Ok(PackLatency {
+        median_us: at(0.5),
+        p90_us: at(0.9),
+        iterations: iterations as u32,
+        machine: machine(),
+    })
+}
+
+/// This machine in a few words: architecture and CPU model.
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| matches!(k.trim(), "model name" | "Hardware" | "Model"))
+        .map(|(_, v)| v.trim().to_string());
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut m = match model {
+        Some(name) => format!("{}, {name}, {cores} cores", std::env::consts::ARCH),
+        None => format!("{}, {cores} cores", std::env::consts::ARCH),
+    };
+    m.retain(|c| !c.is_control());
+    m.truncate(MAX_MACHINE_LEN);
+    while !m.is_char_boundary(m.len()) {
+        m.pop();
+    }
+    m
 }
 
 /// Most calibration samples read for a drift baseline.
@@ -293,7 +350,7 @@ pub fn pack(req: &PackRequest) -> Result<Packed> {
             source,
         })?;
 
-    let (format, payload) = if req.nnef {
+    let (format, payload, stored) = if req.nnef {
         let nnef = onnx_to_nnef(&onnx, &specs).map_err(load_err)?;
         // The stored form is the tested form: reload the NNEF and re-check.
         let reloaded = Model::load(ModelFormat::Nnef, &nnef, &specs, Some(model.outputs()))
@@ -304,10 +361,21 @@ pub fn pack(req: &PackRequest) -> Result<Packed> {
                 source,
             }
         })?;
-        (ModelFormat::Nnef, nnef)
+        (ModelFormat::Nnef, nnef, reloaded)
     } else {
-        (ModelFormat::Onnx, onnx)
+        (ModelFormat::Onnx, onnx, model.clone())
     };
+    let latency = measure_latency(&stored, &golden.cases[0].inputs)?;
+    let median_ms = latency.median_us as f64 / 1e3;
+    if let Some(limit_ms) = req.max_latency_ms
+        && median_ms > limit_ms
+    {
+        return Err(Error::TooSlow {
+            median_ms,
+            limit_ms,
+            machine: latency.machine,
+        });
+    }
 
     let drift_baseline = match &req.baseline {
         Some(path) => Some(drift_baseline(path, &specs, &mut model.session()?)?),
@@ -333,6 +401,7 @@ pub fn pack(req: &PackRequest) -> Result<Packed> {
         non_finite_inputs: req.non_finite_inputs,
         golden,
         drift_baseline,
+        pack_latency: Some(latency),
     };
     let keys: Vec<&SigningKey> = req.keys.iter().collect();
     let signed = Signed::sign(&manifest, &keys)?;

@@ -104,6 +104,7 @@ impl Pack {
             min_agent_version: semver::Version::new(0, 1, 0),
             non_finite_inputs: NonFiniteInputs::Reject,
             baseline: self.baseline.clone(),
+            max_latency_ms: None,
         };
         pack(&req).expect("the test models pack").bundle
     }

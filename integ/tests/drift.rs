@@ -53,6 +53,7 @@ fn with_baseline(dir: &str, file: &str, calib: u64) -> (Vec<u8>, DriftBaseline) 
         min_agent_version: semver::Version::new(0, 1, 0),
         non_finite_inputs: NonFiniteInputs::Reject,
         baseline: Some(repo(&format!("models/{dir}/drift/calib.npz"))),
+        max_latency_ms: None,
     })
     .unwrap();
     let b = packed.manifest.drift_baseline.clone().unwrap();

@@ -230,8 +230,61 @@ fn packs_verifies_and_inspects_the_cls_model_against_ort_references() {
         j["targets"],
         serde_json::json!(["x86_64", "aarch64", "armv7"])
     );
+    // The packer timed the stored form on this machine and signed that in.
+    let l = &j["pack_latency"];
+    let median = l["median_ms"].as_f64().unwrap();
+    assert!(
+        median > 0.0 && median <= l["p90_ms"].as_f64().unwrap(),
+        "{l}"
+    );
+    assert!(
+        (5..=100).contains(&l["iterations"].as_u64().unwrap()),
+        "{l}"
+    );
+    assert_eq!(l["threads"], 1);
+    assert!(
+        l["machine"]
+            .as_str()
+            .unwrap()
+            .starts_with(std::env::consts::ARCH),
+        "{l}"
+    );
+    assert!(
+        stdout(&packed).contains(&format!("latency     median {median:.3} ms")),
+        "pack prints what it recorded: {}",
+        stdout(&packed)
+    );
     let text = ok(fleetctl(&["bundle", "inspect", &out]));
     assert!(stdout(&text).contains("NOT verified"), "{}", stdout(&text));
+    assert!(
+        stdout(&text).contains(&format!("latency     median {median:.3} ms")),
+        "{}",
+        stdout(&text)
+    );
+}
+
+#[test]
+fn max_latency_ms_refuses_a_model_slower_than_that_here() {
+    let keys = Keys::new(&["a"]);
+    let out = keys.path("slow.bundle");
+    // No real model runs in a nanosecond: always over the limit.
+    let o = cls_bundle(&keys, &["a"], &["--max-latency-ms", "0.000001"], &out);
+    refused(&o, "refusing to pack: median latency");
+    assert!(
+        stderr(&o).contains("above --max-latency-ms"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!std::path::Path::new(&out).exists(), "nothing written");
+    let usage = cls_bundle(&keys, &["a"], &["--max-latency-ms", "-3"], &out);
+    assert_eq!(usage.status.code(), Some(2), "{}", stderr(&usage));
+    // A generous limit packs, and the bundle records the measurement.
+    ok(cls_bundle(
+        &keys,
+        &["a"],
+        &["--max-latency-ms", "60000"],
+        &out,
+    ));
 }
 
 #[test]

@@ -53,6 +53,7 @@ fn cls_bundle(minor: u64) -> Vec<u8> {
         min_agent_version: semver::Version::new(0, 1, 0),
         non_finite_inputs: NonFiniteInputs::Reject,
         baseline: None,
+        max_latency_ms: None,
     })
     .unwrap()
     .bundle

@@ -35,6 +35,7 @@ fn bundle(seed: u8, patch: u64, expires_in: u64) -> Vec<u8> {
         min_agent_version: semver::Version::new(0, 1, 0),
         non_finite_inputs: NonFiniteInputs::Reject,
         baseline: None,
+        max_latency_ms: None,
     };
     pack(&req).unwrap().bundle
 }

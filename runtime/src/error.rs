@@ -50,6 +50,9 @@ pub enum RuntimeError {
     },
     #[error("self-test failed: golden case {case}: {detail}")]
     SelfTestShape { case: usize, detail: String },
+    /// A runtime setting out of range (e.g. compute threads).
+    #[error("runtime setting: {detail}")]
+    Config { detail: String },
 }
 
 impl RuntimeError {
@@ -68,6 +71,7 @@ impl RuntimeError {
             RuntimeError::SelfTest { .. } | RuntimeError::SelfTestShape { .. } => {
                 "self_test_failed"
             }
+            RuntimeError::Config { .. } => "runtime_config",
         }
     }
 }

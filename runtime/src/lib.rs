@@ -5,6 +5,7 @@
 //! - [`model`]: loading ONNX/NNEF with input shapes pinned to the manifest,
 //!   per-worker [`model::Session`]s, input checks, the golden self-test and
 //!   the ONNX → NNEF conversion the packer uses.
+//! - [`threads`]: intra-op parallelism ([`Threads`], `[engine] threads`).
 //! - [`error`]: [`RuntimeError`] and its stable reason codes.
 //!
 //! The `onnx` feature (on by default) compiles tract's ONNX front end;
@@ -12,12 +13,14 @@
 
 pub mod error;
 pub mod model;
+pub mod threads;
 
 pub use error::{Result, RuntimeError};
 pub use model::{
-    LoadTimings, Model, SelfTestReport, Session, TRACT_VERSION, check_format, declared_inputs,
-    from_tract, onnx_to_nnef, self_test, to_tract,
+    LoadTimings, Model, OpProfile, SelfTestReport, Session, TRACT_VERSION, check_format,
+    declared_inputs, from_tract, onnx_to_nnef, self_test, to_tract, warm_up,
 };
+pub use threads::Threads;
 
 /// tract itself, for callers that time it bare (`edge-agent bench --bare`).
 pub use tract_nnef;

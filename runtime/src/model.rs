@@ -5,7 +5,7 @@
 //! worker thread. The same code backs the device and `fleetctl bundle pack`,
 //! so a bundle that packs is a bundle that loads.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use edgefleet_wire::manifest::{GoldenSet, ModelFormat, NonFiniteInputs};
 use edgefleet_wire::tensor::{DType, NamedTensor, Tensor as WireTensor, TensorSpec, max_abs_diff};
@@ -129,9 +129,7 @@ pub fn declared_inputs(format: ModelFormat, bytes: &[u8]) -> Result<Vec<String>>
     match format {
         #[cfg(feature = "onnx")]
         ModelFormat::Onnx => {
-            let model = tract_onnx::onnx()
-                .model_for_read(&mut &bytes[..])
-                .map_err(load_err)?;
+            let model = onnx().model_for_read(&mut &bytes[..]).map_err(load_err)?;
             outlet_names(&model, model.input_outlets().map_err(load_err)?)
         }
         #[cfg(not(feature = "onnx"))]
@@ -159,8 +157,30 @@ where
         .collect())
 }
 
-fn nnef() -> tract_nnef::framework::Nnef {
-    tract_nnef::nnef().with_onnx()
+/// The NNEF front end, built once per process: `tract_nnef::nnef()` parses
+/// the NNEF stdlib and fills its op registries on every call, which cost
+/// more than parsing a small model's tar.
+fn nnef() -> &'static tract_nnef::framework::Nnef {
+    static NNEF: OnceLock<tract_nnef::framework::Nnef> = OnceLock::new();
+    NNEF.get_or_init(|| tract_nnef::nnef().with_onnx())
+}
+
+/// The ONNX front end, built once per process like [`nnef`].
+#[cfg(feature = "onnx")]
+fn onnx() -> &'static tract_onnx::model::Onnx {
+    static ONNX: OnceLock<tract_onnx::model::Onnx> = OnceLock::new();
+    ONNX.get_or_init(tract_onnx::onnx)
+}
+
+/// Builds the front ends now rather than on the first model load (the
+/// agent calls this at start, so an update's cold start does not pay for
+/// it). Returns how long it took; later calls return at once.
+pub fn warm_up() -> std::time::Duration {
+    let t = std::time::Instant::now();
+    let _ = nnef();
+    #[cfg(feature = "onnx")]
+    let _ = onnx();
+    t.elapsed()
 }
 
 /// How long the phases of [`Model::load`] took.
@@ -221,7 +241,16 @@ impl Model {
         let typed = pinned_typed(format, bytes, inputs)?;
         let parse = t0.elapsed();
         let t1 = std::time::Instant::now();
-        let optimized = typed.into_optimized().map_err(load_err)?;
+        let optimized = match format {
+            // The packer wrote the decluttered graph (`onnx_to_nnef`) with
+            // these same input shapes: decluttering it again finds nothing.
+            ModelFormat::Nnef => {
+                let mut m = typed;
+                m.optimize().map_err(load_err)?;
+                m
+            }
+            ModelFormat::Onnx => typed.into_optimized().map_err(load_err)?,
+        };
         let mut model = Model::from_optimized(optimized, inputs)?;
         model.timings = LoadTimings {
             parse,
@@ -380,9 +409,7 @@ fn pinned_typed(format: ModelFormat, bytes: &[u8], inputs: &[TensorSpec]) -> Res
         ModelFormat::Onnx => Err(RuntimeError::UnsupportedFormat { format: "ONNX" }),
         #[cfg(feature = "onnx")]
         ModelFormat::Onnx => {
-            let mut model = tract_onnx::onnx()
-                .model_for_read(&mut &bytes[..])
-                .map_err(load_err)?;
+            let mut model = onnx().model_for_read(&mut &bytes[..]).map_err(load_err)?;
             let declared = outlet_names(&model, model.input_outlets().map_err(load_err)?)?;
             check_declared(&declared, inputs)?;
             for (i, name) in declared.iter().enumerate() {
@@ -523,6 +550,55 @@ impl Session {
             detail: one_line(&e),
         })
     }
+
+    /// Runs `values` `iterations` times, timing every node of the plan,
+    /// and sums the time per op kind, most expensive first
+    /// (`edge-agent bench --profile`). The timer around each node adds a
+    /// little to the total, not to any one op.
+    pub fn profile(&mut self, values: TVec<TValue>, iterations: usize) -> Result<Vec<OpProfile>> {
+        let mut by_op: std::collections::HashMap<String, OpProfile> =
+            std::collections::HashMap::new();
+        for _ in 0..iterations {
+            self.state
+                .run_plan_with_eval(values.clone(), |ctx, state, node, inputs| {
+                    let t = std::time::Instant::now();
+                    let out = tract_nnef::tract_core::plan::eval(ctx, state, node, inputs);
+                    let spent = t.elapsed();
+                    let name = node.op().name();
+                    let entry = by_op.entry(name.to_string()).or_insert_with(|| OpProfile {
+                        op: name.to_string(),
+                        nodes: Vec::new(),
+                        total: std::time::Duration::ZERO,
+                    });
+                    if !entry.nodes.contains(&node.id) {
+                        entry.nodes.push(node.id);
+                    }
+                    entry.total += spent;
+                    out
+                })
+                .map_err(|e| RuntimeError::Inference {
+                    detail: one_line(&e),
+                })?;
+        }
+        let mut ops: Vec<OpProfile> = by_op.into_values().collect();
+        let n = iterations.max(1) as u32;
+        for op in &mut ops {
+            op.total /= n;
+        }
+        ops.sort_by(|a, b| b.total.cmp(&a.total).then_with(|| a.op.cmp(&b.op)));
+        Ok(ops)
+    }
+}
+
+/// Time one op kind took per inference ([`Session::profile`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpProfile {
+    /// tract's op name after optimization (e.g. `OptMatMul`, `DepthWise`).
+    pub op: String,
+    /// The plan's nodes of this kind.
+    pub nodes: Vec<usize>,
+    /// Mean time per inference, summed over those nodes.
+    pub total: std::time::Duration,
 }
 
 /// Result of a passing self-test.

@@ -123,8 +123,24 @@ impl<T> Signed<T> {
 }
 
 pub(crate) fn decode_manifest(bytes: &[u8]) -> Result<Manifest> {
-    let (m, rest): (Manifest, &[u8]) =
-        postcard::take_from_bytes(bytes).map_err(|e| Error::malformed("manifest", e))?;
+    let (m, rest): (Manifest, &[u8]) = match postcard::take_from_bytes(bytes) {
+        Ok(decoded) => decoded,
+        // Manifests signed before `pack_latency` existed end where it
+        // begins: postcard writes `None` as one zero byte, so such a
+        // manifest is exactly the new encoding without that byte. Only
+        // this one trailing field is treated so; anything else is refused.
+        Err(postcard::Error::DeserializeUnexpectedEnd) => {
+            let mut padded = Vec::with_capacity(bytes.len() + 1);
+            padded.extend_from_slice(bytes);
+            padded.push(0);
+            return match postcard::take_from_bytes::<Manifest>(&padded) {
+                Ok((m, [])) if m.pack_latency.is_none() => Ok(m),
+                Ok(_) => Err(Error::malformed("manifest", "ends inside a field")),
+                Err(e) => Err(Error::malformed("manifest", e)),
+            };
+        }
+        Err(e) => return Err(Error::malformed("manifest", e)),
+    };
     if !rest.is_empty() {
         return Err(Error::malformed(
             "manifest",

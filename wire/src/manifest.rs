@@ -177,7 +177,29 @@ pub struct Manifest {
     pub non_finite_inputs: NonFiniteInputs,
     pub golden: GoldenSet,
     pub drift_baseline: Option<DriftBaseline>,
+    /// The packer's latency measurement. Added after the first bundles
+    /// were signed: it is the last field, and a manifest that ends before
+    /// it decodes as `None` (see `bundle::decode_manifest`).
+    pub pack_latency: Option<PackLatency>,
 }
+
+/// What `fleetctl bundle pack` measured on the packing machine: the stored
+/// model form, one compute thread, the first golden case. Informational:
+/// devices never act on it, and a board is usually slower than the machine
+/// that packed for it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackLatency {
+    /// Median over `iterations` timed runs, in microseconds.
+    pub median_us: u64,
+    /// 90th percentile, in microseconds.
+    pub p90_us: u64,
+    pub iterations: u32,
+    /// The packing machine: architecture and CPU model.
+    pub machine: String,
+}
+
+/// Longest [`PackLatency::machine`] a manifest may carry.
+pub const MAX_MACHINE_LEN: usize = 256;
 
 impl Manifest {
     /// Internal consistency: unique tensor names, golden cases that match the
@@ -214,6 +236,13 @@ impl Manifest {
         for (i, case) in self.golden.cases.iter().enumerate() {
             check_case_tensors(i, "input", &case.inputs, &self.inputs)?;
             check_case_tensors(i, "output", &case.outputs, &self.outputs)?;
+        }
+        if let Some(l) = &self.pack_latency
+            && (l.machine.len() > MAX_MACHINE_LEN || l.machine.chars().any(char::is_control))
+        {
+            return bad(format!(
+                "pack_latency.machine is longer than {MAX_MACHINE_LEN} bytes or has control characters"
+            ));
         }
         Ok(())
     }

@@ -2,11 +2,15 @@
 //! flaky link can produce must be rejected with the right reason.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use ed25519_dalek::SigningKey;
-use edgefleet_wire::bundle::{Limits, Signed, compress_model, write_bundle};
+use ed25519_dalek::{Signer, SigningKey};
+use edgefleet_wire::bundle::{
+    FORMAT_VERSION, Limits, MAGIC, SIGNING_DOMAIN, Signed, compress_model, write_bundle,
+};
+use edgefleet_wire::keys::KeyId;
 use edgefleet_wire::keys::signing_key_from_seed;
 use edgefleet_wire::manifest::{
-    GoldenCase, GoldenSet, Manifest, ModelFormat, NonFiniteInputs, ReferenceSource, TargetArch,
+    GoldenCase, GoldenSet, Manifest, ModelFormat, NonFiniteInputs, PackLatency, ReferenceSource,
+    TargetArch,
 };
 use edgefleet_wire::names::ModelName;
 use edgefleet_wire::tensor::{DType, NamedTensor, Tensor, TensorSpec};
@@ -54,6 +58,7 @@ fn manifest_for(payload: &[u8], sequence: u64) -> (Manifest, Vec<u8>) {
             }],
         },
         drift_baseline: None,
+        pack_latency: None,
     };
     (m, compressed)
 }
@@ -408,4 +413,78 @@ proptest! {
             Err(e) => prop_assert_eq!(e.code(), "invalid"),
         }
     }
+}
+
+/// A bundle file around manifest bytes as given, signed by `k`.
+fn bundle_of_manifest_bytes(manifest: &[u8], k: &SigningKey, compressed: &[u8]) -> Vec<u8> {
+    let mut msg = SIGNING_DOMAIN.to_vec();
+    msg.extend_from_slice(manifest);
+    let mut block = 1u16.to_le_bytes().to_vec();
+    block.extend_from_slice(&KeyId::of(&k.verifying_key()).0);
+    block.extend_from_slice(&k.sign(&msg).to_bytes());
+    let mut b = MAGIC.to_vec();
+    b.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    b.extend_from_slice(&[0, 0]);
+    b.extend_from_slice(&(manifest.len() as u32).to_le_bytes());
+    b.extend_from_slice(&(block.len() as u32).to_le_bytes());
+    b.extend_from_slice(manifest);
+    b.extend_from_slice(&block);
+    b.extend_from_slice(compressed);
+    b
+}
+
+#[test]
+fn opens_a_bundle_signed_before_the_pack_latency_field_existed() {
+    let (m, compressed) = manifest_for(&payload(), 1);
+    let mut bytes = postcard::to_allocvec(&m).unwrap();
+    // The old encoding is the new one without the trailing `None` tag.
+    assert_eq!(bytes.pop(), Some(0));
+    let b = bundle_of_manifest_bytes(&bytes, &key(1), &compressed);
+    let (got, model) = open_bundle(
+        &b[..],
+        &root_a(),
+        Expiry::Enforce { now: NOW },
+        &Limits::default(),
+    )
+    .unwrap();
+    assert_eq!(got.pack_latency, None);
+    assert_eq!(got.sequence, 1);
+    assert_eq!(model.bytes(), payload().as_slice());
+    open(&b, &root_a()).unwrap();
+
+    // Only that one field may be missing: a manifest cut shorter is refused.
+    bytes.pop();
+    let cut = bundle_of_manifest_bytes(&bytes, &key(1), &compressed);
+    assert_eq!(open(&cut, &root_a()).unwrap_err().code(), "malformed");
+}
+
+#[test]
+fn the_pack_latency_is_signed_and_read_back() {
+    let (mut m, compressed) = manifest_for(&payload(), 1);
+    m.pack_latency = Some(PackLatency {
+        median_us: 2_306,
+        p90_us: 2_410,
+        iterations: 50,
+        machine: "x86_64, Intel(R) Xeon(R) Processor".into(),
+    });
+    let signed = Signed::sign(&m, &[&key(1)]).unwrap();
+    let mut b = Vec::new();
+    write_bundle(&mut b, &signed, &compressed).unwrap();
+    let (got, _) = open_bundle(
+        &b[..],
+        &root_a(),
+        Expiry::Enforce { now: NOW },
+        &Limits::default(),
+    )
+    .unwrap();
+    assert_eq!(got.pack_latency, m.pack_latency);
+
+    m.pack_latency = Some(PackLatency {
+        machine: "evil\x1b[2J".into(),
+        ..m.pack_latency.clone().unwrap()
+    });
+    assert!(
+        Signed::sign(&m, &[&key(1)]).is_err(),
+        "control characters are refused"
+    );
 }
