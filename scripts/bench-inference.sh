@@ -8,8 +8,9 @@
 #
 #   scripts/bench-inference.sh                  # full run
 #   ITER_SCALE=0.2 scripts/bench-inference.sh   # quicker, fewer iterations
-#   LEVER_BUILDS=1 scripts/bench-inference.sh   # also rebuild the agent per
-#       compiler lever (-C target-cpu=native, the fat-LTO dist profile)
+#   LEVER_BUILDS="native dist" scripts/bench-inference.sh   # also rebuild
+#       the agent per compiler lever: -C target-cpu=native, the fat-LTO
+#       dist profile (either or both; each is a full build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -40,6 +41,7 @@ models=(
   "rec|models/rec/ch_PP-OCRv4_rec_infer.onnx|models/rec|2|40|"
   "rec-nnef|models/rec/ch_PP-OCRv4_rec_infer.onnx|models/rec|2|40|--nnef"
   "cls-int8|models/cls-int8/cls_int8.onnx|models/cls-int8|4|40|"
+  "cls-int8-pw|models/cls-int8-pw/cls_int8_pw.onnx|models/cls-int8-pw|4|100|"
   "multi|models/multi/multi_io.onnx|models/multi|2|2000|"
 )
 
@@ -82,26 +84,28 @@ for spec in "${models[@]}"; do
   esac
 done
 
-if [ "${LEVER_BUILDS:-0}" = 1 ]; then
-  # Compiler levers need their own build (own target dir, so the default
-  # build above stays cached). Bare tract on the fp32 models.
-  for lever in "target-cpu=native" "dist profile (fat LTO, 1 codegen unit)"; do
-    dir="$target_dir/lever-${lever%%[ =]*}"
-    case $lever in
-      target-cpu=*)
-        RUSTFLAGS="-C target-cpu=native" CARGO_TARGET_DIR="$dir" \
-          cargo build --release --locked -p edge-agent --bin edge-agent
-        bin="$dir/release/edge-agent" ;;
-      dist*)
-        cargo build --profile dist --locked -p edge-agent --bin edge-agent
-        bin="$target_dir/dist/edge-agent" ;;
-    esac
-    for name in cls rec; do
-      iters=$(python3 -c "print(max(5, int({'cls': 300, 'rec': 40}['$name'] * $scale)))")
+# Compiler levers need their own build (the native one its own target dir,
+# so the default build above stays cached). Bare tract on the fp32 models.
+for build in ${LEVER_BUILDS:-}; do
+  case $build in
+    native)
+      lever="-C target-cpu=native"
+      RUSTFLAGS="$lever" CARGO_TARGET_DIR="$target_dir/lever-native" \
+        cargo build --release --locked -p edge-agent --bin edge-agent
+      bin="$target_dir/lever-native/release/edge-agent" ;;
+    dist)
+      lever="dist profile (fat LTO, 1 codegen unit, deps at opt-level s)"
+      cargo build --profile dist --locked -p edge-agent --bin edge-agent
+      bin="$target_dir/dist/edge-agent" ;;
+    *) echo "unknown LEVER_BUILDS entry $build (native, dist)" >&2; exit 2 ;;
+  esac
+  for name in cls cls-nnef rec rec-nnef; do
+    iters=$(python3 -c "print(max(5, int({'cls': 300, 'rec': 40}['${name%-nnef}'] * $scale)))")
+    for mode in bare in-process; do
       "$bin" bench --bundle "$work/$name.bundle" --trust "$work/bench.pub" --iterations "$iters" \
-        --json --mode bare | record "$name" "$lever"
+        --json --mode "$mode" | record "$name" "$lever"
     done
   done
-fi
+done
 
 python3 scripts/bench_report.py "$results" docs/benchmarks.md

@@ -11,9 +11,14 @@
    Softmax included. tract 0.23.9 computes wrong outputs for it; it is the
    negative fixture proving the packer refuses such a model.
 
+3. With --pointwise, models/cls-int8-pw/cls_int8_pw.onnx: only the 1×1
+   convolutions quantized; depthwise, k×k, Gemm and Softmax stay fp32. The
+   recipe tract runs fastest (docs/benchmarks.md); prints its accuracy
+   against fp32 on the calibration lines.
+
 Calibration uses models/cls/calib.npz (rendered text lines).
 
-    python3 scripts/quantize.py
+    python3 scripts/quantize.py [--pointwise]
 """
 import pathlib
 import tempfile
@@ -42,7 +47,22 @@ class Calib(CalibrationDataReader):
         return next(self.batches, None)
 
 
-def quantize(out: pathlib.Path, fmt: QuantFormat, op_types) -> None:
+def pointwise_convs(model: pathlib.Path) -> list:
+    """Names of the 1×1, ungrouped Conv nodes: the pointwise convolutions
+    that tract runs as one int8 matrix product each. Depthwise and k×k
+    convolutions stay fp32 (tract's int8 path takes im2col for every
+    quantized conv, which makes a depthwise conv C tiny products)."""
+    names = []
+    for n in onnx.load(str(model)).graph.node:
+        if n.op_type != "Conv":
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        if list(attrs.get("kernel_shape", [])) == [1, 1] and attrs.get("group", 1) == 1:
+            names.append(n.name)
+    return names
+
+
+def quantize(out: pathlib.Path, fmt: QuantFormat, op_types, pick_nodes=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         pre = pathlib.Path(tmp) / "pre.onnx"
@@ -53,6 +73,7 @@ def quantize(out: pathlib.Path, fmt: QuantFormat, op_types) -> None:
             Calib(),
             quant_format=fmt,
             op_types_to_quantize=op_types,
+            nodes_to_quantize=pick_nodes(pre) if pick_nodes else None,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8 if fmt == QuantFormat.QDQ else QuantType.QUInt8,
             per_channel=False,
@@ -81,7 +102,33 @@ def goldens(model: pathlib.Path, dest: pathlib.Path, cases: range) -> None:
         save_npz(dest / f"out_{i}.npz", out)
 
 
+def accuracy(model: pathlib.Path) -> dict:
+    """Against the fp32 classifier on the 64 calibration lines: how often
+    the predicted class agrees, and the largest probability difference."""
+    x = np.load(ROOT / "models/cls/calib.npz")["x"]
+    q, fp32 = session(model), session(CLS)
+    agree, worst = 0, 0.0
+    for i in range(len(x)):
+        a = next(iter(run(q, {"x": x[i : i + 1]}).values()))
+        b = next(iter(run(fp32, {"x": x[i : i + 1]}).values()))
+        agree += int(a.argmax() == b.argmax())
+        worst = max(worst, float(np.abs(a - b).max()))
+    return {"samples": len(x), "argmax_agreement": agree / len(x), "max_abs_prob_diff": worst}
+
+
 if __name__ == "__main__":
+    import sys
+
+    if "--pointwise" in sys.argv:
+        # The recipe tract runs fast: int8 only where it is one product.
+        pw = ROOT / "models/cls-int8-pw/cls_int8_pw.onnx"
+        quantize(pw, QuantFormat.QOperator, ["Conv"], pointwise_convs)
+        print(f"{pw.relative_to(ROOT)}: ops {op_counts(pw)}")
+        goldens(pw, ROOT / "models/cls-int8-pw/golden", range(4))
+        print(f"accuracy vs fp32: {accuracy(pw)}")
+        print(f"accuracy of models/cls-int8 vs fp32: {accuracy(ROOT / 'models/cls-int8/cls_int8.onnx')}")
+        sys.exit(0)
+
     good = ROOT / "models/cls-int8/cls_int8.onnx"
     quantize(good, QuantFormat.QOperator, ["Conv", "MatMul"])
     print(f"{good.relative_to(ROOT)}: ops {op_counts(good)}")

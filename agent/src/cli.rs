@@ -147,7 +147,7 @@ pub enum Command {
         /// Requests that may wait for a worker before 503.
         #[arg(long, default_value_t = 16)]
         queue: usize,
-        /// Compute threads one inference may use, shared by the workers.
+        /// Compute threads one inference may use (a pool per worker).
         #[arg(long, default_value_t = 1)]
         threads: usize,
         /// Largest request body in bytes.
@@ -500,7 +500,7 @@ async fn bench(args: &BundleArgs, opts: &BenchOptions) -> Result<(), AgentError>
         // tract alone: no engine, no self-test, nothing else resident.
         let profile = opts.profile.map(|_| iterations);
         let (load, first, samples, ops) = tokio::task::spawn_blocking(move || {
-            threads.scope(|| bare_tract(&bundle, &inputs, warmup, iterations, profile))
+            threads.run(|| bare_tract(&bundle, &inputs, warmup, iterations, profile))
         })
         .await
         .map_err(|e| AgentError::Invariant(e.to_string()))??;

@@ -148,9 +148,10 @@ pub struct EngineSection {
     pub workers: usize,
     /// Default 16.
     pub queue: usize,
-    /// Compute threads one inference may use (intra-op parallelism),
-    /// shared by the workers. Default 1. `workers` buys throughput for
-    /// concurrent requests; `threads` buys latency for one request.
+    /// Compute threads one inference may use (intra-op parallelism); each
+    /// worker gets a pool of this many. Default 1. `workers` buys
+    /// throughput for concurrent requests; `threads` buys latency for one
+    /// request. Up to `workers × threads` cores are busy at once.
     pub threads: usize,
 }
 

@@ -55,8 +55,9 @@ pub struct EngineConfig {
     pub workers: usize,
     /// Jobs that may wait for a worker before requests get 503. Default 16.
     pub queue: usize,
-    /// Compute threads one inference may use (intra-op parallelism), shared
-    /// by all workers. Default 1: each inference runs on its worker alone.
+    /// Compute threads one inference may use (intra-op parallelism): each
+    /// worker gets a pool of this many. Default 1: an inference runs on its
+    /// worker's thread alone.
     pub threads: usize,
 }
 
@@ -94,8 +95,6 @@ impl Engine {
                 "workers and queue must be at least 1".into(),
             ));
         }
-        let threads = Threads::new(config.threads, "tract")
-            .map_err(|e| AgentError::Config(format!("[engine] threads: {e}")))?;
         let (tx, rx) = crossbeam_channel::bounded::<Job>(config.queue);
         let slot: Arc<ArcSwapOption<ActiveModel>> = Arc::new(ArcSwapOption::empty());
         let shadow: Arc<ArcSwapOption<Shadow>> = Arc::new(ArcSwapOption::empty());
@@ -104,10 +103,12 @@ impl Engine {
             let slot = slot.clone();
             let shadow = shadow.clone();
             let metrics = metrics.clone();
-            let threads = threads.clone();
+            // Each worker runs on its own pool of `threads` compute threads.
+            let threads = Threads::new(config.threads, &format!("tract-w{i}"))
+                .map_err(|e| AgentError::Config(format!("[engine] threads: {e}")))?;
             std::thread::Builder::new()
                 .name(format!("infer-{i}"))
-                .spawn(move || threads.scope(|| worker(rx, slot, shadow, metrics)))
+                .spawn(move || threads.run(|| worker(rx, slot, shadow, metrics)))
                 .map_err(|e| AgentError::Invariant(format!("cannot spawn worker: {e}")))?;
         }
         Ok(Arc::new(Engine {

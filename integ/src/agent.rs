@@ -219,6 +219,18 @@ impl InProcAgent {
         v["version"].as_str().map(str::to_string)
     }
 
+    /// One inference with an `.npz` body; the HTTP status (0 when the
+    /// request did not get an answer).
+    pub async fn infer(&self, npz: &[u8]) -> u16 {
+        self.http
+            .post(format!("{}/v1/infer", self.url))
+            .header("content-type", "application/x-npz")
+            .body(npz.to_vec())
+            .send()
+            .await
+            .map_or(0, |r| r.status().as_u16())
+    }
+
     /// Waits until `pred` holds on the status, or panics with the last one.
     pub async fn wait_for(&self, what: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);

@@ -322,19 +322,26 @@ fn packs_and_verifies_the_rec_model_as_onnx_and_nnef() {
 }
 
 #[test]
-fn packs_the_int8_classifier_that_tract_runs_correctly() {
+fn packs_the_int8_classifiers_that_tract_runs_correctly() {
     let keys = Keys::new(&["a"]);
-    let out = keys.path("int8.bundle");
-    ok(pack(
-        &keys,
-        &["a"],
-        "models/cls-int8/cls_int8.onnx",
-        "ppocr-cls-int8",
-        golden_args("models/cls-int8", 4, true),
-        &[],
-        &out,
-    ));
-    ok(verify(&out, &[keys.public("a")], None));
+    // Every convolution quantized, and the pointwise-only recipe
+    // (scripts/quantize.py --pointwise): both against ORT's outputs.
+    for (dir, file) in [
+        ("models/cls-int8", "cls_int8.onnx"),
+        ("models/cls-int8-pw", "cls_int8_pw.onnx"),
+    ] {
+        let out = keys.path(&format!("{file}.bundle"));
+        ok(pack(
+            &keys,
+            &["a"],
+            &format!("{dir}/{file}"),
+            "ppocr-cls-int8",
+            golden_args(dir, 4, true),
+            &[],
+            &out,
+        ));
+        ok(verify(&out, &[keys.public("a")], None));
+    }
 }
 
 #[test]

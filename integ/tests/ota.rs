@@ -12,15 +12,15 @@ use std::time::{Duration, Instant};
 
 use edge_agent::config::AgentConfig;
 use edgefleet_wire::bundle::{Limits, read_signed, write_bundle};
-use edgefleet_wire::keys::{encode_public_key, signing_key_from_seed};
+use edgefleet_wire::keys::signing_key_from_seed;
 use edgefleet_wire::manifest::TargetArch;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
 use common::repo;
+use integ::agent::InProcAgent as Agent;
 use integ::bundles::{Model, Pack};
 use integ::common;
-use integ::fleet::{ENROLL, OPERATOR, TestFleet, trust_key};
+use integ::fleet::{OPERATOR, TestFleet, trust_key};
 
 fn now() -> u64 {
     std::time::SystemTime::now()
@@ -64,129 +64,10 @@ async fn start_server() -> TestFleet {
     TestFleet::start_with(|cfg, dir| cfg.trust.keys.push(trust_key(dir, 2))).await
 }
 
-struct Agent {
-    url: String,
-    stop: CancellationToken,
-    done: tokio::task::JoinHandle<()>,
-    http: reqwest::Client,
-}
-
-impl Agent {
-    fn config(server: &TestFleet, data: &Path, id: &str, board: &str) -> AgentConfig {
-        let key = data.join("release.pub");
-        std::fs::create_dir_all(data).unwrap();
-        std::fs::write(
-            &key,
-            encode_public_key(&signing_key_from_seed([1; 32]).verifying_key()),
-        )
-        .unwrap();
-        let mut c = AgentConfig {
-            device_id: Some(id.into()),
-            data_dir: data.join("state"),
-            ..AgentConfig::default()
-        };
-        c.tags.insert("board".into(), board.into());
-        c.server.url = Some(server.url.clone());
-        c.server.enrollment_token = Some(ENROLL.into());
-        c.server.poll_interval_secs = 1;
-        c.server.report_interval_secs = 1;
-        c.trust.keys = vec![key];
-        c.http.listen = "127.0.0.1:0".parse().unwrap();
-        c.engine.queue = 64;
-        c.update.watch_secs = 2;
-        c.update.watch_min_inferences = 10;
-        c.update.retry_min_ms = 100;
-        c.update.retry_max_ms = 1000;
-        // Tests run in parallel on 2 cores: tolerate scheduling noise.
-        c.update.max_p95_ratio = 3.0;
-        c.update.p95_slack_ms = 20.0;
-        c
-    }
-
-    async fn start(cfg: AgentConfig) -> Agent {
-        let stop = CancellationToken::new();
-        // After a stop in this process, connection tasks of the old local
-        // API may hold its store for a moment (a new process would not).
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let (addr, _, run) = loop {
-            match edge_agent::daemon::start(cfg.clone(), stop.clone()).await {
-                Ok(started) => break started,
-                Err(e)
-                    if e.to_string().contains("could not acquire lock")
-                        && Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("the agent starts: {e}"),
-            }
-        };
-        let done = tokio::spawn(async move {
-            run.await.unwrap();
-        });
-        Agent {
-            url: format!("http://{addr}"),
-            stop,
-            done,
-            http: edge_agent::tls::default_client(),
-        }
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        self.done.await.unwrap();
-    }
-
-    async fn status(&self) -> Value {
-        self.http
-            .get(format!("{}/v1/status", self.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-
-    async fn model_version(&self) -> Option<String> {
-        let r = self
-            .http
-            .get(format!("{}/v1/model", self.url))
-            .send()
-            .await
-            .unwrap();
-        if !r.status().is_success() {
-            return None;
-        }
-        let v: Value = r.json().await.unwrap();
-        v["version"].as_str().map(str::to_string)
-    }
-
-    /// One inference on golden input 0; returns the HTTP status.
-    async fn infer(&self, body: &[u8]) -> u16 {
-        self.http
-            .post(format!("{}/v1/infer", self.url))
-            .header("content-type", "application/x-npz")
-            .body(body.to_vec())
-            .send()
-            .await
-            .map(|r| r.status().as_u16())
-            .unwrap_or(0)
-    }
-
-    /// Waits until `pred` holds on the status, or panics with the last one.
-    async fn wait_for(&self, what: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let s = self.status().await;
-            if pred(&s) {
-                return s;
-            }
-            if Instant::now() > deadline {
-                panic!("timed out waiting for {what}; last status: {s:#}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+/// The tests' agent config (integ::agent), trusting key 1 only.
+fn agent_config(server: &TestFleet, data: &Path, id: &str, board: &str) -> AgentConfig {
+    std::fs::create_dir_all(data).unwrap();
+    Agent::config(&server.url, data, id, board, vec![trust_key(data, 1)])
 }
 
 fn golden_npz() -> Vec<u8> {
@@ -256,7 +137,7 @@ impl Load {
 /// Enrolls a fresh agent and installs v1 through a rollout.
 async fn agent_on_v1(server: &TestFleet, dir: &Path, id: &str, board: &str) -> (Agent, String) {
     let v1 = server.push(cls_bundle(&cls(1))).await;
-    let agent = Agent::start(Agent::config(server, dir, id, board)).await;
+    let agent = Agent::start(agent_config(server, dir, id, board)).await;
     server.rollout_gated(&v1, board, json!({})).await;
     agent
         .wait_for("v1 committed", 60, |s| {
@@ -286,7 +167,7 @@ async fn enrolls_installs_a_rollout_and_reports_committed() {
     // The credential was persisted: a restart does not re-enroll (the
     // server would answer 409 device_exists) and serves v1 at once.
     agent.stop().await;
-    let agent = Agent::start(Agent::config(&server, dir.path(), "dev-a", "rpi4")).await;
+    let agent = Agent::start(agent_config(&server, dir.path(), "dev-a", "rpi4")).await;
     assert_eq!(agent.model_version().await.as_deref(), Some("1.1.0"));
     let floor: Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("state/floor.json")).unwrap())
@@ -425,7 +306,7 @@ async fn a_model_slow_in_production_is_rolled_back_within_the_watch_window() {
     let server = start_server().await;
     let dir = tempfile::tempdir().unwrap();
     let v1 = server.push(cls_bundle(&cls(1))).await;
-    let mut cfg = Agent::config(&server, dir.path(), "dev-c", "rpi5");
+    let mut cfg = agent_config(&server, dir.path(), "dev-c", "rpi5");
     // v2 passes its self-test (faults never touch it) but every live
     // inference takes 150 ms longer.
     cfg.testing
@@ -544,7 +425,7 @@ async fn abort_sends_the_device_back_to_its_previous_bundle() {
 async fn sideloads_through_the_same_path() {
     let server = start_server().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = Agent::config(&server, dir.path(), "dev-f", "qemu");
+    let mut cfg = agent_config(&server, dir.path(), "dev-f", "qemu");
     cfg.server.url = None; // air-gapped
     let agent = Agent::start(cfg).await;
     assert_eq!(agent.model_version().await, None, "nothing installed yet");

@@ -2,10 +2,12 @@
 //! split across a pool of compute threads.
 //!
 //! The agent's `[engine] workers` run requests side by side (throughput);
-//! `[engine] threads` gives one request several cores (latency). Every
-//! worker of an engine shares one pool, so `workers = 2, threads = 2` never
-//! keeps more than two compute threads busy on tract's behalf besides the
-//! workers themselves.
+//! `[engine] threads` gives one request several cores (latency). Each worker
+//! gets its own pool of `threads` threads and runs on one of them, so an
+//! inference uses at most `threads` cores: its own thread plus the helpers
+//! that steal the split parts of its large operations. Small operations
+//! stay on the worker's thread (tract only splits work above a size where
+//! it pays), so no request waits for a hand-off it does not need.
 
 use std::sync::Arc;
 
@@ -13,30 +15,20 @@ use tract_linalg::multithread::{Executor, multithread_tract_scope};
 
 use crate::error::{Result, RuntimeError};
 
-/// Most compute threads one engine may ask for.
+/// Most compute threads one inference may use.
 pub const MAX_THREADS: usize = 64;
 
-/// How tract runs one inference: on the calling thread, or split across a
-/// private pool of compute threads.
-#[derive(Clone, Debug)]
+/// How tract runs one inference: on the calling thread, or on a private
+/// pool of compute threads.
+#[derive(Clone, Debug, Default)]
 pub struct Threads {
-    executor: Executor,
-    count: usize,
-}
-
-impl Default for Threads {
-    fn default() -> Self {
-        Threads::single()
-    }
+    pool: Option<Arc<rayon::ThreadPool>>,
 }
 
 impl Threads {
     /// Everything on the calling thread (the default).
     pub fn single() -> Threads {
-        Threads {
-            executor: Executor::SingleThread,
-            count: 1,
-        }
+        Threads { pool: None }
     }
 
     /// A pool of `count` compute threads named `{name}-{i}`; 1 means
@@ -59,21 +51,28 @@ impl Threads {
                 detail: format!("cannot start {count} compute threads: {e}"),
             })?;
         Ok(Threads {
-            executor: Executor::MultiThread(Arc::new(pool)),
-            count,
+            pool: Some(Arc::new(pool)),
         })
     }
 
-    /// Compute threads (1 when inference runs on the calling thread).
+    /// Compute threads one inference may use (1: the calling thread).
     pub fn count(&self) -> usize {
-        self.count
+        self.pool.as_ref().map_or(1, |p| p.current_num_threads())
     }
 
-    /// Runs `f` with this executor for every tract call it makes on the
-    /// current thread. A worker wraps its whole loop in it; also the
-    /// single-threaded case, which spares tract a global lock per product.
-    pub fn scope<R>(&self, f: impl FnOnce() -> R) -> R {
-        multithread_tract_scope(self.executor.clone(), f)
+    /// Runs `f`, and every tract call it makes, with these threads: on the
+    /// calling thread for one, else on a thread of the pool, whose other
+    /// threads take the parts tract splits off. A worker runs its whole
+    /// loop in it. The single-threaded case still sets tract's executor,
+    /// which spares it a global lock per matrix product.
+    pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            None => multithread_tract_scope(Executor::SingleThread, f),
+            Some(pool) => {
+                let executor = Executor::MultiThread(pool.clone());
+                pool.install(|| multithread_tract_scope(executor, f))
+            }
+        }
     }
 }
 
@@ -90,5 +89,14 @@ mod tests {
         }
         assert_eq!(Threads::new(1, "t").unwrap().count(), 1);
         assert_eq!(Threads::new(3, "t").unwrap().count(), 3);
+    }
+
+    #[test]
+    fn work_runs_on_the_pool_when_there_is_one() {
+        let on = |t: &Threads| t.run(|| std::thread::current().name().map(str::to_string));
+        let here = std::thread::current().name().map(str::to_string);
+        assert_eq!(on(&Threads::single()), here);
+        let name = on(&Threads::new(2, "runs-on").unwrap()).unwrap();
+        assert!(name.starts_with("runs-on-"), "{name}");
     }
 }
