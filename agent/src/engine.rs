@@ -106,6 +106,12 @@ impl Engine {
             // Each worker runs on its own pool of `threads` compute threads.
             let threads = Threads::new(config.threads, &format!("tract-w{i}"))
                 .map_err(|e| AgentError::Config(format!("[engine] threads: {e}")))?;
+            if i == 0 && threads.count() < config.threads {
+                tracing::warn!(
+                    threads = config.threads,
+                    "[engine] threads: this agent was built without the `threads` feature; each inference runs on its worker's thread"
+                );
+            }
             std::thread::Builder::new()
                 .name(format!("infer-{i}"))
                 .spawn(move || threads.run(|| worker(rx, slot, shadow, metrics)))

@@ -9,9 +9,10 @@
 //! stay on the worker's thread (tract only splits work above a size where
 //! it pays), so no request waits for a hand-off it does not need.
 
+#[cfg(feature = "threads")]
 use std::sync::Arc;
 
-use tract_linalg::multithread::{Executor, multithread_tract_scope};
+use tract_nnef::tract_core::tract_linalg::multithread::{Executor, multithread_tract_scope};
 
 use crate::error::{Result, RuntimeError};
 
@@ -22,14 +23,20 @@ pub const MAX_THREADS: usize = 64;
 /// pool of compute threads.
 #[derive(Clone, Debug, Default)]
 pub struct Threads {
+    #[cfg(feature = "threads")]
     pool: Option<Arc<rayon::ThreadPool>>,
 }
 
 impl Threads {
     /// Everything on the calling thread (the default).
     pub fn single() -> Threads {
-        Threads { pool: None }
+        Threads::default()
     }
+
+    /// Whether this build can run an inference on more than one thread
+    /// (the `threads` feature); without it [`Threads::new`] gives
+    /// [`Threads::single`] for any count.
+    pub const AVAILABLE: bool = cfg!(feature = "threads");
 
     /// A pool of `count` compute threads named `{name}-{i}`; 1 means
     /// [`Threads::single`].
@@ -39,9 +46,14 @@ impl Threads {
                 detail: format!("threads must be between 1 and {MAX_THREADS}, not {count}"),
             });
         }
-        if count == 1 {
+        if count == 1 || !Self::AVAILABLE {
             return Ok(Threads::single());
         }
+        Self::pool(count, name)
+    }
+
+    #[cfg(feature = "threads")]
+    fn pool(count: usize, name: &str) -> Result<Threads> {
         let name = name.to_string();
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(count)
@@ -55,9 +67,18 @@ impl Threads {
         })
     }
 
+    #[cfg(not(feature = "threads"))]
+    fn pool(_count: usize, _name: &str) -> Result<Threads> {
+        Ok(Threads::single())
+    }
+
     /// Compute threads one inference may use (1: the calling thread).
     pub fn count(&self) -> usize {
-        self.pool.as_ref().map_or(1, |p| p.current_num_threads())
+        #[cfg(feature = "threads")]
+        if let Some(p) = &self.pool {
+            return p.current_num_threads();
+        }
+        1
     }
 
     /// Runs `f`, and every tract call it makes, with these threads: on the
@@ -66,17 +87,16 @@ impl Threads {
     /// loop in it. The single-threaded case still sets tract's executor,
     /// which spares it a global lock per matrix product.
     pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        match &self.pool {
-            None => multithread_tract_scope(Executor::SingleThread, f),
-            Some(pool) => {
-                let executor = Executor::MultiThread(pool.clone());
-                pool.install(|| multithread_tract_scope(executor, f))
-            }
+        #[cfg(feature = "threads")]
+        if let Some(pool) = &self.pool {
+            let executor = Executor::MultiThread(pool.clone());
+            return pool.install(|| multithread_tract_scope(executor, f));
         }
+        multithread_tract_scope(Executor::SingleThread, f)
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "threads"))]
 mod tests {
     use super::*;
 

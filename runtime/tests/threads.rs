@@ -1,5 +1,6 @@
 //! `[engine] threads`: intra-op parallelism on a real model. The outputs
 //! must not change, and the pool's threads must do part of the work.
+#![cfg(feature = "threads")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
