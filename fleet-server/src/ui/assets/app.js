@@ -439,7 +439,7 @@ async function devicePage(id) {
 async function bundles() {
   const { body: list } = await api('/api/v1/bundles');
   list.sort((a, b) => b.uploaded_at - a.uploaded_at);
-  const rows = list.map((b) => h('tr', {},
+  const rows = list.map((b) => h('tr', { 'data-bundle': b.id },
     h('td', { class: 'mono', title: b.id }, b.id.slice(0, 12)),
     h('td', {}, b.name), h('td', { class: 'mono' }, b.version), h('td', { class: 'num' }, b.sequence),
     h('td', {}, b.format), h('td', { class: 'num' }, bytes(b.size)),
@@ -447,7 +447,7 @@ async function bundles() {
     h('td', { class: 'hide-sm' }, time(b.expires_at))));
   return h('div', {}, h('h1', {}, 'Bundles'),
     rows.length ? table(['id', 'name', 'version', { text: 'seq', attrs: { class: 'num' } }, 'format', { text: 'size', attrs: { class: 'num' } },
-      { text: 'pushed', attrs: { class: 'hide-sm' } }, { text: 'expires', attrs: { class: 'hide-sm' } }], rows)
+      { text: 'pushed', attrs: { class: 'hide-sm' } }, { text: 'expires', attrs: { class: 'hide-sm' } }], rows, { id: 'bundles' })
       : h('p', { class: 'muted' }, 'No bundles yet: fleetctl bundle push FILE.'));
 }
 
