@@ -287,7 +287,7 @@ try {
     ['#/', '[data-card=devices]', 'phone-overview'],
     ['#/devices', '#devices', 'phone-devices'],
     ['#/devices/' + DEVICE, '.chart', 'phone-device'],
-    ['#/bundles', 'main table', 'phone-bundles'],
+    ['#/bundles', '#bundles', 'phone-bundles'],
     ['#/rollouts/' + PAUSED, '#paused-banner', 'phone-rollout'],
     ['#/experiments/' + EXPERIMENT, '#verdicts', 'phone-experiment'],
   ]) {
