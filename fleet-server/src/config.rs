@@ -222,6 +222,16 @@ impl Default for AuthConfig {
     }
 }
 
+/// Where the server keeps its state.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `postgres://user:password@host:port/database` (env
+    /// FLEET_SERVER_STORE_URL, which keeps the password out of the file).
+    /// Unset: the embedded sled store in `data_dir/store`.
+    pub url: Option<String>,
+}
+
 /// The whole server configuration.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -239,6 +249,7 @@ pub struct ServerConfig {
     /// Rate limits (failed auth per address, traffic per device/token).
     pub limits: crate::limits::LimitsConfig,
     pub metrics: MetricsConfig,
+    pub store: StoreConfig,
 }
 
 impl Default for ServerConfig {
@@ -253,6 +264,7 @@ impl Default for ServerConfig {
             mqtt: None,
             limits: crate::limits::LimitsConfig::default(),
             metrics: MetricsConfig::default(),
+            store: StoreConfig::default(),
         }
     }
 }
@@ -300,6 +312,17 @@ impl ServerConfig {
         }
         if let Ok(v) = std::env::var("FLEET_SERVER_DATA_DIR") {
             self.data_dir = PathBuf::from(v);
+        }
+        if let Ok(v) = std::env::var("FLEET_SERVER_STORE_URL") {
+            self.store.url = Some(v).filter(|v| !v.is_empty());
+        }
+        if let Some(url) = &self.store.url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            return Err(Error::Usage(format!(
+                "[store] url must be postgres://… or postgresql://… (unset for the embedded store), not {}",
+                crate::store::postgres::redact(url)
+            )));
         }
         Ok(())
     }

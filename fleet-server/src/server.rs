@@ -23,7 +23,6 @@ use crate::ingest::Ingest;
 use crate::mqtt::Mqtt;
 use crate::registry::Registry;
 use crate::store::Store;
-use crate::store::sled::SledStore;
 use crate::writer::Writer;
 
 /// Jobs that may wait for the store writer.
@@ -86,6 +85,9 @@ pub fn check(config: &ServerConfig) -> Result<Vec<String>> {
     {
         ok.push("[mqtt]: TLS files load".into());
     }
+    if let Some(url) = &config.store.url {
+        ok.push(crate::store::postgres::probe(url)?);
+    }
     // The data dir must take writes (the store, the registry's uploads).
     std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::io(&config.data_dir, e))?;
     let probe = config.data_dir.join(".check-config");
@@ -120,8 +122,7 @@ fn listen(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
 
 /// Opens the configured store.
 pub fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::io(&config.data_dir, e))?;
-    Ok(Arc::new(SledStore::open(&config.data_dir.join("store"))?))
+    crate::store::open(config)
 }
 
 /// A started server: its HTTP address and the future that runs it.

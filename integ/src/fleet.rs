@@ -265,6 +265,153 @@ impl TestFleet {
     }
 }
 
+impl TestFleet {
+    /// Operator calls against a server this process did not start (a
+    /// [`ServerProc`]) at `127.0.0.1:port`. Its `dir` is an empty folder
+    /// and dropping it stops nothing.
+    pub fn attach(port: u16) -> TestFleet {
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+        TestFleet {
+            addr,
+            url: format!("http://{addr}"),
+            mqtt_url: None,
+            dir: tempfile::tempdir().expect("tempdir"),
+            http: edge_agent::tls::default_client(),
+            stop: CancellationToken::new(),
+        }
+    }
+}
+
+/// The `fleet-server` binary as a child process, with the tests'
+/// configuration ([`TestFleet::config`]'s keys, tokens and tick) written
+/// as TOML; killed when dropped.
+#[derive(Debug)]
+pub struct ServerProc {
+    pub child: std::process::Child,
+    pub port: u16,
+    /// The TOML file it runs with.
+    pub config: PathBuf,
+    log: PathBuf,
+}
+
+/// The tests' server configuration as a TOML file `name` in `dir`, with
+/// its data in `data_dir`, listening on `port`, plus `extra` TOML (e.g. a
+/// `[store]` section).
+pub fn config_file(dir: &Path, name: &str, data_dir: &Path, port: u16, extra: &str) -> PathBuf {
+    let key = trust_key(dir, 1);
+    let path = dir.join(name);
+    let text = format!(
+        r#"data_dir = "{data}"
+rollout_tick_ms = 100
+[http]
+listen = "127.0.0.1:{port}"
+[trust]
+keys = ["{key}"]
+[auth]
+enrollment_tokens = ["{ENROLL}"]
+[[auth.tokens]]
+name = "root"
+role = "admin"
+token = "{ADMIN}"
+[[auth.tokens]]
+name = "ops"
+role = "operator"
+token = "{OPERATOR}"
+[[auth.tokens]]
+name = "dash"
+role = "viewer"
+token = "{VIEWER}"
+{extra}
+"#,
+        data = data_dir.display(),
+        key = key.display(),
+    );
+    std::fs::write(&path, text).expect("write the server config");
+    path
+}
+
+impl ServerProc {
+    /// Starts `fleet-server --config <config>` (logging into `<config>.log`)
+    /// and waits until `port` takes connections.
+    pub fn start(config: &Path, port: u16) -> ServerProc {
+        let log = config.with_extension("log");
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("open the server log");
+        let child = std::process::Command::new(crate::bins::bin("fleet-server"))
+            .arg("--config")
+            .arg(config)
+            .stdout(out.try_clone().expect("log handle"))
+            .stderr(out)
+            .spawn()
+            .expect("start fleet-server");
+        let mut p = ServerProc {
+            child,
+            port,
+            config: config.to_path_buf(),
+            log,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(st)) = p.child.try_wait() {
+                panic!("fleet-server exited ({st}): {}", p.log());
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "fleet-server did not listen: {}",
+                p.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        p
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait: a clean stop (pending writes committed).
+    pub fn stop(mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("fleet-server ignored SIGTERM: {}", self.log());
+    }
+
+    /// kill -9.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Runs `fleet-server --config <config> <args…>` to completion.
+    pub fn run(config: &Path, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(crate::bins::bin("fleet-server"))
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .output()
+            .expect("run fleet-server")
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// fleetctl's stdout, asserting it succeeded (stderr in the message).
 #[track_caller]
 pub fn ok(o: std::process::Output) -> String {

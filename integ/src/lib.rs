@@ -9,6 +9,7 @@
 //! - [`fleet`]: [`fleet::TestFleet`], a real fleet server in the test
 //!   process, and the operator calls the tests make.
 //! - [`agent`]: `edge-agent run` as a child process.
+//! - [`postgres`]: a throwaway PostgreSQL server from Debian's packages.
 //! - [`proxy`]: a fault-injecting HTTP proxy (flip, truncate, cut, replay,
 //!   stall, 500s) between an agent and its server.
 
@@ -19,4 +20,5 @@ pub mod bins;
 pub mod bundles;
 pub mod common;
 pub mod fleet;
+pub mod postgres;
 pub mod proxy;

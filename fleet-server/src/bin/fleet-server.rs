@@ -1,4 +1,6 @@
 //! `fleet-server --config fleet-server.toml`: parse, log, run, exit code.
+//! Subcommands act on the configured store and exit: `migrate`, `export`,
+//! `import`.
 
 use std::path::PathBuf;
 
@@ -34,8 +36,10 @@ enum LogFormat {
 struct Args {
     /// TOML configuration (see docs/fleet-server.md). Without it, defaults
     /// plus environment overrides apply.
-    #[arg(long)]
+    #[arg(long, global = true)]
     config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Check the configuration (keys, tokens, TLS files, data_dir) and exit:
     /// 0 if good, 2 with the file and key at fault.
     #[arg(long)]
@@ -49,6 +53,78 @@ struct Args {
         default_value = "text"
     )]
     log_format: LogFormat,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Create or upgrade the store's schema and exit (PostgreSQL: applies
+    /// the migrations this binary carries; sled: upgrades its layout).
+    /// Starting the server does the same; this runs it ahead of a rollout
+    /// of new replicas.
+    Migrate,
+    /// Write the whole store (devices with their credential hashes,
+    /// bundles, rollouts, tokens, trust chain, windows, audit log) as one
+    /// JSON document. With the server stopped.
+    Export {
+        /// Where to write; `-` for stdout.
+        #[arg(long, default_value = "-")]
+        out: PathBuf,
+    },
+    /// Load an `export` document into the configured store, which must be
+    /// empty: the way from sled to PostgreSQL without re-enrolling devices.
+    Import {
+        /// The document `export` wrote; `-` for stdin.
+        #[arg(long = "in", default_value = "-")]
+        input: PathBuf,
+    },
+}
+
+/// Runs a store subcommand; what it prints goes to stdout, the document
+/// of `export` to `out`.
+fn store_command(config: &ServerConfig, command: Command) -> Result<(), String> {
+    use fleet_server::store::export;
+    let store = fleet_server::store::open(config).map_err(|e| e.to_string())?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    match command {
+        Command::Migrate => {
+            println!("the {} store is at the current schema", store.backend());
+        }
+        Command::Export { out } => {
+            let doc = export::export(store.as_ref(), now).map_err(|e| e.to_string())?;
+            let counts = doc.counts();
+            let write = |w: &mut dyn std::io::Write| {
+                serde_json::to_writer(&mut *w, &doc).map_err(std::io::Error::other)?;
+                w.flush()
+            };
+            if out.as_os_str() == "-" {
+                write(&mut std::io::stdout().lock())
+            } else {
+                // Written beside the target, then renamed: never half a file.
+                let tmp = out.with_extension("partial");
+                std::fs::File::create(&tmp)
+                    .map(std::io::BufWriter::new)
+                    .and_then(|mut f| write(&mut f))
+                    .and_then(|()| std::fs::rename(&tmp, &out))
+            }
+            .map_err(|e| format!("{}: {e}", out.display()))?;
+            eprintln!("exported {counts} from the {} store", store.backend());
+        }
+        Command::Import { input } => {
+            let text = if input.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())
+            } else {
+                std::fs::read_to_string(&input)
+            }
+            .map_err(|e| format!("{}: {e}", input.display()))?;
+            let doc: export::Export = serde_json::from_str(&text)
+                .map_err(|e| format!("{}: not a store export: {e}", input.display()))?;
+            let counts = export::import(store.as_ref(), doc).map_err(|e| e.to_string())?;
+            println!("imported {counts} into the {} store", store.backend());
+        }
+    }
+    Ok(())
 }
 
 /// Colour only for a person at a terminal: not into files or pipes, not
@@ -87,7 +163,12 @@ async fn main() {
         }
     };
     if args.check_config {
-        match fleet_server::server::check(&config) {
+        // It may connect to the store, whose client blocks.
+        let c = config.clone();
+        let checked = tokio::task::spawn_blocking(move || fleet_server::server::check(&c))
+            .await
+            .unwrap_or_else(|e| Err(fleet_server::error::Error::Store(e.to_string())));
+        match checked {
             Ok(lines) => {
                 for l in lines {
                     println!("ok: {l}");
@@ -98,6 +179,21 @@ async fn main() {
             Err(e) => {
                 eprintln!("error: {e}");
                 std::process::exit(2);
+            }
+        }
+    }
+    if let Some(command) = args.command {
+        // The store clients block: keep them off the async runtime.
+        let done = tokio::task::spawn_blocking(move || store_command(&config, command)).await;
+        match done {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(1);
             }
         }
     }

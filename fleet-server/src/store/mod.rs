@@ -9,8 +9,12 @@
 //!
 //! # Layout
 //! - this module: the records, the [`Write`] operations and the trait;
-//! - [`sled`]: the embedded default (one sled tree, atomic batches).
+//! - [`sled`]: the embedded default (one sled tree, atomic batches);
+//! - [`postgres`]: PostgreSQL, shared by fleet-server replicas;
+//! - [`export`]: the whole store as one document (backend moves).
 
+pub mod export;
+pub mod postgres;
 pub mod sled;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -250,4 +254,17 @@ pub trait Store: Send + Sync + 'static {
     fn audit(&self, after: Option<u64>, limit: usize) -> Result<Vec<(u64, AuditEntry)>>;
     /// A short name for logs and /metrics (`sled`, `postgres`).
     fn backend(&self) -> &'static str;
+}
+
+/// Opens the store `config` names: PostgreSQL with `[store] url`, else
+/// sled in `data_dir/store`.
+pub fn open(config: &crate::config::ServerConfig) -> Result<std::sync::Arc<dyn Store>> {
+    if let Some(url) = &config.store.url {
+        return Ok(std::sync::Arc::new(postgres::PgStore::open(url)?));
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| crate::error::Error::io(&config.data_dir, e))?;
+    Ok(std::sync::Arc::new(sled::SledStore::open(
+        &config.data_dir.join("store"),
+    )?))
 }

@@ -1,0 +1,607 @@
+//! The PostgreSQL store, for fleets that outgrow one machine
+//! (`[store] url = "postgres://…"`): several fleet-server replicas may
+//! share one database.
+//!
+//! Records are the same JSON as the sled store's, in `jsonb` columns (see
+//! `fleet-server/migrations/`). A batch of [`Write`]s is one transaction:
+//! device part writes are sent as one `UPDATE … FROM unnest(…)` per part,
+//! so a batch of 4096 telemetry updates costs a handful of round trips.
+//! Event rings are read-modify-written under the row's lock
+//! (`SELECT … FOR UPDATE`), and a bundle's `name@version` claim is a
+//! unique constraint, so replicas writing at once cannot break either.
+//!
+//! The client is the synchronous `postgres` crate: [`Store`] calls come
+//! from the writer thread and `spawn_blocking`, never from async code.
+//! A broken connection is reopened on the next call (the writer retries
+//! failed batches), so a database restart costs a retry, not the server.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use edgefleet_wire::telemetry::DeviceEvent;
+use postgres::types::Json;
+use postgres::{Client, GenericClient, NoTls, Row};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::{
+    AuditEntry, Desired, DeviceRecord, EVENTS_KEPT, Identity, Live, Part, Reported, Snapshot,
+    Store, Write,
+};
+use crate::error::{Error, Result};
+
+/// The schema, in order. A migration is never edited once released: a
+/// change is a new file.
+pub const MIGRATIONS: &[(i32, &str, &str)] =
+    &[(1, "init", include_str!("../../migrations/0001_init.sql"))];
+
+/// The advisory lock replicas take while migrating (any constant unique
+/// to edgefleet: "edgeflt" in ASCII).
+const MIGRATION_LOCK: i64 = 0x0065_6467_6566_6c74;
+
+/// How long connecting may take when the URL does not say.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The PostgreSQL-backed store.
+pub struct PgStore {
+    config: postgres::Config,
+    /// Shown in logs: the URL without its password.
+    display: String,
+    /// The writer thread's connection.
+    write: Mutex<Option<Client>>,
+    /// Reads (start-up load, audit pages) do not wait behind a batch.
+    read: Mutex<Option<Client>>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("url", &self.display)
+            .finish_non_exhaustive()
+    }
+}
+
+fn pg_err(e: postgres::Error) -> Error {
+    if e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION) {
+        return Error::Conflict(format!("a unique claim is already taken: {e}"));
+    }
+    // The server's own message (e.g. "relation … does not exist") is in
+    // the source; Display alone says only "db error".
+    match e.as_db_error() {
+        Some(db) => Error::Store(format!("postgres: {}: {}", db.code().code(), db.message())),
+        None => Error::Store(format!("postgres: {e}")),
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> Result<Value> {
+    serde_json::to_value(v).map_err(|e| Error::Store(e.to_string()))
+}
+
+fn get<T: DeserializeOwned>(row: &Row, col: &str, what: &dyn std::fmt::Display) -> Result<T> {
+    let v: Json<Value> = row.try_get(col).map_err(pg_err)?;
+    serde_json::from_value(v.0).map_err(|e| Error::Store(format!("corrupt record {what}: {e}")))
+}
+
+/// `url` without the password, for logs and `--check-config`.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "postgres (key=value settings)".into();
+    };
+    match rest.split_once('@') {
+        Some((user, host)) => {
+            let user = user.split_once(':').map_or(user, |(u, _)| u);
+            format!("{scheme}://{user}@{host}")
+        }
+        None => url.into(),
+    }
+}
+
+/// `--check-config`: connects to `url` without changing anything and
+/// says what it found.
+pub fn probe(url: &str) -> Result<String> {
+    let mut config: postgres::Config = url
+        .parse()
+        .map_err(|e| Error::Usage(format!("[store] url {}: {e}", redact(url))))?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    let mut c = config
+        .connect(NoTls)
+        .map_err(|e| Error::Usage(format!("[store] url {}: {e}", redact(url))))?;
+    let has_table: bool = c
+        .query_one(
+            "SELECT to_regclass('edgefleet_migrations') IS NOT NULL",
+            &[],
+        )
+        .map_err(pg_err)?
+        .get(0);
+    let version: i32 = if has_table {
+        c.query_one(
+            "SELECT coalesce(max(version), 0) FROM edgefleet_migrations",
+            &[],
+        )
+        .map_err(pg_err)?
+        .get(0)
+    } else {
+        0
+    };
+    let known = MIGRATIONS.last().map_or(0, |m| m.0);
+    Ok(match version {
+        0 => format!(
+            "[store]: {} reachable, schema not created yet (start or `fleet-server migrate` creates it)",
+            redact(url)
+        ),
+        v if v < known => format!(
+            "[store]: {} reachable, schema version {v} (start or `fleet-server migrate` upgrades it to {known})",
+            redact(url)
+        ),
+        v if v > known => {
+            return Err(Error::Usage(format!(
+                "[store]: {} has schema version {v}, newer than this fleet-server ({known})",
+                redact(url)
+            )));
+        }
+        v => format!("[store]: {} reachable, schema version {v}", redact(url)),
+    })
+}
+
+impl PgStore {
+    /// Connects, applies the schema migrations this binary knows (under
+    /// an advisory lock, so replicas starting together migrate once) and
+    /// returns the store.
+    pub fn open(url: &str) -> Result<PgStore> {
+        let mut config: postgres::Config = url
+            .parse()
+            .map_err(|e| Error::Usage(format!("[store] url {}: {e}", redact(url))))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("fleet-server");
+        }
+        let s = PgStore {
+            config,
+            display: redact(url),
+            write: Mutex::new(None),
+            read: Mutex::new(None),
+        };
+        let applied = s.with(&s.write, migrate)?;
+        for (v, name) in applied {
+            tracing::info!(version = v, name, url = %s.display, "applied a schema migration");
+        }
+        Ok(s)
+    }
+
+    /// The URL without its password.
+    pub fn url(&self) -> &str {
+        &self.display
+    }
+
+    /// The schema version of the database (the highest applied migration).
+    pub fn schema_version(&self) -> Result<i32> {
+        self.with(&self.read, |c| {
+            let row = c
+                .query_one(
+                    "SELECT coalesce(max(version), 0) AS v FROM edgefleet_migrations",
+                    &[],
+                )
+                .map_err(pg_err)?;
+            row.try_get("v").map_err(pg_err)
+        })
+    }
+
+    /// Runs `f` on the connection in `slot`, connecting first if there is
+    /// none or it broke. A failure that closed the connection drops it.
+    fn with<T>(
+        &self,
+        slot: &Mutex<Option<Client>>,
+        f: impl FnOnce(&mut Client) -> Result<T>,
+    ) -> Result<T> {
+        let mut guard = slot
+            .lock()
+            .map_err(|_| Error::Store("postgres connection lock poisoned".into()))?;
+        if guard.as_ref().is_none_or(Client::is_closed) {
+            let client = self.config.connect(NoTls).map_err(|e| {
+                Error::Store(format!("postgres: connecting to {}: {e}", self.display))
+            })?;
+            *guard = Some(client);
+        }
+        let Some(client) = guard.as_mut() else {
+            return Err(Error::Store("postgres: no connection".into()));
+        };
+        let out = f(client);
+        if client.is_closed() {
+            *guard = None;
+        }
+        out
+    }
+
+    fn all<T: DeserializeOwned>(c: &mut Client, table: &str) -> Result<Vec<T>> {
+        let key = match table {
+            "trust" => "version",
+            "enrollment_tokens" => "name",
+            "windows" => "scope",
+            _ => "id",
+        };
+        c.query(&format!("SELECT record FROM {table} ORDER BY {key}"), &[])
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| get(r, "record", &table))
+            .collect()
+    }
+}
+
+/// Applies the migrations missing from the database; returns them.
+/// Refuses a database migrated by a newer fleet-server.
+pub fn migrate(c: &mut Client) -> Result<Vec<(i32, &'static str)>> {
+    let mut tx = c.transaction().map_err(pg_err)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .map_err(pg_err)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS edgefleet_migrations (
+             version    integer PRIMARY KEY,
+             name       text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now()
+         )",
+    )
+    .map_err(pg_err)?;
+    let done: Vec<i32> = tx
+        .query("SELECT version FROM edgefleet_migrations", &[])
+        .map_err(pg_err)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let known = MIGRATIONS.last().map_or(0, |m| m.0);
+    if let Some(newer) = done.iter().copied().filter(|v| *v > known).max() {
+        return Err(Error::Store(format!(
+            "the database schema is at version {newer}, newer than this fleet-server \
+             (it knows versions up to {known}): upgrade fleet-server"
+        )));
+    }
+    let mut applied = Vec::new();
+    for (version, name, sql) in MIGRATIONS {
+        if done.contains(version) {
+            continue;
+        }
+        tx.batch_execute(sql).map_err(|e| {
+            Error::Store(format!(
+                "migration {version} ({name}): {}",
+                pg_err(e).to_string().trim_start_matches("store: ")
+            ))
+        })?;
+        tx.execute(
+            "INSERT INTO edgefleet_migrations (version, name) VALUES ($1, $2)",
+            &[version, name],
+        )
+        .map_err(pg_err)?;
+        applied.push((*version, *name));
+    }
+    tx.commit().map_err(pg_err)?;
+    Ok(applied)
+}
+
+/// The column of a device part.
+fn part_column(p: &Part) -> &'static str {
+    match p {
+        Part::Identity(_) => "identity",
+        Part::Desired(_) => "desired",
+        Part::Reported(_) => "reported",
+        Part::Live(_) => "live",
+    }
+}
+
+fn part_json(p: &Part) -> Result<Value> {
+    match p {
+        Part::Identity(v) => json(v),
+        Part::Desired(v) => json(v),
+        Part::Reported(v) => json(v),
+        Part::Live(v) => json(v),
+    }
+}
+
+/// Device part writes of a batch, sent together (one statement per part).
+#[derive(Default)]
+struct PendingParts {
+    /// (column, device) → position in `rows`: the last write wins.
+    at: HashMap<(&'static str, String), usize>,
+    rows: Vec<(&'static str, String, Value)>,
+}
+
+impl PendingParts {
+    fn push(&mut self, id: &str, p: &Part) -> Result<()> {
+        let col = part_column(p);
+        let v = part_json(p)?;
+        match self.at.get(&(col, id.to_string())) {
+            Some(&i) => self.rows[i].2 = v,
+            None => {
+                self.at.insert((col, id.to_string()), self.rows.len());
+                self.rows.push((col, id.to_string(), v));
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, tx: &mut impl GenericClient) -> Result<()> {
+        for col in ["identity", "desired", "reported", "live"] {
+            let (ids, values): (Vec<&str>, Vec<Json<&Value>>) = self
+                .rows
+                .iter()
+                .filter(|r| r.0 == col)
+                .map(|r| (r.1.as_str(), Json(&r.2)))
+                .unzip();
+            if ids.is_empty() {
+                continue;
+            }
+            // A part of a device that no longer exists updates nothing,
+            // as sled's load ignores such leftovers.
+            tx.execute(
+                &format!(
+                    "UPDATE devices SET {col} = v.val \
+                     FROM unnest($1::text[], $2::jsonb[]) AS v(id, val) \
+                     WHERE devices.id = v.id"
+                ),
+                &[&ids, &values],
+            )
+            .map_err(pg_err)?;
+        }
+        self.at.clear();
+        self.rows.clear();
+        Ok(())
+    }
+}
+
+fn commit_batch(c: &mut Client, writes: &[Write]) -> Result<()> {
+    let mut tx = c.transaction().map_err(pg_err)?;
+    let mut parts = PendingParts::default();
+    // Event rings read (and locked) in this batch, by device.
+    let mut rings: HashMap<String, Option<VecDeque<DeviceEvent>>> = HashMap::new();
+    for w in writes {
+        match w {
+            Write::Device(id, p) => {
+                parts.push(id, p)?;
+                continue;
+            }
+            Write::DeviceEvent(id, e) => {
+                let ring = match rings.remove(id) {
+                    Some(r) => r,
+                    None => tx
+                        .query_opt("SELECT events FROM devices WHERE id = $1 FOR UPDATE", &[id])
+                        .map_err(pg_err)?
+                        .map(|row| get(&row, "events", &format_args!("events of {id}")))
+                        .transpose()?,
+                };
+                // Events of a device that does not exist are dropped.
+                let Some(mut ring) = ring else {
+                    rings.insert(id.clone(), None);
+                    continue;
+                };
+                if !ring.contains(e) {
+                    ring.push_back(e.clone());
+                    while ring.len() > EVENTS_KEPT {
+                        ring.pop_front();
+                    }
+                    tx.execute(
+                        "UPDATE devices SET events = $2 WHERE id = $1",
+                        &[id, &Json(&ring)],
+                    )
+                    .map_err(pg_err)?;
+                }
+                rings.insert(id.clone(), Some(ring));
+                continue;
+            }
+            _ => {}
+        }
+        // Everything else sees the part writes before it.
+        parts.flush(&mut tx)?;
+        match w {
+            Write::Device(..) | Write::DeviceEvent(..) => {}
+            Write::Bundle(b) => {
+                let claimed: Option<String> = tx
+                    .query_opt(
+                        "SELECT id FROM bundles WHERE name = $1 AND version = $2",
+                        &[&b.name, &b.version],
+                    )
+                    .map_err(pg_err)?
+                    .map(|r| r.get(0));
+                if let Some(id) = claimed.filter(|id| *id != b.id) {
+                    return Err(Error::Conflict(format!(
+                        "{} {} is already bundle {id}",
+                        b.name, b.version
+                    )));
+                }
+                tx.execute(
+                    "INSERT INTO bundles (id, name, version, record) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
+                    &[&b.id, &b.name, &b.version, &Json(b)],
+                )
+                .map_err(|e| match pg_err(e) {
+                    // Another replica claimed the name in the meantime.
+                    Error::Conflict(_) => Error::Conflict(format!(
+                        "{} {} is already another bundle",
+                        b.name, b.version
+                    )),
+                    e => e,
+                })?;
+            }
+            Write::Rollout(r) => upsert(&mut tx, "rollouts", "id", &r.id, &**r)?,
+            Write::Experiment(x) => upsert(&mut tx, "experiments", "id", &x.id, &**x)?,
+            Write::EnrollmentToken(t) => {
+                upsert(&mut tx, "enrollment_tokens", "name", &t.name, t)?;
+            }
+            Write::Window(scope, Some(schedule)) => {
+                let entry = edgefleet_wire::api::v1::WindowEntry {
+                    scope: scope.clone(),
+                    schedule: schedule.clone(),
+                };
+                upsert(&mut tx, "windows", "scope", scope, &entry)?;
+            }
+            Write::Window(scope, None) => {
+                tx.execute("DELETE FROM windows WHERE scope = $1", &[scope])
+                    .map_err(pg_err)?;
+            }
+            Write::Audit(a) => {
+                tx.execute("INSERT INTO audit (record) VALUES ($1)", &[&Json(a)])
+                    .map_err(pg_err)?;
+            }
+            Write::NewDevice(d) => {
+                tx.execute(
+                    "INSERT INTO devices (id, identity, desired, reported, live, events) \
+                     VALUES ($1, $2, $3, $4, $5, $6) \
+                     ON CONFLICT (id) DO UPDATE SET identity = EXCLUDED.identity, \
+                     desired = EXCLUDED.desired, reported = EXCLUDED.reported, \
+                     live = EXCLUDED.live, events = EXCLUDED.events",
+                    &[
+                        &d.id,
+                        &Json(&d.identity),
+                        &Json(&d.desired),
+                        &d.reported.as_ref().map(Json),
+                        &Json(&d.live),
+                        &Json(&d.events),
+                    ],
+                )
+                .map_err(pg_err)?;
+                rings.insert(d.id.clone(), Some(d.events.clone()));
+            }
+            Write::RemoveDevice(id) => {
+                tx.execute("DELETE FROM devices WHERE id = $1", &[id])
+                    .map_err(pg_err)?;
+                rings.insert(id.clone(), None);
+            }
+            Write::Trust(doc) => {
+                let version = doc
+                    .peek_unverified()
+                    .map_err(|e| Error::Store(format!("trust document: {e}")))?
+                    .version;
+                let version = i64::try_from(version)
+                    .map_err(|_| Error::Store(format!("trust version {version} out of range")))?;
+                tx.execute(
+                    "INSERT INTO trust (version, record) VALUES ($1, $2) \
+                     ON CONFLICT (version) DO UPDATE SET record = EXCLUDED.record",
+                    &[&version, &Json(doc)],
+                )
+                .map_err(pg_err)?;
+            }
+        }
+    }
+    parts.flush(&mut tx)?;
+    tx.commit().map_err(pg_err)
+}
+
+fn upsert<T: Serialize + std::fmt::Debug + Sync>(
+    tx: &mut impl GenericClient,
+    table: &str,
+    key: &str,
+    id: &str,
+    record: &T,
+) -> Result<()> {
+    tx.execute(
+        &format!(
+            "INSERT INTO {table} ({key}, record) VALUES ($1, $2) \
+             ON CONFLICT ({key}) DO UPDATE SET record = EXCLUDED.record"
+        ),
+        &[&id, &Json(record)],
+    )
+    .map_err(pg_err)?;
+    Ok(())
+}
+
+impl Store for PgStore {
+    fn load(&self) -> Result<Snapshot> {
+        self.with(&self.read, |c| {
+            let mut snap = Snapshot {
+                bundles: Self::all(c, "bundles")?,
+                rollouts: Self::all(c, "rollouts")?,
+                enrollment_tokens: Self::all(c, "enrollment_tokens")?,
+                trust: Self::all(c, "trust")?,
+                experiments: Self::all(c, "experiments")?,
+                windows: Self::all(c, "windows")?,
+                devices: Vec::new(),
+            };
+            let rows = c
+                .query(
+                    "SELECT id, identity, desired, reported, live, events FROM devices ORDER BY id",
+                    &[],
+                )
+                .map_err(pg_err)?;
+            for row in rows {
+                let id: String = row.try_get("id").map_err(pg_err)?;
+                let what = format_args!("device {id}");
+                let reported: Option<Json<Value>> = row.try_get("reported").map_err(pg_err)?;
+                let reported: Option<Reported> = reported
+                    .map(|v| serde_json::from_value(v.0))
+                    .transpose()
+                    .map_err(|e| Error::Store(format!("corrupt record {what}: {e}")))?;
+                let identity: Identity = get(&row, "identity", &what)?;
+                let desired: Desired = get(&row, "desired", &what)?;
+                let live: Live = get(&row, "live", &what)?;
+                let events: VecDeque<DeviceEvent> = get(&row, "events", &what)?;
+                snap.devices.push(DeviceRecord {
+                    id,
+                    identity,
+                    desired,
+                    reported,
+                    live,
+                    events,
+                });
+            }
+            Ok(snap)
+        })
+    }
+
+    fn commit(&self, writes: &[Write]) -> Result<()> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        self.with(&self.write, |c| commit_batch(c, writes))
+    }
+
+    fn audit(&self, after: Option<u64>, limit: usize) -> Result<Vec<(u64, AuditEntry)>> {
+        let after = i64::try_from(after.unwrap_or(0)).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with(&self.read, |c| {
+            c.query(
+                "SELECT seq, record FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
+                &[&after, &limit],
+            )
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| {
+                let seq: i64 = r.try_get("seq").map_err(pg_err)?;
+                Ok((seq as u64, get(r, "record", &format_args!("audit {seq}"))?))
+            })
+            .collect()
+        })
+    }
+
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_password_in_logs() {
+        assert_eq!(
+            redact("postgres://fleet:s3cret@db.example:5432/edgefleet"),
+            "postgres://fleet@db.example:5432/edgefleet"
+        );
+        assert_eq!(
+            redact("postgresql://fleet@db/edgefleet"),
+            "postgresql://fleet@db/edgefleet"
+        );
+        assert!(!redact("host=db password=s3cret").contains("s3cret"));
+    }
+
+    #[test]
+    fn migrations_are_numbered_in_order_from_one() {
+        for (i, (v, name, sql)) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(*v as usize, i + 1, "{name}");
+            assert!(!sql.trim().is_empty(), "{name}");
+        }
+    }
+}

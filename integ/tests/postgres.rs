@@ -1,0 +1,189 @@
+//! The fleet server on PostgreSQL (Debian's, started by the test on a
+//! loopback port, as `nobody` under root): a sled deployment moves to
+//! PostgreSQL with `fleet-server export` / `migrate` / `import`, its
+//! devices keep their credentials (no re-enrollment) and take the next
+//! rollout, and a kill -9 of the server plus a restart of PostgreSQL lose
+//! nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use integ::agent::InProcAgent as Agent;
+use integ::bundles::{Model, Pack};
+use integ::common::free_port;
+use integ::fleet::{ADMIN, ServerProc, TestFleet, config_file, trust_key};
+use integ::postgres::Postgres;
+
+fn active_version(s: &Value) -> Option<&str> {
+    s["record"]["active"]["version"].as_str()
+}
+
+/// Waits until the server sees `id` committed on bundle `bundle`.
+async fn wait_device_on(fleet: &TestFleet, id: &str, bundle: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let d = fleet.device(id).await;
+        if d["state"] == "committed" && d["active"]["id"] == bundle {
+            return d;
+        }
+        assert!(Instant::now() < deadline, "server view: {d:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn audit_actions(fleet: &TestFleet) -> Vec<String> {
+    let r = fleet
+        .req(
+            reqwest::Method::GET,
+            "/api/v1/audit?limit=1000",
+            Some(ADMIN),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let v: Vec<Value> = r.json().await.unwrap();
+    v.iter()
+        .map(|e| format!("{} {}", e["action"], e["target"]))
+        .collect()
+}
+
+#[track_caller]
+fn ok(o: std::process::Output) -> (String, String) {
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
+    assert!(o.status.success(), "exit {}: {out}{err}", o.status);
+    (out, err)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sled_fleet_moves_to_postgres_without_reenrolling_and_loses_nothing() {
+    let Some(mut pg) = Postgres::start("a_sled_fleet_moves_to_postgres_…") else {
+        return;
+    };
+    let url = pg.database("fleet");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = free_port();
+    let sled_cfg = config_file(dir.path(), "sled.toml", &data, port, "");
+    let pg_cfg = config_file(
+        dir.path(),
+        "pg.toml",
+        &data,
+        port,
+        &format!("[store]\nurl = \"{url}\""),
+    );
+
+    // A fleet on the embedded store: one device on v1.
+    let server = ServerProc::start(&sled_cfg, port);
+    let fleet = TestFleet::attach(port);
+    let v1 = fleet.push(Pack::new(Model::Cls, 1).bytes()).await;
+    let adir = tempfile::tempdir().unwrap();
+    let trust = vec![trust_key(adir.path(), 1)];
+    let agent = Agent::start(Agent::config(
+        &fleet.url,
+        adir.path(),
+        "pi-1",
+        "rpi4",
+        trust.clone(),
+    ))
+    .await;
+    let r1 = fleet.rollout_gated(&v1, "rpi4", json!({})).await;
+    fleet.wait_rollout(&r1, "completed", 60).await;
+    let before = wait_device_on(&fleet, "pi-1", &v1).await;
+    let audit_before = audit_actions(&fleet).await;
+    assert!(!audit_before.is_empty());
+    server.stop();
+
+    // export (sled) → migrate + import (PostgreSQL), with the server stopped.
+    let doc = dir.path().join("fleet.json");
+    let (_, err) = ok(ServerProc::run(
+        &sled_cfg,
+        &["export", "--out", doc.to_str().unwrap()],
+    ));
+    assert!(err.contains("1 bundles, 1 devices, 1 rollouts"), "{err}");
+    let (out, _) = ok(ServerProc::run(&pg_cfg, &["migrate"]));
+    assert!(
+        out.contains("postgres store is at the current schema"),
+        "{out}"
+    );
+    let (out, _) = ok(ServerProc::run(
+        &pg_cfg,
+        &["import", "--in", doc.to_str().unwrap()],
+    ));
+    assert!(out.contains("into the postgres store"), "{out}");
+    // Importing twice would merge two fleets: refused with the reason.
+    let again = ServerProc::run(&pg_cfg, &["import", "--in", doc.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("import only into an empty store"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let check = ServerProc::run(&pg_cfg, &["--check-config"]);
+    let (out, _) = ok(check);
+    assert!(out.contains("reachable, schema version"), "{out}");
+
+    // The same fleet on PostgreSQL: the device is the same record…
+    let server = ServerProc::start(&pg_cfg, port);
+    assert!(
+        server.log().contains("postgres"),
+        "the server says which store it runs on: {}",
+        server.log()
+    );
+    let after = fleet.device("pi-1").await;
+    for k in ["enrolled_at", "tags", "active", "state"] {
+        assert_eq!(after[k], before[k], "{k}: {after:#}");
+    }
+    assert_eq!(
+        audit_actions(&fleet).await[..audit_before.len()],
+        audit_before
+    );
+    // …and its credential still works: it takes the next rollout without
+    // enrolling again (a second enrollment would be refused: device_exists).
+    let v2 = fleet.push(Pack::new(Model::Cls, 2).bytes()).await;
+    let r2 = fleet.rollout_gated(&v2, "rpi4", json!({})).await;
+    fleet.wait_rollout(&r2, "completed", 90).await;
+    agent
+        .wait_for("v2 committed", 60, |s| {
+            s["state"] == "committed" && active_version(s) == Some("1.2.0")
+        })
+        .await;
+    wait_device_on(&fleet, "pi-1", &v2).await;
+
+    // kill -9 the server and restart PostgreSQL: nothing is lost.
+    server.kill();
+    pg.restart();
+    let server = ServerProc::start(&pg_cfg, port);
+    let d = fleet.device("pi-1").await;
+    assert_eq!(d["active"]["id"], v2.as_str(), "{d:#}");
+    assert_eq!(d["enrolled_at"], before["enrolled_at"]);
+    let rollouts = fleet.get_json("/api/v1/rollouts").await;
+    let states: Vec<_> = rollouts
+        .as_array()
+        .or_else(|| rollouts["rollouts"].as_array())
+        .unwrap()
+        .iter()
+        .map(|r| (r["id"].clone(), r["phase"]["state"].clone()))
+        .collect();
+    assert!(
+        states.contains(&(json!(r1), json!("completed")))
+            && states.contains(&(json!(r2), json!("completed"))),
+        "{states:?}"
+    );
+    let bundles = fleet.get_json("/api/v1/bundles").await;
+    let text = bundles.to_string();
+    assert!(text.contains(&v1) && text.contains(&v2), "{bundles:#}");
+    // The device keeps reporting to the restarted server.
+    agent
+        .wait_for("still committed on v2", 30, |s| {
+            active_version(s) == Some("1.2.0")
+        })
+        .await;
+    agent.stop().await;
+    server.stop();
+}
