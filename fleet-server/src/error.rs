@@ -27,6 +27,10 @@ pub enum Error {
     /// cannot help).
     #[error("store: {0}")]
     Conflict(String),
+    /// This server lost the store's active lease: another server serves
+    /// the database now, and this one must stop.
+    #[error("store: {0}")]
+    Fenced(String),
 }
 
 impl Error {

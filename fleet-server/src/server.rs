@@ -158,6 +158,25 @@ pub async fn start(
             .await
             .map_err(|e| Error::Store(e.to_string()))??
     };
+    // On a shared database one server is active; the others wait here.
+    let epoch = {
+        let (s, stop) = (store.clone(), shutdown.clone());
+        let holder = format!(
+            "{} pid {} http {}",
+            hostname(),
+            std::process::id(),
+            config.http.listen
+        );
+        tokio::task::spawn_blocking(move || s.acquire_active(&holder, &|| stop.is_cancelled()))
+            .await
+            .map_err(|e| Error::Store(e.to_string()))??
+    };
+    let Some(epoch) = epoch else {
+        return Err(Error::Usage("stopped while waiting as a standby".into()));
+    };
+    if epoch > 0 {
+        tracing::info!(epoch, "active: this server holds the store's lease");
+    }
     let snapshot = {
         let s = store.clone();
         tokio::task::spawn_blocking(move || s.load())
@@ -296,6 +315,12 @@ pub async fn start(
         mqtt = Some(m);
     }
 
+    if epoch > 0 {
+        spawn(
+            "store-lease",
+            Box::pin(watch_lease(store.clone(), stop.clone())),
+        );
+    }
     spawn(
         "rollout-ticker",
         Box::pin(run_ticker(
@@ -388,7 +413,12 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<()
     } else {
         "http"
     };
-    let (running, serve) = start(config, shutdown).await?;
+    let (running, serve) = match start(config, shutdown.clone()).await {
+        Ok(started) => started,
+        // SIGTERM while a standby: a clean stop.
+        Err(_) if shutdown.is_cancelled() => return Ok(()),
+        Err(e) => return Err(e),
+    };
     // Scripts and tests read these lines.
     if let Some(u) = &running.mqtt_url {
         println!("mqtt broker at {u}");
@@ -396,6 +426,38 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<()
     println!("fleet-server listening on {scheme}://{}", running.addr);
     tracing::info!(addr = %running.addr, data_dir = %data_dir.display(), "fleet server started");
     serve.await
+}
+
+/// How often the active server checks that it still holds the lease.
+const LEASE_CHECK: Duration = Duration::from_secs(1);
+
+/// Ends with an error (stopping the server) once the store's active lease
+/// is lost: a standby may be serving the database already.
+async fn watch_lease(store: Arc<dyn Store>, stop: CancellationToken) -> Result<()> {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(LEASE_CHECK) => {}
+        }
+        let s = store.clone();
+        let held = tokio::task::spawn_blocking(move || s.still_active())
+            .await
+            .unwrap_or(false);
+        if !held {
+            return Err(Error::Fenced(
+                "lost the store's active lease (its database session ended or another \
+                 server took over): stopping; a restart waits as a standby"
+                    .into(),
+            ));
+        }
+    }
+}
+
+/// This machine's name, for the lease holder shown to standbys.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
 }
 
 /// The TLS acceptor of a listener when its `tls_cert` and `tls_key` are

@@ -211,7 +211,7 @@ fn commit_retrying(store: &dyn Store, writes: Vec<Write>, m: &WriterMetrics) -> 
                 }
                 return Ok(());
             }
-            Err(Error::Conflict(reason)) => return Err(reason),
+            Err(Error::Conflict(reason) | Error::Fenced(reason)) => return Err(reason),
             Err(e) => {
                 m.failures.fetch_add(1, Relaxed);
                 // One line per minute, not one per retry.

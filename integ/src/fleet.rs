@@ -334,25 +334,7 @@ impl ServerProc {
     /// Starts `fleet-server --config <config>` (logging into `<config>.log`)
     /// and waits until `port` takes connections.
     pub fn start(config: &Path, port: u16) -> ServerProc {
-        let log = config.with_extension("log");
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("open the server log");
-        let child = std::process::Command::new(crate::bins::bin("fleet-server"))
-            .arg("--config")
-            .arg(config)
-            .stdout(out.try_clone().expect("log handle"))
-            .stderr(out)
-            .spawn()
-            .expect("start fleet-server");
-        let mut p = ServerProc {
-            child,
-            port,
-            config: config.to_path_buf(),
-            log,
-        };
+        let mut p = Self::spawn(config, port);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Ok(Some(st)) = p.child.try_wait() {
@@ -366,6 +348,47 @@ impl ServerProc {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         p
+    }
+
+    /// Waits until the log holds `text` (panics after `secs`, or if the
+    /// process exits first).
+    pub fn wait_log(&mut self, text: &str, secs: u64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        while !self.log().contains(text) {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("fleet-server exited ({st}) before {text:?}: {}", self.log());
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {text:?} in the log: {}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Starts the process without waiting for anything (a standby does
+    /// not listen until it is active).
+    pub fn spawn(config: &Path, port: u16) -> ServerProc {
+        let log = config.with_extension("log");
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("open the server log");
+        let child = std::process::Command::new(crate::bins::bin("fleet-server"))
+            .arg("--config")
+            .arg(config)
+            .stdout(out.try_clone().expect("log handle"))
+            .stderr(out)
+            .spawn()
+            .expect("start fleet-server");
+        ServerProc {
+            child,
+            port,
+            config: config.to_path_buf(),
+            log,
+        }
     }
 
     /// What it logged so far.

@@ -62,9 +62,12 @@ fn ok(o: std::process::Output) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sled_fleet_moves_to_postgres_without_reenrolling_and_loses_nothing() {
+    let t0 = Instant::now();
+    let phase = |what: &str| eprintln!("[{:>6.1} s] {what}", t0.elapsed().as_secs_f64());
     let Some(mut pg) = Postgres::start("a_sled_fleet_moves_to_postgres_…") else {
         return;
     };
+    phase("postgres up");
     let url = pg.database("fleet");
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -81,7 +84,9 @@ async fn a_sled_fleet_moves_to_postgres_without_reenrolling_and_loses_nothing() 
     // A fleet on the embedded store: one device on v1.
     let server = ServerProc::start(&sled_cfg, port);
     let fleet = TestFleet::attach(port);
+    phase("sled server up");
     let v1 = fleet.push(Pack::new(Model::Cls, 1).bytes()).await;
+    phase("v1 pushed");
     let adir = tempfile::tempdir().unwrap();
     let trust = vec![trust_key(adir.path(), 1)];
     let agent = Agent::start(Agent::config(
@@ -92,12 +97,16 @@ async fn a_sled_fleet_moves_to_postgres_without_reenrolling_and_loses_nothing() 
         trust.clone(),
     ))
     .await;
+    phase("agent started");
     let r1 = fleet.rollout_gated(&v1, "rpi4", json!({})).await;
     fleet.wait_rollout(&r1, "completed", 60).await;
+    phase("r1 completed");
     let before = wait_device_on(&fleet, "pi-1", &v1).await;
     let audit_before = audit_actions(&fleet).await;
     assert!(!audit_before.is_empty());
+    phase("v1 on the sled fleet");
     server.stop();
+    phase("sled server stopped");
 
     // export (sled) → migrate + import (PostgreSQL), with the server stopped.
     let doc = dir.path().join("fleet.json");
@@ -128,6 +137,7 @@ async fn a_sled_fleet_moves_to_postgres_without_reenrolling_and_loses_nothing() 
     let (out, _) = ok(check);
     assert!(out.contains("reachable, schema version"), "{out}");
 
+    phase("moved");
     // The same fleet on PostgreSQL: the device is the same record…
     let server = ServerProc::start(&pg_cfg, port);
     assert!(
@@ -154,6 +164,7 @@ async fn a_sled_fleet_moves_to_postgres_without_reenrolling_and_loses_nothing() 
         })
         .await;
     wait_device_on(&fleet, "pi-1", &v2).await;
+    phase("v2 on the postgres fleet");
 
     // kill -9 the server and restart PostgreSQL: nothing is lost.
     server.kill();

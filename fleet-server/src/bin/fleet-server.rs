@@ -112,6 +112,18 @@ fn store_command(config: &ServerConfig, command: Command) -> Result<(), String> 
             eprintln!("exported {counts} from the {} store", store.backend());
         }
         Command::Import { input } => {
+            // Writing under a running server would leave its memory stale.
+            let tried = std::sync::atomic::AtomicBool::new(false);
+            let active = store
+                .acquire_active("fleet-server import", &|| {
+                    tried.swap(true, std::sync::atomic::Ordering::SeqCst)
+                })
+                .map_err(|e| e.to_string())?;
+            if active.is_none() {
+                return Err(
+                    "a fleet-server is active on this database: stop it before importing".into(),
+                );
+            }
             let text = if input.as_os_str() == "-" {
                 std::io::read_to_string(std::io::stdin())
             } else {

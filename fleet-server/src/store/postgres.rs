@@ -34,12 +34,24 @@ use crate::error::{Error, Result};
 
 /// The schema, in order. A migration is never edited once released: a
 /// change is a new file.
-pub const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "init", include_str!("../../migrations/0001_init.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "init", include_str!("../../migrations/0001_init.sql")),
+    (
+        2,
+        "active_lease",
+        include_str!("../../migrations/0002_active_lease.sql"),
+    ),
+];
 
 /// The advisory lock replicas take while migrating (any constant unique
 /// to edgefleet: "edgeflt" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0065_6467_6566_6c74;
+
+/// The advisory lock the active server holds for its whole life.
+const ACTIVE_LOCK: i64 = 0x0065_6467_6566_6c75;
+
+/// How often a standby tries to take the lease.
+const STANDBY_POLL: Duration = Duration::from_millis(500);
 
 /// How long connecting may take when the URL does not say.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,6 +65,14 @@ pub struct PgStore {
     write: Mutex<Option<Client>>,
     /// Reads (start-up load, audit pages) do not wait behind a batch.
     read: Mutex<Option<Client>>,
+    /// The session holding the active lease's advisory lock; never
+    /// reconnected (a new session would not hold the lock).
+    lease: Mutex<Option<Client>>,
+    /// The lease epoch this server holds (0: none yet). Every batch
+    /// checks it against the table.
+    epoch: std::sync::atomic::AtomicI64,
+    /// Set once a batch found a newer epoch or the lease session broke.
+    fenced: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -166,6 +186,9 @@ impl PgStore {
             display: redact(url),
             write: Mutex::new(None),
             read: Mutex::new(None),
+            lease: Mutex::new(None),
+            epoch: std::sync::atomic::AtomicI64::new(0),
+            fenced: std::sync::atomic::AtomicBool::new(false),
         };
         let applied = s.with(&s.write, migrate)?;
         for (v, name) in applied {
@@ -216,6 +239,79 @@ impl PgStore {
             *guard = None;
         }
         out
+    }
+
+    /// Blocks until this server holds the active lease (or `give_up`
+    /// says to stop waiting: `Ok(None)`); returns its epoch.
+    fn acquire(&self, holder: &str, give_up: &dyn Fn() -> bool) -> Result<Option<u64>> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mut said = false;
+        loop {
+            if give_up() {
+                return Ok(None);
+            }
+            let mut guard = self
+                .lease
+                .lock()
+                .map_err(|_| Error::Store("postgres lease lock poisoned".into()))?;
+            if guard.as_ref().is_none_or(Client::is_closed) {
+                *guard = Some(self.config.connect(NoTls).map_err(|e| {
+                    Error::Store(format!("postgres: connecting to {}: {e}", self.display))
+                })?);
+            }
+            let Some(c) = guard.as_mut() else {
+                continue;
+            };
+            let got: bool = c
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&ACTIVE_LOCK])
+                .map_err(pg_err)?
+                .get(0);
+            if got {
+                let epoch: i64 = c
+                    .query_one(
+                        "INSERT INTO edgefleet_lease (id, epoch, holder) VALUES (true, 1, $1) \
+                         ON CONFLICT (id) DO UPDATE SET epoch = edgefleet_lease.epoch + 1, \
+                         holder = EXCLUDED.holder, acquired_at = now() RETURNING epoch",
+                        &[&holder],
+                    )
+                    .map_err(pg_err)?
+                    .get(0);
+                self.epoch.store(epoch, SeqCst);
+                return Ok(Some(epoch as u64));
+            }
+            if !said {
+                let current: Option<String> = c
+                    .query_opt("SELECT holder FROM edgefleet_lease", &[])
+                    .map_err(pg_err)?
+                    .map(|r| r.get(0));
+                tracing::info!(
+                    holder = current.as_deref().unwrap_or("?"),
+                    "standby: another fleet-server is active on this database; waiting for its lease"
+                );
+                said = true;
+            }
+            drop(guard);
+            std::thread::sleep(STANDBY_POLL);
+        }
+    }
+
+    /// Whether this server still holds the lease: its lease session is
+    /// alive and no batch found a newer epoch.
+    fn holds(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.fenced.load(SeqCst) {
+            return false;
+        }
+        let Ok(mut guard) = self.lease.lock() else {
+            return false;
+        };
+        let alive = guard
+            .as_mut()
+            .is_some_and(|c| c.simple_query("SELECT 1").is_ok());
+        if !alive {
+            self.fenced.store(true, SeqCst);
+        }
+        alive
     }
 
     fn all<T: DeserializeOwned>(c: &mut Client, table: &str) -> Result<Vec<T>> {
@@ -352,8 +448,22 @@ impl PendingParts {
     }
 }
 
-fn commit_batch(c: &mut Client, writes: &[Write]) -> Result<()> {
+fn commit_batch(c: &mut Client, writes: &[Write], epoch: i64) -> Result<()> {
     let mut tx = c.transaction().map_err(pg_err)?;
+    if epoch > 0 {
+        // FOR SHARE: a takeover (which updates the row) waits for this
+        // batch, and this batch sees any takeover committed before it.
+        let now: Option<i64> = tx
+            .query_opt("SELECT epoch FROM edgefleet_lease FOR SHARE", &[])
+            .map_err(pg_err)?
+            .map(|r| r.get(0));
+        if now != Some(epoch) {
+            return Err(Error::Fenced(format!(
+                "another fleet-server took over this database (lease epoch {} > {epoch})",
+                now.unwrap_or(0)
+            )));
+        }
+    }
     let mut parts = PendingParts::default();
     // Event rings read (and locked) in this batch, by device.
     let mut rings: HashMap<String, Option<VecDeque<DeviceEvent>>> = HashMap::new();
@@ -554,7 +664,21 @@ impl Store for PgStore {
         if writes.is_empty() {
             return Ok(());
         }
-        self.with(&self.write, |c| commit_batch(c, writes))
+        use std::sync::atomic::Ordering::SeqCst;
+        let epoch = self.epoch.load(SeqCst);
+        let r = self.with(&self.write, |c| commit_batch(c, writes, epoch));
+        if matches!(r, Err(Error::Fenced(_))) {
+            self.fenced.store(true, SeqCst);
+        }
+        r
+    }
+
+    fn acquire_active(&self, holder: &str, give_up: &dyn Fn() -> bool) -> Result<Option<u64>> {
+        self.acquire(holder, give_up)
+    }
+
+    fn still_active(&self) -> bool {
+        self.holds()
     }
 
     fn audit(&self, after: Option<u64>, limit: usize) -> Result<Vec<(u64, AuditEntry)>> {

@@ -1,0 +1,228 @@
+//! Two fleet-server processes on one PostgreSQL (Debian's, started by the
+//! test) and one data folder: one is active, the other waits as a standby
+//! (the store's active lease). kill -9 of the active one in the middle of
+//! a staged rollout: the standby takes the lease, finishes the rollout,
+//! and no device is ever sent back to the bundle it left. Then everything
+//! restarts, PostgreSQL included, and nothing is lost.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use integ::agent::InProcAgent as Agent;
+use integ::bundles::{Model, Pack};
+use integ::common::free_port;
+use integ::fleet::{ServerProc, TestFleet, config_file, trust_key};
+use integ::postgres::Postgres;
+
+fn active_version(s: &Value) -> Option<String> {
+    s["record"]["active"]["version"].as_str().map(String::from)
+}
+
+/// Every active version each agent reported, in order, without repeats.
+type Seen = Arc<Mutex<BTreeMap<String, Vec<String>>>>;
+
+/// Polls the agents' local status until `stop`, recording versions.
+fn watch(agents: Vec<(String, String)>, seen: Seen, stop: tokio_util::sync::CancellationToken) {
+    tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        while !stop.is_cancelled() {
+            for (id, url) in &agents {
+                let Ok(r) = http.get(format!("{url}/v1/status")).send().await else {
+                    continue;
+                };
+                let Ok(s) = r.json::<Value>().await else {
+                    continue;
+                };
+                if let Some(v) = active_version(&s) {
+                    let mut seen = seen.lock().unwrap();
+                    let list = seen.entry(id.clone()).or_default();
+                    if list.last() != Some(&v) {
+                        list.push(v);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_standby_takes_over_mid_rollout_and_no_device_goes_backwards() {
+    let Some(mut pg) = Postgres::start("a_standby_takes_over_mid_rollout_…") else {
+        return;
+    };
+    let url = pg.database("fleet");
+    let dir = tempfile::tempdir().unwrap();
+    // One data folder (bundle files) for both: a shared filesystem in a
+    // real deployment. The same port: the standby binds it when active.
+    let data = dir.path().join("data");
+    let port = free_port();
+    let store = format!("[store]\nurl = \"{url}\"");
+    let cfg_a = config_file(dir.path(), "a.toml", &data, port, &store);
+    let cfg_b = config_file(dir.path(), "b.toml", &data, port, &store);
+
+    let mut a = ServerProc::start(&cfg_a, port);
+    a.wait_log("active: this server holds the store's lease", 30);
+    let mut b = ServerProc::spawn(&cfg_b, port);
+    b.wait_log("standby: another fleet-server is active", 30);
+    let fleet = TestFleet::attach(port);
+
+    // Three devices on v1.
+    let v1 = fleet.push(Pack::new(Model::Cls, 1).bytes()).await;
+    let adir = tempfile::tempdir().unwrap();
+    let trust = vec![trust_key(adir.path(), 1)];
+    let mut agents = Vec::new();
+    for i in 1..=3 {
+        let d = adir.path().join(format!("pi-{i}"));
+        agents.push((
+            format!("pi-{i}"),
+            Agent::start(Agent::config(
+                &fleet.url,
+                &d,
+                &format!("pi-{i}"),
+                "rpi4",
+                trust.clone(),
+            ))
+            .await,
+        ));
+    }
+    let r1 = fleet.rollout_gated(&v1, "rpi4", json!({})).await;
+    fleet.wait_rollout(&r1, "completed", 90).await;
+
+    let seen: Seen = Arc::default();
+    let stop_watch = tokio_util::sync::CancellationToken::new();
+    watch(
+        agents
+            .iter()
+            .map(|(id, a)| (id.clone(), a.url.clone()))
+            .collect(),
+        seen.clone(),
+        stop_watch.clone(),
+    );
+
+    // v2 in two stages; the first one bakes long enough to kill the
+    // active server in the middle of the rollout.
+    let v2 = fleet.push(Pack::new(Model::Cls, 2).bytes()).await;
+    let r2 = fleet
+        .create_rollout(json!({
+            "bundle": v2,
+            "selector": {"board": "rpi4"},
+            "stages": [
+                {"percent": 34, "bake_minutes": 0, "bake_seconds": 4},
+                {"percent": 100, "bake_minutes": 0},
+            ],
+            "gates": {},
+        }))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let on_v2 = seen
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|l| l.last().map(String::as_str) == Some("1.2.0"))
+            .count();
+        if on_v2 >= 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no device took v2: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = fleet.get_json(&format!("/api/v1/rollouts/{r2}")).await;
+    assert_eq!(r["phase"]["state"], "running", "mid-rollout: {r:#}");
+    a.kill();
+
+    // The standby takes the lease, listens, and finishes the rollout.
+    b.wait_log("active: this server holds the store's lease", 30);
+    let done = fleet.wait_rollout(&r2, "completed", 120).await;
+    for (_, agent) in &agents {
+        agent
+            .wait_for("v2 committed", 60, |s| {
+                s["state"] == "committed" && active_version(s).as_deref() == Some("1.2.0")
+            })
+            .await;
+    }
+    stop_watch.cancel();
+    // No device ever went back: each ran v1, then v2, nothing after.
+    for (id, list) in seen.lock().unwrap().iter() {
+        assert_eq!(list, &["1.1.0", "1.2.0"], "{id}: {list:?}");
+    }
+    // The rollout's record holds both servers' decisions, in order.
+    let decisions = done["decisions"].as_array().map_or(0, Vec::len);
+    assert!(decisions >= 2, "{done:#}");
+
+    // Restart everything: nothing is lost.
+    b.kill();
+    pg.restart();
+    let mut a = ServerProc::start(&cfg_a, port);
+    a.wait_log("active: this server holds the store's lease", 30);
+    let r = fleet.get_json(&format!("/api/v1/rollouts/{r2}")).await;
+    assert_eq!(r["phase"]["state"], "completed", "{r:#}");
+    for (id, _) in &agents {
+        let d = fleet.device(id).await;
+        assert_eq!(d["active"]["id"], v2.as_str(), "{id}: {d:#}");
+        assert_eq!(d["desired"]["id"], v2.as_str(), "{id}: {d:#}");
+    }
+    for (_, agent) in agents {
+        agent.stop().await;
+    }
+    a.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_lost_its_lease_stops_and_import_refuses_a_live_database() {
+    let Some(mut pg) = Postgres::start("a_server_that_lost_its_lease_…") else {
+        return;
+    };
+    let url = pg.database("fleet");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg = config_file(
+        dir.path(),
+        "a.toml",
+        &dir.path().join("data"),
+        port,
+        &format!("[store]\nurl = \"{url}\""),
+    );
+    let mut a = ServerProc::start(&cfg, port);
+    a.wait_log("active: this server holds the store's lease", 30);
+    // An import under a running server would leave its memory stale.
+    let doc = dir.path().join("empty.json");
+    std::fs::write(
+        &doc,
+        json!({"format": "edgefleet-store-export", "version": 1, "source": "sled",
+               "exported_at": 0, "bundles": [], "devices": [], "rollouts": [],
+               "experiments": [], "enrollment_tokens": [], "trust": [], "windows": [],
+               "audit": []})
+        .to_string(),
+    )
+    .unwrap();
+    let o = ServerProc::run(&cfg, &["import", "--in", doc.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("stop it before importing"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // The database goes away under the active server: its lease session
+    // ends, so it stops instead of serving a database a standby may own.
+    pg.stop();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = a.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "still running: {}", a.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(1), "{}", a.log());
+    assert!(
+        a.log().contains("lost the store's active lease"),
+        "{}",
+        a.log()
+    );
+}
