@@ -8,12 +8,19 @@
 # machine it ran on. Takes 15-25 minutes on 2 cores. Not part of the test
 # suite (that runs scripts/fleet-sim-check.sh, a small correctness run).
 #
-#   scripts/fleet-scale.sh                 # 1000 3000 10000
-#   SIZES="1000" scripts/fleet-scale.sh    # one size (does not touch docs/)
+# Then the same run at PG_SIZES devices (default 10000) with the store in
+# PostgreSQL (Debian's, a throwaway cluster on a loopback port, as nobody
+# under root, fsync on) and two fleet-server processes: the active one and
+# a standby waiting for its lease (docs/deploy.md). The broker stays the
+# embedded one.
+#
+#   scripts/fleet-scale.sh                 # 1000 3000 10000, then PostgreSQL at 10000
+#   SIZES="1000" PG_SIZES="" scripts/fleet-scale.sh    # one size (does not touch docs/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 sizes=${SIZES:-1000 3000 10000}
+pg_sizes=${PG_SIZES-10000}
 target="${CARGO_TARGET_DIR:-$root/target}"
 echo "==> release builds of fleet-server and fleet-sim; fleetctl (dev) packs"
 cargo build --release --locked -q -p fleet-server -p fleet-sim
@@ -21,20 +28,50 @@ cargo build --locked -q -p fleetctl
 rel="$target/release"
 ulimit -n "$(ulimit -Hn)"
 out=$(mktemp -d -t edgefleet-scale.XXXXXX)
-pid=""
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null || true; }
+pid="" standby="" pg_pid="" pg_dir=""
+cleanup() {
+  for p in $pid $standby $pg_pid; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  [ -n "$pg_dir" ] && rm -rf "$pg_dir"
+}
 trap cleanup EXIT
+
+# A throwaway PostgreSQL on 127.0.0.1:$1; sets pg_pid, pg_dir, pg_url.
+start_postgres() {
+  local port=$1 bin run=()
+  bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+  pg_dir=$(mktemp -d -t edgefleet-scale-pg.XXXXXX)
+  if [ "$(id -u)" -eq 0 ]; then
+    chown 65534:65534 "$pg_dir"
+    run=(setpriv --reuid=65534 --regid=65534 --clear-groups --)
+  fi
+  (cd "$pg_dir" && "${run[@]}" "$bin/initdb" --auth=trust --username=edgefleet --encoding=UTF8 \
+    --locale=C -D "$pg_dir/data" >/dev/null)
+  (cd "$pg_dir" && exec "${run[@]}" "$bin/postgres" -D "$pg_dir/data" -h 127.0.0.1 -p "$port" \
+    -k "$pg_dir" -c max_connections=50 > "$pg_dir/postgres.log" 2>&1) &
+  pg_pid=$!
+  for _ in $(seq 300); do "$bin/pg_isready" -q -h 127.0.0.1 -p "$port" && break; sleep 0.1; done
+  pg_url="postgres://edgefleet@127.0.0.1:$port/postgres"
+}
 "$target/debug/fleetctl" keygen --out "$out/release" >/dev/null
 "$target/debug/fleetctl" bundle pack --model models/cls/ch_ppocr_mobile_v2.0_cls_infer.onnx \
   --name cls --version 1.0.0 --sequence 1 \
   --golden-inputs models/cls/golden/in_0.npz --golden-outputs models/cls/golden/out_0.npz \
   --key "$out/release.key" --out "$out/cls.bundle" >/dev/null
 
-for n in $sizes; do
-  echo "==> $n devices"
-  work="$out/n$n"
+# One run at $1 devices; $2 = "sled" or "postgres"; results in result-$3.json.
+run_size() {
+  local n=$1 store=$2 name=$3
+  echo "==> $n devices ($store)"
+  work="$out/$name"
   mkdir -p "$work"
   token=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+  store_toml=""
+  if [ "$store" = postgres ]; then
+    start_postgres "$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+    store_toml="[store]
+url = \"$pg_url\""
+  fi
   cat > "$work/fleet-server.toml" <<TOML
 data_dir = "$work/server"
 rollout_tick_ms = 2000
@@ -50,20 +87,36 @@ role = "operator"
 token = "$token"
 [mqtt]
 listen = "127.0.0.1:0"
+$store_toml
 TOML
   FLEET_SERVER_LOG=warn "$rel/fleet-server" --config "$work/fleet-server.toml" > "$work/server.out" 2> "$work/server.log" &
   pid=$!
-  for _ in $(seq 100); do grep -q "listening on" "$work/server.out" 2>/dev/null && break; sleep 0.1; done
+  for _ in $(seq 300); do grep -q "listening on" "$work/server.out" 2>/dev/null && break; sleep 0.1; done
+  if [ "$store" = postgres ]; then
+    # The second replica: waits for the lease the whole run.
+    FLEET_SERVER_LOG=info "$rel/fleet-server" --config "$work/fleet-server.toml" > "$work/standby.out" 2> "$work/standby.log" &
+    standby=$!
+    for _ in $(seq 100); do grep -q "standby:" "$work/standby.log" 2>/dev/null && break; sleep 0.1; done
+    grep -q "standby:" "$work/standby.log" || { echo "the second replica is not a standby" >&2; cat "$work/standby.log" >&2; exit 1; }
+  fi
   http=$(sed -n 's/^fleet-server listening on //p' "$work/server.out")
   mqtt=$(sed -n 's/^mqtt broker at //p' "$work/server.out")
   "$rel/fleet-sim" --server "$http" --mqtt "$mqtt" --token "$token" --enrollment-token "enroll-$token" \
     --devices "$n" --checkin-secs 30 --report-secs 30 --telemetry-secs 10 --steady-secs 60 --telemetry-only-secs 30 \
     --bundle "$out/cls.bundle" --stages 10:0,50:0,100:0 --rollout-timeout-secs 900 \
     --download-sample 50 --burst "${BURST:-5}" --server-pid "$pid" > "$work/result.json" 2> >(tee "$work/sim.log" >&2)
-  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
-  cp "$work/result.json" "$out/result-$n.json"
-done
-if [ -z "${SIZES:-}" ]; then
+  for p in $pid $standby; do kill "$p"; wait "$p" 2>/dev/null || true; done
+  pid="" standby=""
+  if [ -n "$pg_pid" ]; then
+    kill -INT "$pg_pid"; wait "$pg_pid" 2>/dev/null || true
+    rm -rf "$pg_dir"; pg_pid="" pg_dir=""
+  fi
+  cp "$work/result.json" "$out/result-$name.json"
+}
+
+for n in $sizes; do run_size "$n" sled "$n"; done
+for n in $pg_sizes; do run_size "$n" postgres "pg-$n"; done
+if [ -z "${SIZES:-}" ] && [ -z "${PG_SIZES+set}" ]; then
   python3 scripts/fleet_scale_report.py "$out" > docs/fleet-scale.md
   echo "==> wrote docs/fleet-scale.md"
 else
