@@ -32,7 +32,7 @@ pid="" standby="" pg_pid="" pg_dir=""
 cleanup() {
   for p in $pid $standby $pg_pid; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  [ -n "$pg_dir" ] && rm -rf "$pg_dir"
+  if [ -n "$pg_dir" ]; then rm -rf "$pg_dir"; fi
 }
 trap cleanup EXIT
 
