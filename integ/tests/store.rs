@@ -278,12 +278,28 @@ fn a_full_batch_of_telemetry_keeps_the_last_write_of_each_device() {
             .map(|(round, i)| Write::Device(format!("pi-{i:05}"), live(round * 1000 + i)))
             .collect();
         s.commit(&batch).unwrap();
+        // Events of many devices in one batch, several per device (one
+        // repeated), and one for a device that does not exist.
+        let events: Vec<Write> = (0..25u64)
+            .flat_map(|e| (0..3).map(move |i| Write::DeviceEvent(format!("pi-{i:05}"), event(e))))
+            .chain([
+                Write::DeviceEvent("pi-00001".into(), event(24)),
+                Write::DeviceEvent("nobody".into(), event(1)),
+            ])
+            .collect();
+        s.commit(&events).unwrap();
         let backend = s.backend();
         drop(s);
         let snap = b.open().load().unwrap();
         assert_eq!(snap.devices.len(), n as usize);
         for (i, d) in snap.devices.iter().enumerate() {
             assert_eq!(d.live.at, Some(1000 + i as u64), "{backend} {}", d.id);
+            let ats: Vec<u64> = d.events.iter().map(|e| e.at).collect();
+            if i < 3 {
+                assert_eq!(ats, (5..25).collect::<Vec<_>>(), "{backend} {}", d.id);
+            } else {
+                assert!(ats.is_empty(), "{backend} {}", d.id);
+            }
         }
     });
 }

@@ -5,10 +5,11 @@
 //! Records are the same JSON as the sled store's, in `jsonb` columns (see
 //! `fleet-server/migrations/`). A batch of [`Write`]s is one transaction:
 //! device part writes are sent as one `UPDATE … FROM unnest(…)` per part,
-//! so a batch of 4096 telemetry updates costs a handful of round trips.
-//! Event rings are read-modify-written under the row's lock
-//! (`SELECT … FOR UPDATE`), and a bundle's `name@version` claim is a
-//! unique constraint, so replicas writing at once cannot break either.
+//! and the batch's events as one locked read and one update of the
+//! devices' event rings (`SELECT … FOR UPDATE`), so a batch of 4096
+//! telemetry messages or reports costs a handful of round trips. A
+//! bundle's `name@version` claim is a unique constraint, so writers at
+//! once cannot break either.
 //!
 //! The client is the synchronous `postgres` crate: [`Store`] calls come
 //! from the writer thread and `spawn_blocking`, never from async code.
@@ -93,10 +94,6 @@ fn pg_err(e: postgres::Error) -> Error {
         Some(db) => Error::Store(format!("postgres: {}: {}", db.code().code(), db.message())),
         None => Error::Store(format!("postgres: {e}")),
     }
-}
-
-fn json<T: Serialize>(v: &T) -> Result<Value> {
-    serde_json::to_value(v).map_err(|e| Error::Store(e.to_string()))
 }
 
 fn get<T: DeserializeOwned>(row: &Row, col: &str, what: &dyn std::fmt::Display) -> Result<T> {
@@ -314,7 +311,7 @@ impl PgStore {
         alive
     }
 
-    fn all<T: DeserializeOwned>(c: &mut Client, table: &str) -> Result<Vec<T>> {
+    fn all<T: DeserializeOwned>(c: &mut impl GenericClient, table: &str) -> Result<Vec<T>> {
         let key = match table {
             "trust" => "version",
             "enrollment_tokens" => "name",
@@ -388,44 +385,63 @@ fn part_column(p: &Part) -> &'static str {
     }
 }
 
-fn part_json(p: &Part) -> Result<Value> {
-    match p {
-        Part::Identity(v) => json(v),
-        Part::Desired(v) => json(v),
-        Part::Reported(v) => json(v),
-        Part::Live(v) => json(v),
-    }
+/// A part as JSON text (PostgreSQL parses it into jsonb; no
+/// intermediate `Value`).
+fn part_text(p: &Part) -> Result<String> {
+    let r = match p {
+        Part::Identity(v) => serde_json::to_string(v),
+        Part::Desired(v) => serde_json::to_string(v),
+        Part::Reported(v) => serde_json::to_string(v),
+        Part::Live(v) => serde_json::to_string(v),
+    };
+    r.map_err(|e| Error::Store(e.to_string()))
 }
 
-/// Device part writes of a batch, sent together (one statement per part).
+/// Device part writes and events of a batch, sent together: one
+/// statement per part column, and one locked read plus one write for all
+/// event rings. Flushed before any other kind of write, so that write
+/// sees them (a device removed after its last telemetry stays removed).
 #[derive(Default)]
-struct PendingParts {
-    /// (column, device) → position in `rows`: the last write wins.
+struct Pending {
+    /// (column, device) → position in `parts`: the last write wins.
     at: HashMap<(&'static str, String), usize>,
-    rows: Vec<(&'static str, String, Value)>,
+    parts: Vec<(&'static str, String, String)>,
+    /// New events by device, in order.
+    events: Vec<(String, Vec<DeviceEvent>)>,
+    event_at: HashMap<String, usize>,
 }
 
-impl PendingParts {
-    fn push(&mut self, id: &str, p: &Part) -> Result<()> {
+impl Pending {
+    fn part(&mut self, id: &str, p: &Part) -> Result<()> {
         let col = part_column(p);
-        let v = part_json(p)?;
+        let v = part_text(p)?;
         match self.at.get(&(col, id.to_string())) {
-            Some(&i) => self.rows[i].2 = v,
+            Some(&i) => self.parts[i].2 = v,
             None => {
-                self.at.insert((col, id.to_string()), self.rows.len());
-                self.rows.push((col, id.to_string(), v));
+                self.at.insert((col, id.to_string()), self.parts.len());
+                self.parts.push((col, id.to_string(), v));
             }
         }
         Ok(())
     }
 
+    fn event(&mut self, id: &str, e: &DeviceEvent) {
+        match self.event_at.get(id) {
+            Some(&i) => self.events[i].1.push(e.clone()),
+            None => {
+                self.event_at.insert(id.to_string(), self.events.len());
+                self.events.push((id.to_string(), vec![e.clone()]));
+            }
+        }
+    }
+
     fn flush(&mut self, tx: &mut impl GenericClient) -> Result<()> {
         for col in ["identity", "desired", "reported", "live"] {
-            let (ids, values): (Vec<&str>, Vec<Json<&Value>>) = self
-                .rows
+            let (ids, values): (Vec<&str>, Vec<&str>) = self
+                .parts
                 .iter()
                 .filter(|r| r.0 == col)
-                .map(|r| (r.1.as_str(), Json(&r.2)))
+                .map(|r| (r.1.as_str(), r.2.as_str()))
                 .unzip();
             if ids.is_empty() {
                 continue;
@@ -434,8 +450,8 @@ impl PendingParts {
             // as sled's load ignores such leftovers.
             tx.execute(
                 &format!(
-                    "UPDATE devices SET {col} = v.val \
-                     FROM unnest($1::text[], $2::jsonb[]) AS v(id, val) \
+                    "UPDATE devices SET {col} = v.val::jsonb \
+                     FROM unnest($1::text[], $2::text[]) AS v(id, val) \
                      WHERE devices.id = v.id"
                 ),
                 &[&ids, &values],
@@ -443,7 +459,55 @@ impl PendingParts {
             .map_err(pg_err)?;
         }
         self.at.clear();
-        self.rows.clear();
+        self.parts.clear();
+        if !self.events.is_empty() {
+            let ids: Vec<&str> = self.events.iter().map(|(id, _)| id.as_str()).collect();
+            // Locked in id order: concurrent writers cannot deadlock.
+            let rows = tx
+                .query(
+                    "SELECT id, events FROM devices WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+                    &[&ids],
+                )
+                .map_err(pg_err)?;
+            let mut rings: HashMap<String, VecDeque<DeviceEvent>> = HashMap::new();
+            for row in rows {
+                let id: String = row.try_get("id").map_err(pg_err)?;
+                let ring = get(&row, "events", &format_args!("events of {id}"))?;
+                rings.insert(id, ring);
+            }
+            let (mut ids, mut values): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
+            // Events of a device that does not exist are dropped.
+            for (id, new) in self.events.drain(..) {
+                let Some(mut ring) = rings.remove(&id) else {
+                    continue;
+                };
+                let before = ring.clone();
+                for e in new {
+                    if !ring.contains(&e) {
+                        ring.push_back(e);
+                        while ring.len() > EVENTS_KEPT {
+                            ring.pop_front();
+                        }
+                    }
+                }
+                if ring != before {
+                    values.push(
+                        serde_json::to_string(&ring).map_err(|e| Error::Store(e.to_string()))?,
+                    );
+                    ids.push(id);
+                }
+            }
+            if !ids.is_empty() {
+                tx.execute(
+                    "UPDATE devices SET events = v.val::jsonb \
+                     FROM unnest($1::text[], $2::text[]) AS v(id, val) \
+                     WHERE devices.id = v.id",
+                    &[&ids, &values],
+                )
+                .map_err(pg_err)?;
+            }
+        }
+        self.event_at.clear();
         Ok(())
     }
 }
@@ -464,47 +528,21 @@ fn commit_batch(c: &mut Client, writes: &[Write], epoch: i64) -> Result<()> {
             )));
         }
     }
-    let mut parts = PendingParts::default();
-    // Event rings read (and locked) in this batch, by device.
-    let mut rings: HashMap<String, Option<VecDeque<DeviceEvent>>> = HashMap::new();
+    let mut pending = Pending::default();
     for w in writes {
         match w {
             Write::Device(id, p) => {
-                parts.push(id, p)?;
+                pending.part(id, p)?;
                 continue;
             }
             Write::DeviceEvent(id, e) => {
-                let ring = match rings.remove(id) {
-                    Some(r) => r,
-                    None => tx
-                        .query_opt("SELECT events FROM devices WHERE id = $1 FOR UPDATE", &[id])
-                        .map_err(pg_err)?
-                        .map(|row| get(&row, "events", &format_args!("events of {id}")))
-                        .transpose()?,
-                };
-                // Events of a device that does not exist are dropped.
-                let Some(mut ring) = ring else {
-                    rings.insert(id.clone(), None);
-                    continue;
-                };
-                if !ring.contains(e) {
-                    ring.push_back(e.clone());
-                    while ring.len() > EVENTS_KEPT {
-                        ring.pop_front();
-                    }
-                    tx.execute(
-                        "UPDATE devices SET events = $2 WHERE id = $1",
-                        &[id, &Json(&ring)],
-                    )
-                    .map_err(pg_err)?;
-                }
-                rings.insert(id.clone(), Some(ring));
+                pending.event(id, e);
                 continue;
             }
             _ => {}
         }
-        // Everything else sees the part writes before it.
-        parts.flush(&mut tx)?;
+        // Everything else sees the part writes and events before it.
+        pending.flush(&mut tx)?;
         match w {
             Write::Device(..) | Write::DeviceEvent(..) => {}
             Write::Bundle(b) => {
@@ -572,12 +610,10 @@ fn commit_batch(c: &mut Client, writes: &[Write], epoch: i64) -> Result<()> {
                     ],
                 )
                 .map_err(pg_err)?;
-                rings.insert(d.id.clone(), Some(d.events.clone()));
             }
             Write::RemoveDevice(id) => {
                 tx.execute("DELETE FROM devices WHERE id = $1", &[id])
                     .map_err(pg_err)?;
-                rings.insert(id.clone(), None);
             }
             Write::Trust(doc) => {
                 let version = doc
@@ -595,7 +631,7 @@ fn commit_batch(c: &mut Client, writes: &[Write], epoch: i64) -> Result<()> {
             }
         }
     }
-    parts.flush(&mut tx)?;
+    pending.flush(&mut tx)?;
     tx.commit().map_err(pg_err)
 }
 
@@ -620,6 +656,14 @@ fn upsert<T: Serialize + std::fmt::Debug + Sync>(
 impl Store for PgStore {
     fn load(&self) -> Result<Snapshot> {
         self.with(&self.read, |c| {
+            // One consistent view of every table, even while a server writes.
+            let mut c = c
+                .build_transaction()
+                .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .map_err(pg_err)?;
+            let c = &mut c;
             let mut snap = Snapshot {
                 bundles: Self::all(c, "bundles")?,
                 rollouts: Self::all(c, "rollouts")?,
