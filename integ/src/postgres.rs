@@ -63,11 +63,18 @@ impl Postgres {
             eprintln!("SKIPPED {test}: PostgreSQL is not installed (apt-get install postgresql)");
             return None;
         };
+        let root = is_root();
+        // `nobody` must reach the folder: under /tmp, not under a TMPDIR
+        // that may sit in root's home.
+        let parent = if root {
+            PathBuf::from("/tmp")
+        } else {
+            std::env::temp_dir()
+        };
         let dir = tempfile::Builder::new()
             .prefix("edgefleet-pg-")
-            .tempdir()
+            .tempdir_in(parent)
             .expect("a temporary folder");
-        let root = is_root();
         if root {
             std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY))
                 .expect("give the folder to nobody");
