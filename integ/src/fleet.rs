@@ -335,36 +335,36 @@ impl ServerProc {
     /// and waits until `port` takes connections.
     pub fn start(config: &Path, port: u16) -> ServerProc {
         let mut p = Self::spawn(config, port);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(st)) = p.child.try_wait() {
-                panic!("fleet-server exited ({st}): {}", p.log());
+        p.wait_until("listening", 60, |_| {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        p
+    }
+
+    /// Polls `done` (given the log so far) until it holds; panics after
+    /// `secs`, or if the process exits first, with the log.
+    fn wait_until(&mut self, what: &str, secs: u64, mut done: impl FnMut(&str) -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            let log = self.log();
+            if done(&log) {
+                return;
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("fleet-server exited ({st}) before {what}: {log}");
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "fleet-server did not listen: {}",
-                p.log()
+                "fleet-server: not {what} after {secs} s: {log}"
             );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        p
     }
 
     /// Waits until the log holds `text` (panics after `secs`, or if the
     /// process exits first).
     pub fn wait_log(&mut self, text: &str, secs: u64) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-        while !self.log().contains(text) {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                panic!("fleet-server exited ({st}) before {text:?}: {}", self.log());
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no {text:?} in the log: {}",
-                self.log()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        self.wait_until(&format!("logging {text:?}"), secs, |log| log.contains(text));
     }
 
     /// Starts the process without waiting for anything (a standby does

@@ -204,15 +204,7 @@ impl Postgres {
             .args(["-U", "edgefleet", "-d", "postgres", "-v", "ON_ERROR_STOP=1"])
             .args(["-c", &format!("CREATE DATABASE \"{name}\"")])
             .output()
-            .or_else(|_| {
-                // Debian puts psql in the same folder; a custom build may not.
-                Command::new("psql")
-                    .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-                    .args(["-U", "edgefleet", "-d", "postgres"])
-                    .args(["-c", &format!("CREATE DATABASE \"{name}\"")])
-                    .output()
-            })
-            .expect("run psql");
+            .expect("run psql (beside initdb, as Debian installs it)");
         assert!(
             out.status.success(),
             "CREATE DATABASE {name}: {}",

@@ -6,15 +6,9 @@
 //! Bundle files are not in the document: they stay where `[bundles]`
 //! keeps them (`data_dir/bundles`), which the new deployment points at.
 
-use std::collections::VecDeque;
-
-use edgefleet_wire::telemetry::DeviceEvent;
 use serde::{Deserialize, Serialize};
 
-use super::{
-    AuditEntry, BundleRecord, Desired, DeviceRecord, EnrollmentToken, Identity, Live, Reported,
-    Store, Write,
-};
+use super::{AuditEntry, BundleRecord, DeviceRecord, EnrollmentToken, Store, Write};
 use crate::error::{Error, Result};
 use crate::experiment::Experiment;
 use crate::rollout::Rollout;
@@ -27,17 +21,6 @@ pub const VERSION: u32 = 1;
 /// Audit entries read per page while exporting.
 const AUDIT_PAGE: usize = 10_000;
 
-/// A device with all its parts, as exported.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct DeviceExport {
-    pub id: String,
-    pub identity: Identity,
-    pub desired: Desired,
-    pub reported: Option<Reported>,
-    pub live: Live,
-    pub events: VecDeque<DeviceEvent>,
-}
-
 /// The whole store.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Export {
@@ -47,7 +30,7 @@ pub struct Export {
     pub source: String,
     pub exported_at: u64,
     pub bundles: Vec<BundleRecord>,
-    pub devices: Vec<DeviceExport>,
+    pub devices: Vec<DeviceRecord>,
     pub rollouts: Vec<Rollout>,
     pub experiments: Vec<Experiment>,
     pub enrollment_tokens: Vec<EnrollmentToken>,
@@ -104,18 +87,7 @@ pub fn export(store: &dyn Store, now: u64) -> Result<Export> {
         source: store.backend().into(),
         exported_at: now,
         bundles: snap.bundles,
-        devices: snap
-            .devices
-            .into_iter()
-            .map(|d| DeviceExport {
-                id: d.id,
-                identity: d.identity,
-                desired: d.desired,
-                reported: d.reported,
-                live: d.live,
-                events: d.events,
-            })
-            .collect(),
+        devices: snap.devices,
         rollouts: snap.rollouts,
         experiments: snap.experiments,
         enrollment_tokens: snap.enrollment_tokens,
@@ -176,16 +148,11 @@ pub fn import(store: &dyn Store, doc: Export) -> Result<Counts> {
             .into_iter()
             .map(|w| Write::Window(w.scope, Some(w.schedule))),
     );
-    batch.extend(doc.devices.into_iter().map(|d| {
-        Write::NewDevice(Box::new(DeviceRecord {
-            id: d.id,
-            identity: d.identity,
-            desired: d.desired,
-            reported: d.reported,
-            live: d.live,
-            events: d.events,
-        }))
-    }));
+    batch.extend(
+        doc.devices
+            .into_iter()
+            .map(|d| Write::NewDevice(Box::new(d))),
+    );
     batch.extend(doc.audit.into_iter().map(Write::Audit));
     store.commit(&batch)?;
     Ok(counts)

@@ -108,8 +108,9 @@ pub struct Live {
     pub at: Option<u64>,
 }
 
-/// A device in the inventory, all parts.
-#[derive(Clone, Debug, PartialEq)]
+/// A device in the inventory, all parts (serialized as is by
+/// [`export`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeviceRecord {
     pub id: String,
     pub identity: Identity,

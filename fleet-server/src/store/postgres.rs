@@ -115,16 +115,25 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// `--check-config`: connects to `url` without changing anything and
-/// says what it found.
-pub fn probe(url: &str) -> Result<String> {
+/// The client settings of `url`, with our defaults for what it leaves out
+/// (connect timeout, application name).
+fn client_config(url: &str) -> Result<postgres::Config> {
     let mut config: postgres::Config = url
         .parse()
         .map_err(|e| Error::Usage(format!("[store] url {}: {e}", redact(url))))?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
-    let mut c = config
+    if config.get_application_name().is_none() {
+        config.application_name("fleet-server");
+    }
+    Ok(config)
+}
+
+/// `--check-config`: connects to `url` without changing anything and
+/// says what it found.
+pub fn probe(url: &str) -> Result<String> {
+    let mut c = client_config(url)?
         .connect(NoTls)
         .map_err(|e| Error::Usage(format!("[store] url {}: {e}", redact(url))))?;
     let has_table: bool = c
@@ -169,15 +178,7 @@ impl PgStore {
     /// an advisory lock, so replicas starting together migrate once) and
     /// returns the store.
     pub fn open(url: &str) -> Result<PgStore> {
-        let mut config: postgres::Config = url
-            .parse()
-            .map_err(|e| Error::Usage(format!("[store] url {}: {e}", redact(url))))?;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_TIMEOUT);
-        }
-        if config.get_application_name().is_none() {
-            config.application_name("fleet-server");
-        }
+        let config = client_config(url)?;
         let s = PgStore {
             config,
             display: redact(url),
