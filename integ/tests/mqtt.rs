@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use common::{free_port, mosquitto_bin, repo, write_key};
 use integ::common;
 
-use integ::fleet::{ENROLL, OPERATOR, TestFleet};
+use integ::fleet::{ENROLL, OPERATOR, ServerProc, TestFleet};
 
 fn cls_bundle(minor: u64) -> Vec<u8> {
     let golden = |k: &str| {
@@ -61,10 +61,11 @@ fn cls_bundle(minor: u64) -> Vec<u8> {
 
 /// A broker the test can stop and start on a fixed port.
 enum Broker {
-    /// A `fleet-server` process with its embedded broker.
+    /// A `fleet-server` process with its embedded broker (its log in
+    /// `fleet-server.log` beside the config, shown if it fails to start).
     Embedded {
         config: PathBuf,
-        child: Option<Child>,
+        server: Option<ServerProc>,
     },
     Mosquitto {
         bin: PathBuf,
@@ -110,7 +111,7 @@ listen = "127.0.0.1:{port}"
         .unwrap();
         Broker::Embedded {
             config,
-            child: None,
+            server: None,
         }
     }
 
@@ -144,16 +145,10 @@ listen = "127.0.0.1:{port}"
     fn start(&mut self) {
         let port = self.port();
         match self {
-            Broker::Embedded { config, child } => {
-                *child = Some(
-                    Command::new(integ::bins::bin("fleet-server"))
-                        .arg("--config")
-                        .arg(&*config)
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .spawn()
-                        .unwrap(),
-                );
+            Broker::Embedded { config, server } => {
+                // Waits for the broker's port; panics with the server's
+                // log if it exits or does not listen in time.
+                *server = Some(ServerProc::start(config, port));
             }
             Broker::Mosquitto { bin, port, child } => {
                 *child = Some(
@@ -164,18 +159,24 @@ listen = "127.0.0.1:{port}"
                         .spawn()
                         .unwrap(),
                 );
+                wait_port(*port);
             }
         }
-        wait_port(port);
     }
 
     fn stop(&mut self) {
-        let c = match self {
-            Broker::Embedded { child, .. } | Broker::Mosquitto { child, .. } => child.take(),
-        };
-        if let Some(mut c) = c {
-            let _ = c.kill();
-            let _ = c.wait();
+        match self {
+            Broker::Embedded { server, .. } => {
+                if let Some(s) = server.take() {
+                    s.kill();
+                }
+            }
+            Broker::Mosquitto { child, .. } => {
+                if let Some(mut c) = child.take() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+            }
         }
     }
 }
