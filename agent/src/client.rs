@@ -14,7 +14,12 @@ use crate::error::AgentError;
 #[derive(Clone, Debug)]
 pub struct ServerClient {
     base: String,
+    /// The fleet server: its CA and client certificate, no redirects (a
+    /// credential must never follow one).
     http: reqwest::Client,
+    /// Where a bundle download may redirect (a presigned bucket URL): no
+    /// credential, the system's roots.
+    bucket: reqwest::Client,
     credential: Option<String>,
     timeout: Duration,
 }
@@ -39,11 +44,21 @@ impl ServerClient {
         let http = crate::tls::http_client(
             base,
             tls,
-            reqwest::Client::builder().connect_timeout(Duration::from_secs(10)),
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .redirect(reqwest::redirect::Policy::none()),
+        )?;
+        let bucket = crate::tls::http_client(
+            "",
+            &crate::tls::TlsFiles::default(),
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .redirect(reqwest::redirect::Policy::none()),
         )?;
         Ok(ServerClient {
             base: base.trim_end_matches('/').to_string(),
             http,
+            bucket,
             credential: None,
             timeout,
         })
@@ -184,6 +199,22 @@ impl ServerClient {
         let url = self.url(path);
         let rb = self.authed(self.http.get(&url));
         (url, rb)
+    }
+
+    /// A GET of the URL a bundle download redirected to (`location`,
+    /// resolved against `from`): without the device credential, since a
+    /// presigned URL carries its own signature.
+    pub(crate) fn get_redirected(
+        &self,
+        from: &str,
+        location: &str,
+    ) -> Option<(String, reqwest::RequestBuilder)> {
+        let url = reqwest::Url::parse(from).ok()?.join(location).ok()?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return None;
+        }
+        let rb = self.bucket.get(url.clone());
+        Some((url.to_string(), rb))
     }
 
     /// The error of a non-success answer (`{"error": {"code", "message"}}`).

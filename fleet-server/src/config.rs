@@ -232,6 +232,47 @@ pub struct StoreConfig {
     pub url: Option<String>,
 }
 
+/// Where bundle files live (`[bundles]`). The records stay in the store;
+/// files are content-addressed (`<prefix>/<sha256>.bundle`), so every
+/// replica sharing a bucket sees the same bytes under the same name.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BundlesConfig {
+    /// `file:///srv/edgefleet/bundles` or `s3://bucket/prefix` (env
+    /// FLEET_SERVER_BUNDLES_URL). Unset: `data_dir/bundles`.
+    pub url: Option<String>,
+    /// S3: the endpoint of an S3-compatible service (MinIO, Ceph RGW,
+    /// Garage, s3s); unset means AWS. Env AWS_ENDPOINT_URL.
+    pub endpoint: Option<String>,
+    /// S3: the region. Env AWS_REGION or AWS_DEFAULT_REGION; default
+    /// `us-east-1`.
+    pub region: Option<String>,
+    /// S3 credentials. Prefer the environment (AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) over the file.
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// S3: answer device downloads with a redirect to a presigned URL, so
+    /// the bytes flow from the bucket and not through the server. The
+    /// device's authorization is still checked first. Default false.
+    pub presign_downloads: bool,
+    /// How long a presigned URL stays valid. Default 900 s.
+    pub presign_ttl_secs: u64,
+}
+
+impl Default for BundlesConfig {
+    fn default() -> Self {
+        BundlesConfig {
+            url: None,
+            endpoint: None,
+            region: None,
+            access_key_id: None,
+            secret_access_key: None,
+            presign_downloads: false,
+            presign_ttl_secs: 900,
+        }
+    }
+}
+
 /// The whole server configuration.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -250,6 +291,7 @@ pub struct ServerConfig {
     pub limits: crate::limits::LimitsConfig,
     pub metrics: MetricsConfig,
     pub store: StoreConfig,
+    pub bundles: BundlesConfig,
 }
 
 impl Default for ServerConfig {
@@ -265,6 +307,7 @@ impl Default for ServerConfig {
             limits: crate::limits::LimitsConfig::default(),
             metrics: MetricsConfig::default(),
             store: StoreConfig::default(),
+            bundles: BundlesConfig::default(),
         }
     }
 }
@@ -322,6 +365,16 @@ impl ServerConfig {
             return Err(Error::Usage(format!(
                 "[store] url must be postgres://… or postgresql://… (unset for the embedded store), not {}",
                 crate::store::postgres::redact(url)
+            )));
+        }
+        if let Ok(v) = std::env::var("FLEET_SERVER_BUNDLES_URL") {
+            self.bundles.url = Some(v).filter(|v| !v.is_empty());
+        }
+        if let Some(url) = &self.bundles.url
+            && !(url.starts_with("file:///") || url.starts_with("s3://"))
+        {
+            return Err(Error::Usage(format!(
+                "[bundles] url must be file:///absolute/path or s3://bucket[/prefix] (unset for data_dir/bundles), not {url}"
             )));
         }
         Ok(())

@@ -27,6 +27,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod blobs;
 pub mod config;
 pub mod controller;
 pub mod enrollment;

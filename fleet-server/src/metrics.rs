@@ -46,6 +46,8 @@ type RouteKey = (String, String, u16);
 pub struct ServerMetrics {
     pub downloads: Counter,
     pub downloads_refused: Counter,
+    /// Downloads answered with a redirect to a presigned bucket URL.
+    pub downloads_redirected: Counter,
     /// Device requests refused for a missing or mismatched client certificate.
     pub client_cert_refusals: Counter,
     requests: Mutex<BTreeMap<RouteKey, Histogram>>,
@@ -269,6 +271,11 @@ pub fn render(s: &AppState) -> String {
             "fleet_bundle_downloads_refused_total",
             "Downloads answered 503 at the concurrency limit.",
             s.metrics.downloads_refused.get(),
+        ),
+        (
+            "fleet_bundle_downloads_redirected_total",
+            "Downloads redirected to a presigned URL of the bundle bucket.",
+            s.metrics.downloads_redirected.get(),
         ),
         (
             "fleet_client_cert_refusals_total",

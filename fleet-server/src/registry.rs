@@ -1,62 +1,38 @@
-//! The bundle registry: records in memory, files on disk, content-addressed
-//! by the sha256 of their bytes (`<data_dir>/bundles/<id>.bundle`).
-//! Uploads stream into `.upload-*` files that are renamed into place only
-//! after the bundle verified and its record committed, so a crash or a
-//! refusal never leaves a partial bundle under an id, and a refused push
-//! leaves no file at all.
+//! The bundle registry: records in memory, bytes in `blobs` (a folder or
+//! a bucket), content-addressed by the sha256 of their bytes
+//! (`<id>.bundle`). Uploads stream into local `.upload-*` files that are
+//! put under their name only after the bundle verified, and removed again
+//! if its record does not commit, so a crash or a refusal never leaves a
+//! partial bundle under an id, and a refused push leaves no file at all.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
-use edgefleet_wire::bundle::is_content_address;
-
-use crate::error::{Error, Result};
+use crate::blobs::Blobs;
+use crate::error::Result;
 use crate::store::BundleRecord;
 
 #[derive(Debug)]
 pub struct Registry {
-    dir: PathBuf,
+    /// Where the bytes live (a folder or a bucket).
+    pub blobs: Blobs,
     bundles: RwLock<BTreeMap<String, BundleRecord>>,
     /// Serializes pushes: the push rules look at the registry as a whole.
     pub push_lock: tokio::sync::Mutex<()>,
 }
 
 impl Registry {
-    /// Opens the folder, drops upload leftovers of a crash, loads `records`.
-    pub fn open(data_dir: &Path, records: Vec<BundleRecord>) -> Result<Registry> {
-        let dir = data_dir.join("bundles");
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        if let Ok(rd) = std::fs::read_dir(&dir) {
-            for e in rd.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with(".upload-") || name.ends_with(".tmp") {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
+    /// Opens the bundle location (`[bundles]`), loads `records`.
+    pub async fn open(
+        data_dir: &std::path::Path,
+        cfg: &crate::config::BundlesConfig,
+        records: Vec<BundleRecord>,
+    ) -> Result<Registry> {
         Ok(Registry {
-            dir,
+            blobs: Blobs::open(data_dir, cfg).await?,
             bundles: RwLock::new(records.into_iter().map(|r| (r.id.clone(), r)).collect()),
             push_lock: tokio::sync::Mutex::new(()),
         })
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// Path of a stored bundle. `id` must be a content address, which also
-    /// rules out path traversal.
-    pub fn path(&self, id: &str) -> Option<PathBuf> {
-        is_content_address(id).then(|| self.dir.join(format!("{id}.bundle")))
-    }
-
-    /// A fresh path for an upload in progress.
-    pub fn upload_path(&self) -> Result<PathBuf> {
-        let mut r = [0u8; 12];
-        getrandom::fill(&mut r).map_err(|e| Error::Store(format!("random: {e}")))?;
-        Ok(self.dir.join(format!(".upload-{}", hex::encode(r))))
     }
 
     pub fn get(&self, id: &str) -> Option<BundleRecord> {

@@ -207,7 +207,9 @@ pub async fn start(
     ));
     let (writer, writer_thread) =
         Writer::start(store.clone(), WRITE_QUEUE).map_err(|e| Error::io("store writer", e))?;
-    let registry = Arc::new(Registry::open(&config.data_dir, snapshot.bundles)?);
+    let registry =
+        Arc::new(Registry::open(&config.data_dir, &config.bundles, snapshot.bundles).await?);
+    tracing::info!(at = %registry.blobs.describe(), "bundle files");
     let enrollment = Arc::new(Enrollment::new(
         &config.auth.enrollment_tokens,
         &config.auth.enrollment_tags,

@@ -19,6 +19,9 @@ pub enum Model {
     /// A tiny two-input, two-output model (bundle name `multi-io`): packs
     /// in milliseconds.
     MultiIo,
+    /// The PP-OCRv4 recognizer (bundle name `rec`): a 10 MiB model, for
+    /// bundles larger than one upload part.
+    Rec,
 }
 
 impl Model {
@@ -44,6 +47,13 @@ impl Model {
                 "models/multi/golden",
                 1,
                 1e-5,
+            ),
+            Model::Rec => (
+                "rec",
+                "models/rec/ch_PP-OCRv4_rec_infer.onnx",
+                "models/rec/golden",
+                1,
+                1e-4,
             ),
         }
     }

@@ -9,7 +9,9 @@
 //! - [`fleet`]: [`fleet::TestFleet`], a real fleet server in the test
 //!   process, and the operator calls the tests make.
 //! - [`agent`]: `edge-agent run` as a child process.
+//! - [`mosquitto`]: Debian's mosquitto with the published configuration.
 //! - [`postgres`]: a throwaway PostgreSQL server from Debian's packages.
+//! - [`s3`]: a throwaway S3-compatible server (`s3s-fs`).
 //! - [`proxy`]: a fault-injecting HTTP proxy (flip, truncate, cut, replay,
 //!   stall, 500s) between an agent and its server.
 
@@ -20,5 +22,7 @@ pub mod bins;
 pub mod bundles;
 pub mod common;
 pub mod fleet;
+pub mod mosquitto;
 pub mod postgres;
 pub mod proxy;
+pub mod s3;

@@ -8,13 +8,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fleet_server::config::{MosquittoConfig, MqttConfig, Role, ServerConfig, TokenConfig};
+use fleet_server::config::{MqttConfig, Role, ServerConfig, TokenConfig};
 use fleet_sim::mqtt::Conn;
 use integ::bundles::{Model, Pack};
-use integ::common::{free_port, mosquitto_bin, repo};
+use integ::common::mosquitto_bin;
+use integ::mosquitto::Mosquitto;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -51,15 +51,6 @@ struct Fleet {
 impl Drop for Fleet {
     fn drop(&mut self) {
         self.stop.cancel();
-    }
-}
-
-struct Mosquitto(Child);
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -104,65 +95,11 @@ async fn embedded(dir: &Path) -> Fleet {
 /// mosquitto with the published config; the fleet server keeps its
 /// password file and makes it reload.
 async fn mosquitto(dir: &Path, bin: &Path) -> Fleet {
-    let port = free_port();
-    let passwd = dir.join("mosquitto.passwd");
-    let statics = dir.join("dashboards.passwd");
-    let data = dir.join("mosquitto-data");
-    std::fs::create_dir_all(&data).unwrap();
-    std::fs::write(&passwd, "").unwrap();
-    // A dashboard login, the way an operator adds one.
-    let st = Command::new("mosquitto_passwd")
-        .args(["-c", "-b"])
-        .arg(&statics)
-        .args(["dashboard", DASH_PASSWORD])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
-    let conf = std::fs::read_to_string(repo("docs/brokers/mosquitto.conf"))
-        .unwrap()
-        .replace("@PORT@", &port.to_string())
-        .replace("@BIND@", "127.0.0.1")
-        .replace("@PASSWORD_FILE@", &passwd.display().to_string())
-        .replace("@ACL_FILE@", &repo("docs/brokers/mosquitto.acl").display().to_string())
-        .replace("@DATA_DIR@", &data.display().to_string())
-        // The test's own user: the files it writes stay readable.
-        + &format!("user {user}\n");
-    let conf_path = dir.join("mosquitto.conf");
-    std::fs::write(&conf_path, conf).unwrap();
-    let child = Command::new(bin)
-        .arg("-c")
-        .arg(&conf_path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "mosquitto did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let broker = Mosquitto::start(dir, bin, DASH_PASSWORD);
     let mut cfg = base_config(dir);
-    cfg.mqtt = Some(MqttConfig {
-        embedded: false,
-        url: Some(format!("mqtt://127.0.0.1:{port}")),
-        username: Some("fleet-server".into()),
-        password: Some(SERVER_PASSWORD.into()),
-        mosquitto: Some(MosquittoConfig {
-            password_file: passwd,
-            static_password_file: Some(statics),
-            reload_command: vec!["kill".into(), "-HUP".into(), pid.to_string()],
-        }),
-        ..MqttConfig::default()
-    });
-    start(
-        cfg,
-        Some(Mosquitto(child)),
-        format!("mqtt://127.0.0.1:{port}"),
-        ("dashboard", DASH_PASSWORD),
-    )
-    .await
+    cfg.mqtt = Some(broker.server_config(SERVER_PASSWORD));
+    let url = broker.url();
+    start(cfg, Some(broker), url, ("dashboard", DASH_PASSWORD)).await
 }
 
 impl Fleet {

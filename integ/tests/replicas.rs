@@ -1,9 +1,13 @@
 //! Two fleet-server processes on one PostgreSQL (Debian's, started by the
-//! test) and one data folder: one is active, the other waits as a standby
-//! (the store's active lease). kill -9 of the active one in the middle of
-//! a staged rollout: the standby takes the lease, finishes the rollout,
-//! and no device is ever sent back to the bundle it left. Then everything
-//! restarts, PostgreSQL included, and nothing is lost.
+//! test), one S3 bucket (`s3s-fs`) for bundle bytes and Debian's
+//! mosquitto with per-device ACLs (shared subscription for ingest), each
+//! server with its own data folder: one is active, the other waits as a
+//! standby (the store's active lease). kill -9 of the active one in the
+//! middle of a staged rollout: the standby takes the lease, finishes the
+//! rollout from the same bucket, ingests the devices' MQTT telemetry, and
+//! no device is ever sent back to the bundle it left. Then everything
+//! restarts, PostgreSQL, the bucket and the broker included, and nothing
+//! is lost.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -14,9 +18,11 @@ use serde_json::{Value, json};
 
 use integ::agent::InProcAgent as Agent;
 use integ::bundles::{Model, Pack};
-use integ::common::free_port;
+use integ::common::{free_port, mosquitto_bin};
 use integ::fleet::{ServerProc, TestFleet, config_file, trust_key};
+use integ::mosquitto::Mosquitto;
 use integ::postgres::Postgres;
+use integ::s3::S3;
 
 fn active_version(s: &Value) -> Option<String> {
     s["record"]["active"]["version"].as_str().map(String::from)
@@ -50,20 +56,66 @@ fn watch(agents: Vec<(String, String)>, seen: Seen, stop: tokio_util::sync::Canc
     });
 }
 
+/// Waits until the server shows telemetry of `device` numbered above
+/// `after`; its sequence number.
+async fn wait_telemetry(fleet: &TestFleet, device: &str, after: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let d = fleet.device(device).await;
+        if let Some(seq) = d["telemetry"]["seq"].as_u64().filter(|&s| s > after) {
+            return seq;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no telemetry after {after}: {d:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_standby_takes_over_mid_rollout_and_no_device_goes_backwards() {
-    let Some(mut pg) = Postgres::start("a_standby_takes_over_mid_rollout_…") else {
+    let test = "a_standby_takes_over_mid_rollout_…";
+    let Some(mut pg) = Postgres::start(test) else {
+        return;
+    };
+    let Some(mut s3) = S3::start(test, "fleet") else {
+        return;
+    };
+    let Some(mosquitto_bin) = mosquitto_bin() else {
+        assert!(
+            std::env::var_os("EDGEFLEET_REQUIRE_MOSQUITTO").is_none(),
+            "mosquitto is required here but not installed"
+        );
+        eprintln!("SKIPPED {test}: mosquitto is not installed");
         return;
     };
     let url = pg.database("fleet");
     let dir = tempfile::tempdir().unwrap();
-    // One data folder (bundle files) for both: a shared filesystem in a
-    // real deployment. The same port: the standby binds it when active.
-    let data = dir.path().join("data");
+    let broker = Mosquitto::start(dir.path(), &mosquitto_bin, "dash-secret");
+    // Nothing shared on disk: state in PostgreSQL, bundle bytes in the
+    // bucket, devices on the broker. The same port: the standby binds it
+    // when active.
     let port = free_port();
-    let store = format!("[store]\nurl = \"{url}\"");
-    let cfg_a = config_file(dir.path(), "a.toml", &data, port, &store);
-    let cfg_b = config_file(dir.path(), "b.toml", &data, port, &store);
+    let shared = format!(
+        "[store]\nurl = \"{url}\"\n{}{}",
+        s3.bundles_toml("bundles", true),
+        broker.server_toml("server-secret", Some("fleet"))
+    );
+    let cfg_a = config_file(
+        dir.path(),
+        "a.toml",
+        &dir.path().join("data-a"),
+        port,
+        &shared,
+    );
+    let cfg_b = config_file(
+        dir.path(),
+        "b.toml",
+        &dir.path().join("data-b"),
+        port,
+        &shared,
+    );
 
     let mut a = ServerProc::start(&cfg_a, port);
     a.wait_log("active: this server holds the store's lease", 30);
@@ -80,12 +132,9 @@ async fn a_standby_takes_over_mid_rollout_and_no_device_goes_backwards() {
         let d = adir.path().join(format!("pi-{i}"));
         agents.push((
             format!("pi-{i}"),
-            Agent::start(Agent::config(
-                &fleet.url,
-                &d,
-                &format!("pi-{i}"),
-                "rpi4",
-                trust.clone(),
+            Agent::start(Agent::over_mqtt(
+                Agent::config(&fleet.url, &d, &format!("pi-{i}"), "rpi4", trust.clone()),
+                broker.port,
             ))
             .await,
         ));
@@ -134,6 +183,8 @@ async fn a_standby_takes_over_mid_rollout_and_no_device_goes_backwards() {
     }
     let r = fleet.get_json(&format!("/api/v1/rollouts/{r2}")).await;
     assert_eq!(r["phase"]["state"], "running", "mid-rollout: {r:#}");
+    // The devices' telemetry reaches the active server over the broker.
+    let seq_before = wait_telemetry(&fleet, "pi-1", 0).await;
     a.kill();
     let killed = Instant::now();
 
@@ -157,6 +208,9 @@ async fn a_standby_takes_over_mid_rollout_and_no_device_goes_backwards() {
             })
             .await;
     }
+    // The new active server ingests the devices' telemetry (its shared
+    // subscription on the broker).
+    wait_telemetry(&fleet, "pi-1", seq_before).await;
     stop_watch.cancel();
     // No device ever went back: each ran v1, then v2, nothing after.
     for (id, list) in seen.lock().unwrap().iter() {
@@ -169,6 +223,7 @@ async fn a_standby_takes_over_mid_rollout_and_no_device_goes_backwards() {
     // Restart everything: nothing is lost.
     b.kill();
     pg.restart();
+    s3.restart();
     let mut a = ServerProc::start(&cfg_a, port);
     a.wait_log("active: this server holds the store's lease", 30);
     let r = fleet.get_json(&format!("/api/v1/rollouts/{r2}")).await;
@@ -178,6 +233,11 @@ async fn a_standby_takes_over_mid_rollout_and_no_device_goes_backwards() {
         assert_eq!(d["active"]["id"], v2.as_str(), "{id}: {d:#}");
         assert_eq!(d["desired"]["id"], v2.as_str(), "{id}: {d:#}");
     }
+    // The bundles' bytes are still there for a device that comes later.
+    let v3 = fleet.push(Pack::new(Model::Cls, 3).bytes()).await;
+    let r3 = fleet.roll_out(&v3, "rpi4").await;
+    fleet.wait_rollout(&r3, "completed", 120).await;
+    assert_eq!(s3.objects("bundles").len(), 3);
     for (_, agent) in agents {
         agent.stop().await;
     }

@@ -168,6 +168,39 @@ async fn fetch(
         .await
         .map_err(|_| Fault::Transport(format!("{url}: no answer within {:?}", job.idle)))?
         .map_err(transport)?;
+    // The server may send the bytes from a bucket: one redirect to a
+    // presigned URL, asked without the credential. The range stays; the
+    // If-Range does not (the bucket's ETag is not the bundle's id; the
+    // name is a content address and the digest is checked at the end).
+    if resp.status().is_redirection() {
+        let location = resp
+            .headers()
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|l| client.get_redirected(&url, l));
+        let Some((to, mut rb)) = location else {
+            return Err(Fault::Transport(format!(
+                "{url}: {} without a usable Location",
+                resp.status()
+            )));
+        };
+        if offset > 0 {
+            rb = rb.header(header::RANGE, format!("bytes={offset}-"));
+        }
+        let host = reqwest::Url::parse(&to)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_default();
+        resp = tokio::time::timeout(job.idle, rb.send())
+            .await
+            .map_err(|_| Fault::Transport(format!("{host}: no answer within {:?}", job.idle)))?
+            .map_err(|e| {
+                Fault::Transport(format!(
+                    "redirected download from {host}: {}",
+                    e.without_url()
+                ))
+            })?;
+    }
     match resp.status() {
         StatusCode::PARTIAL_CONTENT => {}
         StatusCode::OK => {

@@ -13,7 +13,6 @@ use edgefleet_wire::bundle::{Limits, StreamDigest};
 use edgefleet_wire::time::unix_now as now;
 use edgefleet_wire::verify::{Expiry, check_bundle};
 use http_body_util::BodyExt as _;
-use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 
 use super::{ApiError, ApiResult, AppState};
 use crate::auth::{Action, Caller, require};
@@ -69,7 +68,7 @@ pub async fn push(
     }
     // Stream to a temporary file while hashing: memory stays flat.
     let mut upload = Upload {
-        path: s.registry.upload_path()?,
+        path: s.registry.blobs.upload_path()?,
         keep: false,
     };
     let mut file = std::fs::File::create(&upload.path).map_err(|e| Error::io(&upload.path, e))?;
@@ -173,19 +172,23 @@ pub async fn push(
             ),
         ));
     }
-    let dest = s
-        .registry
-        .path(&id)
-        .ok_or_else(|| Error::Store(format!("bad content address {id}")))?;
-    std::fs::rename(&upload.path, &dest).map_err(|e| Error::io(&dest, e))?;
+    s.registry
+        .blobs
+        .store(&id, &upload.path)
+        .await
+        .map_err(|e| {
+            tracing::error!(bundle = %id, error = %e, "cannot store a pushed bundle");
+            ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "cannot_store",
+                format!("the bundle could not be stored: {e}"),
+            )
+        })?;
     upload.keep = true;
-    if let Ok(d) = std::fs::File::open(s.registry.dir()) {
-        let _ = d.sync_all();
-    }
     let audit = s.audit_write(&caller, "bundle.push", &id);
     if let Err(e) = s.commit(vec![Write::Bundle(rec.clone()), audit]).await {
-        // The record did not commit: the file must not stay behind either.
-        let _ = std::fs::remove_file(&dest);
+        // The record did not commit: the bytes must not stay behind either.
+        s.registry.blobs.remove(&id).await;
         return Err(e);
     }
     s.registry.insert(rec.clone());
@@ -320,10 +323,6 @@ pub async fn download(
         .registry
         .get(&id)
         .ok_or_else(|| ApiError::not_found("bundle"))?;
-    let path = s
-        .registry
-        .path(&rec.id)
-        .ok_or_else(|| ApiError::not_found("bundle"))?;
     let etag = format!("\"{}\"", rec.id);
     if headers
         .get(header::IF_NONE_MATCH)
@@ -331,6 +330,19 @@ pub async fn download(
         .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
     {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    // A bucket that presigns: the bytes come from it, not through here.
+    if let Some(url) = s.registry.blobs.presigned(&rec.id).await {
+        let url = url?;
+        s.metrics.downloads_redirected.inc();
+        let mut r = StatusCode::TEMPORARY_REDIRECT.into_response();
+        if let Ok(v) = HeaderValue::from_str(&url) {
+            r.headers_mut().insert(header::LOCATION, v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&etag) {
+            r.headers_mut().insert(header::ETAG, v);
+        }
+        return Ok(r);
     }
     // Bounded: a rollout to a whole fleet must not open a transfer per
     // device at once. Devices retry 503s with backoff.
@@ -371,15 +383,9 @@ pub async fn download(
             return Ok(r);
         }
     };
-    let mut file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|e| Error::io(&path, e))?;
-    s.metrics.downloads.inc();
-    file.seek(std::io::SeekFrom::Start(start))
-        .await
-        .map_err(|e| Error::io(&path, e))?;
     let len = if size == 0 { 0 } else { end - start + 1 };
-    let stream = tokio_util::io::ReaderStream::new(file.take(len));
+    let stream = s.registry.blobs.read(&rec.id, start, len).await?;
+    s.metrics.downloads.inc();
     // The permit lives as long as the body is being sent.
     let stream = futures_util::StreamExt::map(stream, move |chunk| {
         let _held = &permit;
