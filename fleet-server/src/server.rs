@@ -88,6 +88,20 @@ pub fn check(config: &ServerConfig) -> Result<Vec<String>> {
     if let Some(url) = &config.store.url {
         ok.push(crate::store::postgres::probe(url)?);
     }
+    if config.bundles.url.is_some() {
+        // The bucket answers with these credentials. A blocking caller:
+        // the runtime's handle from spawn_blocking, else one of its own.
+        let open = crate::blobs::Blobs::open(&config.data_dir, &config.bundles);
+        let blobs = match tokio::runtime::Handle::try_current() {
+            Ok(h) => h.block_on(open)?,
+            Err(_) => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| Error::io("a runtime for the bucket check", e))?
+                .block_on(open)?,
+        };
+        ok.push(format!("[bundles]: {} answers", blobs.describe()));
+    }
     // The data dir must take writes (the store, the registry's uploads).
     std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::io(&config.data_dir, e))?;
     let probe = config.data_dir.join(".check-config");

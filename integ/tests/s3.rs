@@ -75,12 +75,31 @@ async fn bundles_in_a_bucket_keep_range_etag_and_reach_devices_directly_or_by_re
         p.log()
     );
 
+    let o = ServerProc::run(&bad, &["--check-config"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("bundle bucket"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
     let cfg = config_file(
         dir.path(),
         "a.toml",
         &data,
         port,
         &s3.bundles_toml("bundles", false),
+    );
+    let o = ServerProc::run(&cfg, &["--check-config"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        out.contains("[bundles]: s3://fleet-bundles/bundles at http://127.0.0.1:"),
+        "{out}"
     );
     let a = ServerProc::start(&cfg, port);
     let fleet = TestFleet::attach(port);

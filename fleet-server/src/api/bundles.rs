@@ -295,6 +295,7 @@ fn assigned(caller: &Caller, id: &str) -> bool {
     responses((status = 200, description = "The whole bundle", content_type = "application/octet-stream"),
               (status = 206, description = "The requested range", content_type = "application/octet-stream"),
               (status = 304, description = "Not modified"),
+              (status = 307, description = "`[bundles] presign_downloads`: the bytes are at `Location`, a presigned bucket URL; GET it without the bearer token (`Range` works there too)"),
               (status = 403, description = "A device asked for a bundle its desired state does not name", body = ErrorBody),
               (status = 416, body = ErrorBody), (status = 404, body = ErrorBody),
               (status = 503, description = "Too many downloads at once; retry after `Retry-After`", body = ErrorBody),
