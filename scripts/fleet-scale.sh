@@ -8,11 +8,13 @@
 # machine it ran on. Takes 15-25 minutes on 2 cores. Not part of the test
 # suite (that runs scripts/fleet-sim-check.sh, a small correctness run).
 #
-# Then the same run at PG_SIZES devices (default 10000) with the store in
-# PostgreSQL (Debian's, a throwaway cluster on a loopback port, as nobody
-# under root, fsync on) and two fleet-server processes: the active one and
-# a standby waiting for its lease (docs/deploy.md). The broker stays the
-# embedded one.
+# Then the same run at PG_SIZES devices (default 10000) in the scale-out
+# layout (docs/deploy.md): the store in PostgreSQL (Debian's, a throwaway
+# cluster on a loopback port, as nobody under root, fsync on), bundle bytes
+# in an S3 bucket (s3s-fs, `cargo install s3s-fs --features binary`),
+# Debian's mosquitto with the published config and per-device logins kept
+# by the server (shared subscription for ingest), and two fleet-server
+# processes: the active one and a standby waiting for its lease.
 #
 #   scripts/fleet-scale.sh                 # 1000 3000 10000, then PostgreSQL at 10000
 #   SIZES="1000" PG_SIZES="" scripts/fleet-scale.sh    # one size (does not touch docs/)
@@ -28,9 +30,9 @@ cargo build --locked -q -p fleetctl
 rel="$target/release"
 ulimit -n "$(ulimit -Hn)"
 out=$(mktemp -d -t edgefleet-scale.XXXXXX)
-pid="" standby="" pg_pid="" pg_dir=""
+pid="" standby="" pg_pid="" pg_dir="" s3_pid="" mosq_pid=""
 cleanup() {
-  for p in $pid $standby $pg_pid; do kill "$p" 2>/dev/null || true; done
+  for p in $pid $standby $pg_pid $s3_pid $mosq_pid; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   if [ -n "$pg_dir" ]; then rm -rf "$pg_dir"; fi
 }
@@ -59,18 +61,67 @@ start_postgres() {
   --golden-inputs models/cls/golden/in_0.npz --golden-outputs models/cls/golden/out_0.npz \
   --key "$out/release.key" --out "$out/cls.bundle" >/dev/null
 
-# One run at $1 devices; $2 = "sled" or "postgres"; results in result-$3.json.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# s3s-fs on 127.0.0.1:$2 keeping bucket "fleet" under $1; sets s3_pid.
+start_s3() {
+  local dir=$1 port=$2
+  command -v s3s-fs >/dev/null || { echo "s3s-fs is not installed (cargo install s3s-fs --version 0.14.1 --features binary --locked)" >&2; exit 1; }
+  mkdir -p "$dir/root/fleet"
+  s3s-fs --host 127.0.0.1 --port "$port" --access-key scale-access --secret-key scale-secret-0123456789 \
+    "$dir/root" > "$dir/s3s-fs.log" 2>&1 &
+  s3_pid=$!
+  for _ in $(seq 300); do (echo > "/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+}
+
+# mosquitto with docs/brokers/mosquitto.conf on 127.0.0.1:$2, files in $1; sets mosq_pid.
+start_mosquitto() {
+  local dir=$1 port=$2
+  mkdir -p "$dir/data"
+  : > "$dir/passwd"
+  sed -e "s|@PORT@|$port|" -e "s|@BIND@|127.0.0.1|" -e "s|@PASSWORD_FILE@|$dir/passwd|" \
+    -e "s|@ACL_FILE@|$root/docs/brokers/mosquitto.acl|" -e "s|@DATA_DIR@|$dir/data|" \
+    docs/brokers/mosquitto.conf > "$dir/mosquitto.conf"
+  echo "user $(id -un)" >> "$dir/mosquitto.conf"
+  /usr/sbin/mosquitto -c "$dir/mosquitto.conf" > "$dir/mosquitto.log" 2>&1 &
+  mosq_pid=$!
+  for _ in $(seq 300); do (echo > "/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+}
+
+# One run at $1 devices; $2 = "sled" or "ha"; results in result-$3.json.
 run_size() {
   local n=$1 store=$2 name=$3
   echo "==> $n devices ($store)"
   work="$out/$name"
   mkdir -p "$work"
   token=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
-  store_toml=""
-  if [ "$store" = postgres ]; then
-    start_postgres "$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-    store_toml="[store]
-url = \"$pg_url\""
+  ha_toml="" broker_toml="[mqtt]
+listen = \"127.0.0.1:0\""
+  if [ "$store" = ha ]; then
+    start_postgres "$(free_port)"
+    local s3_port mqtt_port
+    s3_port=$(free_port)
+    mqtt_port=$(free_port)
+    start_s3 "$work/s3" "$s3_port"
+    start_mosquitto "$work/mosquitto" "$mqtt_port"
+    ha_toml="[store]
+url = \"$pg_url\"
+[bundles]
+url = \"s3://fleet/bundles\"
+endpoint = \"http://127.0.0.1:$s3_port\"
+access_key_id = \"scale-access\"
+secret_access_key = \"scale-secret-0123456789\""
+    broker_toml="[mqtt]
+embedded = false
+url = \"mqtt://127.0.0.1:$mqtt_port\"
+username = \"fleet-server\"
+password = \"server-$token\"
+share_group = \"fleet\"
+[mqtt.mosquitto]
+password_file = \"$work/mosquitto/passwd\"
+reload_command = [\"kill\", \"-HUP\", \"$mosq_pid\"]"
   fi
   cat > "$work/fleet-server.toml" <<TOML
 data_dir = "$work/server"
@@ -85,22 +136,23 @@ enrollment_tokens = ["enroll-$token"]
 name = "scale-operator"
 role = "operator"
 token = "$token"
-[mqtt]
-listen = "127.0.0.1:0"
-$store_toml
+$broker_toml
+$ha_toml
 TOML
   FLEET_SERVER_LOG=warn "$rel/fleet-server" --config "$work/fleet-server.toml" > "$work/server.out" 2> "$work/server.log" &
   pid=$!
   for _ in $(seq 300); do grep -q "listening on" "$work/server.out" 2>/dev/null && break; sleep 0.1; done
-  if [ "$store" = postgres ]; then
-    # The second replica: waits for the lease the whole run.
-    FLEET_SERVER_LOG=info "$rel/fleet-server" --config "$work/fleet-server.toml" > "$work/standby.out" 2> "$work/standby.log" &
+  if [ "$store" = ha ]; then
+    # The second replica (its own data_dir): waits for the lease the whole run.
+    sed "s|^data_dir = .*|data_dir = \"$work/standby\"|" "$work/fleet-server.toml" > "$work/standby.toml"
+    FLEET_SERVER_LOG=info "$rel/fleet-server" --config "$work/standby.toml" > "$work/standby.out" 2> "$work/standby.log" &
     standby=$!
     for _ in $(seq 100); do grep -q "standby:" "$work/standby.log" 2>/dev/null && break; sleep 0.1; done
     grep -q "standby:" "$work/standby.log" || { echo "the second replica is not a standby" >&2; cat "$work/standby.log" >&2; exit 1; }
   fi
   http=$(sed -n 's/^fleet-server listening on //p' "$work/server.out")
   mqtt=$(sed -n 's/^mqtt broker at //p' "$work/server.out")
+  if [ "$store" = ha ]; then mqtt="mqtt://127.0.0.1:$mqtt_port"; fi
   "$rel/fleet-sim" --server "$http" --mqtt "$mqtt" --token "$token" --enrollment-token "enroll-$token" \
     --devices "$n" --checkin-secs 30 --report-secs 30 --telemetry-secs 10 --steady-secs 60 --telemetry-only-secs 30 \
     --bundle "$out/cls.bundle" --stages 10:0,50:0,100:0 --rollout-timeout-secs 900 \
@@ -111,11 +163,13 @@ TOML
     kill -INT "$pg_pid"; wait "$pg_pid" 2>/dev/null || true
     rm -rf "$pg_dir"; pg_pid="" pg_dir=""
   fi
+  for p in $s3_pid $mosq_pid; do kill "$p"; wait "$p" 2>/dev/null || true; done
+  s3_pid="" mosq_pid=""
   cp "$work/result.json" "$out/result-$name.json"
 }
 
 for n in $sizes; do run_size "$n" sled "$n"; done
-for n in $pg_sizes; do run_size "$n" postgres "pg-$n"; done
+for n in $pg_sizes; do run_size "$n" ha "pg-$n"; done
 if [ -z "${SIZES:-}" ] && [ -z "${PG_SIZES+set}" ]; then
   python3 scripts/fleet_scale_report.py "$out" > docs/fleet-scale.md
   echo "==> wrote docs/fleet-scale.md"

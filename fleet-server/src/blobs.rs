@@ -64,10 +64,7 @@ impl Blobs {
             let store = bucket_store(bucket, cfg)?;
             let describe = format!(
                 "s3://{bucket}/{prefix} at {}",
-                cfg.endpoint
-                    .clone()
-                    .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
-                    .unwrap_or_else(|| "AWS".into())
+                endpoint(cfg).unwrap_or_else(|| "AWS".into())
             );
             let presign = cfg
                 .presign_downloads
@@ -81,12 +78,12 @@ impl Blobs {
                 },
                 describe,
             )
-        } else if let Some(path) = url.strip_prefix("file://") {
-            let d = PathBuf::from(path);
-            (d.clone(), Backend::Dir, format!("file://{}", d.display()))
         } else {
-            let d = data_dir.join("bundles");
-            (d.clone(), Backend::Dir, format!("file://{}", d.display()))
+            let d = url
+                .strip_prefix("file://")
+                .map_or_else(|| data_dir.join("bundles"), PathBuf::from);
+            let describe = format!("file://{}", d.display());
+            (d, Backend::Dir, describe)
         };
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         if let Ok(rd) = std::fs::read_dir(&dir) {
@@ -244,21 +241,22 @@ impl Blobs {
     }
 }
 
+/// An S3-compatible service's endpoint: `[bundles] endpoint`, else the
+/// environment's; `None` means AWS.
+fn endpoint(cfg: &BundlesConfig) -> Option<String> {
+    cfg.endpoint
+        .clone()
+        .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
+        .or_else(|| std::env::var("AWS_ENDPOINT").ok())
+}
+
 /// The bucket client: `[bundles]` settings over the AWS_* environment.
 fn bucket_store(bucket: &str, cfg: &BundlesConfig) -> Result<AmazonS3> {
     // reqwest is built without a default TLS provider: use ring, as the
     // rest of the server does (idempotent).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
-    if let Some(e) = &cfg.endpoint {
-        b = b.with_endpoint(e);
-    }
-    let endpoint = cfg
-        .endpoint
-        .clone()
-        .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
-        .or_else(|| std::env::var("AWS_ENDPOINT").ok());
-    if let Some(e) = &endpoint {
+    if let Some(e) = &endpoint(cfg) {
         b = b
             .with_endpoint(e)
             .with_allow_http(e.starts_with("http://"))

@@ -411,6 +411,23 @@ impl ServerProc {
         panic!("fleet-server ignored SIGTERM: {}", self.log());
     }
 
+    /// Waits for the process to exit on its own (panics with the log
+    /// after `secs`); its status.
+    pub fn wait_exit(&mut self, secs: u64) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "fleet-server still running after {secs} s: {}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// kill -9.
     pub fn kill(mut self) {
         let _ = self.child.kill();

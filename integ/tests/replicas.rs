@@ -282,14 +282,7 @@ async fn a_server_that_lost_its_lease_stops_and_import_refuses_a_live_database()
     // The database goes away under the active server: its lease session
     // ends, so it stops instead of serving a database a standby may own.
     pg.stop();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(st) = a.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "still running: {}", a.log());
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = a.wait_exit(30);
     assert_eq!(status.code(), Some(1), "{}", a.log());
     assert!(
         a.log().contains("lost the store's active lease"),

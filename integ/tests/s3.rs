@@ -7,8 +7,6 @@
 //! redirect the agent follows without its credential.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::{Duration, Instant};
-
 use reqwest::StatusCode;
 use reqwest::header;
 use serde_json::json;
@@ -60,15 +58,7 @@ async fn bundles_in_a_bucket_keep_range_etag_and_reach_devices_directly_or_by_re
             .replace(SECRET_KEY, "not-the-secret"),
     );
     let mut p = ServerProc::spawn(&bad, port);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let st = loop {
-        if let Some(st) = p.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "started: {}", p.log());
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(!st.success());
+    assert!(!p.wait_exit(60).success());
     assert!(
         p.log().contains("bundle bucket s3://fleet-bundles/bundles"),
         "{}",

@@ -110,6 +110,9 @@ pub struct Results {
     pub enrolled: usize,
     pub mqtt_connected: u64,
     pub mqtt_connect_failures: u64,
+    /// CONNACKs that refused a login and succeeded on a later attempt (an
+    /// external broker that had not yet reloaded its password file).
+    pub mqtt_connect_retries: u64,
     pub connack: LatencySummary,
     pub checkin_steady: LatencySummary,
     pub report_steady: LatencySummary,
@@ -153,6 +156,7 @@ struct Shared {
     connack: Samples,
     connected: AtomicU64,
     connect_failures: AtomicU64,
+    connect_retries: AtomicU64,
     http_errors: AtomicU64,
     telemetry_acked: AtomicU64,
     /// Every PUBACKed publish.
@@ -275,6 +279,7 @@ pub async fn run(plan: Plan) -> Result<Results, String> {
     }
     results.mqtt_connected = shared.connected.load(Relaxed);
     results.mqtt_connect_failures = shared.connect_failures.load(Relaxed);
+    results.mqtt_connect_retries = shared.connect_retries.load(Relaxed);
     results.connack = shared.connack.summary();
     eprintln!(
         "sim: {} connected, {} failed (CONNACK p99 {:.1} ms)",
@@ -604,19 +609,36 @@ async fn device_main(
 
     let mut conn = {
         let _p = connect_sem.acquire().await;
-        let t = Instant::now();
         let addr = plan.mqtt.trim_start_matches("mqtt://").to_string();
-        match mqtt::Conn::connect(
-            &addr,
-            &d.id,
-            &d.id,
-            &d.credential,
-            60,
-            Some((topics.state.clone(), state(false, &None))),
-        )
-        .await
-        {
-            Ok(mut c) => {
+        // A refused login is retried as the agent reconnects: an external
+        // broker learns a new device's password when it reloads its file.
+        let mut attempt = 0;
+        let connected = loop {
+            let t = Instant::now();
+            let r = mqtt::Conn::connect(
+                &addr,
+                &d.id,
+                &d.id,
+                &d.credential,
+                60,
+                Some((topics.state.clone(), state(false, &None))),
+            )
+            .await;
+            match r {
+                Err(e) if attempt < 20 && e.to_string().contains("connection refused") => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                r => {
+                    if attempt > 0 && r.is_ok() {
+                        shared.connect_retries.fetch_add(1, Relaxed);
+                    }
+                    break r.map(|c| (c, t));
+                }
+            }
+        };
+        match connected {
+            Ok((mut c, t)) => {
                 shared.connack.add(t.elapsed());
                 let ok = c.subscribe(&topics.cmd).await.unwrap_or(false)
                     && c.publish(
