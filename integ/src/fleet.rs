@@ -396,19 +396,18 @@ impl ServerProc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// SIGTERM and wait: a clean stop (pending writes committed).
+    /// SIGTERM and wait: a clean stop (pending writes committed), which
+    /// must exit 0.
     pub fn stop(mut self) {
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        panic!("fleet-server ignored SIGTERM: {}", self.log());
+        let st = self.wait_exit(30);
+        assert!(
+            st.success(),
+            "fleet-server stopped with {st}: {}",
+            self.log()
+        );
     }
 
     /// Waits for the process to exit on its own (panics with the log

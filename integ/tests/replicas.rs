@@ -279,6 +279,18 @@ async fn a_server_that_lost_its_lease_stops_and_import_refuses_a_live_database()
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+    // A standby stops cleanly on SIGTERM (exit 0: it closes its
+    // database sessions off the async runtime).
+    let cfg_b = config_file(
+        dir.path(),
+        "b.toml",
+        &dir.path().join("data-b"),
+        port,
+        &format!("[store]\nurl = \"{url}\""),
+    );
+    let mut b = ServerProc::spawn(&cfg_b, port);
+    b.wait_log("standby: another fleet-server is active", 30);
+    b.stop();
     // The database goes away under the active server: its lease session
     // ends, so it stops instead of serving a database a standby may own.
     pg.stop();

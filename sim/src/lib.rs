@@ -441,7 +441,24 @@ pub async fn run(plan: Plan) -> Result<Results, String> {
         let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
     }
     results.acked_total = shared.acked.load(Relaxed);
-    results.ingested_total = metric(&http, &plan, "fleet_mqtt_messages_ingested_total").await;
+    // An external broker acknowledges on receipt and the server drains its
+    // queue afterwards: wait until the count reaches what was acknowledged,
+    // or stops moving for 15 s (then the difference is lost).
+    let mut last = (0, Instant::now());
+    let deadline = Instant::now() + Duration::from_secs(300);
+    results.ingested_total = loop {
+        let n = metric(&http, &plan, "fleet_mqtt_messages_ingested_total").await;
+        if n >= results.acked_total
+            || Instant::now() > deadline
+            || (n == last.0 && last.1.elapsed() > Duration::from_secs(15))
+        {
+            break n;
+        }
+        if n != last.0 {
+            last = (n, Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
     results.lost = results.acked_total.saturating_sub(results.ingested_total);
     eprintln!(
         "sim: {} messages acknowledged, {} ingested: {} lost",

@@ -76,6 +76,28 @@ pub struct PgStore {
     fenced: std::sync::atomic::AtomicBool,
 }
 
+/// The synchronous client runs each connection on a runtime of its own and
+/// closes it (`block_on`) when dropped, which panics on a thread that
+/// drives a tokio runtime, as when the server drops its store at shutdown.
+/// Close the sessions on a plain thread instead (this also ends the lease
+/// session, releasing the advisory lock at once).
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        let clients: Vec<Client> = [&self.write, &self.read, &self.lease]
+            .into_iter()
+            .filter_map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).take())
+            .collect();
+        if clients.is_empty() {
+            return;
+        }
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let _ = std::thread::spawn(move || drop(clients)).join();
+        } else {
+            drop(clients);
+        }
+    }
+}
+
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgStore")
