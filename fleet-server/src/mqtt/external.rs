@@ -125,14 +125,20 @@ async fn run(
                     return Ok(());
                 };
                 let (c, ingest) = (client.clone(), ingest.clone());
-                // Off the event loop: store, then acknowledge.
+                // Off the event loop: store, then acknowledge. The permit
+                // bounds the store pipeline only: it is released before
+                // the ack, whose queue this loop drains. Holding it over
+                // the ack deadlocked the loop once the request queue was
+                // full (of acks and notices): no more reads, no pings, and
+                // the broker dropped the session for its keep-alive
+                // (fleet-scale.sh at 10k devices on mosquitto).
                 tokio::spawn(async move {
                     let outcome = ingest.submit(p.topic.clone(), p.payload.clone()).await;
+                    drop(permit);
                     if outcome != Err(Refusal::Store) {
                         // Stored, or refused for good (counted): ack either way.
                         let _ = c.ack(&p).await;
                     }
-                    drop(permit);
                 });
             }
             Ok(_) => {}
