@@ -199,7 +199,25 @@ fn decode(seq: u64, v: &[u8]) -> Option<OutboxRecord> {
 }
 
 /// Opens sled; a panic (sled panics on some corruptions) is corruption.
+///
+/// A dropped handle releases sled's file lock only when its flusher
+/// thread lets go of the last reference, a moment later: a reopen in the
+/// same process retries the lock for a few seconds instead of failing.
 fn open_db(dir: &Path) -> Result<(Db, (u64, u64)), (Failure, String)> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match open_db_once(dir) {
+            Err((_, e))
+                if e.contains("could not acquire lock") && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            result => return result,
+        }
+    }
+}
+
+fn open_db_once(dir: &Path) -> Result<(Db, (u64, u64)), (Failure, String)> {
     let opened = std::panic::catch_unwind(|| -> Result<_, sled::Error> {
         let db = sled::Config::new()
             .path(dir)
