@@ -49,11 +49,34 @@ pub struct Postgres {
     port: u16,
     child: Option<Child>,
     root: bool,
+    /// Set by [`Postgres::start_tls`]: URLs ask for TLS.
+    tls: bool,
+}
+
+/// The files of a TLS-only server ([`Postgres::start_tls`]), PEM.
+#[derive(Debug)]
+pub struct ServerTls<'a> {
+    pub cert: &'a str,
+    pub key: &'a str,
+    /// The CA client certificates are checked against.
+    pub client_ca: &'a str,
 }
 
 impl Postgres {
     /// initdb + start, or `None` (SKIPPED) without PostgreSQL installed.
     pub fn start(test: &str) -> Option<Postgres> {
+        Self::start_with(test, None)
+    }
+
+    /// A server that takes TCP connections over TLS only (`hostssl`
+    /// lines, no `host` line): `trust` for every database except
+    /// `clientcert`, which takes `cert` authentication (the client
+    /// certificate's CN is the user).
+    pub fn start_tls(test: &str, tls: &ServerTls<'_>) -> Option<Postgres> {
+        Self::start_with(test, Some(tls))
+    }
+
+    fn start_with(test: &str, tls: Option<&ServerTls<'_>>) -> Option<Postgres> {
         let Some(bin) = bin_dir() else {
             assert!(
                 std::env::var_os("EDGEFLEET_REQUIRE_POSTGRES").is_none(),
@@ -85,6 +108,7 @@ impl Postgres {
             port: free_port(),
             child: None,
             root,
+            tls: tls.is_some(),
         };
         let data = pg.data();
         let out = pg
@@ -100,8 +124,50 @@ impl Postgres {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        if let Some(tls) = tls {
+            pg.configure_tls(tls);
+        }
         pg.run();
         Some(pg)
+    }
+
+    /// Writes the certificate files into the data folder (the key only
+    /// the server's user may read, as PostgreSQL demands) and turns TLS
+    /// on for every TCP connection.
+    fn configure_tls(&self, tls: &ServerTls<'_>) {
+        use std::os::unix::fs::PermissionsExt as _;
+        let data = self.data();
+        for (file, text) in [
+            ("server.crt", tls.cert),
+            ("server.key", tls.key),
+            ("client-ca.crt", tls.client_ca),
+        ] {
+            let p = data.join(file);
+            std::fs::write(&p, text).expect("write a TLS file");
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod a TLS file");
+            if self.root {
+                std::os::unix::fs::chown(&p, Some(NOBODY), Some(NOBODY))
+                    .expect("give a TLS file to nobody");
+            }
+        }
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .expect("open postgresql.conf");
+        std::io::Write::write_all(
+            &mut conf,
+            b"ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
+              ssl_ca_file = 'client-ca.crt'\n",
+        )
+        .expect("append to postgresql.conf");
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl clientcert all 127.0.0.1/32 cert\n\
+             hostssl all all 127.0.0.1/32 trust\n",
+        )
+        .expect("write pg_hba.conf");
     }
 
     fn data(&self) -> PathBuf {
@@ -193,23 +259,38 @@ impl Postgres {
 
     /// The URL of database `name` (see [`Postgres::database`]).
     pub fn url_of(&self, name: &str) -> String {
-        format!("postgres://edgefleet@127.0.0.1:{}/{name}", self.port)
+        let tls = if self.tls { "?sslmode=require" } else { "" };
+        format!("postgres://edgefleet@127.0.0.1:{}/{name}{tls}", self.port)
     }
 
-    /// Creates database `name` and returns its URL.
-    pub fn database(&self, name: &str) -> String {
+    /// The loopback port the server listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Runs `sql` as the superuser over the Unix socket; its output
+    /// (unaligned, tuples only).
+    pub fn psql(&self, sql: &str) -> String {
         let out = self
             .command("psql")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .arg("-h")
+            .arg(self.dir.path())
+            .args(["-p", &self.port.to_string()])
             .args(["-U", "edgefleet", "-d", "postgres", "-v", "ON_ERROR_STOP=1"])
-            .args(["-c", &format!("CREATE DATABASE \"{name}\"")])
+            .args(["-A", "-t", "-c", sql])
             .output()
             .expect("run psql (beside initdb, as Debian installs it)");
         assert!(
             out.status.success(),
-            "CREATE DATABASE {name}: {}",
+            "{sql}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Creates database `name` and returns its URL.
+    pub fn database(&self, name: &str) -> String {
+        self.psql(&format!("CREATE DATABASE \"{name}\""));
         self.url_of(name)
     }
 

@@ -198,3 +198,172 @@ async fn a_sled_fleet_moves_to_postgres_without_reenrolling_and_loses_nothing() 
     agent.stop().await;
     server.stop();
 }
+
+/// A CA and a certificate it issues for `sans`, PEM (cert, key).
+fn issue(
+    ca: &rcgen::CertifiedIssuer<'_, rcgen::KeyPair>,
+    sans: &[&str],
+    cn: &str,
+    eku: rcgen::ExtendedKeyUsagePurpose,
+) -> (String, String) {
+    let mut p =
+        rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    p.extended_key_usages = vec![eku];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, ca).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+fn make_ca(name: &str) -> rcgen::CertifiedIssuer<'static, rcgen::KeyPair> {
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(rcgen::DnType::CommonName, name);
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    rcgen::CertifiedIssuer::self_signed(p, rcgen::KeyPair::generate().unwrap()).unwrap()
+}
+
+fn open_err(url: &str) -> String {
+    match fleet_server::store::postgres::PgStore::open(url) {
+        Ok(_) => panic!("{url} opened"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// PostgreSQL that takes TLS connections only: the libpq `sslmode`s in
+/// `[store] url` mean what they mean to libpq, a wrong certificate or host
+/// name is refused with the reason, client certificates authenticate, and
+/// a real fleet server runs on the database over verified TLS.
+#[test]
+fn the_store_reaches_postgresql_over_tls_as_libpq_would() {
+    let ca = make_ca("edgefleet test database CA");
+    let (cert, key) = issue(
+        &ca,
+        &["localhost"],
+        "db",
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let (client_cert, client_key) = issue(
+        &ca,
+        &[],
+        "edgefleet",
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    let ca_pem = ca.pem();
+    let tls = integ::postgres::ServerTls {
+        cert: &cert,
+        key: &key,
+        client_ca: &ca_pem,
+    };
+    let Some(pg) = Postgres::start_tls("postgres TLS", &tls) else {
+        return;
+    };
+    pg.database("fleet");
+    pg.database("clientcert");
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let ca_file = write("ca.pem", &ca_pem);
+    let other_ca = write("other-ca.pem", &make_ca("someone else").pem());
+    let (cc, ck) = (
+        write("client.pem", &client_cert),
+        write("client.key", &client_key),
+    );
+    let port = pg.port();
+    let at = |host: &str, db: &str, query: &str| {
+        format!("postgres://edgefleet@{host}:{port}/{db}?{query}")
+    };
+
+    // The server refuses unencrypted sessions: TLS below is real.
+    let e = open_err(&at("127.0.0.1", "fleet", "sslmode=disable"));
+    assert!(e.contains("no encryption"), "{e}");
+
+    // libpq's default (prefer) and `require` encrypt without checking.
+    for query in ["", "sslmode=require"] {
+        fleet_server::store::postgres::PgStore::open(&at("127.0.0.1", "fleet", query))
+            .unwrap_or_else(|e| panic!("{query}: {e}"));
+    }
+    // verify-full: the chain and the name. The certificate names
+    // `localhost`, not 127.0.0.1.
+    let full = |host: &str, root: &str| {
+        at(
+            host,
+            "fleet",
+            &format!("sslmode=verify-full&sslrootcert={root}"),
+        )
+    };
+    let s = fleet_server::store::postgres::PgStore::open(&full("localhost", &ca_file))
+        .expect("verify-full with the right CA and name");
+    assert_eq!(
+        s.schema_version().unwrap(),
+        fleet_server::store::postgres::MIGRATIONS.len() as i32
+    );
+    drop(s);
+    let e = open_err(&full("127.0.0.1", &ca_file));
+    assert!(e.contains("certificate not valid for name"), "{e}");
+    let e = open_err(&full("localhost", &other_ca));
+    assert!(
+        e.contains("certificate") && e.contains("UnknownIssuer"),
+        "{e}"
+    );
+    // `require` with a root file and `verify-ca` check the chain only.
+    let chain =
+        |query: &str, root: &str| at("127.0.0.1", "fleet", &format!("{query}&sslrootcert={root}"));
+    fleet_server::store::postgres::PgStore::open(&chain("sslmode=verify-ca", &ca_file))
+        .expect("verify-ca ignores the name");
+    let e = open_err(&chain("sslmode=require", &other_ca));
+    assert!(e.contains("UnknownIssuer"), "{e}");
+    // A missing root file is named before any connection.
+    let e = open_err(&full("localhost", "/nonexistent/ca.pem"));
+    assert!(e.contains("sslrootcert /nonexistent/ca.pem"), "{e}");
+
+    // `cert` authentication: the client certificate is the credential.
+    let e = open_err(
+        &at(
+            "localhost",
+            "clientcert",
+            "sslmode=verify-full&sslrootcert=/x",
+        )
+        .replace("/x", &ca_file),
+    );
+    assert!(
+        e.contains("certificate"),
+        "without a client certificate: {e}"
+    );
+    fleet_server::store::postgres::PgStore::open(&at(
+        "localhost",
+        "clientcert",
+        &format!("sslmode=verify-full&sslrootcert={ca_file}&sslcert={cc}&sslkey={ck}"),
+    ))
+    .expect("cert authentication");
+
+    // A real server on the database over verified TLS: --check-config
+    // reaches it, and every session it opens is encrypted.
+    let http = free_port();
+    let cfg = config_file(
+        dir.path(),
+        "tls.toml",
+        &dir.path().join("data"),
+        http,
+        &format!("[store]\nurl = \"{}\"\n", full("localhost", &ca_file)),
+    );
+    let (out, _) = ok(ServerProc::run(&cfg, &["--check-config"]));
+    assert!(out.contains("reachable, schema version"), "{out}");
+    let server = ServerProc::start(&cfg, http);
+    let sessions = pg.psql(
+        "SELECT string_agg(s.ssl::text, ',') FROM pg_stat_ssl s \
+         JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'fleet-server'",
+    );
+    assert!(
+        !sessions.is_empty() && sessions.split(',').all(|s| s == "true"),
+        "the server's sessions, encrypted or not: {sessions:?}"
+    );
+    server.stop();
+}

@@ -14,6 +14,7 @@
 //! - [`export`]: the whole store as one document (backend moves).
 
 pub mod export;
+pub mod pg_tls;
 pub mod postgres;
 pub mod sled;
 

@@ -22,11 +22,12 @@ use std::time::Duration;
 
 use edgefleet_wire::telemetry::DeviceEvent;
 use postgres::types::Json;
-use postgres::{Client, GenericClient, NoTls, Row};
+use postgres::{Client, GenericClient, Row};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use super::pg_tls::PgTls;
 use super::{
     AuditEntry, Desired, DeviceRecord, EVENTS_KEPT, Identity, Live, Part, Reported, Snapshot,
     Store, Write,
@@ -60,6 +61,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The PostgreSQL-backed store.
 pub struct PgStore {
     config: postgres::Config,
+    /// TLS to the database, as the URL's `sslmode` says.
+    tls: PgTls,
     /// Shown in logs: the URL without its password.
     display: String,
     /// The writer thread's connection.
@@ -118,6 +121,19 @@ fn pg_err(e: postgres::Error) -> Error {
     }
 }
 
+/// A failed connection with its causes: the client's Display alone says
+/// only "db error" or "error performing TLS handshake".
+fn connect_err(e: &postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 fn get<T: DeserializeOwned>(row: &Row, col: &str, what: &dyn std::fmt::Display) -> Result<T> {
     let v: Json<Value> = row.try_get(col).map_err(pg_err)?;
     serde_json::from_value(v.0).map_err(|e| Error::Store(format!("corrupt record {what}: {e}")))
@@ -139,25 +155,30 @@ pub fn redact(url: &str) -> String {
 
 /// The client settings of `url`, with our defaults for what it leaves out
 /// (connect timeout, application name).
-fn client_config(url: &str) -> Result<postgres::Config> {
-    let mut config: postgres::Config = url
+fn client_config(url: &str) -> Result<(postgres::Config, PgTls)> {
+    let (rest, tls) = super::pg_tls::split_url(url)?;
+    let mut config: postgres::Config = rest
         .parse()
         .map_err(|e| Error::Usage(format!("[store] url {}: {e}", redact(url))))?;
+    if let Some(mode) = tls.mode {
+        config.ssl_mode(mode);
+    }
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
     if config.get_application_name().is_none() {
         config.application_name("fleet-server");
     }
-    Ok(config)
+    Ok((config, PgTls::new(&tls)?))
 }
 
 /// `--check-config`: connects to `url` without changing anything and
 /// says what it found.
 pub fn probe(url: &str) -> Result<String> {
-    let mut c = client_config(url)?
-        .connect(NoTls)
-        .map_err(|e| Error::Usage(format!("[store] url {}: {e}", redact(url))))?;
+    let (config, tls) = client_config(url)?;
+    let mut c = config
+        .connect(tls)
+        .map_err(|e| Error::Usage(format!("[store] url {}: {}", redact(url), connect_err(&e))))?;
     let has_table: bool = c
         .query_one(
             "SELECT to_regclass('edgefleet_migrations') IS NOT NULL",
@@ -200,9 +221,10 @@ impl PgStore {
     /// an advisory lock, so replicas starting together migrate once) and
     /// returns the store.
     pub fn open(url: &str) -> Result<PgStore> {
-        let config = client_config(url)?;
+        let (config, tls) = client_config(url)?;
         let s = PgStore {
             config,
+            tls,
             display: redact(url),
             write: Mutex::new(None),
             read: Mutex::new(None),
@@ -235,6 +257,17 @@ impl PgStore {
         })
     }
 
+    /// A new session.
+    fn connect(&self) -> Result<Client> {
+        self.config.connect(self.tls.clone()).map_err(|e| {
+            Error::Store(format!(
+                "postgres: connecting to {}: {}",
+                self.display,
+                connect_err(&e)
+            ))
+        })
+    }
+
     /// Runs `f` on the connection in `slot`, connecting first if there is
     /// none or it broke. A failure that closed the connection drops it.
     fn with<T>(
@@ -246,10 +279,7 @@ impl PgStore {
             .lock()
             .map_err(|_| Error::Store("postgres connection lock poisoned".into()))?;
         if guard.as_ref().is_none_or(Client::is_closed) {
-            let client = self.config.connect(NoTls).map_err(|e| {
-                Error::Store(format!("postgres: connecting to {}: {e}", self.display))
-            })?;
-            *guard = Some(client);
+            *guard = Some(self.connect()?);
         }
         let Some(client) = guard.as_mut() else {
             return Err(Error::Store("postgres: no connection".into()));
@@ -275,9 +305,7 @@ impl PgStore {
                 .lock()
                 .map_err(|_| Error::Store("postgres lease lock poisoned".into()))?;
             if guard.as_ref().is_none_or(Client::is_closed) {
-                *guard = Some(self.config.connect(NoTls).map_err(|e| {
-                    Error::Store(format!("postgres: connecting to {}: {e}", self.display))
-                })?);
+                *guard = Some(self.connect()?);
             }
             let Some(c) = guard.as_mut() else {
                 continue;
