@@ -51,3 +51,32 @@ pub fn peak_rss(pid: u32) -> u64 {
         .expect("VmHWM in /proc/PID/status")
         * 1024
 }
+
+/// The Prometheus exposition text at `base`/metrics (with a bearer
+/// `token` when given); panics on a failed request.
+pub async fn metrics_text(http: &reqwest::Client, base: &str, token: Option<&str>) -> String {
+    let mut r = http.get(format!("{base}/metrics"));
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    let r = r.send().await.expect("GET /metrics");
+    assert!(
+        r.status().is_success(),
+        "GET {base}/metrics: {}",
+        r.status()
+    );
+    r.text().await.expect("the /metrics body")
+}
+
+/// The value of sample `series` (a name with its labels, exactly as
+/// exposed) in exposition `text`, or `None` when it is not there.
+pub fn sample(text: &str, series: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A counter's value: absent counts as 0 (a counter appears once it moves).
+pub fn counter(text: &str, series: &str) -> u64 {
+    sample(text, series).unwrap_or(0)
+}

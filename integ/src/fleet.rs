@@ -156,6 +156,11 @@ impl TestFleet {
     }
 
     /// A request to `path` with `token`, if any.
+    /// The server's `/metrics` text, read with `token`.
+    pub async fn metrics(&self, token: &str) -> String {
+        crate::common::metrics_text(&self.http, &self.url, Some(token)).await
+    }
+
     pub fn req(
         &self,
         method: reqwest::Method,

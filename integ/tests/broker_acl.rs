@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use fleet_server::config::{MqttConfig, Role, ServerConfig, TokenConfig};
 use fleet_sim::mqtt::Conn;
 use integ::bundles::{Model, Pack};
-use integ::common::mosquitto_bin;
+use integ::common::{counter, metrics_text, mosquitto_bin};
 use integ::mosquitto::Mosquitto;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -338,15 +338,6 @@ async fn isolation(f: &Fleet) {
     .expect("pi-b's session is intact");
 }
 
-/// A counter's value in /metrics.
-fn counter(metrics: &str, name: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_broker_isolates_devices_and_keeps_dashboards_read_only() {
     let dir = tempfile::tempdir().unwrap();
@@ -364,16 +355,7 @@ async fn the_embedded_broker_isolates_devices_and_keeps_dashboards_read_only() {
             .unwrap_err();
         assert!(err.to_string().contains("BadClientId"), "{id}: {err}");
     }
-    let metrics = f
-        .http
-        .get(format!("{}/metrics", f.url))
-        .bearer_auth(OPERATOR)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&f.http, &f.url, Some(OPERATOR)).await;
     assert!(
         counter(&metrics, "fleet_mqtt_publishes_denied_total") >= 2,
         "{metrics}"

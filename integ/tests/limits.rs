@@ -9,18 +9,10 @@
 use fleet_server::config::MqttConfig;
 use fleet_server::limits::LimitsConfig;
 use fleet_sim::mqtt::Conn;
+use integ::common::counter;
 use integ::fleet::{ENROLL, OPERATOR, TestFleet, VIEWER};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-
-fn counter(metrics: &str, line_start: &str) -> u64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
 
 async fn enroll(f: &TestFleet, id: &str) -> String {
     let r = f
@@ -158,14 +150,7 @@ async fn floods_of_bad_credentials_get_429_while_honest_traffic_passes() {
     assert_eq!(r.status(), StatusCode::OK);
 
     // Counted in /metrics.
-    let m = f
-        .req(Method::GET, "/metrics", Some(OPERATOR))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = f.metrics(OPERATOR).await;
     // Every 429 above was counted: the flood's, the enrollment's (and the
     // broker refusal's).
     let refused_flood = statuses.iter().filter(|s| **s == 429).count() as u64;

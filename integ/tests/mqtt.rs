@@ -26,7 +26,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use common::{free_port, mosquitto_bin, repo, write_key};
+use common::{free_port, metrics_text, mosquitto_bin, repo, sample, write_key};
 use integ::common;
 
 use integ::fleet::{ENROLL, OPERATOR, ServerProc, TestFleet};
@@ -340,18 +340,8 @@ impl Agent {
     }
 
     async fn metric(&self, name: &str) -> u64 {
-        let text = edge_agent::tls::default_client()
-            .get(format!("{}/metrics", self.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no metric {name}"))
+        let text = metrics_text(&edge_agent::tls::default_client(), &self.url, None).await;
+        sample(&text, name).unwrap_or_else(|| panic!("no metric {name}"))
     }
 
     async fn stop(self) {
@@ -691,15 +681,7 @@ async fn the_server_ingests_telemetry_and_its_notice_triggers_an_immediate_poll(
     );
     assert_eq!(d["online"], true);
     assert!(d["telemetry"]["latency_ms"]["p95"].as_f64().unwrap() > 0.0);
-    let metrics = http
-        .get(format!("{server}/metrics"))
-        .bearer_auth(OPERATOR)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&http, &server, Some(OPERATOR)).await;
     assert!(metrics.contains("fleet_devices_online 1"), "{metrics}");
     // Aggregated by model, never one series per device.
     assert!(

@@ -13,7 +13,7 @@ use serde_json::json;
 
 use integ::agent::InProcAgent as Agent;
 use integ::bundles::{Model, Pack};
-use integ::common::free_port;
+use integ::common::{counter, free_port};
 use integ::fleet::{OPERATOR, ServerProc, TestFleet, config_file, trust_key};
 use integ::s3::{S3, SECRET_KEY};
 
@@ -233,20 +233,8 @@ async fn bundles_in_a_bucket_keep_range_etag_and_reach_devices_directly_or_by_re
             s["state"] == "committed" && s["record"]["active"]["version"] == "1.2.0"
         })
         .await;
-    let metrics = fleet
-        .req(reqwest::Method::GET, "/metrics", Some(OPERATOR))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let redirected: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("fleet_bundle_downloads_redirected_total "))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let metrics = fleet.metrics(OPERATOR).await;
+    let redirected = counter(&metrics, "fleet_bundle_downloads_redirected_total");
     assert!(redirected >= 2, "{redirected}");
     let d = fleet.device("pi-1").await;
     assert_eq!(d["active"]["id"], json!(v2));

@@ -276,14 +276,7 @@ async fn downloads_resume_with_range_and_revalidate_with_etag() {
         .await
         .unwrap();
     assert_eq!(m.status(), StatusCode::UNAUTHORIZED);
-    let text = s
-        .req(reqwest::Method::GET, "/metrics", Some(VIEWER))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics(VIEWER).await;
     assert!(text.contains("fleet_bundle_downloads_total 3"), "{text}");
     assert!(
         text.contains("fleet_devices{state=\"unreported\"} 2"),
@@ -773,14 +766,7 @@ async fn a_rollout_over_20_devices_advances_pauses_on_a_breached_gate_and_aborts
         d.step(&s, &slow_v3).await;
         assert_eq!(d.active["version"], "1.0.1", "{} returned to v2", d.id);
     }
-    let text = s
-        .req(reqwest::Method::GET, "/metrics", Some(VIEWER))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics(VIEWER).await;
     for needle in [
         "fleet_rollouts{phase=\"completed\"} 1",
         "fleet_rollouts{phase=\"aborted\"} 1",

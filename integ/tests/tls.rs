@@ -33,7 +33,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Tr
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use common::{free_port, mosquitto_bin, repo, write_key};
+use common::{counter, free_port, metrics_text, mosquitto_bin, repo, write_key};
 use integ::common;
 
 use integ::fleet::{ENROLL, OPERATOR, TestFleet};
@@ -777,20 +777,8 @@ async fn devices_need_a_client_certificate_naming_them_when_the_server_requires_
         r.as_ref().map_or(true, |r| !r.status().is_success()),
         "another CA's certificate got through: {r:?}"
     );
-    let metrics = operator
-        .get(format!("{url}/metrics"))
-        .bearer_auth(OPERATOR)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let refusals: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("fleet_client_cert_refusals_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
+    let metrics = metrics_text(&operator, &url, Some(OPERATOR)).await;
+    let refusals = counter(&metrics, "fleet_client_cert_refusals_total");
     assert!(refusals >= 4, "{refusals} refusals counted");
     assert!(agent.answers().await);
     agent.stop().await;

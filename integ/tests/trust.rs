@@ -201,15 +201,7 @@ async fn a_compromised_key_is_rotated_out_across_the_fleet() {
     let s = a.status().await;
     assert_eq!(s["trust_version"], 3, "{s:#}");
     assert_eq!(a.model_version().await.as_deref(), Some("1.4.0"));
-    let metrics = a
-        .http
-        .get(format!("{}/metrics", a.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = integ::common::metrics_text(&a.http, &a.url, None).await;
     assert!(metrics.contains("edge_agent_trust_version 3"), "{metrics}");
 
     // The audit log names who rotated.
