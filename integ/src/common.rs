@@ -80,3 +80,32 @@ pub fn sample(text: &str, series: &str) -> Option<u64> {
 pub fn counter(text: &str, series: &str) -> u64 {
     sample(text, series).unwrap_or(0)
 }
+
+/// Polls `ready` every 50 ms until it holds. Panics after `secs`, or as
+/// soon as `child` exits, naming `what` with `log()` (the process's log
+/// so far): a fixture that did not start says why.
+pub fn wait_started(
+    child: &mut std::process::Child,
+    what: &str,
+    secs: u64,
+    log: impl Fn() -> String,
+    mut ready: impl FnMut() -> bool,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !ready() {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("{what}: exited ({st}): {}", log());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not after {secs} s: {}",
+            log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Whether something listens on loopback `port`.
+pub fn listening(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}

@@ -299,6 +299,11 @@ pub struct ServerProc {
     log: PathBuf,
 }
 
+/// A log file so far ("" when there is none yet).
+fn read_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
 /// The tests' server configuration as a TOML file `name` in `dir`, with
 /// its data in `data_dir`, listening on `port`, plus `extra` TOML (e.g. a
 /// `[store]` section).
@@ -340,36 +345,30 @@ impl ServerProc {
     /// and waits until `port` takes connections.
     pub fn start(config: &Path, port: u16) -> ServerProc {
         let mut p = Self::spawn(config, port);
-        p.wait_until("listening", 60, |_| {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
+        let what = format!("fleet-server listening on {port}");
+        let log = p.log.clone();
+        crate::common::wait_started(
+            &mut p.child,
+            &what,
+            60,
+            || read_log(&log),
+            || crate::common::listening(port),
+        );
         p
-    }
-
-    /// Polls `done` (given the log so far) until it holds; panics after
-    /// `secs`, or if the process exits first, with the log.
-    fn wait_until(&mut self, what: &str, secs: u64, mut done: impl FnMut(&str) -> bool) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-        loop {
-            let log = self.log();
-            if done(&log) {
-                return;
-            }
-            if let Ok(Some(st)) = self.child.try_wait() {
-                panic!("fleet-server exited ({st}) before {what}: {log}");
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "fleet-server: not {what} after {secs} s: {log}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
     }
 
     /// Waits until the log holds `text` (panics after `secs`, or if the
     /// process exits first).
     pub fn wait_log(&mut self, text: &str, secs: u64) {
-        self.wait_until(&format!("logging {text:?}"), secs, |log| log.contains(text));
+        let what = format!("fleet-server logging {text:?}");
+        let log = self.log.clone();
+        crate::common::wait_started(
+            &mut self.child,
+            &what,
+            secs,
+            || read_log(&log),
+            || read_log(&log).contains(text),
+        );
     }
 
     /// Starts the process without waiting for anything (a standby does
@@ -398,7 +397,7 @@ impl ServerProc {
 
     /// What it logged so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        read_log(&self.log)
     }
 
     /// SIGTERM and wait: a clean stop (pending writes committed), which

@@ -4,12 +4,11 @@
 //! reload with SIGHUP), plus a static `dashboard` login.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command};
 
 use fleet_server::config::{MosquittoConfig, MqttConfig};
 
-use crate::common::{free_port, repo};
+use crate::common::{free_port, listening, repo, wait_started};
 
 /// The fleet server's own login at the broker.
 pub const SERVER_USER: &str = "fleet-server";
@@ -58,18 +57,17 @@ impl Mosquitto {
             + &format!("user {user}\n");
         let conf_path = dir.join("mosquitto.conf");
         std::fs::write(&conf_path, conf).expect("write mosquitto.conf");
-        let child = Command::new(bin)
+        let log_path = dir.join("mosquitto.log");
+        let log = std::fs::File::create(&log_path).expect("create mosquitto.log");
+        let mut child = Command::new(bin)
             .arg("-c")
             .arg(&conf_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
             .spawn()
             .expect("start mosquitto");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "mosquitto did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+        wait_started(&mut child, "mosquitto", 10, log, || listening(port));
         Mosquitto {
             child,
             port,

@@ -6,9 +6,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-use crate::common::free_port;
+use crate::common::{free_port, listening, wait_started};
 
 pub const ACCESS_KEY: &str = "edgefleet-test-access";
 pub const SECRET_KEY: &str = "edgefleet-test-secret-0123456789";
@@ -78,19 +77,10 @@ impl S3 {
             .stderr(log)
             .spawn()
             .expect("start s3s-fs");
+        let mut child = child;
+        let port = self.port;
+        wait_started(&mut child, "s3s-fs", 30, || self.log(), || listening(port));
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if let Some(Ok(Some(st))) = self.child.as_mut().map(Child::try_wait) {
-                panic!("s3s-fs exited ({st}): {}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "s3s-fs did not listen: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
     }
 
     pub fn log(&self) -> String {
