@@ -8,9 +8,10 @@
 #
 #   scripts/bench-inference.sh                  # full run
 #   ITER_SCALE=0.2 scripts/bench-inference.sh   # quicker, fewer iterations
-#   LEVER_BUILDS="native dist" scripts/bench-inference.sh   # also rebuild
+#   LEVER_BUILDS="native dist pgo" scripts/bench-inference.sh   # also rebuild
 #       the agent per compiler lever: -C target-cpu=native, the fat-LTO
-#       dist profile (either or both; each is a full build)
+#       dist profile, PGO trained on cls (any of them; each is a full build,
+#       PGO two)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -97,7 +98,29 @@ for build in ${LEVER_BUILDS:-}; do
       lever="dist profile (fat LTO, 1 codegen unit, deps at opt-level s)"
       cargo build --profile dist --locked -p edge-agent --bin edge-agent
       bin="$target_dir/dist/edge-agent" ;;
-    *) echo "unknown LEVER_BUILDS entry $build (native, dist)" >&2; exit 2 ;;
+    pgo)
+      # Profile-guided optimization, trained on cls only (ONNX and NNEF
+      # bundles, in-process): rec is held out, so its row says whether the
+      # gain carries to a model the profile never saw. --target keeps the
+      # flags off build scripts (they would write profiles while building).
+      lever="PGO (profile from cls only)"
+      host=$(rustc -vV | sed -n 's/^host: //p')
+      profdata="$(rustc --print sysroot)/lib/rustlib/$host/bin/llvm-profdata"
+      [[ -x "$profdata" ]] || rustup component add llvm-tools-preview >&2
+      # Stable paths: the flags, hence both builds, stay cached across runs.
+      prof="$target_dir/lever-pgo-gen/profiles"
+      rm -rf "$prof" && mkdir -p "$prof"
+      RUSTFLAGS="-C profile-generate=$prof" CARGO_TARGET_DIR="$target_dir/lever-pgo-gen" \
+        cargo build --release --locked -p edge-agent --bin edge-agent --target "$host"
+      for name in cls cls-nnef; do
+        "$target_dir/lever-pgo-gen/$host/release/edge-agent" bench --bundle "$work/$name.bundle" \
+          --trust "$work/bench.pub" --iterations 200 --mode in-process >/dev/null
+      done
+      "$profdata" merge -o "$prof/merged.profdata" "$prof"
+      RUSTFLAGS="-C profile-use=$prof/merged.profdata" CARGO_TARGET_DIR="$target_dir/lever-pgo" \
+        cargo build --release --locked -p edge-agent --bin edge-agent --target "$host"
+      bin="$target_dir/lever-pgo/$host/release/edge-agent" ;;
+    *) echo "unknown LEVER_BUILDS entry $build (native, dist, pgo)" >&2; exit 2 ;;
   esac
   for name in cls cls-nnef rec rec-nnef; do
     iters=$(python3 -c "print(max(5, int({'cls': 300, 'rec': 40}['${name%-nnef}'] * $scale)))")
