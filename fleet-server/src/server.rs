@@ -476,6 +476,35 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
+/// The certificates of PEM file `path` (`what` names the setting in
+/// errors); a file without one is an error.
+pub(crate) fn pem_certs(
+    what: &str,
+    path: &std::path::Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    use rustls::pki_types::pem::PemObject as _;
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<std::result::Result<Vec<_>, _>>())
+        .map_err(|e| Error::Usage(format!("{what} {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(Error::Usage(format!(
+            "{what} {}: no certificate in it",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+/// The private key in PEM file `path`.
+pub(crate) fn pem_key(
+    what: &str,
+    path: &std::path::Path,
+) -> Result<rustls::pki_types::PrivateKeyDer<'static>> {
+    use rustls::pki_types::pem::PemObject as _;
+    rustls::pki_types::PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| Error::Usage(format!("{what} {}: {e}", path.display())))
+}
+
 /// The TLS acceptor of a listener when its `tls_cert` and `tls_key` are
 /// set (both or neither); bad files fail the start with the file and the
 /// reason.
@@ -485,8 +514,6 @@ fn tls_acceptor(
     key: &Option<std::path::PathBuf>,
     client_ca: &Option<std::path::PathBuf>,
 ) -> Result<Option<tokio_rustls::TlsAcceptor>> {
-    use rustls::pki_types::pem::PemObject as _;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let (cert, key) = match (cert, key) {
         (None, None) => return Ok(None),
         (Some(c), Some(k)) => (c, k),
@@ -496,17 +523,8 @@ fn tls_acceptor(
             )));
         }
     };
-    let chain = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<std::result::Result<Vec<_>, _>>())
-        .map_err(|e| Error::Usage(format!("{section} tls_cert {}: {e}", cert.display())))?;
-    if chain.is_empty() {
-        return Err(Error::Usage(format!(
-            "{section} tls_cert {}: no certificate in it",
-            cert.display()
-        )));
-    }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| Error::Usage(format!("{section} tls_key {}: {e}", key.display())))?;
+    let chain = pem_certs(&format!("{section} tls_cert"), cert)?;
+    let key = pem_key(&format!("{section} tls_key"), key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -515,19 +533,10 @@ fn tls_acceptor(
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
-            let certs = CertificateDer::pem_file_iter(ca)
-                .and_then(|it| it.collect::<std::result::Result<Vec<_>, _>>())
-                .map_err(|e| Error::Usage(format!("{section} client_ca {}: {e}", ca.display())))?;
-            for c in certs {
+            for c in pem_certs(&format!("{section} client_ca"), ca)? {
                 roots.add(c).map_err(|e| {
                     Error::Usage(format!("{section} client_ca {}: {e}", ca.display()))
                 })?;
-            }
-            if roots.is_empty() {
-                return Err(Error::Usage(format!(
-                    "{section} client_ca {}: no certificate in it",
-                    ca.display()
-                )));
             }
             // A certificate is checked whenever one is presented; whether
             // a device must present one is decided per request (operators

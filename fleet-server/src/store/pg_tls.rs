@@ -26,12 +26,12 @@ use std::task::{Context, Poll};
 use postgres::config::SslMode;
 use postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::error::{Error, Result};
+use crate::server::{pem_certs, pem_key};
 
 /// How much of the server's certificate is checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,9 +184,8 @@ impl PgTls {
         let config = match &opts.client_cert {
             None => builder.with_no_client_auth(),
             Some((cert, key)) => {
-                let chain = pem_certs("sslcert", cert)?;
-                let key = PrivateKeyDer::from_pem_file(key)
-                    .map_err(|e| Error::Usage(format!("[store] sslkey {}: {e}", key.display())))?;
+                let chain = pem_certs("[store] sslcert", cert)?;
+                let key = pem_key("[store] sslkey", key)?;
                 builder
                     .with_client_auth_cert(chain, key)
                     .map_err(|e| Error::Usage(format!("[store] sslcert/sslkey: {e}")))?
@@ -198,24 +197,11 @@ impl PgTls {
     }
 }
 
-fn pem_certs(what: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|i| i.collect::<std::result::Result<Vec<_>, _>>())
-        .map_err(|e| Error::Usage(format!("[store] {what} {}: {e}", path.display())))?;
-    if certs.is_empty() {
-        return Err(Error::Usage(format!(
-            "[store] {what} {}: no PEM certificate in it",
-            path.display()
-        )));
-    }
-    Ok(certs)
-}
-
 /// `sslrootcert`'s certificates, or the system's.
 fn roots(file: Option<&Path>) -> Result<rustls::RootCertStore> {
     let mut store = rustls::RootCertStore::empty();
     let certs = match file {
-        Some(f) => pem_certs("sslrootcert", f)?,
+        Some(f) => pem_certs("[store] sslrootcert", f)?,
         None => rustls_native_certs::load_native_certs().certs,
     };
     for c in certs {
