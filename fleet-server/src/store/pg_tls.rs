@@ -159,22 +159,23 @@ impl PgTls {
     /// naming it.
     pub fn new(opts: &TlsOptions) -> Result<PgTls> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier: Arc<dyn ServerCertVerifier> = match opts.verify {
-            Verify::None => Arc::new(Unchecked(provider.clone())),
-            Verify::Chain | Verify::Full => {
-                let roots = Arc::new(roots(opts.root_cert.as_deref())?);
-                let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
-                    roots,
+        let chain = match opts.verify {
+            Verify::None => None,
+            Verify::Chain | Verify::Full => Some(
+                rustls::client::WebPkiServerVerifier::builder_with_provider(
+                    Arc::new(roots(opts.root_cert.as_deref())?),
                     provider.clone(),
                 )
                 .build()
-                .map_err(|e| Error::Usage(format!("[store] sslrootcert: {e}")))?;
-                if opts.verify == Verify::Full {
-                    webpki
-                } else {
-                    Arc::new(ChainOnly(webpki))
-                }
-            }
+                .map_err(|e| Error::Usage(format!("[store] sslrootcert: {e}")))?,
+            ),
+        };
+        let verifier: Arc<dyn ServerCertVerifier> = match chain {
+            Some(webpki) if opts.verify == Verify::Full => webpki,
+            chain => Arc::new(Lenient {
+                chain,
+                provider: provider.clone(),
+            }),
         };
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -219,63 +220,18 @@ fn roots(file: Option<&Path>) -> Result<rustls::RootCertStore> {
     Ok(store)
 }
 
-/// libpq's `prefer`/`require`: the handshake's signatures are checked (the
-/// session is encrypted to whoever holds the certificate's key), the
-/// certificate itself is not.
+/// `prefer`/`require` without a root file (`chain: None`): the
+/// certificate itself is not checked, as libpq. `verify-ca`: webpki's
+/// verdict, except that a certificate for another host name is accepted.
+/// Either way the handshake's signatures are checked, so the session is
+/// encrypted to whoever holds the certificate's key.
 #[derive(Debug)]
-struct Unchecked(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for Unchecked {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+struct Lenient {
+    chain: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
-/// `verify-ca`: webpki's verdict, except that a certificate for another
-/// host name is accepted.
-#[derive(Debug)]
-struct ChainOnly(Arc<rustls::client::WebPkiServerVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -284,10 +240,10 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -301,7 +257,8 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        let algs = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algs)
     }
 
     fn verify_tls13_signature(
@@ -310,11 +267,14 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        let algs = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algs)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
