@@ -16,7 +16,7 @@ use crate::error::Result;
 /// Serves `app` on `listener` until `shutdown`; waits for the connections
 /// in flight to finish their current request.
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    listener: std::sync::Arc<tokio::net::TcpListener>,
     app: Router,
     idle: Duration,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -26,8 +26,11 @@ pub async fn serve(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let accepted = tokio::select! {
-            a = listener.accept() => a,
+            // Once stopped, nothing more is accepted here (a standby hands
+            // its socket over to the whole server).
+            biased;
             () = shutdown.cancelled() => break,
+            a = listener.accept() => a,
         };
         let (stream, peer) = match accepted {
             Ok(s) => s,

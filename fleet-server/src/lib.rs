@@ -6,7 +6,8 @@
 //! [`writer`] thread into the [`store`].
 //!
 //! # Layout
-//! - [`server`]: startup and task supervision; [`config`]: `fleet-server.toml`.
+//! - [`server`]: startup and task supervision; [`config`]: `fleet-server.toml`;
+//!   [`standby`]: what a standby replica answers.
 //! - [`http`]: the listener; [`api`]: the HTTP API; [`http_error`]: its
 //!   error responses; [`auth`]: roles, device credentials and the policy table;
 //!   [`ui`]: the web console (embedded static page, cookie sessions).
@@ -44,6 +45,7 @@ pub mod openapi;
 pub mod registry;
 pub mod rollout;
 pub mod server;
+pub mod standby;
 pub mod stats;
 pub mod store;
 pub mod trust;

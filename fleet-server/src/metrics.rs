@@ -67,9 +67,9 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
-/// Renders everything.
-pub fn render(s: &AppState) -> String {
-    let mut out = String::with_capacity(8192);
+/// The build, and whether this replica serves (1) or is a standby (0):
+/// across the replicas of one database, the sum is 1.
+pub fn identity(out: &mut String, active: bool) {
     let _ = writeln!(
         out,
         "# HELP fleet_build_info The fleet server's build (value 1).\n# TYPE fleet_build_info gauge\nfleet_build_info{{version=\"{}\",commit=\"{}\",target=\"{}\"}} 1",
@@ -77,6 +77,19 @@ pub fn render(s: &AppState) -> String {
         env!("EDGEFLEET_GIT_COMMIT"),
         env!("EDGEFLEET_TARGET")
     );
+    family(
+        out,
+        "fleet_server_active",
+        "gauge",
+        "1 when this server holds the store and serves, 0 while it waits as a standby.",
+    );
+    let _ = writeln!(out, "fleet_server_active {}", u8::from(active));
+}
+
+/// Renders everything.
+pub fn render(s: &AppState) -> String {
+    let mut out = String::with_capacity(8192);
+    identity(&mut out, true);
     s.limits.render(&mut out);
     // Devices, aggregated (bounded by states × boards × models).
     let mut by_state: BTreeMap<String, u64> = BTreeMap::new();

@@ -22,6 +22,7 @@ use crate::fleet::Fleet;
 use crate::ingest::Ingest;
 use crate::mqtt::Mqtt;
 use crate::registry::Registry;
+use crate::standby::Standby;
 use crate::store::Store;
 use crate::writer::Writer;
 
@@ -166,28 +167,35 @@ pub async fn start(
     let trust = trust_root(&config)?;
     let tokens = Tokens::from_config(&config.auth.tokens)
         .map_err(|e| Error::Usage(format!("[auth]: {e}")))?;
+    if config.http.client_ca.is_some() && config.http.tls_cert.is_none() {
+        return Err(Error::Usage(
+            "[http] client_ca needs tls_cert and tls_key: client certificates are a TLS feature"
+                .into(),
+        ));
+    }
+    if config.http.device_certs == crate::config::DeviceCerts::Required
+        && config.http.client_ca.is_none()
+    {
+        return Err(Error::Usage(
+            "[http] device_certs = \"required\" needs client_ca".into(),
+        ));
+    }
+    let tls = tls_acceptor(
+        "[http]",
+        &config.http.tls_cert,
+        &config.http.tls_key,
+        &config.http.client_ca,
+    )?;
+    let idle = Duration::from_secs(config.http.idle_timeout_secs.max(1));
     let store = {
         let c = config.clone();
         tokio::task::spawn_blocking(move || open_store(&c))
             .await
             .map_err(|e| Error::Store(e.to_string()))??
     };
-    // On a shared database one server is active; the others wait here.
-    let epoch = {
-        let (s, stop) = (store.clone(), shutdown.clone());
-        let holder = format!(
-            "{} pid {} http {}",
-            hostname(),
-            std::process::id(),
-            config.http.listen
-        );
-        tokio::task::spawn_blocking(move || s.acquire_active(&holder, &|| stop.is_cancelled()))
-            .await
-            .map_err(|e| Error::Store(e.to_string()))??
-    };
-    let Some(epoch) = epoch else {
-        return Err(Error::Usage("stopped while waiting as a standby".into()));
-    };
+    // On a shared database one server is active; the others wait here,
+    // answering as standbys on their HTTP address.
+    let (epoch, standby) = take_lease(&config, &store, &shutdown, (&tls, idle), &tokens).await?;
     if epoch > 0 {
         tracing::info!(epoch, "active: this server holds the store's lease");
     }
@@ -368,39 +376,19 @@ pub async fn start(
         )),
         stop: stop.clone(),
     };
-    if config.http.client_ca.is_some() && config.http.tls_cert.is_none() {
-        return Err(Error::Usage(
-            "[http] client_ca needs tls_cert and tls_key: client certificates are a TLS feature"
-                .into(),
-        ));
-    }
-    if config.http.device_certs == crate::config::DeviceCerts::Required
-        && config.http.client_ca.is_none()
-    {
-        return Err(Error::Usage(
-            "[http] device_certs = \"required\" needs client_ca".into(),
-        ));
-    }
-    let tls = tls_acceptor(
-        "[http]",
-        &config.http.tls_cert,
-        &config.http.tls_key,
-        &config.http.client_ca,
-    )?;
-    let listener = listen(config.http.listen)?;
+    // A standby's socket, or a new one: a server taking over never
+    // refuses a connection on its port.
+    let listener = match standby {
+        Some(standby) => standby.hand_over(),
+        None => Arc::new(listen(config.http.listen)?),
+    };
     let addr = listener
         .local_addr()
         .map_err(|e| Error::io("listener", e))?;
     let app = router(state);
     spawn(
         "http",
-        Box::pin(crate::http::serve(
-            listener,
-            app,
-            Duration::from_secs(config.http.idle_timeout_secs.max(1)),
-            tls,
-            stop.clone(),
-        )),
+        Box::pin(crate::http::serve(listener, app, idle, tls, stop.clone())),
     );
     tasks.close();
 
@@ -419,6 +407,50 @@ pub async fn start(
         Ok(())
     };
     Ok((Running { addr, mqtt_url }, run))
+}
+
+/// Waits for the store's lease (at once for a store only this process
+/// opens). While another server holds it, listens as a [`Standby`];
+/// returns the lease epoch and that standby, now answering `starting`.
+async fn take_lease(
+    config: &ServerConfig,
+    store: &Arc<dyn Store>,
+    shutdown: &CancellationToken,
+    (tls, idle): (&Option<tokio_rustls::TlsAcceptor>, Duration),
+    tokens: &Tokens,
+) -> Result<(u64, Option<Standby>)> {
+    let holder = format!(
+        "{} pid {} http {}",
+        hostname(),
+        std::process::id(),
+        config.http.listen
+    );
+    let (waiting_tx, mut waiting) = tokio::sync::watch::channel(false);
+    let (s, stop) = (store.clone(), shutdown.clone());
+    let mut acquire = tokio::task::spawn_blocking(move || {
+        s.acquire_active(&holder, &|| {
+            waiting_tx.send_replace(true);
+            !stop.is_cancelled()
+        })
+    });
+    let mut standby = None;
+    let epoch = loop {
+        tokio::select! {
+            r = &mut acquire => break r.map_err(|e| Error::Store(e.to_string()))??,
+            Ok(()) = waiting.changed(), if standby.is_none() => {
+                let listener = listen(config.http.listen)?;
+                standby = Some(Standby::start(listener, tls.clone(), idle, tokens.clone()));
+                tracing::info!(listen = %config.http.listen, "standby: answering health checks (/readyz 503)");
+            }
+        }
+    };
+    let Some(epoch) = epoch else {
+        return Err(Error::Usage("stopped while waiting as a standby".into()));
+    };
+    if let Some(s) = &standby {
+        s.taking_over();
+    }
+    Ok((epoch, standby))
 }
 
 /// Runs the server until `shutdown` is cancelled.

@@ -155,12 +155,12 @@ impl TestFleet {
             .expect("run fleetctl")
     }
 
-    /// A request to `path` with `token`, if any.
     /// The server's `/metrics` text, read with `token`.
     pub async fn metrics(&self, token: &str) -> String {
         crate::common::metrics_text(&self.http, &self.url, Some(token)).await
     }
 
+    /// A request to `path` with `token`, if any.
     pub fn req(
         &self,
         method: reqwest::Method,

@@ -12,12 +12,15 @@
 //! - [`mosquitto`]: Debian's mosquitto with the published configuration.
 //! - [`postgres`]: a throwaway PostgreSQL server from Debian's packages.
 //! - [`s3`]: a throwaway S3-compatible server (`s3s-fs`).
+//! - [`balancer`]: a load balancer with `/readyz` health checks, in front of
+//!   fleet-server replicas.
 //! - [`proxy`]: a fault-injecting HTTP proxy (flip, truncate, cut, replay,
 //!   stall, 500s) between an agent and its server.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod agent;
+pub mod balancer;
 pub mod bins;
 pub mod bundles;
 pub mod common;

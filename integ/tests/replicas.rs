@@ -1,9 +1,11 @@
 //! Two fleet-server processes on one PostgreSQL (Debian's, started by the
 //! test), one S3 bucket (`s3s-fs`) for bundle bytes and Debian's
 //! mosquitto with per-device ACLs (shared subscription for ingest), each
-//! server with its own data folder: one is active, the other waits as a
-//! standby (the store's active lease). kill -9 of the active one in the
-//! middle of a staged rollout: the standby takes the lease, finishes the
+//! server with its own data folder and port, behind a load balancer that
+//! checks `/readyz`: one is active, the other waits as a standby (the
+//! store's active lease) that answers health checks but serves nothing.
+//! kill -9 of the active one in the middle of a staged rollout: the
+//! standby takes the lease, becomes ready on its port, finishes the
 //! rollout from the same bucket, ingests the devices' MQTT telemetry, and
 //! no device is ever sent back to the bundle it left. Then everything
 //! restarts, PostgreSQL, the bucket and the broker included, and nothing
@@ -11,18 +13,53 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use integ::agent::InProcAgent as Agent;
+use integ::balancer::Balancer;
 use integ::bundles::{Model, Pack};
-use integ::common::{free_port, mosquitto_bin};
-use integ::fleet::{ServerProc, TestFleet, config_file, trust_key};
+use integ::common::{free_port, metrics_text, mosquitto_bin, sample};
+use integ::fleet::{OPERATOR, ServerProc, TestFleet, VIEWER, config_file, trust_key};
 use integ::mosquitto::Mosquitto;
 use integ::postgres::Postgres;
 use integ::s3::S3;
+
+/// Replica `name`'s configuration (`name.toml`, data in `data-name`) on
+/// `port`, with the shared `extra` sections.
+fn replica(dir: &Path, name: &str, port: u16, extra: &str) -> PathBuf {
+    let data = dir.join(format!("data-{name}"));
+    config_file(dir, &format!("{name}.toml"), &data, port, extra)
+}
+
+/// What a standby answers: alive, not ready, nothing served, its role in
+/// /metrics.
+async fn assert_standby(port: u16) {
+    let http = edge_agent::tls::default_client();
+    let base = format!("http://127.0.0.1:{port}");
+    let r = http.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "a standby is alive");
+    let r = http.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503, "a standby is not ready");
+    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "standby");
+    let r = http
+        .get(format!("{base}/api/v1/devices"))
+        .bearer_auth(OPERATOR)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "a standby serves nothing");
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "standby");
+    // /metrics wants an operator token there too.
+    let r = http.get(format!("{base}/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let m = metrics_text(&http, &base, Some(VIEWER)).await;
+    assert_eq!(sample(&m, "fleet_server_active"), Some(0), "{m}");
+}
 
 fn active_version(s: &Value) -> Option<String> {
     s["record"]["active"]["version"].as_str().map(String::from)
@@ -34,7 +71,7 @@ type Seen = Arc<Mutex<BTreeMap<String, Vec<String>>>>;
 /// Polls the agents' local status until `stop`, recording versions.
 fn watch(agents: Vec<(String, String)>, seen: Seen, stop: tokio_util::sync::CancellationToken) {
     tokio::spawn(async move {
-        let http = reqwest::Client::new();
+        let http = edge_agent::tls::default_client();
         while !stop.is_cancelled() {
             for (id, url) in &agents {
                 let Ok(r) = http.get(format!("{url}/v1/status")).send().await else {
@@ -94,34 +131,27 @@ async fn a_standby_takes_over_mid_rollout_and_no_device_goes_backwards() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(dir.path(), &mosquitto_bin, "dash-secret");
     // Nothing shared on disk: state in PostgreSQL, bundle bytes in the
-    // bucket, devices on the broker. The same port: the standby binds it
-    // when active.
-    let port = free_port();
+    // bucket, devices on the broker. Each server on its own port, behind
+    // the balancer.
+    let (port_a, port_b) = (free_port(), free_port());
     let shared = format!(
         "[store]\nurl = \"{url}\"\n{}{}",
         s3.bundles_toml("bundles", true),
         broker.server_toml("server-secret", Some("fleet"))
     );
-    let cfg_a = config_file(
-        dir.path(),
-        "a.toml",
-        &dir.path().join("data-a"),
-        port,
-        &shared,
-    );
-    let cfg_b = config_file(
-        dir.path(),
-        "b.toml",
-        &dir.path().join("data-b"),
-        port,
-        &shared,
-    );
+    let cfg_a = replica(dir.path(), "a", port_a, &shared);
+    let cfg_b = replica(dir.path(), "b", port_b, &shared);
 
-    let mut a = ServerProc::start(&cfg_a, port);
+    let mut a = ServerProc::start(&cfg_a, port_a);
     a.wait_log("active: this server holds the store's lease", 30);
-    let mut b = ServerProc::spawn(&cfg_b, port);
+    let mut b = ServerProc::start(&cfg_b, port_b);
     b.wait_log("standby: another fleet-server is active", 30);
-    let fleet = TestFleet::attach(port);
+    assert_standby(port_b).await;
+    let m = TestFleet::attach(port_a).metrics(VIEWER).await;
+    assert_eq!(sample(&m, "fleet_server_active"), Some(1), "{m}");
+    let lb = Balancer::start(&[port_a, port_b]).await;
+    lb.wait_ready(&[port_a], 30).await;
+    let fleet = TestFleet::attach(lb.port);
 
     // Three devices on v1.
     let v1 = fleet.push(Pack::new(Model::Cls, 1).bytes()).await;
@@ -188,16 +218,13 @@ async fn a_standby_takes_over_mid_rollout_and_no_device_goes_backwards() {
     a.kill();
     let killed = Instant::now();
 
-    // The standby takes the lease, listens, and finishes the rollout.
+    // The standby takes the lease, becomes ready, and finishes the
+    // rollout: the balancer now sends everything to it.
     b.wait_log("active: this server holds the store's lease", 30);
-    let mut wait_port = 0;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() && wait_port < 600 {
-        std::thread::sleep(Duration::from_millis(50));
-        wait_port += 1;
-    }
+    lb.wait_ready(&[port_b], 60).await;
     // Reported, not asserted (no timed assertions in tests): docs/deploy.md.
     eprintln!(
-        "the standby took over and listens {:.2} s after the kill -9",
+        "the standby took over and passes /readyz {:.2} s after the kill -9",
         killed.elapsed().as_secs_f64()
     );
     let done = fleet.wait_rollout(&r2, "completed", 120).await;
@@ -224,8 +251,9 @@ async fn a_standby_takes_over_mid_rollout_and_no_device_goes_backwards() {
     b.kill();
     pg.restart();
     s3.restart();
-    let mut a = ServerProc::start(&cfg_a, port);
+    let mut a = ServerProc::start(&cfg_a, port_a);
     a.wait_log("active: this server holds the store's lease", 30);
+    lb.wait_ready(&[port_a], 60).await;
     let r = fleet.get_json(&format!("/api/v1/rollouts/{r2}")).await;
     assert_eq!(r["phase"]["state"], "completed", "{r:#}");
     for (id, _) in &agents {
@@ -251,14 +279,9 @@ async fn a_server_that_lost_its_lease_stops_and_import_refuses_a_live_database()
     };
     let url = pg.database("fleet");
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let cfg = config_file(
-        dir.path(),
-        "a.toml",
-        &dir.path().join("data"),
-        port,
-        &format!("[store]\nurl = \"{url}\""),
-    );
+    let (port, port_b) = (free_port(), free_port());
+    let store = format!("[store]\nurl = \"{url}\"");
+    let cfg = replica(dir.path(), "a", port, &store);
     let mut a = ServerProc::start(&cfg, port);
     a.wait_log("active: this server holds the store's lease", 30);
     // An import under a running server would leave its memory stale.
@@ -281,14 +304,8 @@ async fn a_server_that_lost_its_lease_stops_and_import_refuses_a_live_database()
     );
     // A standby stops cleanly on SIGTERM (exit 0: it closes its
     // database sessions off the async runtime).
-    let cfg_b = config_file(
-        dir.path(),
-        "b.toml",
-        &dir.path().join("data-b"),
-        port,
-        &format!("[store]\nurl = \"{url}\""),
-    );
-    let mut b = ServerProc::spawn(&cfg_b, port);
+    let cfg_b = replica(dir.path(), "b", port_b, &store);
+    let mut b = ServerProc::start(&cfg_b, port_b);
     b.wait_log("standby: another fleet-server is active", 30);
     b.stop();
     // The database goes away under the active server: its lease session

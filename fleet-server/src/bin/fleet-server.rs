@@ -113,11 +113,8 @@ fn store_command(config: &ServerConfig, command: Command) -> Result<(), String> 
         }
         Command::Import { input } => {
             // Writing under a running server would leave its memory stale.
-            let tried = std::sync::atomic::AtomicBool::new(false);
             let active = store
-                .acquire_active("fleet-server import", &|| {
-                    tried.swap(true, std::sync::atomic::Ordering::SeqCst)
-                })
+                .acquire_active("fleet-server import", &|| false)
                 .map_err(|e| e.to_string())?;
             if active.is_none() {
                 return Err(

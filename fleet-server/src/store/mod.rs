@@ -257,12 +257,17 @@ pub trait Store: Send + Sync + 'static {
     /// A short name for logs and /metrics (`sled`, `postgres`).
     fn backend(&self) -> &'static str;
     /// Blocks until this server may serve the store: at most one server
-    /// is active on a shared database, the others wait here as standbys
-    /// (`Ok(None)` once `give_up` returns true). Returns the lease epoch;
-    /// after it, commits of a server whose lease was taken over fail with
+    /// is active on a shared database, the others wait here as standbys.
+    /// `keep_waiting` is called each time the lease is found taken: false
+    /// gives up (`Ok(None)`). Returns the lease epoch; after it, commits
+    /// of a server whose lease was taken over fail with
     /// [`crate::error::Error::Fenced`]. A store only one process can open
     /// (sled locks its folder) is always active: `Ok(Some(0))`.
-    fn acquire_active(&self, _holder: &str, _give_up: &dyn Fn() -> bool) -> Result<Option<u64>> {
+    fn acquire_active(
+        &self,
+        _holder: &str,
+        _keep_waiting: &dyn Fn() -> bool,
+    ) -> Result<Option<u64>> {
         Ok(Some(0))
     }
     /// False once the lease is lost (its session broke, or a commit was

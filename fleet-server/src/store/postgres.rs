@@ -291,15 +291,13 @@ impl PgStore {
         out
     }
 
-    /// Blocks until this server holds the active lease (or `give_up`
-    /// says to stop waiting: `Ok(None)`); returns its epoch.
-    fn acquire(&self, holder: &str, give_up: &dyn Fn() -> bool) -> Result<Option<u64>> {
+    /// Blocks until this server holds the active lease (or `keep_waiting`,
+    /// asked after each refused try, says to stop: `Ok(None)`); returns
+    /// its epoch.
+    fn acquire(&self, holder: &str, keep_waiting: &dyn Fn() -> bool) -> Result<Option<u64>> {
         use std::sync::atomic::Ordering::SeqCst;
         let mut said = false;
         loop {
-            if give_up() {
-                return Ok(None);
-            }
             let mut guard = self
                 .lease
                 .lock()
@@ -339,6 +337,9 @@ impl PgStore {
                 said = true;
             }
             drop(guard);
+            if !keep_waiting() {
+                return Ok(None);
+            }
             std::thread::sleep(STANDBY_POLL);
         }
     }
@@ -768,8 +769,8 @@ impl Store for PgStore {
         r
     }
 
-    fn acquire_active(&self, holder: &str, give_up: &dyn Fn() -> bool) -> Result<Option<u64>> {
-        self.acquire(holder, give_up)
+    fn acquire_active(&self, holder: &str, keep_waiting: &dyn Fn() -> bool) -> Result<Option<u64>> {
+        self.acquire(holder, keep_waiting)
     }
 
     fn still_active(&self) -> bool {
