@@ -61,6 +61,14 @@ pub struct HttpConfig {
     /// device; `required`: device requests and enrollments without one are
     /// refused. Operators never need one.
     pub device_certs: DeviceCerts,
+    /// Where the other replicas reach this server while it is active (a
+    /// standby forwards the requests it receives there). Default
+    /// `http(s)://<listen>` when `listen` names an address and a port
+    /// (not `0.0.0.0`, not port 0); without one, a standby answers 503.
+    pub advertise_url: Option<String>,
+    /// PEM CA(s) a standby checks the active server's certificate against
+    /// when the advertised URL is https. Default: the system's CAs.
+    pub replica_ca: Option<PathBuf>,
 }
 
 /// Whether devices must present a client certificate (`[http] device_certs`).
@@ -84,6 +92,8 @@ impl Default for HttpConfig {
             tls_key: None,
             client_ca: None,
             device_certs: DeviceCerts::Optional,
+            advertise_url: None,
+            replica_ca: None,
         }
     }
 }

@@ -67,6 +67,12 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
+/// One unlabelled counter with its family lines.
+pub fn counter(out: &mut String, name: &str, help: &str, v: u64) {
+    family(out, name, "counter", help);
+    let _ = writeln!(out, "{name} {v}");
+}
+
 /// The build, and whether this replica serves (1) or is a standby (0):
 /// across the replicas of one database, the sum is 1.
 pub fn identity(out: &mut String, active: bool) {
@@ -321,8 +327,7 @@ pub fn render(s: &AppState) -> String {
             s.writer.metrics.refused.load(Relaxed),
         ),
     ] {
-        family(&mut out, name, "counter", help);
-        let _ = writeln!(out, "{name} {v}");
+        counter(&mut out, name, help, v);
     }
     family(
         &mut out,

@@ -81,6 +81,11 @@ pub fn check(config: &ServerConfig) -> Result<Vec<String>> {
             }
         ));
     }
+    check_advertise(config)?;
+    if let Some(ca) = &config.http.replica_ca {
+        crate::standby::forward_client(Some(ca))?;
+        ok.push("[http]: replica_ca loads".into());
+    }
     if let Some(mc) = &config.mqtt
         && tls_acceptor("[mqtt]", &mc.tls_cert, &mc.tls_key, &None)?.is_some()
     {
@@ -187,6 +192,7 @@ pub async fn start(
         &config.http.client_ca,
     )?;
     let idle = Duration::from_secs(config.http.idle_timeout_secs.max(1));
+    check_advertise(&config)?;
     let store = {
         let c = config.clone();
         tokio::task::spawn_blocking(move || open_store(&c))
@@ -425,10 +431,15 @@ async fn take_lease(
         std::process::id(),
         config.http.listen
     );
+    let url = advertised(config);
+    let shared = Arc::new(crate::standby::Shared::default());
     let (waiting_tx, mut waiting) = tokio::sync::watch::channel(false);
-    let (s, stop) = (store.clone(), shutdown.clone());
+    let (s, stop, sh) = (store.clone(), shutdown.clone(), shared.clone());
     let mut acquire = tokio::task::spawn_blocking(move || {
-        s.acquire_active(&holder, &|| {
+        s.acquire_active(&holder, url.as_deref(), &|active| {
+            if let Ok(mut u) = sh.active_url.lock() {
+                *u = active.map(String::from);
+            }
             waiting_tx.send_replace(true);
             !stop.is_cancelled()
         })
@@ -439,8 +450,18 @@ async fn take_lease(
             r = &mut acquire => break r.map_err(|e| Error::Store(e.to_string()))??,
             Ok(()) = waiting.changed(), if standby.is_none() => {
                 let listener = listen(config.http.listen)?;
-                standby = Some(Standby::start(listener, tls.clone(), idle, tokens.clone()));
-                tracing::info!(listen = %config.http.listen, "standby: answering health checks (/readyz 503)");
+                // The active server could not see a device's client
+                // certificate: nothing is forwarded then.
+                let client = match config.http.client_ca {
+                    None => Some(crate::standby::forward_client(config.http.replica_ca.as_deref())?),
+                    Some(_) => None,
+                };
+                tracing::info!(
+                    listen = %config.http.listen,
+                    forwarding = client.is_some(),
+                    "standby: answering health checks (/readyz 503) and forwarding to the active server"
+                );
+                standby = Some(Standby::start(listener, tls.clone(), idle, tokens.clone(), shared.clone(), client));
             }
         }
     };
@@ -451,6 +472,35 @@ async fn take_lease(
         s.taking_over();
     }
     Ok((epoch, standby))
+}
+
+/// `[http] advertise_url` is an http(s) URL with a host, if given.
+fn check_advertise(config: &ServerConfig) -> Result<()> {
+    let Some(u) = &config.http.advertise_url else {
+        return Ok(());
+    };
+    match reqwest::Url::parse(u) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Ok(()),
+        Ok(_) => Err(Error::Usage(format!(
+            "[http] advertise_url {u:?}: an http:// or https:// URL with a host is needed"
+        ))),
+        Err(e) => Err(Error::Usage(format!("[http] advertise_url {u:?}: {e}"))),
+    }
+}
+
+/// Where standbys forward to while this server is active: `[http]
+/// advertise_url`, else the listen address when it names one.
+fn advertised(config: &ServerConfig) -> Option<String> {
+    if let Some(u) = &config.http.advertise_url {
+        return Some(u.clone());
+    }
+    let l = config.http.listen;
+    let scheme = if config.http.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    (!l.ip().is_unspecified() && l.port() != 0).then(|| format!("{scheme}://{l}"))
 }
 
 /// Runs the server until `shutdown` is cancelled.
@@ -587,4 +637,51 @@ fn tls_acceptor(
         .with_single_cert(chain, key)
         .map_err(|e| Error::Usage(format!("{section} tls_cert/tls_key: {e}")))?;
     Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn http(listen: &str, tls: bool, advertise: Option<&str>) -> ServerConfig {
+        let mut c = ServerConfig::default();
+        c.http.listen = listen.parse().unwrap();
+        c.http.tls_cert = tls.then(|| "cert.pem".into());
+        c.http.advertise_url = advertise.map(String::from);
+        c
+    }
+
+    #[test]
+    fn the_advertised_url_is_the_listen_address_only_when_it_names_one() {
+        let a = |l, tls, adv| advertised(&http(l, tls, adv));
+        assert_eq!(
+            a("10.0.0.1:7070", false, None).as_deref(),
+            Some("http://10.0.0.1:7070")
+        );
+        assert_eq!(
+            a("10.0.0.1:7443", true, None).as_deref(),
+            Some("https://10.0.0.1:7443")
+        );
+        assert_eq!(
+            a("[::1]:7070", false, None).as_deref(),
+            Some("http://[::1]:7070")
+        );
+        assert_eq!(a("0.0.0.0:7070", false, None), None);
+        assert_eq!(a("[::]:7070", false, None), None);
+        assert_eq!(a("10.0.0.1:0", false, None), None);
+        assert_eq!(
+            a("0.0.0.0:7070", false, Some("http://fleet-a:7070")).as_deref(),
+            Some("http://fleet-a:7070")
+        );
+        for bad in ["ftp://fleet-a", "fleet-a:7070", "http://", "not a url"] {
+            let e = check_advertise(&http("0.0.0.0:7070", false, Some(bad))).unwrap_err();
+            assert!(e.to_string().contains("advertise_url"), "{bad}: {e}");
+        }
+        check_advertise(&http(
+            "0.0.0.0:7070",
+            false,
+            Some("https://fleet-a.internal:7443/"),
+        ))
+        .unwrap();
+    }
 }

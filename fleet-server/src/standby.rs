@@ -4,64 +4,128 @@
 //! listens on its own `[http] listen` address and answers:
 //! - `GET /healthz` 200: the process is alive (a liveness probe must not
 //!   restart a healthy standby);
-//! - `GET /readyz` 503 `standby`: a load balancer sends it no traffic;
-//! - `GET /metrics` (operator tokens, as on the active server): the build
-//!   and `fleet_server_active 0`;
-//! - anything else 503 `standby` with `Retry-After`, never a half answer
-//!   from a server that holds no fleet.
+//! - `GET /readyz` 503 `standby`: a load balancer that checks it sends the
+//!   standby nothing;
+//! - `GET /metrics` (operator tokens, as on the active server): the build,
+//!   `fleet_server_active 0` and the forwarding counters;
+//! - anything else is **forwarded** to the active server (its
+//!   `[http] advertise_url`, from the lease row), streamed both ways, with
+//!   `X-Forwarded-For`: devices and operators that reach a standby (DNS
+//!   round robin, a balancer without health checks, a device configured
+//!   with one replica's address) are served all the same. Without an
+//!   active URL, when forwarding fails, or when device client
+//!   certificates are in use (the active server could not see them), the
+//!   answer is 503 `standby` with `Retry-After`.
 //!
 //! Once it takes the lease it answers 503 `starting` while it loads the
 //! store, then [`Standby::hand_over`] gives the same socket to the whole
 //! server: no moment where the port refuses connections.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Action, Caller, Tokens};
+use crate::error::{Error, Result};
 use crate::http_error::ApiError;
+
+/// Marks a forwarded request: a standby never forwards one again (a
+/// misconfigured `advertise_url` pointing at a balancer would loop).
+const FORWARDED_BY: &str = "x-edgefleet-forwarded-by";
+
+/// What the standby knows and counts.
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// The active server's advertised URL (from the lease row).
+    pub active_url: Mutex<Option<String>>,
+    /// Set once this server holds the lease and is loading the store.
+    starting: AtomicBool,
+    forwarded: AtomicU64,
+    forward_failures: AtomicU64,
+}
 
 #[derive(Clone)]
 struct Face {
     tokens: Tokens,
-    /// Set once this server holds the lease and is loading the store.
-    starting: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+    /// `None`: nothing is forwarded (device client certificates in use).
+    client: Option<reqwest::Client>,
 }
 
 /// The standby's listener and its serving task (stopped on drop).
 #[derive(Debug)]
 pub struct Standby {
     listener: Arc<TcpListener>,
-    starting: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     stop: CancellationToken,
 }
 
+/// The client a standby forwards with: no redirects followed (a device
+/// must see the active server's redirect to a presigned URL), no overall
+/// timeout (downloads and the console's stream are long), the active
+/// server's certificate checked against `ca` or the system's CAs.
+pub fn forward_client(ca: Option<&Path>) -> Result<reqwest::Client> {
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = match ca {
+        Some(f) => crate::server::pem_certs("[http] replica_ca", f)?,
+        None => rustls_native_certs::load_native_certs().certs,
+    };
+    for c in certs {
+        // A system CA rustls cannot parse is skipped, as browsers do.
+        if let Err(e) = roots.add(c)
+            && ca.is_some()
+        {
+            return Err(Error::Usage(format!("[http] replica_ca: {e}")));
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| Error::Usage(format!("[http] replica TLS: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(3))
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| Error::Usage(format!("[http] replica client: {e}")))
+}
+
 impl Standby {
-    /// Serves the standby's answers on `listener` until handed over.
+    /// Serves the standby's answers on `listener` until handed over;
+    /// forwards with `client` when there is one.
     pub fn start(
         listener: TcpListener,
         tls: Option<tokio_rustls::TlsAcceptor>,
         idle: Duration,
         tokens: Tokens,
+        shared: Arc<Shared>,
+        client: Option<reqwest::Client>,
     ) -> Standby {
         let listener = Arc::new(listener);
-        let starting = Arc::new(AtomicBool::new(false));
         let stop = CancellationToken::new();
         let app = Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
+            .route("/readyz", get(not_ready))
             .route("/metrics", get(metrics))
             .fallback(not_serving)
             .with_state(Face {
                 tokens,
-                starting: starting.clone(),
+                shared: shared.clone(),
+                client,
             });
         let serve = crate::http::serve(listener.clone(), app, idle, tls, stop.clone());
         tokio::spawn(async move {
@@ -71,14 +135,14 @@ impl Standby {
         });
         Standby {
             listener,
-            starting,
+            shared,
             stop,
         }
     }
 
     /// This server took the lease: answer `starting` until handed over.
     pub fn taking_over(&self) {
-        self.starting.store(true, Relaxed);
+        self.shared.starting.store(true, Relaxed);
     }
 
     /// Stops accepting (the connections open now finish their request and
@@ -94,8 +158,8 @@ impl Drop for Standby {
     }
 }
 
-async fn not_serving(State(f): State<Face>) -> Response {
-    if f.starting.load(Relaxed) {
+fn unavailable(shared: &Shared, why: &str) -> Response {
+    if shared.starting.load(Relaxed) {
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "starting",
@@ -106,13 +170,94 @@ async fn not_serving(State(f): State<Face>) -> Response {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "standby",
-        "this fleet-server is a standby: another one holds the store's lease and serves \
-         (a load balancer checking /readyz sends requests there)",
+        format!(
+            "this fleet-server is a standby: another one holds the store's lease and serves \
+             (a load balancer checking /readyz sends requests there){why}"
+        ),
     )
     .retry_after(2)
     .into_response()
 }
 
+async fn not_ready(State(f): State<Face>) -> Response {
+    unavailable(&f.shared, "")
+}
+
+/// Hop-by-hop headers (RFC 9110 7.6.1), never passed on.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
+        .collect();
+    for n in listed {
+        h.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        header::HOST,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        h.remove(n);
+    }
+    h.remove("keep-alive");
+}
+
+async fn not_serving(State(f): State<Face>, req: Request) -> Response {
+    let target = f.shared.active_url.lock().ok().and_then(|u| u.clone());
+    let (Some(client), Some(base), false) = (
+        &f.client,
+        target,
+        f.shared.starting.load(Relaxed) || req.headers().contains_key(FORWARDED_BY),
+    ) else {
+        return unavailable(&f.shared, "");
+    };
+    let peer = req.extensions().get::<crate::api::Peer>().map(|p| p.0.ip());
+    let (parts, body) = req.into_parts();
+    let has_body = parts.headers.contains_key(header::CONTENT_LENGTH)
+        || parts.headers.contains_key(header::TRANSFER_ENCODING);
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    if let Some(ip) = peer {
+        let chain = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(before) => format!("{before}, {ip}"),
+            None => ip.to_string(),
+        };
+        if let Ok(v) = HeaderValue::try_from(chain) {
+            headers.insert("x-forwarded-for", v);
+        }
+    }
+    headers.insert(FORWARDED_BY, HeaderValue::from_static("standby"));
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let mut out = client.request(parts.method, &url).headers(headers);
+    if has_body {
+        out = out.body(reqwest::Body::wrap_stream(body.into_data_stream()));
+    }
+    match out.send().await {
+        Ok(r) => {
+            f.shared.forwarded.fetch_add(1, Relaxed);
+            let (status, mut h) = (r.status(), r.headers().clone());
+            strip_hop_by_hop(&mut h);
+            let mut resp = Response::new(Body::from_stream(r.bytes_stream()));
+            *resp.status_mut() = status;
+            *resp.headers_mut() = h;
+            resp
+        }
+        Err(e) => {
+            f.shared.forward_failures.fetch_add(1, Relaxed);
+            tracing::warn!(error = %e, %url, "standby: forwarding to the active server failed");
+            unavailable(&f.shared, "; forwarding to it failed")
+        }
+    }
+}
 async fn metrics(State(f): State<Face>, headers: HeaderMap) -> Response {
     let caller = crate::auth::bearer(&headers)
         .and_then(|t| f.tokens.find(t))
@@ -130,5 +275,48 @@ async fn metrics(State(f): State<Face>, headers: HeaderMap) -> Response {
     }
     let mut out = String::new();
     crate::metrics::identity(&mut out, false);
+    crate::metrics::counter(
+        &mut out,
+        "fleet_standby_forwarded_total",
+        "Requests a standby passed on to the active server.",
+        f.shared.forwarded.load(Relaxed),
+    );
+    crate::metrics::counter(
+        &mut out,
+        "fleet_standby_forward_failures_total",
+        "Requests a standby could not pass on (answered 503).",
+        f.shared.forward_failures.load(Relaxed),
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_stay_behind_and_end_to_end_ones_pass() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, x-private"),
+            ("keep-alive", "timeout=5"),
+            ("x-private", "1"),
+            ("host", "standby:7070"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("authorization", "Bearer t"),
+            ("content-length", "10"),
+            ("range", "bytes=5-"),
+            ("if-none-match", "\"e\""),
+        ] {
+            h.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            ["authorization", "content-length", "if-none-match", "range"]
+        );
+    }
 }

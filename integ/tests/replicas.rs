@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use integ::agent::InProcAgent as Agent;
 use integ::balancer::Balancer;
 use integ::bundles::{Model, Pack};
-use integ::common::{free_port, metrics_text, mosquitto_bin, sample};
+use integ::common::{counter, free_port, metrics_text, mosquitto_bin, sample};
 use integ::fleet::{OPERATOR, ServerProc, TestFleet, VIEWER, config_file, trust_key};
 use integ::mosquitto::Mosquitto;
 use integ::postgres::Postgres;
@@ -35,8 +35,9 @@ fn replica(dir: &Path, name: &str, port: u16, extra: &str) -> PathBuf {
     config_file(dir, &format!("{name}.toml"), &data, port, extra)
 }
 
-/// What a standby answers: alive, not ready, nothing served, its role in
-/// /metrics.
+/// What a standby answers: alive, not ready (a balancer that checks
+/// /readyz sends it nothing), everything else forwarded to the active
+/// server, and its role in /metrics.
 async fn assert_standby(port: u16) {
     let http = edge_agent::tls::default_client();
     let base = format!("http://127.0.0.1:{port}");
@@ -45,20 +46,37 @@ async fn assert_standby(port: u16) {
     let r = http.get(format!("{base}/readyz")).send().await.unwrap();
     assert_eq!(r.status(), 503, "a standby is not ready");
     assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "standby");
+    // Forwarded: the active server answers, credentials and all.
     let r = http
         .get(format!("{base}/api/v1/devices"))
         .bearer_auth(OPERATOR)
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 503, "a standby serves nothing");
+    assert_eq!(r.status(), 200, "a standby forwards to the active server");
+    let r = http
+        .get(format!("{base}/api/v1/devices"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "the active server still checks the token");
+    // A request a standby already forwarded is never forwarded again.
+    let r = http
+        .get(format!("{base}/api/v1/devices"))
+        .bearer_auth(OPERATOR)
+        .header("x-edgefleet-forwarded-by", "standby")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
     assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "standby");
-    // /metrics wants an operator token there too.
+    // /metrics wants a token there too.
     let r = http.get(format!("{base}/metrics")).send().await.unwrap();
     assert_eq!(r.status(), 401);
     let m = metrics_text(&http, &base, Some(VIEWER)).await;
     assert_eq!(sample(&m, "fleet_server_active"), Some(0), "{m}");
+    assert!(counter(&m, "fleet_standby_forwarded_total") >= 2, "{m}");
 }
 
 fn active_version(s: &Value) -> Option<String> {
@@ -153,17 +171,21 @@ async fn a_standby_takes_over_mid_rollout_and_no_device_goes_backwards() {
     lb.wait_ready(&[port_a], 30).await;
     let fleet = TestFleet::attach(lb.port);
 
-    // Three devices on v1.
+    // Four devices on v1: three through the balancer, the fourth
+    // configured with the standby's address (it enrolls and updates
+    // through the standby, which forwards).
     let v1 = fleet.push(Pack::new(Model::Cls, 1).bytes()).await;
     let adir = tempfile::tempdir().unwrap();
     let trust = vec![trust_key(adir.path(), 1)];
+    let standby_url = format!("http://127.0.0.1:{port_b}");
     let mut agents = Vec::new();
-    for i in 1..=3 {
+    for i in 1..=4 {
         let d = adir.path().join(format!("pi-{i}"));
+        let server = if i == 4 { &standby_url } else { &fleet.url };
         agents.push((
             format!("pi-{i}"),
             Agent::start(Agent::over_mqtt(
-                Agent::config(&fleet.url, &d, &format!("pi-{i}"), "rpi4", trust.clone()),
+                Agent::config(server, &d, &format!("pi-{i}"), "rpi4", trust.clone()),
                 broker.port,
             ))
             .await,
@@ -183,9 +205,12 @@ async fn a_standby_takes_over_mid_rollout_and_no_device_goes_backwards() {
         stop_watch.clone(),
     );
 
-    // v2 in two stages; the first one bakes long enough to kill the
-    // active server in the middle of the rollout.
-    let v2 = fleet.push(Pack::new(Model::Cls, 2).bytes()).await;
+    // v2, pushed through the standby (a streamed upload, forwarded), in
+    // two stages; the first one bakes long enough to kill the active
+    // server in the middle of the rollout.
+    let v2 = TestFleet::attach(port_b)
+        .push(Pack::new(Model::Cls, 2).bytes())
+        .await;
     let r2 = fleet
         .create_rollout(json!({
             "bundle": v2,
@@ -215,6 +240,15 @@ async fn a_standby_takes_over_mid_rollout_and_no_device_goes_backwards() {
     assert_eq!(r["phase"]["state"], "running", "mid-rollout: {r:#}");
     // The devices' telemetry reaches the active server over the broker.
     let seq_before = wait_telemetry(&fleet, "pi-1", 0).await;
+    // pi-4's enrollment, check-ins, reports and the v2 upload went
+    // through the standby.
+    let m = TestFleet::attach(port_b).metrics(VIEWER).await;
+    assert!(counter(&m, "fleet_standby_forwarded_total") > 10, "{m}");
+    assert_eq!(
+        counter(&m, "fleet_standby_forward_failures_total"),
+        0,
+        "{m}"
+    );
     a.kill();
     let killed = Instant::now();
 
@@ -254,6 +288,9 @@ async fn a_standby_takes_over_mid_rollout_and_no_device_goes_backwards() {
     let mut a = ServerProc::start(&cfg_a, port_a);
     a.wait_log("active: this server holds the store's lease", 30);
     lb.wait_ready(&[port_a], 60).await;
+    // b again, a standby now (pi-4 reaches the fleet through it).
+    let mut b = ServerProc::start(&cfg_b, port_b);
+    b.wait_log("standby: another fleet-server is active", 30);
     let r = fleet.get_json(&format!("/api/v1/rollouts/{r2}")).await;
     assert_eq!(r["phase"]["state"], "completed", "{r:#}");
     for (id, _) in &agents {
@@ -269,6 +306,7 @@ async fn a_standby_takes_over_mid_rollout_and_no_device_goes_backwards() {
     for (_, agent) in agents {
         agent.stop().await;
     }
+    b.stop();
     a.stop();
 }
 

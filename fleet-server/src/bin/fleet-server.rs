@@ -114,7 +114,7 @@ fn store_command(config: &ServerConfig, command: Command) -> Result<(), String> 
         Command::Import { input } => {
             // Writing under a running server would leave its memory stale.
             let active = store
-                .acquire_active("fleet-server import", &|| false)
+                .acquire_active("fleet-server import", None, &|_| false)
                 .map_err(|e| e.to_string())?;
             if active.is_none() {
                 return Err(

@@ -258,15 +258,18 @@ pub trait Store: Send + Sync + 'static {
     fn backend(&self) -> &'static str;
     /// Blocks until this server may serve the store: at most one server
     /// is active on a shared database, the others wait here as standbys.
-    /// `keep_waiting` is called each time the lease is found taken: false
-    /// gives up (`Ok(None)`). Returns the lease epoch; after it, commits
+    /// `keep_waiting` is called each time the lease is found taken, with
+    /// the active server's advertised URL: false gives up (`Ok(None)`).
+    /// `url` is this server's, for the standbys once it is active.
+    /// Returns the lease epoch; after it, commits
     /// of a server whose lease was taken over fail with
     /// [`crate::error::Error::Fenced`]. A store only one process can open
     /// (sled locks its folder) is always active: `Ok(Some(0))`.
     fn acquire_active(
         &self,
         _holder: &str,
-        _keep_waiting: &dyn Fn() -> bool,
+        _url: Option<&str>,
+        _keep_waiting: &dyn Fn(Option<&str>) -> bool,
     ) -> Result<Option<u64>> {
         Ok(Some(0))
     }

@@ -43,6 +43,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "active_lease",
         include_str!("../../migrations/0002_active_lease.sql"),
     ),
+    (
+        3,
+        "lease_url",
+        include_str!("../../migrations/0003_lease_url.sql"),
+    ),
 ];
 
 /// The advisory lock replicas take while migrating (any constant unique
@@ -292,9 +297,15 @@ impl PgStore {
     }
 
     /// Blocks until this server holds the active lease (or `keep_waiting`,
-    /// asked after each refused try, says to stop: `Ok(None)`); returns
-    /// its epoch.
-    fn acquire(&self, holder: &str, keep_waiting: &dyn Fn() -> bool) -> Result<Option<u64>> {
+    /// asked after each refused try with the active server's URL, says to
+    /// stop: `Ok(None)`); returns its epoch. `url` is this server's, for
+    /// the standbys.
+    fn acquire(
+        &self,
+        holder: &str,
+        url: Option<&str>,
+        keep_waiting: &dyn Fn(Option<&str>) -> bool,
+    ) -> Result<Option<u64>> {
         use std::sync::atomic::Ordering::SeqCst;
         let mut said = false;
         loop {
@@ -315,21 +326,23 @@ impl PgStore {
             if got {
                 let epoch: i64 = c
                     .query_one(
-                        "INSERT INTO edgefleet_lease (id, epoch, holder) VALUES (true, 1, $1) \
+                        "INSERT INTO edgefleet_lease (id, epoch, holder, url) \
+                         VALUES (true, 1, $1, $2) \
                          ON CONFLICT (id) DO UPDATE SET epoch = edgefleet_lease.epoch + 1, \
-                         holder = EXCLUDED.holder, acquired_at = now() RETURNING epoch",
-                        &[&holder],
+                         holder = EXCLUDED.holder, url = EXCLUDED.url, acquired_at = now() \
+                         RETURNING epoch",
+                        &[&holder, &url],
                     )
                     .map_err(pg_err)?
                     .get(0);
                 self.epoch.store(epoch, SeqCst);
                 return Ok(Some(epoch as u64));
             }
+            let (current, active_url): (Option<String>, Option<String>) = c
+                .query_opt("SELECT holder, url FROM edgefleet_lease", &[])
+                .map_err(pg_err)?
+                .map_or((None, None), |r| (r.get(0), r.get(1)));
             if !said {
-                let current: Option<String> = c
-                    .query_opt("SELECT holder FROM edgefleet_lease", &[])
-                    .map_err(pg_err)?
-                    .map(|r| r.get(0));
                 tracing::info!(
                     holder = current.as_deref().unwrap_or("?"),
                     "standby: another fleet-server is active on this database; waiting for its lease"
@@ -337,7 +350,7 @@ impl PgStore {
                 said = true;
             }
             drop(guard);
-            if !keep_waiting() {
+            if !keep_waiting(active_url.as_deref()) {
                 return Ok(None);
             }
             std::thread::sleep(STANDBY_POLL);
@@ -769,8 +782,13 @@ impl Store for PgStore {
         r
     }
 
-    fn acquire_active(&self, holder: &str, keep_waiting: &dyn Fn() -> bool) -> Result<Option<u64>> {
-        self.acquire(holder, keep_waiting)
+    fn acquire_active(
+        &self,
+        holder: &str,
+        url: Option<&str>,
+        keep_waiting: &dyn Fn(Option<&str>) -> bool,
+    ) -> Result<Option<u64>> {
+        self.acquire(holder, url, keep_waiting)
     }
 
     fn still_active(&self) -> bool {
