@@ -201,7 +201,20 @@ pub async fn start(
     };
     // On a shared database one server is active; the others wait here,
     // answering as standbys on their HTTP address.
-    let (epoch, standby) = take_lease(&config, &store, &shutdown, (&tls, idle), &tokens).await?;
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| Error::Store(format!("random: {e}")))?;
+    let me = crate::store::LeaseHolder {
+        name: format!(
+            "{} pid {} http {}",
+            hostname(),
+            std::process::id(),
+            config.http.listen
+        ),
+        url: advertised(&config),
+        secret: Some(hex::encode(secret)),
+    };
+    let (epoch, standby) =
+        take_lease(&config, &store, &shutdown, (&tls, idle), &tokens, &me).await?;
     if epoch > 0 {
         tracing::info!(epoch, "active: this server holds the store's lease");
     }
@@ -381,6 +394,9 @@ pub async fn start(
             crate::api::console::MAX_STREAMS,
         )),
         stop: stop.clone(),
+        replica_secret: (epoch > 0)
+            .then(|| me.secret.as_deref().map(Arc::from))
+            .flatten(),
     };
     // A standby's socket, or a new one: a server taking over never
     // refuses a connection on its port.
@@ -424,21 +440,15 @@ async fn take_lease(
     shutdown: &CancellationToken,
     (tls, idle): (&Option<tokio_rustls::TlsAcceptor>, Duration),
     tokens: &Tokens,
+    me: &crate::store::LeaseHolder,
 ) -> Result<(u64, Option<Standby>)> {
-    let holder = format!(
-        "{} pid {} http {}",
-        hostname(),
-        std::process::id(),
-        config.http.listen
-    );
-    let url = advertised(config);
     let shared = Arc::new(crate::standby::Shared::default());
     let (waiting_tx, mut waiting) = tokio::sync::watch::channel(false);
-    let (s, stop, sh) = (store.clone(), shutdown.clone(), shared.clone());
+    let (s, stop, sh, me) = (store.clone(), shutdown.clone(), shared.clone(), me.clone());
     let mut acquire = tokio::task::spawn_blocking(move || {
-        s.acquire_active(&holder, url.as_deref(), &|active| {
-            if let Ok(mut u) = sh.active_url.lock() {
-                *u = active.map(String::from);
+        s.acquire_active(&me, &|active| {
+            if let Ok(mut a) = sh.active.lock() {
+                a.clone_from(active);
             }
             waiting_tx.send_replace(true);
             !stop.is_cancelled()
@@ -450,15 +460,9 @@ async fn take_lease(
             r = &mut acquire => break r.map_err(|e| Error::Store(e.to_string()))??,
             Ok(()) = waiting.changed(), if standby.is_none() => {
                 let listener = listen(config.http.listen)?;
-                // The active server could not see a device's client
-                // certificate: nothing is forwarded then.
-                let client = match config.http.client_ca {
-                    None => Some(crate::standby::forward_client(config.http.replica_ca.as_deref())?),
-                    Some(_) => None,
-                };
+                let client = crate::standby::forward_client(config.http.replica_ca.as_deref())?;
                 tracing::info!(
                     listen = %config.http.listen,
-                    forwarding = client.is_some(),
                     "standby: answering health checks (/readyz 503) and forwarding to the active server"
                 );
                 standby = Some(Standby::start(listener, tls.clone(), idle, tokens.clone(), shared.clone(), client));

@@ -12,10 +12,12 @@
 //!   `[http] advertise_url`, from the lease row), streamed both ways, with
 //!   `X-Forwarded-For`: devices and operators that reach a standby (DNS
 //!   round robin, a balancer without health checks, a device configured
-//!   with one replica's address) are served all the same. Without an
-//!   active URL, when forwarding fails, or when device client
-//!   certificates are in use (the active server could not see them), the
-//!   answer is 503 `standby` with `Retry-After`.
+//!   with one replica's address) are served all the same. The client's
+//!   address and its verified client certificate travel in headers that
+//!   the lease row's secret vouches for ([`from_standby`] on the active
+//!   server), so rate limits and `device_certs` apply to the real client.
+//!   Without an active URL, or when forwarding fails, the answer is 503
+//!   `standby` with `Retry-After`.
 //!
 //! Once it takes the lease it answers 503 `starting` while it loads the
 //! store, then [`Standby::hand_over`] gives the same socket to the whole
@@ -35,19 +37,28 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::{AppState, ClientCert, Peer};
 use crate::auth::{Action, Caller, Tokens};
 use crate::error::{Error, Result};
 use crate::http_error::ApiError;
+use crate::store::LeaseHolder;
 
-/// Marks a forwarded request: a standby never forwards one again (a
-/// misconfigured `advertise_url` pointing at a balancer would loop).
-const FORWARDED_BY: &str = "x-edgefleet-forwarded-by";
+/// Marks a forwarded request, with the lease row's secret: a standby
+/// never forwards one again (a misconfigured `advertise_url` pointing at
+/// a balancer would loop), and the active server believes the two
+/// headers below only with the right secret.
+pub const FORWARDED_BY: &str = "x-edgefleet-forwarded-by";
+/// The client's address as the standby saw it.
+pub const CLIENT_ADDR: &str = "x-edgefleet-client-addr";
+/// The client certificate (DER, base64) the standby's TLS handshake
+/// verified against `[http] client_ca`.
+pub const CLIENT_CERT: &str = "x-edgefleet-client-cert";
 
 /// What the standby knows and counts.
 #[derive(Debug, Default)]
 pub struct Shared {
-    /// The active server's advertised URL (from the lease row).
-    pub active_url: Mutex<Option<String>>,
+    /// The active server's lease row.
+    pub active: Mutex<LeaseHolder>,
     /// Set once this server holds the lease and is loading the store.
     starting: AtomicBool,
     forwarded: AtomicU64,
@@ -58,8 +69,7 @@ pub struct Shared {
 struct Face {
     tokens: Tokens,
     shared: Arc<Shared>,
-    /// `None`: nothing is forwarded (device client certificates in use).
-    client: Option<reqwest::Client>,
+    client: reqwest::Client,
 }
 
 /// The standby's listener and its serving task (stopped on drop).
@@ -106,14 +116,14 @@ pub fn forward_client(ca: Option<&Path>) -> Result<reqwest::Client> {
 
 impl Standby {
     /// Serves the standby's answers on `listener` until handed over;
-    /// forwards with `client` when there is one.
+    /// forwards with `client`.
     pub fn start(
         listener: TcpListener,
         tls: Option<tokio_rustls::TlsAcceptor>,
         idle: Duration,
         tokens: Tokens,
         shared: Arc<Shared>,
-        client: Option<reqwest::Client>,
+        client: reqwest::Client,
     ) -> Standby {
         let listener = Arc::new(listener);
         let stop = CancellationToken::new();
@@ -211,33 +221,29 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 }
 
 async fn not_serving(State(f): State<Face>, req: Request) -> Response {
-    let target = f.shared.active_url.lock().ok().and_then(|u| u.clone());
-    let (Some(client), Some(base), false) = (
-        &f.client,
-        target,
+    let active = f
+        .shared
+        .active
+        .lock()
+        .map(|a| a.clone())
+        .unwrap_or_default();
+    let (Some(base), false) = (
+        active.url,
         f.shared.starting.load(Relaxed) || req.headers().contains_key(FORWARDED_BY),
     ) else {
         return unavailable(&f.shared, "");
     };
-    let peer = req.extensions().get::<crate::api::Peer>().map(|p| p.0.ip());
+    let peer = req.extensions().get::<Peer>().map(|p| p.0.ip());
+    let cert = req.extensions().get::<ClientCert>().cloned();
     let (parts, body) = req.into_parts();
     let has_body = parts.headers.contains_key(header::CONTENT_LENGTH)
         || parts.headers.contains_key(header::TRANSFER_ENCODING);
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
-    if let Some(ip) = peer {
-        let chain = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(before) => format!("{before}, {ip}"),
-            None => ip.to_string(),
-        };
-        if let Ok(v) = HeaderValue::try_from(chain) {
-            headers.insert("x-forwarded-for", v);
-        }
-    }
-    headers.insert(FORWARDED_BY, HeaderValue::from_static("standby"));
+    speak_for(&mut headers, peer, cert.as_ref(), active.secret.as_deref());
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let url = format!("{}{path}", base.trim_end_matches('/'));
-    let mut out = client.request(parts.method, &url).headers(headers);
+    let mut out = f.client.request(parts.method, &url).headers(headers);
     if has_body {
         out = out.body(reqwest::Body::wrap_stream(body.into_data_stream()));
     }
@@ -290,9 +296,162 @@ async fn metrics(State(f): State<Face>, headers: HeaderMap) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
+/// On the active server, outermost: a request a standby forwarded
+/// carries the client's address and certificate in headers; with the
+/// lease row's secret they replace the standby's own (so rate limits,
+/// logs and `device_certs` see the real client). Without it they are
+/// never believed: those headers are dropped from every request, and a
+/// request vouched for by another secret (a standby that has not seen
+/// this server's takeover yet) is answered 503 to be retried.
+pub async fn from_standby(
+    State(s): State<AppState>,
+    mut req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (mut parts, body) = req.into_parts();
+    if believe(
+        &mut parts.headers,
+        &mut parts.extensions,
+        s.replica_secret.as_deref(),
+    )
+    .is_err()
+    {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "standby",
+            "forwarded by a fleet-server that does not know this server's lease yet; retry",
+        )
+        .into_response();
+    }
+    req = Request::from_parts(parts, body);
+    next.run(req).await
+}
+
+/// The standby's side: the headers that speak for the client (its
+/// address, its verified certificate), vouched for by `secret`; whatever
+/// the client sent under those names is dropped.
+fn speak_for(
+    headers: &mut HeaderMap,
+    peer: Option<std::net::IpAddr>,
+    cert: Option<&ClientCert>,
+    secret: Option<&str>,
+) {
+    headers.remove(CLIENT_ADDR);
+    headers.remove(CLIENT_CERT);
+    if let Some(ip) = peer {
+        let chain = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(before) => format!("{before}, {ip}"),
+            None => ip.to_string(),
+        };
+        if let Ok(v) = HeaderValue::try_from(chain) {
+            headers.insert("x-forwarded-for", v);
+        }
+        if let Ok(v) = HeaderValue::try_from(ip.to_string()) {
+            headers.insert(CLIENT_ADDR, v);
+        }
+    }
+    if let Some(c) = cert {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(c.0.as_ref());
+        if let Ok(v) = HeaderValue::try_from(b64) {
+            headers.insert(CLIENT_CERT, v);
+        }
+    }
+    let vouch = secret
+        .and_then(|s| HeaderValue::try_from(s).ok())
+        .unwrap_or(HeaderValue::from_static("-"));
+    headers.insert(FORWARDED_BY, vouch);
+}
+
+/// The active server's side: drops the forwarding headers; when `secret`
+/// vouches for them, the client's address and certificate replace the
+/// standby's in `ext`. `Err` for a request vouched for by another secret.
+fn believe(
+    headers: &mut HeaderMap,
+    ext: &mut axum::http::Extensions,
+    secret: Option<&str>,
+) -> std::result::Result<(), ()> {
+    let vouch = headers.remove(FORWARDED_BY);
+    let addr = headers.remove(CLIENT_ADDR);
+    let cert = headers.remove(CLIENT_CERT);
+    let Some(vouch) = vouch else {
+        return Ok(());
+    };
+    if !secret.is_some_and(|s| crate::ui::constant_eq(vouch.as_bytes(), s.as_bytes())) {
+        return Err(());
+    }
+    if let Some(ip) = addr
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<std::net::IpAddr>().ok())
+    {
+        ext.insert(Peer(std::net::SocketAddr::new(ip, 0)));
+    }
+    ext.remove::<ClientCert>();
+    if let Some(der) = cert.as_ref().and_then(|v| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD
+            .decode(v.as_bytes())
+            .ok()
+    }) {
+        ext.insert(ClientCert(Arc::new(
+            rustls::pki_types::CertificateDer::from(der),
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn peer(ext: &axum::http::Extensions) -> Option<String> {
+        ext.get::<Peer>().map(|p| p.0.ip().to_string())
+    }
+
+    #[test]
+    fn a_vouched_forward_carries_the_client_and_nothing_else_is_believed() {
+        let standby: std::net::IpAddr = "10.0.0.12".parse().unwrap();
+        let client: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+        let cert = ClientCert(Arc::new(rustls::pki_types::CertificateDer::from(
+            b"device cert der".to_vec(),
+        )));
+        // The client tries to speak for someone else; the standby replaces it.
+        let mut h = HeaderMap::new();
+        h.insert(CLIENT_ADDR, HeaderValue::from_static("198.51.100.1"));
+        h.insert(CLIENT_CERT, HeaderValue::from_static("Zm9yZ2Vk"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.5"));
+        speak_for(&mut h, Some(client), Some(&cert), Some("s3cret"));
+        assert_eq!(h["x-forwarded-for"], "203.0.113.5, 192.0.2.7");
+        assert_eq!(h[CLIENT_ADDR], "192.0.2.7");
+
+        // The active server with the same secret sees the client.
+        let mut ext = axum::http::Extensions::new();
+        ext.insert(Peer(std::net::SocketAddr::new(standby, 40000)));
+        let mut active = h.clone();
+        believe(&mut active, &mut ext, Some("s3cret")).unwrap();
+        assert_eq!(peer(&ext).as_deref(), Some("192.0.2.7"));
+        assert_eq!(&ext.get::<ClientCert>().unwrap().0[..], b"device cert der");
+        assert!(!active.contains_key(FORWARDED_BY) && !active.contains_key(CLIENT_CERT));
+
+        // Another secret (or none: a server without standbys): refused.
+        let mut ext = axum::http::Extensions::new();
+        assert!(believe(&mut h.clone(), &mut ext, Some("other")).is_err());
+        assert!(believe(&mut h.clone(), &mut ext, None).is_err());
+        assert!(peer(&ext).is_none());
+
+        // Without a vouch the headers are dropped, the connection's own
+        // address and certificate stay.
+        let mut direct = HeaderMap::new();
+        direct.insert(CLIENT_ADDR, HeaderValue::from_static("198.51.100.1"));
+        direct.insert(CLIENT_CERT, HeaderValue::from_static("Zm9yZ2Vk"));
+        let mut ext = axum::http::Extensions::new();
+        ext.insert(Peer(std::net::SocketAddr::new(client, 1)));
+        believe(&mut direct, &mut ext, Some("s3cret")).unwrap();
+        assert!(direct.is_empty());
+        assert_eq!(peer(&ext).as_deref(), Some("192.0.2.7"));
+        assert!(ext.get::<ClientCert>().is_none());
+    }
 
     #[test]
     fn hop_by_hop_headers_stay_behind_and_end_to_end_ones_pass() {

@@ -79,6 +79,65 @@ async fn assert_standby(port: u16) {
     assert!(counter(&m, "fleet_standby_forwarded_total") >= 2, "{m}");
 }
 
+/// A client on its own loopback address.
+fn client_from(last: u8) -> reqwest::Client {
+    edge_agent::tls::install_provider();
+    reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, last]))
+        .build()
+        .unwrap()
+}
+
+/// Sends bad tokens to `url` from `client` until the per-address lockout
+/// answers 429; whether it did within 40 tries.
+async fn locked_out(client: &reqwest::Client, url: &str, forged: Option<&str>) -> bool {
+    for _ in 0..40 {
+        let mut r = client.get(url).bearer_auth("not-a-token");
+        if let Some(addr) = forged {
+            r = r.header("x-edgefleet-client-addr", addr);
+        }
+        match r.send().await.unwrap().status().as_u16() {
+            429 => return true,
+            401 => {}
+            s => panic!("{url}: {s}"),
+        }
+    }
+    false
+}
+
+/// The active server limits the client a standby forwards for, not the
+/// standby: an attacker's failed logins through the standby lock out the
+/// attacker's address only. And a client that claims another address
+/// itself is not believed.
+async fn assert_real_clients_are_limited(active: u16, standby: u16) {
+    let through_standby = format!("http://127.0.0.1:{standby}/api/v1/devices");
+    assert!(locked_out(&client_from(2), &through_standby, None).await);
+    let r = client_from(3)
+        .get(&through_standby)
+        .bearer_auth("not-a-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        401,
+        "the lockout is the attacker's, not the standby's"
+    );
+    let direct = format!("http://127.0.0.1:{active}/api/v1/devices");
+    assert!(
+        locked_out(&client_from(4), &direct, Some("127.0.0.99")).await,
+        "a forged client address header is not believed"
+    );
+    let r = client_from(5)
+        .get(&direct)
+        .bearer_auth(OPERATOR)
+        .header("x-edgefleet-forwarded-by", "a-guess")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "a request vouched for by a wrong secret");
+}
+
 fn active_version(s: &Value) -> Option<String> {
     s["record"]["active"]["version"].as_str().map(String::from)
 }
@@ -165,6 +224,7 @@ async fn a_standby_takes_over_mid_rollout_and_no_device_goes_backwards() {
     let mut b = ServerProc::start(&cfg_b, port_b);
     b.wait_log("standby: another fleet-server is active", 30);
     assert_standby(port_b).await;
+    assert_real_clients_are_limited(port_a, port_b).await;
     let m = TestFleet::attach(port_a).metrics(VIEWER).await;
     assert_eq!(sample(&m, "fleet_server_active"), Some(1), "{m}");
     let lb = Balancer::start(&[port_a, port_b]).await;

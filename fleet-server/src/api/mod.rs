@@ -71,6 +71,9 @@ pub struct AppState {
     pub streams: Arc<tokio::sync::Semaphore>,
     /// Cancelled when the server stops (ends long-lived responses).
     pub stop: tokio_util::sync::CancellationToken,
+    /// On a shared store: the secret in this server's lease row, which
+    /// vouches for what a standby forwards ([`crate::standby::from_standby`]).
+    pub replica_secret: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -295,7 +298,12 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         // Bodies are read by the handlers with their own limits (bundle
         // pushes stream to disk): axum's 2 MiB default must not apply.
-        .layer(axum::extract::DefaultBodyLimit::disable());
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        // Before the rate limits: they count the real client.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::standby::from_standby,
+        ));
     api.layer(axum::middleware::from_fn(json_errors))
         .with_state(state)
 }

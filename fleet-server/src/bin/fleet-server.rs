@@ -114,7 +114,13 @@ fn store_command(config: &ServerConfig, command: Command) -> Result<(), String> 
         Command::Import { input } => {
             // Writing under a running server would leave its memory stale.
             let active = store
-                .acquire_active("fleet-server import", None, &|_| false)
+                .acquire_active(
+                    &fleet_server::store::LeaseHolder {
+                        name: "fleet-server import".into(),
+                        ..Default::default()
+                    },
+                    &|_| false,
+                )
                 .map_err(|e| e.to_string())?;
             if active.is_none() {
                 return Err(

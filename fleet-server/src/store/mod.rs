@@ -259,17 +259,16 @@ pub trait Store: Send + Sync + 'static {
     /// Blocks until this server may serve the store: at most one server
     /// is active on a shared database, the others wait here as standbys.
     /// `keep_waiting` is called each time the lease is found taken, with
-    /// the active server's advertised URL: false gives up (`Ok(None)`).
-    /// `url` is this server's, for the standbys once it is active.
-    /// Returns the lease epoch; after it, commits
-    /// of a server whose lease was taken over fail with
-    /// [`crate::error::Error::Fenced`]. A store only one process can open
-    /// (sled locks its folder) is always active: `Ok(Some(0))`.
+    /// what the active server wrote in the lease row: false gives up
+    /// (`Ok(None)`). `me` goes into that row once this server is active.
+    /// Returns the lease epoch; after it, commits of a server whose lease
+    /// was taken over fail with [`crate::error::Error::Fenced`]. A store
+    /// only one process can open (sled locks its folder) is always active:
+    /// `Ok(Some(0))`.
     fn acquire_active(
         &self,
-        _holder: &str,
-        _url: Option<&str>,
-        _keep_waiting: &dyn Fn(Option<&str>) -> bool,
+        _me: &LeaseHolder,
+        _keep_waiting: &dyn Fn(&LeaseHolder) -> bool,
     ) -> Result<Option<u64>> {
         Ok(Some(0))
     }
@@ -278,6 +277,19 @@ pub trait Store: Send + Sync + 'static {
     fn still_active(&self) -> bool {
         true
     }
+}
+
+/// A server's entry in a shared store's lease row: what the standbys
+/// learn about the active server.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeaseHolder {
+    /// Host, pid and listen address, for logs.
+    pub name: String,
+    /// Where standbys forward requests (`[http] advertise_url`).
+    pub url: Option<String>,
+    /// Vouches for the client address and certificate of a request a
+    /// standby forwards (fresh at each takeover).
+    pub secret: Option<String>,
 }
 
 /// Opens the store `config` names: PostgreSQL with `[store] url`, else

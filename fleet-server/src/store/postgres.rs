@@ -29,8 +29,8 @@ use serde_json::Value;
 
 use super::pg_tls::PgTls;
 use super::{
-    AuditEntry, Desired, DeviceRecord, EVENTS_KEPT, Identity, Live, Part, Reported, Snapshot,
-    Store, Write,
+    AuditEntry, Desired, DeviceRecord, EVENTS_KEPT, Identity, LeaseHolder, Live, Part, Reported,
+    Snapshot, Store, Write,
 };
 use crate::error::{Error, Result};
 
@@ -297,14 +297,13 @@ impl PgStore {
     }
 
     /// Blocks until this server holds the active lease (or `keep_waiting`,
-    /// asked after each refused try with the active server's URL, says to
-    /// stop: `Ok(None)`); returns its epoch. `url` is this server's, for
-    /// the standbys.
+    /// asked after each refused try with the active server's lease row,
+    /// says to stop: `Ok(None)`); returns its epoch. `me` goes into the
+    /// row, for the standbys.
     fn acquire(
         &self,
-        holder: &str,
-        url: Option<&str>,
-        keep_waiting: &dyn Fn(Option<&str>) -> bool,
+        me: &LeaseHolder,
+        keep_waiting: &dyn Fn(&LeaseHolder) -> bool,
     ) -> Result<Option<u64>> {
         use std::sync::atomic::Ordering::SeqCst;
         let mut said = false;
@@ -326,31 +325,37 @@ impl PgStore {
             if got {
                 let epoch: i64 = c
                     .query_one(
-                        "INSERT INTO edgefleet_lease (id, epoch, holder, url) \
-                         VALUES (true, 1, $1, $2) \
+                        "INSERT INTO edgefleet_lease (id, epoch, holder, url, secret) \
+                         VALUES (true, 1, $1, $2, $3) \
                          ON CONFLICT (id) DO UPDATE SET epoch = edgefleet_lease.epoch + 1, \
-                         holder = EXCLUDED.holder, url = EXCLUDED.url, acquired_at = now() \
+                         holder = EXCLUDED.holder, url = EXCLUDED.url, \
+                         secret = EXCLUDED.secret, acquired_at = now() \
                          RETURNING epoch",
-                        &[&holder, &url],
+                        &[&me.name, &me.url, &me.secret],
                     )
                     .map_err(pg_err)?
                     .get(0);
                 self.epoch.store(epoch, SeqCst);
                 return Ok(Some(epoch as u64));
             }
-            let (current, active_url): (Option<String>, Option<String>) = c
-                .query_opt("SELECT holder, url FROM edgefleet_lease", &[])
+            let active = c
+                .query_opt("SELECT holder, url, secret FROM edgefleet_lease", &[])
                 .map_err(pg_err)?
-                .map_or((None, None), |r| (r.get(0), r.get(1)));
+                .map(|r| LeaseHolder {
+                    name: r.get(0),
+                    url: r.get(1),
+                    secret: r.get(2),
+                })
+                .unwrap_or_default();
             if !said {
                 tracing::info!(
-                    holder = current.as_deref().unwrap_or("?"),
+                    holder = active.name.as_str(),
                     "standby: another fleet-server is active on this database; waiting for its lease"
                 );
                 said = true;
             }
             drop(guard);
-            if !keep_waiting(active_url.as_deref()) {
+            if !keep_waiting(&active) {
                 return Ok(None);
             }
             std::thread::sleep(STANDBY_POLL);
@@ -784,11 +789,10 @@ impl Store for PgStore {
 
     fn acquire_active(
         &self,
-        holder: &str,
-        url: Option<&str>,
-        keep_waiting: &dyn Fn(Option<&str>) -> bool,
+        me: &LeaseHolder,
+        keep_waiting: &dyn Fn(&LeaseHolder) -> bool,
     ) -> Result<Option<u64>> {
-        self.acquire(holder, url, keep_waiting)
+        self.acquire(me, keep_waiting)
     }
 
     fn still_active(&self) -> bool {

@@ -158,7 +158,8 @@ impl Sessions {
     }
 }
 
-fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+/// Equality in time independent of where the bytes differ.
+pub(crate) fn constant_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
