@@ -6,7 +6,7 @@
 //!   restart a healthy standby);
 //! - `GET /readyz` 503 `standby`: a load balancer that checks it sends the
 //!   standby nothing;
-//! - `GET /metrics` (operator tokens, as on the active server): the build,
+//! - `GET /metrics` (a viewer token or better, as on the active server): the build,
 //!   `fleet_server_active 0` and the forwarding counters;
 //! - anything else is **forwarded** to the active server (its
 //!   `[http] advertise_url`, from the lease row), streamed both ways, with
