@@ -281,7 +281,7 @@ pub trait Store: Send + Sync + 'static {
 
 /// A server's entry in a shared store's lease row: what the standbys
 /// learn about the active server.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct LeaseHolder {
     /// Host, pid and listen address, for logs.
     pub name: String,
@@ -290,6 +290,17 @@ pub struct LeaseHolder {
     /// Vouches for the client address and certificate of a request a
     /// standby forwards (fresh at each takeover).
     pub secret: Option<String>,
+}
+
+/// The secret never reaches a log.
+impl std::fmt::Debug for LeaseHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseHolder")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("secret", &self.secret.as_ref().map(|_| "…"))
+            .finish()
+    }
 }
 
 /// Opens the store `config` names: PostgreSQL with `[store] url`, else
