@@ -3,6 +3,8 @@
 //! polling must not pin 10,000 idle sockets), tracked tasks and a
 //! graceful shutdown.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -49,7 +51,8 @@ pub async fn serve(
                 if let Some(c) = &cert {
                     req.extensions_mut().insert(c.clone());
                 }
-                tower::ServiceExt::oneshot(app.clone(), req.map(axum::body::Body::new))
+                let req = req.map(|b| axum::body::Body::new(Lingering::new(b)));
+                tower::ServiceExt::oneshot(app.clone(), req)
             })
         };
         let mut builder = Builder::new(TokioExecutor::new());
@@ -109,4 +112,90 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// How much of a refused upload is read and dropped, at most.
+const LINGER_BYTES: u64 = 64 << 20;
+/// For how long, at most.
+const LINGER_TIME: Duration = Duration::from_secs(10);
+
+/// A request body that, dropped before its end (a request refused before
+/// its upload was read: a viewer's bundle push, a declared size over the
+/// limit, a rate limit), is read and dropped in the background for a
+/// while. Closing a connection with unread bytes in it makes the kernel
+/// reset it, and a client still sending loses the refusal it was sent
+/// (fleetctl said "request or response body error" instead of
+/// "forbidden"). Bounded: [`LINGER_BYTES`] and [`LINGER_TIME`].
+struct Lingering {
+    inner: Option<hyper::body::Incoming>,
+    ended: bool,
+}
+
+impl Lingering {
+    fn new(inner: hyper::body::Incoming) -> Lingering {
+        Lingering {
+            inner: Some(inner),
+            ended: false,
+        }
+    }
+}
+
+impl hyper::body::Body for Lingering {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<std::result::Result<hyper::body::Frame<bytes::Bytes>, hyper::Error>>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let r = Pin::new(inner).poll_frame(cx);
+        if matches!(r, Poll::Ready(None | Some(Err(_)))) {
+            self.ended = true;
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner
+            .as_ref()
+            .is_none_or(hyper::body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.as_ref().map_or_else(
+            || hyper::body::SizeHint::with_exact(0),
+            hyper::body::Body::size_hint,
+        )
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let Some(mut body) = self.inner.take() else {
+            return;
+        };
+        if self.ended || hyper::body::Body::is_end_stream(&body) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            use http_body_util::BodyExt as _;
+            let mut left = LINGER_BYTES;
+            let _ = tokio::time::timeout(LINGER_TIME, async {
+                while let Some(Ok(frame)) = body.frame().await {
+                    let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+                    left = left.saturating_sub(n);
+                    if left == 0 {
+                        break;
+                    }
+                }
+            })
+            .await;
+        });
+    }
 }

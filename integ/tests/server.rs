@@ -976,3 +976,25 @@ async fn serves_the_committed_openapi_document_to_authenticated_callers() {
     assert_eq!(doc["openapi"].as_str().map(|v| &v[..2]), Some("3."));
     assert!(doc["paths"]["/api/v1/rollouts/{id}/{action}"]["post"].is_object());
 }
+
+/// A push refused before its upload is read (a viewer's token; a size
+/// over `max_bundle_bytes`) reaches fleetctl as that refusal. Before the
+/// server read and dropped the rest of a refused upload, it closed on
+/// unread bytes, the kernel reset the connection, and fleetctl said
+/// "request or response body error" every time with a 40 MiB file.
+#[tokio::test]
+async fn fleetctl_hears_why_a_big_push_is_refused() {
+    let s = TestFleet::start_with(|cfg, _| cfg.http.max_bundle_bytes = 4 << 20).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("big.bundle");
+    std::fs::write(&file, vec![0x5au8; 40 << 20]).unwrap();
+    let f = file.to_str().unwrap();
+    for _ in 0..3 {
+        let o = fleetctl(&s, VIEWER, &["bundle", "push", f]).await;
+        assert!(!o.status.success());
+        assert!(out(&o).contains("403 Forbidden forbidden"), "{}", out(&o));
+        let o = fleetctl(&s, OPERATOR, &["bundle", "push", f]).await;
+        assert!(!o.status.success());
+        assert!(out(&o).contains("413 Payload Too Large"), "{}", out(&o));
+    }
+}
