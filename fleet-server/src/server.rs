@@ -499,22 +499,23 @@ fn advertised(config: &ServerConfig) -> Option<String> {
         return Some(u.clone());
     }
     let l = config.http.listen;
-    let scheme = if config.http.tls_cert.is_some() {
+    let scheme = http_scheme(config);
+    (!l.ip().is_unspecified() && l.port() != 0).then(|| format!("{scheme}://{l}"))
+}
+
+/// `https` when the API listens with TLS.
+fn http_scheme(config: &ServerConfig) -> &'static str {
+    if config.http.tls_cert.is_some() {
         "https"
     } else {
         "http"
-    };
-    (!l.ip().is_unspecified() && l.port() != 0).then(|| format!("{scheme}://{l}"))
+    }
 }
 
 /// Runs the server until `shutdown` is cancelled.
 pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<()> {
     let data_dir = config.data_dir.clone();
-    let scheme = if config.http.tls_cert.is_some() {
-        "https"
-    } else {
-        "http"
-    };
+    let scheme = http_scheme(&config);
     let (running, serve) = match start(config, shutdown.clone()).await {
         Ok(started) => started,
         // SIGTERM while a standby: a clean stop.
@@ -579,6 +580,29 @@ pub(crate) fn pem_certs(
         )));
     }
     Ok(certs)
+}
+
+/// Trust anchors: every certificate of PEM file `file` (each must be a
+/// usable CA, or the error names `what`), else the system's CAs (one
+/// rustls cannot use is skipped, as browsers do).
+pub(crate) fn root_store(
+    what: &str,
+    file: Option<&std::path::Path>,
+) -> Result<rustls::RootCertStore> {
+    let mut store = rustls::RootCertStore::empty();
+    match file {
+        Some(f) => {
+            for c in pem_certs(what, f)? {
+                store
+                    .add(c)
+                    .map_err(|e| Error::Usage(format!("{what} {}: {e}", f.display())))?;
+            }
+        }
+        None => {
+            store.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        }
+    }
+    Ok(store)
 }
 
 /// The private key in PEM file `path`.

@@ -85,19 +85,7 @@ pub struct Standby {
 /// timeout (downloads and the console's stream are long), the active
 /// server's certificate checked against `ca` or the system's CAs.
 pub fn forward_client(ca: Option<&Path>) -> Result<reqwest::Client> {
-    let mut roots = rustls::RootCertStore::empty();
-    let certs = match ca {
-        Some(f) => crate::server::pem_certs("[http] replica_ca", f)?,
-        None => rustls_native_certs::load_native_certs().certs,
-    };
-    for c in certs {
-        // A system CA rustls cannot parse is skipped, as browsers do.
-        if let Err(e) = roots.add(c)
-            && ca.is_some()
-        {
-            return Err(Error::Usage(format!("[http] replica_ca: {e}")));
-        }
-    }
+    let roots = crate::server::root_store("[http] replica_ca", ca)?;
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))

@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use integ::agent::InProcAgent as Agent;
 use integ::balancer::Balancer;
 use integ::bundles::{Model, Pack};
-use integ::common::{counter, free_port, metrics_text, mosquitto_bin, sample};
+use integ::common::{counter, free_port, mosquitto_bin, sample};
 use integ::fleet::{OPERATOR, ServerProc, TestFleet, VIEWER, config_file, trust_key};
 use integ::mosquitto::Mosquitto;
 use integ::postgres::Postgres;
@@ -39,31 +39,20 @@ fn replica(dir: &Path, name: &str, port: u16, extra: &str) -> PathBuf {
 /// /readyz sends it nothing), everything else forwarded to the active
 /// server, and its role in /metrics.
 async fn assert_standby(port: u16) {
-    let http = edge_agent::tls::default_client();
-    let base = format!("http://127.0.0.1:{port}");
-    let r = http.get(format!("{base}/healthz")).send().await.unwrap();
+    let standby = TestFleet::attach(port);
+    let get = |path: &str, token| standby.req(reqwest::Method::GET, path, token);
+    let r = get("/healthz", None).send().await.unwrap();
     assert_eq!(r.status(), 200, "a standby is alive");
-    let r = http.get(format!("{base}/readyz")).send().await.unwrap();
+    let r = get("/readyz", None).send().await.unwrap();
     assert_eq!(r.status(), 503, "a standby is not ready");
     assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "standby");
     // Forwarded: the active server answers, credentials and all.
-    let r = http
-        .get(format!("{base}/api/v1/devices"))
-        .bearer_auth(OPERATOR)
-        .send()
-        .await
-        .unwrap();
+    let r = get("/api/v1/devices", Some(OPERATOR)).send().await.unwrap();
     assert_eq!(r.status(), 200, "a standby forwards to the active server");
-    let r = http
-        .get(format!("{base}/api/v1/devices"))
-        .send()
-        .await
-        .unwrap();
+    let r = get("/api/v1/devices", None).send().await.unwrap();
     assert_eq!(r.status(), 401, "the active server still checks the token");
     // A request a standby already forwarded is never forwarded again.
-    let r = http
-        .get(format!("{base}/api/v1/devices"))
-        .bearer_auth(OPERATOR)
+    let r = get("/api/v1/devices", Some(OPERATOR))
         .header("x-edgefleet-forwarded-by", "standby")
         .send()
         .await
@@ -72,9 +61,9 @@ async fn assert_standby(port: u16) {
     assert!(r.headers().contains_key("retry-after"));
     assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "standby");
     // /metrics wants a token there too.
-    let r = http.get(format!("{base}/metrics")).send().await.unwrap();
+    let r = get("/metrics", None).send().await.unwrap();
     assert_eq!(r.status(), 401);
-    let m = metrics_text(&http, &base, Some(VIEWER)).await;
+    let m = standby.metrics(VIEWER).await;
     assert_eq!(sample(&m, "fleet_server_active"), Some(0), "{m}");
     assert!(counter(&m, "fleet_standby_forwarded_total") >= 2, "{m}");
 }

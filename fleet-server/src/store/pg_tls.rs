@@ -200,16 +200,7 @@ impl PgTls {
 
 /// `sslrootcert`'s certificates, or the system's.
 fn roots(file: Option<&Path>) -> Result<rustls::RootCertStore> {
-    let mut store = rustls::RootCertStore::empty();
-    let certs = match file {
-        Some(f) => pem_certs("[store] sslrootcert", f)?,
-        None => rustls_native_certs::load_native_certs().certs,
-    };
-    for c in certs {
-        store
-            .add(c)
-            .map_err(|e| Error::Usage(format!("[store] sslrootcert: {e}")))?;
-    }
+    let store = crate::server::root_store("[store] sslrootcert", file)?;
     if store.is_empty() {
         return Err(Error::Usage(
             "[store] url: sslmode verify-ca/verify-full without sslrootcert needs the system's \
