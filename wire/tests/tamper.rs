@@ -17,6 +17,7 @@ use edgefleet_wire::tensor::{DType, NamedTensor, Tensor, TensorSpec};
 use edgefleet_wire::verify::{Expiry, TrustRoot, check_bundle, open_bundle};
 use edgefleet_wire::{Error, bundle::HEADER_LEN};
 use proptest::prelude::*;
+use sha2::{Digest, Sha256};
 
 const NOW: u64 = 1_800_000_000;
 
@@ -487,4 +488,43 @@ fn the_pack_latency_is_signed_and_read_back() {
         Signed::sign(&m, &[&key(1)]).is_err(),
         "control characters are refused"
     );
+}
+
+/// Signs `m` after `edit` changed its payload description (a signer's
+/// mistake, or a malicious signer: the digests are the signed ones).
+fn signed_with_payload(edit: impl FnOnce(&mut Manifest, &mut Vec<u8>)) -> Vec<u8> {
+    let (mut m, mut compressed) = manifest_for(&payload(), 1);
+    edit(&mut m, &mut compressed);
+    m.payload.compressed_len = compressed.len() as u64;
+    m.payload.compressed_sha256 = Sha256::digest(&compressed).into();
+    let signed = Signed::sign(&m, &[&key(1)]).unwrap();
+    let mut out = Vec::new();
+    write_bundle(&mut out, &signed, &compressed).unwrap();
+    out
+}
+
+#[test]
+fn a_signed_payload_that_is_not_what_its_manifest_says_is_refused() {
+    let n = payload().len() as u64;
+    // The model is one byte longer than signed: the one-call decompressor
+    // has no room for it, and the streaming one stops one byte past.
+    let longer = signed_with_payload(|m, _| m.payload.len = n - 1);
+    assert_eq!(
+        open(&longer, &root_a()).unwrap_err().code(),
+        "length_mismatch"
+    );
+    // One byte shorter than signed.
+    let shorter = signed_with_payload(|m, _| m.payload.len = n + 1);
+    assert_eq!(
+        open(&shorter, &root_a()).unwrap_err().code(),
+        "length_mismatch"
+    );
+    // Not zstd at all, though its digest is the signed one.
+    let garbage = signed_with_payload(|_, c| *c = payload());
+    assert_eq!(open(&garbage, &root_a()).unwrap_err().code(), "malformed");
+    // A model cut short inside a valid frame.
+    let cut = signed_with_payload(|_, c| {
+        c.truncate(c.len() - 3);
+    });
+    assert_eq!(open(&cut, &root_a()).unwrap_err().code(), "malformed");
 }
