@@ -10,6 +10,7 @@
 //!   process, and the operator calls the tests make.
 //! - [`agent`]: `edge-agent run` as a child process.
 //! - [`mosquitto`]: Debian's mosquitto with the published configuration.
+//! - [`pki`]: certificate authorities and certificates made for a test.
 //! - [`postgres`]: a throwaway PostgreSQL server from Debian's packages.
 //! - [`s3`]: a throwaway S3-compatible server (`s3s-fs`).
 //! - [`balancer`]: a load balancer with `/readyz` health checks, in front of
@@ -26,6 +27,7 @@ pub mod bundles;
 pub mod common;
 pub mod fleet;
 pub mod mosquitto;
+pub mod pki;
 pub mod postgres;
 pub mod proxy;
 pub mod s3;

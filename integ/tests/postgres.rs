@@ -14,7 +14,9 @@ use integ::agent::InProcAgent as Agent;
 use integ::bundles::{Model, Pack};
 use integ::common::free_port;
 use integ::fleet::{ADMIN, ServerProc, TestFleet, config_file, trust_key};
+use integ::pki::{issue, make_ca};
 use integ::postgres::Postgres;
+use rcgen::ExtendedKeyUsagePurpose;
 
 fn active_version(s: &Value) -> Option<&str> {
     s["record"]["active"]["version"].as_str()
@@ -199,34 +201,6 @@ async fn a_sled_fleet_moves_to_postgres_without_reenrolling_and_loses_nothing() 
     server.stop();
 }
 
-/// A CA and a certificate it issues for `sans`, PEM (cert, key).
-fn issue(
-    ca: &rcgen::CertifiedIssuer<'_, rcgen::KeyPair>,
-    sans: &[&str],
-    cn: &str,
-    eku: rcgen::ExtendedKeyUsagePurpose,
-) -> (String, String) {
-    let mut p =
-        rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .unwrap();
-    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
-    p.extended_key_usages = vec![eku];
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = p.signed_by(&key, ca).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
-
-fn make_ca(name: &str) -> rcgen::CertifiedIssuer<'static, rcgen::KeyPair> {
-    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(rcgen::DnType::CommonName, name);
-    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    p.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-    ];
-    rcgen::CertifiedIssuer::self_signed(p, rcgen::KeyPair::generate().unwrap()).unwrap()
-}
-
 fn open_err(url: &str) -> String {
     match fleet_server::store::postgres::PgStore::open(url) {
         Ok(_) => panic!("{url} opened"),
@@ -245,14 +219,10 @@ fn the_store_reaches_postgresql_over_tls_as_libpq_would() {
         &ca,
         &["localhost"],
         "db",
-        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ServerAuth,
     );
-    let (client_cert, client_key) = issue(
-        &ca,
-        &[],
-        "edgefleet",
-        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-    );
+    let (client_cert, client_key) =
+        issue(&ca, &[], "edgefleet", ExtendedKeyUsagePurpose::ClientAuth);
     let ca_pem = ca.pem();
     let tls = integ::postgres::ServerTls {
         cert: &cert,

@@ -23,8 +23,9 @@ use integ::agent::InProcAgent as Agent;
 use integ::balancer::Balancer;
 use integ::bundles::{Model, Pack};
 use integ::common::{counter, free_port, mosquitto_bin, sample};
-use integ::fleet::{OPERATOR, ServerProc, TestFleet, VIEWER, config_file, trust_key};
+use integ::fleet::{ENROLL, OPERATOR, ServerProc, TestFleet, VIEWER, config_file, trust_key};
 use integ::mosquitto::Mosquitto;
+use integ::pki::{https_client, pki_for};
 use integ::postgres::Postgres;
 use integ::s3::S3;
 
@@ -405,4 +406,166 @@ async fn a_server_that_lost_its_lease_stops_and_import_refuses_a_live_database()
         "{}",
         a.log()
     );
+}
+
+/// `replica`, with `lines` added to its `[http]` section.
+fn replica_http(dir: &Path, name: &str, port: u16, extra: &str, lines: &str) -> PathBuf {
+    let cfg = replica(dir, name, port, extra);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let listen = format!("[http]\nlisten = \"127.0.0.1:{port}\"\n");
+    assert!(text.contains(&listen), "{text}");
+    std::fs::write(&cfg, text.replace(&listen, &format!("{listen}{lines}\n"))).unwrap();
+    cfg
+}
+
+/// Two replicas on https with device certificates required
+/// (`[http] client_ca`, `device_certs = "required"`): the standby
+/// terminates TLS, verifies the device's certificate and carries it to
+/// the active server, which checks that it names the device. So a device
+/// flashed with the standby's address enrolls and checks in with its own
+/// certificate, and gets nothing with none or with another device's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_certificates_reach_the_active_server_through_a_standby() {
+    let Some(pg) = Postgres::start("device_certificates_reach_the_active_…") else {
+        return;
+    };
+    let url = pg.database("fleet");
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki_for(dir.path(), "fleet", &["cert-a", "cert-b"]);
+    let other = pki_for(dir.path(), "other", &["cert-a"]);
+    let (port_a, port_b) = (free_port(), free_port());
+    let store = format!("[store]\nurl = \"{url}\"");
+    let http = format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"\nclient_ca = \"{ca}\"\n\
+         device_certs = \"required\"\nreplica_ca = \"{ca}\"",
+        pki.server_cert.display(),
+        pki.server_key.display(),
+        ca = pki.ca.display(),
+    );
+    let mut a = ServerProc::start(
+        &replica_http(dir.path(), "a", port_a, &store, &http),
+        port_a,
+    );
+    a.wait_log("active: this server holds the store's lease", 30);
+    let mut b = ServerProc::start(
+        &replica_http(dir.path(), "b", port_b, &store, &http),
+        port_b,
+    );
+    b.wait_log("standby: another fleet-server is active", 30);
+
+    let standby = format!("https://127.0.0.1:{port_b}");
+    let with = |device: Option<usize>| {
+        let id = device.map(|i| (pki.devices[i].1.as_path(), pki.devices[i].2.as_path()));
+        https_client(&standby, &pki.ca, id)
+    };
+    let enroll = |client: reqwest::Client, id: &str| {
+        let (url, body) = (
+            format!("{standby}/api/v1/devices/enroll"),
+            json!({"enrollment_token": ENROLL, "device_id": id, "tags": {},
+                   "arch": "x86_64", "agent_version": "0.1.0"}),
+        );
+        async move {
+            let r = client.post(url).json(&body).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let code = |v: &Value| v["error"]["code"].as_str().map(str::to_string);
+
+    // Without a certificate, or with another device's: refused by the
+    // active server, so the certificate reached it.
+    let (s, v) = enroll(with(None), "cert-a").await;
+    assert_eq!(
+        (s, code(&v).as_deref()),
+        (403, Some("client_certificate_required")),
+        "{v}"
+    );
+    let (s, v) = enroll(with(Some(1)), "cert-a").await;
+    assert_eq!(
+        (s, code(&v).as_deref()),
+        (403, Some("client_certificate_mismatch")),
+        "{v}"
+    );
+    // With its own: enrolled, through the standby.
+    let (s, v) = enroll(with(Some(0)), "cert-a").await;
+    assert!((200..300).contains(&s), "{s} {v}");
+    let credential = v["credential"].as_str().unwrap().to_string();
+
+    let desired = |client: reqwest::Client, base: String| {
+        let credential = credential.clone();
+        async move {
+            let r = client
+                .get(format!("{base}/api/v1/device/desired"))
+                .bearer_auth(credential)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (s, v) = desired(with(Some(0)), standby.clone()).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = desired(with(None), standby.clone()).await;
+    assert_eq!(
+        (s, code(&v).as_deref()),
+        (403, Some("client_certificate_required")),
+        "{v}"
+    );
+    let (s, v) = desired(with(Some(1)), standby.clone()).await;
+    assert_eq!(
+        (s, code(&v).as_deref()),
+        (403, Some("client_certificate_mismatch")),
+        "{v}"
+    );
+    // The standby's own handshake refuses another CA's certificate.
+    let foreign = https_client(
+        &standby,
+        &pki.ca,
+        Some((&other.devices[0].1, &other.devices[0].2)),
+    );
+    let r = foreign
+        .get(format!("{standby}/api/v1/device/desired"))
+        .bearer_auth(&credential)
+        .send()
+        .await;
+    assert!(
+        r.as_ref().map_or(true, |r| !r.status().is_success()),
+        "another CA's certificate got through: {r:?}"
+    );
+    // The same device directly on the active server: one fleet.
+    let active = format!("https://127.0.0.1:{port_a}");
+    let (s, v) = desired(
+        https_client(
+            &active,
+            &pki.ca,
+            Some((&pki.devices[0].1, &pki.devices[0].2)),
+        ),
+        active.clone(),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+
+    // Counted on both sides: what the standby forwarded, what the active
+    // server refused.
+    let operator = https_client(&standby, &pki.ca, None);
+    let text = integ::common::metrics_text(&operator, &standby, Some(VIEWER)).await;
+    assert_eq!(sample(&text, "fleet_server_active"), Some(0), "{text}");
+    assert!(
+        counter(&text, "fleet_standby_forwarded_total") >= 6,
+        "{text}"
+    );
+    assert_eq!(
+        counter(&text, "fleet_standby_forward_failures_total"),
+        0,
+        "{text}"
+    );
+    let op_a = https_client(&active, &pki.ca, None);
+    let text = integ::common::metrics_text(&op_a, &active, Some(VIEWER)).await;
+    assert!(
+        counter(&text, "fleet_client_cert_refusals_total") >= 4,
+        "{text}"
+    );
+    b.stop();
+    a.stop();
 }

@@ -25,10 +25,6 @@ use edge_agent::tls::TlsFiles;
 use edgefleet_wire::keys::signing_key_from_seed;
 use edgefleet_wire::manifest::{NonFiniteInputs, TargetArch};
 use fleetctl::pack::{PackRequest, pack};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -37,85 +33,7 @@ use common::{counter, free_port, metrics_text, mosquitto_bin, repo, write_key};
 use integ::common;
 
 use integ::fleet::{ENROLL, OPERATOR, TestFleet};
-
-/// A CA and the PEM files it issued, written into `dir`.
-struct Pki {
-    ca: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
-    client_cert: PathBuf,
-    client_key: PathBuf,
-    /// Client certificates naming a device (subjectAltName DNS = its id):
-    /// (id, certificate, key).
-    devices: Vec<(String, PathBuf, PathBuf)>,
-}
-
-fn pki(dir: &Path, name: &str) -> Pki {
-    pki_for(dir, name, &[])
-}
-
-/// [`pki`], plus a client certificate for each of `devices`.
-fn pki_for(dir: &Path, name: &str, devices: &[&str]) -> Pki {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, format!("{name} fleet CA"));
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-
-    let issue = |sans: Vec<String>, cn: &str, eku: ExtendedKeyUsagePurpose| {
-        let mut p = CertificateParams::new(sans).unwrap();
-        p.distinguished_name.push(DnType::CommonName, cn);
-        p.extended_key_usages = vec![eku];
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        let key = KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, &ca).unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    let (server_pem, server_key) = issue(
-        vec!["127.0.0.1".into(), "localhost".into()],
-        "fleet",
-        ExtendedKeyUsagePurpose::ServerAuth,
-    );
-    let (client_pem, client_key) = issue(
-        Vec::new(),
-        "tls-device",
-        ExtendedKeyUsagePurpose::ClientAuth,
-    );
-    let write = |file: &str, text: &str| {
-        let p = dir.join(format!("{name}-{file}"));
-        std::fs::write(&p, text).unwrap();
-        p
-    };
-    let devices = devices
-        .iter()
-        .map(|id| {
-            let (pem, key) = issue(
-                vec![(*id).to_string()],
-                id,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            );
-            (
-                (*id).to_string(),
-                write(&format!("{id}.pem"), &pem),
-                write(&format!("{id}.key"), &key),
-            )
-        })
-        .collect();
-    Pki {
-        devices,
-        ca: write("ca.pem", &ca.pem()),
-        server_cert: write("server.pem", &server_pem),
-        server_key: write("server.key", &server_key),
-        client_cert: write("client.pem", &client_pem),
-        client_key: write("client.key", &client_key),
-    }
-}
+use integ::pki::{Pki, https_client, pki, pki_for};
 
 fn cls_bundle() -> Vec<u8> {
     let golden = |k: &str| {
@@ -635,19 +553,6 @@ async fn the_embedded_broker_speaks_mqtts_to_agents_with_the_fleet_ca() {
 }
 
 /// A reqwest client trusting `ca`, with a client identity if given.
-fn https_client(url: &str, ca: &Path, identity: Option<(&Path, &Path)>) -> reqwest::Client {
-    edge_agent::tls::http_client(
-        url,
-        &TlsFiles {
-            ca_file: Some(ca.to_path_buf()),
-            client_cert_file: identity.map(|i| i.0.to_path_buf()),
-            client_key_file: identity.map(|i| i.1.to_path_buf()),
-        },
-        reqwest::Client::builder(),
-    )
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_need_a_client_certificate_naming_them_when_the_server_requires_one() {
     let dir = tempfile::tempdir().unwrap();
