@@ -466,3 +466,59 @@ pub fn ok(o: std::process::Output) -> String {
     );
     out
 }
+
+/// A device call's answer: status and JSON body (`Null` without one).
+pub type Answer = (u16, Value);
+
+async fn answer(r: reqwest::RequestBuilder) -> Answer {
+    let r = r.send().await.expect("the request reaches the server");
+    let status = r.status().as_u16();
+    (status, r.json::<Value>().await.unwrap_or(Value::Null))
+}
+
+/// `POST /api/v1/devices/enroll` of `id` with the test enrollment token,
+/// through `client` (its TLS identity, if any, is the device's).
+pub async fn enroll_through(client: &reqwest::Client, base: &str, id: &str) -> Answer {
+    answer(client.post(format!("{base}/api/v1/devices/enroll")).json(
+        &json!({"enrollment_token": ENROLL, "device_id": id, "tags": {},
+                          "arch": "x86_64", "agent_version": "0.1.0"}),
+    ))
+    .await
+}
+
+/// `GET /api/v1/device/desired` with a device credential, through `client`.
+pub async fn desired_through(client: &reqwest::Client, base: &str, credential: &str) -> Answer {
+    answer(
+        client
+            .get(format!("{base}/api/v1/device/desired"))
+            .bearer_auth(credential.trim()),
+    )
+    .await
+}
+
+/// `a` is a 403 with error code `code`.
+pub fn assert_forbidden(a: &Answer, code: &str) {
+    assert_eq!(
+        (a.0, a.1["error"]["code"].as_str()),
+        (403, Some(code)),
+        "{}",
+        a.1
+    );
+}
+
+/// A device credential gets its desired state at `base` with the
+/// device's own client certificate (`own`) only: 403
+/// `client_certificate_required` without one (`none`),
+/// `client_certificate_mismatch` with another device's (`other`).
+pub async fn assert_credential_needs_its_certificate(
+    base: &str,
+    credential: &str,
+    [own, none, other]: [&reqwest::Client; 3],
+) {
+    let (s, v) = desired_through(own, base, credential).await;
+    assert_eq!(s, 200, "{v}");
+    let r = desired_through(none, base, credential).await;
+    assert_forbidden(&r, "client_certificate_required");
+    let r = desired_through(other, base, credential).await;
+    assert_forbidden(&r, "client_certificate_mismatch");
+}

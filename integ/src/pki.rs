@@ -111,3 +111,14 @@ pub fn https_client(url: &str, ca: &Path, identity: Option<(&Path, &Path)>) -> r
     )
     .unwrap()
 }
+
+/// A request through `client` to `url` gets no successful answer: the
+/// server's TLS handshake refused the client's certificate (or the
+/// server refused the request).
+pub async fn assert_refused_at_handshake(client: &reqwest::Client, url: &str) {
+    let r = client.get(url).send().await;
+    assert!(
+        r.as_ref().map_or(true, |r| !r.status().is_success()),
+        "another CA's certificate got through: {r:?}"
+    );
+}

@@ -23,9 +23,12 @@ use integ::agent::InProcAgent as Agent;
 use integ::balancer::Balancer;
 use integ::bundles::{Model, Pack};
 use integ::common::{counter, free_port, mosquitto_bin, sample};
-use integ::fleet::{ENROLL, OPERATOR, ServerProc, TestFleet, VIEWER, config_file, trust_key};
+use integ::fleet::{
+    OPERATOR, ServerProc, TestFleet, VIEWER, assert_credential_needs_its_certificate,
+    assert_forbidden, config_file, desired_through, enroll_through, trust_key,
+};
 use integ::mosquitto::Mosquitto;
-use integ::pki::{https_client, pki_for};
+use integ::pki::{assert_refused_at_handshake, https_client, pki_for};
 use integ::postgres::Postgres;
 use integ::s3::S3;
 
@@ -454,102 +457,42 @@ async fn device_certificates_reach_the_active_server_through_a_standby() {
     b.wait_log("standby: another fleet-server is active", 30);
 
     let standby = format!("https://127.0.0.1:{port_b}");
-    let with = |device: Option<usize>| {
-        let id = device.map(|i| (pki.devices[i].1.as_path(), pki.devices[i].2.as_path()));
-        https_client(&standby, &pki.ca, id)
+    let device = |i: usize| {
+        let (_, cert, key) = &pki.devices[i];
+        https_client(&standby, &pki.ca, Some((cert.as_path(), key.as_path())))
     };
-    let enroll = |client: reqwest::Client, id: &str| {
-        let (url, body) = (
-            format!("{standby}/api/v1/devices/enroll"),
-            json!({"enrollment_token": ENROLL, "device_id": id, "tags": {},
-                   "arch": "x86_64", "agent_version": "0.1.0"}),
-        );
-        async move {
-            let r = client.post(url).json(&body).send().await.unwrap();
-            let status = r.status().as_u16();
-            (status, r.json::<Value>().await.unwrap_or(Value::Null))
-        }
-    };
-    let code = |v: &Value| v["error"]["code"].as_str().map(str::to_string);
+    let (cert_a, cert_b, no_cert) = (device(0), device(1), https_client(&standby, &pki.ca, None));
 
     // Without a certificate, or with another device's: refused by the
     // active server, so the certificate reached it.
-    let (s, v) = enroll(with(None), "cert-a").await;
-    assert_eq!(
-        (s, code(&v).as_deref()),
-        (403, Some("client_certificate_required")),
-        "{v}"
-    );
-    let (s, v) = enroll(with(Some(1)), "cert-a").await;
-    assert_eq!(
-        (s, code(&v).as_deref()),
-        (403, Some("client_certificate_mismatch")),
-        "{v}"
-    );
+    let r = enroll_through(&no_cert, &standby, "cert-a").await;
+    assert_forbidden(&r, "client_certificate_required");
+    let r = enroll_through(&cert_b, &standby, "cert-a").await;
+    assert_forbidden(&r, "client_certificate_mismatch");
     // With its own: enrolled, through the standby.
-    let (s, v) = enroll(with(Some(0)), "cert-a").await;
+    let (s, v) = enroll_through(&cert_a, &standby, "cert-a").await;
     assert!((200..300).contains(&s), "{s} {v}");
     let credential = v["credential"].as_str().unwrap().to_string();
 
-    let desired = |client: reqwest::Client, base: String| {
-        let credential = credential.clone();
-        async move {
-            let r = client
-                .get(format!("{base}/api/v1/device/desired"))
-                .bearer_auth(credential)
-                .send()
-                .await
-                .unwrap();
-            let status = r.status().as_u16();
-            (status, r.json::<Value>().await.unwrap_or(Value::Null))
-        }
-    };
-    let (s, v) = desired(with(Some(0)), standby.clone()).await;
-    assert_eq!(s, 200, "{v}");
-    let (s, v) = desired(with(None), standby.clone()).await;
-    assert_eq!(
-        (s, code(&v).as_deref()),
-        (403, Some("client_certificate_required")),
-        "{v}"
-    );
-    let (s, v) = desired(with(Some(1)), standby.clone()).await;
-    assert_eq!(
-        (s, code(&v).as_deref()),
-        (403, Some("client_certificate_mismatch")),
-        "{v}"
-    );
-    // The standby's own handshake refuses another CA's certificate.
-    let foreign = https_client(
-        &standby,
-        &pki.ca,
-        Some((&other.devices[0].1, &other.devices[0].2)),
-    );
-    let r = foreign
-        .get(format!("{standby}/api/v1/device/desired"))
-        .bearer_auth(&credential)
-        .send()
+    assert_credential_needs_its_certificate(&standby, &credential, [&cert_a, &no_cert, &cert_b])
         .await;
-    assert!(
-        r.as_ref().map_or(true, |r| !r.status().is_success()),
-        "another CA's certificate got through: {r:?}"
-    );
+    // The standby's own handshake refuses another CA's certificate.
+    let (_, cert, key) = &other.devices[0];
+    let foreign = https_client(&standby, &pki.ca, Some((cert, key)));
+    assert_refused_at_handshake(&foreign, &format!("{standby}/api/v1/device/desired")).await;
     // The same device directly on the active server: one fleet.
     let active = format!("https://127.0.0.1:{port_a}");
-    let (s, v) = desired(
-        https_client(
-            &active,
-            &pki.ca,
-            Some((&pki.devices[0].1, &pki.devices[0].2)),
-        ),
-        active.clone(),
-    )
-    .await;
+    let direct = https_client(
+        &active,
+        &pki.ca,
+        Some((&pki.devices[0].1, &pki.devices[0].2)),
+    );
+    let (s, v) = desired_through(&direct, &active, &credential).await;
     assert_eq!(s, 200, "{v}");
 
     // Counted on both sides: what the standby forwarded, what the active
     // server refused.
-    let operator = https_client(&standby, &pki.ca, None);
-    let text = integ::common::metrics_text(&operator, &standby, Some(VIEWER)).await;
+    let text = integ::common::metrics_text(&no_cert, &standby, Some(VIEWER)).await;
     assert_eq!(sample(&text, "fleet_server_active"), Some(0), "{text}");
     assert!(
         counter(&text, "fleet_standby_forwarded_total") >= 6,

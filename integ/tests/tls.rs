@@ -32,8 +32,11 @@ use tokio_util::sync::CancellationToken;
 use common::{counter, free_port, metrics_text, mosquitto_bin, repo, write_key};
 use integ::common;
 
-use integ::fleet::{ENROLL, OPERATOR, TestFleet};
-use integ::pki::{Pki, https_client, pki, pki_for};
+use integ::fleet::{
+    ENROLL, OPERATOR, TestFleet, assert_credential_needs_its_certificate, assert_forbidden,
+    enroll_through,
+};
+use integ::pki::{Pki, assert_refused_at_handshake, https_client, pki, pki_for};
 
 fn cls_bundle() -> Vec<u8> {
     let golden = |k: &str| {
@@ -605,83 +608,25 @@ async fn devices_need_a_client_certificate_naming_them_when_the_server_requires_
     }
     let credential = std::fs::read_to_string(dir.path().join("cert-a/credential")).unwrap();
 
-    let enroll = |client: reqwest::Client, id: &'static str| {
-        let url = url.clone();
-        async move {
-            let r = client
-                .post(format!("{url}/api/v1/devices/enroll"))
-                .json(&json!({
-                    "enrollment_token": ENROLL, "device_id": id,
-                    "tags": {}, "arch": "x86_64", "agent_version": "0.1.0",
-                }))
-                .send()
-                .await
-                .unwrap();
-            let status = r.status().as_u16();
-            (status, r.json::<Value>().await.unwrap_or(Value::Null))
-        }
-    };
     // A stolen enrollment token without a certificate, or with another
     // device's, enrolls nothing.
-    let (s, v) = enroll(https_client(&url, &fleet.ca, None), "cert-x").await;
-    assert_eq!(
-        (s, v["error"]["code"].as_str()),
-        (403, Some("client_certificate_required")),
-        "{v}"
-    );
-    let (s, v) = enroll(
+    let no_cert = https_client(&url, &fleet.ca, None);
+    let (a_client, b_client) = (
         https_client(&url, &fleet.ca, Some((a_cert, a_key))),
-        "cert-x",
-    )
-    .await;
-    assert_eq!(
-        (s, v["error"]["code"].as_str()),
-        (403, Some("client_certificate_mismatch")),
-        "{v}"
+        https_client(&url, &fleet.ca, Some((b_cert, b_key))),
     );
+    let a = enroll_through(&no_cert, &url, "cert-x").await;
+    assert_forbidden(&a, "client_certificate_required");
+    let a = enroll_through(&a_client, &url, "cert-x").await;
+    assert_forbidden(&a, "client_certificate_mismatch");
 
     // cert-a's credential works only with cert-a's certificate.
-    let desired = |client: reqwest::Client| {
-        let (url, credential) = (url.clone(), credential.clone());
-        async move {
-            let r = client
-                .get(format!("{url}/api/v1/device/desired"))
-                .bearer_auth(credential.trim())
-                .send()
-                .await
-                .unwrap();
-            let status = r.status().as_u16();
-            (status, r.json::<Value>().await.unwrap_or(Value::Null))
-        }
-    };
-    let (s, _) = desired(https_client(&url, &fleet.ca, Some((a_cert, a_key)))).await;
-    assert_eq!(s, 200);
-    let (s, v) = desired(https_client(&url, &fleet.ca, None)).await;
-    assert_eq!(
-        (s, v["error"]["code"].as_str()),
-        (403, Some("client_certificate_required")),
-        "{v}"
-    );
-    let (s, v) = desired(https_client(&url, &fleet.ca, Some((b_cert, b_key)))).await;
-    assert_eq!(
-        (s, v["error"]["code"].as_str()),
-        (403, Some("client_certificate_mismatch")),
-        "{v}"
-    );
+    assert_credential_needs_its_certificate(&url, &credential, [&a_client, &no_cert, &b_client])
+        .await;
     // A certificate naming cert-a from another CA fails the handshake.
-    let r = https_client(
-        &url,
-        &fleet.ca,
-        Some((&other.devices[0].1, &other.devices[0].2)),
-    )
-    .get(format!("{url}/api/v1/device/desired"))
-    .bearer_auth(credential.trim())
-    .send()
-    .await;
-    assert!(
-        r.as_ref().map_or(true, |r| !r.status().is_success()),
-        "another CA's certificate got through: {r:?}"
-    );
+    let (_, cert, key) = &other.devices[0];
+    let foreign = https_client(&url, &fleet.ca, Some((cert, key)));
+    assert_refused_at_handshake(&foreign, &format!("{url}/api/v1/device/desired")).await;
     let metrics = metrics_text(&operator, &url, Some(OPERATOR)).await;
     let refusals = counter(&metrics, "fleet_client_cert_refusals_total");
     assert!(refusals >= 4, "{refusals} refusals counted");
