@@ -142,7 +142,9 @@ pub struct MqttConfig {
     pub username: Option<String>,
     pub password: Option<String>,
     /// With an external broker: subscribe through a shared subscription
-    /// (`$share/<group>/...`) so replicas split the device traffic.
+    /// (`$share/<group>/...`), to split the device traffic with other
+    /// consumers in that group. Replicas do not split it: only the active
+    /// one subscribes (docs/brokers.md says why).
     pub share_group: Option<String>,
     /// Messages waiting for the store; beyond it the broker stops reading
     /// from devices (backpressure) instead of dropping. Default 16384.
