@@ -14,15 +14,19 @@
 # in an S3 bucket (s3s-fs, `cargo install s3s-fs --features binary`),
 # Debian's mosquitto with the published config and per-device logins kept
 # by the server (shared subscription for ingest), and two fleet-server
-# processes: the active one and a standby waiting for its lease.
+# processes: the active one and a standby waiting for its lease. Then the
+# same layout at STANDBY_SIZES devices (default 10000) with every device
+# and operator call sent to the standby, which forwards them to the active
+# server (a DNS name or a balancer that does not check /readyz).
 #
-#   scripts/fleet-scale.sh                 # 1000 3000 10000, then PostgreSQL at 10000
-#   SIZES="1000" PG_SIZES="" scripts/fleet-scale.sh    # one size (does not touch docs/)
+#   scripts/fleet-scale.sh                 # 1000 3000 10000, then PostgreSQL at 10000 (twice)
+#   SIZES="1000" PG_SIZES="" STANDBY_SIZES="" scripts/fleet-scale.sh    # one size (does not touch docs/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 sizes=${SIZES:-1000 3000 10000}
 pg_sizes=${PG_SIZES-10000}
+standby_sizes=${STANDBY_SIZES-10000}
 target="${CARGO_TARGET_DIR:-$root/target}"
 echo "==> release builds of fleet-server and fleet-sim; fleetctl (dev) packs"
 cargo build --release --locked -q -p fleet-server -p fleet-sim
@@ -90,9 +94,11 @@ start_mosquitto() {
   for _ in $(seq 300); do (echo > "/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 }
 
-# One run at $1 devices; $2 = "sled" or "ha"; results in result-$3.json.
+# One run at $1 devices; $2 = "sled", "ha", or "ha-standby" (ha, the
+# simulator talking to the standby); results in result-$3.json.
 run_size() {
-  local n=$1 store=$2 name=$3
+  local n=$1 store=$2 name=$3 via=""
+  if [ "$store" = ha-standby ]; then store=ha via=standby; fi
   echo "==> $n devices ($store)"
   work="$out/$name"
   mkdir -p "$work"
@@ -139,12 +145,19 @@ token = "$token"
 $broker_toml
 $ha_toml
 TOML
+  local standby_port=0
+  if [ -n "$via" ]; then
+    # Fixed ports: the active server advertises its address to the standby.
+    sed -i "s|^listen = \"127.0.0.1:0\"|listen = \"127.0.0.1:$(free_port)\"|" "$work/fleet-server.toml"
+    standby_port=$(free_port)
+  fi
   FLEET_SERVER_LOG=warn "$rel/fleet-server" --config "$work/fleet-server.toml" > "$work/server.out" 2> "$work/server.log" &
   pid=$!
   for _ in $(seq 300); do grep -q "listening on" "$work/server.out" 2>/dev/null && break; sleep 0.1; done
   if [ "$store" = ha ]; then
-    # The second replica (its own data_dir): waits for the lease the whole run.
-    sed "s|^data_dir = .*|data_dir = \"$work/standby\"|" "$work/fleet-server.toml" > "$work/standby.toml"
+    # The second replica (its own data_dir and port): waits for the lease the whole run.
+    sed -e "s|^data_dir = .*|data_dir = \"$work/standby\"|" \
+      -e "s|^listen = .*|listen = \"127.0.0.1:$standby_port\"|" "$work/fleet-server.toml" > "$work/standby.toml"
     FLEET_SERVER_LOG=info "$rel/fleet-server" --config "$work/standby.toml" > "$work/standby.out" 2> "$work/standby.log" &
     standby=$!
     for _ in $(seq 100); do grep -q "standby:" "$work/standby.log" 2>/dev/null && break; sleep 0.1; done
@@ -153,7 +166,9 @@ TOML
   http=$(sed -n 's/^fleet-server listening on //p' "$work/server.out")
   mqtt=$(sed -n 's/^mqtt broker at //p' "$work/server.out")
   if [ "$store" = ha ]; then mqtt="mqtt://127.0.0.1:$mqtt_port"; fi
-  "$rel/fleet-sim" --server "$http" --mqtt "$mqtt" --token "$token" --enrollment-token "enroll-$token" \
+  local metrics_server=$http
+  if [ -n "$via" ]; then http="http://127.0.0.1:$standby_port"; fi
+  "$rel/fleet-sim" --server "$http" --metrics-server "$metrics_server" --mqtt "$mqtt" --token "$token" --enrollment-token "enroll-$token" \
     --devices "$n" --checkin-secs 30 --report-secs 30 --telemetry-secs 10 --steady-secs 60 --telemetry-only-secs 30 \
     --bundle "$out/cls.bundle" --stages 10:0,50:0,100:0 --rollout-timeout-secs 900 \
     --download-sample 50 --burst "${BURST:-5}" --server-pid "$pid" > "$work/result.json" 2> >(tee "$work/sim.log" >&2)
@@ -170,7 +185,8 @@ TOML
 
 for n in $sizes; do run_size "$n" sled "$n"; done
 for n in $pg_sizes; do run_size "$n" ha "pg-$n"; done
-if [ -z "${SIZES:-}" ] && [ -z "${PG_SIZES+set}" ]; then
+for n in $standby_sizes; do run_size "$n" ha-standby "sb-$n"; done
+if [ -z "${SIZES:-}" ] && [ -z "${PG_SIZES+set}" ] && [ -z "${STANDBY_SIZES+set}" ]; then
   python3 scripts/fleet_scale_report.py "$out" > docs/fleet-scale.md
   echo "==> wrote docs/fleet-scale.md"
 else

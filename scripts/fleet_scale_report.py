@@ -7,15 +7,17 @@ folder = sys.argv[1]
 runs = {}
 for f in glob.glob(os.path.join(folder, "result-*.json")):
     name = os.path.basename(f)[len("result-"):-len(".json")]
-    # `N` (embedded sled store and broker) or `pg-N` (the scale-out layout:
-    # PostgreSQL, an S3 bucket, mosquitto, active + standby).
-    pg = name.startswith("pg-")
-    runs[(pg, int(name[3:] if pg else name))] = json.load(open(f))
+    # `N` (embedded sled store and broker), `pg-N` (the scale-out layout:
+    # PostgreSQL, an S3 bucket, mosquitto, active + standby) or `sb-N` (that
+    # layout, every call sent to the standby, which forwards it).
+    layout = {"pg": 1, "sb": 2}.get(name[:2], 0)
+    runs[(layout, int(name[3:] if layout else name))] = json.load(open(f))
 sizes = sorted(runs)
 
 def label(key):
-    pg, n = key
-    return f"{n:,} devices" + (", PostgreSQL + S3 + mosquitto, 2 replicas" if pg else "")
+    layout, n = key
+    return f"{n:,} devices" + ["", ", PostgreSQL + S3 + mosquitto, 2 replicas",
+                               ", the same, through the standby"][layout]
 
 def sh(cmd):
     try:
@@ -80,8 +82,8 @@ lines.append("")
 lines.append("The server's CPU figure is the whole server during the steady minute (check-ins, reports and telemetry),")
 lines.append("read from /proc; the telemetry share alone is lower. RSS is read at the end of the run, peak is VmHWM.")
 if any(pg for pg, _ in sizes):
-    lines.append("In the scale-out column these are the active fleet-server's alone: PostgreSQL, mosquitto, s3s-fs (and")
-    lines.append("the idle standby) are not counted. Its CONNACKs are mosquitto's; a device whose login was refused")
+    lines.append("In the scale-out columns these are the active fleet-server's alone: PostgreSQL, mosquitto, s3s-fs (and")
+    lines.append("the standby) are not counted. Its CONNACKs are mosquitto's; a device whose login was refused")
     lines.append("because mosquitto had not yet reloaded the password file retries as the agent does (counted below).")
     lines.append("")
     for k in sizes:
@@ -91,4 +93,9 @@ if any(pg for pg, _ in sizes):
     lines.append("Its telemetry burst figure is mosquitto's acknowledgement rate: the broker acknowledges on receipt and")
     lines.append("the server drains its queue afterwards through the shared subscription; the simulator waits for that")
     lines.append("before it compares acknowledged and ingested messages.")
+    if any(layout == 2 for layout, _ in sizes):
+        lines.append("")
+        lines.append("In the column \"through the standby\" every HTTP call of the devices and the operator goes to the")
+        lines.append("standby, which forwards it to the active server (docs/deploy.md, \"Replicas\"): its latencies include")
+        lines.append("that hop. MQTT goes to mosquitto as in the other scale-out column.")
 print("\n".join(lines))

@@ -65,6 +65,8 @@ impl Model {
 pub struct Pack {
     pub model: Model,
     pub minor: u64,
+    /// The version's third number (0 by default).
+    pub patch: u64,
     pub sequence: u64,
     pub key_seed: u8,
     pub expires_in: u64,
@@ -80,6 +82,7 @@ impl Pack {
         Pack {
             model,
             minor,
+            patch: 0,
             sequence: minor * 10,
             key_seed: 1,
             expires_in: 86_400,
@@ -101,7 +104,7 @@ impl Pack {
         let req = PackRequest {
             model: repo(model),
             name: name.parse().expect("a valid model name"),
-            version: semver::Version::new(1, self.minor, 0),
+            version: semver::Version::new(1, self.minor, self.patch),
             sequence: self.sequence,
             golden_inputs: files("in"),
             golden_outputs: files("out"),

@@ -18,45 +18,23 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use edge_agent::config::AgentConfig;
-use edgefleet_wire::keys::signing_key_from_seed;
-use edgefleet_wire::manifest::{NonFiniteInputs, TargetArch};
 use edgefleet_wire::telemetry::{DeviceEvent, DeviceState, Telemetry, decode_telemetry};
-use fleetctl::pack::{PackRequest, pack};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use common::{free_port, metrics_text, mosquitto_bin, repo, sample, write_key};
+use integ::bundles::{Model, Pack};
 use integ::common;
 
 use integ::fleet::{ENROLL, OPERATOR, ServerProc, TestFleet};
 
 fn cls_bundle(minor: u64) -> Vec<u8> {
-    let golden = |k: &str| {
-        (0..2)
-            .map(|i| repo(&format!("models/cls/golden/{k}_{i}.npz")))
-            .collect::<Vec<_>>()
-    };
-    pack(&PackRequest {
-        model: repo("models/cls/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
-        name: "cls".parse().unwrap(),
-        version: semver::Version::new(1, minor, 0),
+    Pack {
         sequence: minor,
-        golden_inputs: golden("in"),
-        golden_outputs: golden("out"),
-        tolerance: 1e-4,
-        keys: vec![signing_key_from_seed([1; 32])],
-        now: edgefleet_wire::time::unix_now(),
-        expires_in: 86_400,
-        nnef: false,
-        targets: TargetArch::ALL.to_vec(),
-        min_agent_version: semver::Version::new(0, 1, 0),
-        non_finite_inputs: NonFiniteInputs::Reject,
-        baseline: None,
-        max_latency_ms: None,
-    })
-    .unwrap()
-    .bundle
+        ..Pack::new(Model::Cls, minor)
+    }
+    .bytes()
 }
 
 /// A broker the test can stop and start on a fixed port.

@@ -3,41 +3,25 @@
 //! downloads) and the device side (enroll, desired with ETag, report).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use edgefleet_wire::keys::signing_key_from_seed;
-use edgefleet_wire::manifest::{NonFiniteInputs, TargetArch};
-use fleetctl::pack::{PackRequest, pack};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use common::repo;
+use integ::bundles::{Model, Pack};
 use integ::common;
 
 use integ::fleet::{ADMIN, ENROLL, OPERATOR, TestFleet, VIEWER};
 
 /// A multi_io bundle signed by key `seed`, version 1.0.`patch`.
 fn bundle(seed: u8, patch: u64, expires_in: u64) -> Vec<u8> {
-    let req = PackRequest {
-        model: repo("models/multi/multi_io.onnx"),
-        name: "multi-io".parse().unwrap(),
-        version: semver::Version::new(1, 0, patch),
+    Pack {
+        patch,
         sequence: patch + 1,
-        golden_inputs: vec![repo("models/multi/golden/in_0.npz")],
-        golden_outputs: vec![repo("models/multi/golden/out_0.npz")],
-        tolerance: 1e-5,
-        keys: vec![signing_key_from_seed([seed; 32])],
-        now: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs(),
+        key_seed: seed,
         expires_in,
-        nnef: false,
-        targets: TargetArch::ALL.to_vec(),
-        min_agent_version: semver::Version::new(0, 1, 0),
-        non_finite_inputs: NonFiniteInputs::Reject,
-        baseline: None,
-        max_latency_ms: None,
-    };
-    pack(&req).unwrap().bundle
+        ..Pack::new(Model::MultiIo, 0)
+    }
+    .bytes()
 }
 
 async fn start() -> TestFleet {

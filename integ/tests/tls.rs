@@ -22,14 +22,12 @@ use std::time::{Duration, Instant};
 
 use edge_agent::config::AgentConfig;
 use edge_agent::tls::TlsFiles;
-use edgefleet_wire::keys::signing_key_from_seed;
-use edgefleet_wire::manifest::{NonFiniteInputs, TargetArch};
-use fleetctl::pack::{PackRequest, pack};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use common::{counter, free_port, metrics_text, mosquitto_bin, repo, write_key};
+use common::{counter, free_port, metrics_text, mosquitto_bin, write_key};
+use integ::bundles::{Model, Pack};
 use integ::common;
 
 use integ::fleet::{
@@ -39,31 +37,11 @@ use integ::fleet::{
 use integ::pki::{Pki, assert_refused_at_handshake, https_client, pki, pki_for};
 
 fn cls_bundle() -> Vec<u8> {
-    let golden = |k: &str| {
-        (0..2)
-            .map(|i| repo(&format!("models/cls/golden/{k}_{i}.npz")))
-            .collect::<Vec<_>>()
-    };
-    pack(&PackRequest {
-        model: repo("models/cls/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
-        name: "cls".parse().unwrap(),
-        version: semver::Version::new(1, 0, 0),
+    Pack {
         sequence: 1,
-        golden_inputs: golden("in"),
-        golden_outputs: golden("out"),
-        tolerance: 1e-4,
-        keys: vec![signing_key_from_seed([1; 32])],
-        now: edgefleet_wire::time::unix_now(),
-        expires_in: 86_400,
-        nnef: false,
-        targets: TargetArch::ALL.to_vec(),
-        min_agent_version: semver::Version::new(0, 1, 0),
-        non_finite_inputs: NonFiniteInputs::Reject,
-        baseline: None,
-        max_latency_ms: None,
-    })
-    .unwrap()
-    .bundle
+        ..Pack::new(Model::Cls, 0)
+    }
+    .bytes()
 }
 
 /// Terminates TLS on 127.0.0.1 and forwards plain TCP to `upstream`.

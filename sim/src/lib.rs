@@ -36,6 +36,10 @@ use tokio::sync::Semaphore;
 #[derive(Clone, Debug)]
 pub struct Plan {
     pub server: String,
+    /// Where /metrics is read (the server's counters): `server` unless
+    /// that is a standby, which forwards everything else but answers
+    /// /metrics with its own.
+    pub metrics_server: String,
     pub mqtt: String,
     pub operator_token: String,
     pub enrollment_token: String,
@@ -420,7 +424,7 @@ pub async fn run(plan: Plan) -> Result<Results, String> {
     results.devices_pages = pages;
     let t = Instant::now();
     let _ = http
-        .get(format!("{}/metrics", plan.server))
+        .get(format!("{}/metrics", plan.metrics_server))
         .bearer_auth(&plan.operator_token)
         .send()
         .await
@@ -543,7 +547,7 @@ async fn rollout(
 /// A counter's value in the server's /metrics.
 async fn metric(http: &reqwest::Client, plan: &Plan, name: &str) -> u64 {
     let Ok(r) = http
-        .get(format!("{}/metrics", plan.server))
+        .get(format!("{}/metrics", plan.metrics_server))
         .bearer_auth(&plan.operator_token)
         .send()
         .await

@@ -12,6 +12,10 @@ struct Args {
     /// Fleet server URL.
     #[arg(long, default_value = "http://127.0.0.1:7070")]
     server: String,
+    /// Where to read the server's /metrics (default: --server). Give the
+    /// active server's URL when --server is a standby.
+    #[arg(long)]
+    metrics_server: Option<String>,
     /// MQTT broker URL devices connect to.
     #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
     mqtt: String,
@@ -80,8 +84,12 @@ async fn main() {
         },
         None => None,
     };
+    let server = a.server.trim_end_matches('/').to_string();
     let plan = fleet_sim::Plan {
-        server: a.server.trim_end_matches('/').to_string(),
+        metrics_server: a
+            .metrics_server
+            .map_or_else(|| server.clone(), |m| m.trim_end_matches('/').to_string()),
+        server,
         mqtt: a.mqtt,
         operator_token: a.token,
         enrollment_token: a.enrollment_token,
