@@ -231,6 +231,38 @@ impl InProcAgent {
             .map_or(0, |r| r.status().as_u16())
     }
 
+    /// Installs a bundle through the local API (`POST /v1/install`) and
+    /// waits until it is committed as `version`.
+    pub async fn install(&self, bundle: Vec<u8>, version: &str) {
+        let r = self
+            .http
+            .post(format!("{}/v1/install", self.url))
+            .body(bundle)
+            .send()
+            .await
+            .expect("install");
+        assert_eq!(r.status(), 202);
+        self.wait_for(&format!("{version} committed"), 60, |s| {
+            s["state"] == "committed" && s["record"]["active"]["version"] == version
+        })
+        .await;
+    }
+
+    /// The value of `name` in its `/metrics`; panics if it is not there.
+    pub async fn metric(&self, name: &str) -> u64 {
+        let text = crate::common::metrics_text(&self.http, &self.url, None).await;
+        crate::common::sample(&text, name).unwrap_or_else(|| panic!("no metric {name}"))
+    }
+
+    /// The local API answers `GET /v1/status`.
+    pub async fn answers(&self) -> bool {
+        self.http
+            .get(format!("{}/v1/status", self.url))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    }
+
     /// Waits until `pred` holds on the status, or panics with the last one.
     pub async fn wait_for(&self, what: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);

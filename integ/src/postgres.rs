@@ -203,7 +203,7 @@ impl Postgres {
             std::os::unix::fs::chown(self.log_path(), Some(NOBODY), Some(NOBODY))
                 .expect("give the log to nobody");
         }
-        let child = self
+        let mut child = self
             .command("postgres")
             .arg("-D")
             .arg(self.data())
@@ -219,28 +219,22 @@ impl Postgres {
             .stderr(log)
             .spawn()
             .expect("start postgres");
+        let (url, log) = (self.url(), self.log_path());
+        crate::common::wait_started(
+            &mut child,
+            "postgres",
+            60,
+            || std::fs::read_to_string(&log).unwrap_or_default(),
+            || {
+                // On its own thread: the blocking client may not run on
+                // an async test's runtime thread.
+                let url = url.clone();
+                std::thread::spawn(move || fleet_server::store::postgres::probe(&url).is_ok())
+                    .join()
+                    .expect("the probe thread")
+            },
+        );
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(c) = self.child.as_mut()
-                && let Ok(Some(status)) = c.try_wait()
-            {
-                panic!("postgres exited ({status}): {}", self.log());
-            }
-            // On its own thread: the blocking client may not run on an
-            // async test's runtime thread.
-            let url = self.url();
-            let probe = std::thread::spawn(move || fleet_server::store::postgres::probe(&url))
-                .join()
-                .expect("the probe thread");
-            match probe {
-                Ok(_) => return,
-                Err(e) if Instant::now() > deadline => {
-                    panic!("postgres did not start: {e}\n{}", self.log())
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        }
     }
 
     fn log_path(&self) -> PathBuf {

@@ -23,7 +23,8 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use common::{free_port, metrics_text, mosquitto_bin, repo, sample, write_key};
+use common::{free_port, metrics_text, mosquitto_bin, repo, write_key};
+use integ::agent::InProcAgent as Agent;
 use integ::bundles::{Model, Pack};
 use integ::common;
 
@@ -270,62 +271,6 @@ fn agent_config(dir: &Path, id: &str, mqtt_port: u16) -> AgentConfig {
     c.mqtt.reconnect_max_ms = 1000;
     c.mqtt.keep_alive_secs = 5;
     c
-}
-
-struct Agent {
-    url: String,
-    stop: CancellationToken,
-    done: tokio::task::JoinHandle<()>,
-}
-
-impl Agent {
-    async fn start(cfg: AgentConfig) -> Agent {
-        let stop = CancellationToken::new();
-        let (addr, _, run) = edge_agent::daemon::start(cfg, stop.clone()).await.unwrap();
-        let done = tokio::spawn(async move { run.await.unwrap() });
-        Agent {
-            url: format!("http://{addr}"),
-            stop,
-            done,
-        }
-    }
-
-    async fn install(&self, bytes: Vec<u8>, version: &str) {
-        let http = edge_agent::tls::default_client();
-        let r = http
-            .post(format!("{}/v1/install", self.url))
-            .body(bytes)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let s: Value = http
-                .get(format!("{}/v1/status", self.url))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if s["state"] == "committed" && s["record"]["active"]["version"] == version {
-                return;
-            }
-            assert!(Instant::now() < deadline, "install {version}: {s:#}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn metric(&self, name: &str) -> u64 {
-        let text = metrics_text(&edge_agent::tls::default_client(), &self.url, None).await;
-        sample(&text, name).unwrap_or_else(|| panic!("no metric {name}"))
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        self.done.await.unwrap();
-    }
 }
 
 /// Keeps one client inferring until stopped.

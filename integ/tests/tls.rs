@@ -27,6 +27,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use common::{counter, free_port, metrics_text, mosquitto_bin, write_key};
+use integ::agent::InProcAgent as Agent;
 use integ::bundles::{Model, Pack};
 use integ::common;
 
@@ -79,39 +80,6 @@ async fn tls_proxy(pki: &Pki, upstream: std::net::SocketAddr) -> u16 {
         }
     });
     port
-}
-
-struct Agent {
-    url: String,
-    stop: CancellationToken,
-    done: tokio::task::JoinHandle<()>,
-}
-
-impl Agent {
-    async fn start(cfg: AgentConfig) -> Agent {
-        let stop = CancellationToken::new();
-        let (addr, _, run) = edge_agent::daemon::start(cfg, stop.clone()).await.unwrap();
-        let done = tokio::spawn(async move { run.await.unwrap() });
-        Agent {
-            url: format!("http://{addr}"),
-            stop,
-            done,
-        }
-    }
-
-    /// The local API answers (no model is installed on these agents).
-    async fn answers(&self) -> bool {
-        edge_agent::tls::default_client()
-            .get(format!("{}/v1/status", self.url))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        self.done.await.unwrap();
-    }
 }
 
 fn agent_config(dir: &Path, id: &str) -> AgentConfig {
