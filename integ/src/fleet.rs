@@ -308,6 +308,18 @@ fn read_log(path: &Path) -> String {
 /// its data in `data_dir`, listening on `port`, plus `extra` TOML (e.g. a
 /// `[store]` section).
 pub fn config_file(dir: &Path, name: &str, data_dir: &Path, port: u16, extra: &str) -> PathBuf {
+    config_file_http(dir, name, data_dir, port, "", extra)
+}
+
+/// [`config_file`], with `http` lines added to its `[http]` section.
+pub fn config_file_http(
+    dir: &Path,
+    name: &str,
+    data_dir: &Path,
+    port: u16,
+    http: &str,
+    extra: &str,
+) -> PathBuf {
     let key = trust_key(dir, 1);
     let path = dir.join(name);
     let text = format!(
@@ -315,6 +327,7 @@ pub fn config_file(dir: &Path, name: &str, data_dir: &Path, port: u16, extra: &s
 rollout_tick_ms = 100
 [http]
 listen = "127.0.0.1:{port}"
+{http}
 [trust]
 keys = ["{key}"]
 [auth]

@@ -25,7 +25,7 @@ use integ::bundles::{Model, Pack};
 use integ::common::{counter, free_port, mosquitto_bin, sample};
 use integ::fleet::{
     OPERATOR, ServerProc, TestFleet, VIEWER, assert_credential_needs_its_certificate,
-    assert_forbidden, config_file, desired_through, enroll_through, trust_key,
+    assert_forbidden, config_file_http, desired_through, enroll_through, trust_key,
 };
 use integ::mosquitto::Mosquitto;
 use integ::pki::{assert_refused_at_handshake, https_client, pki_for};
@@ -35,8 +35,13 @@ use integ::s3::S3;
 /// Replica `name`'s configuration (`name.toml`, data in `data-name`) on
 /// `port`, with the shared `extra` sections.
 fn replica(dir: &Path, name: &str, port: u16, extra: &str) -> PathBuf {
+    replica_http(dir, name, port, "", extra)
+}
+
+/// [`replica`], with `http` lines in its `[http]` section.
+fn replica_http(dir: &Path, name: &str, port: u16, http: &str, extra: &str) -> PathBuf {
     let data = dir.join(format!("data-{name}"));
-    config_file(dir, &format!("{name}.toml"), &data, port, extra)
+    config_file_http(dir, &format!("{name}.toml"), &data, port, http, extra)
 }
 
 /// What a standby answers: alive, not ready (a balancer that checks
@@ -411,16 +416,6 @@ async fn a_server_that_lost_its_lease_stops_and_import_refuses_a_live_database()
     );
 }
 
-/// `replica`, with `lines` added to its `[http]` section.
-fn replica_http(dir: &Path, name: &str, port: u16, extra: &str, lines: &str) -> PathBuf {
-    let cfg = replica(dir, name, port, extra);
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    let listen = format!("[http]\nlisten = \"127.0.0.1:{port}\"\n");
-    assert!(text.contains(&listen), "{text}");
-    std::fs::write(&cfg, text.replace(&listen, &format!("{listen}{lines}\n"))).unwrap();
-    cfg
-}
-
 /// Two replicas on https with device certificates required
 /// (`[http] client_ca`, `device_certs = "required"`): the standby
 /// terminates TLS, verifies the device's certificate and carries it to
@@ -446,12 +441,12 @@ async fn device_certificates_reach_the_active_server_through_a_standby() {
         ca = pki.ca.display(),
     );
     let mut a = ServerProc::start(
-        &replica_http(dir.path(), "a", port_a, &store, &http),
+        &replica_http(dir.path(), "a", port_a, &http, &store),
         port_a,
     );
     a.wait_log("active: this server holds the store's lease", 30);
     let mut b = ServerProc::start(
-        &replica_http(dir.path(), "b", port_b, &store, &http),
+        &replica_http(dir.path(), "b", port_b, &http, &store),
         port_b,
     );
     b.wait_log("standby: another fleet-server is active", 30);

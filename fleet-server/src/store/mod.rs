@@ -315,3 +315,22 @@ pub fn open(config: &crate::config::ServerConfig) -> Result<std::sync::Arc<dyn S
         &config.data_dir.join("store"),
     )?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lease_secret_never_shows_in_debug_output() {
+        let l = LeaseHolder {
+            name: "a".into(),
+            url: Some("http://a:7070".into()),
+            secret: Some("s3cret-vouch".into()),
+        };
+        let shown = format!("{l:?}");
+        assert!(
+            !shown.contains("s3cret-vouch") && shown.contains("http://a:7070"),
+            "{shown}"
+        );
+    }
+}
