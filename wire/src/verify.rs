@@ -333,47 +333,27 @@ impl VerifiedModel {
 /// Reads the payload that follows a verified manifest, checks the compressed
 /// bytes' length and sha256 *before* decompressing, then decompresses with a
 /// hard cap and checks the model's length and sha256.
+///
+/// The compressed digest is computed on a second thread a chunk behind the
+/// read, so on a board with a free core that SHA-256 pass costs little time
+/// of its own. The decompressor starts only once it has matched.
 pub fn read_payload<R: Read>(
     manifest: &Verified<Manifest>,
-    mut r: R,
+    r: R,
     limits: &Limits,
 ) -> Result<VerifiedModel> {
     let p = &manifest.payload;
     check_sizes(p, limits)?;
-    // Sized once (the limits were checked): no copies while it grows.
-    let mut compressed = Vec::with_capacity(p.compressed_len as usize);
-    (&mut r)
-        .take(p.compressed_len)
-        .read_to_end(&mut compressed)
-        .map_err(|e| Error::Io {
-            what: "payload",
-            source: e,
-        })?;
-    if (compressed.len() as u64) < p.compressed_len {
-        return Err(Error::Truncated {
-            region: "payload",
-            needed: p.compressed_len,
-            available: compressed.len() as u64,
-        });
-    }
-    let mut extra = [0u8; 1];
-    if r.read(&mut extra).map_err(|e| Error::Io {
-        what: "payload",
-        source: e,
-    })? != 0
-    {
-        return Err(Error::TrailingData);
-    }
-    let mut digest = StreamDigest::default();
-    digest.update(&compressed);
-    digest.check("compressed payload", p.compressed_len, &p.compressed_sha256)?;
-
+    let compressed = read_compressed(r, p)?;
     // Only now does the decompressor see the bytes: they are exactly the
     // ones the signers hashed. One call into a buffer of the signed size
     // (about twice as fast as the streaming decoder: 9.5 ms instead of
-    // 18 ms for an 11 MB model). Anything it refuses (corrupt, or larger
-    // than signed) goes through the streaming decoder, which names the
-    // problem as [`check_bundle`] does.
+    // 18 ms for an 11 MB model, and faster than decoding in chunks with
+    // the model's digest computed behind on a second thread: 20.8 ms
+    // instead of 22.4 ms for the whole payload on a CPU with SHA
+    // instructions). Anything it refuses (corrupt, or larger than signed)
+    // goes through the streaming decoder, which names the problem as
+    // [`check_bundle`] does.
     let mut bytes = Vec::with_capacity(p.len as usize);
     let one_call = zstd::bulk::Decompressor::new()
         .and_then(|mut d| d.decompress_to_buffer(&compressed[..], &mut bytes));
@@ -394,5 +374,102 @@ pub fn read_payload<R: Read>(
     Ok(VerifiedModel {
         format: p.format,
         bytes,
+    })
+}
+
+/// The unit in which bytes are handed to the hashing thread.
+const CHUNK: usize = 1 << 20;
+
+/// Reads exactly the signed number of compressed bytes (no more: a trailing
+/// byte is an error) and checks their digest.
+fn read_compressed<R: Read>(mut r: R, p: &crate::manifest::PayloadInfo) -> Result<Vec<u8>> {
+    let io = |source| Error::Io {
+        what: "payload",
+        source,
+    };
+    let mut compressed = vec![0u8; p.compressed_len as usize];
+    let (read, digest) = hashed_behind(&mut compressed, |chunks, sink| {
+        let mut total = 0u64;
+        for chunk in chunks {
+            let got = read_up_to(&mut r, chunk).map_err(io)?;
+            total += got as u64;
+            let chunk: &[u8] = chunk;
+            sink(&chunk[..got]);
+            if got < chunk.len() {
+                break;
+            }
+        }
+        Ok(total)
+    });
+    let read = read?;
+    if read < p.compressed_len {
+        return Err(Error::Truncated {
+            region: "payload",
+            needed: p.compressed_len,
+            available: read,
+        });
+    }
+    let mut extra = [0u8; 1];
+    if read_up_to(&mut r, &mut extra).map_err(io)? != 0 {
+        return Err(Error::TrailingData);
+    }
+    digest.check("compressed payload", p.compressed_len, &p.compressed_sha256)?;
+    Ok(compressed)
+}
+
+/// Fills `buf` from `r` unless the stream ends first; returns the count.
+fn read_up_to<R: Read>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Runs `fill` over `buf` in [`CHUNK`]-sized pieces; every slice it passes
+/// to its sink is hashed, in order, on a second thread while `fill` goes on.
+/// Below two chunks, or when no thread can be started, it hashes inline.
+fn hashed_behind<'a, T>(
+    buf: &'a mut [u8],
+    fill: impl FnOnce(std::slice::ChunksMut<'a, u8>, &mut dyn FnMut(&'a [u8])) -> T,
+) -> (T, StreamDigest) {
+    let mut digest = StreamDigest::default();
+    if buf.len() < 2 * CHUNK {
+        let t = fill(buf.chunks_mut(CHUNK), &mut |c| digest.update(c));
+        return (t, digest);
+    }
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::channel::<&'a [u8]>();
+        let hasher = std::thread::Builder::new()
+            .name("payload-sha256".into())
+            .spawn_scoped(s, move || {
+                let mut digest = StreamDigest::default();
+                for chunk in rx {
+                    digest.update(chunk);
+                }
+                digest
+            });
+        match hasher {
+            Ok(hasher) => {
+                let t = fill(buf.chunks_mut(CHUNK), &mut |c| {
+                    // The receiver lives until every sender is gone.
+                    let _ = tx.send(c);
+                });
+                drop(tx);
+                let digest = hasher
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                (t, digest)
+            }
+            Err(_) => {
+                let t = fill(buf.chunks_mut(CHUNK), &mut |c| digest.update(c));
+                (t, digest)
+            }
+        }
     })
 }

@@ -493,7 +493,12 @@ fn the_pack_latency_is_signed_and_read_back() {
 /// Signs `m` after `edit` changed its payload description (a signer's
 /// mistake, or a malicious signer: the digests are the signed ones).
 fn signed_with_payload(edit: impl FnOnce(&mut Manifest, &mut Vec<u8>)) -> Vec<u8> {
-    let (mut m, mut compressed) = manifest_for(&payload(), 1);
+    signed_with(&payload(), edit)
+}
+
+/// [`signed_with_payload`] for another model.
+fn signed_with(model: &[u8], edit: impl FnOnce(&mut Manifest, &mut Vec<u8>)) -> Vec<u8> {
+    let (mut m, mut compressed) = manifest_for(model, 1);
     edit(&mut m, &mut compressed);
     m.payload.compressed_len = compressed.len() as u64;
     m.payload.compressed_sha256 = Sha256::digest(&compressed).into();
@@ -527,4 +532,92 @@ fn a_signed_payload_that_is_not_what_its_manifest_says_is_refused() {
         c.truncate(c.len() - 3);
     });
     assert_eq!(open(&cut, &root_a()).unwrap_err().code(), "malformed");
+}
+
+/// A model of several MiB that zstd entropy-codes (a 16-symbol alphabet):
+/// its compressed payload is large enough that the device's verifier hashes
+/// it on a second thread while reading it, one MiB at a time, and is not a
+/// whole number of MiB.
+fn large_model() -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..5 * (1 << 20) + 12_345)
+        .map(|_| {
+            // xorshift64: four random bits per byte, no repeats to match.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 60) as u8
+        })
+        .collect()
+}
+
+#[test]
+fn a_large_payload_is_hashed_while_it_is_read_and_checked_alike() {
+    let model = large_model();
+    let n = model.len() as u64;
+    let untouched = signed_with(&model, |_, c| {
+        assert!(c.len() > 2 << 20, "the compressed payload spans chunks");
+    });
+    let (_, got) = open_bundle(
+        &untouched[..],
+        &root_a(),
+        Expiry::Enforce { now: NOW },
+        &Limits::default(),
+    )
+    .unwrap();
+    assert!(
+        got.bytes() == model.as_slice(),
+        "the exact model comes back"
+    );
+    open(&untouched, &root_a()).unwrap();
+
+    // Two frames that together are the model: valid zstd, taken by the
+    // streaming decoder the chunked one hands it to.
+    let split = model.len() / 3;
+    let frames = signed_with(&model, |_, c| {
+        *c = zstd::encode_all(&model[..split], 3).unwrap();
+        c.extend(zstd::encode_all(&model[split..], 3).unwrap());
+    });
+    let (_, got) = open_bundle(
+        &frames[..],
+        &root_a(),
+        Expiry::Enforce { now: NOW },
+        &Limits::default(),
+    )
+    .unwrap();
+    assert!(got.bytes() == model.as_slice());
+
+    let refused = |b: &[u8]| open(b, &root_a()).unwrap_err().code();
+    assert_eq!(
+        refused(&signed_with(&model, |m, _| m.payload.len = n - 1)),
+        "length_mismatch"
+    );
+    assert_eq!(
+        refused(&signed_with(&model, |m, _| m.payload.len = n + 1)),
+        "length_mismatch"
+    );
+    assert_eq!(
+        refused(&signed_with(&model, |m, _| m.payload.sha256[31] ^= 1)),
+        "hash_mismatch"
+    );
+    // A byte changed inside the frame after compressing: the signed digest
+    // covers it, so only the decoder (checksum) or the model digest can tell.
+    let corrupt = signed_with(&model, |_, c| {
+        let at = c.len() / 2;
+        c[at] ^= 0x40;
+    });
+    assert!(matches!(refused(&corrupt), "malformed" | "hash_mismatch"));
+    // A frame cut inside its second MiB of output.
+    let cut = signed_with(&model, |_, c| c.truncate(c.len() * 2 / 5));
+    assert_eq!(refused(&cut), "malformed");
+
+    // And the reads around it: the file ends early, or has a byte too many.
+    let payload_at = regions(&untouched).payload.start;
+    let short = &untouched[..untouched.len() - 1];
+    assert_eq!(refused(short), "truncated");
+    let mut long = untouched.clone();
+    long.push(0);
+    assert_eq!(refused(&long), "trailing_data");
+    let flipped = flipped(&untouched, payload_at + 3 * (1 << 20) / 2, 0);
+    assert_eq!(refused(&flipped), "hash_mismatch");
 }
