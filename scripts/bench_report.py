@@ -71,7 +71,7 @@ def main() -> None:
             checks.append((f"{name}: agent in-process ≤ {limit:.2f}× ONNX Runtime", r <= limit, f"{r:.2f}×"))
 
     lines += ["", "## Cold start", "",
-              "Agent: verify + load + optimize + first inference of a new bundle (self-test reported separately). "
+              "Agent: verify + load + optimize + first inference of a new bundle (self-test reported separately; its column also holds giving the memory the load freed back to the system). "
               "The agent builds tract's front ends once, at start (warm-up, not part of any bundle's cold start). "
               "ORT: session creation + first inference.", "",
               "| model | warm-up (once per process) | verify | load | optimize | self-test | first inference | agent cold start | ORT session + first | ratio |",

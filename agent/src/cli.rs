@@ -367,7 +367,7 @@ async fn serve(
 ) -> Result<(), AgentError> {
     api_cfg.validate()?;
     let bundle = open(args)?;
-    let (active, _) = tokio::task::spawn_blocking(move || prepare(&bundle))
+    let (active, _) = tokio::task::spawn_blocking(move || prepare(bundle))
         .await
         .map_err(|e| AgentError::Invariant(e.to_string()))??;
     let metrics = Arc::new(Metrics::default());
@@ -414,7 +414,7 @@ fn infer_files(
     output_dir: Option<PathBuf>,
 ) -> Result<(), AgentError> {
     let bundle = open(args)?;
-    let (active, _) = prepare(&bundle)?;
+    let (active, _) = prepare(bundle)?;
     let mut session = active.model.session()?;
     let mut run_one = |src: &Path, dst: &Path| -> Result<(), AgentError> {
         let outs = session.run(&read_npz_file(src)?)?;
@@ -519,12 +519,11 @@ async fn bench(args: &BundleArgs, opts: &BenchOptions) -> Result<(), AgentError>
         };
         return report(&name, format, BenchMode::Bare, opts, m);
     }
-    let (active, timings) = {
-        let b = bundle.clone();
-        tokio::task::spawn_blocking(move || prepare(&b))
-            .await
-            .map_err(|e| AgentError::Invariant(e.to_string()))??
-    };
+    // The bundle moves in and is dropped there, as in the daemon: the
+    // resident set at the end is what a device keeps.
+    let (active, timings) = tokio::task::spawn_blocking(move || prepare(bundle))
+        .await
+        .map_err(|e| AgentError::Invariant(e.to_string()))??;
     let metrics = Arc::new(Metrics::default());
     let engine = Engine::start(
         EngineConfig {

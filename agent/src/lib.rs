@@ -35,6 +35,7 @@ pub mod engine;
 pub mod error;
 pub mod floor;
 pub mod health;
+pub mod mem;
 pub mod metrics;
 pub mod model;
 pub mod procstat;

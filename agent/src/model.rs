@@ -158,6 +158,7 @@ pub struct PrepareTimings {
     pub load: Duration,
     /// tract's optimization pass.
     pub optimize: Duration,
+    /// The golden self-test, and giving back what the load freed.
     pub self_test: Duration,
 }
 
@@ -165,11 +166,30 @@ static GENERATION: AtomicU64 = AtomicU64::new(1);
 
 /// Loads and optimizes a trusted bundle's model and runs its golden
 /// self-test. A model that fails is never returned, so it is never served.
-pub fn prepare(bundle: &TrustedBundle) -> Result<(ActiveModel, PrepareTimings), AgentError> {
-    let m = &bundle.manifest;
-    let model = Model::from_verified(&bundle.model, &m.inputs, &m.outputs, m.non_finite_inputs)?;
+/// The model bytes are dropped once tract has parsed them, and what the load
+/// freed is given back to the system ([`crate::mem::release_freed`]).
+pub fn prepare(bundle: TrustedBundle) -> Result<(ActiveModel, PrepareTimings), AgentError> {
+    let TrustedBundle {
+        manifest: m,
+        model: bytes,
+    } = bundle;
+    let loaded = Model::from_verified(&bytes, &m.inputs, &m.outputs, m.non_finite_inputs);
+    drop(bytes);
+    let model = match loaded {
+        Ok(model) => model,
+        Err(e) => {
+            crate::mem::release_freed();
+            return Err(e.into());
+        }
+    };
     let t1 = Instant::now();
-    let report = self_test(&mut model.session()?, &m.golden)?;
+    let tested = model
+        .session()
+        .and_then(|mut s| self_test(&mut s, &m.golden));
+    // The trim frees the self-test's state too, so it counts as part of the
+    // self-test's time.
+    crate::mem::release_freed();
+    let report = tested?;
     let timings = PrepareTimings {
         load: model.load_timings().parse,
         optimize: model.load_timings().optimize,
@@ -184,21 +204,22 @@ pub fn prepare(bundle: &TrustedBundle) -> Result<(ActiveModel, PrepareTimings), 
         loaded_at: now_unix(),
         manifest_digest: hex::encode(m.digest()),
     };
+    let drift = m.drift_baseline.as_ref().map(|b| {
+        std::sync::Mutex::new(crate::drift::DriftMonitor::new(
+            b,
+            crate::drift::DriftConfig::default(),
+        ))
+    });
     Ok((
         ActiveModel {
             info,
             model,
-            manifest: m.clone(),
+            manifest: m,
             self_test: report,
             stats: ModelStats::default(),
             faults: Faults::default(),
             bundle_id: String::new(),
-            drift: m.drift_baseline.as_ref().map(|b| {
-                std::sync::Mutex::new(crate::drift::DriftMonitor::new(
-                    b,
-                    crate::drift::DriftConfig::default(),
-                ))
-            }),
+            drift,
             drift_alerts: std::sync::Mutex::new(Vec::new()),
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
         },

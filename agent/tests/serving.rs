@@ -167,7 +167,7 @@ async fn serve(f: Option<&Fixture>, engine_cfg: EngineConfig, api_cfg: ApiConfig
     let engine = Engine::start(engine_cfg, metrics.clone()).unwrap();
     if let Some(f) = f {
         let b = trusted(f);
-        let (active, _) = tokio::task::spawn_blocking(move || prepare(&b))
+        let (active, _) = tokio::task::spawn_blocking(move || prepare(b))
             .await
             .unwrap()
             .unwrap();
@@ -686,7 +686,7 @@ fn a_model_failing_its_self_test_is_never_prepared() {
         "shifted",
     )
     .unwrap();
-    let err = prepare(&b).unwrap_err();
+    let err = prepare(b).unwrap_err();
     assert_eq!(err.code(), "self_test_failed");
     let msg = err.to_string();
     assert!(msg.contains("output"), "{msg}");
@@ -852,7 +852,7 @@ async fn inputs_validated_for_a_swapped_out_model_are_revalidated_not_trusted() 
     let engine = Engine::start(EngineConfig::default(), metrics).unwrap();
     let prep = |f: &'static Fixture| {
         let b = trusted(f);
-        tokio::task::spawn_blocking(move || prepare(&b).unwrap().0)
+        tokio::task::spawn_blocking(move || prepare(b).unwrap().0)
     };
     let cls = engine.activate(prep(&CLS).await.unwrap());
     let cls_inputs = cases(&CLS)[0].inputs.clone();

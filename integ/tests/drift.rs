@@ -91,7 +91,7 @@ fn samples(rel: &str) -> Vec<Vec<NamedTensor>> {
 fn engine(bundle: &[u8]) -> Arc<Engine> {
     let root = TrustRoot::new([signing_key_from_seed([1; 32]).verifying_key()], 1).unwrap();
     let tb = open_bytes(bundle, &root, &Limits::default(), "bundle").unwrap();
-    let (model, _) = prepare(&tb).unwrap();
+    let (model, _) = prepare(tb).unwrap();
     assert!(model.drift.is_some(), "the baseline reached the device");
     let e = Engine::start(EngineConfig::default(), Arc::new(Metrics::default())).unwrap();
     e.activate(model);

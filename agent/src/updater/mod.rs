@@ -603,7 +603,7 @@ async fn self_test(ctx: Ctx, target: Target, verified: Option<(String, TrustedBu
         },
     };
     let id = target.bundle.id.clone();
-    blocking(move || match prepare(&tb) {
+    blocking(move || match prepare(tb) {
         Ok((mut m, _)) => {
             m.bundle_id = id;
             Outcome::Tested(Box::new(m))

@@ -85,7 +85,7 @@ pub fn load_installed(
             Err(e) => return Err(e),
         }
     };
-    let (mut m, _) = prepare(&tb)?;
+    let (mut m, _) = prepare(tb)?;
     m.bundle_id = b.id.clone();
     m.faults = super::faults_for(cfg, &m.info.name, &m.info.version);
     Ok(m)
