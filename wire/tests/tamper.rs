@@ -14,7 +14,9 @@ use edgefleet_wire::manifest::{
 };
 use edgefleet_wire::names::ModelName;
 use edgefleet_wire::tensor::{DType, NamedTensor, Tensor, TensorSpec};
-use edgefleet_wire::verify::{Expiry, TrustRoot, check_bundle, open_bundle};
+use edgefleet_wire::verify::{
+    Expiry, TrustRoot, Verified, VerifiedModel, check_bundle, open_bundle,
+};
 use edgefleet_wire::{Error, bundle::HEADER_LEN};
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
@@ -112,6 +114,17 @@ fn open_with(b: &[u8], root: &TrustRoot, limits: &Limits) -> Result<(), Error> {
     full
 }
 
+/// The device's verifier on a bundle that must open under `root_a`.
+fn opened(b: &[u8]) -> (Verified<Manifest>, VerifiedModel) {
+    open_bundle(
+        b,
+        &root_a(),
+        Expiry::Enforce { now: NOW },
+        &Limits::default(),
+    )
+    .unwrap()
+}
+
 fn root_a() -> TrustRoot {
     TrustRoot::new([key(1).verifying_key()], 1).unwrap()
 }
@@ -125,13 +138,7 @@ fn flipped(b: &[u8], at: usize, bit: u8) -> Vec<u8> {
 #[test]
 fn accepts_an_untouched_bundle_and_returns_the_exact_model() {
     let b = build(&payload(), 1, &[&key(1)]);
-    let (m, model) = open_bundle(
-        &b[..],
-        &root_a(),
-        Expiry::Enforce { now: NOW },
-        &Limits::default(),
-    )
-    .unwrap();
+    let (m, model) = opened(&b);
     assert_eq!(m.sequence, 1);
     assert_eq!(model.bytes(), payload().as_slice());
     assert_eq!(m.signers().len(), 1);
@@ -441,13 +448,7 @@ fn opens_a_bundle_signed_before_the_pack_latency_field_existed() {
     // The old encoding is the new one without the trailing `None` tag.
     assert_eq!(bytes.pop(), Some(0));
     let b = bundle_of_manifest_bytes(&bytes, &key(1), &compressed);
-    let (got, model) = open_bundle(
-        &b[..],
-        &root_a(),
-        Expiry::Enforce { now: NOW },
-        &Limits::default(),
-    )
-    .unwrap();
+    let (got, model) = opened(&b);
     assert_eq!(got.pack_latency, None);
     assert_eq!(got.sequence, 1);
     assert_eq!(model.bytes(), payload().as_slice());
@@ -471,13 +472,7 @@ fn the_pack_latency_is_signed_and_read_back() {
     let signed = Signed::sign(&m, &[&key(1)]).unwrap();
     let mut b = Vec::new();
     write_bundle(&mut b, &signed, &compressed).unwrap();
-    let (got, _) = open_bundle(
-        &b[..],
-        &root_a(),
-        Expiry::Enforce { now: NOW },
-        &Limits::default(),
-    )
-    .unwrap();
+    let (got, _) = opened(&b);
     assert_eq!(got.pack_latency, m.pack_latency);
 
     m.pack_latency = Some(PackLatency {
@@ -558,33 +553,21 @@ fn a_large_payload_is_hashed_while_it_is_read_and_checked_alike() {
     let untouched = signed_with(&model, |_, c| {
         assert!(c.len() > 2 << 20, "the compressed payload spans chunks");
     });
-    let (_, got) = open_bundle(
-        &untouched[..],
-        &root_a(),
-        Expiry::Enforce { now: NOW },
-        &Limits::default(),
-    )
-    .unwrap();
+    let (_, got) = opened(&untouched);
     assert!(
         got.bytes() == model.as_slice(),
         "the exact model comes back"
     );
     open(&untouched, &root_a()).unwrap();
 
-    // Two frames that together are the model: valid zstd, taken by the
-    // streaming decoder the chunked one hands it to.
+    // Two frames that together are the model: valid zstd, which both
+    // verifiers take.
     let split = model.len() / 3;
     let frames = signed_with(&model, |_, c| {
         *c = zstd::encode_all(&model[..split], 3).unwrap();
         c.extend(zstd::encode_all(&model[split..], 3).unwrap());
     });
-    let (_, got) = open_bundle(
-        &frames[..],
-        &root_a(),
-        Expiry::Enforce { now: NOW },
-        &Limits::default(),
-    )
-    .unwrap();
+    let (_, got) = opened(&frames);
     assert!(got.bytes() == model.as_slice());
 
     let refused = |b: &[u8]| open(b, &root_a()).unwrap_err().code();
