@@ -118,14 +118,7 @@ async fn pushes_valid_bundles_and_rejects_tampered_untrusted_and_conflicting_one
         StatusCode::UNAUTHORIZED
     );
 
-    let list: Value = s
-        .req(reqwest::Method::GET, "/api/v1/bundles", Some(VIEWER))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = s.get_json("/api/v1/bundles").await;
     assert_eq!(
         list.as_array().unwrap().len(),
         1,
@@ -396,18 +389,7 @@ async fn devices_enroll_read_only_their_own_desired_state_and_report() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-    let dev: Value = s
-        .req(
-            reqwest::Method::GET,
-            "/api/v1/devices/jetson-b",
-            Some(VIEWER),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let dev: Value = s.get_json("/api/v1/devices/jetson-b").await;
     assert_eq!(dev["active"]["version"], "1.0.0");
     assert_eq!(dev["last_failed"]["version"], "1.0.1");
     assert_eq!(dev["state"], "rolled_back");
@@ -417,45 +399,12 @@ async fn devices_enroll_read_only_their_own_desired_state_and_report() {
     );
 
     // Filters and tag edits.
-    let list: Value = s
-        .req(
-            reqwest::Method::GET,
-            "/api/v1/devices?tag=board=rpi4",
-            Some(VIEWER),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = s.get_json("/api/v1/devices?tag=board=rpi4").await;
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["id"], "pi-a");
-    let list: Value = s
-        .req(
-            reqwest::Method::GET,
-            "/api/v1/devices?version=1.0.0",
-            Some(VIEWER),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = s.get_json("/api/v1/devices?version=1.0.0").await;
     assert_eq!(list[0]["id"], "jetson-b");
-    let list: Value = s
-        .req(
-            reqwest::Method::GET,
-            "/api/v1/devices?status=rolled_back",
-            Some(VIEWER),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = s.get_json("/api/v1/devices?status=rolled_back").await;
     assert_eq!(list.as_array().unwrap().len(), 1);
     let r = s
         .req(
@@ -556,14 +505,7 @@ impl SimDevice {
 
 /// How many devices the server wants on version 1.0.1.
 async fn desired_v2(s: &TestFleet) -> usize {
-    let devs: Value = s
-        .req(reqwest::Method::GET, "/api/v1/devices", Some(VIEWER))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let devs: Value = s.get_json("/api/v1/devices").await;
     devs.as_array()
         .unwrap()
         .iter()
@@ -587,17 +529,7 @@ async fn wait_for(s: &TestFleet, id: &str, done: impl Fn(&Value) -> bool) -> Val
 }
 
 async fn rollout_status(s: &TestFleet, id: &str) -> Value {
-    s.req(
-        reqwest::Method::GET,
-        &format!("/api/v1/rollouts/{id}"),
-        Some(VIEWER),
-    )
-    .send()
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap()
+    s.get_json(&format!("/api/v1/rollouts/{id}")).await
 }
 
 #[tokio::test]
@@ -676,18 +608,7 @@ async fn a_rollout_over_20_devices_advances_pauses_on_a_breached_gate_and_aborts
         ],
         "{st}"
     );
-    let on_v2: Value = s
-        .req(
-            reqwest::Method::GET,
-            "/api/v1/devices?version=1.0.1",
-            Some(VIEWER),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let on_v2: Value = s.get_json("/api/v1/devices?version=1.0.1").await;
     assert_eq!(on_v2.as_array().unwrap().len(), 20);
 
     // v3 is slow in production: the canaries report p95 120 ms.
