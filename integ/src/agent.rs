@@ -4,8 +4,13 @@
 use std::io::{BufRead as _, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
+use edgefleet_wire::npz::{NpzLimits, from_npz_bytes};
+use edgefleet_wire::tensor::max_abs_diff;
 use serde_json::Value;
+
+use crate::common::repo;
 
 /// A running agent; killed (SIGKILL) when dropped.
 #[derive(Debug)]
@@ -61,6 +66,48 @@ impl AgentProc {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Waits (up to 30 s) until the agent answers cls's first golden input
+    /// with its golden output; the version it serves. `context` heads every
+    /// failure message.
+    pub async fn serves_cls_golden(&self, http: &reqwest::Client, context: &str) -> String {
+        let golden_in = std::fs::read(repo("models/cls/golden/in_0.npz")).unwrap();
+        let golden_out = from_npz_bytes(
+            &std::fs::read(repo("models/cls/golden/out_0.npz")).unwrap(),
+            NpzLimits::default(),
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = http
+                .post(format!("{}/v1/infer", self.url))
+                .header("content-type", "application/x-npz")
+                .body(golden_in.clone())
+                .send()
+                .await
+                .unwrap();
+            if r.status() == 200 {
+                let out = from_npz_bytes(&r.bytes().await.unwrap(), NpzLimits::default()).unwrap();
+                let d = max_abs_diff(&out[0].tensor, &golden_out[0].tensor).unwrap();
+                assert!(d.max_abs <= 1e-4, "{context}: output off by {}", d.max_abs);
+                let m: Value = http
+                    .get(format!("{}/v1/model", self.url))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                return m["version"].as_str().unwrap().to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{context}: no model served ({})",
+                r.status()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 

@@ -11,10 +11,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use edgefleet_wire::npz::{NpzLimits, from_npz_bytes};
 use integ::agent::{AgentProc, floor_sequence};
 use integ::bundles::{Model, Pack};
-use integ::common::{repo, write_key};
+use integ::common::write_key;
 use integ::fleet::{ENROLL, TestFleet};
 use integ::proxy::{Fault, FaultProxy};
 use serde_json::Value;
@@ -72,47 +71,6 @@ async fn until_committed(http: &reqwest::Client, agent: &AgentProc, id: &str, wh
             return;
         }
         assert!(Instant::now() < deadline, "{what}: did not converge: {s:#}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// The golden case through the agent's local API: the version serving.
-async fn serves_golden(http: &reqwest::Client, agent: &AgentProc) -> String {
-    let golden_in = std::fs::read(repo("models/cls/golden/in_0.npz")).unwrap();
-    let golden_out = from_npz_bytes(
-        &std::fs::read(repo("models/cls/golden/out_0.npz")).unwrap(),
-        NpzLimits::default(),
-    )
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = http
-            .post(format!("{}/v1/infer", agent.url))
-            .header("content-type", "application/x-npz")
-            .body(golden_in.clone())
-            .send()
-            .await
-            .unwrap();
-        if r.status() == 200 {
-            let out = from_npz_bytes(&r.bytes().await.unwrap(), NpzLimits::default()).unwrap();
-            let d = edgefleet_wire::tensor::max_abs_diff(&out[0].tensor, &golden_out[0].tensor)
-                .unwrap();
-            assert!(d.max_abs <= 1e-4, "output off by {}", d.max_abs);
-            let m: Value = http
-                .get(format!("{}/v1/model", agent.url))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            return m["version"].as_str().unwrap().to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no model served ({})",
-            r.status()
-        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -177,7 +135,10 @@ async fn download_faults_are_retried_until_the_transport_is_honest() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         // The old model serves throughout.
-        assert_eq!(serves_golden(&http, &agent).await, serving, "{fault:?}");
+        assert_eq!(
+            agent.serves_cls_golden(&http, &format!("{fault:?}")).await,
+            serving
+        );
         if matches!(fault, Fault::Flip | Fault::Truncate | Fault::Replay) {
             // Corrupted bytes: after two in a row the device reports
             // `failed` (transfer_corrupted) and keeps retrying.
@@ -201,7 +162,10 @@ async fn download_faults_are_retried_until_the_transport_is_honest() {
         proxy.set(Fault::Honest);
         until_committed(&http, &agent, &id, &format!("after {fault:?}")).await;
         let version = format!("1.{}.0", 2 + i);
-        assert_eq!(serves_golden(&http, &agent).await, version, "{fault:?}");
+        assert_eq!(
+            agent.serves_cls_golden(&http, &format!("{fault:?}")).await,
+            version
+        );
         serving = version;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -321,7 +285,7 @@ async fn a_full_disk_mid_rollout_is_survived_and_converges_once_space_returns() 
         assert!(Instant::now() < deadline, "never blocked: {d:#}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(serves_golden(&http, &agent).await, "1.1.0");
+    assert_eq!(agent.serves_cls_golden(&http, "the agent").await, "1.1.0");
 
     // kill -9 on the full disk, twice: it starts, serves v1 and reports
     // the condition each time.
@@ -330,7 +294,7 @@ async fn a_full_disk_mid_rollout_is_survived_and_converges_once_space_returns() 
         let reports_before = fleet.device("full-1").await["last_seen"].as_u64();
         agent = AgentProc::spawn(&config, &log);
         assert_eq!(
-            serves_golden(&http, &agent).await,
+            agent.serves_cls_golden(&http, "the agent").await,
             "1.1.0",
             "round {round}: serves its active model on a full disk"
         );
@@ -381,7 +345,7 @@ async fn a_full_disk_mid_rollout_is_survived_and_converges_once_space_returns() 
     // The record never lags the floor: after a kill -9, v2 serves.
     agent.kill();
     let agent = AgentProc::spawn(&config, &log);
-    assert_eq!(serves_golden(&http, &agent).await, "1.2.0");
+    assert_eq!(agent.serves_cls_golden(&http, "the agent").await, "1.2.0");
     let s = status(&http, &agent).await;
     assert_eq!(s["record"]["active"]["id"], id2.as_str(), "{s:#}");
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -14,10 +14,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use edgefleet_wire::npz::{NpzLimits, from_npz_bytes};
 use serde_json::Value;
 
-use common::repo;
 use integ::agent::{AgentProc, floor_sequence};
 use integ::bundles::{Model, Pack};
 use integ::common;
@@ -79,12 +77,6 @@ download_bytes_per_sec = 1000000
     )
     .unwrap();
     let log = dir.path().join("agent.log");
-    let golden_in = std::fs::read(repo("models/cls/golden/in_0.npz")).unwrap();
-    let golden_out = from_npz_bytes(
-        &std::fs::read(repo("models/cls/golden/out_0.npz")).unwrap(),
-        NpzLimits::default(),
-    )
-    .unwrap();
 
     let mut pushed: BTreeMap<String, String> = BTreeMap::new(); // version -> id
     let mut rng = Rng(0x5eed_1234_abcd_0042);
@@ -140,43 +132,10 @@ download_bytes_per_sec = 1000000
 
         agent = AgentProc::spawn(&config, &log);
         // It serves a whole, self-tested model from the pushed set.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let r = http
-                .post(format!("{}/v1/infer", agent.url))
-                .header("content-type", "application/x-npz")
-                .body(golden_in.clone())
-                .send()
-                .await
-                .unwrap();
-            if r.status() == 200 {
-                let out = from_npz_bytes(&r.bytes().await.unwrap(), NpzLimits::default()).unwrap();
-                let d = edgefleet_wire::tensor::max_abs_diff(&out[0].tensor, &golden_out[0].tensor)
-                    .unwrap();
-                assert!(
-                    d.max_abs <= 1e-4,
-                    "iteration {i}: output off by {}",
-                    d.max_abs
-                );
-                let m: Value = http
-                    .get(format!("{}/v1/model", agent.url))
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
-                let v = m["version"].as_str().unwrap().to_string();
-                assert!(pushed.contains_key(&v), "serving unknown version {v}");
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "iteration {i}: no model served after restart ({})",
-                r.status()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let v = agent
+            .serves_cls_golden(&http, &format!("iteration {i}, after the restart"))
+            .await;
+        assert!(pushed.contains_key(&v), "serving unknown version {v}");
         // It converges: the new bundle committed, or a recorded rollback.
         let deadline = Instant::now() + Duration::from_secs(60);
         let status = loop {
