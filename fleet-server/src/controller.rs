@@ -390,19 +390,7 @@ impl Controller {
                 "device {dev} is in running experiment {exp}; stop or conclude it first"
             )));
         }
-        let active: Vec<Rollout> = self
-            .rollouts
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .filter(|e| {
-                matches!(
-                    e.rollout.phase,
-                    Phase::Running { .. } | Phase::Paused { .. }
-                )
-            })
-            .map(|e| e.rollout.clone())
-            .collect();
+        let active = self.live_rollouts();
         let mut changed = Vec::new();
         for old in active {
             let overlaps = targets_for_stage(&old, &fleet, last(&old))
@@ -443,6 +431,23 @@ impl Controller {
         self.view(id).ok_or(ControllerError::NotFound)
     }
 
+    /// Running and paused rollouts (the ones a tick or a new rollout can
+    /// change).
+    fn live_rollouts(&self) -> Vec<Rollout> {
+        self.rollouts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|e| {
+                matches!(
+                    e.rollout.phase,
+                    Phase::Running { .. } | Phase::Paused { .. }
+                )
+            })
+            .map(|e| e.rollout.clone())
+            .collect()
+    }
+
     fn rollout(&self, id: &str) -> Option<Rollout> {
         self.rollouts
             .read()
@@ -455,19 +460,7 @@ impl Controller {
     /// running and paused ones. Idle when no rollout is running or paused.
     pub async fn tick(&self, now: u64) -> Result<(), ControllerError> {
         let _g = self.lock.lock().await;
-        let live: Vec<Rollout> = self
-            .rollouts
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .filter(|e| {
-                matches!(
-                    e.rollout.phase,
-                    Phase::Running { .. } | Phase::Paused { .. }
-                )
-            })
-            .map(|e| e.rollout.clone())
-            .collect();
+        let live = self.live_rollouts();
         self.tick_experiments(now).await?;
         if live.is_empty() {
             return Ok(());

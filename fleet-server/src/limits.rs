@@ -267,9 +267,11 @@ impl Limits {
     /// Prometheus lines.
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write as _;
-        let _ = writeln!(
+        crate::metrics::family(
             out,
-            "# HELP fleet_rate_limited_total Requests and broker logins refused with 429 (or CONNACK refused), by limit.\n# TYPE fleet_rate_limited_total counter"
+            "fleet_rate_limited_total",
+            "counter",
+            "Requests and broker logins refused with 429 (or CONNACK refused), by limit.",
         );
         for l in [Limited::AuthFailures, Limited::Device, Limited::Token] {
             let _ = writeln!(
@@ -279,10 +281,11 @@ impl Limits {
                 self.refused[l as usize].load(Relaxed)
             );
         }
-        let _ = writeln!(
+        crate::metrics::counter(
             out,
-            "# HELP fleet_auth_failures_total Failed authentications (API and broker).\n# TYPE fleet_auth_failures_total counter\nfleet_auth_failures_total {}",
-            self.auth_failures.load(Relaxed)
+            "fleet_auth_failures_total",
+            "Failed authentications (API and broker).",
+            self.auth_failures.load(Relaxed),
         );
     }
 }

@@ -63,13 +63,20 @@ impl ServerMetrics {
     }
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+/// The `# HELP` and `# TYPE` lines of a family; its samples follow.
+pub fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
 /// One unlabelled counter with its family lines.
 pub fn counter(out: &mut String, name: &str, help: &str, v: u64) {
     family(out, name, "counter", help);
+    let _ = writeln!(out, "{name} {v}");
+}
+
+/// One unlabelled gauge with its family lines.
+pub fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
+    family(out, name, "gauge", help);
     let _ = writeln!(out, "{name} {v}");
 }
 
@@ -83,13 +90,12 @@ pub fn identity(out: &mut String, active: bool) {
         env!("EDGEFLEET_GIT_COMMIT"),
         env!("EDGEFLEET_TARGET")
     );
-    family(
+    gauge(
         out,
         "fleet_server_active",
-        "gauge",
         "1 when this server holds the store and serves, 0 while it waits as a standby.",
+        u64::from(active),
     );
-    let _ = writeln!(out, "fleet_server_active {}", u8::from(active));
 }
 
 /// Renders everything.

@@ -119,35 +119,35 @@ impl Mqtt {
     /// Prometheus lines of the broker, the ingest and the notices.
     pub fn render_metrics(&self, out: &mut String) {
         let i = &self.ingest.metrics;
-        let mut counter = |name: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
-        };
-        counter(
+        crate::metrics::counter(
+            out,
             "fleet_mqtt_messages_received_total",
             "Device messages taken from the broker.",
             i.received.load(Relaxed),
         );
-        counter(
+        crate::metrics::counter(
+            out,
             "fleet_mqtt_messages_ingested_total",
             "Device messages committed to the store (then acknowledged).",
             i.ingested.load(Relaxed),
         );
-        counter(
+        crate::metrics::counter(
+            out,
             "fleet_mqtt_notices_total",
             "Update-available notices published.",
             self.notices.load(Relaxed),
         );
-        counter(
+        crate::metrics::counter(
+            out,
             "fleet_mqtt_notices_failed_total",
             "Update-available notices that could not be queued.",
             self.notices_failed.load(Relaxed),
         );
-        let _ = writeln!(
+        crate::metrics::family(
             out,
-            "# HELP fleet_mqtt_messages_refused_total Device messages not used, by reason.\n# TYPE fleet_mqtt_messages_refused_total counter"
+            "fleet_mqtt_messages_refused_total",
+            "counter",
+            "Device messages not used, by reason.",
         );
         for (r, n) in i.refused() {
             let _ = writeln!(
@@ -156,67 +156,73 @@ impl Mqtt {
                 r.as_str()
             );
         }
-        let _ = writeln!(
+        crate::metrics::gauge(
             out,
-            "# HELP fleet_mqtt_ingest_queue Device messages waiting for the store.\n# TYPE fleet_mqtt_ingest_queue gauge\nfleet_mqtt_ingest_queue {}",
-            self.ingest.backlog()
+            "fleet_mqtt_ingest_queue",
+            "Device messages waiting for the store.",
+            self.ingest.backlog() as u64,
         );
         if let Link::Embedded(b) = &self.link {
             let m = &b.metrics;
-            let _ = writeln!(
+            crate::metrics::gauge(
                 out,
-                "# HELP fleet_mqtt_connections Clients connected to the embedded broker.\n# TYPE fleet_mqtt_connections gauge\nfleet_mqtt_connections {}",
-                b.connected()
+                "fleet_mqtt_connections",
+                "Clients connected to the embedded broker.",
+                b.connected(),
             );
-            let mut counter = |name: &str, help: &str, v: u64| {
-                let _ = writeln!(
-                    out,
-                    "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-                );
-            };
-            counter(
+            crate::metrics::counter(
+                out,
                 "fleet_mqtt_connects_total",
                 "Logins accepted.",
                 m.connects.load(Relaxed),
             );
-            counter(
+            crate::metrics::counter(
+                out,
                 "fleet_mqtt_connections_over_limit_total",
                 "Connections closed at once: the broker was at max_connections.",
                 m.refused_connection_limit.load(Relaxed),
             );
-            counter(
+            crate::metrics::counter(
+                out,
                 "fleet_mqtt_publishes_denied_total",
                 "Publishes refused by the ACL (the connection is closed).",
                 m.publishes_denied.load(Relaxed),
             );
-            counter(
+            crate::metrics::counter(
+                out,
                 "fleet_mqtt_subscribes_denied_total",
                 "Subscriptions refused by the ACL.",
                 m.subscribes_denied.load(Relaxed),
             );
-            counter(
+            crate::metrics::counter(
+                out,
                 "fleet_mqtt_delivered_total",
                 "Messages queued to subscribers.",
                 m.delivered.load(Relaxed),
             );
-            counter(
+            crate::metrics::counter(
+                out,
                 "fleet_mqtt_dropped_slow_subscriber_total",
                 "Messages a subscriber too slow to keep up did not get (dashboards; never the ingest).",
                 m.dropped_slow_subscriber.load(Relaxed),
             );
-            counter(
+            crate::metrics::counter(
+                out,
                 "fleet_mqtt_session_takeovers_total",
                 "Reconnects that replaced the same client's older connection.",
                 m.takeovers.load(Relaxed),
             );
-            counter(
+            crate::metrics::counter(
+                out,
                 "fleet_mqtt_protocol_errors_total",
                 "Connections closed for a malformed or unexpected packet.",
                 m.protocol_errors.load(Relaxed),
             );
-            let _ = writeln!(
+            crate::metrics::family(
                 out,
-                "# HELP fleet_mqtt_logins_refused_total Logins refused, by reason.\n# TYPE fleet_mqtt_logins_refused_total counter"
+                "fleet_mqtt_logins_refused_total",
+                "counter",
+                "Logins refused, by reason.",
             );
             if let Ok(r) = m.refused.lock() {
                 for (reason, n) in r.iter() {
