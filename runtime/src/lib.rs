@@ -12,6 +12,7 @@
 //! without it only NNEF models load (the smaller device build).
 
 pub mod error;
+pub mod graph_ast;
 pub mod model;
 pub mod threads;
 
