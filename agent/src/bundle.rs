@@ -8,7 +8,7 @@ use edgefleet_wire::keys::decode_public_key;
 use edgefleet_wire::manifest::{Manifest, TargetArch};
 use edgefleet_wire::time::unix_now as now_unix;
 use edgefleet_wire::verify::VerifiedModel;
-use edgefleet_wire::verify::{Expiry, TrustRoot, Verified, open_bundle};
+use edgefleet_wire::verify::{Expiry, TrustRoot, Verified, open_bundle_sized};
 
 use crate::error::AgentError;
 
@@ -76,8 +76,14 @@ pub fn open_bytes(
     limits: &Limits,
     label: &str,
 ) -> Result<TrustedBundle, AgentError> {
-    let (manifest, model) = open_bundle(bytes, root, Expiry::Enforce { now: now_unix() }, limits)
-        .map_err(|source| AgentError::Bundle {
+    let (manifest, model) = open_bundle_sized(
+        bytes,
+        bytes.len() as u64,
+        root,
+        Expiry::Enforce { now: now_unix() },
+        limits,
+    )
+    .map_err(|source| AgentError::Bundle {
         path: label.to_string(),
         source,
     })?;
@@ -102,13 +108,14 @@ pub fn open_file_with(
     expiry: Expiry,
 ) -> Result<TrustedBundle, AgentError> {
     let f = std::fs::File::open(path).map_err(|e| AgentError::io(path, e))?;
+    let len = f.metadata().map_err(|e| AgentError::io(path, e))?.len();
     let (manifest, model) =
-        open_bundle(std::io::BufReader::new(f), root, expiry, limits).map_err(|source| {
-            AgentError::Bundle {
+        open_bundle_sized(std::io::BufReader::new(f), len, root, expiry, limits).map_err(
+            |source| AgentError::Bundle {
                 path: path.display().to_string(),
                 source,
-            }
-        })?;
+            },
+        )?;
     check_device(&manifest)?;
     Ok(TrustedBundle { manifest, model })
 }

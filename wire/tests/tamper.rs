@@ -15,7 +15,7 @@ use edgefleet_wire::manifest::{
 use edgefleet_wire::names::ModelName;
 use edgefleet_wire::tensor::{DType, NamedTensor, Tensor, TensorSpec};
 use edgefleet_wire::verify::{
-    Expiry, TrustRoot, Verified, VerifiedModel, check_bundle, open_bundle,
+    Expiry, TrustRoot, Verified, VerifiedModel, check_bundle, open_bundle, open_bundle_sized,
 };
 use edgefleet_wire::{Error, bundle::HEADER_LEN};
 use proptest::prelude::*;
@@ -101,28 +101,53 @@ fn open(b: &[u8], root: &TrustRoot) -> Result<(), Error> {
     open_with(b, root, &Limits::default())
 }
 
-/// Both verifiers, the device's (which keeps the model) and the server's
-/// streaming one (which keeps nothing), must give the same verdict.
+/// All verifiers must give the same verdict: the device's, in order and
+/// with the signatures checked beside the payload read (both keep the
+/// model), and the server's streaming one (which keeps nothing).
 fn open_with(b: &[u8], root: &TrustRoot, limits: &Limits) -> Result<(), Error> {
     let full = open_bundle(b, root, Expiry::Enforce { now: NOW }, limits).map(|_| ());
+    let sized = open_bundle_sized(
+        b,
+        b.len() as u64,
+        root,
+        Expiry::Enforce { now: NOW },
+        limits,
+    )
+    .map(|_| ());
     let streamed = check_bundle(b, root, Expiry::Enforce { now: NOW }, limits).map(|_| ());
-    assert_eq!(
-        full.as_ref().err().map(Error::code),
-        streamed.as_ref().err().map(Error::code),
-        "open_bundle and check_bundle disagree: {full:?} vs {streamed:?}"
-    );
+    for (other, name) in [(&sized, "open_bundle_sized"), (&streamed, "check_bundle")] {
+        assert_eq!(
+            full.as_ref().err().map(Error::code),
+            other.as_ref().err().map(Error::code),
+            "open_bundle and {name} disagree: {full:?} vs {other:?}"
+        );
+    }
     full
 }
 
-/// The device's verifier on a bundle that must open under `root_a`.
+/// The device's verifiers on a bundle that must open under `root_a`; both
+/// must return the same model.
 fn opened(b: &[u8]) -> (Verified<Manifest>, VerifiedModel) {
-    open_bundle(
+    let open = || {
+        open_bundle(
+            b,
+            &root_a(),
+            Expiry::Enforce { now: NOW },
+            &Limits::default(),
+        )
+    };
+    let sized = open_bundle_sized(
         b,
+        b.len() as u64,
         &root_a(),
         Expiry::Enforce { now: NOW },
         &Limits::default(),
     )
-    .unwrap()
+    .unwrap();
+    let (manifest, model) = open().unwrap();
+    assert_eq!(sized.0.digest(), manifest.digest());
+    assert!(sized.1.bytes() == model.bytes());
+    (manifest, model)
 }
 
 fn root_a() -> TrustRoot {
@@ -603,4 +628,36 @@ fn a_large_payload_is_hashed_while_it_is_read_and_checked_alike() {
     assert_eq!(refused(&long), "trailing_data");
     let flipped = flipped(&untouched, payload_at + 3 * (1 << 20) / 2, 0);
     assert_eq!(refused(&flipped), "hash_mismatch");
+}
+
+/// A length that is not the bundle's never makes a damaged bundle pass.
+#[test]
+fn a_wrong_length_for_the_sized_open_fails_it() {
+    let b = signed_with(&large_model(), |_, _| {});
+    let sized = |b: &[u8], len: u64| {
+        open_bundle_sized(
+            b,
+            len,
+            &root_a(),
+            Expiry::Enforce { now: NOW },
+            &Limits::default(),
+        )
+        .map(|_| ())
+        .map_err(|e| e.code())
+    };
+    let n = b.len() as u64;
+    sized(&b, n).unwrap();
+    assert_eq!(sized(&b, n - 1), Err("truncated"));
+    // Too long only sizes the read: the stream still ends where it does.
+    sized(&b, n + 1).unwrap();
+    let mut long = b.clone();
+    long.push(0);
+    assert_eq!(sized(&long, n), Err("trailing_data"));
+    assert_eq!(sized(&long, n + 1), Err("trailing_data"));
+    assert_eq!(sized(&b, 0), Err("truncated"));
+    let mut damaged = b.clone();
+    let last = damaged.len() - 1;
+    damaged[last] ^= 1;
+    assert_eq!(sized(&damaged[..last], n), Err("truncated"));
+    assert_eq!(sized(&damaged, n), Err("hash_mismatch"));
 }
