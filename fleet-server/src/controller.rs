@@ -81,6 +81,12 @@ impl std::fmt::Debug for Controller {
     }
 }
 
+/// A running or paused rollout: it holds its devices, and a tick or a new
+/// rollout can change it.
+fn is_live(phase: &Phase) -> bool {
+    matches!(phase, Phase::Running { .. } | Phase::Paused { .. })
+}
+
 /// The device's health for the gates: its report, with the p95 of the last
 /// telemetry interval when that telemetry is about the model it reports
 /// running (fresher than the report's window).
@@ -432,18 +438,13 @@ impl Controller {
     }
 
     /// Running and paused rollouts (the ones a tick or a new rollout can
-    /// change).
+    /// change; see [`is_live`]).
     fn live_rollouts(&self) -> Vec<Rollout> {
         self.rollouts
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .values()
-            .filter(|e| {
-                matches!(
-                    e.rollout.phase,
-                    Phase::Running { .. } | Phase::Paused { .. }
-                )
-            })
+            .filter(|e| is_live(&e.rollout.phase))
             .map(|e| e.rollout.clone())
             .collect()
     }
@@ -574,12 +575,7 @@ impl Controller {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .values()
-            .filter(|e| {
-                matches!(
-                    e.rollout.phase,
-                    Phase::Running { .. } | Phase::Paused { .. }
-                )
-            })
+            .filter(|e| is_live(&e.rollout.phase))
             .map(|e| e.rollout.id.clone())
             .collect();
         holders.extend(

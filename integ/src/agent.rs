@@ -68,6 +68,26 @@ impl AgentProc {
         let _ = self.child.wait();
     }
 
+    /// `GET /v1/status`: the update machine's state and record.
+    pub async fn status(&self, http: &reqwest::Client) -> Value {
+        self.get_json(http, "/v1/status").await
+    }
+
+    /// `GET /v1/model`: what the agent serves.
+    pub async fn model(&self, http: &reqwest::Client) -> Value {
+        self.get_json(http, "/v1/model").await
+    }
+
+    async fn get_json(&self, http: &reqwest::Client, path: &str) -> Value {
+        let r = http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        assert!(r.status().is_success(), "GET {path}: {}", r.status());
+        r.json().await.unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
     /// Waits (up to 30 s) until the agent answers cls's first golden input
     /// with its golden output; the version it serves. `context` heads every
     /// failure message.
@@ -91,14 +111,7 @@ impl AgentProc {
                 let out = from_npz_bytes(&r.bytes().await.unwrap(), NpzLimits::default()).unwrap();
                 let d = max_abs_diff(&out[0].tensor, &golden_out[0].tensor).unwrap();
                 assert!(d.max_abs <= 1e-4, "{context}: output off by {}", d.max_abs);
-                let m: Value = http
-                    .get(format!("{}/v1/model", self.url))
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
+                let m = self.model(http).await;
                 return m["version"].as_str().unwrap().to_string();
             }
             assert!(

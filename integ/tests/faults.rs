@@ -52,21 +52,11 @@ free_space_margin_bytes = 1048576
     config
 }
 
-async fn status(http: &reqwest::Client, agent: &AgentProc) -> Value {
-    http.get(format!("{}/v1/status", agent.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 /// Waits until the agent has committed bundle `id`.
 async fn until_committed(http: &reqwest::Client, agent: &AgentProc, id: &str, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let s = status(http, agent).await;
+        let s = agent.status(http).await;
         if s["state"] == "committed" && s["record"]["active"]["id"] == id {
             return;
         }
@@ -300,7 +290,7 @@ async fn a_full_disk_mid_rollout_is_survived_and_converges_once_space_returns() 
         );
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let s = status(&http, &agent).await;
+            let s = agent.status(&http).await;
             let d = fleet.device("full-1").await;
             let fresh = d["last_seen"].as_u64() > reports_before;
             if s["state"] == "blocked" && blocked(&d) && fresh {
@@ -324,7 +314,7 @@ async fn a_full_disk_mid_rollout_is_survived_and_converges_once_space_returns() 
             "store moved aside on a full disk: {aside:?}"
         );
         // The record agrees with the floor: v1 active, floor 10.
-        let s = status(&http, &agent).await;
+        let s = agent.status(&http).await;
         assert_eq!(s["record"]["active"]["id"], id1.as_str());
         assert_eq!(floor_sequence(&data, "cls"), 10);
     }
@@ -346,7 +336,7 @@ async fn a_full_disk_mid_rollout_is_survived_and_converges_once_space_returns() 
     agent.kill();
     let agent = AgentProc::spawn(&config, &log);
     assert_eq!(agent.serves_cls_golden(&http, "the agent").await, "1.2.0");
-    let s = status(&http, &agent).await;
+    let s = agent.status(&http).await;
     assert_eq!(s["record"]["active"]["id"], id2.as_str(), "{s:#}");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -139,14 +139,7 @@ download_bytes_per_sec = 1000000
         // It converges: the new bundle committed, or a recorded rollback.
         let deadline = Instant::now() + Duration::from_secs(60);
         let status = loop {
-            let s: Value = http
-                .get(format!("{}/v1/status", agent.url))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let s = agent.status(&http).await;
             let committed = s["state"] == "committed" && s["record"]["active"]["id"] == id.as_str();
             let recorded = matches!(s["state"].as_str(), Some("rolled_back" | "failed"))
                 && s["record"]["last_failed"]["id"] == id.as_str()

@@ -562,14 +562,7 @@ async fn the_server_ingests_telemetry_and_its_notice_triggers_an_immediate_poll(
     assert!(r.status().is_success());
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let s: Value = http
-            .get(format!("{}/v1/status", agent.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let s = agent.status().await;
         if s["record"]["active"]["id"] == id.as_str() {
             break;
         }
