@@ -508,6 +508,7 @@ async fn bench(args: &BundleArgs, opts: &BenchOptions) -> Result<(), AgentError>
             load: load.parse,
             optimize: load.optimize,
             self_test: Duration::ZERO,
+            graph_preparsed: load.graph_preparsed,
         };
         let m = Measured {
             warm_up,
@@ -647,6 +648,7 @@ fn report(
         "load_ms": ms(timings.load),
         "optimize_ms": ms(timings.optimize),
         "self_test_ms": ms(timings.self_test),
+        "graph_preparsed": timings.graph_preparsed,
         "first_inference_ms": ms(first),
         "min_ms": samples[0],
         "median_ms": percentile(&samples, 0.5),

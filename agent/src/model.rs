@@ -160,6 +160,9 @@ pub struct PrepareTimings {
     pub optimize: Duration,
     /// The golden self-test, and giving back what the load freed.
     pub self_test: Duration,
+    /// The NNEF graph came pre-parsed from the bundle
+    /// (`edgefleet_runtime::graph_ast`) rather than from its text.
+    pub graph_preparsed: bool,
 }
 
 static GENERATION: AtomicU64 = AtomicU64::new(1);
@@ -190,11 +193,23 @@ pub fn prepare(bundle: TrustedBundle) -> Result<(ActiveModel, PrepareTimings), A
     // self-test's time.
     crate::mem::release_freed();
     let report = tested?;
+    let load = model.load_timings();
     let timings = PrepareTimings {
-        load: model.load_timings().parse,
-        optimize: model.load_timings().optimize,
+        load: load.parse,
+        optimize: load.optimize,
         self_test: t1.elapsed(),
+        graph_preparsed: load.graph_preparsed,
     };
+    tracing::info!(
+        model = %m.name,
+        version = %m.version,
+        format = %m.payload.format,
+        load_ms = timings.load.as_secs_f64() * 1e3,
+        optimize_ms = timings.optimize.as_secs_f64() * 1e3,
+        self_test_ms = timings.self_test.as_secs_f64() * 1e3,
+        graph_preparsed = timings.graph_preparsed,
+        "model loaded and self-tested"
+    );
     let info = ModelInfo {
         name: m.name.to_string(),
         version: m.version.to_string(),

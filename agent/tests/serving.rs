@@ -842,6 +842,8 @@ fn bench_cli_prints_the_documented_json_keys_for_every_mode() {
             );
         }
         assert!(j["rss_bytes"].as_u64().unwrap() > 1 << 20, "{mode}: {j}");
+        // Only NNEF graphs come pre-parsed; this bundle is ONNX.
+        assert_eq!(j["graph_preparsed"], false, "{mode}: {j}");
         assert!(j["min_ms"].as_f64() <= j["p99_ms"].as_f64());
     }
 }

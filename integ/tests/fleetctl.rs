@@ -297,6 +297,15 @@ fn packs_the_cls_model_as_nnef_and_the_nnef_form_passes_the_same_references() {
         serde_json::from_slice(&ok(fleetctl(&["bundle", "inspect", &out, "--json"])).stdout)
             .unwrap();
     assert_eq!(j["payload"]["format"], "nnef");
+    // The device builds the graph from the packer's stored parse
+    // (runtime::graph_ast), not by parsing graph.nnef again.
+    let bench = ok(Command::new(integ::bins::bin("edge-agent"))
+        .args(["bench", "--bundle", &out, "--trust", &keys.public("a")])
+        .args(["--iterations", "2", "--warmup", "0", "--json"])
+        .output()
+        .unwrap());
+    let b: serde_json::Value = serde_json::from_slice(&bench.stdout).unwrap();
+    assert_eq!(b["graph_preparsed"], true, "{b}");
 }
 
 #[test]
