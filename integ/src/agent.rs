@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use edgefleet_wire::npz::{NpzLimits, from_npz_bytes};
-use edgefleet_wire::tensor::max_abs_diff;
+use edgefleet_wire::tensor::{NamedTensor, max_abs_diff};
 use serde_json::Value;
 
 use crate::common::repo;
@@ -88,37 +88,59 @@ impl AgentProc {
         r.json().await.unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 
+    /// Posts cls's first golden input: how far the answer is from cls's
+    /// golden output (largest absolute difference), or the HTTP status when
+    /// the agent did not answer 200.
+    pub async fn cls_golden_diff(
+        &self,
+        http: &reqwest::Client,
+    ) -> Result<f64, reqwest::StatusCode> {
+        static GOLDEN: std::sync::OnceLock<(Vec<u8>, Vec<NamedTensor>)> =
+            std::sync::OnceLock::new();
+        let (golden_in, golden_out) = GOLDEN.get_or_init(|| {
+            let input = std::fs::read(repo("models/cls/golden/in_0.npz")).unwrap();
+            let output = from_npz_bytes(
+                &std::fs::read(repo("models/cls/golden/out_0.npz")).unwrap(),
+                NpzLimits::default(),
+            )
+            .unwrap();
+            (input, output)
+        });
+        let r = http
+            .post(format!("{}/v1/infer", self.url))
+            .header("content-type", "application/x-npz")
+            .body(golden_in.clone())
+            .send()
+            .await
+            .unwrap();
+        if r.status() != 200 {
+            return Err(r.status());
+        }
+        let out = from_npz_bytes(&r.bytes().await.unwrap(), NpzLimits::default()).unwrap();
+        Ok(max_abs_diff(&out[0].tensor, &golden_out[0].tensor)
+            .unwrap()
+            .max_abs)
+    }
+
     /// Waits (up to 30 s) until the agent answers cls's first golden input
     /// with its golden output; the version it serves. `context` heads every
     /// failure message.
     pub async fn serves_cls_golden(&self, http: &reqwest::Client, context: &str) -> String {
-        let golden_in = std::fs::read(repo("models/cls/golden/in_0.npz")).unwrap();
-        let golden_out = from_npz_bytes(
-            &std::fs::read(repo("models/cls/golden/out_0.npz")).unwrap(),
-            NpzLimits::default(),
-        )
-        .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let r = http
-                .post(format!("{}/v1/infer", self.url))
-                .header("content-type", "application/x-npz")
-                .body(golden_in.clone())
-                .send()
-                .await
-                .unwrap();
-            if r.status() == 200 {
-                let out = from_npz_bytes(&r.bytes().await.unwrap(), NpzLimits::default()).unwrap();
-                let d = max_abs_diff(&out[0].tensor, &golden_out[0].tensor).unwrap();
-                assert!(d.max_abs <= 1e-4, "{context}: output off by {}", d.max_abs);
-                let m = self.model(http).await;
-                return m["version"].as_str().unwrap().to_string();
+            match self.cls_golden_diff(http).await {
+                Ok(d) => {
+                    assert!(d <= 1e-4, "{context}: output off by {d}");
+                    let m = self.model(http).await;
+                    return m["version"].as_str().unwrap().to_string();
+                }
+                Err(status) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{context}: no model served ({status})"
+                    );
+                }
             }
-            assert!(
-                Instant::now() < deadline,
-                "{context}: no model served ({})",
-                r.status()
-            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

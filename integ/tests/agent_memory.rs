@@ -9,10 +9,9 @@
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-use edgefleet_wire::npz::{NpzLimits, from_npz_bytes};
 use integ::agent::AgentProc;
 use integ::bundles::{Model, Pack};
-use integ::common::{peak_rss, repo, write_key};
+use integ::common::{peak_rss, write_key};
 use serde_json::Value;
 
 /// An .npz whose one entry declares a 64 MiB f32 array of zeros,
@@ -75,28 +74,7 @@ watch_secs = 1
         .await
         .unwrap();
     assert!(r.status().is_success(), "install: {}", r.status());
-    let golden_in = std::fs::read(repo("models/cls/golden/in_0.npz")).unwrap();
-    let golden_out = from_npz_bytes(
-        &std::fs::read(repo("models/cls/golden/out_0.npz")).unwrap(),
-        NpzLimits::default(),
-    )
-    .unwrap();
-    let serves_golden = || async {
-        let r = http
-            .post(format!("{}/v1/infer", agent.url))
-            .header("content-type", "application/x-npz")
-            .body(golden_in.clone())
-            .send()
-            .await
-            .unwrap();
-        if r.status() != 200 {
-            return false;
-        }
-        let out = from_npz_bytes(&r.bytes().await.unwrap(), NpzLimits::default()).unwrap();
-        let d =
-            edgefleet_wire::tensor::max_abs_diff(&out[0].tensor, &golden_out[0].tensor).unwrap();
-        d.max_abs <= 1e-4
-    };
+    let serves_golden = || async { agent.cls_golden_diff(&http).await.is_ok_and(|d| d <= 1e-4) };
     let deadline = Instant::now() + Duration::from_secs(60);
     while !serves_golden().await {
         assert!(
