@@ -858,11 +858,11 @@ mod tests {
 
     /// What the packer writes for each fp32 model in models/ (two conv
     /// nets, a multi-input one; tract 0.23.9 cannot export the quantized
-    /// ones to NNEF) loads, from
-    /// the stored graph, into exactly the graph tract's own reader builds
-    /// from the same tar, and gives the golden outputs. Without the stored
-    /// graph, or with one that no longer matches the text, the text is
-    /// parsed, to the same graph.
+    /// ones to NNEF) loads, from the stored graph, into exactly the graph
+    /// tract's own reader builds from the same tar, and computes the same
+    /// outputs, bit for bit, as the model parsed from the text. Without the
+    /// stored graph, or with one that no longer matches the text, the text
+    /// is parsed, to the same graph.
     #[test]
     fn the_stored_graph_builds_what_tract_builds_from_the_text() {
         for (dir, file) in [
