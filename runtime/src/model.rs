@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use edgefleet_wire::manifest::{GoldenSet, ModelFormat, NonFiniteInputs};
@@ -498,27 +498,43 @@ pub fn onnx_to_nnef(bytes: &[u8], inputs: &[TensorSpec]) -> Result<Vec<u8>> {
 
 /// Copies an NNEF tar, adding [`graph_ast::MEMBER`] after `graph.nnef`:
 /// tract's own parse of the text, so devices need not parse it again.
-/// Headers and every other member are copied unchanged. When the parse
-/// does not survive the round trip, the tar goes out as tract wrote it.
+/// Every other member is copied unchanged. When the parse does not survive
+/// the round trip, the tar goes out as tract wrote it.
 fn with_parsed_graph(tar: &[u8]) -> TractResult<Vec<u8>> {
-    let mut out = tar::Builder::new(Vec::with_capacity(tar.len() + tar.len() / 8));
-    let mut archive = tar::Archive::new(tar);
-    for entry in archive.entries()? {
-        let mut entry = entry?;
-        let mut header = entry.header().clone();
-        let mut data = Vec::with_capacity(entry.size() as usize);
-        entry.read_to_end(&mut data)?;
-        out.append(&header, &data[..])?;
-        if entry.path()? != Path::new(GRAPH_NNEF) {
-            continue;
+    copy_tar(tar, |path, data| {
+        if path != Path::new(GRAPH_NNEF) {
+            return Ok(vec![(path.to_owned(), data)]);
         }
         let text = std::str::from_utf8(&data)?;
         let doc = tract_nnef::ast::parse::parse_document(text)?;
-        if let Some(member) = graph_ast::encode(text, &doc) {
-            header.set_path(graph_ast::MEMBER)?;
-            header.set_size(member.len() as u64);
-            header.set_cksum();
-            out.append(&header, &member[..])?;
+        let member = graph_ast::encode(text, &doc);
+        let mut out = vec![(path.to_owned(), data)];
+        out.extend(member.map(|m| (PathBuf::from(graph_ast::MEMBER), m)));
+        Ok(out)
+    })
+}
+
+/// Copies a tar member by member: `edit` gets each member's path and data
+/// and returns the members to write in its place (none drops it). Each
+/// keeps its original header's type, mode and times. Paths of any length
+/// survive: tract names a weight's member after its tensor, and a path
+/// longer than a header's 100 bytes travels in a GNU long-name entry that
+/// a plain copy of the header would lose.
+fn copy_tar(
+    tar: &[u8],
+    mut edit: impl FnMut(&Path, Vec<u8>) -> TractResult<Vec<(PathBuf, Vec<u8>)>>,
+) -> TractResult<Vec<u8>> {
+    let mut out = tar::Builder::new(Vec::with_capacity(tar.len() + tar.len() / 8));
+    for entry in tar::Archive::new(tar).entries()? {
+        let mut entry = entry?;
+        let header = entry.header().clone();
+        let path = entry.path()?.into_owned();
+        let mut data = Vec::with_capacity(entry.size() as usize);
+        entry.read_to_end(&mut data)?;
+        for (path, data) in edit(&path, data)? {
+            let mut header = header.clone();
+            header.set_size(data.len() as u64);
+            out.append_data(&mut header, &path, &data[..])?;
         }
     }
     Ok(out.into_inner()?)
@@ -831,20 +847,61 @@ mod tests {
     /// The tar's members, with `edit` applied to each (name, data);
     /// returning `None` drops the member.
     fn rewrite_tar(tar: &[u8], edit: impl Fn(&str, Vec<u8>) -> Option<Vec<u8>>) -> Vec<u8> {
-        let mut out = tar::Builder::new(Vec::new());
-        for entry in tar::Archive::new(tar).entries().unwrap() {
-            let mut entry = entry.unwrap();
-            let mut header = entry.header().clone();
-            let name = entry.path().unwrap().to_string_lossy().into_owned();
-            let mut data = Vec::new();
-            entry.read_to_end(&mut data).unwrap();
-            if let Some(data) = edit(&name, data) {
-                header.set_size(data.len() as u64);
-                header.set_cksum();
-                out.append(&header, &data[..]).unwrap();
-            }
-        }
-        out.into_inner().unwrap()
+        copy_tar(tar, |path, data| {
+            let kept = edit(&path.to_string_lossy(), data);
+            Ok(kept.map(|d| (path.to_owned(), d)).into_iter().collect())
+        })
+        .unwrap()
+    }
+
+    /// tract names a weight's tar member after its tensor; real models
+    /// have tensor names longer than a tar header's 100 bytes. The packer's
+    /// copy keeps those members (a copy of the bare header would cut the
+    /// name, and the device would not find the weights).
+    #[test]
+    fn weights_with_long_names_survive_the_packers_copy() {
+        use tract_nnef::tract_core::ops::math::add;
+        let mut m = TypedModel::default();
+        let x = m.add_source("x", f32::fact([1, 64])).unwrap();
+        let name = format!("encoder_layer_{}_weight", "w".repeat(120));
+        let weights: Vec<f32> = (0..64).map(|i| i as f32).collect();
+        let w = m
+            .add_const(
+                &name,
+                tract_ndarray::Array2::from_shape_vec((1, 64), weights).unwrap(),
+            )
+            .unwrap();
+        let y = m.wire_node("y", add(), &[x, w]).unwrap();
+        m.select_output_outlets(&y).unwrap();
+        let tar = nnef().write_to_tar(&m, Vec::new()).unwrap();
+
+        let packed = with_parsed_graph(&tar).unwrap();
+        let members: Vec<String> = tar::Archive::new(&packed[..])
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            members.iter().any(|p| p.len() > 100 && p.ends_with(".dat")),
+            "{members:?}"
+        );
+        let (loaded, preparsed) = read_nnef(&packed).unwrap();
+        assert!(preparsed);
+        let out = loaded
+            .into_runnable()
+            .unwrap()
+            .run(tvec!(
+                Tensor::from(tract_ndarray::Array2::<f32>::ones((1, 64))).into()
+            ))
+            .unwrap();
+        let got: Vec<f32> = out[0]
+            .to_plain_array_view::<f32>()
+            .unwrap()
+            .iter()
+            .copied()
+            .collect();
+        let want: Vec<f32> = (0..64).map(|i| i as f32 + 1.0).collect();
+        assert_eq!(got, want);
     }
 
     fn node_dump(m: &TypedModel) -> String {
