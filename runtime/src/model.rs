@@ -854,6 +854,15 @@ mod tests {
         .unwrap()
     }
 
+    /// The paths of a tar's members, in order.
+    fn member_names(tar: &[u8]) -> Vec<String> {
+        tar::Archive::new(tar)
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+            .collect()
+    }
+
     /// tract names a weight's tar member after its tensor; real models
     /// have tensor names longer than a tar header's 100 bytes. The packer's
     /// copy keeps those members (a copy of the bare header would cut the
@@ -876,11 +885,7 @@ mod tests {
         let tar = nnef().write_to_tar(&m, Vec::new()).unwrap();
 
         let packed = with_parsed_graph(&tar).unwrap();
-        let members: Vec<String> = tar::Archive::new(&packed[..])
-            .entries()
-            .unwrap()
-            .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
-            .collect();
+        let members = member_names(&packed);
         assert!(
             members.iter().any(|p| p.len() > 100 && p.ends_with(".dat")),
             "{members:?}"
@@ -932,11 +937,7 @@ mod tests {
             let specs: Vec<_> = inputs.iter().map(NamedTensor::spec).collect();
             let tar = onnx_to_nnef(&onnx, &specs).unwrap();
 
-            let names: Vec<String> = tar::Archive::new(&tar[..])
-                .entries()
-                .unwrap()
-                .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
-                .collect();
+            let names = member_names(&tar);
             assert!(
                 names.iter().any(|n| n == graph_ast::MEMBER),
                 "{dir}: {names:?}"
