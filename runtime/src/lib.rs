@@ -14,6 +14,7 @@
 pub mod error;
 pub mod graph_ast;
 pub mod model;
+mod nnef_ops;
 pub mod threads;
 
 pub use error::{Result, RuntimeError};

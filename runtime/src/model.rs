@@ -166,7 +166,11 @@ where
 /// more than parsing a small model's tar.
 fn nnef() -> &'static tract_nnef::framework::Nnef {
     static NNEF: OnceLock<tract_nnef::framework::Nnef> = OnceLock::new();
-    NNEF.get_or_init(|| tract_nnef::nnef().with_onnx())
+    NNEF.get_or_init(|| {
+        tract_nnef::nnef()
+            .with_onnx()
+            .with_registry(crate::nnef_ops::registry())
+    })
 }
 
 /// The ONNX front end, built once per process like [`nnef`].
@@ -907,6 +911,61 @@ mod tests {
             .collect();
         let want: Vec<f32> = (0..64).map(|i| i as f32 + 1.0).collect();
         assert_eq!(got, want);
+    }
+
+    /// tract's declutter fuses the erf GELU of transformer models
+    /// (`0.5 * x * (1 + erf(x / sqrt 2))`) into one op that tract-nnef
+    /// 0.23.9 cannot write. The packer writes it through `nnef_ops`, and
+    /// the device reads it back, from the stored graph, to the same op.
+    #[test]
+    fn exact_gelu_survives_the_nnef_round_trip() {
+        use tract_nnef::tract_core::ops::element_wise::ElementWiseOp;
+        use tract_nnef::tract_core::ops::nn::GeluExact;
+        let mut m = TypedModel::default();
+        let x = m.add_source("x", f32::fact([1, 9])).unwrap();
+        let y = m
+            .wire_node("gelu", ElementWiseOp(Box::new(GeluExact {}), None), &[x])
+            .unwrap();
+        m.select_output_outlets(&y).unwrap();
+        let tar = nnef().write_to_tar(&m, Vec::new()).unwrap();
+        let packed = with_parsed_graph(&tar).unwrap();
+
+        let (loaded, preparsed) = read_nnef(&packed).unwrap();
+        assert!(preparsed);
+        assert!(
+            loaded.nodes().iter().any(|n| n
+                .op_as::<ElementWiseOp>()
+                .is_some_and(|op| op.0.is::<GeluExact>())),
+            "{}",
+            node_dump(&loaded)
+        );
+        let xs: Vec<f32> = (-4..=4).map(|i| i as f32).collect();
+        let out = loaded
+            .into_optimized()
+            .unwrap()
+            .into_runnable()
+            .unwrap()
+            .run(tvec!(
+                Tensor::from(tract_ndarray::Array2::from_shape_vec((1, 9), xs.clone()).unwrap())
+                    .into()
+            ))
+            .unwrap();
+        let got = out[0].to_plain_array_view::<f32>().unwrap();
+        // GELU(x) = x * Phi(x); reference values of Phi, the standard normal CDF.
+        let phi: [f32; 9] = [
+            3.167_124e-5,
+            1.349_898e-3,
+            2.275_013e-2,
+            0.158_655_25,
+            0.5,
+            0.841_344_8,
+            0.977_249_9,
+            0.998_650_1,
+            0.999_968_3,
+        ];
+        for ((x, p), g) in xs.iter().zip(phi).zip(got.iter()) {
+            assert!((x * p - g).abs() < 1e-5, "gelu({x}) = {g}, want {}", x * p);
+        }
     }
 
     fn node_dump(m: &TypedModel) -> String {
