@@ -50,6 +50,11 @@ pub enum RuntimeError {
     },
     #[error("self-test failed: golden case {case}: {detail}")]
     SelfTestShape { case: usize, detail: String },
+    /// The model runs, but tract cannot write it as NNEF (an op without an
+    /// NNEF serializer in tract 0.23.9, e.g. the quantized ops). The ONNX
+    /// form still packs.
+    #[error("cannot store the model as NNEF: {detail}; pack it without --nnef (the ONNX form)")]
+    NnefExport { detail: String },
     /// A runtime setting out of range (e.g. compute threads).
     #[error("runtime setting: {detail}")]
     Config { detail: String },
@@ -71,6 +76,7 @@ impl RuntimeError {
             RuntimeError::SelfTest { .. } | RuntimeError::SelfTestShape { .. } => {
                 "self_test_failed"
             }
+            RuntimeError::NnefExport { .. } => "nnef_export_failed",
             RuntimeError::Config { .. } => "runtime_config",
         }
     }

@@ -174,10 +174,17 @@ fn nnef() -> &'static tract_nnef::framework::Nnef {
 }
 
 /// The ONNX front end, built once per process like [`nnef`].
+///
+/// It ignores the graph's `value_info`: every input is pinned to the
+/// manifest's shapes, from which tract infers every other shape, while
+/// the `value_info` that exporters and `onnx.shape_inference` write names
+/// the dynamic axes (`batch`, `seq`), and tract cannot unify a symbol with
+/// the pinned size ("Impossible to unify Sym(batch) with Val(2)"): such a
+/// model would not load at all.
 #[cfg(feature = "onnx")]
 fn onnx() -> &'static tract_onnx::model::Onnx {
     static ONNX: OnceLock<tract_onnx::model::Onnx> = OnceLock::new();
-    ONNX.get_or_init(tract_onnx::onnx)
+    ONNX.get_or_init(|| tract_onnx::onnx().with_ignore_value_info(true))
 }
 
 /// Builds the front ends now rather than on the first model load (the
@@ -491,8 +498,17 @@ pub fn onnx_to_nnef(bytes: &[u8], inputs: &[TensorSpec]) -> Result<Vec<u8>> {
             })
             .unwrap_or(true)
     });
-    let export_err = |e: TractError| RuntimeError::Load {
-        detail: format!("NNEF export: {}", one_line(&e)),
+    let export_err = |e: TractError| {
+        // "No serializer found for node #3 "dq" DequantizeLinearF32" says
+        // it all; the chain above it only repeats the node.
+        let root = e.root_cause().to_string();
+        RuntimeError::NnefExport {
+            detail: if root.starts_with("No serializer found") {
+                root
+            } else {
+                one_line(&e)
+            },
+        }
     };
     let tar = nnef()
         .write_to_tar(&model, Vec::new())
@@ -966,6 +982,78 @@ mod tests {
         for ((x, p), g) in xs.iter().zip(phi).zip(got.iter()) {
             assert!((x * p - g).abs() < 1e-5, "gelu({x}) = {g}, want {}", x * p);
         }
+    }
+
+    /// Exporters and `onnx.shape_inference` record intermediate shapes in
+    /// `value_info` with the dynamic axes as symbols. With the inputs
+    /// pinned, tract would refuse to unify `batch` with 1 and the model
+    /// would not load; the loader ignores `value_info` and infers every
+    /// shape from the pinned inputs.
+    #[cfg(feature = "onnx")]
+    #[test]
+    fn symbolic_value_info_does_not_stop_a_pinned_load() {
+        use prost::Message;
+        use tract_onnx::pb;
+        let bytes = std::fs::read(repo("models/cls/ch_ppocr_mobile_v2.0_cls_infer.onnx")).unwrap();
+        let mut proto = pb::ModelProto::decode(&bytes[..]).unwrap();
+        let graph = proto.graph.as_mut().unwrap();
+        let dim = |name: &str| pb::tensor_shape_proto::Dimension {
+            value: Some(pb::tensor_shape_proto::dimension::Value::DimParam(
+                name.into(),
+            )),
+            ..Default::default()
+        };
+        let conv_outputs: Vec<String> = graph
+            .node
+            .iter()
+            .filter(|n| n.op_type == "Conv")
+            .flat_map(|n| n.output.clone())
+            .collect();
+        assert!(conv_outputs.len() > 10, "{conv_outputs:?}");
+        for name in conv_outputs {
+            let tensor = pb::type_proto::Tensor {
+                elem_type: pb::tensor_proto::DataType::Float as i32,
+                shape: Some(pb::TensorShapeProto {
+                    dim: vec![dim("batch"), dim("c"), dim("h"), dim("w")],
+                }),
+            };
+            graph.value_info.push(pb::ValueInfoProto {
+                name,
+                r#type: Some(pb::TypeProto {
+                    value: Some(pb::type_proto::Value::TensorType(tensor)),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+        let edited = proto.encode_to_vec();
+
+        let inputs = golden("cls", "in_0");
+        let specs: Vec<_> = inputs.iter().map(NamedTensor::spec).collect();
+        let model = Model::load(ModelFormat::Onnx, &edited, &specs, None).unwrap();
+        let outputs = model.session().unwrap().run(&inputs).unwrap();
+        let expected = golden("cls", "out_0");
+        assert_eq!(outputs.len(), expected.len());
+        for (got, want) in outputs.iter().zip(&expected) {
+            let diff = max_abs_diff(&got.tensor, &want.tensor).unwrap();
+            assert!(diff.max_abs < 1e-4, "{}: {diff:?}", want.name);
+        }
+    }
+
+    /// A model tract runs but cannot write as NNEF (the quantized ops
+    /// have no NNEF serializer in tract 0.23.9) gets its own error, which
+    /// names the op and says the ONNX form still packs.
+    #[cfg(feature = "onnx")]
+    #[test]
+    fn a_model_tract_cannot_write_as_nnef_gets_the_export_error() {
+        let onnx = std::fs::read(repo("models/cls-int8/cls_int8.onnx")).unwrap();
+        let inputs = golden("cls-int8", "in_0");
+        let specs: Vec<_> = inputs.iter().map(NamedTensor::spec).collect();
+        let e = onnx_to_nnef(&onnx, &specs).unwrap_err();
+        assert_eq!(e.code(), "nnef_export_failed");
+        let msg = e.to_string();
+        assert!(msg.contains("No serializer found for node"), "{msg}");
+        assert!(msg.contains("without --nnef"), "{msg}");
     }
 
     fn node_dump(m: &TypedModel) -> String {
