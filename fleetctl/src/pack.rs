@@ -11,7 +11,9 @@
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;
-use edgefleet_runtime::{Model, TRACT_VERSION, declared_inputs, onnx_to_nnef, self_test};
+use edgefleet_runtime::{
+    Model, TRACT_VERSION, declared_inputs, inline_external_data, onnx_to_nnef, self_test,
+};
 use edgefleet_wire::bundle::{Signed, compress_model, write_bundle};
 use edgefleet_wire::manifest::{
     GoldenCase, GoldenSet, MAX_MACHINE_LEN, Manifest, ModelFormat, NonFiniteInputs, PackLatency,
@@ -280,6 +282,10 @@ pub fn pack(req: &PackRequest) -> Result<Packed> {
         path: req.model.clone(),
         source,
     };
+    // Weights in external files (`model.onnx.data`) go into the one model
+    // file the bundle carries.
+    let folder = req.model.parent().unwrap_or(Path::new("."));
+    let onnx = inline_external_data(onnx, folder).map_err(load_err)?;
     let input_names = declared_inputs(ModelFormat::Onnx, &onnx).map_err(load_err)?;
 
     // Golden inputs fix the input specs (case 0) and must agree across cases.

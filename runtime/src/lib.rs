@@ -5,6 +5,8 @@
 //! - [`model`]: loading ONNX/NNEF with input shapes pinned to the manifest,
 //!   per-worker [`model::Session`]s, input checks, the golden self-test and
 //!   the ONNX → NNEF conversion the packer uses.
+//! - [`onnx_external`]: inlining an ONNX model's external weight files
+//!   (the packer; feature `onnx`).
 //! - [`threads`]: intra-op parallelism ([`Threads`], `[engine] threads`).
 //! - [`error`]: [`RuntimeError`] and its stable reason codes.
 //!
@@ -15,6 +17,8 @@ pub mod error;
 pub mod graph_ast;
 pub mod model;
 mod nnef_ops;
+#[cfg(feature = "onnx")]
+pub mod onnx_external;
 pub mod threads;
 
 pub use error::{Result, RuntimeError};
@@ -22,6 +26,8 @@ pub use model::{
     LoadTimings, Model, OpProfile, SelfTestReport, Session, TRACT_VERSION, check_format,
     declared_inputs, from_tract, onnx_to_nnef, self_test, to_tract, warm_up,
 };
+#[cfg(feature = "onnx")]
+pub use onnx_external::inline_external_data;
 pub use threads::Threads;
 
 /// tract itself, for callers that time it bare (`edge-agent bench --bare`).
