@@ -218,12 +218,9 @@ fn decode_tensor(name: &str, t: JsonTensorIn) -> Result<Tensor, CodecError> {
                 bytes.extend_from_slice(&(float(v).ok_or_else(bad)? as f32).to_le_bytes())
             }
             DType::F64 => bytes.extend_from_slice(&float(v).ok_or_else(bad)?.to_le_bytes()),
-            DType::F16 => {
-                return Err(err(
-                    "unknown_dtype",
-                    format!("input {name:?}: f16 is accepted in .npz bodies only"),
-                ));
-            }
+            DType::F16 => bytes.extend_from_slice(
+                &edgefleet_wire::tensor::f64_to_f16_bits(float(v).ok_or_else(bad)?).to_le_bytes(),
+            ),
             DType::I8 => bytes.extend_from_slice(&int::<i8>(v).ok_or_else(bad)?.to_le_bytes()),
             DType::I16 => bytes.extend_from_slice(&int::<i16>(v).ok_or_else(bad)?.to_le_bytes()),
             DType::I32 => bytes.extend_from_slice(&int::<i32>(v).ok_or_else(bad)?.to_le_bytes()),
@@ -376,6 +373,29 @@ mod tests {
             .as_i64()
             .unwrap();
         assert_eq!(ids, vec![3, -4]);
+    }
+
+    /// fp16 models (common on Jetson boards) take JSON numbers, rounded
+    /// to half precision as numpy's `astype(float16)` rounds them, and
+    /// answer with JSON numbers.
+    #[test]
+    fn f16_inputs_take_json_numbers_and_outputs_are_numbers() {
+        let body =
+            br#"{"inputs": {"x": {"dtype": "f16", "shape": [5], "data": [1, -2.5, 0.1, 70000, null]}}}"#;
+        let x = &decode_request(body).unwrap()[0].tensor;
+        assert_eq!(x.dtype(), DType::F16);
+        let halves: Vec<u16> = x
+            .data()
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect();
+        assert_eq!(&halves[..4], [0x3c00, 0xc100, 0x2e66, 0x7c00]);
+        assert_eq!(halves[4] & 0x7c00, 0x7c00);
+        assert_ne!(halves[4] & 0x03ff, 0, "null is NaN");
+        let out = serde_json::to_string(&encode_tensor(x)).unwrap();
+        assert!(out.contains(r#""data":[1.0,-2.5,0.0999755859375"#), "{out}");
+        let bad = br#"{"inputs": {"x": {"dtype": "f16", "shape": [1], "data": [true]}}}"#;
+        assert_eq!(decode_request(bad).unwrap_err().code, "bad_value");
     }
 
     #[test]

@@ -382,6 +382,48 @@ fn f16_to_f64(h: u16) -> f64 {
     }
 }
 
+/// Encodes `x` as IEEE 754 half precision, rounding to nearest, ties to
+/// even (what numpy's `astype(float16)` does): magnitudes from 65520 up
+/// become infinite, those under 2^-25 zero; NaN stays NaN.
+pub fn f64_to_f16_bits(x: f64) -> u16 {
+    let bits = x.to_bits();
+    let sign = ((bits >> 48) & 0x8000) as u16;
+    let exp = ((bits >> 52) & 0x7ff) as i32;
+    let frac = bits & ((1u64 << 52) - 1);
+    if exp == 0x7ff {
+        return sign | 0x7c00 | if frac != 0 { 0x0200 } else { 0 };
+    }
+    let e = exp - 1023;
+    if exp == 0 || e < -25 {
+        return sign; // below half the smallest subnormal (2^-24)
+    }
+    if e > 15 {
+        return sign | 0x7c00;
+    }
+    // 53 significant bits; keep 11 (a normal half) or fewer (a subnormal).
+    let m = frac | (1u64 << 52);
+    let shift = if e >= -14 { 42 } else { 42 + (-14 - e) as u32 };
+    let mut q = m >> shift;
+    let rem = m & ((1u64 << shift) - 1);
+    let half = 1u64 << (shift - 1);
+    if rem > half || (rem == half && q & 1 == 1) {
+        q += 1;
+    }
+    if e < -14 {
+        // A subnormal; q = 1024 is the smallest normal, encoded the same.
+        return sign | q as u16;
+    }
+    let (mut exp16, mut mant) = ((e + 15) as u16, q);
+    if mant == 2048 {
+        mant = 1024;
+        exp16 += 1;
+    }
+    if exp16 >= 31 {
+        return sign | 0x7c00;
+    }
+    sign | (exp16 << 10) | (mant as u16 & 0x3ff)
+}
+
 /// How far apart two tensors are, element-wise.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Diff {
@@ -544,6 +586,31 @@ mod tests {
                 .unwrap()
                 .has_non_finite()
         );
+    }
+
+    #[test]
+    fn f16_encoding_round_trips_every_half_and_rounds_ties_to_even() {
+        for h in 0..=u16::MAX {
+            let x = f16_to_f64(h);
+            if x.is_nan() {
+                assert!(f16_to_f64(f64_to_f16_bits(x)).is_nan(), "{h:#06x}");
+            } else {
+                assert_eq!(f64_to_f16_bits(x), h, "{h:#06x} = {x}");
+            }
+        }
+        let ulp1 = 2f64.powi(-10); // the spacing of halves in [1, 2)
+        assert_eq!(f64_to_f16_bits(1.0 + ulp1 / 2.0), 0x3c00); // tie: to even
+        assert_eq!(f64_to_f16_bits(1.0 + 1.5 * ulp1), 0x3c02); // tie: to even
+        assert_eq!(f64_to_f16_bits(1.0 + 0.51 * ulp1), 0x3c01);
+        assert_eq!(f64_to_f16_bits(65504.0), 0x7bff);
+        assert_eq!(f64_to_f16_bits(65519.99), 0x7bff);
+        assert_eq!(f64_to_f16_bits(65520.0), 0x7c00);
+        assert_eq!(f64_to_f16_bits(-1e300), 0xfc00);
+        assert_eq!(f64_to_f16_bits(2f64.powi(-25)), 0x0000); // tie: to even (zero)
+        assert_eq!(f64_to_f16_bits(1.5 * 2f64.powi(-25)), 0x0001);
+        assert_eq!(f64_to_f16_bits(2f64.powi(-24) * 1023.5), 0x0400); // up to the smallest normal
+        assert_eq!(f64_to_f16_bits(-0.0), 0x8000);
+        assert_eq!(f64_to_f16_bits(1e-300), 0x0000);
     }
 
     #[test]
