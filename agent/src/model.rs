@@ -22,7 +22,10 @@ pub struct ModelInfo {
     pub name: String,
     pub version: String,
     pub sequence: u64,
+    #[serde(serialize_with = "edgefleet_wire::tensor::serialize_specs_json")]
     pub inputs: Vec<TensorSpec>,
+    /// A dimension the model computes from its input values is `null`.
+    #[serde(serialize_with = "edgefleet_wire::tensor::serialize_specs_json")]
     pub outputs: Vec<TensorSpec>,
     /// Unix seconds.
     pub loaded_at: u64,

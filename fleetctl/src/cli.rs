@@ -1066,7 +1066,7 @@ fn inspect_cmd(file: &Path, as_json: bool) -> Result<()> {
         return Ok(());
     }
     let spec_line = |s: &edgefleet_wire::tensor::TensorSpec| {
-        format!("    {:<24} {:<5} {:?}", s.name, s.dtype, s.shape)
+        format!("    {:<24} {:<5} {}", s.name, s.dtype, s.shape_text())
     };
     println!("bundle      {}", file.display());
     println!(
@@ -1131,7 +1131,7 @@ fn inspect_cmd(file: &Path, as_json: bool) -> Result<()> {
 fn manifest_json(m: &Manifest, key_ids: &[String]) -> serde_json::Value {
     let specs = |v: &[edgefleet_wire::tensor::TensorSpec]| {
         v.iter()
-            .map(|s| json!({"name": s.name, "dtype": s.dtype, "shape": s.shape}))
+            .map(|s| json!({"name": s.name, "dtype": s.dtype, "shape": s.json_shape()}))
             .collect::<Vec<_>>()
     };
     json!({

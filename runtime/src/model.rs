@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use edgefleet_wire::manifest::{GoldenSet, ModelFormat, NonFiniteInputs};
-use edgefleet_wire::tensor::{DType, NamedTensor, Tensor as WireTensor, TensorSpec, max_abs_diff};
+use edgefleet_wire::tensor::{
+    DType, DYNAMIC_DIM, NamedTensor, Tensor as WireTensor, TensorSpec, max_abs_diff,
+};
 use edgefleet_wire::verify::VerifiedModel;
 use tract_nnef::prelude::*;
 #[cfg(feature = "onnx")]
@@ -326,17 +328,17 @@ impl Model {
                     what: format!("output {name:?}"),
                     dtype: format!("{:?}", fact.datum_type),
                 })?;
+            // With every input pinned, a dimension still symbolic is one
+            // the model computes from the input values (NonZero, NMS).
             let shape = fact
                 .shape
-                .as_concrete()
-                .ok_or_else(|| RuntimeError::Load {
-                    detail: format!(
-                        "output {name:?} has a symbolic shape {:?} after pinning the inputs",
-                        fact.shape
-                    ),
-                })?
                 .iter()
-                .map(|&d| d as u64)
+                .map(|d| {
+                    d.to_i64()
+                        .ok()
+                        .and_then(|d| u64::try_from(d).ok())
+                        .unwrap_or(DYNAMIC_DIM)
+                })
                 .collect();
             outputs.push(TensorSpec { name, dtype, shape });
         }
@@ -1054,6 +1056,107 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.contains("No serializer found for node"), "{msg}");
         assert!(msg.contains("without --nnef"), "{msg}");
+    }
+
+    /// Detection models end in `NonZero` or `NonMaxSuppression`: how many
+    /// rows come out depends on the input values. Such an output's spec
+    /// has a dynamic dimension, and each run answers with its own count,
+    /// from the ONNX and from the NNEF form.
+    #[cfg(feature = "onnx")]
+    #[test]
+    fn outputs_sized_by_the_input_values_have_a_dynamic_dimension() {
+        use prost::Message;
+        use tract_onnx::pb;
+        let value_info = |name: &str, elem_type: pb::tensor_proto::DataType, dims: &[i64]| {
+            let dim = |d: &i64| pb::tensor_shape_proto::Dimension {
+                value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(*d)),
+                ..Default::default()
+            };
+            pb::ValueInfoProto {
+                name: name.into(),
+                r#type: Some(pb::TypeProto {
+                    value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                        elem_type: elem_type as i32,
+                        shape: Some(pb::TensorShapeProto {
+                            dim: dims.iter().map(dim).collect(),
+                        }),
+                    })),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        };
+        let node = |op: &str, inputs: &[&str], output: &str| pb::NodeProto {
+            op_type: op.into(),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            ..Default::default()
+        };
+        let threshold = pb::TensorProto {
+            name: "threshold".into(),
+            data_type: pb::tensor_proto::DataType::Float as i32,
+            float_data: vec![0.5],
+            ..Default::default()
+        };
+        let proto = pb::ModelProto {
+            ir_version: 8,
+            opset_import: vec![pb::OperatorSetIdProto {
+                domain: String::new(),
+                version: 17,
+            }],
+            graph: Some(pb::GraphProto {
+                node: vec![
+                    node("Greater", &["scores", "threshold"], "mask"),
+                    node("NonZero", &["mask"], "hits"),
+                ],
+                initializer: vec![threshold],
+                input: vec![value_info(
+                    "scores",
+                    pb::tensor_proto::DataType::Float,
+                    &[6],
+                )],
+                output: vec![value_info(
+                    "hits",
+                    pb::tensor_proto::DataType::Int64,
+                    &[1, -1],
+                )],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let onnx = proto.encode_to_vec();
+        let spec = TensorSpec {
+            name: "scores".into(),
+            dtype: DType::F32,
+            shape: vec![6],
+        };
+        let run = |model: &Model, scores: &[f32]| {
+            let input = NamedTensor::new("scores", WireTensor::from_f32(vec![6], scores).unwrap());
+            let out = model.session().unwrap().run(&[input]).unwrap();
+            (
+                out[0].tensor.shape().to_vec(),
+                out[0].tensor.as_i64().unwrap(),
+            )
+        };
+        let model =
+            Model::load(ModelFormat::Onnx, &onnx, std::slice::from_ref(&spec), None).unwrap();
+        assert_eq!(model.outputs()[0].shape, [1, DYNAMIC_DIM]);
+        assert_eq!(model.outputs()[0].to_string(), "hits i64[1, ?]");
+        let nnef = onnx_to_nnef(&onnx, std::slice::from_ref(&spec)).unwrap();
+        let from_nnef = Model::load(
+            ModelFormat::Nnef,
+            &nnef,
+            std::slice::from_ref(&spec),
+            Some(model.outputs()),
+        )
+        .unwrap();
+        for m in [&model, &from_nnef] {
+            assert_eq!(
+                run(m, &[0.9, 0.1, 0.7, 0.2, 0.3, 0.8]),
+                (vec![1, 3], vec![0, 2, 5])
+            );
+            assert_eq!(run(m, &[0.0; 6]), (vec![1, 0], vec![]));
+        }
     }
 
     fn node_dump(m: &TypedModel) -> String {

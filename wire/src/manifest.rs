@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::names::ModelName;
-use crate::tensor::{NamedTensor, TensorSpec, check_tensor_name};
+use crate::tensor::{DYNAMIC_DIM, NamedTensor, TensorSpec, check_tensor_name, element_count};
 
 /// How the payload's model bytes are encoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,10 +209,19 @@ impl Manifest {
         if self.inputs.is_empty() || self.outputs.is_empty() {
             return bad("a model needs at least one input and one output".into());
         }
-        for specs in [&self.inputs, &self.outputs] {
+        for (kind, specs) in [("input", &self.inputs), ("output", &self.outputs)] {
             for (i, s) in specs.iter().enumerate() {
                 check_tensor_name(&s.name)?;
-                s.element_count()?;
+                if kind == "input" && s.has_dynamic_dims() {
+                    return bad(format!("input {:?} has a dynamic dimension", s.name));
+                }
+                // Outputs: the fixed dimensions (a dynamic one counts as 1).
+                let fixed: Vec<u64> = s
+                    .shape
+                    .iter()
+                    .map(|&d| if d == DYNAMIC_DIM { 1 } else { d })
+                    .collect();
+                element_count(&fixed)?;
                 if specs[..i].iter().any(|o| o.name == s.name) {
                     return bad(format!("tensor name {:?} appears twice", s.name));
                 }
@@ -277,16 +286,16 @@ fn check_case_tensors(
                 format!("golden case {case} lacks {kind} {:?}", spec.name),
             )
         })?;
-        if t.tensor.dtype() != spec.dtype || t.tensor.shape() != spec.shape.as_slice() {
+        if t.tensor.dtype() != spec.dtype || !spec.admits(t.tensor.shape()) {
             return Err(Error::invalid(
                 "manifest",
                 format!(
-                    "golden case {case} {kind} {:?} is {}{:?}, the model declares {}{:?}",
+                    "golden case {case} {kind} {:?} is {}{:?}, the model declares {}{}",
                     spec.name,
                     t.tensor.dtype(),
                     t.tensor.shape(),
                     spec.dtype,
-                    spec.shape
+                    spec.shape_text()
                 ),
             ));
         }

@@ -104,6 +104,12 @@ impl std::fmt::Display for DType {
     }
 }
 
+/// An output dimension the model computes from its input values
+/// (`NonZero`, `NonMaxSuppression`, a `TopK` whose k is computed): its
+/// size is known only once the model has run. Inputs never have one. In
+/// JSON views it is `null`; in text, `?`.
+pub const DYNAMIC_DIM: u64 = u64::MAX;
+
 /// Name, dtype and shape of a model input or output.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TensorSpec {
@@ -116,12 +122,71 @@ impl TensorSpec {
     pub fn element_count(&self) -> Result<u64> {
         element_count(&self.shape)
     }
+
+    /// Whether a dimension is [`DYNAMIC_DIM`].
+    pub fn has_dynamic_dims(&self) -> bool {
+        self.shape.contains(&DYNAMIC_DIM)
+    }
+
+    /// Whether a tensor of `shape` fits this spec: the same rank, and every
+    /// dimension equal unless the spec's is [`DYNAMIC_DIM`].
+    pub fn admits(&self, shape: &[u64]) -> bool {
+        shape.len() == self.shape.len()
+            && self
+                .shape
+                .iter()
+                .zip(shape)
+                .all(|(&s, &d)| s == DYNAMIC_DIM || s == d)
+    }
+
+    /// The shape for JSON views: a dynamic dimension is `None` (`null`).
+    pub fn json_shape(&self) -> Vec<Option<u64>> {
+        self.shape
+            .iter()
+            .map(|&d| (d != DYNAMIC_DIM).then_some(d))
+            .collect()
+    }
+
+    /// The shape for text: `[1, 3, 48, 192]`, a dynamic dimension as `?`.
+    pub fn shape_text(&self) -> String {
+        let dims: Vec<String> = self
+            .shape
+            .iter()
+            .map(|&d| {
+                if d == DYNAMIC_DIM {
+                    "?".to_string()
+                } else {
+                    d.to_string()
+                }
+            })
+            .collect();
+        format!("[{}]", dims.join(", "))
+    }
 }
 
 impl std::fmt::Display for TensorSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}{:?}", self.name, self.dtype, self.shape)
+        write!(f, "{} {}{}", self.name, self.dtype, self.shape_text())
     }
+}
+
+/// Serializes specs for JSON views (`/v1/model`): as the derived form,
+/// with [`TensorSpec::json_shape`] for the shape.
+pub fn serialize_specs_json<S: serde::Serializer>(
+    specs: &[TensorSpec],
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct View<'a> {
+        name: &'a str,
+        dtype: DType,
+        shape: Vec<Option<u64>>,
+    }
+    s.collect_seq(specs.iter().map(|t| View {
+        name: &t.name,
+        dtype: t.dtype,
+        shape: t.json_shape(),
+    }))
 }
 
 /// Number of elements of a shape, with overflow and rank checks.

@@ -390,6 +390,33 @@ fn signing_refuses_an_inconsistent_manifest() {
     assert_eq!(Signed::sign(&m, &[&key(1)]).unwrap_err().code(), "invalid");
 }
 
+/// An output whose size the model computes from its input values has a
+/// dynamic dimension: any golden count fits it, the rank and the fixed
+/// dimensions must still match, and an input may never have one.
+#[test]
+fn dynamic_output_dimensions_admit_any_size_and_inputs_have_none() {
+    use edgefleet_wire::tensor::DYNAMIC_DIM;
+    let (mut m, _) = manifest_for(&payload(), 1);
+    m.outputs[0].shape = vec![DYNAMIC_DIM, 1];
+    let rows = |n: usize| Tensor::from_f32(vec![n as u64, 1], &vec![0.5; n]).unwrap();
+    for n in [0, 1, 7] {
+        m.golden.cases[0].outputs[0].tensor = rows(n);
+        Signed::sign(&m, &[&key(1)]).unwrap();
+    }
+    assert_eq!(m.outputs[0].to_string(), "y f32[?, 1]");
+    assert_eq!(m.outputs[0].json_shape(), [None, Some(1)]);
+
+    m.golden.cases[0].outputs[0].tensor = Tensor::from_f32(vec![3, 2], &[0.5; 6]).unwrap();
+    assert_eq!(Signed::sign(&m, &[&key(1)]).unwrap_err().code(), "invalid");
+    m.golden.cases[0].outputs[0].tensor = Tensor::from_f32(vec![3], &[0.5; 3]).unwrap();
+    assert_eq!(Signed::sign(&m, &[&key(1)]).unwrap_err().code(), "invalid");
+
+    let (mut m, _) = manifest_for(&payload(), 1);
+    m.inputs[0].shape = vec![1, DYNAMIC_DIM];
+    let e = Signed::sign(&m, &[&key(1)]).unwrap_err();
+    assert!(e.to_string().contains("dynamic dimension"), "{e}");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
