@@ -143,22 +143,42 @@ fn drift_baseline(
             ))
         })?;
         let shape = a.tensor.shape();
-        let sample_shape: Vec<u64> = spec.shape.clone();
-        let per: u64 = sample_shape.iter().product();
-        // [N, ...spec without its batch of 1] or [N, ...spec].
-        let n = if shape.len() == sample_shape.len() && shape[1..] == sample_shape[1..] {
-            shape[0] * sample_shape[0]
+        let spec_shape = spec.shape.as_slice();
+        let per: u64 = spec_shape.iter().product();
+        // [N, ...the input's shape]: N whole inputs; or [rows, ...the
+        // input's shape after its batch axis]: rows stacked on the batch
+        // axis, each model run taking as many as the input's batch.
+        let batch = spec_shape.first().copied().unwrap_or(1);
+        let n = if shape.len() == spec_shape.len() + 1 && &shape[1..] == spec_shape {
+            shape[0]
+        } else if !spec_shape.is_empty()
+            && shape.len() == spec_shape.len()
+            && shape[1..] == spec_shape[1..]
+            && batch > 0
+            && shape[0] % batch == 0
+        {
+            shape[0] / batch
         } else {
+            let dims = |d: &[u64]| d.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
+            let mut expected = format!("[N, {}]", dims(spec_shape));
+            if let Some((_, rest)) = spec_shape.split_first() {
+                expected = format!(
+                    "{expected} or [rows, {}] with rows a multiple of {batch}",
+                    dims(rest)
+                );
+            }
             return Err(bad(format!(
-                "{:?} has shape {shape:?}; expected [N, {}]",
-                spec.name,
-                sample_shape[1..]
-                    .iter()
-                    .map(u64::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                "{:?} has shape {shape:?}; expected {expected}",
+                spec.name
             )));
-        } / sample_shape[0].max(1);
+        };
+        if n.checked_mul(per) != Some(a.tensor.element_count() as u64) {
+            return Err(bad(format!(
+                "{:?} has {} elements, not {n} inputs of {per}",
+                spec.name,
+                a.tensor.element_count()
+            )));
+        }
         if n_samples.is_some_and(|m| m != n) {
             return Err(bad("arrays have different sample counts".into()));
         }
@@ -177,6 +197,16 @@ fn drift_baseline(
         let mut inputs = Vec::new();
         for (spec, a, per) in &per_input {
             let start = i * *per as usize;
+            if a.tensor.dtype() == spec.dtype {
+                // Any dtype (u8 camera frames, bool masks): the sample's bytes.
+                let size = spec.dtype.size();
+                let bytes = a.tensor.data()[start * size..(start + *per as usize) * size].to_vec();
+                inputs.push(NamedTensor {
+                    name: spec.name.clone(),
+                    tensor: Tensor::from_bytes(spec.dtype, spec.shape.clone(), bytes)?,
+                });
+                continue;
+            }
             let values: Vec<f64> = (start..start + *per as usize)
                 .map(|k| a.tensor.get_f64(k))
                 .collect();
@@ -192,8 +222,9 @@ fn drift_baseline(
                 ),
                 other => {
                     return Err(bad(format!(
-                        "input {:?} has dtype {other}; baselines support f32, f64, i64 inputs",
-                        spec.name
+                        "{:?} has dtype {}, the model's input {other}; give it as {other}",
+                        spec.name,
+                        a.tensor.dtype()
                     )));
                 }
             }?;

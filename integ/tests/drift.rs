@@ -21,7 +21,7 @@ use edge_agent::metrics::Metrics;
 use edgefleet_wire::bundle::Limits;
 use edgefleet_wire::keys::signing_key_from_seed;
 use edgefleet_wire::manifest::{DriftBaseline, NonFiniteInputs, TargetArch};
-use edgefleet_wire::npz::{NpzLimits, read_npz};
+use edgefleet_wire::npz::{NpzLimits, read_npz, to_npz_bytes};
 use edgefleet_wire::tensor::{NamedTensor, Tensor};
 use edgefleet_wire::verify::TrustRoot;
 use fleetctl::pack::{PackRequest, pack};
@@ -61,6 +61,84 @@ fn with_baseline(dir: &str, file: &str, calib: u64) -> (Vec<u8>, DriftBaseline) 
     assert_eq!(b.inputs.len(), 6, "mean and std of 3 channels");
     assert!(b.output.is_some());
     (packed.bundle, b)
+}
+
+/// The first `rows` rows of `t`, with `shape` (same element count).
+fn rows(t: &Tensor, rows: usize, shape: Vec<u64>) -> Tensor {
+    let row_bytes = t.data().len() / t.shape()[0] as usize;
+    Tensor::from_bytes(t.dtype(), shape, t.data()[..rows * row_bytes].to_vec()).unwrap()
+}
+
+/// For an input whose golden file has a batch of 2, calibration rows
+/// stacked on the batch axis make one sample per 2 rows, and whole inputs
+/// (`[N, 2, ...]`) one each; a row count that does not divide is refused
+/// with the shapes the packer takes (it used to read past the array and
+/// panic).
+#[test]
+fn calibration_for_a_batched_input_is_split_into_whole_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let read = |p: &str| {
+        let f = std::fs::File::open(repo(p)).unwrap();
+        read_npz(std::io::BufReader::new(f), NpzLimits::default()).unwrap()
+    };
+    let write = |file: &str, t: &NamedTensor| {
+        let path = dir.path().join(file);
+        std::fs::write(&path, to_npz_bytes(std::slice::from_ref(t)).unwrap()).unwrap();
+        path
+    };
+    let (a, b) = (
+        &read("models/cls/golden/in_0.npz")[0],
+        &read("models/cls/golden/in_1.npz")[0],
+    );
+    let pair = [a.tensor.data(), b.tensor.data()].concat();
+    let batched = NamedTensor::new(
+        a.name.clone(),
+        Tensor::from_bytes(a.tensor.dtype(), vec![2, 3, 48, 192], pair).unwrap(),
+    );
+    let golden = write("in.npz", &batched);
+    let calib = read("models/cls/drift/calib.npz").remove(0);
+    let pack_with = |baseline: std::path::PathBuf| {
+        pack(&PackRequest {
+            model: repo("models/cls/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+            name: "cls".parse().unwrap(),
+            version: semver::Version::new(1, 0, 0),
+            sequence: 1,
+            golden_inputs: vec![golden.clone()],
+            golden_outputs: Vec::new(),
+            tolerance: 1e-4,
+            keys: vec![signing_key_from_seed([1; 32])],
+            now: edgefleet_wire::time::unix_now(),
+            expires_in: 86_400,
+            nnef: false,
+            targets: TargetArch::ALL.to_vec(),
+            min_agent_version: semver::Version::new(0, 1, 0),
+            non_finite_inputs: NonFiniteInputs::Reject,
+            baseline: Some(baseline),
+            max_latency_ms: None,
+        })
+    };
+    let samples = |r: fleetctl::error::Result<fleetctl::pack::Packed>| {
+        r.unwrap().manifest.drift_baseline.unwrap().samples
+    };
+    let as_rows = |n: usize| {
+        NamedTensor::new(
+            calib.name.clone(),
+            rows(&calib.tensor, n, vec![n as u64, 3, 48, 192]),
+        )
+    };
+    assert_eq!(samples(pack_with(write("rows.npz", &as_rows(6)))), 3);
+    let whole = NamedTensor::new(
+        calib.name.clone(),
+        rows(&calib.tensor, 6, vec![3, 2, 3, 48, 192]),
+    );
+    assert_eq!(samples(pack_with(write("whole.npz", &whole))), 3);
+    let e = pack_with(write("odd.npz", &as_rows(5)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("[N, 2, 3, 48, 192] or [rows, 3, 48, 192] with rows a multiple of 2"),
+        "{e}"
+    );
 }
 
 fn cls_with_baseline() -> Vec<u8> {
