@@ -29,21 +29,21 @@ use fleetctl::pack::{PackRequest, pack};
 use common::repo;
 use integ::common;
 
-/// A signed bundle of `models/{dir}` with the baseline from its
-/// `drift/calib.npz`, and that baseline.
-fn with_baseline(dir: &str, file: &str, calib: u64) -> (Vec<u8>, DriftBaseline) {
-    let golden = |k: &str| {
-        (0..2)
-            .map(|i| repo(&format!("models/{dir}/golden/{k}_{i}.npz")))
-            .collect::<Vec<_>>()
-    };
-    let packed = pack(&PackRequest {
-        model: repo(&format!("models/{dir}/{file}")),
-        name: dir.parse().unwrap(),
+/// Packing `model` as `name` 1.0.0 with these golden (input, output)
+/// files and the drift baseline from `baseline`.
+fn request(
+    name: &str,
+    model: std::path::PathBuf,
+    (golden_inputs, golden_outputs): (Vec<std::path::PathBuf>, Vec<std::path::PathBuf>),
+    baseline: std::path::PathBuf,
+) -> PackRequest {
+    PackRequest {
+        model,
+        name: name.parse().unwrap(),
         version: semver::Version::new(1, 0, 0),
         sequence: 1,
-        golden_inputs: golden("in"),
-        golden_outputs: golden("out"),
+        golden_inputs,
+        golden_outputs,
         tolerance: 1e-4,
         keys: vec![signing_key_from_seed([1; 32])],
         now: edgefleet_wire::time::unix_now(),
@@ -52,9 +52,25 @@ fn with_baseline(dir: &str, file: &str, calib: u64) -> (Vec<u8>, DriftBaseline) 
         targets: TargetArch::ALL.to_vec(),
         min_agent_version: semver::Version::new(0, 1, 0),
         non_finite_inputs: NonFiniteInputs::Reject,
-        baseline: Some(repo(&format!("models/{dir}/drift/calib.npz"))),
+        baseline: Some(baseline),
         max_latency_ms: None,
-    })
+    }
+}
+
+/// A signed bundle of `models/{dir}` with the baseline from its
+/// `drift/calib.npz`, and that baseline.
+fn with_baseline(dir: &str, file: &str, calib: u64) -> (Vec<u8>, DriftBaseline) {
+    let golden = |k: &str| {
+        (0..2)
+            .map(|i| repo(&format!("models/{dir}/golden/{k}_{i}.npz")))
+            .collect::<Vec<_>>()
+    };
+    let packed = pack(&request(
+        dir,
+        repo(&format!("models/{dir}/{file}")),
+        (golden("in"), golden("out")),
+        repo(&format!("models/{dir}/drift/calib.npz")),
+    ))
     .unwrap();
     let b = packed.manifest.drift_baseline.clone().unwrap();
     assert_eq!(b.samples, calib);
@@ -98,24 +114,12 @@ fn calibration_for_a_batched_input_is_split_into_whole_inputs() {
     let golden = write("in.npz", &batched);
     let calib = read("models/cls/drift/calib.npz").remove(0);
     let pack_with = |baseline: std::path::PathBuf| {
-        pack(&PackRequest {
-            model: repo("models/cls/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
-            name: "cls".parse().unwrap(),
-            version: semver::Version::new(1, 0, 0),
-            sequence: 1,
-            golden_inputs: vec![golden.clone()],
-            golden_outputs: Vec::new(),
-            tolerance: 1e-4,
-            keys: vec![signing_key_from_seed([1; 32])],
-            now: edgefleet_wire::time::unix_now(),
-            expires_in: 86_400,
-            nnef: false,
-            targets: TargetArch::ALL.to_vec(),
-            min_agent_version: semver::Version::new(0, 1, 0),
-            non_finite_inputs: NonFiniteInputs::Reject,
-            baseline: Some(baseline),
-            max_latency_ms: None,
-        })
+        pack(&request(
+            "cls",
+            repo("models/cls/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+            (vec![golden.clone()], Vec::new()),
+            baseline,
+        ))
     };
     let samples = |r: fleetctl::error::Result<fleetctl::pack::Packed>| {
         r.unwrap().manifest.drift_baseline.unwrap().samples

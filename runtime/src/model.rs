@@ -866,6 +866,14 @@ mod tests {
         edgefleet_wire::npz::read_npz(f, edgefleet_wire::npz::NpzLimits::default()).unwrap()
     }
 
+    /// `models/{dir}/{file}`, its first golden inputs and their specs.
+    fn model_and_inputs(dir: &str, file: &str) -> (Vec<u8>, Vec<NamedTensor>, Vec<TensorSpec>) {
+        let bytes = std::fs::read(repo(&format!("models/{dir}/{file}"))).unwrap();
+        let inputs = golden(dir, "in_0");
+        let specs = inputs.iter().map(NamedTensor::spec).collect();
+        (bytes, inputs, specs)
+    }
+
     /// The tar's members, with `edit` applied to each (name, data);
     /// returning `None` drops the member.
     fn rewrite_tar(tar: &[u8], edit: impl Fn(&str, Vec<u8>) -> Option<Vec<u8>>) -> Vec<u8> {
@@ -1048,9 +1056,7 @@ mod tests {
     #[cfg(feature = "onnx")]
     #[test]
     fn a_model_tract_cannot_write_as_nnef_gets_the_export_error() {
-        let onnx = std::fs::read(repo("models/cls-int8/cls_int8.onnx")).unwrap();
-        let inputs = golden("cls-int8", "in_0");
-        let specs: Vec<_> = inputs.iter().map(NamedTensor::spec).collect();
+        let (onnx, _, specs) = model_and_inputs("cls-int8", "cls_int8.onnx");
         let e = onnx_to_nnef(&onnx, &specs).unwrap_err();
         assert_eq!(e.code(), "nnef_export_failed");
         let msg = e.to_string();
@@ -1182,9 +1188,7 @@ mod tests {
             ("rec", "ch_PP-OCRv4_rec_infer.onnx"),
             ("multi", "multi_io.onnx"),
         ] {
-            let onnx = std::fs::read(repo(&format!("models/{dir}/{file}"))).unwrap();
-            let inputs = golden(dir, "in_0");
-            let specs: Vec<_> = inputs.iter().map(NamedTensor::spec).collect();
+            let (onnx, inputs, specs) = model_and_inputs(dir, file);
             let tar = onnx_to_nnef(&onnx, &specs).unwrap();
 
             let names = member_names(&tar);
@@ -1234,9 +1238,7 @@ mod tests {
     /// no graph.nnef at all is refused with a load error, as before.
     #[test]
     fn a_damaged_stored_graph_falls_back_and_a_missing_graph_is_refused() {
-        let onnx = std::fs::read(repo("models/multi/multi_io.onnx")).unwrap();
-        let inputs = golden("multi", "in_0");
-        let specs: Vec<_> = inputs.iter().map(NamedTensor::spec).collect();
+        let (onnx, inputs, specs) = model_and_inputs("multi", "multi_io.onnx");
         let tar = onnx_to_nnef(&onnx, &specs).unwrap();
         let damaged = rewrite_tar(&tar, |n, mut d| {
             if n == graph_ast::MEMBER {
