@@ -311,13 +311,25 @@ fn worker(
                 }
                 Err(e)
             }
-            Err(_) => {
+            Err(panic) => {
                 // A panicking op may leave the state inconsistent: rebuild it.
                 metrics.worker_panics.fetch_add(1, Ordering::Relaxed);
                 stats.panics.fetch_add(1, Ordering::Relaxed);
                 current = None;
+                // What tract said (e.g. a Gather index past its table: an
+                // input value the model cannot take), one line, bounded.
+                let said = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .map(|m| {
+                        let line = m.lines().next().unwrap_or_default();
+                        let end = line.floor_char_boundary(200);
+                        format!(" ({})", &line[..end])
+                    })
+                    .unwrap_or_default();
                 Err(RuntimeError::Inference {
-                    detail: "the inference worker panicked; the session was rebuilt".into(),
+                    detail: format!("the inference worker panicked{said}; the session was rebuilt"),
                 })
             }
         };

@@ -593,6 +593,43 @@ async fn a_full_queue_answers_503_with_retry_after() {
     assert_eq!(server.engine.queue_depth(), 0);
 }
 
+/// tract panics on some input values it cannot take (a Gather index past
+/// its table). The worker catches it and answers 500 with what tract
+/// said, counts it, rebuilds its session, and the next request is served.
+#[tokio::test]
+async fn an_input_that_makes_tract_panic_gets_an_error_and_the_model_keeps_serving() {
+    let server = serve(Some(&MULTI), EngineConfig::default(), ApiConfig::default()).await;
+    let case = &cases(&MULTI)[0];
+    let mut bad = case.inputs.clone();
+    let ids = &mut bad
+        .iter_mut()
+        .find(|t| t.name == "step/ids")
+        .unwrap()
+        .tensor;
+    *ids = Tensor::from_i64(ids.shape().to_vec(), &vec![1_000_000; ids.element_count()]).unwrap();
+    let (status, body, _) = post_json(&server.url, &json_inputs(&bad)).await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error"]["code"], "inference_failed", "{body}");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("worker panicked (") && msg.contains("the session was rebuilt"),
+        "{msg}"
+    );
+    let panics = server
+        .metrics
+        .worker_panics
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(panics, 1);
+
+    let (status, body, _) = post_json(&server.url, &json_inputs(&case.inputs)).await;
+    assert_eq!(status, 200, "{body}");
+    for expected in &case.outputs {
+        let got = tensor_from_json(&body["outputs"][&expected.name]);
+        let diff = max_abs_diff(&got, &expected.tensor).unwrap();
+        assert!(diff.max_abs <= 1e-5, "{}: {diff:?}", expected.name);
+    }
+}
+
 #[tokio::test]
 async fn exposes_prometheus_metrics() {
     let server = serve(Some(&CLS), EngineConfig::default(), ApiConfig::default()).await;
