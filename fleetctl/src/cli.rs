@@ -1130,9 +1130,8 @@ fn inspect_cmd(file: &Path, as_json: bool) -> Result<()> {
 
 fn manifest_json(m: &Manifest, key_ids: &[String]) -> serde_json::Value {
     let specs = |v: &[edgefleet_wire::tensor::TensorSpec]| {
-        v.iter()
-            .map(|s| json!({"name": s.name, "dtype": s.dtype, "shape": s.json_shape()}))
-            .collect::<Vec<_>>()
+        edgefleet_wire::tensor::serialize_specs_json(v, serde_json::value::Serializer)
+            .unwrap_or_default()
     };
     json!({
         "name": m.name,

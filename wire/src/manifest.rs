@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::names::ModelName;
-use crate::tensor::{DYNAMIC_DIM, NamedTensor, TensorSpec, check_tensor_name, element_count};
+use crate::tensor::{NamedTensor, TensorSpec, check_tensor_name};
 
 /// How the payload's model bytes are encoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -215,13 +215,7 @@ impl Manifest {
                 if kind == "input" && s.has_dynamic_dims() {
                     return bad(format!("input {:?} has a dynamic dimension", s.name));
                 }
-                // Outputs: the fixed dimensions (a dynamic one counts as 1).
-                let fixed: Vec<u64> = s
-                    .shape
-                    .iter()
-                    .map(|&d| if d == DYNAMIC_DIM { 1 } else { d })
-                    .collect();
-                element_count(&fixed)?;
+                s.fixed_element_count()?;
                 if specs[..i].iter().any(|o| o.name == s.name) {
                     return bad(format!("tensor name {:?} appears twice", s.name));
                 }

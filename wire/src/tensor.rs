@@ -123,6 +123,17 @@ impl TensorSpec {
         element_count(&self.shape)
     }
 
+    /// Elements of the fixed dimensions (a dynamic one counts as 1), with
+    /// the rank and overflow checks of [`element_count`].
+    pub fn fixed_element_count(&self) -> Result<u64> {
+        let fixed: Vec<u64> = self
+            .shape
+            .iter()
+            .map(|&d| if d == DYNAMIC_DIM { 1 } else { d })
+            .collect();
+        element_count(&fixed)
+    }
+
     /// Whether a dimension is [`DYNAMIC_DIM`].
     pub fn has_dynamic_dims(&self) -> bool {
         self.shape.contains(&DYNAMIC_DIM)
