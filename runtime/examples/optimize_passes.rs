@@ -28,6 +28,7 @@ fn main() -> TractResult<()> {
     let mut model = tract_onnx::onnx().model_for_path(&path)?;
     model.set_input_fact(0, f32::fact(&shape).into())?;
     let typed = model.into_typed()?;
+    let typed_again = typed.clone();
     let mut declutter = Vec::new();
     for _ in 0..repeats {
         let t = Instant::now();
@@ -52,6 +53,25 @@ fn main() -> TractResult<()> {
         median_ms(&mut declutter),
         optimize[0].as_secs_f64() * 1e3,
         median_ms(&mut optimize)
+    );
+
+    // The same, through edgefleet_runtime::optimizer (no duplicate scan).
+    let mut ours_declutter = Vec::new();
+    let mut ours_optimize = Vec::new();
+    for _ in 0..repeats {
+        let mut m = typed_again.clone();
+        let t = Instant::now();
+        edgefleet_runtime::optimizer::declutter(&mut m)?;
+        ours_declutter.push(t.elapsed());
+        let mut m = decluttered.clone();
+        let t = Instant::now();
+        edgefleet_runtime::optimizer::optimize(&mut m)?;
+        ours_optimize.push(t.elapsed());
+    }
+    println!(
+        "edgefleet optimizer: declutter median {:.1} ms; optimize median {:.1} ms",
+        median_ms(&mut ours_declutter),
+        median_ms(&mut ours_optimize)
     );
 
     // The same passes, one patch at a time, counting what each applies.

@@ -19,6 +19,7 @@ pub mod model;
 mod nnef_ops;
 #[cfg(feature = "onnx")]
 pub mod onnx_external;
+pub mod optimizer;
 pub mod threads;
 
 pub use error::{Result, RuntimeError};

@@ -22,6 +22,7 @@ use tract_onnx_opl::WithOnnx;
 
 use crate::error::{Result, RuntimeError};
 use crate::graph_ast;
+use crate::optimizer;
 
 #[cfg(target_endian = "big")]
 compile_error!("edgefleet's tensor encoding assumes a little-endian target");
@@ -266,10 +267,10 @@ impl Model {
             // these same input shapes: decluttering it again finds nothing.
             ModelFormat::Nnef => {
                 let mut m = typed;
-                m.optimize().map_err(load_err)?;
+                optimizer::optimize(&mut m).map_err(load_err)?;
                 m
             }
-            ModelFormat::Onnx => typed.into_optimized().map_err(load_err)?,
+            ModelFormat::Onnx => optimizer::into_optimized(typed).map_err(load_err)?,
         };
         let mut model = Model::from_optimized(optimized, inputs)?;
         model.timings = LoadTimings {
@@ -425,7 +426,7 @@ impl Model {
 /// Applies the manifest's input shapes and types the model, without
 /// optimizing (NNEF export needs the decluttered, not the optimized, form).
 /// The flag says whether an NNEF graph came pre-parsed ([`read_nnef`]).
-fn pinned_typed(
+pub(crate) fn pinned_typed(
     format: ModelFormat,
     bytes: &[u8],
     inputs: &[TensorSpec],
@@ -483,10 +484,8 @@ fn check_declared(declared: &[String], inputs: &[TensorSpec]) -> Result<()> {
 /// Converts an ONNX model to a decluttered tract NNEF tar (FACTS.md: the
 /// optimized form has no serializer; devices optimize after loading).
 pub fn onnx_to_nnef(bytes: &[u8], inputs: &[TensorSpec]) -> Result<Vec<u8>> {
-    let mut model = pinned_typed(ModelFormat::Onnx, bytes, inputs)?
-        .0
-        .into_decluttered()
-        .map_err(load_err)?;
+    let mut model = pinned_typed(ModelFormat::Onnx, bytes, inputs)?.0;
+    optimizer::declutter(&mut model).map_err(load_err)?;
     // tract 0.23.9 writes string properties with Rust's `{:?}` escaping,
     // which its own NNEF parser cannot read back (PP-OCRv4 rec keeps its
     // 6625-character dictionary in ONNX metadata). Such properties are not

@@ -1,0 +1,370 @@
+//! tract's `declutter()` and `optimize()`, driven here so that each patch
+//! costs what it changes, not the size of the graph.
+//!
+//! tract 0.23.9 optimizes a model by applying hundreds of small patches,
+//! one at a time (`OptimizerSession::optimize`): 757 for cls, 778 for rec
+//! (scripts/bench_notes.md). Its `ModelPatch::apply`, for every node a
+//! patch adds, first compares that node's op with the op of every node in
+//! the graph, looking for a duplicate to reuse, and then adds the node
+//! anyway: on a match the loop only moves on to the next candidate, so the
+//! scan decides nothing (tract-core's `model/patch.rs`). It is most of the
+//! time a load spends optimizing, and it grows with nodes × patches.
+//!
+//! [`declutter`] and [`optimize`] run tract's own passes, in tract's order,
+//! with tract's round structure, loop watchdog and compaction, and apply
+//! each patch with [`apply`]: the same edits as tract's `apply`, in the
+//! same order, without that scan. The graph that comes out is the one
+//! tract's own `optimize()` produces, node for node (the tests compare
+//! them on every model in `models/`).
+//!
+//! One difference, deliberately kept small: a pass that optimizes a nested
+//! body (a `Scan`'s, for LSTM/GRU) does so through tract's session, with
+//! tract's `apply`, and its loop watchdog is that session's, not ours.
+
+use std::collections::{HashMap, HashSet};
+
+use tract_nnef::internal::*;
+use tract_nnef::tract_core::model::{STAGE_OPTIMIZED, TRACT_STAGE};
+use tract_nnef::tract_core::optim::Optimizer;
+
+/// `TypedModel::declutter`, with [`apply`].
+pub fn declutter(model: &mut TypedModel) -> TractResult<()> {
+    run(&Optimizer::declutter(), model)
+}
+
+/// `TypedModel::optimize` (codegen), with [`apply`]; marks the model
+/// optimized as tract does.
+pub fn optimize(model: &mut TypedModel) -> TractResult<()> {
+    run(&Optimizer::codegen(), model)?;
+    model.properties.insert(
+        TRACT_STAGE.to_string(),
+        rctensor0(STAGE_OPTIMIZED.to_string()),
+    );
+    Ok(())
+}
+
+/// `into_optimized()`: [`declutter`] then [`optimize`].
+pub fn into_optimized(mut model: TypedModel) -> TractResult<TypedModel> {
+    declutter(&mut model)?;
+    optimize(&mut model)?;
+    Ok(model)
+}
+
+/// `OptimizerSession::optimize`: rounds of every pass until a round
+/// applies no patch; each pass repeats until it applies none.
+fn run(optimizer: &Optimizer, model: &mut TypedModel) -> TractResult<()> {
+    let _proof_session = model.symbols.proof_cache_session();
+    let mut session = optimizer.session();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut applied = 0usize;
+    model
+        .compact()
+        .context("during optimizer preflight compaction")?;
+    model
+        .check_names()
+        .context("after optimizer preflight compaction")?;
+    let mut names = Names::of(model);
+    loop {
+        let before = applied;
+        let mut passes = optimizer.passes.clone();
+        for pass in passes.iter_mut() {
+            loop {
+                let pass_before = applied;
+                pass.reset()?;
+                while let Some(mut patch) = pass.next(&mut session, model)? {
+                    if let Some(watchdog) = patch.dont_apply_twice.take()
+                        && !seen.insert(watchdog)
+                    {
+                        continue;
+                    }
+                    apply(patch, model, &mut names)
+                        .with_context(|| format!("running pass {pass:?}"))?;
+                    applied += 1;
+                }
+                if pass.run_direct(model)? {
+                    names = Names::of(model);
+                }
+                if applied == pass_before {
+                    break;
+                }
+                compact(model, &mut names).with_context(|| format!("after pass {pass:?}"))?;
+            }
+            compact(model, &mut names)?;
+        }
+        if applied == before {
+            return Ok(());
+        }
+        compact(model, &mut names)?;
+    }
+}
+
+/// `compact()` drops the dummies, and their names with them.
+fn compact(model: &mut TypedModel, names: &mut Names) -> TractResult<()> {
+    let len = model.nodes.len();
+    model.compact()?;
+    if model.nodes.len() != len {
+        *names = Names::of(model);
+    }
+    Ok(())
+}
+
+/// How many nodes of the graph bear each name: what tract's
+/// `unique_name` finds by comparing with every node, kept up to date by
+/// [`apply`] and rebuilt when `compact()` drops nodes.
+struct Names(HashMap<String, usize>);
+
+impl Names {
+    fn of(model: &TypedModel) -> Names {
+        let mut count: HashMap<String, usize> = HashMap::with_capacity(model.nodes.len());
+        for node in &model.nodes {
+            *count.entry(node.name.clone()).or_default() += 1;
+        }
+        Names(count)
+    }
+
+    fn count(&self, name: &str) -> usize {
+        self.0.get(name).copied().unwrap_or(0)
+    }
+
+    fn add(&mut self, name: &str) {
+        *self.0.entry(name.to_string()).or_default() += 1;
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Some(c) = self.0.get_mut(name) {
+            *c -= 1;
+            if *c == 0 {
+                self.0.remove(name);
+            }
+        }
+    }
+
+    fn rename(&mut self, node: &mut TypedNode, name: String) {
+        self.remove(&node.name);
+        self.add(&name);
+        node.name = name;
+    }
+}
+
+/// `ModelPatch::apply` without the duplicate scan (see the module doc):
+/// adds the patch's nodes, moves the shunted wires' consumers, wires the
+/// new nodes, turns the obliterated and the now unused nodes into dummies
+/// (which the next `compact()` drops), and makes the new nodes' names
+/// unique.
+fn apply(patch: TypedModelPatch, target: &mut TypedModel, names: &mut Names) -> TractResult<()> {
+    let TypedModelPatch {
+        model: patch,
+        taps: mut mapping,
+        shunts,
+        obliterate,
+        inputs: replaced_inputs,
+        ..
+    } = patch;
+    let mut all_inputs: Vec<(usize, Vec<OutletId>)> = Vec::new();
+    let mut model_input_outlets = target.input_outlets()?.to_vec();
+    let mut new_nodes = Vec::new();
+    for node in patch.nodes {
+        if TypedModel::is_source(&node.op) && mapping.contains_key(&OutletId::new(node.id, 0)) {
+            // a tap: the wire it stands for is already in the target
+            continue;
+        }
+        let Node {
+            id: patch_node_id,
+            name,
+            inputs,
+            op,
+            outputs,
+        } = node;
+        let n_outputs = outputs.len();
+        let facts = outputs.into_iter().map(|o| o.fact).collect();
+        names.add(&name);
+        let added = target.add_node(name, op, facts)?;
+        new_nodes.push(added);
+        for ix in 0..n_outputs {
+            mapping.insert(OutletId::new(patch_node_id, ix), OutletId::new(added, ix));
+        }
+        all_inputs.push((added, inputs));
+        if TypedModel::is_source(&target.node(added).op) {
+            // an input replacement
+            let replaced = replaced_inputs.get(&patch_node_id).copied();
+            for outlet in model_input_outlets.iter_mut() {
+                if Some(outlet.node) == replaced {
+                    outlet.node = added;
+                }
+            }
+        }
+    }
+    let mut shunts: Vec<(OutletId, OutletId)> = shunts.into_iter().collect();
+    shunts.sort();
+    for &(outlet, by) in &shunts {
+        let replace_by = mapping[&by];
+        let succs = target.nodes()[outlet.node].outputs[outlet.slot]
+            .successors
+            .clone();
+        for succ in succs {
+            target.add_edge(replace_by, succ)?;
+        }
+        for o in target.outputs.iter_mut() {
+            if *o == outlet {
+                *o = replace_by;
+            }
+        }
+        if let Some(label) = target.outlet_labels.remove(&outlet) {
+            target.set_outlet_label(replace_by, label)?;
+        }
+    }
+    // new node ids increase in insertion order: this is tract's sorted order
+    for (node, inputs) in &all_inputs {
+        for (ix, input) in inputs.iter().enumerate() {
+            target.add_edge(mapping[input], InletId::new(*node, ix))?;
+        }
+    }
+    for node in obliterate {
+        target.node_mut(node).op = target.create_dummy();
+    }
+    target.set_input_outlets(&model_input_outlets)?;
+    collect_garbage(
+        target,
+        names,
+        shunts.iter().map(|(outlet, _)| outlet.node).collect(),
+    );
+    unique_names(target, names, &new_nodes);
+    Ok(())
+}
+
+/// Nodes whose outputs nobody reads any more (starting from the shunted
+/// ones, then their inputs) become dummies.
+fn collect_garbage(target: &mut TypedModel, names: &mut Names, mut maybe: Vec<usize>) {
+    let mut queued: HashSet<usize> = maybe.iter().copied().collect();
+    while let Some(id) = maybe.pop() {
+        queued.remove(&id);
+        if target.outputs.iter().any(|o| o.node == id)
+            || target.inputs.iter().any(|i| i.node == id)
+            || !target
+                .node(id)
+                .outputs
+                .iter()
+                .all(|o| o.successors.is_empty())
+        {
+            continue;
+        }
+        let dummy = target.create_dummy();
+        let node = target.node_mut(id);
+        node.op = dummy;
+        names.rename(node, format!("Dummy-node-{id}"));
+        node.outputs.clear();
+        let inputs = std::mem::take(&mut node.inputs);
+        for input in inputs {
+            target.node_mut(input.node).outputs[input.slot]
+                .successors
+                .retain(|s| s.node != id);
+            if queued.insert(input.node) {
+                maybe.push(input.node);
+            }
+        }
+    }
+}
+
+/// tract's naming of a patch's nodes: a name with a `#` keeps what is
+/// before it, made unique; a name another node has gets `.1`, `.2`, …
+fn unique_names(target: &mut TypedModel, names: &mut Names, new_nodes: &[usize]) {
+    for &n in new_nodes {
+        let name = &target.nodes[n].name;
+        let prefix = match name.split_once('#') {
+            Some((prefix, _)) => prefix.to_string(),
+            None if names.count(name) > 1 => name.clone(),
+            None => continue,
+        };
+        let mut unique = prefix.clone();
+        let mut suffix = 0;
+        while names.count(&unique) > 0 {
+            suffix += 1;
+            unique = format!("{prefix}.{suffix}");
+        }
+        names.rename(&mut target.nodes[n], unique);
+    }
+}
+
+#[cfg(test)]
+#[cfg(feature = "onnx")]
+mod tests {
+    use super::*;
+    use edgefleet_wire::npz::{NpzLimits, read_npz};
+    use edgefleet_wire::tensor::NamedTensor;
+
+    /// Everything the plan is built from: each node's name, op, inputs,
+    /// output facts and consumers, the model's inputs, outputs and labels.
+    fn dump(model: &TypedModel) -> Vec<String> {
+        let mut lines: Vec<String> = model
+            .nodes
+            .iter()
+            .map(|n| {
+                let outputs: Vec<String> = n
+                    .outputs
+                    .iter()
+                    .map(|o| format!("{:?} -> {:?}", o.fact, o.successors))
+                    .collect();
+                format!(
+                    "#{} {} {:?} <- {:?} => {outputs:?}",
+                    n.id, n.name, n.op, n.inputs
+                )
+            })
+            .collect();
+        lines.push(format!(
+            "inputs {:?} outputs {:?}",
+            model.inputs, model.outputs
+        ));
+        let mut labels: Vec<_> = model.outlet_labels.iter().collect();
+        labels.sort();
+        lines.push(format!("labels {labels:?}"));
+        lines
+    }
+
+    fn assert_same(ours: &TypedModel, tracts: &TypedModel, what: &str) {
+        let (ours, tracts) = (dump(ours), dump(tracts));
+        assert_eq!(ours.len(), tracts.len(), "{what}: node count");
+        for (a, b) in ours.iter().zip(&tracts) {
+            assert_eq!(a, b, "{what}");
+        }
+    }
+
+    /// The repository's model `models/{dir}/{file}`, typed with its golden
+    /// input shapes pinned, as the runtime loads ONNX.
+    fn typed(dir: &str, file: &str) -> TypedModel {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+        let bytes = std::fs::read(root.join(dir).join(file)).unwrap();
+        let golden = std::fs::File::open(root.join(dir).join("golden/in_0.npz")).unwrap();
+        let inputs = read_npz(golden, NpzLimits::default()).unwrap();
+        let specs: Vec<_> = inputs.iter().map(NamedTensor::spec).collect();
+        crate::model::pinned_typed(edgefleet_wire::manifest::ModelFormat::Onnx, &bytes, &specs)
+            .unwrap()
+            .0
+    }
+
+    /// Every model in models/: declutter from ONNX, then optimize the
+    /// decluttered graph (what an NNEF bundle holds), each compared node
+    /// for node with tract's own `declutter()` and `optimize()`.
+    #[test]
+    fn the_driver_builds_the_graph_tract_builds_on_every_repository_model() {
+        for (dir, file) in [
+            ("cls", "ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+            ("cls-int8", "cls_int8.onnx"),
+            ("cls-int8-pw", "cls_int8_pw.onnx"),
+            ("multi", "multi_io.onnx"),
+            ("rec", "ch_PP-OCRv4_rec_infer.onnx"),
+        ] {
+            let typed = typed(dir, file);
+            let mut ours = typed.clone();
+            declutter(&mut ours).unwrap();
+            let tracts = typed.into_decluttered().unwrap();
+            assert_same(&ours, &tracts, &format!("{dir}: declutter"));
+
+            let mut ours = tracts.clone();
+            optimize(&mut ours).unwrap();
+            let mut tracts = tracts;
+            tracts.optimize().unwrap();
+            assert_same(&ours, &tracts, &format!("{dir}: optimize"));
+            assert!(ours.properties.contains_key(TRACT_STAGE), "{dir}");
+        }
+    }
+}
