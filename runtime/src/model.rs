@@ -827,7 +827,7 @@ pub fn self_test(session: &mut Session, golden: &GoldenSet) -> Result<SelfTestRe
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -866,7 +866,10 @@ mod tests {
     }
 
     /// `models/{dir}/{file}`, its first golden inputs and their specs.
-    fn model_and_inputs(dir: &str, file: &str) -> (Vec<u8>, Vec<NamedTensor>, Vec<TensorSpec>) {
+    pub(crate) fn model_and_inputs(
+        dir: &str,
+        file: &str,
+    ) -> (Vec<u8>, Vec<NamedTensor>, Vec<TensorSpec>) {
         let bytes = std::fs::read(repo(&format!("models/{dir}/{file}"))).unwrap();
         let inputs = golden(dir, "in_0");
         let specs = inputs.iter().map(NamedTensor::spec).collect();

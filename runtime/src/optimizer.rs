@@ -289,8 +289,6 @@ fn unique_names(target: &mut TypedModel, names: &mut Names, new_nodes: &[usize])
 #[cfg(feature = "onnx")]
 mod tests {
     use super::*;
-    use edgefleet_wire::npz::{NpzLimits, read_npz};
-    use edgefleet_wire::tensor::NamedTensor;
 
     /// Everything the plan is built from: each node's name, op, inputs,
     /// output facts and consumers, the model's inputs, outputs and labels.
@@ -331,11 +329,7 @@ mod tests {
     /// The repository's model `models/{dir}/{file}`, typed with its golden
     /// input shapes pinned, as the runtime loads ONNX.
     fn typed(dir: &str, file: &str) -> TypedModel {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
-        let bytes = std::fs::read(root.join(dir).join(file)).unwrap();
-        let golden = std::fs::File::open(root.join(dir).join("golden/in_0.npz")).unwrap();
-        let inputs = read_npz(golden, NpzLimits::default()).unwrap();
-        let specs: Vec<_> = inputs.iter().map(NamedTensor::spec).collect();
+        let (bytes, _, specs) = crate::model::tests::model_and_inputs(dir, file);
         crate::model::pinned_typed(edgefleet_wire::manifest::ModelFormat::Onnx, &bytes, &specs)
             .unwrap()
             .0
