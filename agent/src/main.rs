@@ -6,8 +6,41 @@ use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    quiet_error_backtraces();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    runtime.block_on(agent_main());
+}
+
+/// `RUST_BACKTRACE=1` (often set in a unit file to get panic backtraces)
+/// also makes every `anyhow` error capture a backtrace, and tract's graph
+/// passes create and drop such errors as control flow while a model loads
+/// (a failed `close_enough` when declutter looks for neutral constants,
+/// for one): about 6% of an ONNX load on this machine, measured with perf.
+/// Unless the operator chose `RUST_LIB_BACKTRACE` themselves, error
+/// backtraces are turned off; panics keep theirs (`RUST_BACKTRACE`).
+fn quiet_error_backtraces() {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        #[allow(unsafe_code)]
+        // SAFETY: called first thing in `main`, before the async runtime or
+        // anything else has started a thread, so nothing reads the
+        // environment concurrently.
+        unsafe {
+            std::env::set_var("RUST_LIB_BACKTRACE", "0");
+        }
+    }
+}
+
+async fn agent_main() {
     let cli = edge_agent::cli::Cli::parse();
     // EDGE_AGENT_LOG: `info`, `edge_agent=debug,warn`, ... (target=level
     // lists; no span or field filters, which would need a regex engine).
