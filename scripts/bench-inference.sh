@@ -8,6 +8,7 @@
 #
 #   scripts/bench-inference.sh                  # full run
 #   ITER_SCALE=0.2 scripts/bench-inference.sh   # quicker, fewer iterations
+#   COLD_RUNS=9 scripts/bench-inference.sh      # fresh processes per cold-start median (5)
 #   LEVER_BUILDS="native dist pgo" scripts/bench-inference.sh   # also rebuild
 #       the agent per compiler lever: -C target-cpu=native, the fat-LTO
 #       dist profile, PGO trained on cls (any of them; each is a full build,
@@ -66,6 +67,18 @@ for spec in "${models[@]}"; do
     python3 scripts/bench_ort.py --model "$model" --inputs "$dir/golden/in_0.npz" --iterations "$iters" \
       | record "$name" ""
   fi
+  # Cold start is one sample per process, and a start takes tens of
+  # milliseconds: a scheduler hiccup moves it by half. So it is measured
+  # in COLD_RUNS more fresh processes, the agent's and ORT's alternating so
+  # both see the same machine, and the report takes medians.
+  for ((run = 0; run < ${COLD_RUNS:-5}; run++)); do
+    "$agent" bench --bundle "$bundle" --trust "$work/bench.pub" --iterations 5 --json --mode in-process \
+      | record "$name" "cold"
+    if [[ "$name" != *-nnef ]]; then
+      python3 scripts/bench_ort.py --model "$model" --inputs "$dir/golden/in_0.npz" --iterations 5 \
+        | record "$name" "cold"
+    fi
+  done
   case $name in
     cls | rec)
       # Two compute threads against ORT's two; per-op profiles of both.
