@@ -25,7 +25,8 @@ fn main() {
 /// also makes every `anyhow` error capture a backtrace, and tract's graph
 /// passes create and drop such errors as control flow while a model loads
 /// (a failed `close_enough` when declutter looks for neutral constants,
-/// for one): about 6% of an ONNX load on this machine, measured with perf.
+/// for one): 11% of cls's and 19% of rec's load + optimize on this machine
+/// (scripts/bench_notes.md).
 /// Unless the operator chose `RUST_LIB_BACKTRACE` themselves, error
 /// backtraces are turned off; panics keep theirs (`RUST_BACKTRACE`).
 fn quiet_error_backtraces() {
