@@ -7,7 +7,12 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
 fn main() {
-    quiet_error_backtraces();
+    #[allow(unsafe_code)]
+    // SAFETY: first thing in `main`: the async runtime below starts the
+    // process's other threads.
+    unsafe {
+        edgefleet_runtime::quiet_error_backtraces();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -19,26 +24,6 @@ fn main() {
         }
     };
     runtime.block_on(agent_main());
-}
-
-/// `RUST_BACKTRACE=1` (often set in a unit file to get panic backtraces)
-/// also makes every `anyhow` error capture a backtrace, and tract's graph
-/// passes create and drop such errors as control flow while a model loads
-/// (a failed `close_enough` when declutter looks for neutral constants,
-/// for one): 11% of cls's and 19% of rec's load + optimize on this machine
-/// (scripts/bench_notes.md).
-/// Unless the operator chose `RUST_LIB_BACKTRACE` themselves, error
-/// backtraces are turned off; panics keep theirs (`RUST_BACKTRACE`).
-fn quiet_error_backtraces() {
-    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
-        #[allow(unsafe_code)]
-        // SAFETY: called first thing in `main`, before the async runtime or
-        // anything else has started a thread, so nothing reads the
-        // environment concurrently.
-        unsafe {
-            std::env::set_var("RUST_LIB_BACKTRACE", "0");
-        }
-    }
 }
 
 async fn agent_main() {

@@ -3,6 +3,12 @@
 use clap::Parser as _;
 
 fn main() {
+    // The packer loads, converts and times models with tract.
+    #[allow(unsafe_code)]
+    // SAFETY: first thing in `main`, while the process has one thread.
+    unsafe {
+        edgefleet_runtime::quiet_error_backtraces();
+    }
     let cli = fleetctl::cli::Cli::parse();
     if let Err(e) = fleetctl::cli::run(cli) {
         eprintln!("error: {}", fleetctl::cli::clean(&e.to_string()));

@@ -201,6 +201,30 @@ pub fn warm_up() -> std::time::Duration {
     t.elapsed()
 }
 
+/// `RUST_BACKTRACE=1` (often set in a unit file to get panic backtraces)
+/// also makes every `anyhow` error capture a backtrace, and tract's graph
+/// passes create and drop such errors as control flow while a model loads
+/// (a failed `close_enough` when declutter looks for neutral constants,
+/// for one): 11% of cls's and 19% of rec's load + optimize on this machine
+/// (scripts/bench_notes.md). Unless the operator chose
+/// `RUST_LIB_BACKTRACE` themselves, this turns error backtraces off;
+/// panics keep theirs (`RUST_BACKTRACE`).
+///
+/// # Safety
+///
+/// It writes the process environment: call it first thing in `main`,
+/// before anything has started a thread.
+#[allow(unsafe_code)]
+pub unsafe fn quiet_error_backtraces() {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: the caller guarantees no other thread exists yet, so
+        // nothing reads the environment concurrently.
+        unsafe {
+            std::env::set_var("RUST_LIB_BACKTRACE", "0");
+        }
+    }
+}
+
 /// How long the phases of [`Model::load`] took.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct LoadTimings {
