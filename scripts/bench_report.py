@@ -102,7 +102,7 @@ def main() -> None:
               "Agent: verify + load + optimize + first inference of a new bundle (self-test reported separately; its column also holds giving the memory the load freed back to the system). "
               "The agent builds tract's front ends once, at start (warm-up, not part of any bundle's cold start). "
               "ORT: session creation + first inference. "
-              "Each is measured in several fresh processes, the agent's and ORT's alternating (runs column); "
+              "Each is measured in several fresh processes, the agent's and ORT's alternating (runs column; an NNEF row uses the ORT runs of its ONNX model); "
               "the phase columns are medians of each phase, the totals medians of the per-process sums, "
               "with their range.", "",
               "| model | runs | warm-up (once per process) | verify | load | optimize | self-test | first inference | agent cold start | ORT session + first | ratio |",
