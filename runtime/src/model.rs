@@ -880,7 +880,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn repo(p: &str) -> std::path::PathBuf {
+    pub(crate) fn repo(p: &str) -> std::path::PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(p)
     }
 

@@ -25,7 +25,9 @@ use std::collections::{HashMap, HashSet};
 
 use tract_nnef::internal::*;
 use tract_nnef::tract_core::model::{STAGE_OPTIMIZED, TRACT_STAGE};
-use tract_nnef::tract_core::optim::Optimizer;
+use tract_nnef::tract_core::optim::{Optimizer, TypedPass};
+
+mod change_axes;
 
 /// `TypedModel::declutter`, with [`apply`].
 pub fn declutter(model: &mut TypedModel) -> TractResult<()> {
@@ -64,9 +66,19 @@ fn run(optimizer: &Optimizer, model: &mut TypedModel) -> TractResult<()> {
         .check_names()
         .context("after optimizer preflight compaction")?;
     let mut names = Names::of(model);
+    // tract's passes, but `ChangeAxes` is ours: the same patches, each
+    // built in time proportional to it (change_axes.rs)
+    let template: Vec<Box<dyn TypedPass>> = optimizer
+        .passes
+        .iter()
+        .map(|pass| match format!("{pass:?}").as_str() {
+            "ChangeAxes" => Box::new(change_axes::ChangeAxes::default()) as Box<dyn TypedPass>,
+            _ => pass.clone(),
+        })
+        .collect();
     loop {
         let before = applied;
-        let mut passes = optimizer.passes.clone();
+        let mut passes = template.clone();
         for pass in passes.iter_mut() {
             loop {
                 let pass_before = applied;
@@ -326,9 +338,18 @@ mod tests {
         }
     }
 
+    /// Every ONNX model in models/.
+    pub(super) const MODELS: [(&str, &str); 5] = [
+        ("cls", "ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+        ("cls-int8", "cls_int8.onnx"),
+        ("cls-int8-pw", "cls_int8_pw.onnx"),
+        ("multi", "multi_io.onnx"),
+        ("rec", "ch_PP-OCRv4_rec_infer.onnx"),
+    ];
+
     /// The repository's model `models/{dir}/{file}`, typed with its golden
     /// input shapes pinned, as the runtime loads ONNX.
-    fn typed(dir: &str, file: &str) -> TypedModel {
+    pub(super) fn typed(dir: &str, file: &str) -> TypedModel {
         let (bytes, _, specs) = crate::model::tests::model_and_inputs(dir, file);
         crate::model::pinned_typed(edgefleet_wire::manifest::ModelFormat::Onnx, &bytes, &specs)
             .unwrap()
@@ -340,25 +361,45 @@ mod tests {
     /// for node with tract's own `declutter()` and `optimize()`.
     #[test]
     fn the_driver_builds_the_graph_tract_builds_on_every_repository_model() {
-        for (dir, file) in [
-            ("cls", "ch_ppocr_mobile_v2.0_cls_infer.onnx"),
-            ("cls-int8", "cls_int8.onnx"),
-            ("cls-int8-pw", "cls_int8_pw.onnx"),
-            ("multi", "multi_io.onnx"),
-            ("rec", "ch_PP-OCRv4_rec_infer.onnx"),
-        ] {
-            let typed = typed(dir, file);
-            let mut ours = typed.clone();
-            declutter(&mut ours).unwrap();
-            let tracts = typed.into_decluttered().unwrap();
-            assert_same(&ours, &tracts, &format!("{dir}: declutter"));
-
-            let mut ours = tracts.clone();
-            optimize(&mut ours).unwrap();
-            let mut tracts = tracts;
-            tracts.optimize().unwrap();
-            assert_same(&ours, &tracts, &format!("{dir}: optimize"));
-            assert!(ours.properties.contains_key(TRACT_STAGE), "{dir}");
+        for (dir, file) in MODELS {
+            same_as_tracts(typed(dir, file), dir);
         }
+    }
+
+    /// The same on graph shapes the repository's models do not have
+    /// (scripts/make_optimizer_models.py: attention heads, 1-D convs, unit
+    /// axes, pools and resize, an LSTM) and on a QDQ-quantized classifier.
+    #[test]
+    fn the_driver_builds_the_graph_tract_builds_on_other_graph_shapes() {
+        let models: [(&str, &[usize]); 6] = [
+            ("tests/data/optimizer/attention.onnx", &[1, 16, 32]),
+            ("tests/data/optimizer/conv1d.onnx", &[1, 8, 100]),
+            ("tests/data/optimizer/unit_axes.onnx", &[1, 1, 32, 1]),
+            ("tests/data/optimizer/cnn.onnx", &[1, 3, 32, 32]),
+            ("tests/data/optimizer/lstm.onnx", &[5, 1, 8]),
+            ("tests/data/cls_qdq_softmax.onnx", &[1, 3, 48, 192]),
+        ];
+        use tract_onnx::prelude::InferenceModelExt;
+        for (path, shape) in models {
+            let mut model = tract_onnx::onnx()
+                .model_for_path(crate::model::tests::repo(path))
+                .unwrap();
+            model.set_input_fact(0, f32::fact(shape).into()).unwrap();
+            same_as_tracts(model.into_typed().unwrap(), path);
+        }
+    }
+
+    fn same_as_tracts(typed: TypedModel, what: &str) {
+        let mut ours = typed.clone();
+        declutter(&mut ours).unwrap();
+        let tracts = typed.into_decluttered().unwrap();
+        assert_same(&ours, &tracts, &format!("{what}: declutter"));
+
+        let mut ours = tracts.clone();
+        optimize(&mut ours).unwrap();
+        let mut tracts = tracts;
+        tracts.optimize().unwrap();
+        assert_same(&ours, &tracts, &format!("{what}: optimize"));
+        assert!(ours.properties.contains_key(TRACT_STAGE), "{what}");
     }
 }

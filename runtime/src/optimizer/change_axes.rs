@@ -1,0 +1,417 @@
+//! tract's `ChangeAxes` declutter pass, making the same patches in the
+//! same order, with the bookkeeping of each patch kept proportional to it.
+//!
+//! The pass tries an axis change (a suggested one, or dropping a unit axis)
+//! from every node, and propagates each through the graph until every op it
+//! reaches accepts it or one refuses. tract 0.23.9 then builds the patch
+//! for an accepted change by walking the whole graph in evaluation order,
+//! looking every node and every input up in SipHash maps; an ONNX model
+//! accepts a change or two hundred per load, and that walk was about half
+//! of the pass (scripts/bench_notes.md). Here the walk uses an evaluation
+//! order computed by tract's own algorithm ([`eval_order`]) and plain
+//! per-node flags, so only the nodes the change touches reach a map.
+//!
+//! What the pass decides is tract's: the order nodes are tried in, the
+//! changes tried, which ones propagation explores and where it stops, and
+//! the nodes, wires and names of each patch. The optimizer's tests compare
+//! the resulting graphs node for node with tract's on every model in
+//! `models/`, and [`tests`] compares the evaluation orders.
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+use tract_nnef::internal::*;
+use tract_nnef::tract_core::ops::change_axes::{AxisChange, AxisChangeConsequence, AxisOp, InOut};
+use tract_nnef::tract_core::ops::dummy::Dummy;
+use tract_nnef::tract_core::ops::einsum::EinSum;
+use tract_nnef::tract_core::ops::konst::Const;
+use tract_nnef::tract_core::ops::source::TypedSource;
+use tract_nnef::tract_core::optim::{OptimizerSession, TypedPass};
+
+/// The pass: the changes tried since the last reset, and the node the
+/// last accepted one came from (the next call resumes there).
+#[derive(Clone, Default)]
+pub(super) struct ChangeAxes {
+    tried: HashSet<AxisChange>,
+    from: usize,
+}
+
+impl fmt::Debug for ChangeAxes {
+    /// The name tract's pass prints, in errors and in the driver's lookup.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChangeAxes")
+    }
+}
+
+impl TypedPass for ChangeAxes {
+    fn reset(&mut self) -> TractResult<()> {
+        self.tried.clear();
+        self.from = 0;
+        Ok(())
+    }
+
+    fn next(
+        &mut self,
+        _session: &mut OptimizerSession,
+        model: &TypedModel,
+    ) -> TractResult<Option<TypedModelPatch>> {
+        let mut explored: HashSet<AxisChange> = HashSet::new();
+        let mut locked = model.output_outlets()?.to_vec();
+        locked.extend(model.input_outlets()?.iter());
+        for node in &model.nodes[self.from..] {
+            if node.op_is::<Dummy>() {
+                continue;
+            }
+            let suggested = node
+                .op
+                .suggested_axis_changes()?
+                .into_iter()
+                .map(|(io, op)| AxisChange {
+                    outlet: io.as_outlet(node),
+                    op,
+                });
+            let unit_axes = node.outputs.iter().enumerate().flat_map(|(slot, output)| {
+                output
+                    .fact
+                    .shape
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, dim)| dim.is_one())
+                    .map(move |(ix, _)| AxisChange {
+                        outlet: OutletId::new(node.id, slot),
+                        op: AxisOp::Rm(ix),
+                    })
+            });
+            // tract tries the suggestions first, then the unit axes
+            for change in suggested.chain(unit_axes) {
+                if !self.tried.insert(change.clone()) {
+                    continue;
+                }
+                let patch = propagate(model, &change, &locked, &mut explored)
+                    .with_context(|| format!("Making patch for {change:?} from {node}"))?;
+                if let Some(patch) = patch {
+                    self.from = node.id;
+                    return Ok(Some(patch));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Where an accepted change leads: the new axis op on every wire it
+/// reaches, the ops that must change, the constants that must change
+/// (their new tensors are made only once the change is accepted), and the
+/// scalar constants to copy (changed for one consumer instead of
+/// propagated upstream).
+struct Accepted {
+    wires: HashMap<OutletId, AxisOp>,
+    ops: HashMap<usize, Box<dyn TypedOp>>,
+    consts: HashMap<usize, AxisOp>,
+    scalars: HashMap<InletId, (OutletId, AxisOp)>,
+}
+
+/// tract's `change_axes` without bounds: propagates `start`, and builds the
+/// patch if no node refuses it and no wire gets two different changes.
+fn propagate(
+    model: &TypedModel,
+    start: &AxisChange,
+    locked: &[OutletId],
+    explored: &mut HashSet<AxisChange>,
+) -> TractResult<Option<TypedModelPatch>> {
+    if explored.contains(start) {
+        return Ok(None);
+    }
+    if model
+        .node(start.outlet.node)
+        .op_as::<Const>()
+        .is_some_and(|c| c.val().volume() == 1 && c.val().is_plain_ram())
+    {
+        return Ok(None);
+    }
+    let mut accepted = Accepted {
+        wires: HashMap::from([(start.outlet, start.op.clone())]),
+        ops: HashMap::new(),
+        consts: HashMap::new(),
+        scalars: HashMap::new(),
+    };
+    let mut todo: Vec<(AxisChange, Option<usize>)> = vec![(start.clone(), None)];
+    while let Some((change, emitter)) = todo.pop() {
+        if !explored.insert(change.clone()) {
+            return Ok(None);
+        }
+        let outlet = change.outlet;
+        if locked.contains(&outlet) {
+            return Ok(None);
+        }
+        let consumers = model.outlet_successors(outlet).iter();
+        let ends = std::iter::once((outlet.node, InOut::Out(outlet.slot)))
+            .chain(consumers.map(|inlet| (inlet.node, InOut::In(inlet.slot))));
+        for (node_id, io) in ends {
+            if Some(node_id) == emitter {
+                continue;
+            }
+            let node = model.node(node_id);
+            // a node reached a second time takes the change only if it is
+            // an EinSum (tract's rule)
+            let op = match accepted.ops.get(&node_id) {
+                Some(op) if op.is::<EinSum>() => op,
+                Some(_) => return Ok(None),
+                None if accepted.consts.contains_key(&node_id) => return Ok(None),
+                None => &node.op,
+            };
+            let consequence = if let Some(konst) = plain_const(node, io) {
+                // what `Const::change_axes` answers, without copying the
+                // tensor: most changes that reach a weight are refused
+                // further on (four in five, for cls and rec)
+                if !takes(konst.val(), &change.op) {
+                    return Ok(None);
+                }
+                accepted.consts.insert(node_id, change.op.clone());
+                AxisChangeConsequence {
+                    substitute_op: None,
+                    wire_changes: tvec!((io, change.op.clone())),
+                }
+            } else {
+                let consequence = op
+                    .change_axes(model, node, io, &change.op)
+                    .with_context(|| format!("Propagating {change:?} to node {node}"))?;
+                let Some(consequence) = consequence else {
+                    return Ok(None);
+                };
+                consequence
+            };
+            if let Some(op) = consequence.substitute_op {
+                accepted.ops.insert(node_id, op);
+            }
+            for (wire, op) in consequence.wire_changes {
+                let outlet = wire.as_outlet(node);
+                if let InOut::In(slot) = wire
+                    && model
+                        .node(outlet.node)
+                        .op_as::<Const>()
+                        .is_some_and(|k| k.val().volume() == 1)
+                {
+                    accepted
+                        .scalars
+                        .insert(InletId::new(node_id, slot), (outlet, op));
+                    continue;
+                }
+                match accepted.wires.entry(outlet) {
+                    Entry::Vacant(entry) => {
+                        entry.insert(op.clone());
+                        todo.push((AxisChange { outlet, op }, Some(node_id)));
+                    }
+                    Entry::Occupied(previous) if *previous.get() == op => {}
+                    Entry::Occupied(_) => return Ok(None),
+                }
+            }
+        }
+    }
+    // the constants' new tensors, now that the change is accepted
+    for (node_id, op) in std::mem::take(&mut accepted.consts) {
+        let node = model.node(node_id);
+        let substitute = node
+            .op
+            .change_axes(model, node, InOut::Out(0), &op)?
+            .and_then(|consequence| consequence.substitute_op);
+        let Some(substitute) = substitute else {
+            // `takes` said yes where tract says no: refuse the change, as
+            // tract would have (only a tract upgrade can get here)
+            debug_assert!(false, "{node} refused {op:?}");
+            return Ok(None);
+        };
+        accepted.ops.insert(node_id, substitute);
+    }
+    patch(model, start, accepted).map(Some)
+}
+
+/// A constant whose `change_axes` depends only on its tensor's shape: plain
+/// memory, no exotic fact, reached through its output.
+fn plain_const(node: &TypedNode, io: InOut) -> Option<&Const> {
+    let konst = node.op_as::<Const>()?;
+    let plain = konst.exotic_fact().is_none() && konst.val().is_plain_ram();
+    (plain && io == InOut::Out(0)).then_some(konst)
+}
+
+/// Whether `AxisOp::change_tensor(tensor, false)` succeeds, decided from
+/// the shape the way it decides: the op needs the axes it names; adding an
+/// axis always works, removing one needs it to be 1, moving needs both
+/// positions, reshaping needs the shape to match and the volume to stay.
+fn takes(tensor: &Tensor, change: &AxisOp) -> bool {
+    let rank = tensor.rank();
+    if change.required_rank() > rank {
+        return false;
+    }
+    match change.canonical().as_ref() {
+        AxisOp::Add(_) => true,
+        AxisOp::Rm(ix) => tensor.shape()[*ix] == 1,
+        AxisOp::Move(from, to) => *from < rank && *to < rank,
+        AxisOp::Reshape(..) => {
+            let mut shape: TVec<usize> = tensor.shape().into();
+            change.change_shape_array(&mut shape, true).is_ok()
+                && shape.iter().product::<usize>() == tensor.len()
+        }
+    }
+}
+
+/// The patch for an accepted change, node for node the one tract builds:
+/// the changed nodes rewired in evaluation order (tapping the wires they
+/// read from the rest of the graph), and every reader of a wire the patch
+/// replaces or taps shunted to it.
+fn patch(
+    model: &TypedModel,
+    start: &AxisChange,
+    accepted: Accepted,
+) -> TractResult<TypedModelPatch> {
+    let Accepted {
+        wires,
+        ops,
+        scalars,
+        ..
+    } = accepted;
+    let mut replace = vec![false; model.nodes.len()];
+    for node in wires.keys().map(|o| o.node).chain(ops.keys().copied()) {
+        replace[node] = true;
+    }
+    let mut patch = TypedModelPatch::new(format!("{start:?}"));
+    // the wires of the model the patch has a wire for, and, per node,
+    // whether any of its outputs is one (so most lookups are a flag)
+    let mut in_patch: HashMap<OutletId, OutletId> = HashMap::new();
+    let mut has_wire = vec![false; model.nodes.len()];
+    for node_id in eval_order(model)? {
+        let node = model.node(node_id);
+        if !replace[node_id] {
+            for orig in &node.inputs {
+                if has_wire[orig.node]
+                    && let Some(&by) = in_patch.get(orig)
+                {
+                    patch.shunt_outside(model, *orig, by)?;
+                }
+            }
+            continue;
+        }
+        let mut inputs: TVec<OutletId> = tvec!();
+        for (slot, orig) in node.inputs.iter().enumerate() {
+            let wire = if let Some((scalar, change)) = scalars.get(&InletId::new(node_id, slot)) {
+                let konst = model.node(scalar.node);
+                let mut value = konst
+                    .op_as::<Const>()
+                    .context("a rewired scalar is a constant")?
+                    .val()
+                    .clone()
+                    .into_tensor();
+                change.change_tensor(&mut value, false)?;
+                let name = model.unique_name(&konst.name);
+                patch.add_const(name, value)?
+            } else if let Some(&wire) = in_patch.get(orig) {
+                wire
+            } else {
+                let tap = patch.tap_model(model, *orig)?;
+                in_patch.insert(*orig, tap);
+                has_wire[orig.node] = true;
+                tap
+            };
+            inputs.push(wire);
+        }
+        let op = ops
+            .get(&node_id)
+            .cloned()
+            .unwrap_or_else(|| node.op.clone());
+        let outputs = patch
+            .wire_node(&node.name, op.clone(), &inputs)
+            .with_context(|| format!("wiring changed op {op:?}"))?;
+        if outputs.len() == 1 && patch.node(outputs[0].node).op_is::<TypedSource>() {
+            patch.inputs.insert(outputs[0].node, node_id);
+        }
+        for (slot, wire) in outputs.iter().enumerate() {
+            in_patch.insert(OutletId::new(node_id, slot), *wire);
+        }
+        has_wire[node_id] = true;
+    }
+    for output in model.output_outlets()? {
+        if let Some(&by) = in_patch.get(output) {
+            // unchecked, as tract's pass shunts the model's outputs
+            patch.shunts.insert(*output, by);
+        }
+    }
+    Ok(patch)
+}
+
+/// tract's `eval_order` (`model/order.rs`): depth first from each output,
+/// a node after its inputs, the inputs that have inputs of their own taken
+/// before those that have none, each group in input order. Same order,
+/// computed with flat per-node state instead of a bit set per output.
+pub(super) fn eval_order(model: &TypedModel) -> TractResult<Vec<usize>> {
+    let nodes = &model.nodes;
+    let inputs: Vec<usize> = model.input_outlets()?.iter().map(|o| o.node).collect();
+    const NEW: u8 = 0;
+    const PENDING: u8 = 1;
+    const DONE: u8 = 2;
+    let mut state = vec![NEW; nodes.len()];
+    let mut order = Vec::with_capacity(nodes.len());
+    let mut stack: Vec<(usize, usize)> = Vec::new();
+    // the inputs of a node in the order they are visited: those fed by
+    // other nodes, then sources and constants
+    let fed: Vec<bool> = nodes.iter().map(|n| !n.inputs.is_empty()).collect();
+    let precursors = |node: usize| {
+        let ins = &nodes[node].inputs;
+        let first = ins.iter().filter(|i| fed[i.node]);
+        let then = ins.iter().filter(|i| !fed[i.node]);
+        first.chain(then).map(|i| i.node)
+    };
+    for target in model.output_outlets()?.iter().map(|o| o.node) {
+        if state[target] == DONE {
+            continue;
+        }
+        // a walk ends with every node it marked pending done
+        stack.push((target, 0));
+        while let Some((node, next)) = stack.pop() {
+            if inputs.contains(&node) || next == nodes[node].inputs.len() {
+                order.push(node);
+                state[node] = DONE;
+                continue;
+            }
+            let precursor = precursors(node)
+                .nth(next)
+                .context("a node's input is a node")?;
+            match state[precursor] {
+                DONE => stack.push((node, next + 1)),
+                PENDING => bail!("Loop detected"),
+                _ => {
+                    state[precursor] = PENDING;
+                    stack.push((node, next));
+                    stack.push((precursor, 0));
+                }
+            }
+        }
+    }
+    Ok(order)
+}
+
+#[cfg(test)]
+#[cfg(feature = "onnx")]
+mod tests {
+    use super::*;
+
+    /// The evaluation order is tract's, on every repository model, typed
+    /// and decluttered (the graphs the pass sees are in between).
+    #[test]
+    fn the_evaluation_order_is_tracts_on_every_repository_model() {
+        for (dir, file) in super::super::tests::MODELS {
+            let typed = super::super::tests::typed(dir, file);
+            assert_eq!(
+                eval_order(&typed).unwrap(),
+                typed.eval_order().unwrap(),
+                "{dir}"
+            );
+            let decluttered = typed.into_decluttered().unwrap();
+            assert_eq!(
+                eval_order(&decluttered).unwrap(),
+                decluttered.eval_order().unwrap(),
+                "{dir}: decluttered"
+            );
+        }
+    }
+}
