@@ -13,13 +13,18 @@
 //! [`declutter`] and [`optimize`] run tract's own passes, in tract's order,
 //! with tract's round structure, loop watchdog and compaction, and apply
 //! each patch with [`apply`]: the same edits as tract's `apply`, in the
-//! same order, without that scan. The graph that comes out is the one
-//! tract's own `optimize()` produces, node for node (the tests compare
-//! them on every model in `models/`).
+//! same order, without that scan. One pass of declutter, `ChangeAxes`, is
+//! replaced by [`change_axes`]'s, which makes the same patches at a cost
+//! that grows with each patch rather than with the graph. The graph that
+//! comes out is the one tract's own `declutter()` and `optimize()`
+//! produce, node for node (the tests compare them on every model in
+//! `models/` and on graphs of other shapes in `tests/data/`).
 //!
 //! One difference, deliberately kept small: a pass that optimizes a nested
 //! body (a `Scan`'s, for LSTM/GRU) does so through tract's session, with
-//! tract's `apply`, and its loop watchdog is that session's, not ours.
+//! tract's `apply`, and its loop watchdog is that session's, not ours. So
+//! does codegen's `MergeConsecutiveSameRoleAxes`, whose rewrite rules are
+//! private to tract.
 
 use std::collections::{HashMap, HashSet};
 
