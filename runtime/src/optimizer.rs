@@ -76,9 +76,12 @@ fn run(optimizer: &Optimizer, model: &mut TypedModel) -> TractResult<()> {
     let template: Vec<Box<dyn TypedPass>> = optimizer
         .passes
         .iter()
-        .map(|pass| match format!("{pass:?}").as_str() {
-            "ChangeAxes" => Box::new(change_axes::ChangeAxes::default()) as Box<dyn TypedPass>,
-            _ => pass.clone(),
+        .map(|pass| {
+            if format!("{pass:?}") == change_axes::NAME {
+                Box::new(change_axes::ChangeAxes::default())
+            } else {
+                pass.clone()
+            }
         })
         .collect();
     loop {

@@ -29,6 +29,10 @@ use tract_nnef::tract_core::ops::konst::Const;
 use tract_nnef::tract_core::ops::source::TypedSource;
 use tract_nnef::tract_core::optim::{OptimizerSession, TypedPass};
 
+/// What tract's pass calls itself (its `Debug`): the driver finds the pass
+/// to replace by it.
+pub(super) const NAME: &str = "ChangeAxes";
+
 /// The pass: the changes tried since the last reset, and the node the
 /// last accepted one came from (the next call resumes there).
 #[derive(Clone, Default)]
@@ -40,7 +44,7 @@ pub(super) struct ChangeAxes {
 impl fmt::Debug for ChangeAxes {
     /// The name tract's pass prints, in errors and in the driver's lookup.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ChangeAxes")
+        f.write_str(NAME)
     }
 }
 
@@ -394,6 +398,17 @@ pub(super) fn eval_order(model: &TypedModel) -> TractResult<Vec<usize>> {
 #[cfg(feature = "onnx")]
 mod tests {
     use super::*;
+
+    /// tract's declutter still has a pass of that name, so the driver
+    /// replaces it (a tract upgrade that renamed it would otherwise leave
+    /// tract's own in place without a word).
+    #[test]
+    fn tracts_declutter_has_the_pass_this_replaces() {
+        use tract_nnef::tract_core::optim::Optimizer;
+        let passes = Optimizer::declutter().passes;
+        let names: Vec<String> = passes.iter().map(|p| format!("{p:?}")).collect();
+        assert_eq!(names.iter().filter(|n| *n == NAME).count(), 1, "{names:?}");
+    }
 
     /// The evaluation order is tract's, on every repository model, typed
     /// and decluttered (the graphs the pass sees are in between).
