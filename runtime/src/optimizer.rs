@@ -347,7 +347,7 @@ mod tests {
     }
 
     /// Every ONNX model in models/.
-    pub(super) const MODELS: [(&str, &str); 5] = [
+    const MODELS: [(&str, &str); 5] = [
         ("cls", "ch_ppocr_mobile_v2.0_cls_infer.onnx"),
         ("cls-int8", "cls_int8.onnx"),
         ("cls-int8-pw", "cls_int8_pw.onnx"),
@@ -357,7 +357,7 @@ mod tests {
 
     /// The repository's model `models/{dir}/{file}`, typed with its golden
     /// input shapes pinned, as the runtime loads ONNX.
-    pub(super) fn typed(dir: &str, file: &str) -> TypedModel {
+    fn typed(dir: &str, file: &str) -> TypedModel {
         let (bytes, _, specs) = crate::model::tests::model_and_inputs(dir, file);
         crate::model::pinned_typed(edgefleet_wire::manifest::ModelFormat::Onnx, &bytes, &specs)
             .unwrap()

@@ -7,15 +7,15 @@
 //! for an accepted change by walking the whole graph in evaluation order,
 //! looking every node and every input up in SipHash maps; an ONNX model
 //! accepts a change or two hundred per load, and that walk was about half
-//! of the pass (scripts/bench_notes.md). Here the walk uses an evaluation
-//! order computed by tract's own algorithm ([`eval_order`]) and plain
-//! per-node flags, so only the nodes the change touches reach a map.
+//! of the pass (scripts/bench_notes.md). Here the walk, in tract's own
+//! evaluation order, checks plain per-node flags, so only the nodes the
+//! change touches reach a map.
 //!
 //! What the pass decides is tract's: the order nodes are tried in, the
 //! changes tried, which ones propagation explores and where it stops, and
 //! the nodes, wires and names of each patch. The optimizer's tests compare
 //! the resulting graphs node for node with tract's on every model in
-//! `models/`, and [`tests`] compares the evaluation orders.
+//! `models/` and on graphs of other shapes in `tests/data/`.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
@@ -284,7 +284,7 @@ fn patch(
     // whether any of its outputs is one (so most lookups are a flag)
     let mut in_patch: HashMap<OutletId, OutletId> = HashMap::new();
     let mut has_wire = vec![false; model.nodes.len()];
-    for node_id in eval_order(model)? {
+    for node_id in model.eval_order()? {
         let node = model.node(node_id);
         if !replace[node_id] {
             for orig in &node.inputs {
@@ -343,57 +343,6 @@ fn patch(
     Ok(patch)
 }
 
-/// tract's `eval_order` (`model/order.rs`): depth first from each output,
-/// a node after its inputs, the inputs that have inputs of their own taken
-/// before those that have none, each group in input order. Same order,
-/// computed with flat per-node state instead of a bit set per output.
-pub(super) fn eval_order(model: &TypedModel) -> TractResult<Vec<usize>> {
-    let nodes = &model.nodes;
-    let inputs: Vec<usize> = model.input_outlets()?.iter().map(|o| o.node).collect();
-    const NEW: u8 = 0;
-    const PENDING: u8 = 1;
-    const DONE: u8 = 2;
-    let mut state = vec![NEW; nodes.len()];
-    let mut order = Vec::with_capacity(nodes.len());
-    let mut stack: Vec<(usize, usize)> = Vec::new();
-    // the inputs of a node in the order they are visited: those fed by
-    // other nodes, then sources and constants
-    let fed: Vec<bool> = nodes.iter().map(|n| !n.inputs.is_empty()).collect();
-    let precursors = |node: usize| {
-        let ins = &nodes[node].inputs;
-        let first = ins.iter().filter(|i| fed[i.node]);
-        let then = ins.iter().filter(|i| !fed[i.node]);
-        first.chain(then).map(|i| i.node)
-    };
-    for target in model.output_outlets()?.iter().map(|o| o.node) {
-        if state[target] == DONE {
-            continue;
-        }
-        // a walk ends with every node it marked pending done
-        stack.push((target, 0));
-        while let Some((node, next)) = stack.pop() {
-            if inputs.contains(&node) || next == nodes[node].inputs.len() {
-                order.push(node);
-                state[node] = DONE;
-                continue;
-            }
-            let precursor = precursors(node)
-                .nth(next)
-                .context("a node's input is a node")?;
-            match state[precursor] {
-                DONE => stack.push((node, next + 1)),
-                PENDING => bail!("Loop detected"),
-                _ => {
-                    state[precursor] = PENDING;
-                    stack.push((node, next));
-                    stack.push((precursor, 0));
-                }
-            }
-        }
-    }
-    Ok(order)
-}
-
 #[cfg(test)]
 #[cfg(feature = "onnx")]
 mod tests {
@@ -408,25 +357,5 @@ mod tests {
         let passes = Optimizer::declutter().passes;
         let names: Vec<String> = passes.iter().map(|p| format!("{p:?}")).collect();
         assert_eq!(names.iter().filter(|n| *n == NAME).count(), 1, "{names:?}");
-    }
-
-    /// The evaluation order is tract's, on every repository model, typed
-    /// and decluttered (the graphs the pass sees are in between).
-    #[test]
-    fn the_evaluation_order_is_tracts_on_every_repository_model() {
-        for (dir, file) in super::super::tests::MODELS {
-            let typed = super::super::tests::typed(dir, file);
-            assert_eq!(
-                eval_order(&typed).unwrap(),
-                typed.eval_order().unwrap(),
-                "{dir}"
-            );
-            let decluttered = typed.into_decluttered().unwrap();
-            assert_eq!(
-                eval_order(&decluttered).unwrap(),
-                decluttered.eval_order().unwrap(),
-                "{dir}: decluttered"
-            );
-        }
     }
 }
