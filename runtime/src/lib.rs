@@ -13,6 +13,7 @@
 //! The `onnx` feature (on by default) compiles tract's ONNX front end;
 //! without it only NNEF models load (the smaller device build).
 
+pub mod depthwise;
 pub mod error;
 pub mod graph_ast;
 pub mod model;

@@ -20,6 +20,7 @@ use tract_nnef::prelude::*;
 use tract_onnx::prelude::{InferenceFact, InferenceModelExt};
 use tract_onnx_opl::WithOnnx;
 
+use crate::depthwise;
 use crate::error::{Result, RuntimeError};
 use crate::graph_ast;
 use crate::optimizer;
@@ -286,16 +287,14 @@ impl Model {
         let (typed, graph_preparsed) = pinned_typed(format, bytes, inputs)?;
         let parse = t0.elapsed();
         let t1 = std::time::Instant::now();
-        let optimized = match format {
-            // The packer wrote the decluttered graph (`onnx_to_nnef`) with
-            // these same input shapes: decluttering it again finds nothing.
-            ModelFormat::Nnef => {
-                let mut m = typed;
-                optimizer::optimize(&mut m).map_err(load_err)?;
-                m
-            }
-            ModelFormat::Onnx => optimizer::into_optimized(typed).map_err(load_err)?,
-        };
+        let mut optimized = typed;
+        // The packer wrote an NNEF graph decluttered (`onnx_to_nnef`) with
+        // these same input shapes: decluttering it again finds nothing.
+        if format == ModelFormat::Onnx {
+            optimizer::declutter(&mut optimized).map_err(load_err)?;
+        }
+        depthwise::lower(&mut optimized).map_err(load_err)?;
+        optimizer::optimize(&mut optimized).map_err(load_err)?;
         let mut model = Model::from_optimized(optimized, inputs)?;
         model.timings = LoadTimings {
             parse,

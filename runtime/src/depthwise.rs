@@ -1,0 +1,818 @@
+//! Depthwise convolutions on x86-64, in register blocks over a padded copy.
+//!
+//! tract 0.23.9 runs a depthwise convolution (`group` = input channels =
+//! output channels) with its `DepthWise` op, which walks the kernel's zones
+//! (`Patch`). On x86-64 the inner zone at width stride 1 goes to an AVX
+//! kernel (eight lanes, a multiply then an add, no FMA: bit-identical to
+//! its scalar loop by design); the border zones and any width stride of 2
+//! or more run scalar loops. It was the second op of the per-op profiles
+//! in docs/benchmarks.md (cls 0.41 of 1.9 ms, rec 4.6 of 25 ms).
+//!
+//! [`lower`] replaces such a convolution, before tract's codegen sees it,
+//! with [`DepthwiseRows`]. Each channel's image is first copied into a
+//! buffer zero-padded far enough for every tap of every output block and
+//! split by the width stride (`Layout`), so that every tap of every
+//! output reads a contiguous run, in bounds, with no edge cases. The output
+//! is then computed in blocks of 16 columns by up to 8 rows, each block's
+//! sums held in registers across all taps: AVX-512 (one register per row)
+//! or AVX2 with FMA (two), chosen once at load from what the processor has,
+//! with a portable loop for the rest. Results differ from tract's in the
+//! last bits (fused multiply-adds); the tests compare the two on 122
+//! geometries, and every model's golden self-test runs through it.
+//!
+//! Only f32 2-D convolutions with channels before the spatial axes (NCHW or
+//! CHW, ONNX's layout) and an OIHW kernel are replaced; everything else
+//! stays tract's. Other architectures keep tract's op, which has NEON
+//! kernels on aarch64 (this one is not measured there).
+//! `EDGEFLEET_DEPTHWISE=tract` keeps tract's op on x86-64 too: the
+//! benchmark's lever table compares the two.
+
+use tract_nnef::internal::*;
+use tract_nnef::tract_core::ops::cnn::{Conv, KernelFormat};
+use tract_nnef::tract_core::tract_linalg::multithread::par_chunks_mut;
+
+/// Where an output row's taps read, fixed at load: the model's shapes are.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Geometry {
+    /// Batch (1 without an N axis), channels, input height and width.
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    /// Output height and width.
+    pub oh: usize,
+    pub ow: usize,
+    /// Kernel, strides, dilations, padding before (top, left).
+    pub kh: usize,
+    pub kw: usize,
+    pub sh: usize,
+    pub sw: usize,
+    pub dh: usize,
+    pub dw: usize,
+    pub ph: usize,
+    pub pw: usize,
+}
+
+/// Which compilation of the loops this processor runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Isa {
+    Baseline,
+    #[cfg(target_arch = "x86_64")]
+    Avx2Fma,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Isa {
+    /// The widest this processor has.
+    pub fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Isa::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Isa::Avx2Fma;
+            }
+        }
+        Isa::Baseline
+    }
+}
+
+/// A depthwise f32 convolution (NCHW or CHW, OIHW kernel), output row by
+/// output row. Inputs: the image, the kernel `[C, 1, KH, KW]` and the bias
+/// (one value, or one per channel), as tract's `Conv` has them.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DepthwiseRows {
+    pub geometry: Geometry,
+    pub isa: Isa,
+    /// The output shape, as the convolution's.
+    pub output_shape: TVec<usize>,
+}
+
+impl Op for DepthwiseRows {
+    fn name(&self) -> StaticName {
+        "DepthwiseRows".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let g = &self.geometry;
+        Ok(vec![format!(
+            "{}x{} kernel, stride {}x{}, dilation {}x{}, pad {}x{}, {:?}",
+            g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw, self.isa
+        )])
+    }
+
+    fn validation(&self) -> Validation {
+        Validation::Rounding
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for DepthwiseRows {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let g = &self.geometry;
+        let (image, kernel, bias) = args_3!(inputs);
+        let image = image.try_as_plain_ram()?.as_slice::<f32>()?;
+        let kernel = kernel.try_as_plain_ram()?.as_slice::<f32>()?;
+        let bias = bias.try_as_plain_ram()?.as_slice::<f32>()?;
+        ensure!(image.len() == g.n * g.c * g.h * g.w, "depthwise image size");
+        ensure!(kernel.len() == g.c * g.kh * g.kw, "depthwise kernel size");
+        ensure!(bias.len() == 1 || bias.len() == g.c, "depthwise bias size");
+        let plane = g.oh * g.ow;
+        let mut out = vec![0f32; g.n * g.c * plane];
+        if plane > 0 {
+            let layout = Layout::of(g);
+            let taps = g.kh * g.kw;
+            let work = g.n * g.c * plane * taps;
+            par_chunks_mut(&mut out, plane, work, |first, chunk| {
+                // Zeroed once: `fill` writes the same positions for every
+                // channel, so the padding stays zero.
+                let mut padded = vec![0f32; layout.len];
+                for (i, out) in chunk.chunks_mut(plane).enumerate() {
+                    let (ni, ci) = ((first + i) / g.c, (first + i) % g.c);
+                    let at = (ni * g.c + ci) * g.h * g.w;
+                    layout.fill(g, &image[at..at + g.h * g.w], &mut padded);
+                    let b = if bias.len() == 1 { bias[0] } else { bias[ci] };
+                    let kernel = &kernel[ci * taps..(ci + 1) * taps];
+                    channel(self.isa, g, &layout, &padded, kernel, b, out);
+                }
+                Ok(())
+            })?;
+        }
+        let out = tract_ndarray::ArrayD::from_shape_vec(&*self.output_shape, out)?;
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for DepthwiseRows {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(
+            inputs.len() == 3,
+            "DepthwiseRows takes image, kernel and bias"
+        );
+        Ok(tvec!(f32::fact(&*self.output_shape)))
+    }
+
+    fn cost(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let g = &self.geometry;
+        Ok(tvec!((
+            Cost::FMA(f32::datum_type()),
+            (g.n * g.c * g.oh * g.ow * g.kh * g.kw).to_dim()
+        )))
+    }
+
+    as_op!();
+}
+
+/// Output values one block spans along the width. A block of several
+/// output rows keeps its sums in registers over all the taps: enough
+/// independent sums to hide the latency of a fused multiply-add.
+const LANES: usize = 16;
+
+/// A channel's image, zero-padded on every side far enough for every tap of
+/// every output block and split by the width stride: phase `p` row `r`
+/// holds padded row `r` at columns `j * sw + p`. A tap at width offset `t`
+/// of output column `x` then reads phase `t % sw` at `x + t / sw`: a
+/// contiguous run at any stride, always in bounds, so the block loops have
+/// no edge cases.
+struct Layout {
+    phase_w: usize,
+    phase_size: usize,
+    padded_rows: usize,
+    /// Values in all phases.
+    len: usize,
+    /// Offset of the next output row's inputs: `sh` padded rows.
+    row_step: usize,
+    /// Per tap, where output (0, 0) reads it.
+    taps: Vec<usize>,
+}
+
+impl Layout {
+    fn of(g: &Geometry) -> Layout {
+        let blocks = g.ow.div_ceil(LANES);
+        let padded_rows = (g.oh - 1) * g.sh + (g.kh - 1) * g.dh + 1;
+        let phase_w = blocks * LANES + (g.kw - 1) * g.dw / g.sw;
+        let phase_size = padded_rows * phase_w;
+        let len = g.sw * phase_size;
+        let mut taps = Vec::with_capacity(g.kh * g.kw);
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let t = kx * g.dw;
+                taps.push((t % g.sw) * phase_size + ky * g.dh * phase_w + t / g.sw);
+            }
+        }
+        // What the unchecked loads rely on: the last value of the last
+        // block of the last row of every tap is inside the buffer.
+        let last = (g.oh - 1) * g.sh * phase_w + (blocks - 1) * LANES + LANES - 1;
+        assert!(taps.iter().all(|&at| at + last < len));
+        Layout {
+            phase_w,
+            phase_size,
+            padded_rows,
+            len,
+            row_step: g.sh * phase_w,
+            taps,
+        }
+    }
+
+    /// Copies one channel's image `[H, W]` into `padded` (`len` values).
+    /// Writes the same positions for every channel: the rest stays as it
+    /// was, zero.
+    fn fill(&self, g: &Geometry, image: &[f32], padded: &mut [f32]) {
+        for r in 0..self.padded_rows {
+            let Some(y) = r.checked_sub(g.ph).filter(|&y| y < g.h) else {
+                continue;
+            };
+            let row = &image[y * g.w..(y + 1) * g.w];
+            for p in 0..g.sw {
+                // Phase p's column j is image column j * sw + p - pw: the j
+                // from `first` up to `end` are inside the image.
+                let first = g.pw.saturating_sub(p).div_ceil(g.sw);
+                let end = (g.w + g.pw)
+                    .saturating_sub(p)
+                    .div_ceil(g.sw)
+                    .min(self.phase_w);
+                if first >= end {
+                    continue;
+                }
+                let dst = &mut padded[p * self.phase_size + r * self.phase_w..][first..end];
+                let from = first * g.sw + p - g.pw;
+                if g.sw == 1 {
+                    dst.copy_from_slice(&row[from..from + dst.len()]);
+                } else {
+                    for (d, &v) in dst.iter_mut().zip(row[from..].iter().step_by(g.sw)) {
+                        *d = v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One channel's output `[OH, OW]` from its padded image, with the loops
+/// compiled for `isa`.
+#[allow(unsafe_code)]
+fn channel(
+    isa: Isa,
+    g: &Geometry,
+    layout: &Layout,
+    padded: &[f32],
+    kernel: &[f32],
+    bias: f32,
+    out: &mut [f32],
+) {
+    assert!(out.len() == g.oh * g.ow && padded.len() == layout.len);
+    assert_eq!(kernel.len(), layout.taps.len());
+    match isa {
+        Isa::Baseline => blocks(g, layout, padded, kernel, bias, out),
+        // SAFETY: `Isa::detect` chose these only on a processor that has
+        // the features they are compiled for; `Layout::of` checked every
+        // read is inside a buffer of `len`, and `out` is `[OH, OW]`.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => unsafe { x86::blocks_avx2(g, layout, padded, kernel, bias, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::blocks_avx512(g, layout, padded, kernel, bias, out) },
+    }
+}
+
+/// The portable loops: the same blocks, in plain Rust.
+fn blocks(g: &Geometry, l: &Layout, padded: &[f32], kernel: &[f32], bias: f32, out: &mut [f32]) {
+    for oy in 0..g.oh {
+        for x0 in (0..g.ow).step_by(LANES) {
+            let mut acc = [bias; LANES];
+            for (&at, &k) in l.taps.iter().zip(kernel) {
+                let at = at + oy * l.row_step + x0;
+                for (a, &x) in acc.iter_mut().zip(&padded[at..at + LANES]) {
+                    *a += k * x;
+                }
+            }
+            let width = LANES.min(g.ow - x0);
+            out[oy * g.ow + x0..][..width].copy_from_slice(&acc[..width]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{Geometry, LANES, Layout};
+
+    /// AVX-512: one register per output row of a block, blocks of eight
+    /// rows (then four, two, one for the last rows).
+    ///
+    /// # Safety
+    /// The processor has AVX-512F; every tap read of every block is inside
+    /// a buffer of `l.len` (checked by `Layout::of`); `out` is `[OH, OW]`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn blocks_avx512(
+        g: &Geometry,
+        l: &Layout,
+        padded: &[f32],
+        kernel: &[f32],
+        bias: f32,
+        out: &mut [f32],
+    ) {
+        let mut oy = 0;
+        while oy < g.oh {
+            let rows = match g.oh - oy {
+                8.. => 8,
+                4..8 => 4,
+                2..4 => 2,
+                _ => 1,
+            };
+            for x0 in (0..g.ow).step_by(LANES) {
+                // SAFETY: the function's contract.
+                unsafe {
+                    match rows {
+                        8 => block512::<8>(g, l, padded, kernel, bias, oy, x0, out),
+                        4 => block512::<4>(g, l, padded, kernel, bias, oy, x0, out),
+                        2 => block512::<2>(g, l, padded, kernel, bias, oy, x0, out),
+                        _ => block512::<1>(g, l, padded, kernel, bias, oy, x0, out),
+                    }
+                }
+            }
+            oy += rows;
+        }
+    }
+
+    /// Output rows `oy..oy + R`, columns `x0..x0 + 16` (as far as the row
+    /// goes), summed in registers over every tap.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block512<const R: usize>(
+        g: &Geometry,
+        l: &Layout,
+        padded: &[f32],
+        kernel: &[f32],
+        bias: f32,
+        oy: usize,
+        x0: usize,
+        out: &mut [f32],
+    ) {
+        let rs = l.row_step;
+        let src = padded.as_ptr().wrapping_add(oy * rs + x0);
+        let mut acc = [_mm512_set1_ps(bias); R];
+        for (&at, &k) in l.taps.iter().zip(kernel) {
+            let k = _mm512_set1_ps(k);
+            for (i, a) in acc.iter_mut().enumerate() {
+                // SAFETY: the caller's contract: in bounds.
+                let x = unsafe { _mm512_loadu_ps(src.add(at + i * rs)) };
+                *a = _mm512_fmadd_ps(x, k, *a);
+            }
+        }
+        let width = LANES.min(g.ow - x0);
+        let mask: __mmask16 = if width == LANES { !0 } else { (1 << width) - 1 };
+        for (i, a) in acc.iter().enumerate() {
+            // SAFETY: the caller's contract: row oy + i < OH, x0 + width <= OW.
+            unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add((oy + i) * g.ow + x0), mask, *a) };
+        }
+    }
+
+    /// AVX2 with FMA: two registers per output row of a block, blocks of
+    /// four rows (then two, one).
+    ///
+    /// # Safety
+    /// The processor has AVX2 and FMA; as [`blocks_avx512`] otherwise.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn blocks_avx2(
+        g: &Geometry,
+        l: &Layout,
+        padded: &[f32],
+        kernel: &[f32],
+        bias: f32,
+        out: &mut [f32],
+    ) {
+        let mut oy = 0;
+        while oy < g.oh {
+            let rows = match g.oh - oy {
+                4.. => 4,
+                2..4 => 2,
+                _ => 1,
+            };
+            for x0 in (0..g.ow).step_by(LANES) {
+                // SAFETY: the function's contract.
+                unsafe {
+                    match rows {
+                        4 => block256::<4>(g, l, padded, kernel, bias, oy, x0, out),
+                        2 => block256::<2>(g, l, padded, kernel, bias, oy, x0, out),
+                        _ => block256::<1>(g, l, padded, kernel, bias, oy, x0, out),
+                    }
+                }
+            }
+            oy += rows;
+        }
+    }
+
+    /// [`block512`] with two 8-lane registers per row.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block256<const R: usize>(
+        g: &Geometry,
+        l: &Layout,
+        padded: &[f32],
+        kernel: &[f32],
+        bias: f32,
+        oy: usize,
+        x0: usize,
+        out: &mut [f32],
+    ) {
+        let rs = l.row_step;
+        let src = padded.as_ptr().wrapping_add(oy * rs + x0);
+        let mut acc = [[_mm256_set1_ps(bias); 2]; R];
+        for (&at, &k) in l.taps.iter().zip(kernel) {
+            let k = _mm256_set1_ps(k);
+            for (i, a) in acc.iter_mut().enumerate() {
+                // SAFETY: the caller's contract: in bounds.
+                let (x0, x1) = unsafe {
+                    let s = src.add(at + i * rs);
+                    (_mm256_loadu_ps(s), _mm256_loadu_ps(s.add(8)))
+                };
+                a[0] = _mm256_fmadd_ps(x0, k, a[0]);
+                a[1] = _mm256_fmadd_ps(x1, k, a[1]);
+            }
+        }
+        let width = LANES.min(g.ow - x0);
+        let mut tmp = [0f32; LANES];
+        for (i, a) in acc.iter().enumerate() {
+            // SAFETY: `tmp` holds 16; the caller's contract for `out`.
+            unsafe {
+                _mm256_storeu_ps(tmp.as_mut_ptr(), a[0]);
+                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), a[1]);
+            }
+            out[(oy + i) * g.ow + x0..][..width].copy_from_slice(&tmp[..width]);
+        }
+    }
+}
+
+/// Replaces every depthwise convolution [`DepthwiseRows`] can run with it,
+/// in place (same inputs, same output). Returns how many it replaced.
+pub fn lower(model: &mut TypedModel) -> TractResult<usize> {
+    if !enabled() {
+        return Ok(0);
+    }
+    let isa = Isa::detect();
+    let mut replaced = 0;
+    for id in 0..model.nodes.len() {
+        let Some(conv) = model.nodes[id].op_as::<Conv>() else {
+            continue;
+        };
+        if let Some(op) = rows_op(model, id, conv, isa)? {
+            model.nodes[id].op = Box::new(op);
+            replaced += 1;
+        }
+    }
+    Ok(replaced)
+}
+
+/// On x86-64, unless `EDGEFLEET_DEPTHWISE=tract`.
+fn enabled() -> bool {
+    cfg!(target_arch = "x86_64")
+        && std::env::var("EDGEFLEET_DEPTHWISE").map_or(true, |v| v != "tract")
+}
+
+/// The op for node `id`'s convolution, when it is one [`DepthwiseRows`]
+/// runs.
+fn rows_op(
+    model: &TypedModel,
+    id: usize,
+    conv: &Conv,
+    isa: Isa,
+) -> TractResult<Option<DepthwiseRows>> {
+    let node = &model.nodes[id];
+    let spec = &conv.pool_spec;
+    let c = spec.input_channels;
+    if conv.q_params.is_some()
+        || conv.kernel_fmt != KernelFormat::OIHW
+        || spec.data_format.c_is_last()
+        || spec.rank() != 2
+        || c < 2
+        || conv.group != c
+        || spec.output_channels != c
+        || node.inputs.len() != 3
+    {
+        return Ok(None);
+    }
+    let facts = model.node_input_facts(id)?;
+    let output = model.outlet_fact(OutletId::new(id, 0))?;
+    if facts
+        .iter()
+        .chain([&output])
+        .any(|f| f.datum_type != f32::datum_type())
+    {
+        return Ok(None);
+    }
+    let (Some(shape), Some(kernel), Some(out_shape)) = (
+        facts[0].shape.as_concrete(),
+        facts[1].shape.as_concrete(),
+        output.shape.as_concrete(),
+    ) else {
+        return Ok(None);
+    };
+    let data = spec.data_format.shape(shape.to_vec())?;
+    let hw = data.hw_dims();
+    let (kh, kw) = (spec.kernel_shape[0], spec.kernel_shape[1]);
+    if *data.c() != c
+        || kernel != [c, 1, kh, kw]
+        || !matches!(facts[2].shape.volume().to_usize(), Ok(v) if v == 1 || v == c)
+    {
+        return Ok(None);
+    }
+    let padding = spec.computed_padding(hw);
+    let geometry = Geometry {
+        n: data.n().copied().unwrap_or(1),
+        c,
+        h: hw[0],
+        w: hw[1],
+        oh: padding[0].convoluted,
+        ow: padding[1].convoluted,
+        kh,
+        kw,
+        sh: spec.stride(0),
+        sw: spec.stride(1),
+        dh: spec.dilation(0),
+        dw: spec.dilation(1),
+        ph: padding[0].pad_before,
+        pw: padding[1].pad_before,
+    };
+    let expected: TVec<usize> = if spec.data_format.has_n() {
+        tvec!(geometry.n, c, geometry.oh, geometry.ow)
+    } else {
+        tvec!(c, geometry.oh, geometry.ow)
+    };
+    if expected.as_slice() != out_shape || geometry.sh == 0 || geometry.sw == 0 {
+        return Ok(None);
+    }
+    Ok(Some(DepthwiseRows {
+        geometry,
+        isa,
+        output_shape: expected,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use tract_nnef::tract_core::ops::cnn::{PaddingSpec, PoolSpec};
+    use tract_nnef::tract_core::ops::nn::DataFormat;
+
+    use super::*;
+
+    /// A small deterministic generator: the cases must be the same on
+    /// every run.
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn next(&mut self) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            self.0 >> 33
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        fn values(&mut self, len: usize) -> Vec<f32> {
+            (0..len)
+                .map(|_| (self.below(2001) as f32 - 1000.0) / 500.0)
+                .collect()
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    struct Case {
+        format: DataFormat,
+        n: usize,
+        c: usize,
+        hw: [usize; 2],
+        kernel: [usize; 2],
+        strides: [usize; 2],
+        dilations: [usize; 2],
+        padding: PaddingSpec,
+        bias_per_channel: bool,
+    }
+
+    /// One `Conv` node over a source, with the kernel and bias as consts,
+    /// decluttered as a load leaves it.
+    fn conv_model(case: &Case, rng: &mut Lcg) -> TractResult<(TypedModel, Tensor)> {
+        let Case {
+            n,
+            c,
+            hw,
+            kernel: k,
+            ..
+        } = *case;
+        let mut model = TypedModel::default();
+        let shape: TVec<usize> = if case.format.has_n() {
+            tvec!(n, c, hw[0], hw[1])
+        } else {
+            tvec!(c, hw[0], hw[1])
+        };
+        let x = model.add_source("x", f32::fact(&shape))?;
+        let kernel = tensor1(&rng.values(c * k[0] * k[1])).into_shape(&[c, 1, k[0], k[1]])?;
+        let kernel = model.add_const("kernel", kernel)?;
+        let bias = if case.bias_per_channel {
+            tensor1(&rng.values(c))
+        } else {
+            tensor0(rng.values(1)[0])
+        };
+        let bias = model.add_const("bias", bias)?;
+        let conv = Conv {
+            pool_spec: PoolSpec {
+                data_format: case.format,
+                kernel_shape: tvec!(k[0], k[1]),
+                padding: case.padding.clone(),
+                dilations: Some(tvec!(case.dilations[0], case.dilations[1])),
+                strides: Some(tvec!(case.strides[0], case.strides[1])),
+                input_channels: c,
+                output_channels: c,
+            },
+            kernel_fmt: KernelFormat::OIHW,
+            group: c,
+            q_params: None,
+        };
+        let y = model.wire_node("conv", conv, &[x, kernel, bias])?;
+        model.select_output_outlets(&y)?;
+        let input = tensor1(&rng.values(shape.iter().product())).into_shape(&shape)?;
+        Ok((model, input))
+    }
+
+    fn run(model: TypedModel, input: &Tensor) -> TractResult<Tensor> {
+        let plan = model.into_runnable()?;
+        let out = plan.run(tvec!(input.clone().into_tvalue()))?;
+        Ok(out[0].clone().into_tensor())
+    }
+
+    /// tract's own optimized convolution and ours, on the same input.
+    fn compare(case: &Case, isa: Isa, rng: &mut Lcg) -> TractResult<()> {
+        let (model, input) = conv_model(case, rng)?;
+        let tracts = run(model.clone().into_optimized()?, &input)?;
+        let mut ours = model;
+        let node = ours.node_id_by_name("conv")?;
+        let conv = ours.nodes[node].op_as::<Conv>().unwrap().clone();
+        let mut op =
+            rows_op(&ours, node, &conv, isa)?.with_context(|| format!("not lowered: {case:?}"))?;
+        op.isa = isa;
+        ours.nodes[node].op = Box::new(op);
+        crate::optimizer::optimize(&mut ours)?;
+        assert!(
+            ours.nodes.iter().any(|n| n.op_is::<DepthwiseRows>()),
+            "tract's codegen kept the op"
+        );
+        let ours = run(ours, &input)?;
+        assert_eq!(ours.shape(), tracts.shape(), "{case:?}");
+        let (a, b) = (
+            ours.to_plain_array_view::<f32>()?,
+            tracts.to_plain_array_view::<f32>()?,
+        );
+        for (i, (a, b)) in a.iter().zip(b.iter()).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "{case:?} {isa:?}: element {i} is {a}, tract's {b}"
+            );
+        }
+        Ok(())
+    }
+
+    fn isas() -> Vec<Isa> {
+        let mut isas = vec![Isa::Baseline];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                isas.push(Isa::Avx2Fma);
+            }
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                isas.push(Isa::Avx512);
+            }
+        }
+        isas
+    }
+
+    #[test]
+    fn every_geometry_computes_what_tracts_depthwise_computes() -> TractResult<()> {
+        let mut rng = Lcg(7);
+        let mut cases = vec![
+            // MobileNet's: 3x3, stride 1 and 2, pad 1; 5x5 pad 2.
+            Case {
+                format: DataFormat::NCHW,
+                n: 1,
+                c: 8,
+                hw: [16, 16],
+                kernel: [3, 3],
+                strides: [1, 1],
+                dilations: [1, 1],
+                padding: PaddingSpec::Explicit(tvec!(1, 1), tvec!(1, 1)),
+                bias_per_channel: true,
+            },
+            // Wider than the image and a kernel taller than it.
+            Case {
+                format: DataFormat::CHW,
+                n: 1,
+                c: 3,
+                hw: [2, 3],
+                kernel: [5, 7],
+                strides: [1, 2],
+                dilations: [1, 1],
+                padding: PaddingSpec::Explicit(tvec!(3, 4), tvec!(2, 5)),
+                bias_per_channel: false,
+            },
+        ];
+        let paddings = |rng: &mut Lcg| match rng.below(4) {
+            0 => PaddingSpec::Valid,
+            1 => PaddingSpec::SameUpper,
+            2 => PaddingSpec::SameLower,
+            _ => PaddingSpec::Explicit(
+                tvec!(rng.below(4), rng.below(4)),
+                tvec!(rng.below(4), rng.below(4)),
+            ),
+        };
+        for _ in 0..120 {
+            let kernel = [1 + rng.below(5), 1 + rng.below(5)];
+            let dilations = [1 + rng.below(2), 1 + rng.below(3)];
+            let reach = |a: usize| (kernel[a] - 1) * dilations[a] + 1;
+            let hw = [reach(0) + rng.below(20), reach(1) + rng.below(40)];
+            cases.push(Case {
+                format: if rng.below(4) == 0 {
+                    DataFormat::CHW
+                } else {
+                    DataFormat::NCHW
+                },
+                n: 1 + rng.below(2),
+                c: 2 + rng.below(7),
+                hw,
+                kernel,
+                strides: [1 + rng.below(3), 1 + rng.below(3)],
+                dilations,
+                padding: paddings(&mut rng),
+                bias_per_channel: rng.below(3) != 0,
+            });
+        }
+        for case in &cases {
+            for &isa in &isas() {
+                compare(case, isa, &mut rng)?;
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn only_depthwise_f32_convolutions_are_lowered() -> TractResult<()> {
+        let mut rng = Lcg(1);
+        let base = Case {
+            format: DataFormat::NCHW,
+            n: 1,
+            c: 4,
+            hw: [8, 8],
+            kernel: [3, 3],
+            strides: [1, 1],
+            dilations: [1, 1],
+            padding: PaddingSpec::Valid,
+            bias_per_channel: true,
+        };
+        let (mut model, _) = conv_model(&base, &mut rng)?;
+        let node = model.node_id_by_name("conv")?;
+        let conv = model.nodes[node].op_as::<Conv>().unwrap().clone();
+        assert!(rows_op(&model, node, &conv, Isa::Baseline)?.is_some());
+        // Channel-last, grouped but not depthwise, or another kernel layout:
+        // tract's.
+        for other in [
+            Conv {
+                pool_spec: PoolSpec {
+                    data_format: DataFormat::NHWC,
+                    ..conv.pool_spec.clone()
+                },
+                ..conv.clone()
+            },
+            Conv {
+                group: 2,
+                ..conv.clone()
+            },
+            Conv {
+                kernel_fmt: KernelFormat::HWIO,
+                ..conv.clone()
+            },
+        ] {
+            model.nodes[node].op = Box::new(other.clone());
+            assert!(
+                rows_op(&model, node, &other, Isa::Baseline)?.is_none(),
+                "{other:?}"
+            );
+        }
+        Ok(())
+    }
+}
