@@ -33,29 +33,29 @@ use tract_nnef::tract_core::tract_linalg::multithread::par_chunks_mut;
 
 /// Where an output row's taps read, fixed at load: the model's shapes are.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Geometry {
+struct Geometry {
     /// Batch (1 without an N axis), channels, input height and width.
-    pub n: usize,
-    pub c: usize,
-    pub h: usize,
-    pub w: usize,
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
     /// Output height and width.
-    pub oh: usize,
-    pub ow: usize,
+    oh: usize,
+    ow: usize,
     /// Kernel, strides, dilations, padding before (top, left).
-    pub kh: usize,
-    pub kw: usize,
-    pub sh: usize,
-    pub sw: usize,
-    pub dh: usize,
-    pub dw: usize,
-    pub ph: usize,
-    pub pw: usize,
+    kh: usize,
+    kw: usize,
+    sh: usize,
+    sw: usize,
+    dh: usize,
+    dw: usize,
+    ph: usize,
+    pw: usize,
 }
 
 /// Which compilation of the loops this processor runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Isa {
+enum Isa {
     Baseline,
     #[cfg(target_arch = "x86_64")]
     Avx2Fma,
@@ -65,7 +65,7 @@ pub enum Isa {
 
 impl Isa {
     /// The widest this processor has.
-    pub fn detect() -> Isa {
+    fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f")
@@ -83,15 +83,16 @@ impl Isa {
     }
 }
 
-/// A depthwise f32 convolution (NCHW or CHW, OIHW kernel), output row by
-/// output row. Inputs: the image, the kernel `[C, 1, KH, KW]` and the bias
-/// (one value, or one per channel), as tract's `Conv` has them.
+/// A depthwise f32 convolution (NCHW or CHW, OIHW kernel) in register
+/// blocks. Inputs: the image, the kernel `[C, 1, KH, KW]` and the bias
+/// (one value, or one per channel), as tract's `Conv` has them. Only
+/// [`lower`] makes one: `isa` must be one this processor has.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct DepthwiseRows {
-    pub geometry: Geometry,
-    pub isa: Isa,
+    geometry: Geometry,
+    isa: Isa,
     /// The output shape, as the convolution's.
-    pub output_shape: TVec<usize>,
+    output_shape: TVec<usize>,
 }
 
 impl Op for DepthwiseRows {
