@@ -24,6 +24,7 @@
 //! CHW, ONNX's layout) and an OIHW kernel are replaced; everything else
 //! stays tract's. Other architectures keep tract's op, which has NEON
 //! kernels on aarch64 (this one is not measured there).
+//! Builds with debug assertions keep tract's op too (see `enabled`).
 //! `EDGEFLEET_DEPTHWISE=tract` keeps tract's op on x86-64 too: the
 //! benchmark's lever table compares the two.
 
@@ -478,8 +479,15 @@ pub fn lower(model: &mut TypedModel) -> TractResult<usize> {
 }
 
 /// On x86-64, unless `EDGEFLEET_DEPTHWISE=tract`.
+///
+/// Not in builds with debug assertions: there this crate is compiled
+/// unoptimized while tract (a dependency) is optimized, so the op would be
+/// slower than tract's (the demo's health watch measured it, and its v3
+/// canary then no longer rolled back in time). The unit tests call the op
+/// directly, in any build.
 fn enabled() -> bool {
     cfg!(target_arch = "x86_64")
+        && !cfg!(debug_assertions)
         && std::env::var("EDGEFLEET_DEPTHWISE").map_or(true, |v| v != "tract")
 }
 
