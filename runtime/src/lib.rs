@@ -7,6 +7,9 @@
 //!   the ONNX → NNEF conversion the packer uses.
 //! - [`onnx_external`]: inlining an ONNX model's external weight files
 //!   (the packer; feature `onnx`).
+//! - [`depthwise`], [`pointwise`]: ops of ours that replace tract's for
+//!   depthwise convolutions (x86-64) and element-wise expressions such as
+//!   hard-swish, between declutter and codegen.
 //! - [`threads`]: intra-op parallelism ([`Threads`], `[engine] threads`).
 //! - [`error`]: [`RuntimeError`] and its stable reason codes.
 //!
@@ -21,6 +24,7 @@ mod nnef_ops;
 #[cfg(feature = "onnx")]
 pub mod onnx_external;
 pub mod optimizer;
+pub mod pointwise;
 pub mod threads;
 
 pub use error::{Result, RuntimeError};

@@ -24,6 +24,7 @@ use crate::depthwise;
 use crate::error::{Result, RuntimeError};
 use crate::graph_ast;
 use crate::optimizer;
+use crate::pointwise;
 
 #[cfg(target_endian = "big")]
 compile_error!("edgefleet's tensor encoding assumes a little-endian target");
@@ -294,6 +295,7 @@ impl Model {
             optimizer::declutter(&mut optimized).map_err(load_err)?;
         }
         depthwise::lower(&mut optimized).map_err(load_err)?;
+        pointwise::lower(&mut optimized).map_err(load_err)?;
         optimizer::optimize(&mut optimized).map_err(load_err)?;
         let mut model = Model::from_optimized(optimized, inputs)?;
         model.timings = LoadTimings {
