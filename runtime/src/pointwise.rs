@@ -14,11 +14,14 @@
 //! of 24 ms).
 //!
 //! [`lower`] finds each such expression before codegen and replaces it with
-//! one [`Pointwise`] node: a short program of binary steps over blocks of
-//! the tensor that stay in L1, so the tensor is read once and written
-//! once, in place when the node holds the only reference to it. Each step
-//! is the op tract would have run, on the same operands in the same order,
-//! so the results are bit for bit tract's.
+//! one [`Pointwise`] node, which reads the tensor once and writes it once,
+//! in place when the node holds the only reference to it. A hard-swish
+//! (with or without the affine maps) runs in AVX2 registers, eight values
+//! at a time (`x86::hard_swish`); any other expression, and any processor
+//! without AVX2, runs as a short program of binary steps over blocks of
+//! the tensor that stay in L1. Either way each step is the op tract would
+//! have run, on the same operands in the same order, so the results are
+//! bit for bit tract's.
 //!
 //! What is fused (a *region*): starting from any outlet `x`, every node
 //! downstream whose op is an f32 `Add`, `Sub`, `Mul`, `Div`, `Min` or
