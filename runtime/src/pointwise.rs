@@ -48,7 +48,8 @@ use tract_nnef::tract_core::tract_linalg::multithread::par_chunks_mut;
 /// (`MAX_STEPS + 1` blocks of 1 KiB).
 const BLOCK: usize = 256;
 
-/// The longest program a node runs; a larger region stays tract's.
+/// The longest program a node runs: a larger expression is cut to its
+/// longest part that is one.
 const MAX_STEPS: usize = 15;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -542,7 +543,8 @@ fn fuse(model: &mut TypedModel) -> TractResult<usize> {
     let mut taken = vec![false; model.nodes.len()];
     let mut regions = Vec::new();
     for &id in &order {
-        // A region's output may start another region (hard-swish twice).
+        // A region's output may start another region (a hard-swish whose
+        // output is read elsewhere too, then another on it).
         if taken[id] && !regions.iter().any(|r: &Region| r.output == id) {
             continue;
         }
