@@ -91,6 +91,8 @@ impl Isa {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct DepthwiseRows {
     geometry: Geometry,
+    /// Fixed by the geometry: built once, at load.
+    layout: Layout,
     isa: Isa,
     /// The output shape, as the convolution's.
     output_shape: TVec<usize>,
@@ -131,7 +133,7 @@ impl EvalOp for DepthwiseRows {
         let plane = g.oh * g.ow;
         let mut out = vec![0f32; g.n * g.c * plane];
         if plane > 0 {
-            let layout = Layout::of(g);
+            let layout = &self.layout;
             let taps = g.kh * g.kw;
             let work = g.n * g.c * plane * taps;
             par_chunks_mut(&mut out, plane, work, |first, chunk| {
@@ -144,7 +146,7 @@ impl EvalOp for DepthwiseRows {
                     layout.fill(g, &image[at..at + g.h * g.w], &mut padded);
                     let b = if bias.len() == 1 { bias[0] } else { bias[ci] };
                     let kernel = &kernel[ci * taps..(ci + 1) * taps];
-                    channel(self.isa, g, &layout, &padded, kernel, b, out);
+                    channel(self.isa, g, layout, &padded, kernel, b, out);
                 }
                 Ok(())
             })?;
@@ -185,6 +187,7 @@ const LANES: usize = 16;
 /// of output column `x` then reads phase `t % sw` at `x + t / sw`: a
 /// contiguous run at any stride, always in bounds, so the block loops have
 /// no edge cases.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Layout {
     phase_w: usize,
     phase_size: usize,
@@ -564,6 +567,7 @@ fn rows_op(
         return Ok(None);
     }
     Ok(Some(DepthwiseRows {
+        layout: Layout::of(&geometry),
         geometry,
         isa,
         output_shape: expected,
@@ -576,28 +580,7 @@ mod tests {
     use tract_nnef::tract_core::ops::nn::DataFormat;
 
     use super::*;
-
-    /// A small deterministic generator: the cases must be the same on
-    /// every run.
-    struct Lcg(u64);
-
-    impl Lcg {
-        fn next(&mut self) -> u64 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            self.0 >> 33
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-        fn values(&mut self, len: usize) -> Vec<f32> {
-            (0..len)
-                .map(|_| (self.below(2001) as f32 - 1000.0) / 500.0)
-                .collect()
-        }
-    }
+    use crate::test_rng::Lcg;
 
     #[derive(Clone, Debug)]
     struct Case {
@@ -629,12 +612,13 @@ mod tests {
             tvec!(c, hw[0], hw[1])
         };
         let x = model.add_source("x", f32::fact(&shape))?;
-        let kernel = tensor1(&rng.values(c * k[0] * k[1])).into_shape(&[c, 1, k[0], k[1]])?;
+        let kernel =
+            tensor1(&rng.values(c * k[0] * k[1], 500.0)).into_shape(&[c, 1, k[0], k[1]])?;
         let kernel = model.add_const("kernel", kernel)?;
         let bias = if case.bias_per_channel {
-            tensor1(&rng.values(c))
+            tensor1(&rng.values(c, 500.0))
         } else {
-            tensor0(rng.values(1)[0])
+            tensor0(rng.values(1, 500.0)[0])
         };
         let bias = model.add_const("bias", bias)?;
         let conv = Conv {
@@ -653,7 +637,7 @@ mod tests {
         };
         let y = model.wire_node("conv", conv, &[x, kernel, bias])?;
         model.select_output_outlets(&y)?;
-        let input = tensor1(&rng.values(shape.iter().product())).into_shape(&shape)?;
+        let input = tensor1(&rng.values(shape.iter().product(), 500.0)).into_shape(&shape)?;
         Ok((model, input))
     }
 

@@ -25,6 +25,8 @@ mod nnef_ops;
 pub mod onnx_external;
 pub mod optimizer;
 pub mod pointwise;
+#[cfg(test)]
+mod test_rng;
 pub mod threads;
 
 pub use error::{Result, RuntimeError};

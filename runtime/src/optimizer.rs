@@ -50,13 +50,6 @@ pub fn optimize(model: &mut TypedModel) -> TractResult<()> {
     Ok(())
 }
 
-/// `into_optimized()`: [`declutter`] then [`optimize`].
-pub fn into_optimized(mut model: TypedModel) -> TractResult<TypedModel> {
-    declutter(&mut model)?;
-    optimize(&mut model)?;
-    Ok(model)
-}
-
 /// `OptimizerSession::optimize`: rounds of every pass until a round
 /// applies no patch; each pass repeats until it applies none.
 fn run(optimizer: &Optimizer, model: &mut TypedModel) -> TractResult<()> {
