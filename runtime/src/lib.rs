@@ -7,15 +7,16 @@
 //!   the ONNX → NNEF conversion the packer uses.
 //! - [`onnx_external`]: inlining an ONNX model's external weight files
 //!   (the packer; feature `onnx`).
-//! - [`depthwise`], [`pointwise`]: ops of ours that replace tract's for
-//!   depthwise convolutions (x86-64) and element-wise expressions such as
-//!   hard-swish, between declutter and codegen.
+//! - [`depthwise`], [`conv1x1`], [`pointwise`]: ops of ours that replace
+//!   tract's for depthwise and 1×1 convolutions (x86-64) and element-wise
+//!   expressions such as hard-swish, between declutter and codegen.
 //! - [`threads`]: intra-op parallelism ([`Threads`], `[engine] threads`).
 //! - [`error`]: [`RuntimeError`] and its stable reason codes.
 //!
 //! The `onnx` feature (on by default) compiles tract's ONNX front end;
 //! without it only NNEF models load (the smaller device build).
 
+pub mod conv1x1;
 pub mod depthwise;
 pub mod error;
 pub mod graph_ast;
