@@ -257,6 +257,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::PostFun;
+    use crate::row_blocks::row_blocks;
 
     /// Output columns one full block spans: three registers of eight.
     const WIDE: usize = 24;
@@ -277,14 +278,7 @@ mod x86 {
         first: usize,
         out: &mut [f32],
     ) {
-        let count = out.len() / n;
-        let mut r = 0;
-        while r < count {
-            let rows = match count - r {
-                4.. => 4,
-                2..4 => 2,
-                _ => 1,
-            };
+        for (r, rows) in row_blocks(out.len() / n, 4) {
             let o = first + r;
             let out = &mut out[r * n..(r + rows) * n];
             // SAFETY: the function's contract, for rows o..o + rows.
@@ -295,7 +289,6 @@ mod x86 {
                     _ => block_rows::<1>(m, k, n, w, x, post, o, out),
                 }
             }
-            r += rows;
         }
     }
 
@@ -397,15 +390,7 @@ mod x86 {
         first: usize,
         out: &mut [f32],
     ) {
-        let count = out.len() / n;
-        let mut r = 0;
-        while r < count {
-            let rows = match count - r {
-                8.. => 8,
-                4..8 => 4,
-                2..4 => 2,
-                _ => 1,
-            };
+        for (r, rows) in row_blocks(out.len() / n, 8) {
             let o = first + r;
             let out = &mut out[r * n..(r + rows) * n];
             let mut j = 0;
@@ -433,7 +418,6 @@ mod x86 {
                     j += width;
                 }
             }
-            r += rows;
         }
     }
 

@@ -311,6 +311,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{Geometry, LANES, Layout};
+    use crate::row_blocks::row_blocks;
 
     /// AVX-512: one register per output row of a block, blocks of eight
     /// rows (then four, two, one for the last rows).
@@ -327,14 +328,7 @@ mod x86 {
         bias: f32,
         out: &mut [f32],
     ) {
-        let mut oy = 0;
-        while oy < g.oh {
-            let rows = match g.oh - oy {
-                8.. => 8,
-                4..8 => 4,
-                2..4 => 2,
-                _ => 1,
-            };
+        for (oy, rows) in row_blocks(g.oh, 8) {
             for x0 in (0..g.ow).step_by(LANES) {
                 // SAFETY: the function's contract.
                 unsafe {
@@ -346,7 +340,6 @@ mod x86 {
                     }
                 }
             }
-            oy += rows;
         }
     }
 
@@ -398,13 +391,7 @@ mod x86 {
         bias: f32,
         out: &mut [f32],
     ) {
-        let mut oy = 0;
-        while oy < g.oh {
-            let rows = match g.oh - oy {
-                4.. => 4,
-                2..4 => 2,
-                _ => 1,
-            };
+        for (oy, rows) in row_blocks(g.oh, 4) {
             for x0 in (0..g.ow).step_by(LANES) {
                 // SAFETY: the function's contract.
                 unsafe {
@@ -415,7 +402,6 @@ mod x86 {
                     }
                 }
             }
-            oy += rows;
         }
     }
 

@@ -26,6 +26,7 @@ mod nnef_ops;
 pub mod onnx_external;
 pub mod optimizer;
 pub mod pointwise;
+mod row_blocks;
 #[cfg(test)]
 mod test_rng;
 pub mod threads;
