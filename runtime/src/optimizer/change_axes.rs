@@ -7,9 +7,14 @@
 //! for an accepted change by walking the whole graph in evaluation order,
 //! looking every node and every input up in SipHash maps; an ONNX model
 //! accepts a change or two hundred per load, and that walk was about half
-//! of the pass (scripts/bench_notes.md). Here the walk, in tract's own
-//! evaluation order, checks plain per-node flags, so only the nodes the
-//! change touches reach a map.
+//! of the pass (scripts/bench_notes.md). Here nothing walks the graph per
+//! patch: each node's place in the evaluation order is computed once per
+//! round of the pass and carried over each patch ([`Ranks`]), so a patch
+//! orders the nodes it changes and asks the readers of the wires it
+//! replaces where they stand, at a cost that grows with the patch alone.
+//! (cls: 208 patches in the first round, each had computed the order of
+//! about 700 nodes.) Debug builds and the tests check the carried ranks
+//! against `eval_order()` after every patch.
 //!
 //! What the pass decides is tract's: the order nodes are tried in, the
 //! changes tried, which ones propagation explores and where it stops, and
@@ -33,12 +38,120 @@ use tract_nnef::tract_core::optim::{OptimizerSession, TypedPass};
 /// to replace by it.
 pub(super) const NAME: &str = "ChangeAxes";
 
-/// The pass: the changes tried since the last reset, and the node the
-/// last accepted one came from (the next call resumes there).
+/// The pass: the changes tried since the last reset, the node the last
+/// accepted one came from (the next call resumes there), and where each
+/// node stands in the graph's evaluation order.
 #[derive(Clone, Default)]
 pub(super) struct ChangeAxes {
     tried: HashSet<AxisChange>,
     from: usize,
+    ranks: Option<Ranks>,
+    /// The nodes the last patch adds, in the order the driver adds them.
+    pending: Option<Pending>,
+}
+
+/// Each node's place in tract's evaluation order (`eval_order()`), for
+/// comparisons only: `None` for a node that order does not reach. Computed
+/// once per round of the pass, then carried over each patch: a patch of
+/// this pass replaces nodes one for one, with the same wiring, so a new
+/// node takes the place of the node it replaces, and the order of every
+/// node but a scalar constant stays what it was. A scalar constant the
+/// patch copies for one reader ranks just before it; where scalar
+/// constants stand is never asked (they are neither replaced nor readers).
+#[derive(Clone, Debug)]
+struct Ranks(Vec<Option<u64>>);
+
+impl Ranks {
+    fn of(model: &TypedModel) -> TractResult<Ranks> {
+        let mut ranks = vec![None; model.nodes.len()];
+        for (position, node) in model.eval_order()?.into_iter().enumerate() {
+            ranks[node] = Some(2 * position as u64 + 2);
+        }
+        Ok(Ranks(ranks))
+    }
+
+    fn get(&self, node: usize) -> Option<u64> {
+        self.0.get(node).copied().flatten()
+    }
+
+    /// The ranks once the driver has applied the patch `pending` describes.
+    fn extend(&mut self, pending: &Pending) {
+        self.0.truncate(pending.before);
+        for added in &pending.added {
+            let rank = match *added {
+                Added::Replaces(old) => self.get(old),
+                Added::ScalarFor(reader) => self.get(reader).map(|r| r - 1),
+            };
+            self.0.push(rank);
+        }
+    }
+
+    /// That the carried-over ranks order the graph as `eval_order()` does
+    /// (debug builds and tests: every patch of every test graph).
+    #[cfg(debug_assertions)]
+    fn check(&self, model: &TypedModel) -> TractResult<()> {
+        let ranked = |id: usize| {
+            let node = model.node(id);
+            !node.op_is::<Dummy>() && node.op_as::<Const>().is_none_or(|k| k.val().volume() != 1)
+        };
+        let order: Vec<usize> = model
+            .eval_order()?
+            .into_iter()
+            .filter(|&n| ranked(n))
+            .collect();
+        let ours: Vec<u64> = order
+            .iter()
+            .map(|&n| self.get(n).with_context(|| format!("no rank for #{n}")))
+            .collect::<TractResult<_>>()?;
+        ensure!(
+            ours.windows(2).all(|w| w[0] < w[1]),
+            "ranks out of evaluation order"
+        );
+        let reached = (0..model.nodes.len())
+            .filter(|&n| ranked(n) && self.get(n).is_some())
+            .count();
+        ensure!(
+            reached == order.len(),
+            "a ranked node the evaluation does not reach"
+        );
+        Ok(())
+    }
+}
+
+/// What a patch adds, node by node, in order (taps are not nodes of the
+/// graph it is applied to).
+#[derive(Clone, Copy, Debug)]
+enum Added {
+    /// The changed copy of node `.0`.
+    Replaces(usize),
+    /// A scalar constant, copied and changed for node `.0` alone.
+    ScalarFor(usize),
+}
+
+/// The last patch returned: the graph's size before it, and its nodes.
+#[derive(Clone, Debug)]
+struct Pending {
+    before: usize,
+    added: Vec<Added>,
+}
+
+impl ChangeAxes {
+    /// The ranks of `model`: carried over the patch returned last if the
+    /// driver applied it (or kept if it did not), computed otherwise.
+    fn ranks(&mut self, model: &TypedModel) -> TractResult<Ranks> {
+        let len = model.nodes.len();
+        let ranks = match (self.ranks.take(), self.pending.take()) {
+            (Some(mut ranks), Some(p)) if len == p.before + p.added.len() => {
+                ranks.extend(&p);
+                #[cfg(debug_assertions)]
+                ranks.check(model)?;
+                ranks
+            }
+            (Some(ranks), Some(p)) if len == p.before => ranks,
+            _ => Ranks::of(model)?,
+        };
+        Ok(ranks)
+    }
 }
 
 impl fmt::Debug for ChangeAxes {
@@ -52,6 +165,9 @@ impl TypedPass for ChangeAxes {
     fn reset(&mut self) -> TractResult<()> {
         self.tried.clear();
         self.from = 0;
+        // the driver compacts between rounds: node ids change
+        self.ranks = None;
+        self.pending = None;
         Ok(())
     }
 
@@ -60,6 +176,7 @@ impl TypedPass for ChangeAxes {
         _session: &mut OptimizerSession,
         model: &TypedModel,
     ) -> TractResult<Option<TypedModelPatch>> {
+        let ranks = self.ranks(model)?;
         let mut explored: HashSet<AxisChange> = HashSet::new();
         let mut locked = model.output_outlets()?.to_vec();
         locked.extend(model.input_outlets()?.iter());
@@ -92,14 +209,20 @@ impl TypedPass for ChangeAxes {
                 if !self.tried.insert(change.clone()) {
                     continue;
                 }
-                let patch = propagate(model, &change, &locked, &mut explored)
+                let patch = propagate(model, &change, &locked, &mut explored, &ranks)
                     .with_context(|| format!("Making patch for {change:?} from {node}"))?;
-                if let Some(patch) = patch {
+                if let Some((patch, added)) = patch {
                     self.from = node.id;
+                    self.pending = Some(Pending {
+                        before: model.nodes.len(),
+                        added,
+                    });
+                    self.ranks = Some(ranks);
                     return Ok(Some(patch));
                 }
             }
         }
+        self.ranks = Some(ranks);
         Ok(None)
     }
 }
@@ -123,7 +246,8 @@ fn propagate(
     start: &AxisChange,
     locked: &[OutletId],
     explored: &mut HashSet<AxisChange>,
-) -> TractResult<Option<TypedModelPatch>> {
+    ranks: &Ranks,
+) -> TractResult<Option<(TypedModelPatch, Vec<Added>)>> {
     if explored.contains(start) {
         return Ok(None);
     }
@@ -228,7 +352,7 @@ fn propagate(
         };
         accepted.ops.insert(node_id, substitute);
     }
-    patch(model, start, accepted).map(Some)
+    patch(model, start, accepted, ranks).map(Some)
 }
 
 /// A constant whose `change_axes` depends only on its tensor's shape: plain
@@ -263,39 +387,39 @@ fn takes(tensor: &Tensor, change: &AxisOp) -> bool {
 /// The patch for an accepted change, node for node the one tract builds:
 /// the changed nodes rewired in evaluation order (tapping the wires they
 /// read from the rest of the graph), and every reader of a wire the patch
-/// replaces or taps shunted to it.
+/// replaces or taps shunted to it. tract finds both by walking the whole
+/// graph in evaluation order; here the ranks order the changed nodes, and
+/// a wire's readers are asked where they stand: a reader of a tapped wire
+/// that the walk reaches before the tap is made is not shunted, as in
+/// tract's walk. Returns the nodes it adds, for the ranks.
 fn patch(
     model: &TypedModel,
     start: &AxisChange,
     accepted: Accepted,
-) -> TractResult<TypedModelPatch> {
+    ranks: &Ranks,
+) -> TractResult<(TypedModelPatch, Vec<Added>)> {
     let Accepted {
         wires,
         ops,
         scalars,
         ..
     } = accepted;
-    let mut replace = vec![false; model.nodes.len()];
-    for node in wires.keys().map(|o| o.node).chain(ops.keys().copied()) {
-        replace[node] = true;
-    }
+    let mut changed: Vec<(u64, usize)> = wires
+        .keys()
+        .map(|o| o.node)
+        .chain(ops.keys().copied())
+        .filter_map(|node| Some((ranks.get(node)?, node)))
+        .collect();
+    changed.sort_unstable();
+    changed.dedup();
     let mut patch = TypedModelPatch::new(format!("{start:?}"));
-    // the wires of the model the patch has a wire for, and, per node,
-    // whether any of its outputs is one (so most lookups are a flag)
+    let mut added = Vec::with_capacity(changed.len());
+    // the wires of the model the patch has a wire for; for a tapped one,
+    // the rank of the changed node that tapped it
     let mut in_patch: HashMap<OutletId, OutletId> = HashMap::new();
-    let mut has_wire = vec![false; model.nodes.len()];
-    for node_id in model.eval_order()? {
+    let mut tapped_at: HashMap<OutletId, u64> = HashMap::new();
+    for &(rank, node_id) in &changed {
         let node = model.node(node_id);
-        if !replace[node_id] {
-            for orig in &node.inputs {
-                if has_wire[orig.node]
-                    && let Some(&by) = in_patch.get(orig)
-                {
-                    patch.shunt_outside(model, *orig, by)?;
-                }
-            }
-            continue;
-        }
         let mut inputs: TVec<OutletId> = tvec!();
         for (slot, orig) in node.inputs.iter().enumerate() {
             let wire = if let Some((scalar, change)) = scalars.get(&InletId::new(node_id, slot)) {
@@ -308,13 +432,14 @@ fn patch(
                     .into_tensor();
                 change.change_tensor(&mut value, false)?;
                 let name = model.unique_name(&konst.name);
+                added.push(Added::ScalarFor(node_id));
                 patch.add_const(name, value)?
             } else if let Some(&wire) = in_patch.get(orig) {
                 wire
             } else {
                 let tap = patch.tap_model(model, *orig)?;
                 in_patch.insert(*orig, tap);
-                has_wire[orig.node] = true;
+                tapped_at.insert(*orig, rank);
                 tap
             };
             inputs.push(wire);
@@ -326,13 +451,32 @@ fn patch(
         let outputs = patch
             .wire_node(&node.name, op.clone(), &inputs)
             .with_context(|| format!("wiring changed op {op:?}"))?;
+        added.push(Added::Replaces(node_id));
         if outputs.len() == 1 && patch.node(outputs[0].node).op_is::<TypedSource>() {
             patch.inputs.insert(outputs[0].node, node_id);
         }
         for (slot, wire) in outputs.iter().enumerate() {
             in_patch.insert(OutletId::new(node_id, slot), *wire);
         }
-        has_wire[node_id] = true;
+    }
+    let is_changed = |node: usize| {
+        ranks
+            .get(node)
+            .is_some_and(|r| changed.binary_search(&(r, node)).is_ok())
+    };
+    let mut wires: Vec<(OutletId, OutletId)> = in_patch.iter().map(|(&o, &b)| (o, b)).collect();
+    wires.sort_unstable();
+    for (orig, by) in wires {
+        let after = tapped_at.get(&orig).copied();
+        let shunted = model.outlet_successors(orig).iter().any(|reader| {
+            !is_changed(reader.node)
+                && ranks
+                    .get(reader.node)
+                    .is_some_and(|r| after.is_none_or(|t| r > t))
+        });
+        if shunted {
+            patch.shunt_outside(model, orig, by)?;
+        }
     }
     for output in model.output_outlets()? {
         if let Some(&by) = in_patch.get(output) {
@@ -340,7 +484,7 @@ fn patch(
             patch.shunts.insert(*output, by);
         }
     }
-    Ok(patch)
+    Ok((patch, added))
 }
 
 #[cfg(test)]
