@@ -170,11 +170,19 @@ impl EvalOp for Conv1x1 {
             .iter()
             .map(|p| Ok((p.fun, p.values.try_as_plain_ram()?.as_slice::<f32>()?)))
             .collect::<TractResult<_>>()?;
+        let problem = Problem {
+            m: self.m,
+            k: self.k,
+            n: self.n,
+            w,
+            x,
+            post: &post,
+        };
         let mut out = vec![0f32; self.m * self.n];
         if self.n > 0 {
             let work = self.m * self.n * self.k;
             par_chunks_mut(&mut out, self.n, work, |first, chunk| {
-                rows(self, w, x, &post, first, chunk);
+                rows(self.isa, &problem, first, chunk);
                 Ok(())
             })?;
         }
@@ -199,55 +207,56 @@ impl TypedOp for Conv1x1 {
     as_op!();
 }
 
+/// One evaluation's product: `w` is `[k, m]` (the weights transposed),
+/// `x` is `[k, n]`, and every `post` slice has `m` values.
+struct Problem<'a> {
+    m: usize,
+    k: usize,
+    n: usize,
+    w: &'a [f32],
+    x: &'a [f32],
+    post: &'a [(PostFun, &'a [f32])],
+}
+
+impl Problem<'_> {
+    /// Output value `(o, j)`, one multiply-add at a time: the portable
+    /// loops, and the vector loops' last columns.
+    fn value(&self, o: usize, j: usize) -> f32 {
+        let mut acc = 0f32;
+        for i in 0..self.k {
+            acc = self.w[i * self.m + o].mul_add(self.x[i * self.n + j], acc);
+        }
+        for &(fun, values) in self.post {
+            acc = fun.apply(acc, values[o]);
+        }
+        acc
+    }
+}
+
 /// Output rows (channels) `first..` into `out` (whole rows), with the
-/// loops compiled for the op's `isa`.
+/// loops compiled for `isa`.
 #[allow(unsafe_code)]
-fn rows(
-    op: &Conv1x1,
-    w: &[f32],
-    x: &[f32],
-    post: &[(PostFun, &[f32])],
-    first: usize,
-    out: &mut [f32],
-) {
-    let count = out.len() / op.n;
-    assert!(first + count <= op.m && out.len() == count * op.n);
-    assert!(w.len() == op.k * op.m && x.len() == op.k * op.n);
-    assert!(post.iter().all(|(_, v)| v.len() == op.m));
-    match op.isa {
-        Isa::Baseline => rows_portable(op, w, x, post, first, out),
+fn rows(isa: Isa, p: &Problem, first: usize, out: &mut [f32]) {
+    let count = out.len() / p.n;
+    assert!(first + count <= p.m && out.len() == count * p.n);
+    assert!(p.w.len() == p.k * p.m && p.x.len() == p.k * p.n);
+    assert!(p.post.iter().all(|(_, v)| v.len() == p.m));
+    match isa {
+        Isa::Baseline => {
+            for (r, row) in out.chunks_mut(p.n).enumerate() {
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = p.value(first + r, j);
+                }
+            }
+        }
         // SAFETY: `Isa::detect` chose it only on a processor with AVX2 and
         // FMA (the tests only where `is_x86_feature_detected!` says so);
         // the sizes were checked above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => unsafe { x86::rows_avx2(op.m, op.k, op.n, w, x, post, first, out) },
+        Isa::Avx2Fma => unsafe { x86::rows_avx2(p, first, out) },
         // SAFETY: as above, with AVX-512F.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { x86::rows_avx512(op.m, op.k, op.n, w, x, post, first, out) },
-    }
-}
-
-/// The portable loops, one output value at a time.
-fn rows_portable(
-    op: &Conv1x1,
-    w: &[f32],
-    x: &[f32],
-    post: &[(PostFun, &[f32])],
-    first: usize,
-    out: &mut [f32],
-) {
-    for (r, row) in out.chunks_mut(op.n).enumerate() {
-        let o = first + r;
-        for (j, v) in row.iter_mut().enumerate() {
-            let mut acc = 0f32;
-            for i in 0..op.k {
-                acc = w[i * op.m + o].mul_add(x[i * op.n + j], acc);
-            }
-            for &(fun, values) in post {
-                acc = fun.apply(acc, values[o]);
-            }
-            *v = acc;
-        }
+        Isa::Avx512 => unsafe { x86::rows_avx512(p, first, out) },
     }
 }
 
@@ -256,37 +265,28 @@ fn rows_portable(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::PostFun;
+    use super::{PostFun, Problem};
     use crate::row_blocks::row_blocks;
 
     /// Output columns one full block spans: three registers of eight.
     const WIDE: usize = 24;
 
     /// # Safety
-    /// The processor has AVX2 and FMA; `w` is `[k, m]`, `x` is `[k, n]`,
-    /// every `post` slice has `m` values, `out` holds whole rows of `n`
-    /// from row `first`, and `first + out.len() / n <= m`.
+    /// The processor has AVX2 and FMA; `p`'s slices have the sizes its
+    /// doc gives, `out` holds whole rows of `n` from row `first`, and
+    /// `first + out.len() / n <= m`.
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn rows_avx2(
-        m: usize,
-        k: usize,
-        n: usize,
-        w: &[f32],
-        x: &[f32],
-        post: &[(PostFun, &[f32])],
-        first: usize,
-        out: &mut [f32],
-    ) {
+    pub unsafe fn rows_avx2(p: &Problem, first: usize, out: &mut [f32]) {
+        let n = p.n;
         for (r, rows) in row_blocks(out.len() / n, 4) {
             let o = first + r;
             let out = &mut out[r * n..(r + rows) * n];
             // SAFETY: the function's contract, for rows o..o + rows.
             unsafe {
                 match rows {
-                    4 => block_rows::<4>(m, k, n, w, x, post, o, out),
-                    2 => block_rows::<2>(m, k, n, w, x, post, o, out),
-                    _ => block_rows::<1>(m, k, n, w, x, post, o, out),
+                    4 => block_rows::<4>(p, o, out),
+                    2 => block_rows::<2>(p, o, out),
+                    _ => block_rows::<1>(p, o, out),
                 }
             }
         }
@@ -296,17 +296,15 @@ mod x86 {
     /// columns, then 8, then one at a time.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn block_rows<const R: usize>(
-        m: usize,
-        k: usize,
-        n: usize,
-        w: &[f32],
-        x: &[f32],
-        post: &[(PostFun, &[f32])],
-        o: usize,
-        out: &mut [f32],
-    ) {
+    unsafe fn block_rows<const R: usize>(p: &Problem, o: usize, out: &mut [f32]) {
+        let Problem {
+            m,
+            k,
+            n,
+            w,
+            x,
+            post,
+        } = *p;
         let wp = w.as_ptr().wrapping_add(o);
         let xp = x.as_ptr();
         let mut j = 0;
@@ -360,14 +358,7 @@ mod x86 {
         }
         for j in j..n {
             for r in 0..R {
-                let mut acc = 0f32;
-                for i in 0..k {
-                    acc = w[i * m + o + r].mul_add(x[i * n + j], acc);
-                }
-                for &(fun, values) in post {
-                    acc = fun.apply(acc, values[o + r]);
-                }
-                out[r * n + j] = acc;
+                out[r * n + j] = p.value(o + r, j);
             }
         }
     }
@@ -379,17 +370,8 @@ mod x86 {
     /// # Safety
     /// The processor has AVX-512F; as [`rows_avx2`] otherwise.
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn rows_avx512(
-        m: usize,
-        k: usize,
-        n: usize,
-        w: &[f32],
-        x: &[f32],
-        post: &[(PostFun, &[f32])],
-        first: usize,
-        out: &mut [f32],
-    ) {
+    pub unsafe fn rows_avx512(p: &Problem, first: usize, out: &mut [f32]) {
+        let n = p.n;
         for (r, rows) in row_blocks(out.len() / n, 8) {
             let o = first + r;
             let out = &mut out[r * n..(r + rows) * n];
@@ -399,10 +381,10 @@ mod x86 {
             unsafe {
                 while j + 32 <= n {
                     match rows {
-                        8 => block512::<8, 2>(m, k, n, w, x, post, o, j, !0, out),
-                        4 => block512::<4, 2>(m, k, n, w, x, post, o, j, !0, out),
-                        2 => block512::<2, 2>(m, k, n, w, x, post, o, j, !0, out),
-                        _ => block512::<1, 2>(m, k, n, w, x, post, o, j, !0, out),
+                        8 => block512::<8, 2>(p, o, j, !0, out),
+                        4 => block512::<4, 2>(p, o, j, !0, out),
+                        2 => block512::<2, 2>(p, o, j, !0, out),
+                        _ => block512::<1, 2>(p, o, j, !0, out),
                     }
                     j += 32;
                 }
@@ -410,10 +392,10 @@ mod x86 {
                     let width = 16.min(n - j);
                     let mask: __mmask16 = if width == 16 { !0 } else { (1 << width) - 1 };
                     match rows {
-                        8 => block512::<8, 1>(m, k, n, w, x, post, o, j, mask, out),
-                        4 => block512::<4, 1>(m, k, n, w, x, post, o, j, mask, out),
-                        2 => block512::<2, 1>(m, k, n, w, x, post, o, j, mask, out),
-                        _ => block512::<1, 1>(m, k, n, w, x, post, o, j, mask, out),
+                        8 => block512::<8, 1>(p, o, j, mask, out),
+                        4 => block512::<4, 1>(p, o, j, mask, out),
+                        2 => block512::<2, 1>(p, o, j, mask, out),
+                        _ => block512::<1, 1>(p, o, j, mask, out),
                     }
                     j += width;
                 }
@@ -428,19 +410,21 @@ mod x86 {
     /// As [`rows_avx512`]; the masked columns are inside the row.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn block512<const R: usize, const C: usize>(
-        m: usize,
-        k: usize,
-        n: usize,
-        w: &[f32],
-        x: &[f32],
-        post: &[(PostFun, &[f32])],
+        p: &Problem,
         o: usize,
         j: usize,
         mask: __mmask16,
         out: &mut [f32],
     ) {
+        let Problem {
+            m,
+            k,
+            n,
+            w,
+            x,
+            post,
+        } = *p;
         let wp = w.as_ptr().wrapping_add(o);
         let xp = x.as_ptr().wrapping_add(j);
         let masks: [__mmask16; C] = std::array::from_fn(|c| if c + 1 == C { mask } else { !0 });
