@@ -50,6 +50,52 @@ pub fn optimize(model: &mut TypedModel) -> TractResult<()> {
     Ok(())
 }
 
+/// Removes every cast of a value to the type it already has, in one patch.
+///
+/// tract's NNEF reader wraps each operand of a binary op in a cast to the
+/// op's common type, f32 to f32 in these graphs, and declutter (which an
+/// NNEF load skips: the packer stored a decluttered graph) would remove
+/// them again. Codegen removes them too, one patch each, but only after
+/// the lowerings (`conv1x1`, `pointwise`), which look for ops that read
+/// each other directly.
+pub fn drop_identity_casts(model: &mut TypedModel) -> TractResult<()> {
+    use tract_nnef::tract_core::ops::cast::Cast;
+    let identity = |model: &TypedModel, id: usize| -> TractResult<bool> {
+        let node = &model.nodes[id];
+        Ok(match node.op_as::<Cast>() {
+            Some(cast) if node.inputs.len() == 1 => {
+                model.outlet_fact(node.inputs[0])?.datum_type == cast.to
+            }
+            _ => false,
+        })
+    };
+    let mut patch = TypedModelPatch::default();
+    let mut taps: HashMap<OutletId, OutletId> = HashMap::new();
+    for id in 0..model.nodes.len() {
+        if !identity(model, id)? {
+            continue;
+        }
+        // A chain of them goes back to the first value that is not one.
+        let mut from = model.nodes[id].inputs[0];
+        while identity(model, from.node)? {
+            from = model.nodes[from.node].inputs[0];
+        }
+        let tap = match taps.get(&from) {
+            Some(&tap) => tap,
+            None => {
+                let tap = patch.tap_model(model, from)?;
+                taps.insert(from, tap);
+                tap
+            }
+        };
+        patch.shunt_outside(model, OutletId::new(id, 0), tap)?;
+    }
+    if !taps.is_empty() {
+        patch.apply(model)?;
+    }
+    Ok(())
+}
+
 /// `OptimizerSession::optimize`: rounds of every pass until a round
 /// applies no patch; each pass repeats until it applies none.
 fn run(optimizer: &Optimizer, model: &mut TypedModel) -> TractResult<()> {
