@@ -13,7 +13,6 @@ fn main() {
     unsafe {
         edgefleet_runtime::quiet_error_backtraces();
     }
-    edge_agent::mem::keep_large_blocks_for_reuse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
