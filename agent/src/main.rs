@@ -13,6 +13,8 @@ fn main() {
     unsafe {
         edgefleet_runtime::quiet_error_backtraces();
     }
+    edgefleet_runtime::keep_kernels_in_bounds();
+    edge_agent::mem::keep_large_blocks_for_reuse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

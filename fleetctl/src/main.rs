@@ -9,6 +9,7 @@ fn main() {
     unsafe {
         edgefleet_runtime::quiet_error_backtraces();
     }
+    edgefleet_runtime::keep_kernels_in_bounds();
     let cli = fleetctl::cli::Cli::parse();
     if let Err(e) = fleetctl::cli::run(cli) {
         eprintln!("error: {}", fleetctl::cli::clean(&e.to_string()));

@@ -886,6 +886,8 @@ mod tests {
     }
 
     fn isas() -> Vec<Isa> {
+        // pushed to on x86 only
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut isas = vec![Isa::Baseline];
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")

@@ -665,6 +665,8 @@ mod tests {
     }
 
     fn isas() -> Vec<Isa> {
+        // pushed to on x86 only
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut isas = vec![Isa::Baseline];
         #[cfg(target_arch = "x86_64")]
         {

@@ -34,8 +34,8 @@ pub mod threads;
 pub use error::{Result, RuntimeError};
 pub use model::{
     LoadTimings, Model, OpProfile, SelfTestReport, Session, TRACT_VERSION, check_format,
-    declared_inputs, from_tract, onnx_to_nnef, quiet_error_backtraces, self_test, to_tract,
-    warm_up,
+    declared_inputs, from_tract, keep_kernels_in_bounds, onnx_to_nnef, quiet_error_backtraces,
+    self_test, to_tract, warm_up,
 };
 #[cfg(feature = "onnx")]
 pub use onnx_external::inline_external_data;

@@ -198,6 +198,7 @@ fn onnx() -> &'static tract_onnx::model::Onnx {
 /// it). Returns how long it took; later calls return at once.
 pub fn warm_up() -> std::time::Duration {
     let t = std::time::Instant::now();
+    keep_kernels_in_bounds();
     let _ = nnef();
     #[cfg(feature = "onnx")]
     let _ = onnx();
@@ -227,6 +228,38 @@ pub unsafe fn quiet_error_backtraces() {
         }
     }
 }
+
+/// Keeps tract off its x86-64 AMX int8 matmul kernel, whose loads can run
+/// past the memory they were given. Call it before the first model loads
+/// (the agent and the packer do, first thing in `main`; [`warm_up`] does
+/// too); later calls change nothing.
+///
+/// tract-linalg 0.23.9's `avx512amx_mmm_i32_16x16` loads each B tile as 16
+/// rows of 64 bytes from the packed panel. On this repository's machine
+/// (Sapphire Rapids, which has `amx_int8`) a cls-int8-pw load crashed in
+/// that load in about one fresh process in two with glibc's heap serving
+/// the panel: the core dump shows the tile starting 464 bytes before the
+/// end of the heap's last mapped page, so it read 560 bytes past it. With
+/// the kernel left out the same runs never crashed, and the model ran
+/// faster (8.0 ms against 8.5–9.7 ms per inference: scripts/bench_notes.md).
+/// Boards (ARM) never had the kernel; an x86 gateway with AMX did.
+///
+/// This is tract's `TRACT_CPU_ISA` knob at its lowest priority: an
+/// operator's own `TRACT_CPU_ISA` in the environment replaces it entirely
+/// (and so may bring the kernel back).
+pub fn keep_kernels_in_bounds() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use tract_nnef::tract_core::knobs;
+        // Only fails for a different value already set, which nothing in
+        // this process does.
+        let _ = knobs::set_config_global(AMX_KNOB.0, AMX_KNOB.1);
+    }
+}
+
+/// The knob and value [`keep_kernels_in_bounds`] sets.
+#[cfg(target_arch = "x86_64")]
+const AMX_KNOB: (&str, &str) = ("TRACT_CPU_ISA", "-amx-int8");
 
 /// How long the phases of [`Model::load`] took.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
