@@ -7,17 +7,34 @@ use edgefleet_wire::bundle::Limits;
 use edgefleet_wire::keys::decode_public_key;
 use edgefleet_wire::manifest::{Manifest, TargetArch};
 use edgefleet_wire::time::unix_now as now_unix;
-use edgefleet_wire::verify::VerifiedModel;
-use edgefleet_wire::verify::{Expiry, TrustRoot, Verified, open_bundle_sized};
+use edgefleet_wire::verify::{DecodedModel, Expiry, TrustRoot, Verified, open_bundle_decoded};
 
 use crate::error::AgentError;
 
-/// A bundle whose signatures, expiry, digests, target and agent version
-/// all passed. Only [`open_file`] and [`open_bytes`] make one.
+/// A bundle whose signatures, expiry, payload digest, target and agent
+/// version all passed. The model's own digest is compared when its bytes
+/// are first used: [`TrustedBundle::use_model`], on a second core while
+/// they are parsed. Only [`open_file`] and [`open_bytes`] make one.
 #[derive(Debug, Clone)]
 pub struct TrustedBundle {
     pub manifest: Verified<Manifest>,
-    pub model: VerifiedModel,
+    pub model: DecodedModel,
+    /// The file or label it was opened from, for errors.
+    pub source: String,
+}
+
+impl TrustedBundle {
+    /// Runs `load` on the model bytes while their signed digest is
+    /// compared ([`DecodedModel::verify_while`]); a mismatch is the same
+    /// error opening the bundle would have given before.
+    pub fn use_model<T>(&self, load: impl FnOnce(&[u8]) -> T) -> Result<T, AgentError> {
+        self.model
+            .verify_while(load)
+            .map_err(|source| AgentError::Bundle {
+                path: self.source.clone(),
+                source,
+            })
+    }
 }
 
 /// Reads public key files into a trust root.
@@ -76,7 +93,7 @@ pub fn open_bytes(
     limits: &Limits,
     label: &str,
 ) -> Result<TrustedBundle, AgentError> {
-    let (manifest, model) = open_bundle_sized(
+    let (manifest, model) = open_bundle_decoded(
         bytes,
         bytes.len() as u64,
         root,
@@ -88,7 +105,11 @@ pub fn open_bytes(
         source,
     })?;
     check_device(&manifest)?;
-    Ok(TrustedBundle { manifest, model })
+    Ok(TrustedBundle {
+        manifest,
+        model,
+        source: label.to_string(),
+    })
 }
 
 /// Verifies a bundle file.
@@ -110,12 +131,16 @@ pub fn open_file_with(
     let f = std::fs::File::open(path).map_err(|e| AgentError::io(path, e))?;
     let len = f.metadata().map_err(|e| AgentError::io(path, e))?.len();
     let (manifest, model) =
-        open_bundle_sized(std::io::BufReader::new(f), len, root, expiry, limits).map_err(
+        open_bundle_decoded(std::io::BufReader::new(f), len, root, expiry, limits).map_err(
             |source| AgentError::Bundle {
                 path: path.display().to_string(),
                 source,
             },
         )?;
     check_device(&manifest)?;
-    Ok(TrustedBundle { manifest, model })
+    Ok(TrustedBundle {
+        manifest,
+        model,
+        source: path.display().to_string(),
+    })
 }

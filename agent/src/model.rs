@@ -175,17 +175,34 @@ static GENERATION: AtomicU64 = AtomicU64::new(1);
 /// The model bytes are dropped once tract has parsed them, and what the load
 /// freed is given back to the system ([`crate::mem::release_freed`]).
 pub fn prepare(bundle: TrustedBundle) -> Result<(ActiveModel, PrepareTimings), AgentError> {
+    // The model's digest is compared on a second core while tract parses
+    // the bytes; a mismatch fails the load as opening the bundle would have.
+    let t0 = Instant::now();
+    let loaded = bundle
+        .use_model(|bytes| {
+            let m = &bundle.manifest;
+            Model::from_bundle(
+                m.payload.format,
+                bytes,
+                &m.inputs,
+                &m.outputs,
+                m.non_finite_inputs,
+            )
+            .map_err(AgentError::from)
+        })
+        .and_then(|loaded| loaded);
+    let loading = t0.elapsed();
     let TrustedBundle {
         manifest: m,
         model: bytes,
+        ..
     } = bundle;
-    let loaded = Model::from_verified(&bytes, &m.inputs, &m.outputs, m.non_finite_inputs);
     drop(bytes);
     let model = match loaded {
         Ok(model) => model,
         Err(e) => {
             crate::mem::release_freed();
-            return Err(e.into());
+            return Err(e);
         }
     };
     let t1 = Instant::now();
@@ -198,7 +215,8 @@ pub fn prepare(bundle: TrustedBundle) -> Result<(ActiveModel, PrepareTimings), A
     let report = tested?;
     let load = model.load_timings();
     let timings = PrepareTimings {
-        load: load.parse,
+        // parsing, and any wait for the model's digest after it
+        load: loading.saturating_sub(load.optimize),
         optimize: load.optimize,
         self_test: t1.elapsed(),
         graph_preparsed: load.graph_preparsed,

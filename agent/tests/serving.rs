@@ -9,6 +9,7 @@ use std::sync::Arc;
 use edge_agent::api::{self, ApiConfig, NPZ_CONTENT_TYPE};
 use edge_agent::bundle::{TrustedBundle, open_bytes};
 use edge_agent::engine::{Engine, EngineConfig, prepare};
+use edge_agent::error::AgentError;
 use edge_agent::metrics::Metrics;
 use edgefleet_runtime::{Model, TRACT_VERSION};
 use edgefleet_wire::bundle::{Limits, Signed, compress_model, write_bundle};
@@ -85,6 +86,16 @@ fn cases(f: &Fixture) -> Vec<GoldenCase> {
 /// Packs a bundle the way fleetctl does (minus its checks, which are
 /// fleetctl's own tests), optionally with reference outputs shifted.
 fn bundle_bytes(f: &Fixture, sequence: u64, shift_reference: f32) -> Vec<u8> {
+    bundle_bytes_with(f, sequence, shift_reference, |_| {})
+}
+
+/// [`bundle_bytes`] with the manifest edited before it is signed.
+fn bundle_bytes_with(
+    f: &Fixture,
+    sequence: u64,
+    shift_reference: f32,
+    edit: impl FnOnce(&mut Manifest),
+) -> Vec<u8> {
     let onnx = std::fs::read(repo(f.model)).unwrap();
     let mut cases = cases(f);
     let specs: Vec<_> = cases[0].inputs.iter().map(NamedTensor::spec).collect();
@@ -128,11 +139,31 @@ fn bundle_bytes(f: &Fixture, sequence: u64, shift_reference: f32) -> Vec<u8> {
         drift_baseline: None,
         pack_latency: None,
     };
+    let mut manifest = manifest;
+    edit(&mut manifest);
     let key = signing_key_from_seed([9; 32]);
     let signed = Signed::sign(&manifest, &[&key]).unwrap();
     let mut out = Vec::new();
     write_bundle(&mut out, &signed, &compressed).unwrap();
     out
+}
+
+/// The model's signed digest is compared while tract parses the bytes (on
+/// a second thread for a model over two hashing chunks, rec; before the
+/// parse for a smaller one, cls): a bundle signed with a wrong one opens,
+/// since its payload matched, but never loads.
+#[test]
+fn a_model_signed_with_a_wrong_digest_opens_but_never_loads() {
+    for f in [&CLS, &REC] {
+        let b = bundle_bytes_with(f, 1, 0.0, |m| m.payload.sha256[0] ^= 1);
+        let tb = open_bytes(&b, &root(), &Limits::default(), f.name).unwrap();
+        let err = prepare(tb).map(|_| ()).unwrap_err();
+        assert!(
+            matches!(&err, AgentError::Bundle { source, .. } if source.code() == "hash_mismatch"),
+            "{}: {err}",
+            f.name
+        );
+    }
 }
 
 fn root() -> TrustRoot {

@@ -14,7 +14,6 @@ use edgefleet_wire::manifest::{GoldenSet, ModelFormat, NonFiniteInputs};
 use edgefleet_wire::tensor::{
     DType, DYNAMIC_DIM, NamedTensor, Tensor as WireTensor, TensorSpec, max_abs_diff,
 };
-use edgefleet_wire::verify::VerifiedModel;
 use tract_nnef::prelude::*;
 #[cfg(feature = "onnx")]
 use tract_onnx::prelude::{InferenceFact, InferenceModelExt};
@@ -293,20 +292,23 @@ impl std::fmt::Debug for Model {
 }
 
 impl Model {
-    /// Loads a model whose bytes came out of a verified bundle.
-    pub fn from_verified(
-        model: &VerifiedModel,
+    /// Loads a model from a bundle's bytes, with the manifest's inputs,
+    /// outputs and non-finite input policy (the agent, on bytes it is
+    /// verifying as they load).
+    pub fn from_bundle(
+        format: ModelFormat,
+        bytes: &[u8],
         inputs: &[TensorSpec],
         outputs: &[TensorSpec],
         non_finite: NonFiniteInputs,
     ) -> Result<Model> {
-        let mut m = Model::load(model.format(), model.bytes(), inputs, Some(outputs))?;
+        let mut m = Model::load(format, bytes, inputs, Some(outputs))?;
         m.non_finite = non_finite;
         Ok(m)
     }
 
-    /// Parses, pins and optimizes model bytes. Devices only call this through
-    /// [`Model::from_verified`]; the packer calls it on the operator's file.
+    /// Parses, pins and optimizes model bytes. Devices call this through
+    /// [`Model::from_bundle`]; the packer calls it on the operator's file.
     ///
     /// ONNX inputs are matched by name. NNEF sanitizes identifiers (`a/b`
     /// becomes `a_b`), so NNEF inputs and outputs are matched by position

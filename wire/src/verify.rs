@@ -213,13 +213,30 @@ pub fn open_bundle_sized<R: Read>(
     expiry: Expiry,
     limits: &Limits,
 ) -> Result<(Verified<Manifest>, VerifiedModel)> {
+    let (manifest, model) = open_bundle_decoded(r, total_len, root, expiry, limits)?;
+    Ok((manifest, model.verify()?))
+}
+
+/// [`open_bundle_sized`] up to the model's own digest, which the returned
+/// [`DecodedModel`] compares when its bytes are first used
+/// ([`DecodedModel::verify_while`]: on a second core, while they are
+/// parsed). Everything before is checked here, in the same order and with
+/// the same errors: header, signatures, manifest, sizes, the compressed
+/// payload's length and digest, and its decompression.
+pub fn open_bundle_decoded<R: Read>(
+    r: R,
+    total_len: u64,
+    root: &TrustRoot,
+    expiry: Expiry,
+    limits: &Limits,
+) -> Result<(Verified<Manifest>, DecodedModel)> {
     let mut r = Counted { inner: r, read: 0 };
     let signed = read_signed(&mut r, limits)?;
     let payload_len = total_len.saturating_sub(r.read);
     if payload_len > limits.max_payload_bytes {
         // Too large to read ahead: checked in order, as open_bundle does.
         let manifest = verify(root, &signed, expiry)?;
-        let model = read_payload(&manifest, r, limits)?;
+        let model = read_decoded(&manifest, r, limits)?;
         return Ok((manifest, model));
     }
     let (manifest, read) = std::thread::scope(|s| {
@@ -370,7 +387,8 @@ fn drain<R: Read>(r: &mut R) -> Result<()> {
 }
 
 /// Model bytes whose compressed and uncompressed digests matched a verified
-/// manifest. Only [`read_payload`] builds one.
+/// manifest. Only this module builds one ([`read_payload`],
+/// [`DecodedModel::verify`]).
 #[derive(Clone)]
 pub struct VerifiedModel {
     format: ModelFormat,
@@ -396,6 +414,87 @@ impl VerifiedModel {
     }
 }
 
+/// Model bytes decompressed from a payload whose length and digest matched
+/// a verified manifest, before the model's own signed length and digest
+/// are compared. Its bytes are only reachable through that comparison:
+/// [`DecodedModel::verify`], or [`DecodedModel::verify_while`], which
+/// lets a caller parse them on one core while the other hashes them. Only
+/// this module builds one.
+///
+/// Parsing before that comparison ends exposes nothing untrusted to the
+/// parser: the bytes are what the signed compressed bytes decompress to.
+/// The model's digest is the second of two, kept against a packer whose
+/// compressed bytes do not decompress to the model it signed. Computing
+/// it after decompression was a quarter of rec's verify (11 of 46 ms,
+/// scripts/bench_notes.md).
+#[derive(Clone)]
+pub struct DecodedModel {
+    format: ModelFormat,
+    bytes: Vec<u8>,
+    len: u64,
+    sha256: [u8; 32],
+}
+
+impl std::fmt::Debug for DecodedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecodedModel")
+            .field("format", &self.format)
+            .field("bytes", &self.bytes.len())
+            .finish()
+    }
+}
+
+impl DecodedModel {
+    pub fn format(&self) -> ModelFormat {
+        self.format
+    }
+
+    /// Compares the model's length and digest with the signed ones.
+    pub fn verify(self) -> Result<VerifiedModel> {
+        self.check()?;
+        Ok(VerifiedModel {
+            format: self.format,
+            bytes: self.bytes,
+        })
+    }
+
+    /// Runs `use_bytes` on the model bytes while their length and digest
+    /// are compared on a second thread, and returns what it returned only
+    /// if they matched (the same error as [`DecodedModel::verify`]
+    /// otherwise). A model under two hashing chunks, or a process that
+    /// cannot start a thread, is compared first, then used.
+    pub fn verify_while<T>(&self, use_bytes: impl FnOnce(&[u8]) -> T) -> Result<T> {
+        if self.bytes.len() < 2 * CHUNK {
+            self.check()?;
+            return Ok(use_bytes(&self.bytes));
+        }
+        std::thread::scope(|s| {
+            let checker = std::thread::Builder::new()
+                .name("model-sha256".into())
+                .spawn_scoped(s, || self.check());
+            match checker {
+                Ok(checker) => {
+                    let used = use_bytes(&self.bytes);
+                    let verdict = checker
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                    verdict.map(|()| used)
+                }
+                Err(_) => {
+                    self.check()?;
+                    Ok(use_bytes(&self.bytes))
+                }
+            }
+        })
+    }
+
+    fn check(&self) -> Result<()> {
+        let mut digest = StreamDigest::default();
+        digest.update(&self.bytes);
+        digest.check("model", self.len, &self.sha256)
+    }
+}
+
 /// Reads the payload that follows a verified manifest, checks the compressed
 /// bytes' length and sha256 *before* decompressing, then decompresses with a
 /// hard cap and checks the model's length and sha256.
@@ -408,15 +507,24 @@ pub fn read_payload<R: Read>(
     r: R,
     limits: &Limits,
 ) -> Result<VerifiedModel> {
+    read_decoded(manifest, r, limits)?.verify()
+}
+
+/// [`read_payload`] but for the model's digest (see [`DecodedModel`]).
+fn read_decoded<R: Read>(
+    manifest: &Verified<Manifest>,
+    r: R,
+    limits: &Limits,
+) -> Result<DecodedModel> {
     let p = &manifest.payload;
     check_sizes(p, limits)?;
     let compressed = read_compressed(r, p)?;
     decompress(p, &compressed)
 }
 
-/// Decompresses a payload whose compressed digest has matched, and checks
-/// the model's length and digest.
-fn decompress(p: &crate::manifest::PayloadInfo, compressed: &[u8]) -> Result<VerifiedModel> {
+/// Decompresses a payload whose compressed digest has matched; the model's
+/// length and digest are left to [`DecodedModel`].
+fn decompress(p: &crate::manifest::PayloadInfo, compressed: &[u8]) -> Result<DecodedModel> {
     // Only now does the decompressor see the bytes: they are exactly the
     // ones the signers hashed. One call into a buffer of the signed size
     // (about twice as fast as the streaming decoder: 9.5 ms instead of
@@ -440,12 +548,11 @@ fn decompress(p: &crate::manifest::PayloadInfo, compressed: &[u8]) -> Result<Ver
             .read_to_end(&mut bytes)
             .map_err(|e| Error::malformed("payload", format!("zstd: {e}")))?;
     }
-    let mut digest = StreamDigest::default();
-    digest.update(&bytes);
-    digest.check("model", p.len, &p.sha256)?;
-    Ok(VerifiedModel {
+    Ok(DecodedModel {
         format: p.format,
         bytes,
+        len: p.len,
+        sha256: p.sha256,
     })
 }
 

@@ -15,7 +15,8 @@ use edgefleet_wire::manifest::{
 use edgefleet_wire::names::ModelName;
 use edgefleet_wire::tensor::{DType, NamedTensor, Tensor, TensorSpec};
 use edgefleet_wire::verify::{
-    Expiry, TrustRoot, Verified, VerifiedModel, check_bundle, open_bundle, open_bundle_sized,
+    Expiry, TrustRoot, Verified, VerifiedModel, check_bundle, open_bundle, open_bundle_decoded,
+    open_bundle_sized,
 };
 use edgefleet_wire::{Error, bundle::HEADER_LEN};
 use proptest::prelude::*;
@@ -115,7 +116,21 @@ fn open_with(b: &[u8], root: &TrustRoot, limits: &Limits) -> Result<(), Error> {
     )
     .map(|_| ());
     let streamed = check_bundle(b, root, Expiry::Enforce { now: NOW }, limits).map(|_| ());
-    for (other, name) in [(&sized, "open_bundle_sized"), (&streamed, "check_bundle")] {
+    // The agent's: the model's digest compared while the bytes are used.
+    let decoded = open_bundle_decoded(
+        b,
+        b.len() as u64,
+        root,
+        Expiry::Enforce { now: NOW },
+        limits,
+    )
+    .and_then(|(_, model)| model.verify_while(|bytes| bytes.len()))
+    .map(|_| ());
+    for (other, name) in [
+        (&sized, "open_bundle_sized"),
+        (&streamed, "check_bundle"),
+        (&decoded, "open_bundle_decoded + verify_while"),
+    ] {
         assert_eq!(
             full.as_ref().err().map(Error::code),
             other.as_ref().err().map(Error::code),
@@ -655,6 +670,58 @@ fn a_large_payload_is_hashed_while_it_is_read_and_checked_alike() {
     assert_eq!(refused(&long), "trailing_data");
     let flipped = flipped(&untouched, payload_at + 3 * (1 << 20) / 2, 0);
     assert_eq!(refused(&flipped), "hash_mismatch");
+}
+
+/// The agent's open leaves the model's own digest to the first use of its
+/// bytes, which hashes them on a second thread while they are used: that
+/// use's result comes back only when length and digest match, for a model
+/// hashed beside its use (over two chunks) and for a small one hashed
+/// first.
+#[test]
+fn a_decoded_model_gives_its_bytes_only_through_its_digest() {
+    let decoded = |b: &[u8]| {
+        open_bundle_decoded(
+            b,
+            b.len() as u64,
+            &root_a(),
+            Expiry::Enforce { now: NOW },
+            &Limits::default(),
+        )
+        .unwrap()
+        .1
+    };
+    for model in [large_model(), payload()] {
+        let good = decoded(&signed_with(&model, |_, _| {}));
+        assert!(good.verify_while(|b| b == model.as_slice()).unwrap());
+        assert!(good.clone().verify().unwrap().bytes() == model.as_slice());
+
+        // Signed with a wrong model digest or length: it opens (the payload
+        // matched), and every way to its bytes refuses.
+        let n = model.len() as u64;
+        for (edit, code) in [
+            (
+                Box::new(|m: &mut Manifest| m.payload.sha256[0] ^= 1) as Box<dyn Fn(&mut Manifest)>,
+                "hash_mismatch",
+            ),
+            (
+                Box::new(move |m: &mut Manifest| m.payload.len = n + 1),
+                "length_mismatch",
+            ),
+        ] {
+            let bad = decoded(&signed_with(&model, |m, _| edit(m)));
+            let mut used = false;
+            let err = bad
+                .verify_while(|b| {
+                    used = true;
+                    b.len()
+                })
+                .unwrap_err();
+            assert_eq!(err.code(), code, "{} bytes", model.len());
+            // a small model is compared before it is used
+            assert_eq!(used, model.len() > 2 << 20, "{} bytes", model.len());
+            assert_eq!(bad.verify().unwrap_err().code(), code);
+        }
+    }
 }
 
 /// A length that is not the bundle's never makes a damaged bundle pass.

@@ -608,6 +608,11 @@ async fn self_test(ctx: Ctx, target: Target, verified: Option<(String, TrustedBu
             m.bundle_id = id;
             Outcome::Tested(Box::new(m))
         }
+        // The model's signed digest is compared as it loads: a mismatch is
+        // the bundle's fault, as at verification, not the model's.
+        Err(e @ AgentError::Bundle { .. }) => Outcome::Event(Event::Rejected {
+            reason: format!("{} ({})", e, e.code()),
+        }),
         Err(e) => Outcome::Event(Event::SelfTestFailed {
             reason: e.to_string(),
         }),
