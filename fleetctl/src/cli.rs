@@ -28,7 +28,7 @@ use edgefleet_wire::trust::{SignedTrust, TrustDoc};
 use crate::client::{Client, DeviceFilter};
 use crate::duration::{parse_duration, rfc3339};
 use crate::error::{Error, Result};
-use crate::pack::{PackRequest, pack};
+use crate::pack::{PackRequest, PayloadCompression, pack};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -665,6 +665,13 @@ pub struct PackArgs {
     /// printed and recorded in the manifest.
     #[arg(long, value_name = "MS")]
     max_latency_ms: Option<f64>,
+    /// How the model is stored: `auto` compresses with zstd only when that
+    /// saves at least 10 % (float weights rarely do, and a device would
+    /// decompress at every load); `zstd` always (bundle format 1, read by
+    /// every agent version); `none` never (bundle format 2: agents built
+    /// before it refuse such a bundle as `bad version`).
+    #[arg(long, value_enum, default_value_t = PayloadCompression::Auto)]
+    compression: PayloadCompression,
     #[arg(long, value_name = "FILE.bundle")]
     out: PathBuf,
 }
@@ -947,6 +954,7 @@ fn pack_cmd(a: PackArgs, json: bool) -> Result<()> {
             }
             other => other,
         },
+        compression: a.compression,
     };
     let packed = pack(&req)?;
     for w in &packed.warnings {
@@ -1076,8 +1084,9 @@ fn inspect_cmd(file: &Path, as_json: bool) -> Result<()> {
     println!("created     {}", rfc3339(m.created_at));
     println!("expires     {}", rfc3339(m.expires_at));
     println!(
-        "payload     {} zstd, {} bytes ({} compressed), sha256 {}",
+        "payload     {} {}, {} bytes ({} stored), sha256 {}",
         m.payload.format,
+        m.payload.compression,
         m.payload.len,
         m.payload.compressed_len,
         hex::encode(m.payload.sha256)

@@ -14,7 +14,7 @@ use ed25519_dalek::SigningKey;
 use edgefleet_runtime::{
     Model, TRACT_VERSION, declared_inputs, inline_external_data, onnx_to_nnef, self_test,
 };
-use edgefleet_wire::bundle::{Signed, compress_model, write_bundle};
+use edgefleet_wire::bundle::{Signed, compress_model, stored_model, write_bundle};
 use edgefleet_wire::manifest::{
     GoldenCase, GoldenSet, MAX_MACHINE_LEN, Manifest, ModelFormat, NonFiniteInputs, PackLatency,
     ReferenceSource, TargetArch,
@@ -28,6 +28,28 @@ use crate::error::{Error, Result};
 /// zstd level for payloads: float weights compress poorly, higher levels buy
 /// little and cost seconds per pack; decompression speed barely depends on it.
 const ZSTD_LEVEL: i32 = 9;
+
+/// With `--compression auto`, zstd must save at least this share of the
+/// model's bytes to be kept: a device decompresses the payload on every
+/// load (each new bundle, each agent start), and downloads it once. A
+/// stored payload also skips the second SHA-256 pass, and its piece
+/// digest is hashed on every core (docs/bundle-format.md). rec: zstd saves
+/// 7.9 % and costs 10–14 ms of every cold start on the benchmark machine
+/// (docs/decisions.md).
+pub const AUTO_MIN_SAVING: f64 = 0.10;
+
+/// How the packer stores the model (`--compression`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PayloadCompression {
+    /// zstd when it saves at least [`AUTO_MIN_SAVING`] of the bytes,
+    /// otherwise the model as is.
+    #[default]
+    Auto,
+    /// Always zstd (bundle format 1: every agent version reads it).
+    Zstd,
+    /// Never compressed (bundle format 2).
+    None,
+}
 
 /// Everything `bundle pack` needs.
 #[derive(Debug)]
@@ -53,6 +75,8 @@ pub struct PackRequest {
     /// Refuse a model whose measured median latency on this machine is
     /// above this many milliseconds.
     pub max_latency_ms: Option<f64>,
+    /// How the model is stored in the payload.
+    pub compression: PayloadCompression,
 }
 
 /// Roughly how long the packer spends timing a model.
@@ -418,7 +442,18 @@ pub fn pack(req: &PackRequest) -> Result<Packed> {
         Some(path) => Some(drift_baseline(path, &specs, &mut model.session()?)?),
         None => None,
     };
-    let (payload_info, compressed) = compress_model(&payload, format, ZSTD_LEVEL)?;
+    let (payload_info, compressed) = match req.compression {
+        PayloadCompression::None => (stored_model(&payload, format), payload),
+        choice => {
+            let (info, compressed) = compress_model(&payload, format, ZSTD_LEVEL)?;
+            let saved = 1.0 - compressed.len() as f64 / payload.len().max(1) as f64;
+            if choice == PayloadCompression::Auto && saved < AUTO_MIN_SAVING {
+                (stored_model(&payload, format), payload)
+            } else {
+                (info, compressed)
+            }
+        }
+    };
     let expires_at = req
         .now
         .checked_add(req.expires_in)

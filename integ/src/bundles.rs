@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use edgefleet_wire::keys::signing_key_from_seed;
 use edgefleet_wire::manifest::{NonFiniteInputs, TargetArch};
-use fleetctl::pack::{PackRequest, pack};
+use fleetctl::pack::{PackRequest, PayloadCompression, pack};
 
 use crate::common::repo;
 
@@ -118,6 +118,7 @@ impl Pack {
             non_finite_inputs: NonFiniteInputs::Reject,
             baseline: self.baseline.clone(),
             max_latency_ms: None,
+            compression: PayloadCompression::Auto,
         };
         pack(&req).expect("the test models pack").bundle
     }

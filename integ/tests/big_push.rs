@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use edgefleet_wire::bundle::{Limits, Signed, read_signed, write_bundle};
 use edgefleet_wire::keys::signing_key_from_seed;
+use edgefleet_wire::manifest::Compression;
 use integ::bundles::{Model, Pack};
 use integ::common::{free_port, peak_rss, write_key};
 use sha2::{Digest as _, Sha256};
@@ -42,6 +43,7 @@ fn big_bundle(mib: usize) -> Vec<u8> {
         chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
     }
     let compressed = zstd::bulk::compress(&model, 1).unwrap();
+    m.payload.compression = Compression::Zstd;
     m.payload.len = model.len() as u64;
     m.payload.sha256 = Sha256::digest(&model).into();
     m.payload.compressed_len = compressed.len() as u64;

@@ -24,7 +24,7 @@ use edgefleet_wire::manifest::{DriftBaseline, NonFiniteInputs, TargetArch};
 use edgefleet_wire::npz::{NpzLimits, read_npz, to_npz_bytes};
 use edgefleet_wire::tensor::{NamedTensor, Tensor};
 use edgefleet_wire::verify::TrustRoot;
-use fleetctl::pack::{PackRequest, pack};
+use fleetctl::pack::{PackRequest, PayloadCompression, pack};
 
 use common::repo;
 use integ::common;
@@ -54,6 +54,7 @@ fn request(
         non_finite_inputs: NonFiniteInputs::Reject,
         baseline: Some(baseline),
         max_latency_ms: None,
+        compression: PayloadCompression::Auto,
     }
 }
 

@@ -330,6 +330,71 @@ fn packs_and_verifies_the_rec_model_as_onnx_and_nnef() {
     }
 }
 
+/// `--compression auto` stores rec's float weights as they are (zstd would
+/// save under a tenth) in a format-2 bundle, keeps zstd for cls (which it
+/// shrinks by more), and either way the agent serves the exact model.
+#[test]
+fn auto_compression_stores_what_zstd_barely_shrinks_and_the_agent_serves_it() {
+    let keys = Keys::new(&["a"]);
+    let inspect = |file: &str| -> serde_json::Value {
+        serde_json::from_slice(&ok(fleetctl(&["bundle", "inspect", file, "--json"])).stdout)
+            .unwrap()
+    };
+    let header_version = |file: &str| {
+        let b = std::fs::read(file).unwrap();
+        u16::from_le_bytes([b[8], b[9]])
+    };
+    let rec = "models/rec/ch_PP-OCRv4_rec_infer.onnx";
+    let stored = keys.path("rec.bundle");
+    let zstd = keys.path("rec-zstd.bundle");
+    for (out, extra) in [(&stored, vec![]), (&zstd, vec!["--compression", "zstd"])] {
+        ok(pack(
+            &keys,
+            &["a"],
+            rec,
+            "ppocr-rec",
+            golden_args("models/rec", 1, true),
+            &extra,
+            out,
+        ));
+        ok(verify(out, &[keys.public("a")], None));
+    }
+    let j = inspect(&stored);
+    let onnx = std::fs::read(model(rec)).unwrap();
+    assert_eq!(j["payload"]["compression"], "none", "{j}");
+    assert_eq!(j["payload"]["compressed_len"], onnx.len());
+    assert_eq!(header_version(&stored), 2);
+    assert_eq!(inspect(&zstd)["payload"]["compression"], "zstd");
+    assert_eq!(header_version(&zstd), 1);
+    let cls = keys.path("cls.bundle");
+    ok(cls_bundle(&keys, &["a"], &[], &cls));
+    assert_eq!(inspect(&cls)["payload"]["compression"], "zstd");
+    assert_eq!(header_version(&cls), 1);
+
+    // The device verifies the stored payload and serves ORT's outputs.
+    for bundle in [&stored, &zstd] {
+        let got = keys.path("out.npz");
+        ok(Command::new(integ::bins::bin("edge-agent"))
+            .args(["infer", "--bundle", bundle, "--trust", &keys.public("a")])
+            .args([
+                "--inputs",
+                model("models/rec/golden/in_0.npz").to_str().unwrap(),
+            ])
+            .args(["--outputs", &got])
+            .output()
+            .unwrap());
+        ok(Command::new(integ::bins::bin("edge-agent"))
+            .args([
+                "compare",
+                &got,
+                model("models/rec/golden/out_0.npz").to_str().unwrap(),
+            ])
+            .args(["--tolerance", "1e-4"])
+            .output()
+            .unwrap());
+    }
+}
+
 #[test]
 fn packs_the_int8_classifiers_that_tract_runs_correctly() {
     let keys = Keys::new(&["a"]);

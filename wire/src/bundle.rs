@@ -3,13 +3,13 @@
 //! ```text
 //! offset  size  field
 //! 0       8     magic  "EDGEFLT\0"
-//! 8       2     format version (u16 LE) = 1
+//! 8       2     format version (u16 LE): 1 (zstd payload) or 2 (stored payload, piece digest)
 //! 10      2     reserved, must be 0
 //! 12      4     manifest length M (u32 LE)
 //! 16      4     signature block length S (u32 LE)
 //! 20      M     manifest (postcard, see crate::manifest)
 //! 20+M    S     signature block: count (u16 LE), then count × (key id [32], ed25519 signature [64])
-//! 20+M+S  C     payload: the model, zstd-compressed; C = manifest.payload.compressed_len
+//! 20+M+S  C     payload: the model, zstd-compressed or as is; C = manifest.payload.compressed_len
 //! ```
 //!
 //! Reading order is the security argument: sizes are checked against
@@ -28,7 +28,15 @@ use crate::keys::KeyId;
 use crate::manifest::{Compression, Manifest, ModelFormat, PayloadInfo};
 
 pub const MAGIC: [u8; 8] = *b"EDGEFLT\0";
+/// Format version 1: a zstd payload, whose digest is its SHA-256.
 pub const FORMAT_VERSION: u16 = 1;
+/// Format version 2: an uncompressed payload, whose digest is a
+/// [`PieceDigest`]. The newest version this build reads.
+pub const FORMAT_VERSION_PIECES: u16 = 2;
+/// The piece length of a [`PieceDigest`].
+pub const PIECE_LEN: usize = 1 << 20;
+/// Prepended to the piece digests before they are hashed together.
+pub const PIECES_DOMAIN: &[u8] = b"edgefleet/v2/payload-pieces\0";
 pub const HEADER_LEN: usize = 20;
 /// Prepended to the manifest bytes before signing, so that a signature over
 /// a bundle manifest can never be replayed as a signature over anything else.
@@ -70,6 +78,9 @@ pub struct SignatureEntry {
 /// them. Nothing here has been checked; see [`crate::verify::verify`].
 #[derive(Clone, Debug)]
 pub struct Signed<T> {
+    /// The header's format version: for a manifest, which payload digest
+    /// the reader computes before the manifest is trusted.
+    format_version: u16,
     bytes: Vec<u8>,
     signatures: Vec<SignatureEntry>,
     _kind: PhantomData<fn() -> T>,
@@ -97,6 +108,7 @@ impl Signed<Manifest> {
             })
             .collect();
         Ok(Signed {
+            format_version: manifest.payload.compression.format_version(),
             bytes,
             signatures,
             _kind: PhantomData,
@@ -119,6 +131,12 @@ impl<T> Signed<T> {
 
     pub fn signatures(&self) -> &[SignatureEntry] {
         &self.signatures
+    }
+
+    /// The format version in the header, unverified: the signed manifest
+    /// must agree with it ([`crate::verify::verify`]).
+    pub fn format_version(&self) -> u16 {
+        self.format_version
     }
 }
 
@@ -184,10 +202,10 @@ pub fn read_signed<R: Read>(r: &mut R, limits: &Limits) -> Result<Signed<Manifes
         return Err(Error::BadMagic);
     }
     let version = u16::from_le_bytes([header[8], header[9]]);
-    if version != FORMAT_VERSION {
+    if !(FORMAT_VERSION..=FORMAT_VERSION_PIECES).contains(&version) {
         return Err(Error::UnsupportedVersion {
             found: version,
-            supported: FORMAT_VERSION,
+            supported: FORMAT_VERSION_PIECES,
         });
     }
     if header[10..12] != [0, 0] {
@@ -216,6 +234,7 @@ pub fn read_signed<R: Read>(r: &mut R, limits: &Limits) -> Result<Signed<Manifes
     fill(r, &mut block, "signature block")?;
     let signatures = parse_signature_block(&block)?;
     Ok(Signed {
+        format_version: version,
         bytes,
         signatures,
         _kind: PhantomData,
@@ -275,7 +294,7 @@ pub fn write_bundle<W: Write>(
     let sig_len = 2 + SIGNATURE_ENTRY_LEN * signed.signatures.len();
     let mut header = Vec::with_capacity(HEADER_LEN);
     header.extend_from_slice(&MAGIC);
-    header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header.extend_from_slice(&signed.format_version.to_le_bytes());
     header.extend_from_slice(&[0, 0]);
     header.extend_from_slice(&manifest_len.to_le_bytes());
     header.extend_from_slice(&(sig_len as u32).to_le_bytes());
@@ -309,6 +328,21 @@ pub fn compress_model(
         compressed_sha256: Sha256::digest(&compressed).into(),
     };
     Ok((info, compressed))
+}
+
+/// Describes model bytes stored as they are ([`Compression::None`]): the
+/// payload is `model` itself.
+pub fn stored_model(model: &[u8], format: ModelFormat) -> PayloadInfo {
+    let mut pieces = PieceDigest::default();
+    pieces.update(model);
+    PayloadInfo {
+        compression: Compression::None,
+        format,
+        len: model.len() as u64,
+        sha256: Sha256::digest(model).into(),
+        compressed_len: model.len() as u64,
+        compressed_sha256: pieces.finish(),
+    }
 }
 
 /// The content address of a bundle file: the hex sha256 of all its bytes.
@@ -368,6 +402,99 @@ impl StreamDigest {
             });
         }
         let actual: [u8; 32] = self.hasher.finalize().into();
+        if &actual != expected {
+            return Err(Error::HashMismatch {
+                what,
+                expected: hex::encode(expected),
+                actual: hex::encode(actual),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The digest of an uncompressed payload (format version 2): SHA-256 over
+/// [`PIECES_DOMAIN`] and the SHA-256 of each consecutive [`PIECE_LEN`]
+/// piece of the bytes (the last one may be shorter; no bytes, no pieces).
+/// Unlike one SHA-256 over the whole, the pieces can be hashed on as many
+/// cores as a device has; the length is signed beside it, so the pieces
+/// are fixed by it. Computed here incrementally, or from piece digests
+/// made elsewhere with [`PieceDigest::of_pieces`].
+#[derive(Clone, Debug)]
+pub struct PieceDigest {
+    piece: Sha256,
+    in_piece: usize,
+    list: Sha256,
+    len: u64,
+}
+
+impl Default for PieceDigest {
+    fn default() -> Self {
+        PieceDigest {
+            piece: Sha256::new(),
+            in_piece: 0,
+            list: Sha256::new_with_prefix(PIECES_DOMAIN),
+            len: 0,
+        }
+    }
+}
+
+impl PieceDigest {
+    pub fn update(&mut self, mut bytes: &[u8]) {
+        self.len += bytes.len() as u64;
+        while !bytes.is_empty() {
+            let take = bytes.len().min(PIECE_LEN - self.in_piece);
+            self.piece.update(&bytes[..take]);
+            self.in_piece += take;
+            bytes = &bytes[take..];
+            if self.in_piece == PIECE_LEN {
+                self.list.update(std::mem::take(&mut self.piece).finalize());
+                self.in_piece = 0;
+            }
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The digest of `len` bytes whose pieces' SHA-256s, in order, are
+    /// `pieces`.
+    pub fn of_pieces<'a>(len: u64, pieces: impl IntoIterator<Item = &'a [u8; 32]>) -> Self {
+        let mut list = Sha256::new_with_prefix(PIECES_DOMAIN);
+        for p in pieces {
+            list.update(p);
+        }
+        PieceDigest {
+            piece: Sha256::new(),
+            in_piece: 0,
+            list,
+            len,
+        }
+    }
+
+    pub fn finish(mut self) -> [u8; 32] {
+        if self.in_piece > 0 {
+            self.list.update(self.piece.finalize());
+        }
+        self.list.finalize().into()
+    }
+
+    /// Checks the bytes seen against the expected length and digest, with
+    /// the errors of [`StreamDigest::check`].
+    pub fn check(self, what: &'static str, expected_len: u64, expected: &[u8; 32]) -> Result<()> {
+        if self.len != expected_len {
+            return Err(Error::LengthMismatch {
+                what,
+                expected: expected_len,
+                actual: self.len,
+            });
+        }
+        let actual = self.finish();
         if &actual != expected {
             return Err(Error::HashMismatch {
                 what,

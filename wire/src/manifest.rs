@@ -27,11 +27,40 @@ impl std::fmt::Display for ModelFormat {
     }
 }
 
-/// Payload compression. Only zstd today; the enum keeps the door open.
+/// How the model is stored in the bundle's payload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
+    /// zstd; the stored bytes' digest is their SHA-256 (format version 1).
     Zstd,
+    /// The model as is, for models zstd barely shrinks (float weights):
+    /// nothing to decompress on every load. The stored bytes' digest is
+    /// a piece list ([`crate::bundle::PieceDigest`]), which a device
+    /// computes on all its cores (format version 2). Added after the
+    /// first bundles were signed: older agents refuse such a bundle as
+    /// `bad version`, before its manifest is read.
+    None,
+}
+
+impl Compression {
+    /// The bundle format version whose header goes with this compression:
+    /// it tells a reader which digest to compute while the payload streams
+    /// in, before the manifest that names the compression is trusted.
+    pub fn format_version(self) -> u16 {
+        match self {
+            Compression::Zstd => crate::bundle::FORMAT_VERSION,
+            Compression::None => crate::bundle::FORMAT_VERSION_PIECES,
+        }
+    }
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Compression::Zstd => "zstd",
+            Compression::None => "none",
+        })
+    }
 }
 
 /// Sizes and digests of the payload, compressed (as stored in the bundle and
@@ -220,6 +249,14 @@ impl Manifest {
                     return bad(format!("tensor name {:?} appears twice", s.name));
                 }
             }
+        }
+        if self.payload.compression == Compression::None
+            && self.payload.compressed_len != self.payload.len
+        {
+            return bad(format!(
+                "an uncompressed payload of {} bytes holds a model of {} bytes",
+                self.payload.compressed_len, self.payload.len
+            ));
         }
         if self.targets.is_empty() {
             return bad("no target architectures".into());

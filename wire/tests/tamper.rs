@@ -4,13 +4,14 @@
 
 use ed25519_dalek::{Signer, SigningKey};
 use edgefleet_wire::bundle::{
-    FORMAT_VERSION, Limits, MAGIC, SIGNING_DOMAIN, Signed, compress_model, write_bundle,
+    FORMAT_VERSION, FORMAT_VERSION_PIECES, Limits, MAGIC, PIECE_LEN, PIECES_DOMAIN, PieceDigest,
+    SIGNING_DOMAIN, Signed, compress_model, stored_model, write_bundle,
 };
 use edgefleet_wire::keys::KeyId;
 use edgefleet_wire::keys::signing_key_from_seed;
 use edgefleet_wire::manifest::{
-    GoldenCase, GoldenSet, Manifest, ModelFormat, NonFiniteInputs, PackLatency, ReferenceSource,
-    TargetArch,
+    Compression, GoldenCase, GoldenSet, Manifest, ModelFormat, NonFiniteInputs, PackLatency,
+    ReferenceSource, TargetArch,
 };
 use edgefleet_wire::names::ModelName;
 use edgefleet_wire::tensor::{DType, NamedTensor, Tensor, TensorSpec};
@@ -754,4 +755,173 @@ fn a_wrong_length_for_the_sized_open_fails_it() {
     damaged[last] ^= 1;
     assert_eq!(sized(&damaged[..last], n), Err("truncated"));
     assert_eq!(sized(&damaged, n), Err("hash_mismatch"));
+}
+
+/// A bundle whose model is stored as is (format version 2), signed after
+/// `edit`.
+fn stored_bundle(model: &[u8], edit: impl FnOnce(&mut Manifest)) -> Vec<u8> {
+    let (mut m, _) = manifest_for(model, 1);
+    m.payload = stored_model(model, ModelFormat::Onnx);
+    edit(&mut m);
+    let signed = Signed::sign(&m, &[&key(1)]).unwrap();
+    let mut out = Vec::new();
+    write_bundle(&mut out, &signed, model).unwrap();
+    out
+}
+
+/// The piece digest written out from its definition, independently of the
+/// crate's incremental and parallel computations.
+fn pieces_by_definition(bytes: &[u8]) -> [u8; 32] {
+    let mut list = PIECES_DOMAIN.to_vec();
+    for piece in bytes.chunks(1 << 20) {
+        list.extend_from_slice(&Sha256::digest(piece));
+    }
+    Sha256::digest(&list).into()
+}
+
+#[test]
+fn the_piece_digest_is_one_sha256_over_the_domain_and_each_mib() {
+    assert_eq!(PIECE_LEN, 1 << 20);
+    let big = large_model();
+    for len in [
+        0,
+        1,
+        PIECE_LEN - 1,
+        PIECE_LEN,
+        PIECE_LEN + 1,
+        3 * PIECE_LEN,
+        big.len(),
+    ] {
+        let bytes = &big[..len];
+        let want = pieces_by_definition(bytes);
+        let info = stored_model(bytes, ModelFormat::Onnx);
+        assert_eq!(info.compression, Compression::None);
+        assert_eq!(info.compressed_sha256, want, "{len} bytes");
+        assert_eq!(info.sha256, <[u8; 32]>::from(Sha256::digest(bytes)));
+        assert_eq!((info.len, info.compressed_len), (len as u64, len as u64));
+        // Fed in uneven pieces, it is the same digest.
+        let mut d = PieceDigest::default();
+        for part in bytes.chunks(333_333) {
+            d.update(part);
+        }
+        assert_eq!(d.len(), len as u64);
+        assert_eq!(d.finish(), want, "{len} bytes in parts");
+    }
+}
+
+#[test]
+fn a_stored_payload_opens_to_the_exact_model_on_every_verifier() {
+    // Small (one piece, hashed inline), a whole number of pieces, and
+    // pieces hashed on every core while the payload is read.
+    let big = large_model();
+    for model in [payload(), big[..2 * PIECE_LEN].to_vec(), big] {
+        let b = stored_bundle(&model, |_| {});
+        assert_eq!(b[8..10], FORMAT_VERSION_PIECES.to_le_bytes());
+        let r = regions(&b);
+        assert!(b[r.payload] == model[..], "the payload is the model");
+        let (m, got) = opened(&b);
+        assert_eq!(m.payload.compression, Compression::None);
+        assert!(got.bytes() == model.as_slice(), "{} bytes", model.len());
+        open(&b, &root_a()).unwrap();
+    }
+}
+
+#[test]
+fn rejects_a_tampered_stored_payload_with_the_same_reason_everywhere() {
+    let small = stored_bundle(&payload(), |_| {});
+    let r = regions(&small);
+    for at in r.payload.clone() {
+        let err = open(&flipped(&small, at, (at % 8) as u8), &root_a()).unwrap_err();
+        assert_eq!(err.code(), "hash_mismatch", "byte {at}: {err}");
+        assert!(err.to_string().contains("payload"), "{err}");
+    }
+    for len in r.payload.start..small.len() {
+        assert_eq!(
+            open(&small[..len], &root_a()).unwrap_err().code(),
+            "truncated"
+        );
+    }
+    let mut long = small.clone();
+    long.push(0);
+    assert_eq!(open(&long, &root_a()).unwrap_err().code(), "trailing_data");
+
+    // Over several pieces: the first and last byte, both sides of a piece
+    // boundary, and one piece's bytes swapped with the next one's.
+    let model = large_model();
+    let big = stored_bundle(&model, |_| {});
+    let at = regions(&big).payload.start;
+    for offset in [
+        0,
+        PIECE_LEN - 1,
+        PIECE_LEN,
+        3 * PIECE_LEN + 7,
+        model.len() - 1,
+    ] {
+        let err = open(&flipped(&big, at + offset, 2), &root_a()).unwrap_err();
+        assert_eq!(err.code(), "hash_mismatch", "offset {offset}: {err}");
+    }
+    let mut swapped = big.clone();
+    let (one, two) = swapped[at..].split_at_mut(PIECE_LEN);
+    one.swap_with_slice(&mut two[..PIECE_LEN]);
+    assert_eq!(
+        open(&swapped, &root_a()).unwrap_err().code(),
+        "hash_mismatch"
+    );
+    assert_eq!(
+        open(&big[..big.len() - 1], &root_a()).unwrap_err().code(),
+        "truncated"
+    );
+}
+
+#[test]
+fn a_header_version_that_does_not_match_the_signed_compression_is_refused() {
+    let with_version = |b: &[u8], v: u16| {
+        let mut c = b.to_vec();
+        c[8..10].copy_from_slice(&v.to_le_bytes());
+        c
+    };
+    let big = large_model();
+    for model in [payload(), big] {
+        // A stored payload announced as zstd, and a zstd one as stored:
+        // the manifest is signed, the header is not.
+        let stored = stored_bundle(&model, |_| {});
+        let zstd = signed_with(&model, |_, _| {});
+        for b in [
+            with_version(&stored, FORMAT_VERSION),
+            with_version(&zstd, FORMAT_VERSION_PIECES),
+        ] {
+            let err = open(&b, &root_a()).unwrap_err();
+            assert_eq!(err.code(), "malformed", "{err}");
+            assert!(err.to_string().contains("format version"), "{err}");
+        }
+        let err = open(&with_version(&stored, 3), &root_a()).unwrap_err();
+        assert_eq!(err.code(), "unsupported_version", "{err}");
+    }
+}
+
+#[test]
+fn a_stored_payload_must_be_the_model_its_manifest_signs() {
+    // The stored length is the model's, or nothing is signed.
+    let (mut m, _) = manifest_for(&payload(), 1);
+    m.payload = stored_model(&payload(), ModelFormat::Onnx);
+    m.payload.len += 1;
+    let err = Signed::sign(&m, &[&key(1)]).unwrap_err();
+    assert_eq!(err.code(), "invalid", "{err}");
+
+    // A model digest that is not the payload's: it opens (the piece
+    // digest matched) and every way to the bytes refuses it.
+    for model in [payload(), large_model()] {
+        let b = stored_bundle(&model, |m| m.payload.sha256[7] ^= 1);
+        assert_eq!(open(&b, &root_a()).unwrap_err().code(), "hash_mismatch");
+        let (_, decoded) = open_bundle_decoded(
+            &b[..],
+            b.len() as u64,
+            &root_a(),
+            Expiry::Enforce { now: NOW },
+            &Limits::default(),
+        )
+        .unwrap();
+        let err = decoded.verify_while(|b| b.len()).unwrap_err();
+        assert_eq!(err.code(), "hash_mismatch");
+    }
 }
