@@ -370,6 +370,16 @@ fn auto_compression_stores_what_zstd_barely_shrinks_and_the_agent_serves_it() {
     ok(cls_bundle(&keys, &["a"], &[], &cls));
     assert_eq!(inspect(&cls)["payload"]["compression"], "zstd");
     assert_eq!(header_version(&cls), 1);
+    let forced = keys.path("cls-stored.bundle");
+    ok(cls_bundle(
+        &keys,
+        &["a"],
+        &["--compression", "none"],
+        &forced,
+    ));
+    ok(verify(&forced, &[keys.public("a")], None));
+    assert_eq!(inspect(&forced)["payload"]["compression"], "none");
+    assert_eq!(header_version(&forced), 2);
 
     // The device verifies the stored payload and serves ORT's outputs.
     for bundle in [&stored, &zstd] {

@@ -464,7 +464,7 @@ impl PieceDigest {
 
     /// The digest of `len` bytes whose pieces' SHA-256s, in order, are
     /// `pieces`.
-    pub fn of_pieces<'a>(len: u64, pieces: impl IntoIterator<Item = &'a [u8; 32]>) -> Self {
+    pub(crate) fn of_pieces<'a>(len: u64, pieces: impl IntoIterator<Item = &'a [u8; 32]>) -> Self {
         let mut list = Sha256::new_with_prefix(PIECES_DOMAIN);
         for p in pieces {
             list.update(p);

@@ -10,7 +10,9 @@
 pub enum Error {
     #[error("bad magic: not an edgefleet bundle")]
     BadMagic,
-    #[error("bad version: bundle format version {found}, this build reads version {supported}")]
+    #[error(
+        "bad version: bundle format version {found}, this build reads versions 1 to {supported}"
+    )]
     UnsupportedVersion { found: u16, supported: u16 },
     #[error("truncated: {region} needs {needed} bytes, only {available} present")]
     Truncated {
