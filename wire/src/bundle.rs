@@ -394,23 +394,36 @@ impl StreamDigest {
 
     /// Checks the accumulated bytes against the expected length and digest.
     pub fn check(self, what: &'static str, expected_len: u64, expected: &[u8; 32]) -> Result<()> {
-        if self.len != expected_len {
-            return Err(Error::LengthMismatch {
-                what,
-                expected: expected_len,
-                actual: self.len,
-            });
-        }
-        let actual: [u8; 32] = self.hasher.finalize().into();
-        if &actual != expected {
-            return Err(Error::HashMismatch {
-                what,
-                expected: hex::encode(expected),
-                actual: hex::encode(actual),
-            });
-        }
-        Ok(())
+        compare(what, (self.len, expected_len), expected, || {
+            self.hasher.finalize().into()
+        })
     }
+}
+
+/// A digest's length, then (only if that matched) its value, against the
+/// signed ones: the errors every payload and model check gives.
+fn compare(
+    what: &'static str,
+    (len, expected_len): (u64, u64),
+    expected: &[u8; 32],
+    digest: impl FnOnce() -> [u8; 32],
+) -> Result<()> {
+    if len != expected_len {
+        return Err(Error::LengthMismatch {
+            what,
+            expected: expected_len,
+            actual: len,
+        });
+    }
+    let actual = digest();
+    if &actual != expected {
+        return Err(Error::HashMismatch {
+            what,
+            expected: hex::encode(expected),
+            actual: hex::encode(actual),
+        });
+    }
+    Ok(())
 }
 
 /// The digest of an uncompressed payload (format version 2): SHA-256 over
@@ -487,21 +500,6 @@ impl PieceDigest {
     /// Checks the bytes seen against the expected length and digest, with
     /// the errors of [`StreamDigest::check`].
     pub fn check(self, what: &'static str, expected_len: u64, expected: &[u8; 32]) -> Result<()> {
-        if self.len != expected_len {
-            return Err(Error::LengthMismatch {
-                what,
-                expected: expected_len,
-                actual: self.len,
-            });
-        }
-        let actual = self.finish();
-        if &actual != expected {
-            return Err(Error::HashMismatch {
-                what,
-                expected: hex::encode(expected),
-                actual: hex::encode(actual),
-            });
-        }
-        Ok(())
+        compare(what, (self.len, expected_len), expected, || self.finish())
     }
 }
