@@ -385,18 +385,7 @@ fn check_payload<R: Read>(manifest: &Verified<Manifest>, r: R, limits: &Limits) 
     // then the checks in the order `read_payload` makes them.
     drain(&mut tee)?;
     let compressed = std::mem::take(&mut tee.digest);
-    if compressed.len() < p.compressed_len {
-        return Err(Error::Truncated {
-            region: "payload",
-            needed: p.compressed_len,
-            available: compressed.len(),
-        });
-    }
-    let mut rest = tee.inner.into_inner();
-    let mut extra = [0u8; 1];
-    if rest.read(&mut extra).map_err(io("payload"))? != 0 {
-        return Err(Error::TrailingData);
-    }
+    ends_where_signed(compressed.len(), p, &mut tee.inner.into_inner())?;
     compressed.check("compressed payload", p.compressed_len, &p.compressed_sha256)?;
     if let Some(e) = zstd_error {
         return Err(Error::malformed("payload", format!("zstd: {e}")));
@@ -419,17 +408,7 @@ fn check_stored_payload<R: Read>(p: &PayloadInfo, r: R) -> Result<()> {
             break;
         }
     }
-    if stored.len() < p.compressed_len {
-        return Err(Error::Truncated {
-            region: "payload",
-            needed: p.compressed_len,
-            available: stored.len(),
-        });
-    }
-    let mut extra = [0u8; 1];
-    if read_up_to(&mut r.into_inner(), &mut extra).map_err(payload_io)? != 0 {
-        return Err(Error::TrailingData);
-    }
+    ends_where_signed(stored.len(), p, &mut r.into_inner())?;
     PayloadDigest::Pieces(stored).check(p)?;
     model.check("model", p.len, &p.sha256)
 }
@@ -483,35 +462,23 @@ impl VerifiedModel {
 /// compressed bytes do not decompress to the model it signed. Computing
 /// it after decompression was a quarter of rec's verify (11 of 46 ms,
 /// scripts/bench_notes.md).
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct DecodedModel {
-    format: ModelFormat,
-    bytes: Vec<u8>,
+    /// Not verified until [`DecodedModel::check`] has passed.
+    model: VerifiedModel,
     len: u64,
     sha256: [u8; 32],
 }
 
-impl std::fmt::Debug for DecodedModel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DecodedModel")
-            .field("format", &self.format)
-            .field("bytes", &self.bytes.len())
-            .finish()
-    }
-}
-
 impl DecodedModel {
     pub fn format(&self) -> ModelFormat {
-        self.format
+        self.model.format
     }
 
     /// Compares the model's length and digest with the signed ones.
     pub fn verify(self) -> Result<VerifiedModel> {
         self.check()?;
-        Ok(VerifiedModel {
-            format: self.format,
-            bytes: self.bytes,
-        })
+        Ok(self.model)
     }
 
     /// Runs `use_bytes` on the model bytes while their length and digest
@@ -520,9 +487,9 @@ impl DecodedModel {
     /// otherwise). A model under two hashing chunks, or a process that
     /// cannot start a thread, is compared first, then used.
     pub fn verify_while<T>(&self, use_bytes: impl FnOnce(&[u8]) -> T) -> Result<T> {
-        if self.bytes.len() < 2 * CHUNK {
+        if self.model.bytes.len() < 2 * CHUNK {
             self.check()?;
-            return Ok(use_bytes(&self.bytes));
+            return Ok(use_bytes(&self.model.bytes));
         }
         std::thread::scope(|s| {
             let checker = std::thread::Builder::new()
@@ -530,7 +497,7 @@ impl DecodedModel {
                 .spawn_scoped(s, || self.check());
             match checker {
                 Ok(checker) => {
-                    let used = use_bytes(&self.bytes);
+                    let used = use_bytes(&self.model.bytes);
                     let verdict = checker
                         .join()
                         .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
@@ -538,7 +505,7 @@ impl DecodedModel {
                 }
                 Err(_) => {
                     self.check()?;
-                    Ok(use_bytes(&self.bytes))
+                    Ok(use_bytes(&self.model.bytes))
                 }
             }
         })
@@ -546,7 +513,7 @@ impl DecodedModel {
 
     fn check(&self) -> Result<()> {
         let mut digest = StreamDigest::default();
-        digest.update(&self.bytes);
+        digest.update(&self.model.bytes);
         digest.check("model", self.len, &self.sha256)
     }
 }
@@ -584,8 +551,10 @@ fn read_decoded<R: Read>(
 fn decompress(p: &PayloadInfo, compressed: Vec<u8>) -> Result<DecodedModel> {
     if p.compression == Compression::None {
         return Ok(DecodedModel {
-            format: p.format,
-            bytes: compressed,
+            model: VerifiedModel {
+                format: p.format,
+                bytes: compressed,
+            },
             len: p.len,
             sha256: p.sha256,
         });
@@ -614,8 +583,10 @@ fn decompress(p: &PayloadInfo, compressed: Vec<u8>) -> Result<DecodedModel> {
             .map_err(|e| Error::malformed("payload", format!("zstd: {e}")))?;
     }
     Ok(DecodedModel {
-        format: p.format,
-        bytes,
+        model: VerifiedModel {
+            format: p.format,
+            bytes,
+        },
         len: p.len,
         sha256: p.sha256,
     })
@@ -712,7 +683,14 @@ fn checked_compressed<R: Read>(
     r: &mut R,
     p: &PayloadInfo,
 ) -> Result<Vec<u8>> {
-    let read = compressed.len() as u64;
+    ends_where_signed(compressed.len() as u64, p, r)?;
+    digest.check(p)?;
+    Ok(compressed)
+}
+
+/// The payload ends exactly at its signed length: `read` bytes of it came,
+/// and nothing follows them in `rest`.
+fn ends_where_signed<R: Read>(read: u64, p: &PayloadInfo, rest: &mut R) -> Result<()> {
     if read < p.compressed_len {
         return Err(Error::Truncated {
             region: "payload",
@@ -721,11 +699,10 @@ fn checked_compressed<R: Read>(
         });
     }
     let mut extra = [0u8; 1];
-    if read > p.compressed_len || read_up_to(r, &mut extra).map_err(payload_io)? != 0 {
+    if read > p.compressed_len || read_up_to(rest, &mut extra).map_err(payload_io)? != 0 {
         return Err(Error::TrailingData);
     }
-    digest.check(p)?;
-    Ok(compressed)
+    Ok(())
 }
 
 /// Fills `buf` from `r` unless the stream ends first; returns the count.
