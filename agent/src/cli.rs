@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiConfig};
 use crate::bundle::{TrustedBundle, open_file, trust_root_from_files};
-use crate::engine::{Engine, EngineConfig, prepare};
+use crate::engine::{Engine, EngineConfig, prepare, prepare_with};
 use crate::error::AgentError;
 use crate::metrics::Metrics;
 use crate::procstat;
@@ -227,6 +227,11 @@ pub enum Command {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// Keep and load the model compiled in this directory, as the
+        /// daemon does next to its bundles (`[engine] keep_compiled`): the
+        /// first run writes it, later runs time a restart's load.
+        #[arg(long, value_name = "DIR")]
+        compiled: Option<PathBuf>,
     },
 }
 
@@ -340,6 +345,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), AgentError
             threads,
             profile,
             json,
+            compiled,
         } => {
             let opts = BenchOptions {
                 iterations: iterations.max(1),
@@ -349,7 +355,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<(), AgentError
                 profile,
                 json,
             };
-            bench(&bundle, &opts).await
+            bench(&bundle, &opts, compiled).await
         }
     }
 }
@@ -482,7 +488,11 @@ struct Measured {
     profile: Vec<edgefleet_runtime::OpProfile>,
 }
 
-async fn bench(args: &BundleArgs, opts: &BenchOptions) -> Result<(), AgentError> {
+async fn bench(
+    args: &BundleArgs,
+    opts: &BenchOptions,
+    compiled: Option<PathBuf>,
+) -> Result<(), AgentError> {
     let (iterations, warmup, mode) = (opts.iterations, opts.warmup, opts.mode);
     // As the daemon does at start, before any bundle arrives.
     let warm_up = tokio::task::spawn_blocking(edgefleet_runtime::warm_up)
@@ -509,6 +519,7 @@ async fn bench(args: &BundleArgs, opts: &BenchOptions) -> Result<(), AgentError>
             optimize: load.optimize,
             self_test: Duration::ZERO,
             graph_preparsed: load.graph_preparsed,
+            compiled: false,
         };
         let m = Measured {
             warm_up,
@@ -522,9 +533,23 @@ async fn bench(args: &BundleArgs, opts: &BenchOptions) -> Result<(), AgentError>
     }
     // The bundle moves in and is dropped there, as in the daemon: the
     // resident set at the end is what a device keeps.
-    let (active, timings) = tokio::task::spawn_blocking(move || prepare(bundle))
+    // The daemon names a compiled model after its bundle's content address,
+    // which it already has; a bench names it by the manifest's digest,
+    // outside the timed phases.
+    let compiled = match compiled {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir).map_err(|e| AgentError::io(&dir, e))?;
+            Some(crate::engine::Compiled {
+                models: crate::compiled::CompiledModels::new(dir),
+                key: hex::encode(bundle.manifest.digest()),
+            })
+        }
+        None => None,
+    };
+    let prepared = tokio::task::spawn_blocking(move || prepare_with(bundle, compiled))
         .await
         .map_err(|e| AgentError::Invariant(e.to_string()))??;
+    let (active, timings, compiling) = (prepared.model, prepared.timings, prepared.compiling);
     let metrics = Arc::new(Metrics::default());
     let engine = Engine::start(
         EngineConfig {
@@ -602,6 +627,13 @@ async fn bench(args: &BundleArgs, opts: &BenchOptions) -> Result<(), AgentError>
         stop.cancel();
         let _ = server.await;
     }
+    if let Some(writing) = compiling
+        && writing.join().is_err()
+    {
+        return Err(AgentError::Invariant(
+            "keeping the model compiled panicked".into(),
+        ));
+    }
     let m = Measured {
         warm_up,
         verify,
@@ -649,6 +681,7 @@ fn report(
         "optimize_ms": ms(timings.optimize),
         "self_test_ms": ms(timings.self_test),
         "graph_preparsed": timings.graph_preparsed,
+        "compiled": timings.compiled,
         "first_inference_ms": ms(first),
         "min_ms": samples[0],
         "median_ms": percentile(&samples, 0.5),

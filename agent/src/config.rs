@@ -153,6 +153,10 @@ pub struct EngineSection {
     /// throughput for concurrent requests; `threads` buys latency for one
     /// request. Up to `workers × threads` cores are busy at once.
     pub threads: usize,
+    /// Keep each installed ONNX model's decluttered graph next to its
+    /// bundle, so that the next load of it (a restart, a rollback) skips
+    /// the ONNX front end and decluttering (`crate::compiled`). Default true.
+    pub keep_compiled: bool,
 }
 
 impl Default for EngineSection {
@@ -161,6 +165,7 @@ impl Default for EngineSection {
             workers: 1,
             queue: 16,
             threads: 1,
+            keep_compiled: true,
         }
     }
 }

@@ -17,7 +17,10 @@ use edgefleet_wire::tensor::NamedTensor;
 
 use crate::error::{AgentError, RuntimeError};
 use crate::metrics::Metrics;
-pub use crate::model::{ActiveModel, Faults, ModelInfo, ModelStats, PrepareTimings, prepare};
+pub use crate::model::{
+    ActiveModel, Compiled, Faults, ModelInfo, ModelStats, PrepareTimings, Prepared, prepare,
+    prepare_with,
+};
 
 /// A finished inference.
 #[derive(Debug)]

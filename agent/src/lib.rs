@@ -28,6 +28,7 @@ pub mod check;
 pub mod cli;
 pub mod client;
 pub mod codec;
+pub mod compiled;
 pub mod config;
 pub mod daemon;
 pub mod drift;

@@ -119,6 +119,23 @@ impl Metrics {
             let _ = writeln!(out, "# TYPE {name} {kind}");
             let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
         }
+        let c = &crate::compiled::COUNTS;
+        let _ = writeln!(
+            out,
+            "# HELP edge_agent_compiled_models_total Installed ONNX models kept compiled (docs/ARCHITECTURE.md): loads served from one, files written, files rejected and deleted, models not kept.\n# TYPE edge_agent_compiled_models_total counter"
+        );
+        for (event, v) in [
+            ("used", &c.used),
+            ("written", &c.written),
+            ("rejected", &c.rejected),
+            ("not_stored", &c.not_stored),
+        ] {
+            let _ = writeln!(
+                out,
+                "edge_agent_compiled_models_total{{event=\"{event}\"}} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP edge_agent_build_info The agent's build (value 1).\n# TYPE edge_agent_build_info gauge\nedge_agent_build_info{{version=\"{}\",commit=\"{}\",target=\"{}\",tract=\"0.23.9\"}} 1",

@@ -7,14 +7,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use edgefleet_runtime::{Model, SelfTestReport, self_test};
-use edgefleet_wire::manifest::Manifest;
+use edgefleet_wire::manifest::{Manifest, ModelFormat};
 use edgefleet_wire::tensor::TensorSpec;
 use edgefleet_wire::time::unix_now as now_unix;
 use edgefleet_wire::verify::Verified;
 use serde::Serialize;
 
 use crate::bundle::TrustedBundle;
+use crate::compiled::{COUNTS, CompiledModels, Found};
 use crate::error::AgentError;
+use sha2::{Digest, Sha256};
 
 /// What clients and reports see about a model.
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -166,27 +168,88 @@ pub struct PrepareTimings {
     /// The NNEF graph came pre-parsed from the bundle
     /// (`edgefleet_runtime::graph_ast`) rather than from its text.
     pub graph_preparsed: bool,
+    /// The model came from its compiled file ([`crate::compiled`]), not
+    /// from the bundle's ONNX.
+    pub compiled: bool,
 }
 
 static GENERATION: AtomicU64 = AtomicU64::new(1);
+
+/// Where [`prepare_with`] looks for, and keeps, a bundle's compiled model.
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    pub models: CompiledModels,
+    /// The bundle's name there (the slots' content address).
+    pub key: String,
+}
+
+/// What [`prepare_with`] made.
+#[derive(Debug)]
+pub struct Prepared {
+    pub model: ActiveModel,
+    pub timings: PrepareTimings,
+    /// The compiled model being written for the next load, when this one
+    /// came from the bundle's ONNX.
+    pub compiling: Option<std::thread::JoinHandle<()>>,
+}
 
 /// Loads and optimizes a trusted bundle's model and runs its golden
 /// self-test. A model that fails is never returned, so it is never served.
 /// The model bytes are dropped once tract has parsed them, and what the load
 /// freed is given back to the system ([`crate::mem::release_freed`]).
 pub fn prepare(bundle: TrustedBundle) -> Result<(ActiveModel, PrepareTimings), AgentError> {
+    prepare_with(bundle, None).map(|p| (p.model, p.timings))
+}
+
+/// [`prepare`], with an ONNX bundle's compiled model ([`crate::compiled`]):
+/// loaded from its file when there is one that passes (a file that does not
+/// is deleted, and the bundle loads as without one), and otherwise written
+/// on a thread of its own once the model passed its self-test.
+pub fn prepare_with(
+    bundle: TrustedBundle,
+    compiled: Option<Compiled>,
+) -> Result<Prepared, AgentError> {
+    let compiled = compiled.filter(|_| bundle.manifest.payload.format == ModelFormat::Onnx);
+    if let Some(c) = &compiled
+        && let Some(found) = c.models.lookup(&c.key)
+    {
+        match from_compiled(&bundle.manifest, &found) {
+            Ok((model, loading, report, tested_in)) => {
+                // Only now is the bundle's model not needed as a fallback.
+                drop(bundle.model);
+                let t = Instant::now();
+                crate::mem::release_freed();
+                COUNTS.used.fetch_add(1, Ordering::Relaxed);
+                let (model, timings) = activate(
+                    bundle.manifest,
+                    model,
+                    report,
+                    loading,
+                    tested_in + t.elapsed(),
+                    true,
+                );
+                return Ok(Prepared {
+                    model,
+                    timings,
+                    compiling: None,
+                });
+            }
+            Err(e) => c.models.reject(&found, &e),
+        }
+    }
     // The model's digest is compared on a second core while tract parses
     // the bytes; a mismatch fails the load as opening the bundle would have.
     let t0 = Instant::now();
     let loaded = bundle
         .use_model(|bytes| {
             let m = &bundle.manifest;
-            Model::from_bundle(
+            Model::from_bundle_keeping(
                 m.payload.format,
                 bytes,
                 &m.inputs,
                 &m.outputs,
                 m.non_finite_inputs,
+                compiled.is_some(),
             )
             .map_err(AgentError::from)
         })
@@ -198,8 +261,8 @@ pub fn prepare(bundle: TrustedBundle) -> Result<(ActiveModel, PrepareTimings), A
         ..
     } = bundle;
     drop(bytes);
-    let model = match loaded {
-        Ok(model) => model,
+    let (model, decluttered) = match loaded {
+        Ok(loaded) => loaded,
         Err(e) => {
             crate::mem::release_freed();
             return Err(e);
@@ -213,13 +276,78 @@ pub fn prepare(bundle: TrustedBundle) -> Result<(ActiveModel, PrepareTimings), A
     // self-test's time.
     crate::mem::release_freed();
     let report = tested?;
+    let self_tested = t1.elapsed();
+    let compiling = match (compiled, decluttered) {
+        (Some(c), Some(d)) => match c.models.keep_in_background(c.key, d) {
+            Ok(handle) => Some(handle),
+            Err(e) => {
+                COUNTS.not_stored.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "cannot start keeping the model compiled");
+                None
+            }
+        },
+        _ => None,
+    };
+    let (model, timings) = activate(m, model, report, loading, self_tested, false);
+    Ok(Prepared {
+        model,
+        timings,
+        compiling,
+    })
+}
+
+/// Loads a compiled model, comparing its file's digest on a second core
+/// while tract parses it, and runs the bundle's self-test on it: the model,
+/// the load's time, the report and the self-test's time.
+fn from_compiled(
+    m: &Manifest,
+    found: &Found,
+) -> Result<(Model, Duration, SelfTestReport, Duration), AgentError> {
+    let t0 = Instant::now();
+    let bytes = std::fs::read(&found.path).map_err(|e| AgentError::io(&found.path, e))?;
+    let (digest, model) = std::thread::scope(|s| {
+        let digest = s.spawn(|| <[u8; 32]>::from(Sha256::digest(&bytes)));
+        let model = Model::from_bundle(
+            ModelFormat::Nnef,
+            &bytes,
+            &m.inputs,
+            &m.outputs,
+            m.non_finite_inputs,
+        );
+        (digest.join(), model)
+    });
+    drop(bytes);
+    if digest.ok() != Some(found.sha256) {
+        return Err(AgentError::Invariant(
+            "the compiled model's content does not match its digest".into(),
+        ));
+    }
+    let model = model?;
+    let loading = t0.elapsed();
+    let t1 = Instant::now();
+    let report = model
+        .session()
+        .and_then(|mut s| self_test(&mut s, &m.golden))?;
+    Ok((model, loading, report, t1.elapsed()))
+}
+
+/// Makes the served model of a loaded, self-tested one.
+fn activate(
+    m: Verified<Manifest>,
+    model: Model,
+    report: SelfTestReport,
+    loading: Duration,
+    self_tested: Duration,
+    compiled: bool,
+) -> (ActiveModel, PrepareTimings) {
     let load = model.load_timings();
     let timings = PrepareTimings {
         // parsing, and any wait for the model's digest after it
         load: loading.saturating_sub(load.optimize),
         optimize: load.optimize,
-        self_test: t1.elapsed(),
+        self_test: self_tested,
         graph_preparsed: load.graph_preparsed,
+        compiled,
     };
     tracing::info!(
         model = %m.name,
@@ -229,6 +357,7 @@ pub fn prepare(bundle: TrustedBundle) -> Result<(ActiveModel, PrepareTimings), A
         optimize_ms = timings.optimize.as_secs_f64() * 1e3,
         self_test_ms = timings.self_test.as_secs_f64() * 1e3,
         graph_preparsed = timings.graph_preparsed,
+        compiled,
         "model loaded and self-tested"
     );
     let info = ModelInfo {
@@ -246,7 +375,7 @@ pub fn prepare(bundle: TrustedBundle) -> Result<(ActiveModel, PrepareTimings), A
             crate::drift::DriftConfig::default(),
         ))
     });
-    Ok((
+    (
         ActiveModel {
             info,
             model,
@@ -260,5 +389,5 @@ pub fn prepare(bundle: TrustedBundle) -> Result<(ActiveModel, PrepareTimings), A
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
         },
         timings,
-    ))
+    )
 }

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use edge_agent::api::{self, ApiConfig, NPZ_CONTENT_TYPE};
 use edge_agent::bundle::{TrustedBundle, open_bytes};
-use edge_agent::engine::{Engine, EngineConfig, prepare};
+use edge_agent::compiled::CompiledModels;
+use edge_agent::engine::{ActiveModel, Compiled, Engine, EngineConfig, prepare, prepare_with};
 use edge_agent::error::AgentError;
 use edge_agent::metrics::Metrics;
 use edgefleet_runtime::{Model, TRACT_VERSION};
@@ -96,6 +97,17 @@ fn bundle_bytes_with(
     shift_reference: f32,
     edit: impl FnOnce(&mut Manifest),
 ) -> Vec<u8> {
+    bundle_bytes_in(f, ModelFormat::Onnx, sequence, shift_reference, edit)
+}
+
+/// [`bundle_bytes_with`] in either format (NNEF as the packer converts it).
+fn bundle_bytes_in(
+    f: &Fixture,
+    format: ModelFormat,
+    sequence: u64,
+    shift_reference: f32,
+    edit: impl FnOnce(&mut Manifest),
+) -> Vec<u8> {
     let onnx = std::fs::read(repo(f.model)).unwrap();
     let mut cases = cases(f);
     let specs: Vec<_> = cases[0].inputs.iter().map(NamedTensor::spec).collect();
@@ -116,7 +128,11 @@ fn bundle_bytes_with(
             t.tensor = Tensor::from_f32(t.tensor.shape().to_vec(), &shifted).unwrap();
         }
     }
-    let (payload, compressed) = compress_model(&onnx, ModelFormat::Onnx, 3).unwrap();
+    let stored = match format {
+        ModelFormat::Onnx => onnx,
+        ModelFormat::Nnef => edgefleet_runtime::onnx_to_nnef(&onnx, &specs).unwrap(),
+    };
+    let (payload, compressed) = compress_model(&stored, format, 3).unwrap();
     let now = now_unix();
     let manifest = Manifest {
         name: ModelName::new(f.name).unwrap(),
@@ -164,6 +180,163 @@ fn a_model_signed_with_a_wrong_digest_opens_but_never_loads() {
             f.name
         );
     }
+}
+
+/// Every golden case's outputs from `m`, run directly on its plan.
+fn answers(m: &ActiveModel, f: &Fixture) -> Vec<Vec<NamedTensor>> {
+    let mut session = m.model.session().unwrap();
+    cases(f)
+        .iter()
+        .map(|c| session.run(&c.inputs).unwrap())
+        .collect()
+}
+
+/// An installed ONNX model is kept compiled (its decluttered graph as NNEF,
+/// next to the bundle) once it passed its self-test. The next load of that
+/// bundle comes from it and answers exactly as the ONNX did; a compiled
+/// file with a flipped byte is deleted, and the bundle loads as if there
+/// were none and writes it again. multi has two inputs and two outputs,
+/// which the compiled form takes by position.
+#[test]
+fn an_onnx_model_kept_compiled_loads_from_it_next_time_and_answers_the_same() {
+    for f in [&CLS, &MULTI] {
+        let dir = tempfile::tempdir().unwrap();
+        let models = CompiledModels::new(dir.path());
+        let compiled = Compiled {
+            models: models.clone(),
+            key: "b1".into(),
+        };
+        let bytes = bundle_bytes(f, 1, 0.0);
+        let open = || open_bytes(&bytes, &root(), &Limits::default(), f.name).unwrap();
+
+        let first = prepare_with(open(), Some(compiled.clone())).unwrap();
+        assert!(!first.timings.compiled, "{}", f.name);
+        assert_eq!(
+            models.lookup("b1"),
+            None,
+            "written only once the model passed"
+        );
+        first
+            .compiling
+            .expect("an ONNX model is kept")
+            .join()
+            .unwrap();
+        let found = models.lookup("b1").expect("written");
+
+        let second = prepare_with(open(), Some(compiled.clone())).unwrap();
+        assert!(second.timings.compiled, "{}", f.name);
+        assert!(second.compiling.is_none());
+        assert_eq!(second.model.info, {
+            let mut i = first.model.info.clone();
+            i.loaded_at = second.model.info.loaded_at;
+            i
+        });
+        assert_eq!(
+            answers(&second.model, f),
+            answers(&first.model, f),
+            "{}",
+            f.name
+        );
+
+        let mut flipped = std::fs::read(&found.path).unwrap();
+        let mid = flipped.len() / 2;
+        flipped[mid] ^= 0x10;
+        std::fs::write(&found.path, &flipped).unwrap();
+        let third = prepare_with(open(), Some(compiled.clone())).unwrap();
+        assert!(
+            !third.timings.compiled,
+            "{}: a corrupt file is not used",
+            f.name
+        );
+        assert!(!found.path.exists() || std::fs::read(&found.path).unwrap() != flipped);
+        third.compiling.expect("written again").join().unwrap();
+        let fourth = prepare_with(open(), Some(compiled)).unwrap();
+        assert!(fourth.timings.compiled, "{}", f.name);
+        assert_eq!(
+            answers(&fourth.model, f),
+            answers(&first.model, f),
+            "{}",
+            f.name
+        );
+    }
+}
+
+/// A compiled file whose digest matches but whose model does not answer as
+/// the bundle's golden cases say (here: one weight tensor zeroed) fails the
+/// self-test: it is deleted and never serves, and the bundle's own model
+/// does. An NNEF bundle is never compiled again.
+#[test]
+fn a_compiled_model_that_fails_the_self_test_is_deleted_and_the_bundle_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = CompiledModels::new(dir.path());
+    let compiled = Compiled {
+        models: models.clone(),
+        key: "b1".into(),
+    };
+    let bytes = bundle_bytes(&CLS, 1, 0.0);
+    let open = || open_bytes(&bytes, &root(), &Limits::default(), CLS.name).unwrap();
+    let first = prepare_with(open(), Some(compiled.clone())).unwrap();
+    first.compiling.unwrap().join().unwrap();
+    let good = std::fs::read(models.lookup("b1").unwrap().path).unwrap();
+
+    // The largest weight file of the tar, past tract's 128-byte header.
+    let mut out = tar::Builder::new(Vec::new());
+    let mut archive = tar::Archive::new(&good[..]);
+    let mut entries: Vec<(tar::Header, std::path::PathBuf, Vec<u8>)> = archive
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let mut e = e.unwrap();
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+            (e.header().clone(), e.path().unwrap().into_owned(), data)
+        })
+        .collect();
+    let largest = entries
+        .iter_mut()
+        .filter(|(_, p, _)| p.extension().is_some_and(|x| x == "dat"))
+        .max_by_key(|(_, _, d)| d.len())
+        .unwrap();
+    largest.2[128..].fill(0);
+    for (mut h, p, d) in entries {
+        out.append_data(&mut h, p, &d[..]).unwrap();
+    }
+    let zeroed = out.into_inner().unwrap();
+    let before = edge_agent::compiled::COUNTS
+        .rejected
+        .load(std::sync::atomic::Ordering::Relaxed);
+    models.store("b1", &zeroed).unwrap();
+
+    let second = prepare_with(open(), Some(compiled.clone())).unwrap();
+    assert!(!second.timings.compiled, "the zeroed model must not serve");
+    assert!(
+        edge_agent::compiled::COUNTS
+            .rejected
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > before
+    );
+    assert_eq!(answers(&second.model, &CLS), answers(&first.model, &CLS));
+    second.compiling.unwrap().join().unwrap();
+    assert!(
+        prepare_with(open(), Some(compiled))
+            .unwrap()
+            .timings
+            .compiled
+    );
+
+    // An NNEF bundle is loaded as it is.
+    let nnef = bundle_bytes_in(&CLS, ModelFormat::Nnef, 1, 0.0, |_| {});
+    let nnef = open_bytes(&nnef, &root(), &Limits::default(), "nnef").unwrap();
+    let p = prepare_with(
+        nnef,
+        Some(Compiled {
+            models: models.clone(),
+            key: "b2".into(),
+        }),
+    )
+    .unwrap();
+    assert!(p.compiling.is_none() && !p.timings.compiled);
+    assert_eq!(models.lookup("b2"), None);
 }
 
 fn root() -> TrustRoot {

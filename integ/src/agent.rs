@@ -68,6 +68,13 @@ impl AgentProc {
         let _ = self.child.wait();
     }
 
+    /// The value of `series` in its `/metrics` (absent counts as 0).
+    pub async fn counter(&self, series: &str) -> u64 {
+        let http = edge_agent::tls::default_client();
+        let text = crate::common::metrics_text(&http, &self.url, None).await;
+        crate::common::counter(&text, series)
+    }
+
     /// `GET /v1/status`: the update machine's state and record.
     pub async fn status(&self, http: &reqwest::Client) -> Value {
         self.get_json(http, "/v1/status").await

@@ -83,6 +83,20 @@ watch_secs = 1
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The install keeps the model compiled on a thread of its own: the
+    // baseline includes that too.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while agent
+        .counter("edge_agent_compiled_models_total{event=\"written\"}")
+        .await
+        == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the model was never kept compiled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // A few honest requests first: the baseline includes serving.
     for _ in 0..5 {
         assert!(serves_golden().await);

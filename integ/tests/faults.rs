@@ -5,7 +5,9 @@
 //!   connection at random points, replays another bundle, stalls, and
 //!   answers 500s;
 //! - the agent's data directory (a small tmpfs) fills up mid-rollout, the
-//!   agent is killed and restarted on the full disk, and space returns.
+//!   agent is killed and restarted on the full disk, and space returns;
+//! - the compiled form the agent keeps of an installed model is corrupted
+//!   between two starts.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -350,4 +352,111 @@ async fn a_full_disk_mid_rollout_is_survived_and_converges_once_space_returns() 
     }
     drop(agent);
     drop(fs);
+}
+
+/// The agent keeps an installed ONNX model compiled next to its bundle and
+/// starts from it after a kill -9. A byte flipped in that file is caught by
+/// its digest: the next start deletes it, serves the bundle's own model
+/// (golden outputs), and writes the compiled form again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_starts_from_the_kept_compiled_model_and_survives_a_corrupt_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = write_key(dir.path());
+    let data = dir.path().join("data");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "device_id = \"compiled-1\"\ndata_dir = \"{}\"\n[trust]\nkeys = [\"{}\"]\n[http]\nlisten = \"127.0.0.1:0\"\n",
+            data.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("agent.log");
+    let http = edge_agent::tls::default_client();
+    let compiled_files = || -> Vec<PathBuf> {
+        std::fs::read_dir(data.join("bundles"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.to_string_lossy().contains(".compiled-"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut agent = AgentProc::spawn(&config, &log);
+    let r = http
+        .post(format!("{}/v1/install", agent.url))
+        .body(Pack::new(Model::Cls, 1).bytes())
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "install: {}", r.status());
+    assert_eq!(
+        agent.serves_cls_golden(&http, "after install").await,
+        "1.1.0"
+    );
+    until_written(&agent).await;
+    assert_eq!(compiled_files().len(), 1);
+
+    agent.kill();
+    agent = AgentProc::spawn(&config, &log);
+    assert_eq!(
+        agent.serves_cls_golden(&http, "after a restart").await,
+        "1.1.0"
+    );
+    assert_eq!(
+        compiled(&agent, "used").await,
+        1,
+        "the restart did not start from it"
+    );
+    assert_eq!(compiled(&agent, "rejected").await, 0);
+
+    agent.kill();
+    let file = compiled_files().pop().unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&file, &bytes).unwrap();
+    let agent = AgentProc::spawn(&config, &log);
+    assert_eq!(
+        agent
+            .serves_cls_golden(&http, "after the file was corrupted")
+            .await,
+        "1.1.0"
+    );
+    assert_eq!(compiled(&agent, "used").await, 0);
+    assert_eq!(compiled(&agent, "rejected").await, 1);
+    until_written(&agent).await;
+    let again = compiled_files();
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_ne!(std::fs::read(&again[0]).unwrap(), bytes);
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("compiled model rejected"),
+        "the rejection is logged"
+    );
+}
+
+/// The agent's count of compiled-model `event`s.
+async fn compiled(agent: &AgentProc, event: &str) -> u64 {
+    agent
+        .counter(&format!(
+            "edge_agent_compiled_models_total{{event=\"{event}\"}}"
+        ))
+        .await
+}
+
+/// Waits until the agent wrote a compiled model.
+async fn until_written(agent: &AgentProc) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while compiled(agent, "written").await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the model was never kept compiled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

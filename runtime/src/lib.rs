@@ -33,9 +33,9 @@ pub mod threads;
 
 pub use error::{Result, RuntimeError};
 pub use model::{
-    LoadTimings, Model, OpProfile, SelfTestReport, Session, TRACT_VERSION, check_format,
-    declared_inputs, from_tract, keep_kernels_in_bounds, onnx_to_nnef, quiet_error_backtraces,
-    self_test, to_tract, warm_up,
+    Decluttered, LoadTimings, Model, OpProfile, SelfTestReport, Session, TRACT_VERSION,
+    check_format, declared_inputs, decluttered_epoch, from_tract, keep_kernels_in_bounds,
+    onnx_to_nnef, quiet_error_backtraces, self_test, to_tract, warm_up,
 };
 #[cfg(feature = "onnx")]
 pub use onnx_external::inline_external_data;

@@ -302,9 +302,23 @@ impl Model {
         outputs: &[TensorSpec],
         non_finite: NonFiniteInputs,
     ) -> Result<Model> {
-        let mut m = Model::load(format, bytes, inputs, Some(outputs))?;
+        Ok(Model::from_bundle_keeping(format, bytes, inputs, outputs, non_finite, false)?.0)
+    }
+
+    /// [`Model::from_bundle`], also handing back the decluttered graph of
+    /// an ONNX model when `keep` is set (a device keeps it compiled, so
+    /// that its next load skips the ONNX front end and decluttering).
+    pub fn from_bundle_keeping(
+        format: ModelFormat,
+        bytes: &[u8],
+        inputs: &[TensorSpec],
+        outputs: &[TensorSpec],
+        non_finite: NonFiniteInputs,
+        keep: bool,
+    ) -> Result<(Model, Option<Decluttered>)> {
+        let (mut m, kept) = Model::load_keeping(format, bytes, inputs, Some(outputs), keep)?;
         m.non_finite = non_finite;
-        Ok(m)
+        Ok((m, kept))
     }
 
     /// Parses, pins and optimizes model bytes. Devices call this through
@@ -320,6 +334,16 @@ impl Model {
         inputs: &[TensorSpec],
         outputs: Option<&[TensorSpec]>,
     ) -> Result<Model> {
+        Ok(Model::load_keeping(format, bytes, inputs, outputs, false)?.0)
+    }
+
+    fn load_keeping(
+        format: ModelFormat,
+        bytes: &[u8],
+        inputs: &[TensorSpec],
+        outputs: Option<&[TensorSpec]>,
+        keep: bool,
+    ) -> Result<(Model, Option<Decluttered>)> {
         let t0 = std::time::Instant::now();
         let (typed, graph_preparsed) = pinned_typed(format, bytes, inputs)?;
         let parse = t0.elapsed();
@@ -327,8 +351,11 @@ impl Model {
         let mut optimized = typed;
         // The packer wrote an NNEF graph decluttered (`onnx_to_nnef`) with
         // these same input shapes: decluttering it again finds nothing.
+        let mut kept = None;
         if format == ModelFormat::Onnx {
             optimizer::declutter(&mut optimized).map_err(load_err)?;
+            // The weights are shared, not copied.
+            kept = keep.then(|| Decluttered(optimized.clone()));
         } else {
             optimizer::drop_identity_casts(&mut optimized).map_err(load_err)?;
         }
@@ -345,7 +372,7 @@ impl Model {
         if let Some(expected) = outputs {
             model.adopt_output_names(expected)?;
         }
-        Ok(model)
+        Ok((model, kept))
     }
 
     /// Phase timings of the load that built this model.
@@ -550,35 +577,69 @@ fn check_declared(declared: &[String], inputs: &[TensorSpec]) -> Result<()> {
 pub fn onnx_to_nnef(bytes: &[u8], inputs: &[TensorSpec]) -> Result<Vec<u8>> {
     let mut model = pinned_typed(ModelFormat::Onnx, bytes, inputs)?.0;
     optimizer::declutter(&mut model).map_err(load_err)?;
-    // tract 0.23.9 writes string properties with Rust's `{:?}` escaping,
-    // which its own NNEF parser cannot read back (PP-OCRv4 rec keeps its
-    // 6625-character dictionary in ONNX metadata). Such properties are not
-    // needed to run the model: drop them rather than produce an unloadable tar.
-    model.properties.retain(|_, v| {
-        v.to_plain_array_view::<String>()
-            .map(|strings| {
-                strings
-                    .iter()
-                    .all(|s| format!("{s:?}").len() == s.len() + 2)
-            })
-            .unwrap_or(true)
-    });
-    let export_err = |e: TractError| {
-        // "No serializer found for node #3 "dq" DequantizeLinearF32" says
-        // it all; the chain above it only repeats the node.
-        let root = e.root_cause().to_string();
-        RuntimeError::NnefExport {
-            detail: if root.starts_with("No serializer found") {
-                root
-            } else {
-                one_line(&e)
-            },
-        }
-    };
-    let tar = nnef()
-        .write_to_tar(&model, Vec::new())
-        .map_err(export_err)?;
-    with_parsed_graph(&tar).map_err(export_err)
+    Decluttered(model).into_nnef()
+}
+
+/// An ONNX model's graph after the manifest's input shapes were pinned and
+/// tract decluttered it: what [`onnx_to_nnef`] writes, kept by
+/// [`Model::from_bundle_keeping`] from a load that computed it anyway.
+/// Loaded back as NNEF ([`ModelFormat::Nnef`], inputs and outputs by
+/// position), it skips the ONNX front end and decluttering.
+pub struct Decluttered(TypedModel);
+
+impl std::fmt::Debug for Decluttered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decluttered")
+            .field("nodes", &self.0.nodes.len())
+            .finish()
+    }
+}
+
+/// Identifies what [`Decluttered::into_nnef`] writes: a device's kept form
+/// of a model is valid only for the same tract and runtime, since both
+/// decide the decluttered graph and how it is read back.
+pub fn decluttered_epoch() -> String {
+    format!(
+        "tract-{TRACT_VERSION}-runtime-{}",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+impl Decluttered {
+    /// Writes the graph as an NNEF tar with tract's own parse of its text
+    /// ([`graph_ast`]), as the packer writes an NNEF bundle.
+    pub fn into_nnef(self) -> Result<Vec<u8>> {
+        let mut model = self.0;
+        // tract 0.23.9 writes string properties with Rust's `{:?}` escaping,
+        // which its own NNEF parser cannot read back (PP-OCRv4 rec keeps its
+        // 6625-character dictionary in ONNX metadata). Such properties are not
+        // needed to run the model: drop them rather than produce an unloadable tar.
+        model.properties.retain(|_, v| {
+            v.to_plain_array_view::<String>()
+                .map(|strings| {
+                    strings
+                        .iter()
+                        .all(|s| format!("{s:?}").len() == s.len() + 2)
+                })
+                .unwrap_or(true)
+        });
+        let export_err = |e: TractError| {
+            // "No serializer found for node #3 "dq" DequantizeLinearF32" says
+            // it all; the chain above it only repeats the node.
+            let root = e.root_cause().to_string();
+            RuntimeError::NnefExport {
+                detail: if root.starts_with("No serializer found") {
+                    root
+                } else {
+                    one_line(&e)
+                },
+            }
+        };
+        let tar = nnef()
+            .write_to_tar(&model, Vec::new())
+            .map_err(export_err)?;
+        with_parsed_graph(&tar).map_err(export_err)
+    }
 }
 
 /// Copies an NNEF tar, adding [`graph_ast::MEMBER`] after `graph.nnef`:

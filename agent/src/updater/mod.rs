@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bundle::TrustedBundle;
 use crate::client::ServerClient;
 use crate::config::AgentConfig;
-use crate::engine::{ActiveModel, Engine, Faults, prepare};
+use crate::engine::{ActiveModel, Engine, Faults, prepare_with};
 use crate::error::AgentError;
 use crate::floor::FloorFile;
 use crate::store::Store;
@@ -590,6 +590,8 @@ async fn perform(
 /// bundle, running its golden self-test: [`Outcome::Tested`] or the event
 /// that says why not.
 async fn self_test(ctx: Ctx, target: Target, verified: Option<(String, TrustedBundle)>) -> Outcome {
+    // Kept now, so that the next load of this bundle starts faster.
+    let compiled = ctx.slots.compiled_for(&target.bundle.id, &ctx.cfg);
     let tb = match verified {
         Some((id, tb)) if id == target.bundle.id => tb,
         _ => match blocking({
@@ -603,8 +605,8 @@ async fn self_test(ctx: Ctx, target: Target, verified: Option<(String, TrustedBu
         },
     };
     let id = target.bundle.id.clone();
-    blocking(move || match prepare(tb) {
-        Ok((mut m, _)) => {
+    blocking(move || match prepare_with(tb, compiled) {
+        Ok(crate::engine::Prepared { model: mut m, .. }) => {
             m.bundle_id = id;
             Outcome::Tested(Box::new(m))
         }

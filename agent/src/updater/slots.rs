@@ -28,6 +28,25 @@ impl Slots {
         self.dir.join(format!("{id}.bundle"))
     }
 
+    /// The compiled models kept next to the bundles ([`crate::compiled`]);
+    /// [`Slots::collect`] removes them with their bundle.
+    pub fn compiled(&self) -> crate::compiled::CompiledModels {
+        crate::compiled::CompiledModels::new(&self.dir)
+    }
+
+    /// Where [`crate::engine::prepare_with`] keeps bundle `id`'s compiled
+    /// model, if the configuration keeps them.
+    pub fn compiled_for(
+        &self,
+        id: &str,
+        cfg: &crate::config::AgentConfig,
+    ) -> Option<crate::engine::Compiled> {
+        cfg.engine.keep_compiled.then(|| crate::engine::Compiled {
+            models: self.compiled(),
+            key: id.to_owned(),
+        })
+    }
+
     pub fn part(&self, id: &str) -> PathBuf {
         self.dir.join(format!("{id}.part"))
     }
@@ -51,8 +70,9 @@ impl Slots {
         Ok(freed)
     }
 
-    /// Deletes partial downloads (they are fetched again), logging each:
-    /// the room of last resort on a full disk. Returns the bytes freed.
+    /// Deletes partial downloads (they are fetched again) and compiled
+    /// models (written again at the next load), logging each: the room of
+    /// last resort on a full disk. Returns the bytes freed.
     pub fn discard_partials(&self) -> u64 {
         let mut freed = 0;
         let Ok(rd) = std::fs::read_dir(&self.dir) else {
@@ -60,13 +80,16 @@ impl Slots {
         };
         for entry in rd.flatten() {
             let name = entry.file_name().to_string_lossy().to_string();
-            if !name.ends_with(".part") {
+            if !(name.ends_with(".part")
+                || name.contains(".compiled-")
+                || name.contains(".compiling-"))
+            {
                 continue;
             }
             let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
             match std::fs::remove_file(entry.path()) {
                 Ok(()) => {
-                    tracing::warn!(file = %name, bytes = size, "disk full: discarded a partial download");
+                    tracing::warn!(file = %name, bytes = size, "disk full: discarded a partial download or compiled model");
                     freed += size;
                 }
                 Err(e) => {
@@ -125,10 +148,39 @@ mod tests {
         std::fs::write(s.bundle("a"), b"aaaa").unwrap();
         std::fs::write(s.part("b"), b"bb").unwrap();
         std::fs::write(s.bundle("c"), b"c").unwrap();
-        assert_eq!(s.collect(&["a"]).unwrap(), 3);
-        assert!(s.bundle("a").exists());
-        assert!(!s.part("b").exists() && !s.bundle("c").exists());
+        // Compiled models go with their bundle.
+        let kept = s.compiled().store("a", b"kept").unwrap();
+        let dropped = s.compiled().store("c", b"gone").unwrap();
+        assert_eq!(s.collect(&["a"]).unwrap(), 7);
+        assert!(s.bundle("a").exists() && kept.exists());
+        assert!(!s.part("b").exists() && !s.bundle("c").exists() && !dropped.exists());
         assert!(s.free_bytes().unwrap() > 0);
+    }
+
+    #[test]
+    fn compiled_models_are_kept_unless_configured_off() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Slots::new(d.path()).unwrap();
+        let base = "[trust]\nkeys = [\"k.pub\"]\n";
+        let cfg = crate::config::AgentConfig::parse(base).unwrap();
+        assert_eq!(s.compiled_for("a", &cfg).map(|c| c.key), Some("a".into()));
+        let off = format!("{base}[engine]\nkeep_compiled = false\n");
+        let cfg = crate::config::AgentConfig::parse(&off).unwrap();
+        assert!(s.compiled_for("a", &cfg).is_none());
+    }
+
+    #[test]
+    fn a_full_disk_discards_partials_and_compiled_models_but_no_bundle() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Slots::new(d.path()).unwrap();
+        std::fs::write(s.bundle("a"), b"aaaa").unwrap();
+        std::fs::write(s.part("b"), b"bb").unwrap();
+        let compiled = s.compiled().store("a", b"compiled").unwrap();
+        std::fs::write(d.path().join("bundles/a.compiling-7"), b"half").unwrap();
+        assert_eq!(s.discard_partials(), 14);
+        assert!(s.bundle("a").exists());
+        assert!(!compiled.exists() && !s.part("b").exists());
+        assert_eq!(s.compiled().lookup("a"), None);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use super::slots::{Slots, file_content_address};
 use super::{Ctx, Outcome};
 use crate::bundle::open_file_with;
 use crate::config::AgentConfig;
-use crate::engine::{ActiveModel, prepare};
+use crate::engine::{ActiveModel, prepare_with};
 use crate::error::AgentError;
 use crate::trust::TrustState;
 use crate::update::{Event, Target};
@@ -85,7 +85,7 @@ pub fn load_installed(
             Err(e) => return Err(e),
         }
     };
-    let (mut m, _) = prepare(tb)?;
+    let mut m = prepare_with(tb, slots.compiled_for(&b.id, cfg))?.model;
     m.bundle_id = b.id.clone();
     m.faults = super::faults_for(cfg, &m.info.name, &m.info.version);
     Ok(m)
