@@ -13,8 +13,11 @@
 //! - the model it loads must pass the bundle's golden self-test like any
 //!   other before it serves.
 //!
-//! Any failure (a digest mismatch, a parse error, a failed self-test) deletes
-//! the file and loads the bundle itself, which writes the file again.
+//! Any failure deletes the file and loads the bundle itself. A file damaged
+//! on disk (its digest) is written again by that load; a form that loaded
+//! but failed (a parse error, a failed self-test) would fail again, so this
+//! runtime marks it and never writes it for that bundle again
+//! ([`CompiledModels::reject`]).
 //! Files are written to a temporary name, synced, then renamed, so a kill
 //! leaves either no file or a whole one; the slots' garbage collection
 //! removes them with their bundle ([`crate::updater::Slots::collect`]), and
@@ -50,6 +53,8 @@ pub struct Found {
 pub enum NotStored {
     #[error("this model has no NNEF form in this runtime: {0}")]
     Unsupported(String),
+    #[error("this runtime's compiled form of this model failed before: not written again")]
+    FailedBefore,
     #[error("{needed} bytes free needed to keep the compiled model, {free} free")]
     NoRoom { needed: u64, free: u64 },
     #[error("{path}: {source}")]
@@ -59,6 +64,17 @@ pub enum NotStored {
     },
 }
 
+/// Why a compiled file was not used.
+#[derive(Debug, thiserror::Error)]
+pub enum Rejection {
+    /// Unreadable, or its content does not match the digest in its name.
+    #[error("{0}")]
+    Damaged(String),
+    /// It matched, but did not load or failed the bundle's self-test.
+    #[error("{0}")]
+    Failed(crate::error::AgentError),
+}
+
 /// Process-wide counts, for `/metrics`.
 #[derive(Debug, Default)]
 pub struct Counts {
@@ -66,10 +82,11 @@ pub struct Counts {
     pub used: AtomicU64,
     /// Compiled files written.
     pub written: AtomicU64,
-    /// Compiled files deleted because they did not load, did not match
-    /// their digest or failed the self-test.
+    /// Compiled files deleted because they did not match their digest,
+    /// did not load or failed the self-test.
     pub rejected: AtomicU64,
-    /// Models not kept compiled (no NNEF form, no room, an I/O error).
+    /// Models not kept compiled (no NNEF form, no room, an I/O error, a
+    /// compiled form of it that failed before).
     pub not_stored: AtomicU64,
 }
 
@@ -95,27 +112,47 @@ impl CompiledModels {
         )
     }
 
-    /// The compiled file of `key` written by this runtime, if any.
+    /// The marker of a compiled form that loaded but failed: `key`'s
+    /// compiled files are not written again by this runtime.
+    fn failed_marker(&self, key: &str) -> PathBuf {
+        self.dir.join(format!("{}failed", Self::prefix(key)))
+    }
+
+    /// The compiled file of `key` written by this runtime, if any. Writes
+    /// of one that a kill interrupted (by another process) are deleted on
+    /// the way.
     pub fn lookup(&self, key: &str) -> Option<Found> {
         let prefix = Self::prefix(key);
+        let interrupted = format!("{key}.compiling-");
+        let mine = std::process::id().to_string();
+        let mut found = None;
         for entry in std::fs::read_dir(&self.dir).ok()?.flatten() {
             let name = entry.file_name();
+            let Some(name) = name.to_str() else {
+                continue;
+            };
+            if name
+                .strip_prefix(&interrupted)
+                .is_some_and(|pid| pid != mine)
+            {
+                let _ = std::fs::remove_file(entry.path());
+                continue;
+            }
             let Some(digest) = name
-                .to_str()
-                .and_then(|n| n.strip_prefix(&prefix))
+                .strip_prefix(&prefix)
                 .and_then(|rest| rest.strip_suffix("-nnef"))
             else {
                 continue;
             };
             let mut sha256 = [0u8; 32];
             if hex::decode_to_slice(digest, &mut sha256).is_ok() {
-                return Some(Found {
+                found = Some(Found {
                     path: entry.path(),
                     sha256,
                 });
             }
         }
-        None
+        found
     }
 
     /// Writes `nnef` as the compiled file of `key`, replacing any other
@@ -128,6 +165,9 @@ impl CompiledModels {
             let path = path.to_owned();
             move |source| NotStored::Io { path, source }
         };
+        if self.failed_marker(key).exists() {
+            return Err(NotStored::FailedBefore);
+        }
         self.remove_all(key);
         let free = crate::updater::slots::free_bytes(&self.dir).unwrap_or(0);
         let needed = 2 * nnef.len() as u64 + SPARE_BYTES;
@@ -172,16 +212,27 @@ impl CompiledModels {
         }
     }
 
-    /// Deletes a compiled file that failed, counting it.
-    pub fn reject(&self, found: &Found, why: &dyn std::fmt::Display) {
+    /// Deletes a compiled file that failed, counting it. A file whose
+    /// content no longer matches its digest was damaged on disk, and is
+    /// written again at the next load from the bundle. One that matched but
+    /// did not load or failed the self-test would fail the same way again:
+    /// a marker keeps this runtime from writing it again for `key` (one
+    /// failed write per bundle, not one per start, on flash storage).
+    pub fn reject(&self, key: &str, found: &Found, failure: &Rejection) {
         COUNTS.rejected.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             file = %found.path.display(),
-            error = %why,
+            error = %failure,
             "compiled model rejected: deleted, loading the bundle itself"
         );
         if let Err(e) = std::fs::remove_file(&found.path) {
             tracing::warn!(file = %found.path.display(), error = %e, "cannot delete a rejected compiled model");
+        }
+        if let Rejection::Failed(_) = failure {
+            let marker = self.failed_marker(key);
+            if let Err(e) = std::fs::write(&marker, b"") {
+                tracing::warn!(file = %marker.display(), error = %e, "cannot mark a failed compiled model");
+            }
         }
     }
 
@@ -273,9 +324,38 @@ mod tests {
         c.store("abc", b"graph").unwrap();
         let found = c.lookup("abc").unwrap();
         let before = COUNTS.rejected.load(Ordering::Relaxed);
-        c.reject(&found, &"test");
+        c.reject("abc", &found, &Rejection::Damaged("test".into()));
         assert!(COUNTS.rejected.load(Ordering::Relaxed) > before);
         assert_eq!(c.lookup("abc"), None);
         assert!(!found.path.exists());
+        // Damaged on disk: written again.
+        c.store("abc", b"graph").unwrap();
+        let found = c.lookup("abc").unwrap();
+        let failed = crate::error::AgentError::Invariant("self-test".into());
+        c.reject("abc", &found, &Rejection::Failed(failed));
+        assert_eq!(c.lookup("abc"), None);
+        // Failed as a model: never written again by this runtime, while
+        // other bundles are.
+        assert!(matches!(
+            c.store("abc", b"graph"),
+            Err(NotStored::FailedBefore)
+        ));
+        assert_eq!(c.lookup("abc"), None);
+        c.store("abd", b"graph").unwrap();
+    }
+
+    #[test]
+    fn a_write_interrupted_in_another_process_is_cleaned_up_by_a_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = CompiledModels::new(dir.path());
+        let other = dir.path().join("abc.compiling-1");
+        let mine = dir
+            .path()
+            .join(format!("abc.compiling-{}", std::process::id()));
+        std::fs::write(&other, b"half").unwrap();
+        std::fs::write(&mine, b"half").unwrap();
+        assert_eq!(c.lookup("abc"), None);
+        assert!(!other.exists(), "a killed write is removed");
+        assert!(mine.exists(), "a write in progress here is not");
     }
 }

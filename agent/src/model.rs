@@ -14,7 +14,7 @@ use edgefleet_wire::verify::Verified;
 use serde::Serialize;
 
 use crate::bundle::TrustedBundle;
-use crate::compiled::{COUNTS, CompiledModels, Found};
+use crate::compiled::{COUNTS, CompiledModels, Found, Rejection};
 use crate::error::AgentError;
 use sha2::{Digest, Sha256};
 
@@ -234,7 +234,7 @@ pub fn prepare_with(
                     compiling: None,
                 });
             }
-            Err(e) => c.models.reject(&found, &e),
+            Err(e) => c.models.reject(&c.key, &found, &e),
         }
     }
     // The model's digest is compared on a second core while tract parses
@@ -302,9 +302,9 @@ pub fn prepare_with(
 fn from_compiled(
     m: &Manifest,
     found: &Found,
-) -> Result<(Model, Duration, SelfTestReport, Duration), AgentError> {
+) -> Result<(Model, Duration, SelfTestReport, Duration), Rejection> {
     let t0 = Instant::now();
-    let bytes = std::fs::read(&found.path).map_err(|e| AgentError::io(&found.path, e))?;
+    let bytes = std::fs::read(&found.path).map_err(|e| Rejection::Damaged(e.to_string()))?;
     let (digest, model) = std::thread::scope(|s| {
         let digest = s.spawn(|| <[u8; 32]>::from(Sha256::digest(&bytes)));
         let model = Model::from_bundle(
@@ -318,16 +318,18 @@ fn from_compiled(
     });
     drop(bytes);
     if digest.ok() != Some(found.sha256) {
-        return Err(AgentError::Invariant(
+        return Err(Rejection::Damaged(
             "the compiled model's content does not match its digest".into(),
         ));
     }
-    let model = model?;
+    let failed = |e| Rejection::Failed(AgentError::from(e));
+    let model = model.map_err(failed)?;
     let loading = t0.elapsed();
     let t1 = Instant::now();
     let report = model
         .session()
-        .and_then(|mut s| self_test(&mut s, &m.golden))?;
+        .and_then(|mut s| self_test(&mut s, &m.golden))
+        .map_err(failed)?;
     Ok((model, loading, report, t1.elapsed()))
 }
 
