@@ -7,9 +7,9 @@
 //! A compiled file is derived data, never a source of trust:
 //! - the bundle is still opened and its signatures and payload digest
 //!   verified on every load; the compiled file only replaces parsing it;
-//! - the file is named after the bundle, the runtime that wrote it
-//!   ([`edgefleet_runtime::decluttered_epoch`]) and the SHA-256 of its
-//!   content, which is compared while tract parses it;
+//! - the file is named after the bundle, the runtime and agent build that
+//!   wrote it ([`edgefleet_runtime::decluttered_epoch`], the commit) and the
+//!   SHA-256 of its content, which is compared while tract parses it;
 //! - the model it loads must pass the bundle's golden self-test like any
 //!   other before it serves.
 //!
@@ -106,8 +106,13 @@ impl CompiledModels {
     /// collection (which reads the part before the first dot) sees a file
     /// of that bundle. No dots follow the first.
     fn prefix(key: &str) -> String {
+        let commit: String = env!("EDGEFLEET_GIT_COMMIT")
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(12)
+            .collect();
         format!(
-            "{key}.compiled-{}-",
+            "{key}.compiled-{}-{commit}-",
             edgefleet_runtime::decluttered_epoch().replace('.', "_")
         )
     }

@@ -256,6 +256,9 @@ async fn a_full_disk_mid_rollout_is_survived_and_converges_once_space_returns() 
     fleet.roll_out(&id1, "test").await;
     until_committed(&http, &agent, &id1, "v1").await;
     assert_eq!(floor_sequence(&data, "cls"), 10);
+    until_written(&agent).await;
+    let compiled_v1 = compiled_files(&data);
+    assert_eq!(compiled_v1.len(), 1, "{compiled_v1:?}");
 
     // The disk fills; v2 is rolled out.
     let filler = fs.fill();
@@ -278,6 +281,12 @@ async fn a_full_disk_mid_rollout_is_survived_and_converges_once_space_returns() 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(agent.serves_cls_golden(&http, "the agent").await, "1.1.0");
+    // The compiled form of v1 is derived data: it made way for the download.
+    assert!(
+        compiled_files(&data).is_empty(),
+        "{:?}",
+        compiled_files(&data)
+    );
 
     // kill -9 on the full disk, twice: it starts, serves v1 and reports
     // the condition each time.
@@ -375,16 +384,6 @@ async fn a_restart_starts_from_the_kept_compiled_model_and_survives_a_corrupt_on
     .unwrap();
     let log = dir.path().join("agent.log");
     let http = edge_agent::tls::default_client();
-    let compiled_files = || -> Vec<PathBuf> {
-        std::fs::read_dir(data.join("bundles"))
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.path())
-                    .filter(|p| p.to_string_lossy().contains(".compiled-"))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
     let mut agent = AgentProc::spawn(&config, &log);
     let r = http
         .post(format!("{}/v1/install", agent.url))
@@ -398,7 +397,7 @@ async fn a_restart_starts_from_the_kept_compiled_model_and_survives_a_corrupt_on
         "1.1.0"
     );
     until_written(&agent).await;
-    assert_eq!(compiled_files().len(), 1);
+    assert_eq!(compiled_files(&data).len(), 1);
 
     agent.kill();
     agent = AgentProc::spawn(&config, &log);
@@ -414,7 +413,7 @@ async fn a_restart_starts_from_the_kept_compiled_model_and_survives_a_corrupt_on
     assert_eq!(compiled(&agent, "rejected").await, 0);
 
     agent.kill();
-    let file = compiled_files().pop().unwrap();
+    let file = compiled_files(&data).pop().unwrap();
     let mut bytes = std::fs::read(&file).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x40;
@@ -429,7 +428,7 @@ async fn a_restart_starts_from_the_kept_compiled_model_and_survives_a_corrupt_on
     assert_eq!(compiled(&agent, "used").await, 0);
     assert_eq!(compiled(&agent, "rejected").await, 1);
     until_written(&agent).await;
-    let again = compiled_files();
+    let again = compiled_files(&data);
     assert_eq!(again.len(), 1, "{again:?}");
     assert_ne!(std::fs::read(&again[0]).unwrap(), bytes);
     assert!(
@@ -459,4 +458,16 @@ async fn until_written(agent: &AgentProc) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The compiled models in an agent's data directory.
+fn compiled_files(data: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(data.join("bundles"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.to_string_lossy().contains(".compiled-"))
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -638,9 +638,18 @@ async fn await_space(ctx: &Ctx, needed: u64) -> Outcome {
         ctx.cfg.update.retry_max_ms.min(30_000),
     );
     let mut attempt = 0;
+    // Compiled models are derived data: they go before an update waits.
+    let mut compiled = true;
     loop {
         match ctx.slots.free_bytes() {
             Ok(free) if free >= needed => return Outcome::Event(Event::SpaceAvailable),
+            Ok(_) if compiled => {
+                compiled = false;
+                let slots = ctx.slots.clone();
+                if blocking(move || Freed(slots.discard_compiled())).await.0 > 0 {
+                    continue;
+                }
+            }
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "cannot read free space"),
         }
@@ -661,6 +670,15 @@ where
 
 /// A blocking task that panicked.
 struct JoinFailure(String);
+
+/// Bytes a blocking task freed (none if it panicked).
+struct Freed(u64);
+
+impl From<JoinFailure> for Freed {
+    fn from(_: JoinFailure) -> Self {
+        Freed(0)
+    }
+}
 
 impl From<JoinFailure> for Outcome {
     fn from(e: JoinFailure) -> Self {

@@ -74,27 +74,35 @@ impl Slots {
     /// models (written again at the next load), logging each: the room of
     /// last resort on a full disk. Returns the bytes freed.
     pub fn discard_partials(&self) -> u64 {
+        self.discard("a partial download or compiled model", |name| {
+            name.ends_with(".part") || is_compiled(name)
+        })
+    }
+
+    /// Deletes the compiled models (written again at the next load of their
+    /// bundle), logging each: room for a download that lacks it. Returns
+    /// the bytes freed.
+    pub fn discard_compiled(&self) -> u64 {
+        self.discard("a compiled model", is_compiled)
+    }
+
+    fn discard(&self, what: &str, pick: impl Fn(&str) -> bool) -> u64 {
         let mut freed = 0;
         let Ok(rd) = std::fs::read_dir(&self.dir) else {
             return 0;
         };
         for entry in rd.flatten() {
             let name = entry.file_name().to_string_lossy().to_string();
-            if !(name.ends_with(".part")
-                || name.contains(".compiled-")
-                || name.contains(".compiling-"))
-            {
+            if !pick(&name) {
                 continue;
             }
             let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
             match std::fs::remove_file(entry.path()) {
                 Ok(()) => {
-                    tracing::warn!(file = %name, bytes = size, "disk full: discarded a partial download or compiled model");
+                    tracing::warn!(file = %name, bytes = size, "short of disk space: discarded {what}");
                     freed += size;
                 }
-                Err(e) => {
-                    tracing::warn!(file = %name, error = %e, "cannot discard a partial download")
-                }
+                Err(e) => tracing::warn!(file = %name, error = %e, "cannot discard {what}"),
             }
         }
         freed
@@ -104,6 +112,11 @@ impl Slots {
     pub fn free_bytes(&self) -> Result<u64, AgentError> {
         free_bytes(&self.dir)
     }
+}
+
+/// A compiled model, or an interrupted write of one ([`crate::compiled`]).
+fn is_compiled(name: &str) -> bool {
+    name.contains(".compiled-") || name.contains(".compiling-")
 }
 
 /// Bytes available to an unprivileged writer on the filesystem of `path`.
@@ -181,6 +194,10 @@ mod tests {
         assert!(s.bundle("a").exists());
         assert!(!compiled.exists() && !s.part("b").exists());
         assert_eq!(s.compiled().lookup("a"), None);
+        let compiled = s.compiled().store("a", b"compiled").unwrap();
+        std::fs::write(s.part("c"), b"cc").unwrap();
+        assert_eq!(s.discard_compiled(), 8);
+        assert!(!compiled.exists() && s.part("c").exists() && s.bundle("a").exists());
     }
 
     #[test]
