@@ -102,9 +102,9 @@ impl CompiledModels {
         CompiledModels { dir: dir.into() }
     }
 
-    /// `<key>.compiled-<epoch>-`: the key first, so that the slots' garbage
-    /// collection (which reads the part before the first dot) sees a file
-    /// of that bundle. No dots follow the first.
+    /// `<key>.compiled-<runtime epoch>-<agent commit>-`: the key first, so
+    /// that the slots' garbage collection (which reads the part before the
+    /// first dot) sees a file of that bundle. No dots follow the first.
     fn prefix(key: &str) -> String {
         let commit: String = env!("EDGEFLEET_GIT_COMMIT")
             .chars()
@@ -118,7 +118,7 @@ impl CompiledModels {
     }
 
     /// The marker of a compiled form that loaded but failed: `key`'s
-    /// compiled files are not written again by this runtime.
+    /// compiled files are not written again by this agent build.
     fn failed_marker(&self, key: &str) -> PathBuf {
         self.dir.join(format!("{}failed", Self::prefix(key)))
     }

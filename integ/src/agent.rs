@@ -68,6 +68,17 @@ impl AgentProc {
         let _ = self.child.wait();
     }
 
+    /// Sideloads `bundle` through the local API (`POST /v1/install`).
+    pub async fn sideload(&self, http: &reqwest::Client, bundle: Vec<u8>) {
+        let r = http
+            .post(format!("{}/v1/install", self.url))
+            .body(bundle)
+            .send()
+            .await
+            .expect("install");
+        assert!(r.status().is_success(), "install: {}", r.status());
+    }
+
     /// The value of `series` in its `/metrics` (absent counts as 0).
     pub async fn counter(&self, series: &str) -> u64 {
         let http = edge_agent::tls::default_client();

@@ -67,13 +67,9 @@ watch_secs = 1
     let agent = AgentProc::spawn(&config, &dir.path().join("agent.log"));
     let http = edge_agent::tls::default_client();
     // Sideload the cls model and wait until it serves.
-    let r = http
-        .post(format!("{}/v1/install", agent.url))
-        .body(Pack::new(Model::Cls, 1).bytes())
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "install: {}", r.status());
+    agent
+        .sideload(&http, Pack::new(Model::Cls, 1).bytes())
+        .await;
     let serves_golden = || async { agent.cls_golden_diff(&http).await.is_ok_and(|d| d <= 1e-4) };
     let deadline = Instant::now() + Duration::from_secs(60);
     while !serves_golden().await {

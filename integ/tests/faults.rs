@@ -385,13 +385,9 @@ async fn a_restart_starts_from_the_kept_compiled_model_and_survives_a_corrupt_on
     let log = dir.path().join("agent.log");
     let http = edge_agent::tls::default_client();
     let mut agent = AgentProc::spawn(&config, &log);
-    let r = http
-        .post(format!("{}/v1/install", agent.url))
-        .body(Pack::new(Model::Cls, 1).bytes())
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "install: {}", r.status());
+    agent
+        .sideload(&http, Pack::new(Model::Cls, 1).bytes())
+        .await;
     assert_eq!(
         agent.serves_cls_golden(&http, "after install").await,
         "1.1.0"

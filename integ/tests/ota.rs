@@ -377,13 +377,25 @@ async fn swaps_under_load_fail_no_request() {
     let (ok, failed) = load.finish().await;
     assert!(ok > 50, "the load ran ({ok} requests)");
     assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
-    // Only the active and last-known-good bundles stay on disk.
+    // Only the active and last-known-good bundles stay on disk, with
+    // nothing else but their compiled models (docs/ARCHITECTURE.md).
     let files: Vec<_> = std::fs::read_dir(dir.path().join("state/bundles"))
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().to_string())
         .collect();
-    assert_eq!(files.len(), 2, "{files:?}");
+    let bundles: Vec<&str> = files
+        .iter()
+        .filter_map(|f| f.strip_suffix(".bundle"))
+        .collect();
+    assert_eq!(bundles.len(), 2, "{files:?}");
+    for f in &files {
+        let (id, kind) = f.split_once('.').unwrap();
+        assert!(
+            bundles.contains(&id) && (kind == "bundle" || kind.starts_with("compiled-")),
+            "{f} is not a kept bundle or its compiled model: {files:?}"
+        );
+    }
     agent.stop().await;
 }
 
