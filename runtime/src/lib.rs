@@ -30,6 +30,7 @@ mod row_blocks;
 #[cfg(test)]
 mod test_rng;
 pub mod threads;
+mod tract_fixes;
 
 pub use error::{Result, RuntimeError};
 pub use model::{
