@@ -122,14 +122,21 @@ def main() -> None:
         orts = samples(name.removesuffix("-nnef"), "onnxruntime")
         if not ips or not orts:
             continue
-        med = lambda k: median(d.get(k, 0) for d in ips)  # noqa: E731
-        totals = [agent_cold(d) for d in ips]
         ort_totals = [ort_cold_of(d) for d in orts]
-        cold, ort_cold = median(totals), median(ort_totals)
+        ort_cold = median(ort_totals)
+
+        def cold_row(label, recs):
+            """The table row of one kind of fresh process; returns its median cold start."""
+            med = lambda k: median(d.get(k, 0) for d in recs)  # noqa: E731
+            totals = [agent_cold(d) for d in recs]
+            cold = median(totals)
+            lines.append(f"| {label} | {len(recs)} + {len(orts)} | {med('warm_up_ms'):.1f} | {med('verify_ms'):.1f} | {med('load_ms'):.1f} | {med('optimize_ms'):.1f} | {med('self_test_ms'):.1f} | {med('first_inference_ms'):.2f} "
+                         f"| {cold:.1f} ({min(totals):.0f}–{max(totals):.0f}) | {ort_cold:.1f} ({min(ort_totals):.0f}–{max(ort_totals):.0f}) | {cold / ort_cold:.2f}× |")
+            return cold
+
+        cold = cold_row(name, ips)
         colds[name] = cold
         ort_colds[name.removesuffix("-nnef")] = ort_cold
-        lines.append(f"| {name} | {len(ips)} + {len(orts)} | {med('warm_up_ms'):.1f} | {med('verify_ms'):.1f} | {med('load_ms'):.1f} | {med('optimize_ms'):.1f} | {med('self_test_ms'):.1f} | {med('first_inference_ms'):.2f} "
-                     f"| {cold:.1f} ({min(totals):.0f}–{max(totals):.0f}) | {ort_cold:.1f} ({min(ort_totals):.0f}–{max(ort_totals):.0f}) | {cold / ort_cold:.2f}× |")
         if name.removesuffix("-nnef") in ("cls", "rec"):
             kind = " of a new bundle" if name in ("cls", "rec") else ""
             checks.append((f"{name}: cold start{kind} ≤ ONNX Runtime session + first inference", cold <= ort_cold,
@@ -141,11 +148,7 @@ def main() -> None:
             lines.append(f"| {name}, restart | {len(restarts)} | – | – | – | – | – | – "
                          "| not kept compiled (no NNEF form of this model in tract 0.23.9) | – | – |")
             continue
-        med = lambda k: median(d.get(k, 0) for d in restarts)  # noqa: E731
-        totals = [agent_cold(d) for d in restarts]
-        cold = median(totals)
-        lines.append(f"| {name}, restart | {len(restarts)} + {len(orts)} | {med('warm_up_ms'):.1f} | {med('verify_ms'):.1f} | {med('load_ms'):.1f} | {med('optimize_ms'):.1f} | {med('self_test_ms'):.1f} | {med('first_inference_ms'):.2f} "
-                     f"| {cold:.1f} ({min(totals):.0f}–{max(totals):.0f}) | {ort_cold:.1f} ({min(ort_totals):.0f}–{max(ort_totals):.0f}) | {cold / ort_cold:.2f}× |")
+        cold = cold_row(f"{name}, restart", restarts)
         if name in ("cls", "rec"):
             checks.append((f"{name}: cold start on restart (kept compiled) ≤ ONNX Runtime session + first inference",
                            cold <= ort_cold, f"{cold:.1f} ms vs {ort_cold:.1f} ms"))

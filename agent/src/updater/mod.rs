@@ -646,7 +646,11 @@ async fn await_space(ctx: &Ctx, needed: u64) -> Outcome {
             Ok(_) if compiled => {
                 compiled = false;
                 let slots = ctx.slots.clone();
-                if blocking(move || Freed(slots.discard_compiled())).await.0 > 0 {
+                // A panicked discard freed nothing.
+                let freed = tokio::task::spawn_blocking(move || slots.discard_compiled())
+                    .await
+                    .unwrap_or(0);
+                if freed > 0 {
                     continue;
                 }
             }
@@ -670,15 +674,6 @@ where
 
 /// A blocking task that panicked.
 struct JoinFailure(String);
-
-/// Bytes a blocking task freed (none if it panicked).
-struct Freed(u64);
-
-impl From<JoinFailure> for Freed {
-    fn from(_: JoinFailure) -> Self {
-        Freed(0)
-    }
-}
 
 impl From<JoinFailure> for Outcome {
     fn from(e: JoinFailure) -> Self {
