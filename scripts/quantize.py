@@ -8,8 +8,9 @@
    fp32. tract runs this correctly (checked by `fleetctl bundle pack`
    against the references written here).
 2. tests/data/cls_qdq_softmax.onnx: QDQ quantization of every supported op,
-   Softmax included. tract 0.23.9 computes wrong outputs for it; it is the
-   negative fixture proving the packer refuses such a model.
+   Softmax included. tract 0.23.9 alone computes wrong outputs for it; the
+   runtime answers within one output step of ONNX Runtime, which the
+   packer's default tolerance still refuses (its refusal test).
 
 3. With --pointwise, models/cls-int8-pw/cls_int8_pw.onnx: only the 1×1
    convolutions quantized; depthwise, k×k, Gemm and Softmax stay fp32. The

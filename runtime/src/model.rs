@@ -548,6 +548,7 @@ pub(crate) fn pinned_typed(
             }
             let mut typed = model.into_typed().map_err(load_err)?;
             tract_fixes::explicit_same_padding(&mut typed).map_err(load_err)?;
+            tract_fixes::shield_quantized_softmax(&mut typed).map_err(load_err)?;
             Ok((typed, false))
         }
         ModelFormat::Nnef => {
@@ -1038,6 +1039,34 @@ pub(crate) mod tests {
                 );
             }
         }
+    }
+
+    /// tests/data/cls_qdq_softmax.onnx: the classifier quantized on every
+    /// op, Softmax included, whose output is quantized to steps of 1/255.
+    /// tract alone answered [1.0, 1.0] (it folded the softmax into an
+    /// element-wise table: tract_fixes::shield_quantized_softmax); the
+    /// runtime answers ONNX Runtime's [254/255, 0] within one step.
+    #[cfg(feature = "onnx")]
+    #[test]
+    fn a_quantized_softmax_answers_as_onnx_runtime_does_within_one_output_step() {
+        let read = |p: &str| {
+            let f = std::fs::File::open(repo(p)).unwrap();
+            edgefleet_wire::npz::read_npz(f, edgefleet_wire::npz::NpzLimits::default()).unwrap()
+        };
+        let bytes = std::fs::read(repo("tests/data/cls_qdq_softmax.onnx")).unwrap();
+        let inputs = read("tests/data/cls_qdq_softmax_golden/in_0.npz");
+        let expected = read("tests/data/cls_qdq_softmax_golden/out_0.npz");
+        let specs: Vec<TensorSpec> = inputs.iter().map(NamedTensor::spec).collect();
+        let model = Model::load(ModelFormat::Onnx, &bytes, &specs, None).unwrap();
+        let got = model.session().unwrap().run(&inputs).unwrap();
+        let diff = max_abs_diff(&got[0].tensor, &expected[0].tensor).unwrap();
+        let step = 1.0 / 255.0;
+        assert!(
+            diff.max_abs <= step + 1e-6,
+            "got {:?}, ONNX Runtime {:?}",
+            got[0].tensor.iter_f64().collect::<Vec<_>>(),
+            expected[0].tensor.iter_f64().collect::<Vec<_>>()
+        );
     }
 
     fn golden(dir: &str, which: &str) -> Vec<NamedTensor> {

@@ -65,3 +65,105 @@ pub(crate) fn explicit_same_padding(model: &mut TypedModel) -> TractResult<()> {
     }
     Ok(())
 }
+
+/// Wraps every `Softmax` (and `LogSoftmax`) that reads a dequantized value
+/// (ONNX models: NNEF has no quantize ops tract can write)
+/// in [`ShieldedSoftmax`], so that tract computes it as a softmax.
+///
+/// tract's declutter of `DequantizeLinear` (tract-core `ops/quant.rs`)
+/// walks from it through single-successor ops whose axes mapping looks
+/// element-wise to the next `QuantizeLinear`, and replaces the whole chain
+/// by a 256-entry lookup table applied to each element on its own.
+/// `Softmax`'s axes mapping is the natural one (every axis in, every axis
+/// out), although each output depends on its whole row: the table then
+/// holds the softmax of a single element, 1.0, and a quantized classifier
+/// (`onnxruntime.quantization` quantizes `Softmax` by default) answered
+/// [1.0, 1.0] where ONNX Runtime gives [0.45, 0.55]. The wrapper's axes
+/// mapping links no input axis to an output axis, which ends that walk;
+/// it computes with tract's own `Softmax`.
+#[cfg(feature = "onnx")]
+pub(crate) fn shield_quantized_softmax(model: &mut TypedModel) -> TractResult<()> {
+    use tract_nnef::tract_core::ops::nn::Softmax;
+    for id in 0..model.nodes.len() {
+        let Some(softmax) = model.nodes[id].op_as::<Softmax>() else {
+            continue;
+        };
+        let softmax = softmax.clone();
+        if reads_dequantized(model, model.nodes[id].inputs[0])? {
+            model.nodes[id].op = Box::new(ShieldedSoftmax(softmax));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `outlet` is a `DequantizeLinear`'s output, or reached from one
+/// through single-input ops that map their axes element-wise (the chain
+/// tract's walk from the `DequantizeLinear` would follow).
+#[cfg(feature = "onnx")]
+fn reads_dequantized(model: &TypedModel, mut outlet: OutletId) -> TractResult<bool> {
+    use tract_nnef::tract_core::ops::quant::DequantizeLinearF32;
+    loop {
+        let node = model.node(outlet.node);
+        if node.op_is::<DequantizeLinearF32>() {
+            return Ok(true);
+        }
+        if node.inputs.len() != 1 || node.outputs.len() != 1 {
+            return Ok(false);
+        }
+        let (inputs, outputs) = model.node_facts(node.id)?;
+        if !node
+            .op
+            .axes_mapping(&inputs, &outputs)?
+            .is_element_wise_unary()
+        {
+            return Ok(false);
+        }
+        outlet = node.inputs[0];
+    }
+}
+
+/// tract's `Softmax`, computed by it, with an axes mapping that does not
+/// claim to be element-wise ([`shield_quantized_softmax`]). It takes no
+/// axis change either: the axes it reduces over stay where they are.
+#[cfg(feature = "onnx")]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct ShieldedSoftmax(pub tract_nnef::tract_core::ops::nn::Softmax);
+
+#[cfg(feature = "onnx")]
+impl Op for ShieldedSoftmax {
+    fn name(&self) -> StaticName {
+        self.0.name()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        self.0.info()
+    }
+
+    op_as_typed_op!();
+}
+
+#[cfg(feature = "onnx")]
+impl EvalOp for ShieldedSoftmax {
+    op_out_of_plan!();
+
+    fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        EvalOp::eval(&self.0, ctx, inputs)
+    }
+}
+
+#[cfg(feature = "onnx")]
+impl TypedOp for ShieldedSoftmax {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        self.0.output_facts(inputs)
+    }
+
+    fn axes_mapping(
+        &self,
+        inputs: &[&TypedFact],
+        outputs: &[&TypedFact],
+    ) -> TractResult<AxesMapping> {
+        AxesMapping::disconnected(inputs, outputs)
+    }
+
+    as_op!();
+}
