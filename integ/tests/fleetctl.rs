@@ -96,11 +96,17 @@ impl Keys {
 }
 
 fn golden_args(dir: &str, cases: usize, with_outputs: bool) -> Vec<String> {
+    golden_args_in(&format!("{dir}/golden"), cases, with_outputs)
+}
+
+/// `--golden-inputs` (and `--golden-outputs`) for `in_<i>.npz` (and
+/// `out_<i>.npz`) in `golden`.
+fn golden_args_in(golden: &str, cases: usize, with_outputs: bool) -> Vec<String> {
     let mut v = Vec::new();
     for i in 0..cases {
         v.push("--golden-inputs".into());
         v.push(
-            model(&format!("{dir}/golden/in_{i}.npz"))
+            model(&format!("{golden}/in_{i}.npz"))
                 .to_str()
                 .unwrap()
                 .into(),
@@ -108,7 +114,7 @@ fn golden_args(dir: &str, cases: usize, with_outputs: bool) -> Vec<String> {
         if with_outputs {
             v.push("--golden-outputs".into());
             v.push(
-                model(&format!("{dir}/golden/out_{i}.npz"))
+                model(&format!("{golden}/out_{i}.npz"))
                     .to_str()
                     .unwrap()
                     .into(),
@@ -480,16 +486,7 @@ fn refuses_a_model_tract_cannot_load_with_one_line_naming_node_and_op() {
 fn refuses_a_model_whose_tract_outputs_disagree_with_the_reference() {
     let keys = Keys::new(&["a"]);
     let out = keys.path("qdq.bundle");
-    let golden = || -> Vec<String> {
-        ["in_0", "out_0"]
-            .iter()
-            .zip(["--golden-inputs", "--golden-outputs"])
-            .flat_map(|(file, flag)| {
-                let path = model(&format!("tests/data/cls_qdq_softmax_golden/{file}.npz"));
-                [flag.to_string(), path.to_str().unwrap().to_string()]
-            })
-            .collect()
-    };
+    let golden = || golden_args_in("tests/data/cls_qdq_softmax_golden", 1, true);
     let qdq = "tests/data/cls_qdq_softmax.onnx";
     let o = pack(&keys, &["a"], qdq, "cls-qdq", golden(), &[], &out);
     refused(&o, "refusing to pack");

@@ -1006,10 +1006,6 @@ pub(crate) mod tests {
     #[cfg(feature = "onnx")]
     #[test]
     fn every_zoo_model_answers_as_onnx_runtime_does_from_onnx_and_from_nnef() {
-        let read = |p: &Path| {
-            let f = std::fs::File::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-            edgefleet_wire::npz::read_npz(f, edgefleet_wire::npz::NpzLimits::default()).unwrap()
-        };
         let mut dirs: Vec<PathBuf> = std::fs::read_dir(repo("tests/data/zoo"))
             .unwrap()
             .map(|e| e.unwrap().path())
@@ -1019,8 +1015,8 @@ pub(crate) mod tests {
         for dir in dirs {
             let what = dir.file_name().unwrap().to_string_lossy().into_owned();
             let bytes = std::fs::read(dir.join("model.onnx")).unwrap();
-            let inputs = read(&dir.join("in.npz"));
-            let expected = read(&dir.join("out.npz"));
+            let inputs = npz(&dir.join("in.npz"));
+            let expected = npz(&dir.join("out.npz"));
             let specs: Vec<TensorSpec> = inputs.iter().map(NamedTensor::spec).collect();
             let outputs: Vec<TensorSpec> = expected.iter().map(NamedTensor::spec).collect();
             let nnef =
@@ -1049,13 +1045,9 @@ pub(crate) mod tests {
     #[cfg(feature = "onnx")]
     #[test]
     fn a_quantized_softmax_answers_as_onnx_runtime_does_within_one_output_step() {
-        let read = |p: &str| {
-            let f = std::fs::File::open(repo(p)).unwrap();
-            edgefleet_wire::npz::read_npz(f, edgefleet_wire::npz::NpzLimits::default()).unwrap()
-        };
         let bytes = std::fs::read(repo("tests/data/cls_qdq_softmax.onnx")).unwrap();
-        let inputs = read("tests/data/cls_qdq_softmax_golden/in_0.npz");
-        let expected = read("tests/data/cls_qdq_softmax_golden/out_0.npz");
+        let inputs = npz(&repo("tests/data/cls_qdq_softmax_golden/in_0.npz"));
+        let expected = npz(&repo("tests/data/cls_qdq_softmax_golden/out_0.npz"));
         let specs: Vec<TensorSpec> = inputs.iter().map(NamedTensor::spec).collect();
         let model = Model::load(ModelFormat::Onnx, &bytes, &specs, None).unwrap();
         let got = model.session().unwrap().run(&inputs).unwrap();
@@ -1070,7 +1062,12 @@ pub(crate) mod tests {
     }
 
     fn golden(dir: &str, which: &str) -> Vec<NamedTensor> {
-        let f = std::fs::File::open(repo(&format!("models/{dir}/golden/{which}.npz"))).unwrap();
+        npz(&repo(&format!("models/{dir}/golden/{which}.npz")))
+    }
+
+    /// The tensors of an `.npz` file.
+    fn npz(path: &Path) -> Vec<NamedTensor> {
+        let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         edgefleet_wire::npz::read_npz(f, edgefleet_wire::npz::NpzLimits::default()).unwrap()
     }
 
