@@ -1115,13 +1115,7 @@ pub(crate) mod tests {
     #[cfg(feature = "onnx")]
     #[test]
     fn every_zoo_model_answers_as_onnx_runtime_does_from_onnx_and_from_nnef() {
-        let mut dirs: Vec<PathBuf> = std::fs::read_dir(repo("tests/data/zoo"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        dirs.sort();
-        assert!(dirs.len() >= 20, "{dirs:?}");
-        for dir in dirs {
+        for dir in zoo_dirs() {
             let what = dir.file_name().unwrap().to_string_lossy().into_owned();
             let bytes = std::fs::read(dir.join("model.onnx")).unwrap();
             let inputs = npz(&dir.join("in.npz"));
@@ -1178,29 +1172,22 @@ pub(crate) mod tests {
     #[cfg(feature = "onnx")]
     #[test]
     fn typing_an_onnx_model_builds_the_graph_tracts_into_typed_builds() {
-        let mut cases: Vec<(PathBuf, PathBuf)> = [
-            "cls/ch_ppocr_mobile_v2.0_cls_infer.onnx",
-            "cls-int8/cls_int8.onnx",
-            "cls-int8-pw/cls_int8_pw.onnx",
-            "multi/multi_io.onnx",
-            "rec/ch_PP-OCRv4_rec_infer.onnx",
-        ]
-        .iter()
-        .map(|m| {
-            let model = repo(&format!("models/{m}"));
-            let input = model.parent().unwrap().join("golden/in_0.npz");
-            (model, input)
-        })
-        .collect();
+        let mut cases: Vec<(PathBuf, PathBuf)> = crate::optimizer::tests::MODELS
+            .iter()
+            .map(|(dir, file)| {
+                let golden = repo(&format!("models/{dir}/golden/in_0.npz"));
+                (repo(&format!("models/{dir}/{file}")), golden)
+            })
+            .collect();
         cases.push((
             repo("tests/data/cls_qdq_softmax.onnx"),
             repo("tests/data/cls_qdq_softmax_golden/in_0.npz"),
         ));
-        for dir in std::fs::read_dir(repo("tests/data/zoo")).unwrap() {
-            let dir = dir.unwrap().path();
-            cases.push((dir.join("model.onnx"), dir.join("in.npz")));
-        }
-        assert!(cases.len() >= 29, "{cases:?}");
+        cases.extend(
+            zoo_dirs()
+                .into_iter()
+                .map(|dir| (dir.join("model.onnx"), dir.join("in.npz"))),
+        );
         for (model, input) in cases {
             let bytes = std::fs::read(&model).unwrap();
             let specs: Vec<TensorSpec> = npz(&input).iter().map(NamedTensor::spec).collect();
@@ -1214,6 +1201,17 @@ pub(crate) mod tests {
             };
             assert_eq!(dump(&ours), dump(&tracts), "{}", model.display());
         }
+    }
+
+    /// The graphs of tests/data/zoo, in name order (20 or more).
+    fn zoo_dirs() -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(repo("tests/data/zoo"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        dirs.sort();
+        assert!(dirs.len() >= 20, "{dirs:?}");
+        dirs
     }
 
     fn golden(dir: &str, which: &str) -> Vec<NamedTensor> {

@@ -346,7 +346,7 @@ fn unique_names(target: &mut TypedModel, names: &mut Names, new_nodes: &[usize])
 
 #[cfg(test)]
 #[cfg(feature = "onnx")]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Everything the plan is built from: each node's name, op, inputs,
@@ -386,7 +386,7 @@ mod tests {
     }
 
     /// Every ONNX model in models/.
-    const MODELS: [(&str, &str); 5] = [
+    pub(crate) const MODELS: [(&str, &str); 5] = [
         ("cls", "ch_ppocr_mobile_v2.0_cls_infer.onnx"),
         ("cls-int8", "cls_int8.onnx"),
         ("cls-int8-pw", "cls_int8_pw.onnx"),
