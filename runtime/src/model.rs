@@ -1204,7 +1204,7 @@ pub(crate) mod tests {
     }
 
     /// The graphs of tests/data/zoo, in name order (20 or more).
-    fn zoo_dirs() -> Vec<PathBuf> {
+    pub(crate) fn zoo_dirs() -> Vec<PathBuf> {
         let mut dirs: Vec<PathBuf> = std::fs::read_dir(repo("tests/data/zoo"))
             .unwrap()
             .map(|e| e.unwrap().path())
@@ -1219,7 +1219,7 @@ pub(crate) mod tests {
     }
 
     /// The tensors of an `.npz` file.
-    fn npz(path: &Path) -> Vec<NamedTensor> {
+    pub(crate) fn npz(path: &Path) -> Vec<NamedTensor> {
         let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         edgefleet_wire::npz::read_npz(f, edgefleet_wire::npz::NpzLimits::default()).unwrap()
     }

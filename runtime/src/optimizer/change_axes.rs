@@ -14,7 +14,19 @@
 //! replaces where they stand, at a cost that grows with the patch alone.
 //! (cls: 208 patches in the first round, each had computed the order of
 //! about 700 nodes.) Debug builds and the tests check the carried ranks
-//! against `eval_order()` after every patch.
+//! against `eval_order()` after every patch. The same goes for names: a
+//! scalar constant copied for one reader is named as tract's
+//! `unique_name` names it, the first of `name`, `name.1`, `name.2`, …
+//! that no node bears, but looked up in an index of the graph's names
+//! ([`NameIndex`]) instead of compared with every node, once per
+//! candidate.
+//!
+//! The bookkeeping of the tries is kept small too: the pass tries a few
+//! thousand changes per round (cls: about 3 400 refused in the first),
+//! and each remembers every change it explored. tract keeps them as
+//! `AxisChange`s, some 300 bytes each, in SipHash sets that start empty
+//! on every call; here they are keys of a few words ([`Key`]) in sets
+//! whose memory is kept from call to call.
 //!
 //! What the pass decides is tract's: the order nodes are tried in, the
 //! changes tried, which ones propagation explores and where it stops, and
@@ -23,8 +35,9 @@
 //! `models/` and on graphs of other shapes in `tests/data/`.
 
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet};
 use std::fmt;
+
+use super::{Map, Set};
 
 use tract_nnef::internal::*;
 use tract_nnef::tract_core::ops::change_axes::{AxisChange, AxisChangeConsequence, AxisOp, InOut};
@@ -43,11 +56,88 @@ pub(super) const NAME: &str = "ChangeAxes";
 /// node stands in the graph's evaluation order.
 #[derive(Clone, Default)]
 pub(super) struct ChangeAxes {
-    tried: HashSet<AxisChange>,
+    tried: Set<Key>,
     from: usize,
     ranks: Option<Ranks>,
     /// The nodes the last patch adds, in the order the driver adds them.
     pending: Option<Pending>,
+    /// Which node bears which name (built once per round, like the ranks).
+    names: Option<NameIndex>,
+    /// The changes explored by one call; kept between calls for its memory.
+    explored: Set<Key>,
+}
+
+/// An axis change as a set member: the change itself, in a few words
+/// unless it is a reshape. Two keys are equal when their changes are
+/// equal field for field. (tract's `AxisOp` hashes its fields but compares
+/// some differently, `Move(1, 2)` equal to `Move(2, 1)`; in tract's sets
+/// the two land apart all the same, their hashes differ, and here they
+/// are apart by construction.)
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Key {
+    Axes(OutletId, u8, usize, usize),
+    Reshape(Box<AxisChange>),
+}
+
+impl Key {
+    fn of(change: &AxisChange) -> Key {
+        let outlet = change.outlet;
+        match change.op {
+            AxisOp::Add(at) => Key::Axes(outlet, 0, at, 0),
+            AxisOp::Rm(at) => Key::Axes(outlet, 1, at, 0),
+            AxisOp::Move(from, to) => Key::Axes(outlet, 2, from, to),
+            AxisOp::Reshape(..) => Key::Reshape(Box::new(change.clone())),
+        }
+    }
+}
+
+/// The nodes bearing each name, for tract's `unique_name` without a scan
+/// of the graph per candidate name. Built once per round; each call
+/// indexes the nodes added since the last one. The driver renames only
+/// the nodes a patch adds (to make them unique, before this indexes them)
+/// and the nodes it drops (to `Dummy-node-{id}`), so an entry is checked
+/// against its node's current name when looked up, and a dummy's name is
+/// found from the id in it.
+#[derive(Clone, Debug, Default)]
+struct NameIndex {
+    nodes: Map<String, Vec<usize>>,
+    indexed: usize,
+}
+
+impl NameIndex {
+    /// Indexes the nodes added since the last call.
+    fn catch_up(&mut self, model: &TypedModel) {
+        for node in model.nodes.get(self.indexed..).unwrap_or_default() {
+            self.nodes
+                .entry(node.name.clone())
+                .or_default()
+                .push(node.id);
+        }
+        self.indexed = model.nodes.len();
+    }
+
+    fn taken(&self, model: &TypedModel, name: &str) -> bool {
+        let bears = |id: usize| model.nodes.get(id).is_some_and(|n| n.name == name);
+        self.nodes
+            .get(name)
+            .is_some_and(|ids| ids.iter().any(|&id| bears(id)))
+            || name
+                .strip_prefix("Dummy-node-")
+                .and_then(|id| id.parse().ok())
+                .is_some_and(bears)
+    }
+
+    /// tract's `Graph::unique_name`: `prefix` if no node bears it,
+    /// otherwise the first `prefix.N` none does.
+    fn unique(&self, model: &TypedModel, prefix: &str) -> String {
+        if !self.taken(model, prefix) {
+            return prefix.to_string();
+        }
+        (1..)
+            .map(|n| format!("{prefix}.{n}"))
+            .find(|name| !self.taken(model, name))
+            .unwrap_or_default()
+    }
 }
 
 /// Each node's place in tract's evaluation order (`eval_order()`), for
@@ -168,6 +258,7 @@ impl TypedPass for ChangeAxes {
         // the driver compacts between rounds: node ids change
         self.ranks = None;
         self.pending = None;
+        self.names = None;
         Ok(())
     }
 
@@ -177,7 +268,10 @@ impl TypedPass for ChangeAxes {
         model: &TypedModel,
     ) -> TractResult<Option<TypedModelPatch>> {
         let ranks = self.ranks(model)?;
-        let mut explored: HashSet<AxisChange> = HashSet::new();
+        let mut names = self.names.take().unwrap_or_default();
+        names.catch_up(model);
+        let mut explored = std::mem::take(&mut self.explored);
+        explored.clear();
         let mut locked = model.output_outlets()?.to_vec();
         locked.extend(model.input_outlets()?.iter());
         for node in &model.nodes[self.from..] {
@@ -206,7 +300,7 @@ impl TypedPass for ChangeAxes {
             });
             // tract tries the suggestions first, then the unit axes
             for change in suggested.chain(unit_axes) {
-                if !self.tried.insert(change.clone()) {
+                if !self.tried.insert(Key::of(&change)) {
                     continue;
                 }
                 // tract fails the whole load when an op cannot be wired
@@ -218,7 +312,12 @@ impl TypedPass for ChangeAxes {
                 // tests/data/zoo/conv_bias_axis_change). A change only
                 // rearranges axes: skipping it leaves a graph that computes
                 // the same, and the patch was not applied yet.
-                let Ok(patch) = propagate(model, &change, &locked, &mut explored, &ranks) else {
+                let propagated = propagate(model, &change, &locked, &mut explored);
+                let Ok(patch) = propagated.and_then(|accepted| {
+                    accepted
+                        .map(|accepted| patch(model, &change, accepted, &ranks, &names))
+                        .transpose()
+                }) else {
                     continue;
                 };
                 if let Some((patch, added)) = patch {
@@ -228,11 +327,15 @@ impl TypedPass for ChangeAxes {
                         added,
                     });
                     self.ranks = Some(ranks);
+                    self.names = Some(names);
+                    self.explored = explored;
                     return Ok(Some(patch));
                 }
             }
         }
         self.ranks = Some(ranks);
+        self.names = Some(names);
+        self.explored = explored;
         Ok(None)
     }
 }
@@ -243,22 +346,22 @@ impl TypedPass for ChangeAxes {
 /// scalar constants to copy (changed for one consumer instead of
 /// propagated upstream).
 struct Accepted {
-    wires: HashMap<OutletId, AxisOp>,
-    ops: HashMap<usize, Box<dyn TypedOp>>,
-    consts: HashMap<usize, AxisOp>,
-    scalars: HashMap<InletId, (OutletId, AxisOp)>,
+    wires: Map<OutletId, AxisOp>,
+    ops: Map<usize, Box<dyn TypedOp>>,
+    consts: Map<usize, AxisOp>,
+    scalars: Map<InletId, (OutletId, AxisOp)>,
 }
 
-/// tract's `change_axes` without bounds: propagates `start`, and builds the
-/// patch if no node refuses it and no wire gets two different changes.
+/// tract's `change_axes` without bounds: propagates `start`, and returns
+/// where it leads if no node refuses it and no wire gets two different
+/// changes.
 fn propagate(
     model: &TypedModel,
     start: &AxisChange,
     locked: &[OutletId],
-    explored: &mut HashSet<AxisChange>,
-    ranks: &Ranks,
-) -> TractResult<Option<(TypedModelPatch, Vec<Added>)>> {
-    if explored.contains(start) {
+    explored: &mut Set<Key>,
+) -> TractResult<Option<Accepted>> {
+    if explored.contains(&Key::of(start)) {
         return Ok(None);
     }
     if model
@@ -269,14 +372,15 @@ fn propagate(
         return Ok(None);
     }
     let mut accepted = Accepted {
-        wires: HashMap::from([(start.outlet, start.op.clone())]),
-        ops: HashMap::new(),
-        consts: HashMap::new(),
-        scalars: HashMap::new(),
+        wires: Map::default(),
+        ops: Map::default(),
+        consts: Map::default(),
+        scalars: Map::default(),
     };
+    accepted.wires.insert(start.outlet, start.op.clone());
     let mut todo: Vec<(AxisChange, Option<usize>)> = vec![(start.clone(), None)];
     while let Some((change, emitter)) = todo.pop() {
-        if !explored.insert(change.clone()) {
+        if !explored.insert(Key::of(&change)) {
             return Ok(None);
         }
         let outlet = change.outlet;
@@ -362,7 +466,7 @@ fn propagate(
         };
         accepted.ops.insert(node_id, substitute);
     }
-    patch(model, start, accepted, ranks).map(Some)
+    Ok(Some(accepted))
 }
 
 /// A constant whose `change_axes` depends only on its tensor's shape: plain
@@ -407,6 +511,7 @@ fn patch(
     start: &AxisChange,
     accepted: Accepted,
     ranks: &Ranks,
+    names: &NameIndex,
 ) -> TractResult<(TypedModelPatch, Vec<Added>)> {
     let Accepted {
         wires,
@@ -426,8 +531,8 @@ fn patch(
     let mut added = Vec::with_capacity(changed.len());
     // the wires of the model the patch has a wire for; for a tapped one,
     // the rank of the changed node that tapped it
-    let mut in_patch: HashMap<OutletId, OutletId> = HashMap::new();
-    let mut tapped_at: HashMap<OutletId, u64> = HashMap::new();
+    let mut in_patch: Map<OutletId, OutletId> = Map::default();
+    let mut tapped_at: Map<OutletId, u64> = Map::default();
     for &(rank, node_id) in &changed {
         let node = model.node(node_id);
         let mut inputs: TVec<OutletId> = tvec!();
@@ -441,7 +546,8 @@ fn patch(
                     .clone()
                     .into_tensor();
                 change.change_tensor(&mut value, false)?;
-                let name = model.unique_name(&konst.name);
+                let name = names.unique(model, &konst.name);
+                debug_assert_eq!(name, model.unique_name(&konst.name));
                 added.push(Added::ScalarFor(node_id));
                 patch.add_const(name, value)?
             } else if let Some(&wire) = in_patch.get(orig) {
