@@ -651,6 +651,55 @@ fn into_typed(mut model: tract_onnx::tract_hir::infer::InferenceModel) -> TractR
             }
             Ok(outputs)
         }
+
+        /// tract's `translate_model_with_mappings` (tract-core 0.23.9,
+        /// model/translator.rs), with room made for the typed graph's
+        /// nodes at once: a node is about 1.5 KB, and growing the vector
+        /// one doubling at a time copied each into memory touched for the
+        /// first time.
+        fn translate_model_with_mappings(
+            &self,
+            source: &InferenceModel,
+        ) -> TractResult<(TypedModel, HashMap<OutletId, OutletId>)> {
+            let _proof_session = source.symbols.proof_cache_session();
+            let mut target = TypedModel {
+                symbols: source.symbols.clone(),
+                ..TypedModel::default()
+            };
+            // expansions make two or three typed nodes of an ONNX node
+            target.nodes.reserve(3 * source.nodes.len());
+            let mut mapping = HashMap::new();
+            for old_id in source.eval_order()? {
+                let node = source.node(old_id);
+                let outlets = self
+                    .translate_node(source, node, &mut target, &mapping)
+                    .with_context(|| format!("Translating node {node} {self:?}"))?;
+                for (ix, outlet) in outlets.into_iter().enumerate() {
+                    mapping.insert(OutletId::new(node.id, ix), outlet);
+                    if let Some(label) = source.outlet_label(OutletId::new(node.id, ix)) {
+                        target.set_outlet_label(outlet, label.to_string())?;
+                    }
+                }
+            }
+            // inputs nothing reads are kept: they are the interface
+            for i in source.input_outlets()? {
+                if !mapping.contains_key(i) {
+                    let node = source.node(i.node);
+                    let outlets = self
+                        .translate_node(source, node, &mut target, &mapping)
+                        .with_context(|| format!("Translating input {node} {self:?}"))?;
+                    mapping.insert(*i, outlets[0]);
+                }
+            }
+            target.inputs = source.input_outlets()?.iter().map(|i| mapping[i]).collect();
+            target.outputs = source
+                .output_outlets()?
+                .iter()
+                .map(|o| mapping[o])
+                .collect();
+            target.properties.clone_from(&source.properties);
+            Ok((target, mapping))
+        }
     }
 
     model.analyse(false)?;

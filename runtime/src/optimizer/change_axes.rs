@@ -65,7 +65,18 @@ pub(super) struct ChangeAxes {
     names: Option<NameIndex>,
     /// The changes explored by one call; kept between calls for its memory.
     explored: Set<Key>,
+    /// What each `EinSum` answered to each change (see [`EinSums`]).
+    einsums: EinSums,
 }
+
+/// `EinSum::change_axes` answers from the op alone (its axes, renamed as
+/// the change says, parsed and checked again: a fifth of the pass's time
+/// for cls), and the pass asks the same einsum the same question in call
+/// after call: each call explores afresh. A node keeps its op within a
+/// round (a patch adds new nodes and leaves the old ones to become
+/// dummies), so the answers are kept for the round, by node, side and
+/// change, and given only while the node is still an einsum.
+type EinSums = Map<(usize, InOut, Key), Option<AxisChangeConsequence>>;
 
 /// An axis change as a set member: the change itself, in a few words
 /// unless it is a reshape. Two keys are equal when their changes are
@@ -259,6 +270,7 @@ impl TypedPass for ChangeAxes {
         self.ranks = None;
         self.pending = None;
         self.names = None;
+        self.einsums.clear();
         Ok(())
     }
 
@@ -312,7 +324,8 @@ impl TypedPass for ChangeAxes {
                 // tests/data/zoo/conv_bias_axis_change). A change only
                 // rearranges axes: skipping it leaves a graph that computes
                 // the same, and the patch was not applied yet.
-                let propagated = propagate(model, &change, &locked, &mut explored);
+                let propagated =
+                    propagate(model, &change, &locked, &mut explored, &mut self.einsums);
                 let Ok(patch) = propagated.and_then(|accepted| {
                     accepted
                         .map(|accepted| patch(model, &change, accepted, &ranks, &names))
@@ -360,6 +373,7 @@ fn propagate(
     start: &AxisChange,
     locked: &[OutletId],
     explored: &mut Set<Key>,
+    einsums: &mut EinSums,
 ) -> TractResult<Option<Accepted>> {
     if explored.contains(&Key::of(start)) {
         return Ok(None);
@@ -397,11 +411,11 @@ fn propagate(
             let node = model.node(node_id);
             // a node reached a second time takes the change only if it is
             // an EinSum (tract's rule)
-            let op = match accepted.ops.get(&node_id) {
-                Some(op) if op.is::<EinSum>() => op,
+            let (op, first_reach) = match accepted.ops.get(&node_id) {
+                Some(op) if op.is::<EinSum>() => (op, false),
                 Some(_) => return Ok(None),
                 None if accepted.consts.contains_key(&node_id) => return Ok(None),
-                None => &node.op,
+                None => (&node.op, true),
             };
             let consequence = if let Some(konst) = plain_const(node, io) {
                 // what `Const::change_axes` answers, without copying the
@@ -416,9 +430,20 @@ fn propagate(
                     wire_changes: tvec!((io, change.op.clone())),
                 }
             } else {
-                let consequence = op
-                    .change_axes(model, node, io, &change.op)
-                    .with_context(|| format!("Propagating {change:?} to node {node}"))?;
+                let asked = (first_reach && node.op_is::<EinSum>())
+                    .then(|| (node_id, io, Key::of(&change)));
+                let consequence = match asked.as_ref().and_then(|a| einsums.get(a)) {
+                    Some(answer) => answer.clone(),
+                    None => {
+                        let consequence = op
+                            .change_axes(model, node, io, &change.op)
+                            .with_context(|| format!("Propagating {change:?} to node {node}"))?;
+                        if let Some(asked) = asked {
+                            einsums.insert(asked, consequence.clone());
+                        }
+                        consequence
+                    }
+                };
                 let Some(consequence) = consequence else {
                     return Ok(None);
                 };
