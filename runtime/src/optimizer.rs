@@ -242,8 +242,9 @@ impl Compaction {
 /// here they are swapped into place within the graph's own vector. A node
 /// is about 1.5 KB (its output facts are stored inline), so each new
 /// vector was megabytes of memory touched for the first time, and its
-/// page faults were most of a compaction's time (cls: 1.5 of 2.6 ms per
-/// load). The vector also keeps its capacity for the next pass's patches.
+/// page faults were most of a compaction's time (in a profile of cls
+/// loads, 1.6 of 2.7 ms). The vector also keeps its capacity for the next
+/// pass's patches.
 /// Returns the names of the nodes dropped.
 fn compact(model: &mut TypedModel) -> TractResult<Vec<String>> {
     let mut order = model.eval_order()?;
@@ -311,7 +312,7 @@ fn compact(model: &mut TypedModel) -> TractResult<Vec<String>> {
 
 /// How many nodes of the graph bear each name: what tract's
 /// `unique_name` finds by comparing with every node, kept up to date by
-/// [`apply`] and rebuilt when `compact()` drops nodes.
+/// [`apply`] and by compaction, which drops nodes.
 struct Names(Map<String, usize>);
 
 impl Names {
