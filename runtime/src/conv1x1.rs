@@ -178,15 +178,18 @@ impl EvalOp for Conv1x1 {
             x,
             post: &post,
         };
-        let mut out = vec![0f32; self.m * self.n];
+        // Written in place: a tensor made from an ndarray is a copy.
+        let mut out = Tensor::zero::<f32>(&self.output_shape)?;
+        ensure!(out.len() == self.m * self.n, "Conv1x1 output size");
         if self.n > 0 {
             let work = self.m * self.n * self.k;
-            par_chunks_mut(&mut out, self.n, work, |first, chunk| {
+            let mut plain = out.try_as_plain_ram_mut()?;
+            let dst = plain.as_slice_mut::<f32>()?;
+            par_chunks_mut(dst, self.n, work, |first, chunk| {
                 rows(self.isa, &problem, first, chunk);
                 Ok(())
             })?;
         }
-        let out = tract_ndarray::ArrayD::from_shape_vec(&*self.output_shape, out)?;
         Ok(tvec!(out.into_tvalue()))
     }
 }

@@ -131,12 +131,15 @@ impl EvalOp for DepthwiseRows {
         ensure!(kernel.len() == g.c * g.kh * g.kw, "depthwise kernel size");
         ensure!(bias.len() == 1 || bias.len() == g.c, "depthwise bias size");
         let plane = g.oh * g.ow;
-        let mut out = vec![0f32; g.n * g.c * plane];
+        // Written in place: a tensor made from an ndarray is a copy.
+        let mut out = Tensor::zero::<f32>(&self.output_shape)?;
+        ensure!(out.len() == g.n * g.c * plane, "depthwise output size");
         if plane > 0 {
+            let mut plain = out.try_as_plain_ram_mut()?;
             let layout = &self.layout;
             let taps = g.kh * g.kw;
             let work = g.n * g.c * plane * taps;
-            par_chunks_mut(&mut out, plane, work, |first, chunk| {
+            par_chunks_mut(plain.as_slice_mut::<f32>()?, plane, work, |first, chunk| {
                 // Zeroed once: `fill` writes the same positions for every
                 // channel, so the padding stays zero.
                 let mut padded = vec![0f32; layout.len];
@@ -151,7 +154,6 @@ impl EvalOp for DepthwiseRows {
                 Ok(())
             })?;
         }
-        let out = tract_ndarray::ArrayD::from_shape_vec(&*self.output_shape, out)?;
         Ok(tvec!(out.into_tvalue()))
     }
 }

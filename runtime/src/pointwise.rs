@@ -278,12 +278,16 @@ impl EvalOp for Pointwise {
         } else {
             let plain = x.try_as_plain_ram()?;
             let src = plain.as_slice::<f32>()?;
-            let mut out = vec![0f32; len];
-            par_chunks_mut(&mut out, 1, work, |first, chunk| {
-                self.run(Some(&src[first..first + chunk.len()]), chunk);
-                Ok(())
-            })?;
-            tract_ndarray::ArrayD::from_shape_vec(x.shape(), out)?.into_tensor()
+            // Written in place: a tensor made from an ndarray is a copy.
+            let mut out = Tensor::zero::<f32>(x.shape())?;
+            {
+                let mut dst = out.try_as_plain_ram_mut()?;
+                par_chunks_mut(dst.as_slice_mut::<f32>()?, 1, work, |first, chunk| {
+                    self.run(Some(&src[first..first + chunk.len()]), chunk);
+                    Ok(())
+                })?;
+            }
+            out
         };
         Ok(tvec!(out.into_tvalue()))
     }
