@@ -8,7 +8,7 @@
 #
 #   scripts/bench-inference.sh                  # full run
 #   ITER_SCALE=0.2 scripts/bench-inference.sh   # quicker, fewer iterations
-#   COLD_RUNS=9 scripts/bench-inference.sh      # fresh processes per cold-start median (5)
+#   COLD_RUNS=15 scripts/bench-inference.sh     # fresh processes per cold-start median (9)
 #   LEVER_BUILDS="native dist pgo" scripts/bench-inference.sh   # also rebuild
 #       the agent per compiler lever: -C target-cpu=native, the fat-LTO
 #       dist profile, PGO trained on cls (any of them; each is a full build,
@@ -78,7 +78,7 @@ for spec in "${models[@]}"; do
     "$agent" bench --bundle "$bundle" --trust "$work/bench.pub" --iterations 1 --json --mode in-process \
       --compiled "$work/compiled" >/dev/null
   fi
-  for ((run = 0; run < ${COLD_RUNS:-5}; run++)); do
+  for ((run = 0; run < ${COLD_RUNS:-9}; run++)); do
     "$agent" bench --bundle "$bundle" --trust "$work/bench.pub" --iterations 5 --json --mode in-process \
       | record "$name" "cold"
     if [[ "$name" != *-nnef ]]; then
