@@ -26,6 +26,7 @@ mod nnef_ops;
 pub mod onnx_external;
 pub mod optimizer;
 pub mod pointwise;
+pub mod resize;
 mod row_blocks;
 #[cfg(test)]
 mod test_rng;

@@ -25,6 +25,7 @@ use crate::error::{Result, RuntimeError};
 use crate::graph_ast;
 use crate::optimizer;
 use crate::pointwise;
+use crate::resize;
 use crate::tract_fixes;
 
 #[cfg(target_endian = "big")]
@@ -367,6 +368,7 @@ impl Model {
         } else {
             optimizer::drop_identity_casts(&mut optimized).map_err(load_err)?;
         }
+        resize::lower(&mut optimized).map_err(load_err)?;
         depthwise::lower(&mut optimized).map_err(load_err)?;
         conv1x1::lower(&mut optimized).map_err(load_err)?;
         pointwise::lower(&mut optimized).map_err(load_err)?;
