@@ -32,11 +32,12 @@
 //! compare the two. ARM keeps tract's NEON products.
 
 use tract_nnef::internal::*;
+
+use crate::threads::par_output;
 use tract_nnef::tract_core::ops::binary::TypedBinOp;
 use tract_nnef::tract_core::ops::change_axes::AxisOp;
 use tract_nnef::tract_core::ops::einsum::EinSum;
 use tract_nnef::tract_core::ops::math::{Add, Max, Min, Mul};
-use tract_nnef::tract_core::tract_linalg::multithread::par_chunks_mut;
 
 /// The longest chain after the product that the op takes in.
 const MAX_POST: usize = 6;
@@ -178,18 +179,15 @@ impl EvalOp for Conv1x1 {
             x,
             post: &post,
         };
-        // Written in place: a tensor made from an ndarray is a copy.
-        let mut out = Tensor::zero::<f32>(&self.output_shape)?;
-        ensure!(out.len() == self.m * self.n, "Conv1x1 output size");
-        if self.n > 0 {
-            let work = self.m * self.n * self.k;
-            let mut plain = out.try_as_plain_ram_mut()?;
-            let dst = plain.as_slice_mut::<f32>()?;
-            par_chunks_mut(dst, self.n, work, |first, chunk| {
-                rows(self.isa, &problem, first, chunk);
-                Ok(())
-            })?;
-        }
+        ensure!(
+            self.output_shape.iter().product::<usize>() == self.m * self.n,
+            "Conv1x1 output size"
+        );
+        let work = self.m * self.n * self.k;
+        let out = par_output(&self.output_shape, self.n, work, |first, chunk| {
+            rows(self.isa, &problem, first, chunk);
+            Ok(())
+        })?;
         Ok(tvec!(out.into_tvalue()))
     }
 }

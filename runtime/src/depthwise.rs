@@ -29,8 +29,9 @@
 //! benchmark's lever table compares the two.
 
 use tract_nnef::internal::*;
+
+use crate::threads::par_output;
 use tract_nnef::tract_core::ops::cnn::{Conv, KernelFormat};
-use tract_nnef::tract_core::tract_linalg::multithread::par_chunks_mut;
 
 /// Where an output row's taps read, fixed at load: the model's shapes are.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -131,29 +132,27 @@ impl EvalOp for DepthwiseRows {
         ensure!(kernel.len() == g.c * g.kh * g.kw, "depthwise kernel size");
         ensure!(bias.len() == 1 || bias.len() == g.c, "depthwise bias size");
         let plane = g.oh * g.ow;
-        // Written in place: a tensor made from an ndarray is a copy.
-        let mut out = Tensor::zero::<f32>(&self.output_shape)?;
-        ensure!(out.len() == g.n * g.c * plane, "depthwise output size");
-        if plane > 0 {
-            let mut plain = out.try_as_plain_ram_mut()?;
-            let layout = &self.layout;
-            let taps = g.kh * g.kw;
-            let work = g.n * g.c * plane * taps;
-            par_chunks_mut(plain.as_slice_mut::<f32>()?, plane, work, |first, chunk| {
-                // Zeroed once: `fill` writes the same positions for every
-                // channel, so the padding stays zero.
-                let mut padded = vec![0f32; layout.len];
-                for (i, out) in chunk.chunks_mut(plane).enumerate() {
-                    let (ni, ci) = ((first + i) / g.c, (first + i) % g.c);
-                    let at = (ni * g.c + ci) * g.h * g.w;
-                    layout.fill(g, &image[at..at + g.h * g.w], &mut padded);
-                    let b = if bias.len() == 1 { bias[0] } else { bias[ci] };
-                    let kernel = &kernel[ci * taps..(ci + 1) * taps];
-                    channel(self.isa, g, layout, &padded, kernel, b, out);
-                }
-                Ok(())
-            })?;
-        }
+        ensure!(
+            self.output_shape.iter().product::<usize>() == g.n * g.c * plane,
+            "depthwise output size"
+        );
+        let layout = &self.layout;
+        let taps = g.kh * g.kw;
+        let work = g.n * g.c * plane * taps;
+        let out = par_output(&self.output_shape, plane, work, |first, chunk| {
+            // Zeroed once: `fill` writes the same positions for every
+            // channel, so the padding stays zero.
+            let mut padded = vec![0f32; layout.len];
+            for (i, out) in chunk.chunks_mut(plane).enumerate() {
+                let (ni, ci) = ((first + i) / g.c, (first + i) % g.c);
+                let at = (ni * g.c + ci) * g.h * g.w;
+                layout.fill(g, &image[at..at + g.h * g.w], &mut padded);
+                let b = if bias.len() == 1 { bias[0] } else { bias[ci] };
+                let kernel = &kernel[ci * taps..(ci + 1) * taps];
+                channel(self.isa, g, layout, &padded, kernel, b, out);
+            }
+            Ok(())
+        })?;
         Ok(tvec!(out.into_tvalue()))
     }
 }

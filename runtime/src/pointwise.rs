@@ -39,6 +39,8 @@
 use std::collections::{BTreeSet, HashMap};
 
 use tract_nnef::internal::*;
+
+use crate::threads::par_output;
 use tract_nnef::tract_core::ops::binary::TypedBinOp;
 use tract_nnef::tract_core::ops::element_wise::ElementWiseOp;
 use tract_nnef::tract_core::ops::math::{Add, Div, Max, Min, Mul, Recip, Square, Sub, SubF};
@@ -278,16 +280,10 @@ impl EvalOp for Pointwise {
         } else {
             let plain = x.try_as_plain_ram()?;
             let src = plain.as_slice::<f32>()?;
-            // Written in place: a tensor made from an ndarray is a copy.
-            let mut out = Tensor::zero::<f32>(x.shape())?;
-            {
-                let mut dst = out.try_as_plain_ram_mut()?;
-                par_chunks_mut(dst.as_slice_mut::<f32>()?, 1, work, |first, chunk| {
-                    self.run(Some(&src[first..first + chunk.len()]), chunk);
-                    Ok(())
-                })?;
-            }
-            out
+            par_output(x.shape(), 1, work, |first, chunk| {
+                self.run(Some(&src[first..first + chunk.len()]), chunk);
+                Ok(())
+            })?
         };
         Ok(tvec!(out.into_tvalue()))
     }

@@ -32,7 +32,8 @@ use std::hash::{Hash, Hasher};
 use tract_nnef::internal::*;
 use tract_nnef::tract_core::ops::nn::Resize;
 use tract_nnef::tract_core::ops::nn::resize::AxisPlan;
-use tract_nnef::tract_core::tract_linalg::multithread::par_chunks_mut;
+
+use crate::threads::par_output;
 
 /// The taps of each output index along one axis: `window` input indices
 /// and their weights per output index, as tract's plan has them.
@@ -174,25 +175,20 @@ impl EvalOp for ResizeRows {
         let image_in = self.h_in * self.w_in;
         let image_out = self.h_out * self.w_out;
         ensure!(src.len() == self.planes * image_in, "ResizeRows input size");
-        let mut out = Tensor::zero::<f32>(&self.output_shape)?;
         ensure!(
-            out.len() == self.planes * image_out,
+            self.output_shape.iter().product::<usize>() == self.planes * image_out,
             "ResizeRows output size"
         );
-        if image_out > 0 {
-            let taps = |t: &Option<Taps>| t.as_ref().map_or(1, |t| t.window);
-            let work = self.planes * image_out * (taps(&self.rows) + taps(&self.cols));
-            let mut plain = out.try_as_plain_ram_mut()?;
-            let dst = plain.as_slice_mut::<f32>()?;
-            par_chunks_mut(dst, image_out, work, |first, chunk| {
-                let mut row = vec![0f32; self.w_in];
-                for (i, out) in chunk.chunks_exact_mut(image_out).enumerate() {
-                    let at = (first + i) * image_in;
-                    self.image(&src[at..at + image_in], &mut row, out);
-                }
-                Ok(())
-            })?;
-        }
+        let taps = |t: &Option<Taps>| t.as_ref().map_or(1, |t| t.window);
+        let work = self.planes * image_out * (taps(&self.rows) + taps(&self.cols));
+        let out = par_output(&self.output_shape, image_out, work, |first, chunk| {
+            let mut row = vec![0f32; self.w_in];
+            for (i, out) in chunk.chunks_exact_mut(image_out).enumerate() {
+                let at = (first + i) * image_in;
+                self.image(&src[at..at + image_in], &mut row, out);
+            }
+            Ok(())
+        })?;
         Ok(tvec!(out.into_tvalue()))
     }
 }

@@ -12,7 +12,10 @@
 #[cfg(feature = "threads")]
 use std::sync::Arc;
 
-use tract_nnef::tract_core::tract_linalg::multithread::{Executor, multithread_tract_scope};
+use tract_nnef::internal::{Tensor, TractResult};
+use tract_nnef::tract_core::tract_linalg::multithread::{
+    Executor, multithread_tract_scope, par_chunks_mut,
+};
 
 use crate::error::{Result, RuntimeError};
 
@@ -119,4 +122,24 @@ mod tests {
         let name = on(&Threads::new(2, "runs-on").unwrap()).unwrap();
         assert!(name.starts_with("runs-on-"), "{name}");
     }
+}
+
+/// A new f32 tensor of `shape`, zeroed, then filled by `fill(first, rows)`
+/// over runs of whole rows of `row_len` values, split across the compute
+/// threads when `work` is large enough (tract's `par_chunks_mut`): the
+/// runtime's ops write their outputs where tract reads them, as a tensor
+/// made from an ndarray would be copied. Nothing runs when the tensor or
+/// its rows are empty.
+pub(crate) fn par_output(
+    shape: &[usize],
+    row_len: usize,
+    work: usize,
+    fill: impl Fn(usize, &mut [f32]) -> TractResult<()> + Sync + Send,
+) -> TractResult<Tensor> {
+    let mut out = Tensor::zero::<f32>(shape)?;
+    if row_len > 0 && out.len() > 0 {
+        let mut plain = out.try_as_plain_ram_mut()?;
+        par_chunks_mut(plain.as_slice_mut::<f32>()?, row_len, work, fill)?;
+    }
+    Ok(out)
 }
