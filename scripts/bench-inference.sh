@@ -102,7 +102,8 @@ for spec in "${models[@]}"; do
       # tract's run-time knobs (read when the plan is optimized), one at a time.
       for knob in TRACT_DISABLE_DIRECT_SPATIAL=1 TRACT_ENABLE_BLOCKED_CONV=1 \
         TRACT_LAZY_IM2COL_MIN_KERNEL=1 TRACT_LAZY_IM2COL_MIN_KERNEL=100 TRACT_AVGPOOL_SEPARABLE=1 \
-        EDGEFLEET_DEPTHWISE=tract EDGEFLEET_POINTWISE=tract EDGEFLEET_CONV1X1=tract; do
+        EDGEFLEET_DEPTHWISE=tract EDGEFLEET_POINTWISE=tract EDGEFLEET_CONV1X1=tract \
+        EDGEFLEET_CONV=tract; do
         env "$knob" "$agent" bench --bundle "$bundle" --trust "$work/bench.pub" --iterations "$iters" \
           --json --mode bare | record "$name" "$knob"
       done

@@ -40,11 +40,11 @@ use tract_nnef::tract_core::ops::einsum::EinSum;
 use tract_nnef::tract_core::ops::math::{Add, Max, Min, Mul};
 
 /// The longest chain after the product that the op takes in.
-const MAX_POST: usize = 6;
+pub(crate) const MAX_POST: usize = 6;
 
 /// Which compilation of the loops runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Isa {
+pub(crate) enum Isa {
     /// Plain Rust: the tests compare it too; [`lower`] never picks it.
     #[cfg_attr(not(test), allow(dead_code))]
     Baseline,
@@ -56,7 +56,7 @@ enum Isa {
 
 impl Isa {
     /// What [`lower`] runs on this processor, if anything.
-    fn detect() -> Option<Isa> {
+    pub(crate) fn detect() -> Option<Isa> {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f") {
@@ -74,7 +74,7 @@ impl Isa {
 
 /// One step of the chain after the product: `v = fun(v, values[channel])`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum PostFun {
+pub(crate) enum PostFun {
     Mul,
     Add,
     Max,
@@ -97,7 +97,7 @@ impl PostFun {
         })
     }
 
-    fn apply(self, v: f32, c: f32) -> f32 {
+    pub(crate) fn apply(self, v: f32, c: f32) -> f32 {
         match self {
             PostFun::Mul => v * c,
             PostFun::Add => v + c,
@@ -108,10 +108,10 @@ impl PostFun {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct Post {
-    fun: PostFun,
+pub(crate) struct Post {
+    pub(crate) fun: PostFun,
     /// One value per output channel (a scalar constant is repeated).
-    values: Arc<Tensor>,
+    pub(crate) values: Arc<Tensor>,
 }
 
 /// `out[o, j] = post(Σ_i w[o, i] · x[i, j])` over an f32 image `[I, H, W]`
@@ -681,7 +681,7 @@ impl Product {
 /// `Mul`/`Add`/`Max`/`Min` that each read only the previous node, across
 /// the removal or insertion of unit axes. Returns its last node, its
 /// steps, and the shape that node outputs.
-fn chain(
+pub(crate) fn chain(
     model: &TypedModel,
     id: usize,
     out_shape: &[usize],

@@ -7,9 +7,10 @@
 //!   the ONNX → NNEF conversion the packer uses.
 //! - [`onnx_external`]: inlining an ONNX model's external weight files
 //!   (the packer; feature `onnx`).
-//! - [`depthwise`], [`conv1x1`], [`pointwise`]: ops of ours that replace
-//!   tract's for depthwise and 1×1 convolutions (x86-64) and element-wise
-//!   expressions such as hard-swish, between declutter and codegen.
+//! - [`depthwise`], [`conv1x1`], [`direct_conv`], [`pointwise`],
+//!   [`resize`]: ops of ours that replace tract's for depthwise, 1×1 and
+//!   other dense convolutions (x86-64), element-wise expressions such as
+//!   hard-swish, and image resizing, between declutter and codegen.
 //! - [`threads`]: intra-op parallelism ([`Threads`], `[engine] threads`).
 //! - [`error`]: [`RuntimeError`] and its stable reason codes.
 //!
@@ -18,6 +19,7 @@
 
 pub mod conv1x1;
 pub mod depthwise;
+pub mod direct_conv;
 pub mod error;
 pub mod graph_ast;
 pub mod model;

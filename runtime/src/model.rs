@@ -21,6 +21,7 @@ use tract_onnx_opl::WithOnnx;
 
 use crate::conv1x1;
 use crate::depthwise;
+use crate::direct_conv;
 use crate::error::{Result, RuntimeError};
 use crate::graph_ast;
 use crate::optimizer;
@@ -371,6 +372,7 @@ impl Model {
         resize::lower(&mut optimized).map_err(load_err)?;
         depthwise::lower(&mut optimized).map_err(load_err)?;
         conv1x1::lower(&mut optimized).map_err(load_err)?;
+        direct_conv::lower(&mut optimized).map_err(load_err)?;
         pointwise::lower(&mut optimized).map_err(load_err)?;
         optimizer::optimize(&mut optimized).map_err(load_err)?;
         let mut model = Model::from_optimized(optimized, inputs)?;
