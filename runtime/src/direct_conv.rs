@@ -988,7 +988,12 @@ mod tests {
                 !ops.iter().any(|o| o.contains("Mul") || o.contains("Max")),
                 "{case:?}: {ops:?}"
             );
+            // Two compute threads split the output channels into runs that
+            // start inside a run of PACK: the same values, bit for bit.
+            let split = crate::threads::Threads::new(2, "direct-conv")?
+                .run(|| run(ours.clone(), &input))?;
             let ours = run(ours, &input)?;
+            assert_eq!(ours, split, "{case:?} {isa:?} on two threads");
             assert_eq!(ours.shape(), tracts.shape(), "{case:?}");
             let (a, b) = (
                 ours.try_as_plain_ram()?.as_slice::<f32>()?,
