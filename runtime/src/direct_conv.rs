@@ -47,30 +47,30 @@ use crate::threads::par_output;
 const SLACK: usize = 32;
 
 /// Output channels whose weights are stored together: the widest block.
-const PACK: usize = 8;
+pub(crate) const PACK: usize = 8;
 
 /// The convolution's shapes, fixed at load.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct Geometry {
+pub(crate) struct Geometry {
     /// Batch (1 without an N axis), input and output channels, input
     /// height and width.
-    n: usize,
-    ci: usize,
-    co: usize,
-    h: usize,
-    w: usize,
+    pub(crate) n: usize,
+    pub(crate) ci: usize,
+    pub(crate) co: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
     /// Output height and width.
-    oh: usize,
-    ow: usize,
+    pub(crate) oh: usize,
+    pub(crate) ow: usize,
     /// Kernel, strides, dilations, padding before (top, left).
-    kh: usize,
-    kw: usize,
-    sh: usize,
-    sw: usize,
-    dh: usize,
-    dw: usize,
-    ph: usize,
-    pw: usize,
+    pub(crate) kh: usize,
+    pub(crate) kw: usize,
+    pub(crate) sh: usize,
+    pub(crate) sw: usize,
+    pub(crate) dh: usize,
+    pub(crate) dw: usize,
+    pub(crate) ph: usize,
+    pub(crate) pw: usize,
 }
 
 /// How an input channel is laid out for the taps. The zero-padded image
@@ -83,28 +83,28 @@ struct Geometry {
 /// that cross rows, and the `plane_w - ow` positions past each row's end
 /// are discarded.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct Layout {
-    plane_w: usize,
+pub(crate) struct Layout {
+    pub(crate) plane_w: usize,
     /// Rows of every plane: the ones the taps read, and one more for the
     /// discarded positions of the last row.
-    plane_h: usize,
-    plane_size: usize,
+    pub(crate) plane_h: usize,
+    pub(crate) plane_size: usize,
     /// Values of one input channel's planes.
-    channel: usize,
+    pub(crate) channel: usize,
     /// Positions computed per output channel: `oh · plane_w`.
-    flat: usize,
+    pub(crate) flat: usize,
     /// Per tap, in the kernel's order, where position 0 reads it.
-    taps: Vec<usize>,
+    pub(crate) taps: Vec<usize>,
     /// Whether the vector loops walk each output row in blocks (the last
     /// one partly used) rather than runs of positions across rows (whose
     /// discarded positions are computed too): whichever computes fewer
     /// positions for 32-position blocks; rows on a tie, as their blocks
     /// are stored directly.
-    by_rows: bool,
+    pub(crate) by_rows: bool,
 }
 
 impl Layout {
-    fn of(g: &Geometry) -> Layout {
+    pub(crate) fn of(g: &Geometry) -> Layout {
         let plane_w = g.ow + (g.kw - 1) * g.dw / g.sw;
         let plane_h = g.oh + (g.kh - 1) * g.dh / g.sh + 1;
         let plane_size = plane_w * plane_h;
@@ -249,20 +249,15 @@ impl EvalOp for DirectConv {
             self.output_shape.iter().product::<usize>() == g.n * g.co * plane,
             "DirectConv output size"
         );
-        // The planes of the last convolution this thread ran, reused: a
-        // new buffer of a megabyte or more each time comes from `mmap`
-        // and faults in every page (a quarter of the op's time, measured
-        // with `perf`). Taken, not borrowed: a nested eval on this thread
-        // (the compute pool's work stealing) finds it empty and allocates.
-        let mut planes = PLANES.take();
-        planes.clear();
-        planes.resize(l.len(g.n * g.ci), 0.0);
-        for (image, planes) in x
-            .chunks_exact(image)
-            .zip(planes.chunks_exact_mut(l.channel))
-        {
-            l.fill(g, image, planes);
-        }
+        with_planes(g, l, x, |planes| self.eval_with(planes)).map(|out| tvec!(out.into_tvalue()))
+    }
+}
+
+impl DirectConv {
+    /// The output, from the images' planes.
+    fn eval_with(&self, planes: &[f32]) -> TractResult<Tensor> {
+        let (g, l) = (&self.geometry, &self.layout);
+        let plane = g.oh * g.ow;
         let w = self.weights_p.try_as_plain_ram()?.as_slice::<f32>()?;
         let bias = self.bias.try_as_plain_ram()?.as_slice::<f32>()?;
         let post: Vec<(PostFun, &[f32])> = self
@@ -271,7 +266,7 @@ impl EvalOp for DirectConv {
             .map(|p| Ok((p.fun, p.values.try_as_plain_ram()?.as_slice::<f32>()?)))
             .collect::<TractResult<_>>()?;
         let work = g.n * g.co * l.flat * g.ci * l.taps.len();
-        let out = par_output(&self.output_shape, plane, work, |first, chunk| {
+        par_output(&self.output_shape, plane, work, |first, chunk| {
             let (mut row, mut rest) = (first, chunk);
             while !rest.is_empty() {
                 // The rows of one image.
@@ -290,14 +285,38 @@ impl EvalOp for DirectConv {
                 (row, rest) = (row + count, next);
             }
             Ok(())
-        })?;
-        PLANES.set(planes);
-        Ok(tvec!(out.into_tvalue()))
+        })
     }
 }
 
 thread_local! {
     static PLANES: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Runs `f` on the planes of every channel of the images `x` (`len(n ·
+/// ci)` values). The buffer is the one the last convolution on this
+/// thread used: a new one of a megabyte or more each time comes from
+/// `mmap` and faults in every page (a quarter of the op's time, measured
+/// with `perf`). Taken, not borrowed: a nested eval on this thread (the
+/// compute pool's work stealing) finds it empty and allocates.
+pub(crate) fn with_planes<R>(
+    g: &Geometry,
+    l: &Layout,
+    x: &[f32],
+    f: impl FnOnce(&[f32]) -> TractResult<R>,
+) -> TractResult<R> {
+    let mut planes = PLANES.take();
+    planes.clear();
+    planes.resize(l.len(g.n * g.ci), 0.0);
+    for (image, planes) in x
+        .chunks_exact(g.h * g.w)
+        .zip(planes.chunks_exact_mut(l.channel))
+    {
+        l.fill(g, image, planes);
+    }
+    let result = f(&planes);
+    PLANES.set(planes);
+    result
 }
 
 impl TypedOp for DirectConv {
@@ -320,13 +339,13 @@ impl TypedOp for DirectConv {
 /// One image's convolution: `planes` from the image's first channel (and
 /// at least `len(ci)` values on), `w` is packed as `weights_p`, `bias`
 /// and every `post` slice have `co` values.
-struct Problem<'a> {
-    g: &'a Geometry,
-    l: &'a Layout,
-    planes: &'a [f32],
-    w: &'a [f32],
-    bias: &'a [f32],
-    post: &'a [(PostFun, &'a [f32])],
+pub(crate) struct Problem<'a> {
+    pub(crate) g: &'a Geometry,
+    pub(crate) l: &'a Layout,
+    pub(crate) planes: &'a [f32],
+    pub(crate) w: &'a [f32],
+    pub(crate) bias: &'a [f32],
+    pub(crate) post: &'a [(PostFun, &'a [f32])],
 }
 
 impl Problem<'_> {
@@ -377,7 +396,7 @@ impl Problem<'_> {
 /// Output channels `o..` of one image into `out` (whole channels), with
 /// the loops compiled for `isa`.
 #[allow(unsafe_code)]
-fn channels(isa: Isa, p: &Problem, o: usize, out: &mut [f32]) {
+pub(crate) fn channels(isa: Isa, p: &Problem, o: usize, out: &mut [f32]) {
     let (g, l) = (p.g, p.l);
     let plane = g.oh * g.ow;
     let count = out.len() / plane;

@@ -7,10 +7,11 @@
 //!   the ONNX → NNEF conversion the packer uses.
 //! - [`onnx_external`]: inlining an ONNX model's external weight files
 //!   (the packer; feature `onnx`).
-//! - [`depthwise`], [`conv1x1`], [`direct_conv`], [`pointwise`],
-//!   [`resize`]: ops of ours that replace tract's for depthwise, 1×1 and
-//!   other dense convolutions (x86-64), element-wise expressions such as
-//!   hard-swish, and image resizing, between declutter and codegen.
+//! - [`depthwise`], [`conv1x1`], [`direct_conv`], [`direct_deconv`],
+//!   [`pointwise`], [`resize`]: ops of ours that replace tract's for
+//!   depthwise, 1×1, other dense and transposed convolutions (x86-64),
+//!   element-wise expressions such as hard-swish, and image resizing,
+//!   between declutter and codegen.
 //! - [`threads`]: intra-op parallelism ([`Threads`], `[engine] threads`).
 //! - [`error`]: [`RuntimeError`] and its stable reason codes.
 //!
@@ -20,6 +21,7 @@
 pub mod conv1x1;
 pub mod depthwise;
 pub mod direct_conv;
+pub mod direct_deconv;
 pub mod error;
 pub mod graph_ast;
 pub mod model;

@@ -22,6 +22,7 @@ use tract_onnx_opl::WithOnnx;
 use crate::conv1x1;
 use crate::depthwise;
 use crate::direct_conv;
+use crate::direct_deconv;
 use crate::error::{Result, RuntimeError};
 use crate::graph_ast;
 use crate::optimizer;
@@ -373,6 +374,7 @@ impl Model {
         depthwise::lower(&mut optimized).map_err(load_err)?;
         conv1x1::lower(&mut optimized).map_err(load_err)?;
         direct_conv::lower(&mut optimized).map_err(load_err)?;
+        direct_deconv::lower(&mut optimized).map_err(load_err)?;
         pointwise::lower(&mut optimized).map_err(load_err)?;
         optimizer::optimize(&mut optimized).map_err(load_err)?;
         let mut model = Model::from_optimized(optimized, inputs)?;
