@@ -450,6 +450,7 @@ fn runs(o: usize, count: usize, widest: usize) -> impl Iterator<Item = (usize, u
 /// A block of output positions: `width` from position `j`; `to`, where
 /// they go in an output channel when they are all in one row.
 #[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct Block {
     j: usize,
     width: usize,
