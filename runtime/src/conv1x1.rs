@@ -33,6 +33,7 @@
 
 use tract_nnef::internal::*;
 
+use crate::lowering::{self, Replacement};
 use crate::threads::par_output;
 use tract_nnef::tract_core::ops::binary::TypedBinOp;
 use tract_nnef::tract_core::ops::change_axes::AxisOp;
@@ -69,6 +70,25 @@ impl Isa {
             }
         }
         None
+    }
+
+    /// Every compilation this processor runs, the portable one first: what
+    /// the tests compare.
+    #[cfg(test)]
+    pub(crate) fn here() -> Vec<Isa> {
+        // pushed to on x86 only
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+        let mut isas = vec![Isa::Baseline];
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            isas.push(Isa::Avx2Fma);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            isas.push(Isa::Avx512);
+        }
+        isas
     }
 }
 
@@ -487,37 +507,27 @@ mod x86 {
 /// Replaces every 1×1 convolution product [`Conv1x1`] can run, with the
 /// chain after it. Returns how many it replaced.
 pub fn lower(model: &mut TypedModel) -> TractResult<usize> {
-    let Some(isa) = Isa::detect().filter(|_| enabled()) else {
+    // On x86-64 only (`Isa::detect`), unless this build has debug
+    // assertions or `EDGEFLEET_CONV1X1=tract` (`lowering::enabled`).
+    let Some(isa) = Isa::detect().filter(|_| lowering::enabled("EDGEFLEET_CONV1X1")) else {
         return Ok(0);
     };
     lower_with(model, isa)
 }
 
-/// On x86-64, unless this build has debug assertions (see
-/// `depthwise::enabled`) or `EDGEFLEET_CONV1X1=tract`.
-fn enabled() -> bool {
-    cfg!(target_arch = "x86_64")
-        && !cfg!(debug_assertions)
-        && std::env::var("EDGEFLEET_CONV1X1").map_or(true, |v| v != "tract")
-}
-
 fn lower_with(model: &mut TypedModel, isa: Isa) -> TractResult<usize> {
     let mut found = Vec::new();
     for id in model.eval_order()? {
-        if let Some(m) = matched(model, id, isa)? {
-            found.push(m);
+        if let Some((first, last, op)) = matched(model, id, isa)? {
+            found.push(Replacement {
+                first,
+                input: op.image_input,
+                last,
+                op,
+            });
         }
     }
-    for (einsum, last, op) in &found {
-        let mut patch = TypedModelPatch::default();
-        let x = patch.tap_model(model, model.nodes[*einsum].inputs[op.image_input])?;
-        let name = format!("{}.conv1x1", model.nodes[*einsum].name);
-        let y = patch.wire_node(name, op.clone(), &[x])?[0];
-        patch.shunt_outside(model, OutletId::new(*last, 0), y)?;
-        patch.apply(model)?;
-    }
-    // The replaced nodes are unreachable now; codegen compacts them away.
-    Ok(found.len())
+    lowering::replace(model, &found, "conv1x1")
 }
 
 /// Node `id` as a [`Conv1x1`]: the `EinSum` and the last node of the chain
@@ -886,22 +896,6 @@ mod tests {
         Ok(out[0].clone().into_tensor())
     }
 
-    fn isas() -> Vec<Isa> {
-        // pushed to on x86 only
-        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
-        let mut isas = vec![Isa::Baseline];
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            isas.push(Isa::Avx2Fma);
-        }
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            isas.push(Isa::Avx512);
-        }
-        isas
-    }
-
     #[test]
     fn every_shape_computes_what_tracts_product_computes() -> TractResult<()> {
         let mut rng = Lcg(11);
@@ -961,7 +955,7 @@ mod tests {
             let (model, input) = product_model(case, &mut rng)?;
             let expected = run(model.clone(), &input)?;
             let expected = expected.try_as_plain_ram()?.as_slice::<f32>()?;
-            for isa in isas() {
+            for isa in Isa::here() {
                 let mut lowered = model.clone();
                 assert_eq!(lower_with(&mut lowered, isa)?, 1, "{case:?}");
                 // The whole chain went into the one node.

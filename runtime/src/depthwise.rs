@@ -468,17 +468,10 @@ pub fn lower(model: &mut TypedModel) -> TractResult<usize> {
     Ok(replaced)
 }
 
-/// On x86-64, unless `EDGEFLEET_DEPTHWISE=tract`.
-///
-/// Not in builds with debug assertions: there this crate is compiled
-/// unoptimized while tract (a dependency) is optimized, so the op would be
-/// slower than tract's (the demo's health watch measured it, and its v3
-/// canary then no longer rolled back in time). The unit tests call the op
-/// directly, in any build.
+/// On x86-64, unless `EDGEFLEET_DEPTHWISE=tract`; not in builds with
+/// debug assertions ([`crate::lowering::enabled`] says why).
 fn enabled() -> bool {
-    cfg!(target_arch = "x86_64")
-        && !cfg!(debug_assertions)
-        && std::env::var("EDGEFLEET_DEPTHWISE").map_or(true, |v| v != "tract")
+    cfg!(target_arch = "x86_64") && crate::lowering::enabled("EDGEFLEET_DEPTHWISE")
 }
 
 /// The op for node `id`'s convolution, when it is one [`DepthwiseRows`]

@@ -38,6 +38,7 @@ use tract_nnef::internal::*;
 use tract_nnef::tract_core::ops::cnn::{Conv, KernelFormat};
 
 use crate::conv1x1::{self, Isa, Post, PostFun};
+use crate::lowering::{self, Replacement};
 use crate::row_blocks::row_blocks;
 use crate::threads::par_output;
 
@@ -736,37 +737,27 @@ mod x86 {
 /// Replaces every convolution [`DirectConv`] can run, with the chain
 /// after it. Returns how many it replaced.
 pub fn lower(model: &mut TypedModel) -> TractResult<usize> {
-    let Some(isa) = Isa::detect().filter(|_| enabled()) else {
+    // On x86-64 only (`Isa::detect`), unless this build has debug
+    // assertions or `EDGEFLEET_CONV=tract` (`lowering::enabled`).
+    let Some(isa) = Isa::detect().filter(|_| lowering::enabled("EDGEFLEET_CONV")) else {
         return Ok(0);
     };
     lower_with(model, isa)
 }
 
-/// On x86-64, unless this build has debug assertions (see
-/// `depthwise::enabled`) or `EDGEFLEET_CONV=tract`.
-fn enabled() -> bool {
-    cfg!(target_arch = "x86_64")
-        && !cfg!(debug_assertions)
-        && std::env::var("EDGEFLEET_CONV").map_or(true, |v| v != "tract")
-}
-
 fn lower_with(model: &mut TypedModel, isa: Isa) -> TractResult<usize> {
     let mut found = Vec::new();
     for id in model.eval_order()? {
-        if let Some(m) = matched(model, id, isa)? {
-            found.push((id, m.0, m.1));
+        if let Some((last, op)) = matched(model, id, isa)? {
+            found.push(Replacement {
+                first: id,
+                input: 0,
+                last,
+                op,
+            });
         }
     }
-    for (conv, last, op) in &found {
-        let mut patch = TypedModelPatch::default();
-        let x = patch.tap_model(model, model.nodes[*conv].inputs[0])?;
-        let name = format!("{}.direct", model.nodes[*conv].name);
-        let y = patch.wire_node(name, op.clone(), &[x])?[0];
-        patch.shunt_outside(model, OutletId::new(*last, 0), y)?;
-        patch.apply(model)?;
-    }
-    // The replaced nodes are unreachable now; codegen compacts them away.
-    Ok(found.len())
+    lowering::replace(model, &found, "direct")
 }
 
 /// Node `id` as a [`DirectConv`]: the last node of the chain it takes in,
@@ -972,28 +963,12 @@ mod tests {
         Ok(out[0].clone().into_tensor())
     }
 
-    fn isas() -> Vec<Isa> {
-        // pushed to on x86 only
-        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
-        let mut isas = vec![Isa::Baseline];
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            isas.push(Isa::Avx2Fma);
-        }
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            isas.push(Isa::Avx512);
-        }
-        isas
-    }
-
     /// tract's own optimized convolution and ours, on the same input.
     fn compare(case: &Case, rng: &mut Lcg) -> TractResult<()> {
         let (model, input) = conv_model(case, rng)?;
         let model = model.into_decluttered()?;
         let tracts = run(model.clone().into_optimized()?, &input)?;
-        for isa in isas() {
+        for isa in Isa::here() {
             let mut ours = model.clone();
             assert_eq!(lower_with(&mut ours, isa)?, 1, "not lowered: {case:?}");
             crate::optimizer::optimize(&mut ours)?;

@@ -31,6 +31,7 @@ use tract_nnef::tract_core::ops::cnn::{Deconv, KernelFormat};
 
 use crate::conv1x1::{self, Isa, Post, PostFun};
 use crate::direct_conv::{Geometry, Layout, PACK, Problem, channels};
+use crate::lowering::{self, Replacement};
 use crate::threads::par_output;
 
 /// One phase of the strides: its offsets, its taps in the base layout,
@@ -221,36 +222,27 @@ impl TypedOp for DirectDeconv {
 /// Replaces every transposed convolution [`DirectDeconv`] can run, with
 /// the chain after it. Returns how many it replaced.
 pub fn lower(model: &mut TypedModel) -> TractResult<usize> {
-    let Some(isa) = Isa::detect().filter(|_| enabled()) else {
+    // On x86-64 only (`Isa::detect`), unless this build has debug
+    // assertions or `EDGEFLEET_DECONV=tract` (`lowering::enabled`).
+    let Some(isa) = Isa::detect().filter(|_| lowering::enabled("EDGEFLEET_DECONV")) else {
         return Ok(0);
     };
     lower_with(model, isa)
-}
-
-/// On x86-64, unless this build has debug assertions (see
-/// `depthwise::enabled`) or `EDGEFLEET_DECONV=tract`.
-fn enabled() -> bool {
-    cfg!(target_arch = "x86_64")
-        && !cfg!(debug_assertions)
-        && std::env::var("EDGEFLEET_DECONV").map_or(true, |v| v != "tract")
 }
 
 fn lower_with(model: &mut TypedModel, isa: Isa) -> TractResult<usize> {
     let mut found = Vec::new();
     for id in model.eval_order()? {
         if let Some((last, op)) = matched(model, id, isa)? {
-            found.push((id, last, op));
+            found.push(Replacement {
+                first: id,
+                input: 0,
+                last,
+                op,
+            });
         }
     }
-    for (deconv, last, op) in &found {
-        let mut patch = TypedModelPatch::default();
-        let x = patch.tap_model(model, model.nodes[*deconv].inputs[0])?;
-        let name = format!("{}.direct", model.nodes[*deconv].name);
-        let y = patch.wire_node(name, op.clone(), &[x])?[0];
-        patch.shunt_outside(model, OutletId::new(*last, 0), y)?;
-        patch.apply(model)?;
-    }
-    Ok(found.len())
+    lowering::replace(model, &found, "direct")
 }
 
 /// Node `id` as a [`DirectDeconv`]: the last node of the chain it takes
@@ -493,27 +485,11 @@ mod tests {
         Ok(out[0].clone().into_tensor())
     }
 
-    fn isas() -> Vec<Isa> {
-        // pushed to on x86 only
-        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
-        let mut isas = vec![Isa::Baseline];
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            isas.push(Isa::Avx2Fma);
-        }
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            isas.push(Isa::Avx512);
-        }
-        isas
-    }
-
     fn compare(case: &Case, rng: &mut Lcg) -> TractResult<()> {
         let (model, input) = deconv_model(case, rng)?;
         let model = model.into_decluttered()?;
         let tracts = run(model.clone().into_optimized()?, &input)?;
-        for isa in isas() {
+        for isa in Isa::here() {
             let mut ours = model.clone();
             assert_eq!(lower_with(&mut ours, isa)?, 1, "not lowered: {case:?}");
             crate::optimizer::optimize(&mut ours)?;

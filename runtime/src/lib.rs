@@ -24,6 +24,7 @@ pub mod direct_conv;
 pub mod direct_deconv;
 pub mod error;
 pub mod graph_ast;
+mod lowering;
 pub mod model;
 mod nnef_ops;
 #[cfg(feature = "onnx")]

@@ -529,9 +529,10 @@ pub fn lower(model: &mut TypedModel) -> TractResult<usize> {
     fuse(model)
 }
 
-/// Unless this build has debug assertions or `EDGEFLEET_POINTWISE=tract`.
+/// Unless this build has debug assertions or `EDGEFLEET_POINTWISE=tract`
+/// ([`crate::lowering::enabled`]).
 fn enabled() -> bool {
-    !cfg!(debug_assertions) && std::env::var("EDGEFLEET_POINTWISE").map_or(true, |v| v != "tract")
+    crate::lowering::enabled("EDGEFLEET_POINTWISE")
 }
 
 fn fuse(model: &mut TypedModel) -> TractResult<usize> {

@@ -226,9 +226,10 @@ pub fn lower(model: &mut TypedModel) -> TractResult<usize> {
 }
 
 /// Unless `EDGEFLEET_RESIZE=tract`; not in builds with debug assertions
-/// (`depthwise::enabled` says why). The unit tests call the op directly.
+/// ([`crate::lowering::enabled`] says why). The unit tests call the op
+/// directly.
 fn enabled() -> bool {
-    !cfg!(debug_assertions) && std::env::var("EDGEFLEET_RESIZE").map_or(true, |v| v != "tract")
+    crate::lowering::enabled("EDGEFLEET_RESIZE")
 }
 
 /// The op for node `id`'s `Resize`, when [`ResizeRows`] computes what
