@@ -134,6 +134,15 @@ pub(crate) struct Post {
     pub(crate) values: Arc<Tensor>,
 }
 
+impl Post {
+    /// Each step's function and values, as the loops read them.
+    pub(crate) fn slices(post: &[Post]) -> TractResult<Vec<(PostFun, &[f32])>> {
+        post.iter()
+            .map(|p| Ok((p.fun, p.values.try_as_plain_ram()?.as_slice::<f32>()?)))
+            .collect()
+    }
+}
+
 /// `out[o, j] = post(Σ_i w[o, i] · x[i, j])` over an f32 image `[I, H, W]`
 /// or `[1, I, H, W]`, output `[O, H, W]` or `[1, O, H, W]`. The weights
 /// and the chain's constants are part of the op. Only [`lower`] makes one
@@ -186,11 +195,7 @@ impl EvalOp for Conv1x1 {
         let x = x.try_as_plain_ram()?.as_slice::<f32>()?;
         ensure!(x.len() == self.k * self.n, "Conv1x1 image size");
         let w = self.weights_t.try_as_plain_ram()?.as_slice::<f32>()?;
-        let post: Vec<(PostFun, &[f32])> = self
-            .post
-            .iter()
-            .map(|p| Ok((p.fun, p.values.try_as_plain_ram()?.as_slice::<f32>()?)))
-            .collect::<TractResult<_>>()?;
+        let post = Post::slices(&self.post)?;
         let problem = Problem {
             m: self.m,
             k: self.k,

@@ -276,11 +276,7 @@ impl DirectConv {
         let plane = g.oh * g.ow;
         let w = self.weights_p.try_as_plain_ram()?.as_slice::<f32>()?;
         let bias = self.bias.try_as_plain_ram()?.as_slice::<f32>()?;
-        let post: Vec<(PostFun, &[f32])> = self
-            .post
-            .iter()
-            .map(|p| Ok((p.fun, p.values.try_as_plain_ram()?.as_slice::<f32>()?)))
-            .collect::<TractResult<_>>()?;
+        let post = Post::slices(&self.post)?;
         let work = g.n * g.co * l.flat * g.ci * l.taps.len();
         par_output(&self.output_shape, plane, work, |first, chunk| {
             let (mut row, mut rest) = (first, chunk);
@@ -893,6 +889,7 @@ mod tests {
     use tract_nnef::tract_core::ops::nn::DataFormat;
 
     use super::*;
+    use crate::lowering::testing::compare_with_tract;
     use crate::test_rng::Lcg;
 
     #[derive(Clone, Debug)]
@@ -976,55 +973,12 @@ mod tests {
         Ok((model, input))
     }
 
-    fn run(model: TypedModel, input: &Tensor) -> TractResult<Tensor> {
-        let plan = model.into_runnable()?;
-        let out = plan.run(tvec!(input.clone().into_tvalue()))?;
-        Ok(out[0].clone().into_tensor())
-    }
-
-    /// tract's own optimized convolution and ours, on the same input.
+    /// tract's own optimized op and ours, on the same input.
     fn compare(case: &Case, rng: &mut Lcg) -> TractResult<()> {
         let (model, input) = conv_model(case, rng)?;
+        let lower = |m: &mut TypedModel, isa| lower_with(m, isa, true);
         let model = model.into_decluttered()?;
-        let tracts = run(model.clone().into_optimized()?, &input)?;
-        for isa in Isa::here() {
-            let mut ours = model.clone();
-            assert_eq!(
-                lower_with(&mut ours, isa, true)?,
-                1,
-                "not lowered: {case:?}"
-            );
-            crate::optimizer::optimize(&mut ours)?;
-            let ops: Vec<String> = ours
-                .nodes
-                .iter()
-                .map(|n| n.op().name().to_string())
-                .collect();
-            assert!(ops.iter().any(|o| o == "DirectConv"), "{case:?}: {ops:?}");
-            // The chain went into the op.
-            assert!(
-                !ops.iter().any(|o| o.contains("Mul") || o.contains("Max")),
-                "{case:?}: {ops:?}"
-            );
-            // Two compute threads split the output channels into runs that
-            // start inside a run of PACK: the same values, bit for bit.
-            let split = crate::threads::Threads::new(2, "direct-conv")?
-                .run(|| run(ours.clone(), &input))?;
-            let ours = run(ours, &input)?;
-            assert_eq!(ours, split, "{case:?} {isa:?} on two threads");
-            assert_eq!(ours.shape(), tracts.shape(), "{case:?}");
-            let (a, b) = (
-                ours.try_as_plain_ram()?.as_slice::<f32>()?,
-                tracts.try_as_plain_ram()?.as_slice::<f32>()?,
-            );
-            for (i, (a, b)) in a.iter().zip(b).enumerate() {
-                assert!(
-                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
-                    "{case:?} {isa:?}: element {i} is {a}, tract's {b}"
-                );
-            }
-        }
-        Ok(())
+        compare_with_tract(case, &model, &input, lower, "DirectConv", &["Mul", "Max"])
     }
 
     #[test]

@@ -29,7 +29,7 @@
 use tract_nnef::internal::*;
 use tract_nnef::tract_core::ops::cnn::{Deconv, KernelFormat};
 
-use crate::conv1x1::{self, Isa, Post, PostFun};
+use crate::conv1x1::{self, Isa, Post};
 use crate::direct_conv::{Geometry, Layout, PACK, Problem, channels};
 use crate::lowering::{self, Replacement};
 use crate::threads::par_output;
@@ -112,11 +112,7 @@ impl EvalOp for DirectDeconv {
             "DirectDeconv output size"
         );
         let bias = self.bias.try_as_plain_ram()?.as_slice::<f32>()?;
-        let post: Vec<(PostFun, &[f32])> = self
-            .post
-            .iter()
-            .map(|p| Ok((p.fun, p.values.try_as_plain_ram()?.as_slice::<f32>()?)))
-            .collect::<TractResult<_>>()?;
+        let post = Post::slices(&self.post)?;
         let weights: Vec<&[f32]> = self
             .phases
             .iter()
@@ -434,6 +430,7 @@ mod tests {
     use tract_nnef::tract_core::ops::nn::DataFormat;
 
     use super::*;
+    use crate::lowering::testing::compare_with_tract;
     use crate::test_rng::Lcg;
 
     #[derive(Clone, Debug)]
@@ -506,48 +503,12 @@ mod tests {
         Ok((model, input))
     }
 
-    fn run(model: TypedModel, input: &Tensor) -> TractResult<Tensor> {
-        let plan = model.into_runnable()?;
-        let out = plan.run(tvec!(input.clone().into_tvalue()))?;
-        Ok(out[0].clone().into_tensor())
-    }
-
+    /// tract's own optimized op and ours, on the same input.
     fn compare(case: &Case, rng: &mut Lcg) -> TractResult<()> {
         let (model, input) = deconv_model(case, rng)?;
+        let lower = |m: &mut TypedModel, isa| lower_with(m, isa, true);
         let model = model.into_decluttered()?;
-        let tracts = run(model.clone().into_optimized()?, &input)?;
-        for isa in Isa::here() {
-            let mut ours = model.clone();
-            assert_eq!(
-                lower_with(&mut ours, isa, true)?,
-                1,
-                "not lowered: {case:?}"
-            );
-            crate::optimizer::optimize(&mut ours)?;
-            let ops: Vec<String> = ours
-                .nodes
-                .iter()
-                .map(|n| n.op().name().to_string())
-                .collect();
-            assert!(ops.iter().any(|o| o == "DirectDeconv"), "{case:?}: {ops:?}");
-            assert!(!ops.iter().any(|o| o.contains("Max")), "{case:?}: {ops:?}");
-            let split = crate::threads::Threads::new(2, "direct-deconv")?
-                .run(|| run(ours.clone(), &input))?;
-            let ours = run(ours, &input)?;
-            assert_eq!(ours, split, "{case:?} {isa:?} on two threads");
-            assert_eq!(ours.shape(), tracts.shape(), "{case:?}");
-            let (a, b) = (
-                ours.try_as_plain_ram()?.as_slice::<f32>()?,
-                tracts.try_as_plain_ram()?.as_slice::<f32>()?,
-            );
-            for (i, (a, b)) in a.iter().zip(b).enumerate() {
-                assert!(
-                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
-                    "{case:?} {isa:?}: element {i} is {a}, tract's {b}"
-                );
-            }
-        }
-        Ok(())
+        compare_with_tract(case, &model, &input, lower, "DirectDeconv", &["Max"])
     }
 
     #[test]

@@ -44,3 +44,70 @@ pub(crate) fn replace<O: TypedOp + Clone>(
     }
     Ok(found.len())
 }
+
+/// The comparison the lowerings' tests share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::fmt::Debug;
+
+    use tract_nnef::internal::*;
+
+    use crate::conv1x1::Isa;
+
+    /// Runs a plan of `model` on `input`: its first output.
+    pub(crate) fn run(model: TypedModel, input: &Tensor) -> TractResult<Tensor> {
+        let plan = model.into_runnable()?;
+        let out = plan.run(tvec!(input.clone().into_tvalue()))?;
+        Ok(out[0].clone().into_tensor())
+    }
+
+    /// `model` (decluttered) optimized by tract, against the same with
+    /// `lower` run first for every compilation this processor has: `lower`
+    /// replaces one node, `op` is then in the plan and no op named with
+    /// any of `fused` (the chain it took in); two compute threads give the
+    /// same bits as one, and every value is within 1e-5 (relative above
+    /// 1) of tract's.
+    pub(crate) fn compare_with_tract(
+        case: &impl Debug,
+        model: &TypedModel,
+        input: &Tensor,
+        lower: impl Fn(&mut TypedModel, Isa) -> TractResult<usize>,
+        op: &str,
+        fused: &[&str],
+    ) -> TractResult<()> {
+        let tracts = run(model.clone().into_optimized()?, input)?;
+        for isa in Isa::here() {
+            let mut ours = model.clone();
+            assert_eq!(lower(&mut ours, isa)?, 1, "not lowered: {case:?}");
+            crate::optimizer::optimize(&mut ours)?;
+            let ops: Vec<String> = ours
+                .nodes
+                .iter()
+                .map(|n| n.op().name().to_string())
+                .collect();
+            assert!(ops.iter().any(|o| o == op), "{case:?}: {ops:?}");
+            assert!(
+                !ops.iter().any(|o| fused.iter().any(|f| o.contains(f))),
+                "{case:?}: {ops:?}"
+            );
+            // Two compute threads split the output channels into runs
+            // that may start anywhere: the same values, bit for bit.
+            let split = crate::threads::Threads::new(2, "lowering-test")?
+                .run(|| run(ours.clone(), input))?;
+            let ours = run(ours, input)?;
+            assert_eq!(ours, split, "{case:?} {isa:?} on two threads");
+            assert_eq!(ours.shape(), tracts.shape(), "{case:?}");
+            let (a, b) = (
+                ours.try_as_plain_ram()?.as_slice::<f32>()?,
+                tracts.try_as_plain_ram()?.as_slice::<f32>()?,
+            );
+            for (i, (a, b)) in a.iter().zip(b).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "{case:?} {isa:?}: element {i} is {a}, tract's {b}"
+                );
+            }
+        }
+        Ok(())
+    }
+}
