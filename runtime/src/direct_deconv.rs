@@ -65,6 +65,10 @@ pub struct DirectDeconv {
     pt: usize,
     pl: usize,
     output_shape: TVec<usize>,
+    /// Per output channel, what an output that no phase reaches holds
+    /// (the bias through the chain); `None` when every output is
+    /// reached. Fixed at load.
+    unreached: Option<Arc<Tensor>>,
 }
 
 impl Op for DirectDeconv {
@@ -118,21 +122,10 @@ impl EvalOp for DirectDeconv {
             .iter()
             .map(|p| p.weights_p.try_as_plain_ram()?.as_slice::<f32>())
             .collect::<TractResult<_>>()?;
-        // What an output no tap reaches holds.
-        let alone: Vec<f32> = (0..g.co)
-            .map(|o| post.iter().fold(bias[o], |v, &(fun, c)| fun.apply(v, c[o])))
-            .collect();
-        // Each output is in one phase: when the phases' extents add up to
-        // the whole output, every output is written.
-        let reached: usize = self
-            .phases
-            .iter()
-            .map(|p| {
-                let ((u0, u1), (v0, v1)) = self.extent(p);
-                (u1 - u0) * (v1 - v0)
-            })
-            .sum();
-        let every_output_reached = reached == out_plane;
+        let unreached = match &self.unreached {
+            Some(t) => Some(t.try_as_plain_ram()?.as_slice::<f32>()?),
+            None => None,
+        };
         crate::direct_conv::with_planes(g, l, x, |planes| {
             let grid = g.oh * g.ow;
             let taps: usize = self.phases.iter().map(|p| p.layout.taps.len()).sum();
@@ -145,9 +138,9 @@ impl EvalOp for DirectDeconv {
                     let (ni, o) = (row / g.co, row % g.co);
                     let count = (g.co - o).min(rest.len() / out_plane);
                     let (these, next) = rest.split_at_mut(count * out_plane);
-                    if !every_output_reached {
+                    if let Some(unreached) = unreached {
                         for (r, out) in these.chunks_mut(out_plane).enumerate() {
-                            out.fill(alone[o + r]);
+                            out.fill(unreached[o + r]);
                         }
                     }
                     // Every value `spread` reads, `channels` writes first.
@@ -178,6 +171,29 @@ impl EvalOp for DirectDeconv {
 }
 
 impl DirectDeconv {
+    /// Sets `unreached` unless every output is reached: each output is
+    /// in one phase, so that is when the phases' extents add up to the
+    /// whole output.
+    fn with_unreached(mut self) -> TractResult<DirectDeconv> {
+        let reached: usize = self
+            .phases
+            .iter()
+            .map(|p| {
+                let ((u0, u1), (v0, v1)) = self.extent(p);
+                (u1 - u0) * (v1 - v0)
+            })
+            .sum();
+        if reached < self.out_h * self.out_w {
+            let bias = self.bias.try_as_plain_ram()?.as_slice::<f32>()?;
+            let post = Post::slices(&self.post)?;
+            let values: Vec<f32> = (0..self.base.co)
+                .map(|o| post.iter().fold(bias[o], |v, &(fun, c)| fun.apply(v, c[o])))
+                .collect();
+            self.unreached = Some(Arc::new(tensor1(&values)));
+        }
+        Ok(self)
+    }
+
     /// Writes a phase's values (`[channels, oh, ow]` of the base grid) to
     /// their output positions (`out`: the same channels, `[out_h,
     /// out_w]` each).
@@ -419,7 +435,9 @@ fn matched(model: &TypedModel, id: usize, isa: Isa) -> TractResult<Option<(usize
             pt: padding[0].pad_before,
             pl: padding[1].pad_before,
             output_shape,
-        },
+            unreached: None,
+        }
+        .with_unreached()?,
     )))
 }
 
