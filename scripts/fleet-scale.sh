@@ -13,8 +13,9 @@
 # cluster on a loopback port, as nobody under root, fsync on), bundle bytes
 # in an S3 bucket (s3s-fs, `cargo install s3s-fs --features binary`),
 # Debian's mosquitto with the published config and per-device logins kept
-# by the server (shared subscription for ingest), and two fleet-server
-# processes: the active one and a standby waiting for its lease. Then the
+# by the server, and two fleet-server processes: the active one and a
+# standby waiting for its lease, which takes its share of the device
+# messages from the shared subscription into the inbox (ingest_slots = 1). Then the
 # same layout at STANDBY_SIZES devices (default 10000) with every device
 # and operator call sent to the standby, which forwards them to the active
 # server (a DNS name or a balancer that does not check /readyz).
@@ -125,6 +126,7 @@ url = \"mqtt://127.0.0.1:$mqtt_port\"
 username = \"fleet-server\"
 password = \"server-$token\"
 share_group = \"fleet\"
+ingest_slots = 1
 [mqtt.mosquitto]
 password_file = \"$work/mosquitto/passwd\"
 reload_command = [\"kill\", \"-HUP\", \"$mosq_pid\"]"

@@ -143,9 +143,14 @@ pub struct MqttConfig {
     pub password: Option<String>,
     /// With an external broker: subscribe through a shared subscription
     /// (`$share/<group>/...`), to split the device traffic with other
-    /// consumers in that group. Replicas do not split it: only the active
-    /// one subscribes (docs/brokers.md says why).
+    /// consumers in that group, and with `ingest_slots` between replicas.
     pub share_group: Option<String>,
+    /// With `share_group` and a shared store: how many standbys take a
+    /// share of the device messages, each through a broker login of its
+    /// own (`<username>-1` … `-N`, the server's password; the server
+    /// writes them into a mosquitto password file it keeps). Default 0:
+    /// only the active server ingests. docs/brokers.md, "Replicas".
+    pub ingest_slots: u32,
     /// Messages waiting for the store; beyond it the broker stops reading
     /// from devices (backpressure) instead of dropping. Default 16384.
     pub ingest_queue: usize,
@@ -184,6 +189,7 @@ impl Default for MqttConfig {
             username: None,
             password: None,
             share_group: None,
+            ingest_slots: 0,
             ingest_queue: 16_384,
             notices_per_sec: 1000,
             mosquitto: None,

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::fleet::{Fleet, lock};
-use crate::store::{Part, Write};
+use crate::store::{Part, Store, Write};
 use crate::writer::Writer;
 
 /// Largest device message accepted.
@@ -201,6 +201,21 @@ impl Ingest {
         wait.await.unwrap_or(Err(Refusal::Store))
     }
 
+    /// A standby's ingest: each batch goes to the shared store's inbox as
+    /// it came (from broker slot `slot`), for the active server to apply;
+    /// resolved once committed there.
+    pub fn start_inbox(
+        store: Arc<dyn Store>,
+        slot: u32,
+        capacity: usize,
+        shutdown: CancellationToken,
+    ) -> (Ingest, impl Future<Output = crate::error::Result<()>>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let metrics = Arc::new(IngestMetrics::default());
+        let worker = run_inbox(store, slot, rx, metrics.clone(), shutdown);
+        (Ingest { tx, metrics }, worker)
+    }
+
     /// Messages waiting.
     pub fn backlog(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity()
@@ -250,6 +265,64 @@ async fn run(
             tracing::error!(error = %e, "cannot store device messages");
             Refusal::Store
         });
+        m.batches.fetch_add(1, Relaxed);
+        if outcome.is_ok() {
+            m.ingested.fetch_add(waiting.len() as u64, Relaxed);
+        } else {
+            for _ in &waiting {
+                m.refuse(Refusal::Store);
+            }
+        }
+        for w in waiting {
+            let _ = w.send(outcome);
+        }
+    }
+}
+
+async fn run_inbox(
+    store: Arc<dyn Store>,
+    slot: u32,
+    mut rx: mpsc::Receiver<Job>,
+    m: Arc<IngestMetrics>,
+    shutdown: CancellationToken,
+) -> crate::error::Result<()> {
+    loop {
+        let first = tokio::select! {
+            j = rx.recv() => match j { Some(j) => j, None => return Ok(()) },
+            () = shutdown.cancelled() => return Ok(()),
+        };
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        // The active server decodes and checks them; only what cannot be
+        // a device message is refused here.
+        let mut batch = Vec::with_capacity(jobs.len());
+        let mut waiting = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            if j.payload.len() > MAX_PAYLOAD {
+                m.refuse(Refusal::TooLarge);
+                let _ = j.done.send(Err(Refusal::TooLarge));
+                continue;
+            }
+            batch.push((j.topic, j.payload.to_vec()));
+            waiting.push(j.done);
+        }
+        if waiting.is_empty() {
+            continue;
+        }
+        let s = store.clone();
+        let outcome = tokio::task::spawn_blocking(move || s.inbox_push(slot, &batch))
+            .await
+            .map_err(|e| crate::error::Error::Store(e.to_string()))
+            .and_then(|r| r)
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot store device messages in the inbox");
+                Refusal::Store
+            });
         m.batches.fetch_add(1, Relaxed);
         if outcome.is_ok() {
             m.ingested.fetch_add(waiting.len() as u64, Relaxed);

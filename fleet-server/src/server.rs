@@ -213,8 +213,17 @@ pub async fn start(
         url: advertised(&config),
         secret: Some(hex::encode(secret)),
     };
-    let (epoch, standby) =
-        take_lease(&config, &store, &shutdown, (&tls, idle), &tokens, &me).await?;
+    let shared_ingest = shared_ingest(&config)?;
+    let (epoch, standby) = take_lease(
+        &config,
+        &store,
+        &shutdown,
+        (&tls, idle),
+        &tokens,
+        &me,
+        shared_ingest.clone(),
+    )
+    .await?;
     if epoch > 0 {
         tracing::info!(epoch, "active: this server holds the store's lease");
     }
@@ -291,6 +300,7 @@ pub async fn start(
     let limits = Arc::new(crate::limits::Limits::new(&config.limits));
     let mut mqtt = None;
     let mut mqtt_url = None;
+    let mut shared_metrics = None;
     if let Some(mc) = &config.mqtt {
         let (ingest, ingest_worker) =
             Ingest::start(fleet.clone(), writer.clone(), mc.ingest_queue, stop.clone());
@@ -327,12 +337,36 @@ pub async fn start(
                 stop.clone(),
             )?;
             spawn("mqtt-client", Box::pin(run));
+            if shared_ingest.is_some() {
+                let m = Arc::new(crate::mqtt::shared::SharedMetrics::default());
+                spawn(
+                    "mqtt-inbox",
+                    Box::pin(crate::mqtt::shared::drain(
+                        store.clone(),
+                        ingest.clone(),
+                        m.clone(),
+                        stop.clone(),
+                    )),
+                );
+                spawn(
+                    "mqtt-adopt",
+                    Box::pin(crate::mqtt::shared::adopt(
+                        mc.clone(),
+                        store.clone(),
+                        ingest.clone(),
+                        m.clone(),
+                        stop.clone(),
+                    )),
+                );
+                shared_metrics = Some(m);
+            }
             let sync = match &mc.mosquitto {
                 Some(mq) => {
                     let sync = crate::mqtt::mosquitto::Sync::new(
                         mq.clone(),
                         mc.username.as_deref().unwrap_or("fleet-server"),
                         mc.password.as_deref().unwrap_or_default(),
+                        mc.ingest_slots,
                     )?;
                     spawn(
                         "mosquitto-passwords",
@@ -342,7 +376,9 @@ pub async fn start(
                 }
                 None => None,
             };
-            Mqtt::external(mc.url.clone().unwrap_or_default(), ingest, client, sync)
+            let mut m = Mqtt::external(mc.url.clone().unwrap_or_default(), ingest, client, sync);
+            m.shared = shared_metrics;
+            m
         };
         let m = Arc::new(m);
         spawn(
@@ -431,9 +467,27 @@ pub async fn start(
     Ok((Running { addr, mqtt_url }, run))
 }
 
+/// `[mqtt] ingest_slots` when set: the standbys' share of the ingest
+/// needs an external broker, a shared subscription and a shared store.
+fn shared_ingest(config: &ServerConfig) -> Result<Option<crate::config::MqttConfig>> {
+    let Some(mc) = config.mqtt.as_ref().filter(|m| m.ingest_slots > 0) else {
+        return Ok(None);
+    };
+    if mc.embedded || mc.share_group.is_none() || config.store.url.is_none() {
+        return Err(Error::Usage(
+            "[mqtt] ingest_slots needs embedded = false, a share_group and a shared \
+             [store] url: standbys take their share of an external broker's shared \
+             subscription into the shared store"
+                .into(),
+        ));
+    }
+    Ok(Some(mc.clone()))
+}
+
 /// Waits for the store's lease (at once for a store only this process
-/// opens). While another server holds it, listens as a [`Standby`];
-/// returns the lease epoch and that standby, now answering `starting`.
+/// opens). While another server holds it, listens as a [`Standby`] (and
+/// takes a share of the device messages with `shared_ingest`); returns
+/// the lease epoch and that standby, now answering `starting`.
 async fn take_lease(
     config: &ServerConfig,
     store: &Arc<dyn Store>,
@@ -441,9 +495,11 @@ async fn take_lease(
     (tls, idle): (&Option<tokio_rustls::TlsAcceptor>, Duration),
     tokens: &Tokens,
     me: &crate::store::LeaseHolder,
+    shared_ingest: Option<crate::config::MqttConfig>,
 ) -> Result<(u64, Option<Standby>)> {
     let shared = Arc::new(crate::standby::Shared::default());
     let (waiting_tx, mut waiting) = tokio::sync::watch::channel(false);
+    let holder = me.name.clone();
     let (s, stop, sh, me) = (store.clone(), shutdown.clone(), shared.clone(), me.clone());
     let mut acquire = tokio::task::spawn_blocking(move || {
         s.acquire_active(&me, &|active| {
@@ -455,6 +511,8 @@ async fn take_lease(
         })
     });
     let mut standby = None;
+    let share_stop = shutdown.child_token();
+    let mut share = None;
     let epoch = loop {
         tokio::select! {
             r = &mut acquire => break r.map_err(|e| Error::Store(e.to_string()))??,
@@ -466,9 +524,24 @@ async fn take_lease(
                     "standby: answering health checks (/readyz 503) and forwarding to the active server"
                 );
                 standby = Some(Standby::start(listener, tls.clone(), idle, tokens.clone(), shared.clone(), client));
+                if let Some(mc) = &shared_ingest {
+                    share = Some(tokio::spawn(crate::mqtt::shared::standby(
+                        mc.clone(),
+                        store.clone(),
+                        holder.clone(),
+                        shared.ingest.clone(),
+                        share_stop.clone(),
+                    )));
+                }
             }
         }
     };
+    // Taking over (or stopping): the standby's share ends first, and its
+    // slot's session is left for the adoption.
+    share_stop.cancel();
+    if let Some(share) = share {
+        let _ = share.await;
+    }
     let Some(epoch) = epoch else {
         return Err(Error::Usage("stopped while waiting as a standby".into()));
     };
@@ -677,6 +750,36 @@ mod tests {
         c.http.tls_cert = tls.then(|| "cert.pem".into());
         c.http.advertise_url = advertise.map(String::from);
         c
+    }
+
+    #[test]
+    fn ingest_slots_need_an_external_broker_a_share_group_and_a_shared_store() {
+        let with = |embedded: bool, group: Option<&str>, store: Option<&str>, slots: u32| {
+            let mut c = ServerConfig {
+                mqtt: Some(crate::config::MqttConfig {
+                    embedded,
+                    url: Some("mqtt://127.0.0.1:1883".into()),
+                    share_group: group.map(String::from),
+                    ingest_slots: slots,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            c.store.url = store.map(String::from);
+            shared_ingest(&c)
+        };
+        let pg = Some("postgres://fleet@db/fleet");
+        assert!(with(false, Some("fleet"), pg, 2).unwrap().is_some());
+        assert!(with(false, Some("fleet"), pg, 0).unwrap().is_none());
+        assert!(with(true, None, None, 0).unwrap().is_none());
+        for (embedded, group, store) in [
+            (true, Some("fleet"), pg),
+            (false, None, pg),
+            (false, Some("fleet"), None),
+        ] {
+            let e = with(embedded, group, store, 1).unwrap_err().to_string();
+            assert!(e.contains("ingest_slots"), "{e}");
+        }
     }
 
     #[test]

@@ -63,6 +63,8 @@ pub struct Shared {
     starting: AtomicBool,
     forwarded: AtomicU64,
     forward_failures: AtomicU64,
+    /// The counters of this standby's share of the ingest, once it has one.
+    pub ingest: Arc<Mutex<Option<Arc<crate::ingest::IngestMetrics>>>>,
 }
 
 #[derive(Clone)]
@@ -281,6 +283,21 @@ async fn metrics(State(f): State<Face>, headers: HeaderMap) -> Response {
         "Requests a standby could not pass on (answered 503).",
         f.shared.forward_failures.load(Relaxed),
     );
+    let share = f.shared.ingest.lock().ok().and_then(|m| m.clone());
+    if let Some(m) = share {
+        crate::metrics::counter(
+            &mut out,
+            "fleet_standby_mqtt_messages_received_total",
+            "Device messages this standby took from its share of the shared subscription.",
+            m.received.load(Relaxed),
+        );
+        crate::metrics::counter(
+            &mut out,
+            "fleet_standby_mqtt_messages_stored_total",
+            "Device messages this standby stored in the inbox (then acknowledged) for the active server.",
+            m.ingested.load(Relaxed),
+        );
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

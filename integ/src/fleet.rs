@@ -444,6 +444,11 @@ impl ServerProc {
         }
     }
 
+    /// The process id (to send it signals).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// kill -9.
     pub fn kill(mut self) {
         let _ = self.child.kill();

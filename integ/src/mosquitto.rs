@@ -100,9 +100,24 @@ impl Mosquitto {
     /// [`Mosquitto::server_config`] as fleet-server.toml text, with a
     /// shared subscription group when given.
     pub fn server_toml(&self, password: &str, share_group: Option<&str>) -> String {
-        let share = share_group
+        self.server_toml_slots(password, share_group, 0)
+    }
+
+    /// [`Mosquitto::server_toml`] with `ingest_slots` standbys taking a
+    /// share of the device messages (their logins are in the published
+    /// ACL file).
+    pub fn server_toml_slots(
+        &self,
+        password: &str,
+        share_group: Option<&str>,
+        slots: u32,
+    ) -> String {
+        let mut share = share_group
             .map(|g| format!("share_group = \"{g}\"\n"))
             .unwrap_or_default();
+        if slots > 0 {
+            share.push_str(&format!("ingest_slots = {slots}\n"));
+        }
         format!(
             "[mqtt]\nembedded = false\nurl = \"{url}\"\nusername = \"{SERVER_USER}\"\n\
              password = \"{password}\"\n{share}\

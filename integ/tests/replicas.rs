@@ -1,6 +1,7 @@
 //! Two fleet-server processes on one PostgreSQL (Debian's, started by the
 //! test), one S3 bucket (`s3s-fs`) for bundle bytes and Debian's
-//! mosquitto with per-device ACLs (shared subscription for ingest), each
+//! mosquitto with per-device ACLs (a shared subscription the standby
+//! takes its share of, `ingest_slots`), each
 //! server with its own data folder and port, behind a load balancer that
 //! checks `/readyz`: one is active, the other waits as a standby (the
 //! store's active lease) that answers health checks but serves nothing.
@@ -212,7 +213,7 @@ async fn a_standby_takes_over_mid_rollout_and_no_device_goes_backwards() {
     let shared = format!(
         "[store]\nurl = \"{url}\"\n{}{}",
         s3.bundles_toml("bundles", true),
-        broker.server_toml("server-secret", Some("fleet"))
+        broker.server_toml_slots("server-secret", Some("fleet"), 1)
     );
     let cfg_a = replica(dir.path(), "a", port_a, &shared);
     let cfg_b = replica(dir.path(), "b", port_b, &shared);
@@ -307,6 +308,11 @@ async fn a_standby_takes_over_mid_rollout_and_no_device_goes_backwards() {
         0,
         "{m}"
     );
+    // The standby takes its share of the devices' messages.
+    assert!(
+        counter(&m, "fleet_standby_mqtt_messages_stored_total") > 0,
+        "{m}"
+    );
     a.kill();
     let killed = Instant::now();
 
@@ -319,6 +325,8 @@ async fn a_standby_takes_over_mid_rollout_and_no_device_goes_backwards() {
         "the standby took over and passes /readyz {:.2} s after the kill -9",
         killed.elapsed().as_secs_f64()
     );
+    // Its own slot's session, left when it took over, is adopted.
+    b.wait_log("adopted a gone standby's broker session", 30);
     let done = fleet.wait_rollout(&r2, "completed", 120).await;
     for (_, agent) in &agents {
         agent
@@ -506,4 +514,242 @@ async fn device_certificates_reach_the_active_server_through_a_standby() {
     );
     b.stop();
     a.stop();
+}
+
+/// A device's MQTT connection: its client and the publishes the broker
+/// acknowledged so far.
+struct MqttDevice {
+    id: String,
+    client: rumqttc::AsyncClient,
+    acked: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl MqttDevice {
+    /// Logs in as `id` with `credential` (retrying while the server's
+    /// password file has not reached mosquitto yet).
+    async fn connect(port: u16, id: &str, credential: &str) -> MqttDevice {
+        use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut o = MqttOptions::new(id, "127.0.0.1", port);
+            o.set_credentials(id, credential);
+            o.set_keep_alive(Duration::from_secs(30));
+            let (client, mut el) = AsyncClient::new(o, 256);
+            let ok = loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(a))) => {
+                        break a.code == rumqttc::ConnectReturnCode::Success;
+                    }
+                    Ok(_) => {}
+                    Err(_) => break false,
+                }
+            };
+            if ok {
+                let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+                let a = acked.clone();
+                tokio::spawn(async move {
+                    while let Ok(e) = el.poll().await {
+                        if let Event::Incoming(Packet::PubAck(_)) = e {
+                            a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                });
+                return MqttDevice {
+                    id: id.into(),
+                    client,
+                    acked,
+                };
+            }
+            assert!(Instant::now() < deadline, "{id} cannot log in to mosquitto");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Publishes events `{wave}-0` … `{wave}-{n-1}` (QoS 1).
+    async fn publish_events(&self, wave: &str, n: u64) {
+        for i in 0..n {
+            let e = json!({"at": 1_000_000 + i, "event": format!("{wave}-{i}")});
+            self.client
+                .publish(
+                    format!("edgefleet/v1/{}/events", self.id),
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    serde_json::to_vec(&e).unwrap(),
+                )
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// Waits until every device acknowledged `n` publishes in all.
+async fn wait_acked(devices: &[MqttDevice], n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while devices
+        .iter()
+        .any(|d| d.acked.load(std::sync::atomic::Ordering::SeqCst) < n)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the broker did not take every publish"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the server holds events `{wave}-0` … of every device.
+async fn wait_events(fleet: &TestFleet, devices: &[MqttDevice], wave: &str, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for d in devices {
+        loop {
+            let v = fleet.device(&d.id).await;
+            let names: Vec<&str> = v["events"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|e| e["event"].as_str()).collect())
+                .unwrap_or_default();
+            let missing: Vec<String> = (0..n)
+                .map(|i| format!("{wave}-{i}"))
+                .filter(|e| !names.contains(&e.as_str()))
+                .collect();
+            if missing.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: events {missing:?} never arrived: {v:#}",
+                d.id
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// `[mqtt] ingest_slots`: the standby takes its share of the shared
+/// subscription (its own broker login, messages stored in the
+/// database's inbox, applied by the active server). Frozen, then
+/// killed with its share of a wave still unacknowledged in its broker
+/// session, the active server adopts that session and nothing is lost;
+/// restarted, it takes a share again. Device ids that are server logins
+/// are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_replicas_split_the_ingest_and_a_dead_standbys_share_is_adopted() {
+    let test = "the_replicas_split_the_ingest_…";
+    let Some(pg) = Postgres::start(test) else {
+        return;
+    };
+    let Some(mosquitto_bin) = mosquitto_bin() else {
+        assert!(
+            std::env::var_os("EDGEFLEET_REQUIRE_MOSQUITTO").is_none(),
+            "mosquitto is required here but not installed"
+        );
+        eprintln!("SKIPPED {test}: mosquitto is not installed");
+        return;
+    };
+    let url = pg.database("fleet");
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), &mosquitto_bin, "dash-secret");
+    let (port_a, port_b) = (free_port(), free_port());
+    let mqtt = broker.server_toml_slots("server-secret", Some("fleet"), 2);
+    let shared = format!("[store]\nurl = \"{url}\"\n{mqtt}");
+    let cfg_a = replica(dir.path(), "a", port_a, &shared);
+    let cfg_b = replica(dir.path(), "b", port_b, &shared);
+    let mut a = ServerProc::start(&cfg_a, port_a);
+    a.wait_log("active: this server holds the store's lease", 30);
+    let mut b = ServerProc::start(&cfg_b, port_b);
+    b.wait_log("standby: another fleet-server is active", 30);
+    b.wait_log("connected to the external MQTT broker", 30);
+    let fleet = TestFleet::attach(port_a);
+    let http = reqwest::Client::new();
+
+    // The server's broker logins are not device ids.
+    for id in ["fleet-server", "fleet-server-1", "fleet-server-7"] {
+        let (status, body) = enroll_through(&http, &fleet.url, id).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("reserved_device_id")),
+            "{id}: {body}"
+        );
+    }
+    let mut devices = Vec::new();
+    for i in 0..8 {
+        let id = format!("cam-{i}");
+        let (status, body) = enroll_through(&http, &fleet.url, &id).await;
+        assert_eq!(status, 201, "{body}");
+        let credential = body["credential"].as_str().unwrap().to_string();
+        devices.push(MqttDevice::connect(broker.port, &id, &credential).await);
+    }
+    // The standby's subscription is in place once its counters show.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Wave 1: split between the two servers, all applied.
+    for d in &devices {
+        d.publish_events("w1", 5).await;
+    }
+    wait_acked(&devices, 5).await;
+    wait_events(&fleet, &devices, "w1", 5).await;
+    let mb = TestFleet::attach(port_b).metrics(VIEWER).await;
+    let stored = counter(&mb, "fleet_standby_mqtt_messages_stored_total");
+    assert!(stored > 0, "the standby took no share: {mb}");
+    assert!(stored < 40, "the standby took everything: {mb}");
+    let ma = fleet.metrics(VIEWER).await;
+    assert!(
+        counter(&ma, "fleet_mqtt_inbox_applied_total") >= stored,
+        "{ma}\n{mb}"
+    );
+
+    // Wave 2 while the standby is frozen: its share waits, unacknowledged,
+    // in its broker session. Killed, its slot is free: the active server
+    // adopts the session and applies that share.
+    let st = std::process::Command::new("kill")
+        .args(["-STOP", &b.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    for d in &devices {
+        d.publish_events("w2", 5).await;
+    }
+    wait_acked(&devices, 10).await;
+    b.kill();
+    wait_events(&fleet, &devices, "w2", 5).await;
+    // The adoption ends a second after its last message.
+    let ma = wait_adoptions(&fleet, 1).await;
+    assert!(
+        counter(&ma, "fleet_mqtt_slot_adopted_messages_total") > 0,
+        "the frozen standby's share came from its adopted session: {ma}"
+    );
+    assert!(a.log().contains("adopted a gone standby's broker session"));
+
+    // The standby comes back and takes a share again (the slot was
+    // freed by the adoption); wave 3 arrives whole.
+    let mut b = ServerProc::start(&cfg_b, port_b);
+    b.wait_log("standby: another fleet-server is active", 30);
+    b.wait_log("connected to the external MQTT broker", 30);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for d in &devices {
+        d.publish_events("w3", 5).await;
+    }
+    wait_acked(&devices, 15).await;
+    wait_events(&fleet, &devices, "w3", 5).await;
+    let mb = TestFleet::attach(port_b).metrics(VIEWER).await;
+    assert!(
+        counter(&mb, "fleet_standby_mqtt_messages_stored_total") > 0,
+        "{mb}"
+    );
+    // A clean stop of the standby leaves its slot for adoption too.
+    b.stop();
+    wait_adoptions(&fleet, 2).await;
+    a.stop();
+}
+
+/// Waits until the active server adopted `n` slot sessions; its metrics.
+async fn wait_adoptions(fleet: &TestFleet, n: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = fleet.metrics(VIEWER).await;
+        if counter(&m, "fleet_mqtt_slot_adoptions_total") >= n {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "{n} adoptions expected: {m}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

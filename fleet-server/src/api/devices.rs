@@ -27,6 +27,21 @@ pub fn valid_device_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
+/// Ids the server's own broker logins use (`fleet-server`, its
+/// shared-ingest slots `fleet-server-1`, …, and the configured
+/// username's): a device under one would share their password-file
+/// entry and their ACL.
+pub fn reserved_device_id(id: &str, mqtt: Option<&crate::config::MqttConfig>) -> bool {
+    let own = mqtt.and_then(|m| m.username.as_deref());
+    [Some(crate::mqtt::acl::SERVER_CLIENT_PREFIX), own]
+        .into_iter()
+        .flatten()
+        .any(|u| {
+            id.strip_prefix(u)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+        })
+}
+
 /// Tag keys and values: printable, short, no control characters.
 pub(super) fn valid_tags(tags: &BTreeMap<String, String>) -> Result<(), ApiError> {
     if tags.len() > 32 {
@@ -85,6 +100,12 @@ pub async fn enroll(
         return Err(refuse(ApiError::bad_request(
             "bad_device_id",
             "device ids are 1-64 characters of A-Z a-z 0-9 . _ -, not starting with '.'",
+        )));
+    }
+    if reserved_device_id(&req.device_id, s.config.mqtt.as_ref()) {
+        return Err(refuse(ApiError::bad_request(
+            "reserved_device_id",
+            "this device id is a fleet-server login at the broker",
         )));
     }
     valid_tags(&grant.tags).map_err(refuse)?;

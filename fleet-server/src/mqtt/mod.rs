@@ -13,6 +13,7 @@ pub mod acl;
 pub mod broker;
 pub mod external;
 pub mod mosquitto;
+pub mod shared;
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -50,6 +51,8 @@ pub struct Mqtt {
     pub notices_failed: AtomicU64,
     /// Set when the server keeps an external mosquitto's password file.
     pub mosquitto: Option<Arc<mosquitto::Sync>>,
+    /// Set when standbys take a share of the ingest (`ingest_slots`).
+    pub shared: Option<Arc<shared::SharedMetrics>>,
 }
 
 impl Mqtt {
@@ -61,6 +64,7 @@ impl Mqtt {
             notices: AtomicU64::new(0),
             notices_failed: AtomicU64::new(0),
             mosquitto: None,
+            shared: None,
         }
     }
 
@@ -77,6 +81,7 @@ impl Mqtt {
             notices: AtomicU64::new(0),
             notices_failed: AtomicU64::new(0),
             mosquitto,
+            shared: None,
         }
     }
 
@@ -162,6 +167,32 @@ impl Mqtt {
             "Device messages waiting for the store.",
             self.ingest.backlog() as u64,
         );
+        if let Some(sh) = &self.shared {
+            crate::metrics::counter(
+                out,
+                "fleet_mqtt_inbox_applied_total",
+                "Device messages standbys took and stored that this server applied.",
+                sh.applied.load(Relaxed),
+            );
+            crate::metrics::counter(
+                out,
+                "fleet_mqtt_slot_adoptions_total",
+                "Broker sessions of gone standbys adopted (emptied and unsubscribed).",
+                sh.adoptions.load(Relaxed),
+            );
+            crate::metrics::counter(
+                out,
+                "fleet_mqtt_slot_adopted_messages_total",
+                "Device messages taken from adopted sessions.",
+                sh.adopted_messages.load(Relaxed),
+            );
+            crate::metrics::counter(
+                out,
+                "fleet_mqtt_slot_adoption_failures_total",
+                "Adoptions that did not finish (tried again).",
+                sh.adoption_failures.load(Relaxed),
+            );
+        }
         if let Link::Embedded(b) = &self.link {
             let m = &b.metrics;
             crate::metrics::gauge(

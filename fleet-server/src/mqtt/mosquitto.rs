@@ -79,18 +79,28 @@ pub struct Sync {
     cfg: MosquittoConfig,
     /// The server's own login line.
     server_line: String,
+    server_user: String,
     dirty: Notify,
 }
 
 impl Sync {
+    /// `slots` logins `<server_user>-1` … for the standbys' shared
+    /// ingest get the server's password too.
     pub fn new(
         cfg: MosquittoConfig,
         server_user: &str,
         server_password: &str,
+        slots: u32,
     ) -> Result<Arc<Sync>> {
+        let h = hash(server_password)?;
+        let mut server_line = format!("{server_user}:{h}");
+        for n in 1..=slots {
+            server_line.push_str(&format!("\n{server_user}-{n}:{h}"));
+        }
         Ok(Arc::new(Sync {
             cfg,
-            server_line: format!("{server_user}:{}", hash(server_password)?),
+            server_line,
+            server_user: server_user.to_string(),
             dirty: Notify::new(),
         }))
     }
@@ -114,7 +124,16 @@ impl Sync {
         }
         for cell in fleet.cells() {
             let d = lock(&cell);
-            if d.rec.is_revoked() {
+            // A device enrolled under a server login before such ids
+            // were refused never gets that login.
+            let id = d.rec.id.as_str();
+            let user = self.server_user.as_str();
+            if d.rec.is_revoked()
+                || crate::api::devices::reserved_device_id(id, None)
+                || id
+                    .strip_prefix(user)
+                    .is_some_and(|r| r.is_empty() || r.starts_with('-'))
+            {
                 continue;
             }
             if let Some(h) = &d.rec.identity.broker_password {
@@ -202,6 +221,51 @@ mod tests {
         let salt: [u8; 12] = B64.decode("sIP/QkAy0dq44Tje").unwrap().try_into().unwrap();
         assert_eq!(hash_with_salt("secret", &salt), line);
         assert_ne!(hash("secret").unwrap(), line, "a fresh salt each time");
+    }
+
+    #[test]
+    fn slot_logins_share_the_servers_password_and_devices_never_wear_them() {
+        use crate::store::{DeviceRecord, Identity};
+        let cfg = MosquittoConfig::default();
+        let sync = Sync::new(cfg, "fleet-server", "pw", 2).unwrap();
+        let fleet = Fleet::default();
+        for id in ["cam-1", "fleet-server-1", "fleet-server", "fleet-serverx"] {
+            fleet.insert(DeviceRecord::enrolled(
+                id.into(),
+                Identity {
+                    tags: Default::default(),
+                    arch: "x86_64".into(),
+                    agent_version: "0.1.0".into(),
+                    credential_sha256: "c".into(),
+                    enrolled_at: 1,
+                    enrolled_with: None,
+                    revoked_at: None,
+                    broker_password: Some(format!("hash-of-{id}")),
+                },
+            ));
+        }
+        let text = sync.render(&fleet).unwrap();
+        let users: Vec<&str> = text.lines().filter_map(|l| l.split(':').next()).collect();
+        assert_eq!(
+            users,
+            [
+                "fleet-server",
+                "fleet-server-1",
+                "fleet-server-2",
+                "cam-1",
+                "fleet-serverx"
+            ],
+            "{text}"
+        );
+        let hashes: Vec<&str> = text
+            .lines()
+            .take(3)
+            .map(|l| &l[l.find(':').unwrap()..])
+            .collect();
+        assert!(hashes.iter().all(|h| *h == hashes[0]), "{text}");
+        for reserved in ["hash-of-fleet-server-1\n", "hash-of-fleet-server\n"] {
+            assert!(!text.contains(reserved), "{text}");
+        }
     }
 
     #[test]

@@ -277,6 +277,58 @@ pub trait Store: Send + Sync + 'static {
     fn still_active(&self) -> bool {
         true
     }
+
+    // Shared ingest across replicas (PostgreSQL only; docs/brokers.md,
+    // "Replicas"). A standby claims a slot, takes its share of the
+    // broker's shared subscription with that slot's broker login, and
+    // keeps each message in the inbox until the active server applied
+    // it. The active server adopts the broker session of every slot in
+    // use whose standby is gone.
+
+    /// Claims the first free slot of `1..=slots` for this server (held
+    /// until [`Store::leave_ingest_slot`] or the process ends) and marks
+    /// it in use; `None` when every slot is taken. `Unsupported` on a
+    /// store only one server opens.
+    fn claim_ingest_slot(&self, _slots: u32, _holder: &str) -> Result<Option<u32>> {
+        Err(crate::error::Error::Usage(
+            "a shared ingest needs a store replicas share ([store] url = \"postgres://…\")".into(),
+        ))
+    }
+    /// Lets go of this server's slot, leaving it in use: its broker
+    /// session is the active server's to adopt.
+    fn leave_ingest_slot(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Stores messages a standby took, in one transaction.
+    fn inbox_push(&self, _slot: u32, _messages: &[(String, Vec<u8>)]) -> Result<()> {
+        Err(crate::error::Error::Usage("no inbox in this store".into()))
+    }
+    /// The oldest `limit` messages of the inbox.
+    fn inbox_take(&self, _limit: usize) -> Result<Vec<InboxMessage>> {
+        Ok(Vec::new())
+    }
+    /// Removes applied messages from the inbox.
+    fn inbox_done(&self, _ids: &[i64]) -> Result<()> {
+        Ok(())
+    }
+    /// Slots in use whose standby is gone, each now locked by this server
+    /// for adoption until [`Store::ingest_slot_adopted`].
+    fn orphaned_ingest_slots(&self) -> Result<Vec<u32>> {
+        Ok(Vec::new())
+    }
+    /// Ends an adoption: the slot is free again when `drained`, and in
+    /// use still (adopted later) when not.
+    fn ingest_slot_adopted(&self, _slot: u32, _drained: bool) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A device message a standby took from the broker.
+#[derive(Clone, Debug)]
+pub struct InboxMessage {
+    pub id: i64,
+    pub topic: String,
+    pub payload: Vec<u8>,
 }
 
 /// A server's entry in a shared store's lease row: what the standbys

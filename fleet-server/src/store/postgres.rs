@@ -48,6 +48,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "lease_url",
         include_str!("../../migrations/0003_lease_url.sql"),
     ),
+    (
+        4,
+        "shared_ingest",
+        include_str!("../../migrations/0004_shared_ingest.sql"),
+    ),
 ];
 
 /// The advisory lock replicas take while migrating (any constant unique
@@ -56,6 +61,11 @@ const MIGRATION_LOCK: i64 = 0x0065_6467_6566_6c74;
 
 /// The advisory lock the active server holds for its whole life.
 const ACTIVE_LOCK: i64 = 0x0065_6467_6566_6c75;
+
+/// The first key of the advisory locks on shared-ingest slots (the
+/// second is the slot). Two-key locks never conflict with the one-key
+/// locks above.
+const SLOT_LOCKS: i32 = 0x6566_736c;
 
 /// How often a standby tries to take the lease.
 const STANDBY_POLL: Duration = Duration::from_millis(500);
@@ -77,6 +87,14 @@ pub struct PgStore {
     /// The session holding the active lease's advisory lock; never
     /// reconnected (a new session would not hold the lock).
     lease: Mutex<Option<Client>>,
+    /// A standby's session holding its shared-ingest slot's lock, and
+    /// that slot.
+    slot: Mutex<Option<(Client, i32)>>,
+    /// The active server's session holding the locks of the slots it is
+    /// adopting.
+    adopting: Mutex<Option<Client>>,
+    /// Inbox writes (standby) and reads (active server).
+    inbox: Mutex<Option<Client>>,
     /// The lease epoch this server holds (0: none yet). Every batch
     /// checks it against the table.
     epoch: std::sync::atomic::AtomicI64,
@@ -91,10 +109,23 @@ pub struct PgStore {
 /// session, releasing the advisory lock at once).
 impl Drop for PgStore {
     fn drop(&mut self) {
-        let clients: Vec<Client> = [&self.write, &self.read, &self.lease]
-            .into_iter()
-            .filter_map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).take())
-            .collect();
+        let mut clients: Vec<Client> = [
+            &self.write,
+            &self.read,
+            &self.lease,
+            &self.adopting,
+            &self.inbox,
+        ]
+        .into_iter()
+        .filter_map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).take())
+        .collect();
+        clients.extend(
+            self.slot
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .map(|(c, _)| c),
+        );
         if clients.is_empty() {
             return;
         }
@@ -234,6 +265,9 @@ impl PgStore {
             write: Mutex::new(None),
             read: Mutex::new(None),
             lease: Mutex::new(None),
+            slot: Mutex::new(None),
+            adopting: Mutex::new(None),
+            inbox: Mutex::new(None),
             epoch: std::sync::atomic::AtomicI64::new(0),
             fenced: std::sync::atomic::AtomicBool::new(false),
         };
@@ -819,6 +853,144 @@ impl Store for PgStore {
 
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+
+    fn claim_ingest_slot(&self, slots: u32, holder: &str) -> Result<Option<u32>> {
+        let mut guard = self
+            .slot
+            .lock()
+            .map_err(|_| Error::Store("postgres slot lock poisoned".into()))?;
+        if let Some((_, n)) = guard.as_ref().filter(|(c, _)| !c.is_closed()) {
+            return Ok(Some(*n as u32));
+        }
+        // The lock lives as long as this session: a dead standby's slot
+        // is free at once.
+        let mut c = self.connect()?;
+        for n in 1..=i32::try_from(slots).unwrap_or(i32::MAX) {
+            let got: bool = c
+                .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&SLOT_LOCKS, &n])
+                .map_err(pg_err)?
+                .get(0);
+            if got {
+                c.execute(
+                    "INSERT INTO edgefleet_ingest_slots (slot, holder, in_use) VALUES ($1, $2, true) \
+                     ON CONFLICT (slot) DO UPDATE SET holder = EXCLUDED.holder, in_use = true, \
+                     since = now()",
+                    &[&n, &holder],
+                )
+                .map_err(pg_err)?;
+                *guard = Some((c, n));
+                return Ok(Some(n as u32));
+            }
+        }
+        Ok(None)
+    }
+
+    fn leave_ingest_slot(&self) -> Result<()> {
+        let taken = self
+            .slot
+            .lock()
+            .map_err(|_| Error::Store("postgres slot lock poisoned".into()))?
+            .take();
+        // Ending the session releases the lock.
+        if let Some((c, _)) = taken {
+            let _ = std::thread::spawn(move || drop(c)).join();
+        }
+        Ok(())
+    }
+
+    fn inbox_push(&self, slot: u32, messages: &[(String, Vec<u8>)]) -> Result<()> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let slot = i32::try_from(slot).unwrap_or(i32::MAX);
+        let topics: Vec<&str> = messages.iter().map(|(t, _)| t.as_str()).collect();
+        let payloads: Vec<&[u8]> = messages.iter().map(|(_, p)| p.as_slice()).collect();
+        self.with(&self.inbox, |c| {
+            c.execute(
+                "INSERT INTO edgefleet_inbox (topic, payload, slot) \
+                 SELECT t, p, $3 FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS m(t, p, i) \
+                 ORDER BY i",
+                &[&topics, &payloads, &slot],
+            )
+            .map_err(pg_err)?;
+            Ok(())
+        })
+    }
+
+    fn inbox_take(&self, limit: usize) -> Result<Vec<super::InboxMessage>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with(&self.inbox, |c| {
+            c.query(
+                "SELECT id, topic, payload FROM edgefleet_inbox ORDER BY id LIMIT $1",
+                &[&limit],
+            )
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| {
+                Ok(super::InboxMessage {
+                    id: r.try_get(0).map_err(pg_err)?,
+                    topic: r.try_get(1).map_err(pg_err)?,
+                    payload: r.try_get(2).map_err(pg_err)?,
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn inbox_done(&self, ids: &[i64]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.with(&self.inbox, |c| {
+            c.execute("DELETE FROM edgefleet_inbox WHERE id = ANY($1)", &[&ids])
+                .map_err(pg_err)?;
+            Ok(())
+        })
+    }
+
+    fn orphaned_ingest_slots(&self) -> Result<Vec<u32>> {
+        self.with(&self.adopting, |c| {
+            let in_use: Vec<i32> = c
+                .query(
+                    "SELECT slot FROM edgefleet_ingest_slots WHERE in_use ORDER BY slot",
+                    &[],
+                )
+                .map_err(pg_err)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let mut orphans = Vec::new();
+            for n in in_use {
+                // A lock this session holds already (an adoption that
+                // failed) is taken again: one more level, released once
+                // per level at the end.
+                let got: bool = c
+                    .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&SLOT_LOCKS, &n])
+                    .map_err(pg_err)?
+                    .get(0);
+                if got {
+                    orphans.push(n as u32);
+                }
+            }
+            Ok(orphans)
+        })
+    }
+
+    fn ingest_slot_adopted(&self, slot: u32, drained: bool) -> Result<()> {
+        let n = i32::try_from(slot).unwrap_or(i32::MAX);
+        self.with(&self.adopting, |c| {
+            if drained {
+                c.execute(
+                    "UPDATE edgefleet_ingest_slots SET in_use = false, since = now() WHERE slot = $1",
+                    &[&n],
+                )
+                .map_err(pg_err)?;
+            }
+            c.query_one("SELECT pg_advisory_unlock($1, $2)", &[&SLOT_LOCKS, &n])
+                .map_err(pg_err)?;
+            Ok(())
+        })
     }
 }
 
