@@ -148,10 +148,10 @@ $broker_toml
 $ha_toml
 TOML
   local standby_port=0
+  if [ "$store" = ha ]; then standby_port=$(free_port); fi
   if [ -n "$via" ]; then
-    # Fixed ports: the active server advertises its address to the standby.
+    # A fixed port: the active server advertises its address to the standby.
     sed -i "s|^listen = \"127.0.0.1:0\"|listen = \"127.0.0.1:$(free_port)\"|" "$work/fleet-server.toml"
-    standby_port=$(free_port)
   fi
   FLEET_SERVER_LOG=warn "$rel/fleet-server" --config "$work/fleet-server.toml" > "$work/server.out" 2> "$work/server.log" &
   pid=$!
@@ -174,6 +174,24 @@ TOML
     --devices "$n" --checkin-secs 30 --report-secs 30 --telemetry-secs 10 --steady-secs 60 --telemetry-only-secs 30 \
     --bundle "$out/cls.bundle" --stages 10:0,50:0,100:0 --rollout-timeout-secs 900 \
     --download-sample 50 --burst "${BURST:-5}" --server-pid "$pid" > "$work/result.json" 2> >(tee "$work/sim.log" >&2)
+  if [ "$store" = ha ]; then
+    # The standby's share of the device messages, and what the active
+    # server applied from the inbox.
+    curl -sf -H "Authorization: Bearer $token" "http://127.0.0.1:$standby_port/metrics" > "$work/standby-metrics.txt" || true
+    curl -sf -H "Authorization: Bearer $token" "$metrics_server/metrics" > "$work/active-metrics.txt" || true
+    python3 - "$work/result.json" "$work/standby-metrics.txt" "$work/active-metrics.txt" <<'PY'
+import json, sys
+def value(path, name):
+    for line in open(path):
+        if line.startswith(name + " "):
+            return int(float(line.split()[1]))
+    return None
+r = json.load(open(sys.argv[1]))
+r["standby_stored"] = value(sys.argv[2], "fleet_standby_mqtt_messages_stored_total")
+r["inbox_applied"] = value(sys.argv[3], "fleet_mqtt_inbox_applied_total")
+json.dump(r, open(sys.argv[1], "w"), indent=1)
+PY
+  fi
   for p in $pid $standby; do kill "$p"; wait "$p" 2>/dev/null || true; done
   pid="" standby=""
   if [ -n "$pg_pid" ]; then

@@ -71,6 +71,14 @@ lines.append(row("bundle downloads during the rollout (Range + sha256)",
 lines.append(row("telemetry burst, acknowledged", lambda r: f"{r['burst_acked']:,} at {r['burst_msgs_per_sec']:,.0f} msg/s", "≥ 20,000 msg/s at 10k"))
 lines.append(row("device messages acknowledged vs ingested (lost)",
                  lambda r: f"{r['acked_total']:,} vs {r['ingested_total']:,} ({r['lost']})", "0 lost"))
+def share(r):
+    if r.get("standby_stored") is None:
+        return "–"
+    stored, total = r["standby_stored"], r["ingested_total"] or 1
+    return (f"{stored:,} ({100 * stored / total:.0f} %), {r.get('inbox_applied') or 0:,} applied "
+            "from the inbox")
+if any(k[0] for k in sizes):
+    lines.append(row("device messages the standby took (its share), applied by the active server", share))
 lines.append(row("steady, server CPU (check-ins, reports, telemetry)",
                  lambda r: f"{(r['steady_server_cpu_pct'] or 0):.0f} % of a core"))
 lines.append(row("telemetry alone, server CPU",

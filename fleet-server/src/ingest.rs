@@ -207,11 +207,11 @@ impl Ingest {
     pub fn start_inbox(
         store: Arc<dyn Store>,
         slot: u32,
+        metrics: Arc<IngestMetrics>,
         capacity: usize,
         shutdown: CancellationToken,
     ) -> (Ingest, impl Future<Output = crate::error::Result<()>>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        let metrics = Arc::new(IngestMetrics::default());
         let worker = run_inbox(store, slot, rx, metrics.clone(), shutdown);
         (Ingest { tx, metrics }, worker)
     }

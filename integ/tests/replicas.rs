@@ -657,7 +657,7 @@ async fn the_replicas_split_the_ingest_and_a_dead_standbys_share_is_adopted() {
     a.wait_log("active: this server holds the store's lease", 30);
     let mut b = ServerProc::start(&cfg_b, port_b);
     b.wait_log("standby: another fleet-server is active", 30);
-    b.wait_log("connected to the external MQTT broker", 30);
+    b.wait_log("subscribed to the device topics", 30);
     let fleet = TestFleet::attach(port_a);
     let http = reqwest::Client::new();
 
@@ -678,8 +678,6 @@ async fn the_replicas_split_the_ingest_and_a_dead_standbys_share_is_adopted() {
         let credential = body["credential"].as_str().unwrap().to_string();
         devices.push(MqttDevice::connect(broker.port, &id, &credential).await);
     }
-    // The standby's subscription is in place once its counters show.
-    tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Wave 1: split between the two servers, all applied.
     for d in &devices {
@@ -697,9 +695,53 @@ async fn the_replicas_split_the_ingest_and_a_dead_standbys_share_is_adopted() {
         "{ma}\n{mb}"
     );
 
+    // The standby's database session holding its slot breaks: it stops
+    // taking messages (the slot may be adopted at once), the active
+    // server adopts the slot, the standby claims one again, and the next
+    // wave arrives whole.
+    let out = std::process::Command::new("psql")
+        .args([&url, "-tAc"])
+        .arg(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_locks \
+             WHERE locktype = 'advisory' AND classid = 1701213036 AND objid = 1 AND objsubid = 2",
+        )
+        .output()
+        .expect("psql");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "1",
+        "the standby holds slot 1: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    b.wait_log("lost its ingest slot's lock", 30);
+    wait_adoptions(&fleet, 1).await;
+    // (Slot 2 while the active server adopts slot 1, or slot 1 after.)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let count = |what: &str| b.log().matches(what).count();
+    while count("taking a share of the device messages") < 2
+        || count("subscribed to the device topics") < 2
+    {
+        assert!(Instant::now() < deadline, "no new slot: {}", b.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for d in &devices {
+        d.publish_events("w1b", 3).await;
+    }
+    wait_acked(&devices, 8).await;
+    wait_events(&fleet, &devices, "w1b", 3).await;
+    let mb2 = TestFleet::attach(port_b).metrics(VIEWER).await;
+    assert!(
+        counter(&mb2, "fleet_standby_mqtt_messages_stored_total") > stored,
+        "the standby takes a share again: {mb2}"
+    );
+
     // Wave 2 while the standby is frozen: its share waits, unacknowledged,
     // in its broker session. Killed, its slot is free: the active server
     // adopts the session and applies that share.
+    let before = counter(
+        &fleet.metrics(VIEWER).await,
+        "fleet_mqtt_slot_adopted_messages_total",
+    );
     let st = std::process::Command::new("kill")
         .args(["-STOP", &b.pid().to_string()])
         .status()
@@ -708,27 +750,33 @@ async fn the_replicas_split_the_ingest_and_a_dead_standbys_share_is_adopted() {
     for d in &devices {
         d.publish_events("w2", 5).await;
     }
-    wait_acked(&devices, 10).await;
+    wait_acked(&devices, 13).await;
     b.kill();
     wait_events(&fleet, &devices, "w2", 5).await;
     // The adoption ends a second after its last message.
-    let ma = wait_adoptions(&fleet, 1).await;
+    let ma = wait_adoptions(&fleet, 2).await;
     assert!(
-        counter(&ma, "fleet_mqtt_slot_adopted_messages_total") > 0,
+        counter(&ma, "fleet_mqtt_slot_adopted_messages_total") > before,
         "the frozen standby's share came from its adopted session: {ma}"
     );
     assert!(a.log().contains("adopted a gone standby's broker session"));
 
     // The standby comes back and takes a share again (the slot was
     // freed by the adoption); wave 3 arrives whole.
+    // (Its log file goes on: count what the new process adds.)
+    let subscribed = |log: &str| log.matches("subscribed to the device topics").count();
+    let earlier = subscribed(&std::fs::read_to_string(cfg_b.with_extension("log")).unwrap());
     let mut b = ServerProc::start(&cfg_b, port_b);
     b.wait_log("standby: another fleet-server is active", 30);
-    b.wait_log("connected to the external MQTT broker", 30);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while subscribed(&b.log()) <= earlier {
+        assert!(Instant::now() < deadline, "no share: {}", b.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for d in &devices {
         d.publish_events("w3", 5).await;
     }
-    wait_acked(&devices, 15).await;
+    wait_acked(&devices, 18).await;
     wait_events(&fleet, &devices, "w3", 5).await;
     let mb = TestFleet::attach(port_b).metrics(VIEWER).await;
     assert!(
@@ -737,7 +785,7 @@ async fn the_replicas_split_the_ingest_and_a_dead_standbys_share_is_adopted() {
     );
     // A clean stop of the standby leaves its slot for adoption too.
     b.stop();
-    wait_adoptions(&fleet, 2).await;
+    wait_adoptions(&fleet, 3).await;
     a.stop();
 }
 

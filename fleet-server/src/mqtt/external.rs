@@ -240,10 +240,26 @@ async fn run(
                     session_present = ack.session_present,
                     "connected to the external MQTT broker"
                 );
-                for f in &filters {
-                    if client.try_subscribe(f.clone(), QoS::AtLeastOnce).is_err() {
-                        tracing::error!(filter = %f, "cannot queue a subscription");
-                    }
+                let all = filters
+                    .iter()
+                    .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                if client.try_subscribe_many(all).is_err() {
+                    tracing::error!("cannot queue the subscriptions");
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let refused = ack
+                    .return_codes
+                    .iter()
+                    .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                    .count();
+                if refused > 0 {
+                    tracing::error!(
+                        refused,
+                        "the broker refused subscriptions to the device topics"
+                    );
+                } else {
+                    tracing::info!("subscribed to the device topics");
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {

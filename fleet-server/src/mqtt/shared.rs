@@ -35,6 +35,8 @@ const DRAIN_IDLE: Duration = Duration::from_millis(200);
 const ADOPT_EVERY: Duration = Duration::from_secs(2);
 /// How often a standby without a slot tries again.
 const CLAIM_EVERY: Duration = Duration::from_secs(5);
+/// How often a standby checks that it still holds its slot.
+const SLOT_CHECK: Duration = Duration::from_secs(1);
 
 /// The active server's counters of the shared ingest.
 #[derive(Debug, Default)]
@@ -158,9 +160,10 @@ pub async fn adopt(
     }
 }
 
-/// A standby's share: claims a slot (retrying while all are taken) and
-/// ingests into the inbox until `stop`; then lets go of the slot, whose
-/// session the active server adopts.
+/// A standby's share: claims a slot (retrying while all are taken),
+/// ingests into the inbox while it holds the slot's lock, and claims
+/// again when it lost it; until `stop`. Each time it lets go of the slot,
+/// whose session the active server then adopts.
 pub async fn standby(
     cfg: MqttConfig,
     store: Arc<dyn Store>,
@@ -168,10 +171,29 @@ pub async fn standby(
     metrics: Arc<std::sync::Mutex<Option<Arc<IngestMetrics>>>>,
     stop: CancellationToken,
 ) {
-    let slot = loop {
-        let (s, h) = (cfg.ingest_slots, holder.clone());
-        match blocking(&store, move |st| st.claim_ingest_slot(s, &h)).await {
-            Ok(Some(n)) => break n,
+    let m = Arc::new(IngestMetrics::default());
+    if let Ok(mut shown) = metrics.lock() {
+        *shown = Some(m.clone());
+    }
+    while let Some(slot) = claim(&cfg, &store, &holder, &stop).await {
+        share(&cfg, &store, slot, m.clone(), &stop).await;
+    }
+}
+
+/// A free slot, claimed; `None` once `stop`.
+async fn claim(
+    cfg: &MqttConfig,
+    store: &Arc<dyn Store>,
+    holder: &str,
+    stop: &CancellationToken,
+) -> Option<u32> {
+    loop {
+        if stop.is_cancelled() {
+            return None;
+        }
+        let (s, h) = (cfg.ingest_slots, holder.to_string());
+        match blocking(store, move |st| st.claim_ingest_slot(s, &h)).await {
+            Ok(Some(n)) => return Some(n),
             Ok(None) => tracing::warn!(
                 slots = cfg.ingest_slots,
                 "standby: every shared-ingest slot is taken ([mqtt] ingest_slots); not ingesting"
@@ -180,34 +202,61 @@ pub async fn standby(
         }
         tokio::select! {
             () = tokio::time::sleep(CLAIM_EVERY) => {}
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => return None,
         }
-    };
-    let login = super::external::slot_login(&cfg, slot);
+    }
+}
+
+/// Takes slot `slot`'s share into the inbox until `stop`, or until the
+/// slot's lock is gone (its database session broke: the active server
+/// may be adopting the slot already); then lets go of the slot.
+async fn share(
+    cfg: &MqttConfig,
+    store: &Arc<dyn Store>,
+    slot: u32,
+    m: Arc<IngestMetrics>,
+    stop: &CancellationToken,
+) {
+    let login = super::external::slot_login(cfg, slot);
     tracing::info!(slot, %login, "standby: taking a share of the device messages into the inbox");
     let inner = stop.child_token();
     let (ingest, worker) =
-        Ingest::start_inbox(store.clone(), slot, cfg.ingest_queue, inner.clone());
-    if let Ok(mut m) = metrics.lock() {
-        *m = Some(ingest.metrics.clone());
-    }
-    let run = match super::external::start_slot(&cfg, slot, ingest, inner.clone()) {
-        Ok(run) => run,
+        Ingest::start_inbox(store.clone(), slot, m, cfg.ingest_queue, inner.clone());
+    match super::external::start_slot(cfg, slot, ingest, inner.clone()) {
+        Ok(run) => {
+            let worker = tokio::spawn(worker);
+            let run = tokio::spawn(run);
+            loop {
+                tokio::select! {
+                    () = inner.cancelled() => break,
+                    () = tokio::time::sleep(SLOT_CHECK) => {}
+                }
+                let held = blocking(store, |s| Ok(s.holds_ingest_slot()))
+                    .await
+                    .unwrap_or(false);
+                if !held {
+                    tracing::warn!(
+                        slot,
+                        "standby: lost its ingest slot's lock (database session); stops taking messages"
+                    );
+                    break;
+                }
+            }
+            inner.cancel();
+            let _ = run.await;
+            let _ = worker.await;
+        }
         Err(e) => {
             tracing::error!(error = %e, "standby: cannot take a share of the device messages");
-            let _ = blocking(&store, |s| s.leave_ingest_slot()).await;
-            return;
+            tokio::select! {
+                () = tokio::time::sleep(CLAIM_EVERY) => {}
+                () = stop.cancelled() => {}
+            }
         }
-    };
-    let worker = tokio::spawn(worker);
-    if let Err(e) = run.await {
-        tracing::warn!(error = %e, "standby: the shared ingest ended");
     }
-    inner.cancel();
-    let _ = worker.await;
     // Whatever the broker gave this session and it did not acknowledge
     // stays there, for the adoption.
-    if let Err(e) = blocking(&store, |s| s.leave_ingest_slot()).await {
+    if let Err(e) = blocking(store, |s| s.leave_ingest_slot()).await {
         tracing::warn!(error = %e, "standby: cannot let go of its ingest slot");
     }
 }

@@ -294,6 +294,10 @@ pub trait Store: Send + Sync + 'static {
             "a shared ingest needs a store replicas share ([store] url = \"postgres://…\")".into(),
         ))
     }
+    /// Whether this server still holds its slot's lock.
+    fn holds_ingest_slot(&self) -> bool {
+        false
+    }
     /// Lets go of this server's slot, leaving it in use: its broker
     /// session is the active server's to adopt.
     fn leave_ingest_slot(&self) -> Result<()> {

@@ -886,6 +886,15 @@ impl Store for PgStore {
         Ok(None)
     }
 
+    fn holds_ingest_slot(&self) -> bool {
+        let Ok(mut guard) = self.slot.lock() else {
+            return false;
+        };
+        guard
+            .as_mut()
+            .is_some_and(|(c, _)| c.simple_query("SELECT 1").is_ok())
+    }
+
     fn leave_ingest_slot(&self) -> Result<()> {
         let taken = self
             .slot
