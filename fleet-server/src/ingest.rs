@@ -229,18 +229,7 @@ async fn run(
     m: Arc<IngestMetrics>,
     shutdown: CancellationToken,
 ) -> crate::error::Result<()> {
-    loop {
-        let first = tokio::select! {
-            j = rx.recv() => match j { Some(j) => j, None => return Ok(()) },
-            () = shutdown.cancelled() => return Ok(()),
-        };
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(j) => jobs.push(j),
-                Err(_) => break,
-            }
-        }
+    while let Some(jobs) = next_batch(&mut rx, &shutdown).await {
         let now = edgefleet_wire::time::unix_now();
         let mut writes = Vec::with_capacity(jobs.len());
         let mut waiting = Vec::with_capacity(jobs.len());
@@ -265,17 +254,43 @@ async fn run(
             tracing::error!(error = %e, "cannot store device messages");
             Refusal::Store
         });
-        m.batches.fetch_add(1, Relaxed);
-        if outcome.is_ok() {
-            m.ingested.fetch_add(waiting.len() as u64, Relaxed);
-        } else {
-            for _ in &waiting {
-                m.refuse(Refusal::Store);
-            }
+        settle(&m, waiting, outcome);
+    }
+    Ok(())
+}
+
+/// The next batch of waiting messages (at least one, waiting for it);
+/// `None` once stopped.
+async fn next_batch(
+    rx: &mut mpsc::Receiver<Job>,
+    shutdown: &CancellationToken,
+) -> Option<Vec<Job>> {
+    let first = tokio::select! {
+        j = rx.recv() => j?,
+        () = shutdown.cancelled() => return None,
+    };
+    let mut jobs = vec![first];
+    while jobs.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(j) => jobs.push(j),
+            Err(_) => break,
         }
-        for w in waiting {
-            let _ = w.send(outcome);
+    }
+    Some(jobs)
+}
+
+/// Counts a committed (or failed) batch and tells each message's waiter.
+fn settle(m: &IngestMetrics, waiting: Vec<oneshot::Sender<Outcome>>, outcome: Outcome) {
+    m.batches.fetch_add(1, Relaxed);
+    if outcome.is_ok() {
+        m.ingested.fetch_add(waiting.len() as u64, Relaxed);
+    } else {
+        for _ in &waiting {
+            m.refuse(Refusal::Store);
         }
+    }
+    for w in waiting {
+        let _ = w.send(outcome);
     }
 }
 
@@ -286,18 +301,7 @@ async fn run_inbox(
     m: Arc<IngestMetrics>,
     shutdown: CancellationToken,
 ) -> crate::error::Result<()> {
-    loop {
-        let first = tokio::select! {
-            j = rx.recv() => match j { Some(j) => j, None => return Ok(()) },
-            () = shutdown.cancelled() => return Ok(()),
-        };
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(j) => jobs.push(j),
-                Err(_) => break,
-            }
-        }
+    while let Some(jobs) = next_batch(&mut rx, &shutdown).await {
         // The active server decodes and checks them; only what cannot be
         // a device message is refused here.
         let mut batch = Vec::with_capacity(jobs.len());
@@ -323,18 +327,9 @@ async fn run_inbox(
                 tracing::error!(error = %e, "cannot store device messages in the inbox");
                 Refusal::Store
             });
-        m.batches.fetch_add(1, Relaxed);
-        if outcome.is_ok() {
-            m.ingested.fetch_add(waiting.len() as u64, Relaxed);
-        } else {
-            for _ in &waiting {
-                m.refuse(Refusal::Store);
-            }
-        }
-        for w in waiting {
-            let _ = w.send(outcome);
-        }
+        settle(&m, waiting, outcome);
     }
+    Ok(())
 }
 
 #[cfg(test)]

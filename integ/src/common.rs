@@ -42,6 +42,20 @@ pub fn mosquitto_bin() -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
+/// [`mosquitto_bin`], or `None` after saying that `test` is skipped
+/// (a failure instead with `EDGEFLEET_REQUIRE_MOSQUITTO`, as in CI).
+pub fn mosquitto_or_skip(test: &str) -> Option<PathBuf> {
+    let bin = mosquitto_bin();
+    if bin.is_none() {
+        assert!(
+            std::env::var_os("EDGEFLEET_REQUIRE_MOSQUITTO").is_none(),
+            "mosquitto is required here but not installed"
+        );
+        eprintln!("SKIPPED {test}: mosquitto is not installed");
+    }
+    bin
+}
+
 /// VmHWM (peak resident memory) of process `pid`, in bytes.
 pub fn peak_rss(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");

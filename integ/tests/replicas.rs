@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use integ::agent::InProcAgent as Agent;
 use integ::balancer::Balancer;
 use integ::bundles::{Model, Pack};
-use integ::common::{counter, free_port, mosquitto_bin, sample};
+use integ::common::{counter, free_port, mosquitto_or_skip, sample};
 use integ::fleet::{
     OPERATOR, ServerProc, TestFleet, VIEWER, assert_credential_needs_its_certificate,
     assert_forbidden, config_file_http, desired_through, enroll_through, trust_key,
@@ -195,12 +195,7 @@ async fn a_standby_takes_over_mid_rollout_and_no_device_goes_backwards() {
     let Some(mut s3) = S3::start(test, "fleet") else {
         return;
     };
-    let Some(mosquitto_bin) = mosquitto_bin() else {
-        assert!(
-            std::env::var_os("EDGEFLEET_REQUIRE_MOSQUITTO").is_none(),
-            "mosquitto is required here but not installed"
-        );
-        eprintln!("SKIPPED {test}: mosquitto is not installed");
+    let Some(mosquitto_bin) = mosquitto_or_skip(test) else {
         return;
     };
     let url = pg.database("fleet");
@@ -637,12 +632,7 @@ async fn the_replicas_split_the_ingest_and_a_dead_standbys_share_is_adopted() {
     let Some(pg) = Postgres::start(test) else {
         return;
     };
-    let Some(mosquitto_bin) = mosquitto_bin() else {
-        assert!(
-            std::env::var_os("EDGEFLEET_REQUIRE_MOSQUITTO").is_none(),
-            "mosquitto is required here but not installed"
-        );
-        eprintln!("SKIPPED {test}: mosquitto is not installed");
+    let Some(mosquitto_bin) = mosquitto_or_skip(test) else {
         return;
     };
     let url = pg.database("fleet");

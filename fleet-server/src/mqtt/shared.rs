@@ -49,6 +49,14 @@ pub struct SharedMetrics {
     pub adoption_failures: AtomicU64,
 }
 
+/// Sleeps `d`; false if `stop` came first.
+async fn pause(d: Duration, stop: &CancellationToken) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(d) => true,
+        () = stop.cancelled() => false,
+    }
+}
+
 async fn blocking<T: Send + 'static>(
     store: &Arc<dyn Store>,
     f: impl FnOnce(&dyn Store) -> Result<T> + Send + 'static,
@@ -76,10 +84,10 @@ pub async fn drain(
             }
         };
         if rows.is_empty() {
-            tokio::select! {
-                () = tokio::time::sleep(DRAIN_IDLE) => continue,
-                () = stop.cancelled() => return Ok(()),
+            if pause(DRAIN_IDLE, &stop).await {
+                continue;
             }
+            return Ok(());
         }
         // Queued in order (one batch of the ingest, mostly), then awaited.
         let outcomes = futures_util::future::join_all(
@@ -101,11 +109,8 @@ pub async fn drain(
         } else {
             m.applied.fetch_add(n, Relaxed);
         }
-        if !stored {
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                () = stop.cancelled() => return Ok(()),
-            }
+        if !stored && !pause(Duration::from_secs(1), &stop).await {
+            return Ok(());
         }
     }
 }
@@ -153,9 +158,8 @@ pub async fn adopt(
             }
             Err(e) => tracing::warn!(error = %e, "cannot look for ingest slots to adopt"),
         }
-        tokio::select! {
-            () = tokio::time::sleep(ADOPT_EVERY) => {}
-            () = stop.cancelled() => return Ok(()),
+        if !pause(ADOPT_EVERY, &stop).await {
+            return Ok(());
         }
     }
 }
@@ -200,9 +204,8 @@ async fn claim(
             ),
             Err(e) => tracing::warn!(error = %e, "standby: cannot claim a shared-ingest slot"),
         }
-        tokio::select! {
-            () = tokio::time::sleep(CLAIM_EVERY) => {}
-            () = stop.cancelled() => return None,
+        if !pause(CLAIM_EVERY, stop).await {
+            return None;
         }
     }
 }
@@ -248,10 +251,7 @@ async fn share(
         }
         Err(e) => {
             tracing::error!(error = %e, "standby: cannot take a share of the device messages");
-            tokio::select! {
-                () = tokio::time::sleep(CLAIM_EVERY) => {}
-                () = stop.cancelled() => {}
-            }
+            pause(CLAIM_EVERY, stop).await;
         }
     }
     // Whatever the broker gave this session and it did not acknowledge
