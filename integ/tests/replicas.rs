@@ -592,6 +592,30 @@ async fn wait_acked(devices: &[MqttDevice], n: u64) {
     }
 }
 
+/// Every device publishes `n` events of `wave`; waits until the broker
+/// acknowledged `total` publishes of each in all, then until the server
+/// holds every event of the wave.
+async fn wave(fleet: &TestFleet, devices: &[MqttDevice], wave: &str, n: u64, total: u64) {
+    for d in devices {
+        d.publish_events(wave, n).await;
+    }
+    wait_acked(devices, total).await;
+    wait_events(fleet, devices, wave, n).await;
+}
+
+/// Waits until `log()` holds `what` more than `than` times.
+async fn wait_count(log: impl Fn() -> String, what: &str, than: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while log().matches(what).count() <= than {
+        assert!(
+            Instant::now() < deadline,
+            "{what:?} not more than {than} times: {}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Waits until the server holds events `{wave}-0` … of every device.
 async fn wait_events(fleet: &TestFleet, devices: &[MqttDevice], wave: &str, n: u64) {
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -670,11 +694,7 @@ async fn the_replicas_split_the_ingest_and_a_dead_standbys_share_is_adopted() {
     }
 
     // Wave 1: split between the two servers, all applied.
-    for d in &devices {
-        d.publish_events("w1", 5).await;
-    }
-    wait_acked(&devices, 5).await;
-    wait_events(&fleet, &devices, "w1", 5).await;
+    wave(&fleet, &devices, "w1", 5, 5).await;
     let mb = TestFleet::attach(port_b).metrics(VIEWER).await;
     let stored = counter(&mb, "fleet_standby_mqtt_messages_stored_total");
     assert!(stored > 0, "the standby took no share: {mb}");
@@ -706,19 +726,9 @@ async fn the_replicas_split_the_ingest_and_a_dead_standbys_share_is_adopted() {
     b.wait_log("lost its ingest slot's lock", 30);
     wait_adoptions(&fleet, 1).await;
     // (Slot 2 while the active server adopts slot 1, or slot 1 after.)
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let count = |what: &str| b.log().matches(what).count();
-    while count("taking a share of the device messages") < 2
-        || count("subscribed to the device topics") < 2
-    {
-        assert!(Instant::now() < deadline, "no new slot: {}", b.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    for d in &devices {
-        d.publish_events("w1b", 3).await;
-    }
-    wait_acked(&devices, 8).await;
-    wait_events(&fleet, &devices, "w1b", 3).await;
+    wait_count(|| b.log(), "taking a share of the device messages", 1).await;
+    wait_count(|| b.log(), "subscribed to the device topics", 1).await;
+    wave(&fleet, &devices, "w1b", 3, 8).await;
     let mb2 = TestFleet::attach(port_b).metrics(VIEWER).await;
     assert!(
         counter(&mb2, "fleet_standby_mqtt_messages_stored_total") > stored,
@@ -754,20 +764,14 @@ async fn the_replicas_split_the_ingest_and_a_dead_standbys_share_is_adopted() {
     // The standby comes back and takes a share again (the slot was
     // freed by the adoption); wave 3 arrives whole.
     // (Its log file goes on: count what the new process adds.)
-    let subscribed = |log: &str| log.matches("subscribed to the device topics").count();
-    let earlier = subscribed(&std::fs::read_to_string(cfg_b.with_extension("log")).unwrap());
+    let earlier = std::fs::read_to_string(cfg_b.with_extension("log"))
+        .unwrap()
+        .matches("subscribed to the device topics")
+        .count();
     let mut b = ServerProc::start(&cfg_b, port_b);
     b.wait_log("standby: another fleet-server is active", 30);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while subscribed(&b.log()) <= earlier {
-        assert!(Instant::now() < deadline, "no share: {}", b.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    for d in &devices {
-        d.publish_events("w3", 5).await;
-    }
-    wait_acked(&devices, 18).await;
-    wait_events(&fleet, &devices, "w3", 5).await;
+    wait_count(|| b.log(), "subscribed to the device topics", earlier).await;
+    wave(&fleet, &devices, "w3", 5, 18).await;
     let mb = TestFleet::attach(port_b).metrics(VIEWER).await;
     assert!(
         counter(&mb, "fleet_standby_mqtt_messages_stored_total") > 0,
