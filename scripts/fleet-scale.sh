@@ -17,8 +17,9 @@
 # standby waiting for its lease, which takes its share of the device
 # messages from the shared subscription into the inbox (ingest_slots = 1). Then the
 # same layout at STANDBY_SIZES devices (default 10000) with every device
-# and operator call sent to the standby, which forwards them to the active
-# server (a DNS name or a balancer that does not check /readyz).
+# and operator call sent to the standby (a DNS name or a balancer that
+# does not check /readyz), which answers the check-ins from its copy of
+# the fleet and forwards the rest to the active server.
 #
 #   scripts/fleet-scale.sh                 # 1000 3000 10000, then PostgreSQL at 10000 (twice)
 #   SIZES="1000" PG_SIZES="" STANDBY_SIZES="" scripts/fleet-scale.sh    # one size (does not touch docs/)
@@ -189,6 +190,8 @@ def value(path, name):
 r = json.load(open(sys.argv[1]))
 r["standby_stored"] = value(sys.argv[2], "fleet_standby_mqtt_messages_stored_total")
 r["inbox_applied"] = value(sys.argv[3], "fleet_mqtt_inbox_applied_total")
+r["standby_checkins"] = value(sys.argv[2], "fleet_standby_checkins_served_total")
+r["standby_forwarded"] = value(sys.argv[2], "fleet_standby_forwarded_total")
 json.dump(r, open(sys.argv[1], "w"), indent=1)
 PY
   fi

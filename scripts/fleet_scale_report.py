@@ -9,7 +9,8 @@ for f in glob.glob(os.path.join(folder, "result-*.json")):
     name = os.path.basename(f)[len("result-"):-len(".json")]
     # `N` (embedded sled store and broker), `pg-N` (the scale-out layout:
     # PostgreSQL, an S3 bucket, mosquitto, active + standby) or `sb-N` (that
-    # layout, every call sent to the standby, which forwards it).
+    # layout, every call sent to the standby, which answers check-ins from
+    # its copy of the fleet and forwards the rest).
     layout = {"pg": 1, "sb": 2}.get(name[:2], 0)
     runs[(layout, int(name[3:] if layout else name))] = json.load(open(f))
 sizes = sorted(runs)
@@ -79,6 +80,12 @@ def share(r):
             "from the inbox")
 if any(k[0] for k in sizes):
     lines.append(row("device messages the standby took (its share), applied by the active server", share))
+def standby_http(r):
+    if r.get("standby_checkins") is None:
+        return "–"
+    return f"{r['standby_checkins']:,} answered, {r.get('standby_forwarded') or 0:,} forwarded"
+if any(k[0] == 2 for k in sizes):
+    lines.append(row("calls to the standby: check-ins it answered from its copy, calls it forwarded", standby_http))
 lines.append(row("steady, server CPU (check-ins, reports, telemetry)",
                  lambda r: f"{(r['steady_server_cpu_pct'] or 0):.0f} % of a core"))
 lines.append(row("telemetry alone, server CPU",
@@ -106,6 +113,7 @@ if any(pg for pg, _ in sizes):
     if any(layout == 2 for layout, _ in sizes):
         lines.append("")
         lines.append("In the column \"through the standby\" every HTTP call of the devices and the operator goes to the")
-        lines.append("standby, which forwards it to the active server (docs/deploy.md, \"Replicas\"): its latencies include")
-        lines.append("that hop. MQTT goes to mosquitto as in the other scale-out column.")
+        lines.append("standby. It answers check-ins itself from its copy of the fleet, which PostgreSQL's change feed keeps")
+        lines.append("current, and forwards everything else to the active server (docs/deploy.md, \"Standbys answer")
+        lines.append("check-ins\"), so report latencies include that hop. MQTT goes to mosquitto as in the other scale-out column.")
 print("\n".join(lines))

@@ -228,7 +228,8 @@ impl Fleet {
         self.rebuild_all(terms);
     }
 
-    fn rebuild_all(&self, terms: impl Fn(Option<&str>) -> RolloutTerms) {
+    /// Rebuilds every device's document (after the rollout terms changed).
+    pub fn rebuild_all(&self, terms: impl Fn(Option<&str>) -> RolloutTerms) {
         for cell in self.cells() {
             let mut d = lock(&cell);
             let t = terms(d.rec.desired.rollout.as_deref());
@@ -321,6 +322,41 @@ impl Fleet {
         drop(devices);
         self.touch_generation();
         true
+    }
+
+    /// A standby's copy ([`crate::follow`]): the device as now stored,
+    /// replacing what was held, its credential index and document with it.
+    pub fn put(&self, rec: DeviceRecord, terms: &RolloutTerms) {
+        let Some(cell) = self.get(&rec.id) else {
+            let (id, cred, revoked) = (
+                rec.id.clone(),
+                rec.identity.credential_sha256.clone(),
+                rec.is_revoked(),
+            );
+            if self.insert(rec) && revoked {
+                self.forget_credential(&cred);
+            }
+            if let Some(cell) = self.get(&id) {
+                self.rebuild(&mut lock(&cell), terms);
+            }
+            return;
+        };
+        let mut d = lock(&cell);
+        let old = d.rec.identity.credential_sha256.clone();
+        if old != rec.identity.credential_sha256 || rec.is_revoked() {
+            self.forget_credential(&old);
+        }
+        if !rec.is_revoked() {
+            self.credentials
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(rec.identity.credential_sha256.clone(), rec.id.clone());
+        }
+        if d.rec.identity.tags != rec.identity.tags {
+            self.touch_generation();
+        }
+        d.rec = rec;
+        self.rebuild(&mut d, terms);
     }
 
     /// Forgets a device (decommissioning).
@@ -452,6 +488,41 @@ mod tests {
         // Revoked: the credential is dead even before it leaves the index.
         lock(&f.get("pi-1").unwrap()).rec.identity.revoked_at = Some(5);
         assert!(f.by_credential("c1").is_none());
+    }
+
+    #[test]
+    fn a_copy_takes_stored_records_with_their_credentials_and_documents() {
+        let f = Fleet::default();
+        let terms = RolloutTerms::default();
+        // New, then re-enrolled with another credential: the old one is dead.
+        f.put(rec("pi-1", "c1"), &terms);
+        assert_eq!(lock(&f.by_credential("c1").unwrap()).rec.id, "pi-1");
+        let before = lock(&f.get("pi-1").unwrap()).doc.etag.clone();
+        let mut r = rec("pi-1", "c2");
+        r.desired.rollout = Some("r1".into());
+        r.desired.bundle = Some(edgefleet_wire::device::BundleRef {
+            id: "b1".into(),
+            name: "cls".into(),
+            version: "1.0.0".into(),
+            sequence: 1,
+        });
+        f.put(r.clone(), &terms);
+        assert!(f.by_credential("c1").is_none());
+        let cell = f.by_credential("c2").unwrap();
+        let doc = lock(&cell).doc.clone();
+        assert_ne!(doc.etag, before, "the document follows the desired state");
+        assert_eq!(*doc, f.doc_of(&r, &terms));
+        // Revoked: dead at once, and out of the index.
+        r.identity.revoked_at = Some(9);
+        f.put(r.clone(), &terms);
+        assert!(f.by_credential("c2").is_none());
+        assert!(!f.credentials.read().unwrap().contains_key("c2"));
+        // A device first seen revoked never enters the index.
+        let mut gone = rec("pi-2", "c3");
+        gone.identity.revoked_at = Some(1);
+        f.put(gone, &terms);
+        assert!(f.get("pi-2").is_some() && f.by_credential("c3").is_none());
+        assert!(!f.credentials.read().unwrap().contains_key("c3"));
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub mod enrollment;
 pub mod error;
 pub mod experiment;
 pub mod fleet;
+pub mod follow;
 pub mod http;
 pub mod http_error;
 pub mod ingest;

@@ -214,6 +214,7 @@ pub async fn start(
         secret: Some(hex::encode(secret)),
     };
     let shared_ingest = shared_ingest(&config)?;
+    config.limits.validate().map_err(Error::Usage)?;
     let (epoch, standby) = take_lease(
         &config,
         &store,
@@ -296,7 +297,6 @@ pub async fn start(
     ));
     controller.load_experiments(snapshot.experiments);
 
-    config.limits.validate().map_err(Error::Usage)?;
     let limits = Arc::new(crate::limits::Limits::new(&config.limits));
     let mut mqtt = None;
     let mut mqtt_url = None;
@@ -513,6 +513,14 @@ async fn take_lease(
     let mut standby = None;
     let share_stop = shutdown.child_token();
     let mut share = None;
+    // Check-ins are answered from a copy of the fleet the change feed
+    // keeps current (stores without a feed have no standbys).
+    let local = Arc::new(crate::standby::Local {
+        copy: Arc::new(crate::follow::Copy::default()),
+        limits: crate::limits::Limits::new(&config.limits),
+        http: config.http.clone(),
+    });
+    let root = trust_root(config)?;
     let epoch = loop {
         tokio::select! {
             r = &mut acquire => break r.map_err(|e| Error::Store(e.to_string()))??,
@@ -523,7 +531,20 @@ async fn take_lease(
                     listen = %config.http.listen,
                     "standby: answering health checks (/readyz 503) and forwarding to the active server"
                 );
-                standby = Some(Standby::start(listener, tls.clone(), idle, tokens.clone(), shared.clone(), client));
+                standby = Some(Standby::start(
+                    listener,
+                    tls.clone(),
+                    idle,
+                    (tokens.clone(), shared.clone()),
+                    client,
+                    Some(local.clone()),
+                ));
+                tokio::spawn(crate::follow::follow(
+                    store.clone(),
+                    root.clone(),
+                    local.copy.clone(),
+                    share_stop.clone(),
+                ));
                 if let Some(mc) = &shared_ingest {
                     share = Some(tokio::spawn(crate::mqtt::shared::standby(
                         mc.clone(),

@@ -8,6 +8,11 @@
 //!   standby nothing;
 //! - `GET /metrics` (a viewer token or better, as on the active server): the build,
 //!   `fleet_server_active 0` and the forwarding counters;
+//! - `GET /api/v1/device/desired`, a device's check-in, from its own copy
+//!   of the fleet ([`crate::follow`], kept current by the store's change
+//!   feed), with the device's certificate and request budget checked as
+//!   on the active server; forwarded while the copy is not current or
+//!   does not know the credential (a device enrolled a moment ago);
 //! - anything else is **forwarded** to the active server (its
 //!   `[http] advertise_url`, from the lease row), streamed both ways, with
 //!   `X-Forwarded-For`: devices and operators that reach a standby (DNS
@@ -72,6 +77,18 @@ struct Face {
     tokens: Tokens,
     shared: Arc<Shared>,
     client: reqwest::Client,
+    local: Option<Arc<Local>>,
+}
+
+/// What a standby needs to answer check-ins itself.
+#[derive(Debug)]
+pub struct Local {
+    /// Its copy of the fleet.
+    pub copy: Arc<crate::follow::Copy>,
+    /// Its own request budgets (per replica, like the active server's).
+    pub limits: crate::limits::Limits,
+    /// The `[http]` settings of client certificates.
+    pub http: crate::config::HttpConfig,
 }
 
 /// The standby's listener and its serving task (stopped on drop).
@@ -106,14 +123,14 @@ pub fn forward_client(ca: Option<&Path>) -> Result<reqwest::Client> {
 
 impl Standby {
     /// Serves the standby's answers on `listener` until handed over;
-    /// forwards with `client`.
+    /// forwards with `client`; answers check-ins with `local`.
     pub fn start(
         listener: TcpListener,
         tls: Option<tokio_rustls::TlsAcceptor>,
         idle: Duration,
-        tokens: Tokens,
-        shared: Arc<Shared>,
+        (tokens, shared): (Tokens, Arc<Shared>),
         client: reqwest::Client,
+        local: Option<Arc<Local>>,
     ) -> Standby {
         let listener = Arc::new(listener);
         let stop = CancellationToken::new();
@@ -121,11 +138,13 @@ impl Standby {
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(not_ready))
             .route("/metrics", get(metrics))
+            .route("/api/v1/device/desired", get(check_in))
             .fallback(not_serving)
             .with_state(Face {
                 tokens,
                 shared: shared.clone(),
                 client,
+                local,
             });
         let serve = crate::http::serve(listener.clone(), app, idle, tls, stop.clone());
         tokio::spawn(async move {
@@ -254,6 +273,36 @@ async fn not_serving(State(f): State<Face>, req: Request) -> Response {
         }
     }
 }
+/// A device's check-in, answered from the standby's copy of the fleet
+/// when it can be (the same document and ETag the active server serves).
+async fn check_in(State(f): State<Face>, req: Request) -> Response {
+    let Some(local) = f.local.clone() else {
+        return not_serving(State(f), req).await;
+    };
+    let Some(fleet) = local.copy.fleet() else {
+        return not_serving(State(f), req).await;
+    };
+    let caller = crate::auth::bearer(req.headers())
+        .and_then(|t| crate::auth::identify(t, &f.tokens, &fleet));
+    let Some(Caller::Device { id, cell }) = caller else {
+        // An operator token, a credential the copy does not know (yet):
+        // the active server answers.
+        return not_serving(State(f), req).await;
+    };
+    let cert = req.extensions().get::<ClientCert>();
+    if let Err(e) = crate::api::device_cert_verdict(&local.http, cert, &id) {
+        local.copy.cert_refusals.fetch_add(1, Relaxed);
+        return e.into_response();
+    }
+    if let Err((what, wait)) = local.limits.device(&id) {
+        local.copy.limited.fetch_add(1, Relaxed);
+        return crate::api::rate_limited(what, wait).into_response();
+    }
+    let doc = crate::fleet::lock(&cell).doc.clone();
+    local.copy.served.fetch_add(1, Relaxed);
+    crate::api::device::answer_desired(&doc, req.headers())
+}
+
 async fn metrics(State(f): State<Face>, headers: HeaderMap) -> Response {
     let caller = crate::auth::bearer(&headers)
         .and_then(|t| f.tokens.find(t))
@@ -283,6 +332,49 @@ async fn metrics(State(f): State<Face>, headers: HeaderMap) -> Response {
         "Requests a standby could not pass on (answered 503).",
         f.shared.forward_failures.load(Relaxed),
     );
+    if let Some(local) = &f.local {
+        let c = &local.copy;
+        for (name, help, v) in [
+            (
+                "fleet_standby_checkins_served_total",
+                "Device check-ins this standby answered from its copy of the fleet.",
+                &c.served,
+            ),
+            (
+                "fleet_standby_fleet_changes_applied_total",
+                "Device changes the store's change feed brought into the standby's copy.",
+                &c.applied,
+            ),
+            (
+                "fleet_standby_fleet_loads_total",
+                "Whole loads of the standby's copy (at start and after each break of the feed).",
+                &c.loads,
+            ),
+            (
+                "fleet_standby_feed_failures_total",
+                "Breaks of the store's change feed (check-ins forwarded until it is back).",
+                &c.failures,
+            ),
+            (
+                "fleet_standby_checkins_limited_total",
+                "Check-ins this standby refused (429) for the device's request budget.",
+                &c.limited,
+            ),
+            (
+                "fleet_client_cert_refusals_total",
+                "Device requests refused for their client certificate.",
+                &c.cert_refusals,
+            ),
+        ] {
+            crate::metrics::counter(&mut out, name, help, v.load(Relaxed));
+        }
+        crate::metrics::gauge(
+            &mut out,
+            "fleet_standby_fleet_devices",
+            "Devices in the standby's copy of the fleet (0 while the change feed is down).",
+            c.devices() as u64,
+        );
+    }
     let share = f.shared.ingest.lock().ok().and_then(|m| m.clone());
     if let Some(m) = share {
         crate::metrics::counter(

@@ -294,10 +294,15 @@ async fn a_standby_takes_over_mid_rollout_and_no_device_goes_backwards() {
     assert_eq!(r["phase"]["state"], "running", "mid-rollout: {r:#}");
     // The devices' telemetry reaches the active server over the broker.
     let seq_before = wait_telemetry(&fleet, "pi-1", 0).await;
-    // pi-4's enrollment, check-ins, reports and the v2 upload went
+    // pi-4's enrollment, reports, downloads and the v2 upload went
     // through the standby.
     let m = TestFleet::attach(port_b).metrics(VIEWER).await;
-    assert!(counter(&m, "fleet_standby_forwarded_total") > 10, "{m}");
+    assert!(counter(&m, "fleet_standby_forwarded_total") > 5, "{m}");
+    // Its check-ins were answered by the standby's copy of the fleet.
+    assert!(
+        counter(&m, "fleet_standby_checkins_served_total") > 0,
+        "{m}"
+    );
     assert_eq!(
         counter(&m, "fleet_standby_forward_failures_total"),
         0,
@@ -490,10 +495,16 @@ async fn device_certificates_reach_the_active_server_through_a_standby() {
 
     // Counted on both sides: what the standby forwarded, what the active
     // server refused.
+    // (A check-in the standby's copy of the fleet knows is answered and
+    // refused there; one it does not know yet is forwarded.)
     let text = integ::common::metrics_text(&no_cert, &standby, Some(VIEWER)).await;
     assert_eq!(sample(&text, "fleet_server_active"), Some(0), "{text}");
+    let standby_refused = counter(&text, "fleet_client_cert_refusals_total");
     assert!(
-        counter(&text, "fleet_standby_forwarded_total") >= 6,
+        counter(&text, "fleet_standby_forwarded_total")
+            + counter(&text, "fleet_standby_checkins_served_total")
+            + standby_refused
+            >= 6,
         "{text}"
     );
     assert_eq!(
@@ -504,7 +515,34 @@ async fn device_certificates_reach_the_active_server_through_a_standby() {
     let op_a = https_client(&active, &pki.ca, None);
     let text = integ::common::metrics_text(&op_a, &active, Some(VIEWER)).await;
     assert!(
-        counter(&text, "fleet_client_cert_refusals_total") >= 4,
+        counter(&text, "fleet_client_cert_refusals_total") + standby_refused >= 4,
+        "{text}"
+    );
+    // Once the standby's copy knows the device, it checks the
+    // certificate itself: the same three answers, none forwarded.
+    let before = counter(
+        &integ::common::metrics_text(&no_cert, &standby, Some(VIEWER)).await,
+        "fleet_standby_forwarded_total",
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = integ::common::metrics_text(&no_cert, &standby, Some(VIEWER)).await;
+        if sample(&text, "fleet_standby_fleet_devices") == Some(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_credential_needs_its_certificate(&standby, &credential, [&cert_a, &no_cert, &cert_b])
+        .await;
+    let text = integ::common::metrics_text(&no_cert, &standby, Some(VIEWER)).await;
+    assert_eq!(
+        counter(&text, "fleet_standby_forwarded_total"),
+        before,
+        "{text}"
+    );
+    assert!(
+        counter(&text, "fleet_client_cert_refusals_total") >= standby_refused + 2,
         "{text}"
     );
     b.stop();
@@ -794,4 +832,210 @@ async fn wait_adoptions(fleet: &TestFleet, n: u64) -> String {
         assert!(Instant::now() < deadline, "{n} adoptions expected: {m}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A check-in at `base` with `credential` (and `If-None-Match`): status,
+/// ETag and body.
+async fn check_in(
+    http: &reqwest::Client,
+    base: &str,
+    credential: &str,
+    etag: Option<&str>,
+) -> (u16, Option<String>, Vec<u8>) {
+    let mut r = http
+        .get(format!("{base}/api/v1/device/desired"))
+        .bearer_auth(credential)
+        .timeout(Duration::from_secs(10));
+    if let Some(e) = etag {
+        r = r.header("if-none-match", e);
+    }
+    let r = r.send().await.unwrap();
+    let status = r.status().as_u16();
+    let etag = r
+        .headers()
+        .get("etag")
+        .map(|v| v.to_str().unwrap().to_string());
+    (status, etag, r.bytes().await.unwrap().to_vec())
+}
+
+/// Waits until the standby answers `credential`'s check-in with the
+/// active server's document (the same bytes and ETag) and `done` holds of
+/// it; its ETag and the document.
+async fn wait_same(
+    http: &reqwest::Client,
+    (active, standby): (&str, &str),
+    credential: &str,
+    done: impl Fn(&Value) -> bool,
+) -> (String, Value) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let a = check_in(http, active, credential, None).await;
+        let b = check_in(http, standby, credential, None).await;
+        let doc: Value = serde_json::from_slice(&a.2).unwrap_or(Value::Null);
+        if a.0 == 200 && a == b && done(&doc) {
+            return (a.1.unwrap(), doc);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the standby answers {} {:?} {}, the active server {} {:?} {}",
+            b.0,
+            b.1,
+            String::from_utf8_lossy(&b.2),
+            a.0,
+            a.1,
+            String::from_utf8_lossy(&a.2)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`) to `pid`.
+fn signal(pid: u32, signal: &str) {
+    let st = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// A standby answers device check-ins itself, from its own copy of the
+/// fleet that the store's change feed keeps current: the active server's
+/// document and ETag (and its 304), after a rollout, a window change, a
+/// revocation and a new device; with the active server frozen; and again
+/// after the feed's database session is killed (forwarded meanwhile,
+/// then the copy is loaded whole again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_answers_check_ins_from_its_copy_of_the_fleet() {
+    let Some(pg) = Postgres::start("a_standby_answers_check_ins_…") else {
+        return;
+    };
+    let url = pg.database("fleet");
+    let dir = tempfile::tempdir().unwrap();
+    let (port_a, port_b) = (free_port(), free_port());
+    let store = format!("[store]\nurl = \"{url}\"");
+    let mut a = ServerProc::start(&replica(dir.path(), "a", port_a, &store), port_a);
+    a.wait_log("active: this server holds the store's lease", 30);
+    let mut b = ServerProc::start(&replica(dir.path(), "b", port_b, &store), port_b);
+    b.wait_log("answering device check-ins from its copy of the fleet", 30);
+    let fleet = TestFleet::attach(port_a);
+    let standby_fleet = TestFleet::attach(port_b);
+    let standby = standby_fleet.url.clone();
+    let both = (fleet.url.as_str(), standby.as_str());
+    let http = reqwest::Client::new();
+
+    // Three devices enrolled on the active server: the standby's copy
+    // learns them and answers their check-ins.
+    let mut creds = Vec::new();
+    for i in 0..3 {
+        let (s, v) = enroll_through(&http, &fleet.url, &format!("cam-{i}")).await;
+        assert_eq!(s, 201, "{v}");
+        creds.push(v["credential"].as_str().unwrap().to_string());
+    }
+    for c in &creds {
+        wait_same(&http, both, c, |d| d["bundle"].is_null()).await;
+    }
+    let m = standby_fleet.metrics(VIEWER).await;
+    assert_eq!(sample(&m, "fleet_standby_fleet_devices"), Some(3), "{m}");
+    assert!(
+        counter(&m, "fleet_standby_checkins_served_total") >= 3,
+        "{m}"
+    );
+    let forwarded = counter(&m, "fleet_standby_forwarded_total");
+
+    // A rollout gives them a bundle: the copy follows, 304 included.
+    let v1 = fleet.push(Pack::new(Model::Cls, 1).bytes()).await;
+    fleet
+        .create_rollout(json!({
+            "bundle": v1, "selector": {},
+            "stages": [{"percent": 100, "bake_minutes": 0}], "gates": {},
+        }))
+        .await;
+    for c in &creds {
+        let (etag, _) = wait_same(&http, both, c, |d| d["bundle"]["id"] == v1.as_str()).await;
+        let (s, e, _) = check_in(&http, &standby, c, Some(&etag)).await;
+        assert_eq!((s, e.as_deref()), (304, Some(etag.as_str())));
+    }
+
+    // A maintenance window (a fleet-wide change) reaches cam-0's document.
+    let r = fleet
+        .req(
+            reqwest::Method::PUT,
+            "/api/v1/windows/device:cam-0",
+            Some(OPERATOR),
+        )
+        .json(&json!({"windows": ["daily 01:00-02:00"], "time_zone": "UTC"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    wait_same(&http, both, &creds[0], |d| !d["window"].is_null()).await;
+
+    // With the active server frozen, the standby still answers.
+    signal(a.pid(), "-STOP");
+    for c in &creds {
+        let (s, _, body) = check_in(&http, &standby, c, None).await;
+        let doc: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!((s, doc["bundle"]["id"].as_str()), (200, Some(v1.as_str())));
+    }
+    signal(a.pid(), "-CONT");
+    let m = standby_fleet.metrics(VIEWER).await;
+    assert_eq!(
+        counter(&m, "fleet_standby_forwarded_total"),
+        forwarded,
+        "every check-in of a known device was answered, none forwarded: {m}"
+    );
+
+    // Revoked on the active server: refused by the standby too.
+    let r = http
+        .post(format!("{}/api/v1/devices/cam-2/revoke", fleet.url))
+        .bearer_auth(integ::fleet::ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while check_in(&http, &standby, &creds[2], None).await.0 != 401 {
+        assert!(Instant::now() < deadline, "the standby still serves cam-2");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The feed's database session dies: the standby says so, forwards
+    // check-ins meanwhile, then loads its copy whole again.
+    let out = std::process::Command::new("psql")
+        .args([&url, "-tAc"])
+        .arg(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = 'fleet-server change feed'",
+        )
+        .output()
+        .expect("psql");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "1",
+        "one change feed session: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    b.wait_log("the store's change feed broke", 30);
+    wait_count(
+        || b.log(),
+        "answering device check-ins from its copy of the fleet",
+        1,
+    )
+    .await;
+    // Current again: a device enrolled now is served from the copy.
+    let (s, v) = enroll_through(&http, &fleet.url, "cam-3").await;
+    assert_eq!(s, 201, "{v}");
+    let cam3 = v["credential"].as_str().unwrap().to_string();
+    wait_same(&http, both, &cam3, |_| true).await;
+    wait_same(&http, both, &creds[0], |d| !d["window"].is_null()).await;
+    let m = standby_fleet.metrics(VIEWER).await;
+    assert!(counter(&m, "fleet_standby_feed_failures_total") >= 1, "{m}");
+    assert!(counter(&m, "fleet_standby_fleet_loads_total") >= 2, "{m}");
+    assert!(
+        counter(&m, "fleet_standby_fleet_changes_applied_total") >= 3,
+        "{m}"
+    );
+    assert_eq!(sample(&m, "fleet_standby_fleet_devices"), Some(4), "{m}");
+    b.stop();
+    a.stop();
 }

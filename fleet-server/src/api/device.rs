@@ -10,7 +10,7 @@ use edgefleet_wire::device::DeviceReport;
 
 use super::{ApiResult, AppState, read_json};
 use crate::auth::{Action, Caller};
-use crate::fleet::lock;
+use crate::fleet::{DesiredDoc, lock};
 use crate::store::{Part, Reported, Write};
 
 #[utoipa::path(get, path = "/api/v1/device/desired", tag = "device",
@@ -28,14 +28,20 @@ pub async fn desired(State(s): State<AppState>, headers: HeaderMap) -> ApiResult
         ));
     };
     let doc = lock(&cell).doc.clone();
+    Ok(answer_desired(&doc, &headers))
+}
+
+/// A desired-state document as served (a 304 for its ETag), by the
+/// active server and by a standby from its copy alike.
+pub fn answer_desired(doc: &DesiredDoc, headers: &HeaderMap) -> Response {
     if headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim() == doc.etag)
     {
-        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, doc.etag.clone())]).into_response());
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, doc.etag.clone())]).into_response();
     }
-    Ok((
+    (
         StatusCode::OK,
         [
             (header::ETAG, doc.etag.clone()),
@@ -43,7 +49,7 @@ pub async fn desired(State(s): State<AppState>, headers: HeaderMap) -> ApiResult
         ],
         doc.body.clone(),
     )
-        .into_response())
+        .into_response()
 }
 
 #[utoipa::path(post, path = "/api/v1/device/report", tag = "device",

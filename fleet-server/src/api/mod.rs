@@ -337,29 +337,47 @@ pub fn check_device_cert(
     cert: Option<&ClientCert>,
     device_id: &str,
 ) -> ApiResult<()> {
-    if s.config.http.client_ca.is_none() {
+    device_cert_verdict(&s.config.http, cert, device_id)
+        .inspect_err(|_| s.metrics.client_cert_refusals.inc())
+}
+
+/// [`check_device_cert`] under `http`'s settings, uncounted (a standby
+/// answering a check-in counts its own).
+pub fn device_cert_verdict(
+    http: &crate::config::HttpConfig,
+    cert: Option<&ClientCert>,
+    device_id: &str,
+) -> ApiResult<()> {
+    if http.client_ca.is_none() {
         return Ok(());
     }
     match cert {
         Some(c) if c.names(device_id) => Ok(()),
-        Some(_) => {
-            s.metrics.client_cert_refusals.inc();
-            Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "client_certificate_mismatch",
-                format!("the client certificate does not name device {device_id:?}"),
-            ))
-        }
-        None if s.config.http.device_certs == crate::config::DeviceCerts::Required => {
-            s.metrics.client_cert_refusals.inc();
-            Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "client_certificate_required",
-                "devices must present a client certificate issued by the fleet's device CA",
-            ))
-        }
+        Some(_) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "client_certificate_mismatch",
+            format!("the client certificate does not name device {device_id:?}"),
+        )),
+        None if http.device_certs == crate::config::DeviceCerts::Required => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "client_certificate_required",
+            "devices must present a client certificate issued by the fleet's device CA",
+        )),
         None => Ok(()),
     }
+}
+
+/// The 429 for a request over its budget.
+pub fn rate_limited(what: crate::limits::Limited, wait: std::time::Duration) -> ApiError {
+    let message = match what {
+        crate::limits::Limited::AuthFailures => {
+            "too many failed authentications from this address; retry later"
+        }
+        crate::limits::Limited::Device => "this device is over its request budget; retry later",
+        crate::limits::Limited::Token => "this token is over its request budget; retry later",
+    };
+    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+        .retry_after(wait.as_secs().max(1))
 }
 
 /// Rate limits ([`crate::limits`]): per device and per token for valid
@@ -401,16 +419,7 @@ async fn rate_limit(
         return e.into_response();
     }
     if let Err((what, wait)) = verdict {
-        let message = match what {
-            crate::limits::Limited::AuthFailures => {
-                "too many failed authentications from this address; retry later"
-            }
-            crate::limits::Limited::Device => "this device is over its request budget; retry later",
-            crate::limits::Limited::Token => "this token is over its request budget; retry later",
-        };
-        return ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
-            .retry_after(wait.as_secs().max(1))
-            .into_response();
+        return rate_limited(what, wait).into_response();
     }
     let r = next.run(req).await;
     let failed =

@@ -325,6 +325,54 @@ pub trait Store: Send + Sync + 'static {
     fn ingest_slot_adopted(&self, _slot: u32, _drained: bool) -> Result<()> {
         Ok(())
     }
+
+    // The change feed (PostgreSQL only; docs/deploy.md, "Standbys answer
+    // check-ins"): every commit that changes what a device is served
+    // (its desired state, its identity and credential, rollouts, windows,
+    // trust) tells the listeners which, after it committed. A standby
+    // keeps its copy of the fleet current with it.
+
+    /// Listens to the change feed on a session of its own and calls `on`
+    /// with what it reports: first [`FleetChange::Listening`] (load what
+    /// you need now: every later commit is reported), then the changes,
+    /// and [`FleetChange::Quiet`] at least once a second. Returns when
+    /// `on` returns `Ok(false)`, or with the error that broke the feed
+    /// (changes may have been missed: start again and load again).
+    fn watch_fleet(&self, _on: &mut dyn FnMut(FleetChange) -> Result<bool>) -> Result<()> {
+        Err(crate::error::Error::Usage(
+            "no change feed in this store (only one server opens it)".into(),
+        ))
+    }
+    /// The devices of `ids` as stored now (ids not stored are left out).
+    fn devices(&self, _ids: &[String]) -> Result<Vec<DeviceRecord>> {
+        Err(crate::error::Error::Usage(
+            "no change feed in this store (only one server opens it)".into(),
+        ))
+    }
+    /// What applies fleet-wide to desired states: the rollouts, the
+    /// trust documents and the windows (the rest of the snapshot empty).
+    fn load_fleetwide(&self) -> Result<Snapshot> {
+        let s = self.load()?;
+        Ok(Snapshot {
+            rollouts: s.rollouts,
+            trust: s.trust,
+            windows: s.windows,
+            ..Snapshot::default()
+        })
+    }
+}
+
+/// What the change feed reports ([`Store::watch_fleet`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FleetChange {
+    /// The feed is listening: every commit from now on is reported.
+    Listening,
+    /// These devices changed (or were added or removed).
+    Devices(Vec<String>),
+    /// A rollout, window or trust document changed.
+    Fleetwide,
+    /// Nothing for a while.
+    Quiet,
 }
 
 /// A device message a standby took from the broker.

@@ -21,6 +21,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use edgefleet_wire::telemetry::DeviceEvent;
+use fallible_iterator::FallibleIterator as _;
 use postgres::types::Json;
 use postgres::{Client, GenericClient, Row};
 use serde::Serialize;
@@ -29,8 +30,8 @@ use serde_json::Value;
 
 use super::pg_tls::PgTls;
 use super::{
-    AuditEntry, Desired, DeviceRecord, EVENTS_KEPT, Identity, LeaseHolder, Live, Part, Reported,
-    Snapshot, Store, Write,
+    AuditEntry, Desired, DeviceRecord, EVENTS_KEPT, FleetChange, Identity, LeaseHolder, Live, Part,
+    Reported, Snapshot, Store, Write,
 };
 use crate::error::{Error, Result};
 
@@ -72,6 +73,70 @@ const STANDBY_POLL: Duration = Duration::from_millis(500);
 
 /// How long connecting may take when the URL does not say.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The change feed's channel ([`Store::watch_fleet`]).
+const FEED: &str = "edgefleet_fleet";
+/// A notification's payload stays under PostgreSQL's 8000-byte limit.
+const FEED_PAYLOAD: usize = 7000;
+
+/// What a batch changed that standbys serve: the feed's notifications,
+/// sent in the batch's transaction (so delivered once it commits, in
+/// commit order). `f` says something fleet-wide changed; `d id id …`
+/// lists devices (ids never hold spaces).
+#[derive(Default)]
+struct Feed {
+    fleetwide: bool,
+    devices: std::collections::BTreeSet<String>,
+}
+
+impl Feed {
+    fn note(&mut self, w: &Write) {
+        match w {
+            Write::Device(id, Part::Identity(_) | Part::Desired(_)) | Write::RemoveDevice(id) => {
+                self.devices.insert(id.clone());
+            }
+            Write::NewDevice(d) => {
+                self.devices.insert(d.id.clone());
+            }
+            Write::Rollout(_) | Write::Window(..) | Write::Trust(_) => self.fleetwide = true,
+            _ => {}
+        }
+    }
+
+    fn payloads(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.fleetwide {
+            out.push("f".to_string());
+        }
+        let mut p = String::new();
+        for id in &self.devices {
+            if !p.is_empty() && p.len() + 1 + id.len() > FEED_PAYLOAD {
+                out.push(std::mem::take(&mut p));
+            }
+            if p.is_empty() {
+                p.push('d');
+            }
+            p.push(' ');
+            p.push_str(id);
+        }
+        if !p.is_empty() {
+            out.push(p);
+        }
+        out
+    }
+
+    /// Folds one notification's payload in.
+    fn read(&mut self, payload: &str) {
+        let mut words = payload.split(' ');
+        match words.next() {
+            Some("f") => self.fleetwide = true,
+            Some("d") => self
+                .devices
+                .extend(words.filter(|w| !w.is_empty()).map(String::from)),
+            _ => tracing::warn!(payload, "change feed: a notification of an unknown kind"),
+        }
+    }
+}
 
 /// The PostgreSQL-backed store.
 pub struct PgStore {
@@ -633,7 +698,9 @@ fn commit_batch(c: &mut Client, writes: &[Write], epoch: i64) -> Result<()> {
         }
     }
     let mut pending = Pending::default();
+    let mut feed = Feed::default();
     for w in writes {
+        feed.note(w);
         match w {
             Write::Device(id, p) => {
                 pending.part(id, p)?;
@@ -736,7 +803,34 @@ fn commit_batch(c: &mut Client, writes: &[Write], epoch: i64) -> Result<()> {
         }
     }
     pending.flush(&mut tx)?;
+    for p in feed.payloads() {
+        tx.execute("SELECT pg_notify($1, $2)", &[&FEED, &p])
+            .map_err(pg_err)?;
+    }
     tx.commit().map_err(pg_err)
+}
+
+/// A `devices` row (every column) as a record.
+fn device_row(row: &Row) -> Result<DeviceRecord> {
+    let id: String = row.try_get("id").map_err(pg_err)?;
+    let what = format_args!("device {id}");
+    let reported: Option<Json<Value>> = row.try_get("reported").map_err(pg_err)?;
+    let reported: Option<Reported> = reported
+        .map(|v| serde_json::from_value(v.0))
+        .transpose()
+        .map_err(|e| Error::Store(format!("corrupt record {what}: {e}")))?;
+    let identity: Identity = get(row, "identity", &what)?;
+    let desired: Desired = get(row, "desired", &what)?;
+    let live: Live = get(row, "live", &what)?;
+    let events: VecDeque<DeviceEvent> = get(row, "events", &what)?;
+    Ok(DeviceRecord {
+        id,
+        identity,
+        desired,
+        reported,
+        live,
+        events,
+    })
 }
 
 fn upsert<T: Serialize + std::fmt::Debug + Sync>(
@@ -783,27 +877,7 @@ impl Store for PgStore {
                     &[],
                 )
                 .map_err(pg_err)?;
-            for row in rows {
-                let id: String = row.try_get("id").map_err(pg_err)?;
-                let what = format_args!("device {id}");
-                let reported: Option<Json<Value>> = row.try_get("reported").map_err(pg_err)?;
-                let reported: Option<Reported> = reported
-                    .map(|v| serde_json::from_value(v.0))
-                    .transpose()
-                    .map_err(|e| Error::Store(format!("corrupt record {what}: {e}")))?;
-                let identity: Identity = get(&row, "identity", &what)?;
-                let desired: Desired = get(&row, "desired", &what)?;
-                let live: Live = get(&row, "live", &what)?;
-                let events: VecDeque<DeviceEvent> = get(&row, "events", &what)?;
-                snap.devices.push(DeviceRecord {
-                    id,
-                    identity,
-                    desired,
-                    reported,
-                    live,
-                    events,
-                });
-            }
+            snap.devices = rows.iter().map(device_row).collect::<Result<_>>()?;
             Ok(snap)
         })
     }
@@ -827,6 +901,89 @@ impl Store for PgStore {
         keep_waiting: &dyn Fn(&LeaseHolder) -> bool,
     ) -> Result<Option<u64>> {
         self.acquire(me, keep_waiting)
+    }
+
+    fn watch_fleet(&self, on: &mut dyn FnMut(FleetChange) -> Result<bool>) -> Result<()> {
+        let mut c = self.connect()?;
+        c.batch_execute(&format!(
+            "SET application_name = 'fleet-server change feed'; LISTEN {FEED}"
+        ))
+        .map_err(pg_err)?;
+        if !on(FleetChange::Listening)? {
+            return Ok(());
+        }
+        loop {
+            let mut feed = Feed::default();
+            let first = c
+                .notifications()
+                .timeout_iter(Duration::from_secs(1))
+                .next()
+                .map_err(pg_err)?;
+            let Some(first) = first else {
+                // A broken session also ends the wait: the feed must not
+                // go quiet without saying so.
+                if c.is_closed() {
+                    return Err(Error::Store(
+                        "postgres: the change feed's session closed".into(),
+                    ));
+                }
+                if !on(FleetChange::Quiet)? {
+                    return Ok(());
+                }
+                continue;
+            };
+            feed.read(first.payload());
+            // Whatever else is queued is applied with it.
+            {
+                let mut n = c.notifications();
+                let mut more = n.iter();
+                for _ in 0..4096 {
+                    match more.next().map_err(pg_err)? {
+                        Some(m) => feed.read(m.payload()),
+                        None => break,
+                    }
+                }
+            }
+            if feed.fleetwide && !on(FleetChange::Fleetwide)? {
+                return Ok(());
+            }
+            if !feed.devices.is_empty()
+                && !on(FleetChange::Devices(feed.devices.into_iter().collect()))?
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    fn devices(&self, ids: &[String]) -> Result<Vec<DeviceRecord>> {
+        self.with(&self.read, |c| {
+            c.query(
+                "SELECT id, identity, desired, reported, live, events FROM devices \
+                 WHERE id = ANY($1)",
+                &[&ids],
+            )
+            .map_err(pg_err)?
+            .iter()
+            .map(device_row)
+            .collect()
+        })
+    }
+
+    fn load_fleetwide(&self) -> Result<Snapshot> {
+        self.with(&self.read, |c| {
+            let mut c = c
+                .build_transaction()
+                .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .map_err(pg_err)?;
+            Ok(Snapshot {
+                rollouts: Self::all(&mut c, "rollouts")?,
+                trust: Self::all(&mut c, "trust")?,
+                windows: Self::all(&mut c, "windows")?,
+                ..Snapshot::default()
+            })
+        })
     }
 
     fn still_active(&self) -> bool {
@@ -1006,6 +1163,43 @@ impl Store for PgStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_feed_names_what_changed_in_notifications_under_the_size_limit() {
+        let mut feed = Feed::default();
+        let part = |id: &str, p| Write::Device(id.to_string(), p);
+        let desired = Part::Desired(Desired::default());
+        let live = Part::Live(Live::default());
+        // Reports, telemetry and events change nothing a standby serves.
+        feed.note(&part("pi-0", live));
+        feed.note(&Write::Audit(AuditEntry {
+            at: 1,
+            who: "ops".into(),
+            action: "report".into(),
+            target: "pi-0".into(),
+        }));
+        assert!(feed.payloads().is_empty());
+        for i in 0..2000 {
+            feed.note(&part(&format!("device-{i:05}"), desired.clone()));
+        }
+        feed.note(&Write::RemoveDevice("gone".into()));
+        feed.note(&Write::Window("tag:a=b".into(), None));
+        let payloads = feed.payloads();
+        assert_eq!(payloads[0], "f");
+        assert!(
+            payloads.len() > 2,
+            "2000 ids need more than one notification"
+        );
+        assert!(payloads.iter().all(|p| p.len() <= FEED_PAYLOAD));
+        // Read back: every device once, and the fleet-wide flag.
+        let mut back = Feed::default();
+        for p in &payloads {
+            back.read(p);
+        }
+        assert!(back.fleetwide);
+        assert_eq!(back.devices, feed.devices);
+        assert_eq!(back.devices.len(), 2001);
+    }
 
     #[test]
     fn urls_lose_their_password_in_logs() {
