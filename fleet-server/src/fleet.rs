@@ -342,11 +342,14 @@ impl Fleet {
             return;
         };
         let mut d = lock(&cell);
-        let old = d.rec.identity.credential_sha256.clone();
-        if old != rec.identity.credential_sha256 || rec.is_revoked() {
-            self.forget_credential(&old);
-        }
-        if !rec.is_revoked() {
+        let old = &d.rec.identity.credential_sha256;
+        // The index is touched only when the credential changed: check-ins
+        // read it while a rollout's changes stream in.
+        if rec.is_revoked() && !d.rec.is_revoked() {
+            self.forget_credential(old);
+            self.forget_credential(&rec.identity.credential_sha256);
+        } else if !rec.is_revoked() && *old != rec.identity.credential_sha256 {
+            self.forget_credential(old);
             self.credentials
                 .write()
                 .unwrap_or_else(|e| e.into_inner())

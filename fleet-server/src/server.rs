@@ -529,7 +529,7 @@ async fn take_lease(
                 let client = crate::standby::forward_client(config.http.replica_ca.as_deref())?;
                 tracing::info!(
                     listen = %config.http.listen,
-                    "standby: answering health checks (/readyz 503) and forwarding to the active server"
+                    "standby: answering health checks (/readyz 503) and device check-ins, forwarding the rest to the active server"
                 );
                 standby = Some(Standby::start(
                     listener,

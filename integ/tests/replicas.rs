@@ -747,19 +747,11 @@ async fn the_replicas_split_the_ingest_and_a_dead_standbys_share_is_adopted() {
     // taking messages (the slot may be adopted at once), the active
     // server adopts the slot, the standby claims one again, and the next
     // wave arrives whole.
-    let out = std::process::Command::new("psql")
-        .args([&url, "-tAc"])
-        .arg(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_locks \
-             WHERE locktype = 'advisory' AND classid = 1701213036 AND objid = 1 AND objsubid = 2",
-        )
-        .output()
-        .expect("psql");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "1",
-        "the standby holds slot 1: {}",
-        String::from_utf8_lossy(&out.stderr)
+    terminate_one(
+        &url,
+        "pg_locks WHERE locktype = 'advisory' AND classid = 1701213036 \
+         AND objid = 1 AND objsubid = 2",
+        "the standby holds slot 1",
     );
     b.wait_log("lost its ingest slot's lock", 30);
     wait_adoptions(&fleet, 1).await;
@@ -819,6 +811,24 @@ async fn the_replicas_split_the_ingest_and_a_dead_standbys_share_is_adopted() {
     b.stop();
     wait_adoptions(&fleet, 3).await;
     a.stop();
+}
+
+/// Ends the one database session `from` (a `FROM …` clause over rows
+/// with a `pid`) selects, with `psql` on `url`.
+fn terminate_one(url: &str, from: &str, what: &str) {
+    let out = std::process::Command::new("psql")
+        .args([url, "-tAc"])
+        .arg(format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM {from}"
+        ))
+        .output()
+        .expect("psql");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "1",
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Waits until the active server adopted `n` slot sessions; its metrics.
@@ -1001,19 +1011,10 @@ async fn a_standby_answers_check_ins_from_its_copy_of_the_fleet() {
 
     // The feed's database session dies: the standby says so, forwards
     // check-ins meanwhile, then loads its copy whole again.
-    let out = std::process::Command::new("psql")
-        .args([&url, "-tAc"])
-        .arg(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE application_name = 'fleet-server change feed'",
-        )
-        .output()
-        .expect("psql");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "1",
-        "one change feed session: {}",
-        String::from_utf8_lossy(&out.stderr)
+    terminate_one(
+        &url,
+        "pg_stat_activity WHERE application_name = 'fleet-server change feed'",
+        "one change feed session",
     );
     b.wait_log("the store's change feed broke", 30);
     wait_count(

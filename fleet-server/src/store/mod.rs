@@ -343,7 +343,9 @@ pub trait Store: Send + Sync + 'static {
             "no change feed in this store (only one server opens it)".into(),
         ))
     }
-    /// The devices of `ids` as stored now (ids not stored are left out).
+    /// The identity and desired state of the devices of `ids` as stored
+    /// now (ids not stored are left out; reports, live state and events
+    /// are left empty).
     fn devices(&self, _ids: &[String]) -> Result<Vec<DeviceRecord>> {
         Err(crate::error::Error::Usage(
             "no change feed in this store (only one server opens it)".into(),

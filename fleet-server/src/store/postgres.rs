@@ -480,6 +480,23 @@ impl PgStore {
         alive
     }
 
+    /// `f` on one consistent view of every table (a read-only repeatable
+    /// read transaction), even while a server writes.
+    fn consistent<T>(
+        &self,
+        f: impl FnOnce(&mut postgres::Transaction<'_>) -> Result<T>,
+    ) -> Result<T> {
+        self.with(&self.read, |c| {
+            let mut tx = c
+                .build_transaction()
+                .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .map_err(pg_err)?;
+            f(&mut tx)
+        })
+    }
+
     fn all<T: DeserializeOwned>(c: &mut impl GenericClient, table: &str) -> Result<Vec<T>> {
         let key = match table {
             "trust" => "version",
@@ -853,15 +870,7 @@ fn upsert<T: Serialize + std::fmt::Debug + Sync>(
 
 impl Store for PgStore {
     fn load(&self) -> Result<Snapshot> {
-        self.with(&self.read, |c| {
-            // One consistent view of every table, even while a server writes.
-            let mut c = c
-                .build_transaction()
-                .isolation_level(postgres::IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .map_err(pg_err)?;
-            let c = &mut c;
+        self.consistent(|c| {
             let mut snap = Snapshot {
                 bundles: Self::all(c, "bundles")?,
                 rollouts: Self::all(c, "rollouts")?,
@@ -956,31 +965,37 @@ impl Store for PgStore {
     }
 
     fn devices(&self, ids: &[String]) -> Result<Vec<DeviceRecord>> {
+        // Only what a document is made of: a device's reports, telemetry
+        // and events are the bulk of its row and no standby serves them.
         self.with(&self.read, |c| {
             c.query(
-                "SELECT id, identity, desired, reported, live, events FROM devices \
-                 WHERE id = ANY($1)",
+                "SELECT id, identity, desired FROM devices WHERE id = ANY($1)",
                 &[&ids],
             )
             .map_err(pg_err)?
             .iter()
-            .map(device_row)
+            .map(|row| {
+                let id: String = row.try_get("id").map_err(pg_err)?;
+                let what = format_args!("device {id}");
+                Ok(DeviceRecord {
+                    identity: get(row, "identity", &what)?,
+                    desired: get(row, "desired", &what)?,
+                    id,
+                    reported: None,
+                    live: Live::default(),
+                    events: VecDeque::new(),
+                })
+            })
             .collect()
         })
     }
 
     fn load_fleetwide(&self) -> Result<Snapshot> {
-        self.with(&self.read, |c| {
-            let mut c = c
-                .build_transaction()
-                .isolation_level(postgres::IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .map_err(pg_err)?;
+        self.consistent(|c| {
             Ok(Snapshot {
-                rollouts: Self::all(&mut c, "rollouts")?,
-                trust: Self::all(&mut c, "trust")?,
-                windows: Self::all(&mut c, "windows")?,
+                rollouts: Self::all(c, "rollouts")?,
+                trust: Self::all(c, "trust")?,
+                windows: Self::all(c, "windows")?,
                 ..Snapshot::default()
             })
         })
