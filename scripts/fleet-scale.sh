@@ -19,7 +19,8 @@
 # same layout at STANDBY_SIZES devices (default 10000) with every device
 # and operator call sent to the standby (a DNS name or a balancer that
 # does not check /readyz), which answers the check-ins from its copy of
-# the fleet and forwards the rest to the active server.
+# the fleet, stores the reports in the inbox, sends the bundles from the
+# bucket and forwards the rest to the active server.
 #
 #   scripts/fleet-scale.sh                 # 1000 3000 10000, then PostgreSQL at 10000 (twice)
 #   SIZES="1000" PG_SIZES="" STANDBY_SIZES="" scripts/fleet-scale.sh    # one size (does not touch docs/)
@@ -191,6 +192,8 @@ r = json.load(open(sys.argv[1]))
 r["standby_stored"] = value(sys.argv[2], "fleet_standby_mqtt_messages_stored_total")
 r["inbox_applied"] = value(sys.argv[3], "fleet_mqtt_inbox_applied_total")
 r["standby_checkins"] = value(sys.argv[2], "fleet_standby_checkins_served_total")
+r["standby_reports"] = value(sys.argv[2], "fleet_standby_reports_stored_total")
+r["standby_downloads"] = value(sys.argv[2], "fleet_standby_downloads_total")
 r["standby_forwarded"] = value(sys.argv[2], "fleet_standby_forwarded_total")
 json.dump(r, open(sys.argv[1], "w"), indent=1)
 PY

@@ -83,9 +83,12 @@ if any(k[0] for k in sizes):
 def standby_http(r):
     if r.get("standby_checkins") is None:
         return "–"
-    return f"{r['standby_checkins']:,} answered, {r.get('standby_forwarded') or 0:,} forwarded"
+    answered = f"{r['standby_checkins']:,} check-ins"
+    if r.get("standby_reports") is not None:
+        answered += f", {r['standby_reports']:,} reports, {r.get('standby_downloads') or 0:,} downloads"
+    return f"{answered} answered, {r.get('standby_forwarded') or 0:,} forwarded"
 if any(k[0] == 2 for k in sizes):
-    lines.append(row("calls to the standby: check-ins it answered from its copy, calls it forwarded", standby_http))
+    lines.append(row("calls to the standby: what it answered itself, calls it forwarded", standby_http))
 lines.append(row("steady, server CPU (check-ins, reports, telemetry)",
                  lambda r: f"{(r['steady_server_cpu_pct'] or 0):.0f} % of a core"))
 lines.append(row("telemetry alone, server CPU",
@@ -114,6 +117,7 @@ if any(pg for pg, _ in sizes):
         lines.append("")
         lines.append("In the column \"through the standby\" every HTTP call of the devices and the operator goes to the")
         lines.append("standby. It answers check-ins itself from its copy of the fleet, which PostgreSQL's change feed keeps")
-        lines.append("current, and forwards everything else to the active server (docs/deploy.md, \"Standbys answer")
-        lines.append("check-ins\"), so report latencies include that hop. MQTT goes to mosquitto as in the other scale-out column.")
+        lines.append("current, stores reports in the inbox the active server applies, sends bundles from the bucket, and")
+        lines.append("forwards everything else to the active server (docs/deploy.md, \"Standbys answer device calls\").")
+        lines.append("MQTT goes to mosquitto as in the other scale-out column.")
 print("\n".join(lines))

@@ -202,6 +202,37 @@ impl Blobs {
         )
     }
 
+    /// Whether the bytes are in a bucket (which replicas share; a folder
+    /// is one server's, by default in its own `data_dir`).
+    pub fn is_bucket(&self) -> bool {
+        matches!(self.backend, Backend::Bucket { .. })
+    }
+
+    /// The size of `id`'s bytes; `None` when there are none.
+    pub async fn size(&self, id: &str) -> Result<Option<u64>> {
+        match &self.backend {
+            Backend::Dir => {
+                let path = self.dir.join(format!("{id}.bundle"));
+                match tokio::fs::metadata(&path).await {
+                    Ok(m) => Ok(Some(m.len())),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(Error::io(&path, e)),
+                }
+            }
+            Backend::Bucket { store, prefix, .. } => {
+                let key = Self::key(prefix, id);
+                match store.head(&key).await {
+                    Ok(meta) => Ok(Some(meta.size)),
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(Error::Store(format!(
+                        "looking up {key} in {}: {e}",
+                        self.describe
+                    ))),
+                }
+            }
+        }
+    }
+
     /// `len` bytes of `id` from `start`.
     pub async fn read(&self, id: &str, start: u64, len: u64) -> Result<ByteStream> {
         match &self.backend {

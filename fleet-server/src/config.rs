@@ -69,6 +69,24 @@ pub struct HttpConfig {
     /// PEM CA(s) a standby checks the active server's certificate against
     /// when the advertised URL is https. Default: the system's CAs.
     pub replica_ca: Option<PathBuf>,
+    /// What a standby's `GET /readyz` answers: `never` (default, 503
+    /// `standby`) or `serving` (200 while its copy of the fleet is current
+    /// and it knows the active server). docs/deploy.md, "Load balancer".
+    pub standby_ready: StandbyReady,
+}
+
+/// `[http] standby_ready`: whether a load balancer that checks `/readyz`
+/// sends a standby requests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StandbyReady {
+    /// Never: the balancer sends everything to the active server.
+    #[default]
+    Never,
+    /// While it can answer devices itself (their check-ins, reports and
+    /// downloads; the rest is forwarded): the balancer spreads the fleet
+    /// over every replica.
+    Serving,
 }
 
 /// Whether devices must present a client certificate (`[http] device_certs`).
@@ -94,6 +112,7 @@ impl Default for HttpConfig {
             device_certs: DeviceCerts::Optional,
             advertise_url: None,
             replica_ca: None,
+            standby_ready: StandbyReady::Never,
         }
     }
 }
@@ -165,6 +184,10 @@ pub struct MqttConfig {
     pub tls_key: Option<PathBuf>,
 }
 
+/// `[mqtt] ingest_queue`'s default, also the queue of a shared store's
+/// inbox without MQTT.
+pub const DEFAULT_INGEST_QUEUE: usize = 16_384;
+
 /// `[mqtt.mosquitto]`.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -190,7 +213,7 @@ impl Default for MqttConfig {
             password: None,
             share_group: None,
             ingest_slots: 0,
-            ingest_queue: 16_384,
+            ingest_queue: DEFAULT_INGEST_QUEUE,
             notices_per_sec: 1000,
             mosquitto: None,
             tls_cert: None,

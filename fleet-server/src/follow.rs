@@ -1,7 +1,7 @@
 //! A standby's copy of the fleet, kept current by the store's change feed
 //! ([`Store::watch_fleet`]), so that the standby answers device check-ins
 //! (`GET /api/v1/device/desired`) itself instead of forwarding them
-//! (docs/deploy.md, "Standbys answer check-ins").
+//! (docs/deploy.md, "Standbys answer device calls").
 //!
 //! The copy holds what a desired-state document is made of: each device's
 //! identity (credential, tags, revocation) and desired state, the

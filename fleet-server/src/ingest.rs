@@ -8,6 +8,11 @@
 //! bounded, so a burst larger than the store can take slows the devices'
 //! publishing down instead of losing what was acknowledged. Messages that
 //! cannot be used are refused with a reason and counted.
+//!
+//! On a shared store the active server also applies what standbys took
+//! and stored in the inbox ([`crate::mqtt::shared::drain`]): their share of
+//! the MQTT messages, and device reports (`POST /api/v1/device/report`) a
+//! standby answered, under [`REPORT_TOPIC`], which only that path accepts.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -20,13 +25,16 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::fleet::{Fleet, lock};
-use crate::store::{Part, Store, Write};
+use crate::store::{Part, Reported, Store, Write};
 use crate::writer::Writer;
 
 /// Largest device message accepted.
 pub const MAX_PAYLOAD: usize = 256 * 1024;
 /// Messages applied and committed together at most.
 const MAX_BATCH: usize = 2048;
+/// The inbox topic of a device report a standby took (`{REPORT_TOPIC}/{device}`,
+/// a [`Reported`] in JSON). `$` topics never come from a broker's clients.
+pub const REPORT_TOPIC: &str = "$edgefleet/report";
 
 /// Why a message was not used. Stable names for /metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -60,6 +68,59 @@ pub enum Message {
     State(DeviceState),
     Telemetry(Box<Telemetry>),
     Event(DeviceEvent),
+    /// A device's HTTP report, taken by a standby.
+    Report(Box<Reported>),
+}
+
+/// Where a message came from: only a replica's inbox carries reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A broker (a device's or a dashboard's publish).
+    Broker,
+    /// A standby's inbox row.
+    Inbox,
+}
+
+/// Decodes a message from `source`: a device topic, or a report from a
+/// standby's inbox.
+pub fn decode_from(
+    source: Source,
+    topic: &str,
+    payload: &[u8],
+) -> Result<(String, Message), Refusal> {
+    let Some(device) = topic
+        .strip_prefix(REPORT_TOPIC)
+        .and_then(|t| t.strip_prefix('/'))
+    else {
+        return decode(topic, payload);
+    };
+    if source != Source::Inbox || device.is_empty() {
+        return Err(Refusal::UnknownTopic);
+    }
+    if payload.len() > MAX_PAYLOAD {
+        return Err(Refusal::TooLarge);
+    }
+    let r: Reported = serde_json::from_slice(payload).map_err(|_| Refusal::Malformed)?;
+    Ok((device.to_string(), Message::Report(Box::new(r))))
+}
+
+/// Records a device's report on `d`: the reported state, and the agent
+/// version in its identity when that changed. Returns the writes.
+pub fn record_report(d: &mut crate::fleet::Device, id: &str, reported: Reported) -> Vec<Write> {
+    let mut writes = Vec::with_capacity(2);
+    // The inventory follows agent upgrades.
+    if let Some(v) = &reported.report.agent_version
+        && *v != d.rec.identity.agent_version
+    {
+        d.rec.identity.agent_version.clone_from(v);
+        writes.push(Write::Device(
+            id.to_string(),
+            Part::Identity(d.rec.identity.clone()),
+        ));
+    }
+    d.rec.reported = Some(reported.clone());
+    writes.push(Write::Device(id.to_string(), Part::Reported(reported)));
+    writes
 }
 
 /// Decodes the payload of `edgefleet/v1/{device}/{kind}`.
@@ -99,6 +160,14 @@ pub fn apply(fleet: &Fleet, device: &str, msg: Message, now: u64) -> Result<Vec<
     if let Message::Telemetry(t) = &msg {
         d.remember(t);
     }
+    if let Message::Report(r) = msg {
+        // A report a standby stored may be applied after a newer one the
+        // device made here: the device's newest word stands.
+        if d.rec.reported.as_ref().is_some_and(|old| old.at > r.at) {
+            return Ok(Vec::new());
+        }
+        return Ok(record_report(&mut d, device, *r));
+    }
     let live = &mut d.rec.live;
     let writes = match msg {
         Message::State(s) => {
@@ -125,6 +194,7 @@ pub fn apply(fleet: &Fleet, device: &str, msg: Message, now: u64) -> Result<Vec<
                 vec![live]
             }
         }
+        Message::Report(_) => Vec::new(),
     };
     Ok(writes)
 }
@@ -155,6 +225,7 @@ impl IngestMetrics {
 pub type Outcome = Result<(), Refusal>;
 
 struct Job {
+    source: Source,
     topic: String,
     payload: bytes::Bytes,
     done: oneshot::Sender<Outcome>,
@@ -181,14 +252,26 @@ impl Ingest {
         (Ingest { tx, metrics }, worker)
     }
 
-    /// Queues a message (waiting for room: backpressure) and resolves once
-    /// it is durable or refused. `Err(Store)` also when the server stops.
+    /// Queues a broker's message (waiting for room: backpressure) and
+    /// resolves once it is durable or refused. `Err(Store)` also when the
+    /// server stops.
     pub async fn submit(&self, topic: String, payload: bytes::Bytes) -> Outcome {
+        self.submit_from(Source::Broker, topic, payload).await
+    }
+
+    /// [`Ingest::submit`] for a message from `source`.
+    pub async fn submit_from(
+        &self,
+        source: Source,
+        topic: String,
+        payload: bytes::Bytes,
+    ) -> Outcome {
         self.metrics.received.fetch_add(1, Relaxed);
         let (done, wait) = oneshot::channel();
         if self
             .tx
             .send(Job {
+                source,
                 topic,
                 payload,
                 done,
@@ -234,7 +317,8 @@ async fn run(
         let mut writes = Vec::with_capacity(jobs.len());
         let mut waiting = Vec::with_capacity(jobs.len());
         for j in jobs {
-            match decode(&j.topic, &j.payload).and_then(|(dev, msg)| apply(&fleet, &dev, msg, now))
+            match decode_from(j.source, &j.topic, &j.payload)
+                .and_then(|(dev, msg)| apply(&fleet, &dev, msg, now))
             {
                 Ok(w) => {
                     writes.extend(w);
@@ -387,6 +471,66 @@ mod tests {
             apply(&fleet(), &dev, msg, 5).unwrap_err(),
             Refusal::UnknownDevice
         );
+    }
+
+    #[test]
+    fn reports_come_only_from_the_inbox_and_the_newest_one_stands() {
+        let f = fleet();
+        let payload = |at: u64, version: &str| {
+            serde_json::to_vec(&serde_json::json!({
+                "report": {"active": null, "staged": null, "last_failed": null,
+                           "state": "idle", "reason": null, "agent_version": version},
+                "at": at,
+            }))
+            .unwrap()
+        };
+        let topic = format!("{REPORT_TOPIC}/pi-1");
+        // A broker's client can never pass for a standby's inbox.
+        assert_eq!(
+            decode_from(Source::Broker, &topic, &payload(5, "0.2.0")).unwrap_err(),
+            Refusal::UnknownTopic
+        );
+        assert_eq!(
+            decode_from(
+                Source::Inbox,
+                &format!("{REPORT_TOPIC}/"),
+                &payload(5, "0.2.0")
+            )
+            .unwrap_err(),
+            Refusal::UnknownTopic
+        );
+        assert_eq!(
+            decode_from(Source::Inbox, &topic, b"{").unwrap_err(),
+            Refusal::Malformed
+        );
+        let (dev, msg) = decode_from(Source::Inbox, &topic, &payload(5, "0.2.0")).unwrap();
+        let writes = apply(&f, &dev, msg, 9).unwrap();
+        assert!(
+            matches!(
+                writes.as_slice(),
+                [
+                    Write::Device(_, Part::Identity(_)),
+                    Write::Device(_, Part::Reported(_))
+                ]
+            ),
+            "the agent version and the report: {writes:?}"
+        );
+        // An older report applied late changes nothing.
+        let (dev, msg) = decode_from(Source::Inbox, &topic, &payload(4, "0.1.5")).unwrap();
+        assert!(apply(&f, &dev, msg, 10).unwrap().is_empty());
+        let cell = f.get("pi-1").unwrap();
+        let d = lock(&cell);
+        assert_eq!(d.rec.identity.agent_version, "0.2.0");
+        assert_eq!(d.rec.reported.as_ref().map(|r| r.at), Some(5));
+        // The inbox carries the MQTT share too.
+        drop(d);
+        let (dev, msg) = decode_from(
+            Source::Inbox,
+            "edgefleet/v1/pi-1/events",
+            br#"{"at":1,"event":"x"}"#,
+        )
+        .unwrap();
+        assert_eq!(apply(&f, &dev, msg, 11).unwrap().len(), 2);
     }
 
     #[test]

@@ -286,6 +286,20 @@ pub fn render(s: &AppState) -> String {
             phases.get(p).copied().unwrap_or(0)
         );
     }
+    if let Some(inbox) = &s.inbox {
+        counter(
+            &mut out,
+            "fleet_inbox_applied_total",
+            "Messages the standbys stored in the shared store's inbox that this server applied.",
+            inbox.applied.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "fleet_standby_reports_applied_total",
+            "Device reports a standby answered (POST /api/v1/device/report) that this server applied.",
+            inbox.reports.load(Relaxed),
+        );
+    }
     for (name, help, v) in [
         (
             "fleet_bundle_downloads_total",

@@ -300,11 +300,36 @@ pub async fn start(
     let limits = Arc::new(crate::limits::Limits::new(&config.limits));
     let mut mqtt = None;
     let mut mqtt_url = None;
-    let mut shared_metrics = None;
-    if let Some(mc) = &config.mqtt {
+    // Device messages from MQTT and, on a shared store, what the standbys
+    // stored in the inbox (their share of the MQTT messages, the device
+    // reports they answered) go through one ingest.
+    let ingest = (config.mqtt.is_some() || epoch > 0).then(|| {
+        let queue = config
+            .mqtt
+            .as_ref()
+            .map_or(crate::config::DEFAULT_INGEST_QUEUE, |m| m.ingest_queue);
         let (ingest, ingest_worker) =
-            Ingest::start(fleet.clone(), writer.clone(), mc.ingest_queue, stop.clone());
+            Ingest::start(fleet.clone(), writer.clone(), queue, stop.clone());
         spawn("mqtt-ingest", Box::pin(ingest_worker));
+        ingest
+    });
+    let inbox = match (&ingest, epoch > 0) {
+        (Some(ingest), true) => {
+            let m = Arc::new(crate::mqtt::shared::SharedMetrics::default());
+            spawn(
+                "inbox",
+                Box::pin(crate::mqtt::shared::drain(
+                    store.clone(),
+                    ingest.clone(),
+                    m.clone(),
+                    stop.clone(),
+                )),
+            );
+            Some(m)
+        }
+        _ => None,
+    };
+    if let (Some(mc), Some(ingest)) = (&config.mqtt, ingest) {
         let m = if mc.embedded {
             let listener = listen(mc.listen)?;
             let addr = listener
@@ -337,17 +362,9 @@ pub async fn start(
                 stop.clone(),
             )?;
             spawn("mqtt-client", Box::pin(run));
-            if shared_ingest.is_some() {
-                let m = Arc::new(crate::mqtt::shared::SharedMetrics::default());
-                spawn(
-                    "mqtt-inbox",
-                    Box::pin(crate::mqtt::shared::drain(
-                        store.clone(),
-                        ingest.clone(),
-                        m.clone(),
-                        stop.clone(),
-                    )),
-                );
+            if shared_ingest.is_some()
+                && let Some(m) = inbox.clone()
+            {
                 spawn(
                     "mqtt-adopt",
                     Box::pin(crate::mqtt::shared::adopt(
@@ -358,7 +375,6 @@ pub async fn start(
                         stop.clone(),
                     )),
                 );
-                shared_metrics = Some(m);
             }
             let sync = match &mc.mosquitto {
                 Some(mq) => {
@@ -377,7 +393,7 @@ pub async fn start(
                 None => None,
             };
             let mut m = Mqtt::external(mc.url.clone().unwrap_or_default(), ingest, client, sync);
-            m.shared = shared_metrics;
+            m.shared = inbox.clone().filter(|_| shared_ingest.is_some());
             m
         };
         let m = Arc::new(m);
@@ -425,6 +441,7 @@ pub async fn start(
         metrics: Arc::new(crate::metrics::ServerMetrics::default()),
         limits,
         mqtt,
+        inbox,
         sessions: Arc::new(crate::ui::Sessions::default()),
         streams: Arc::new(tokio::sync::Semaphore::new(
             crate::api::console::MAX_STREAMS,
@@ -513,13 +530,6 @@ async fn take_lease(
     let mut standby = None;
     let share_stop = shutdown.child_token();
     let mut share = None;
-    // Check-ins are answered from a copy of the fleet the change feed
-    // keeps current (stores without a feed have no standbys).
-    let local = Arc::new(crate::standby::Local {
-        copy: Arc::new(crate::follow::Copy::default()),
-        limits: crate::limits::Limits::new(&config.limits),
-        http: config.http.clone(),
-    });
     let root = trust_root(config)?;
     let epoch = loop {
         tokio::select! {
@@ -527,9 +537,10 @@ async fn take_lease(
             Ok(()) = waiting.changed(), if standby.is_none() => {
                 let listener = listen(config.http.listen)?;
                 let client = crate::standby::forward_client(config.http.replica_ca.as_deref())?;
+                let local = standby_local(config, store, &share_stop);
                 tracing::info!(
                     listen = %config.http.listen,
-                    "standby: answering health checks (/readyz 503) and device check-ins, forwarding the rest to the active server"
+                    "standby: answering health checks (/readyz 503) and devices' check-ins, reports and downloads, forwarding the rest to the active server"
                 );
                 standby = Some(Standby::start(
                     listener,
@@ -570,6 +581,60 @@ async fn take_lease(
         s.taking_over();
     }
     Ok((epoch, standby))
+}
+
+/// What a standby answers devices with: a copy of the fleet the change
+/// feed keeps current (stores without a feed have no standbys), the inbox
+/// for their reports, and the bundle bucket, opened in the background (a
+/// slow bucket must not hold up a takeover; downloads are forwarded until
+/// it answers).
+fn standby_local(
+    config: &ServerConfig,
+    store: &Arc<dyn Store>,
+    stop: &CancellationToken,
+) -> Arc<crate::standby::Local> {
+    let queue = config
+        .mqtt
+        .as_ref()
+        .map_or(crate::config::DEFAULT_INGEST_QUEUE, |m| m.ingest_queue);
+    let (reports, worker) = Ingest::start_inbox(
+        store.clone(),
+        0,
+        Arc::new(crate::ingest::IngestMetrics::default()),
+        queue,
+        stop.clone(),
+    );
+    tokio::spawn(worker);
+    let local = Arc::new(crate::standby::Local::new(
+        Arc::new(crate::follow::Copy::default()),
+        crate::limits::Limits::new(&config.limits),
+        config.http.clone(),
+        reports,
+    ));
+    if config
+        .bundles
+        .url
+        .as_deref()
+        .is_some_and(|u| u.starts_with("s3://"))
+    {
+        let (l, data_dir, bundles) = (
+            local.clone(),
+            config.data_dir.clone(),
+            config.bundles.clone(),
+        );
+        tokio::spawn(async move {
+            match crate::blobs::Blobs::open(&data_dir, &bundles).await {
+                Ok(b) => {
+                    tracing::info!(at = %b.describe(), "standby: serving devices' downloads from the bundle bucket");
+                    let _ = l.blobs.set(b);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "standby: cannot open the bundle bucket; downloads are forwarded")
+                }
+            }
+        });
+    }
+    local
 }
 
 /// `[http] advertise_url` is an http(s) URL with a host, if given.

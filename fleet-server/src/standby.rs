@@ -5,14 +5,22 @@
 //! - `GET /healthz` 200: the process is alive (a liveness probe must not
 //!   restart a healthy standby);
 //! - `GET /readyz` 503 `standby`: a load balancer that checks it sends the
-//!   standby nothing;
+//!   standby nothing (with `[http] standby_ready = "serving"`, 200 while
+//!   it can answer devices itself: the balancer spreads them over every
+//!   replica);
 //! - `GET /metrics` (a viewer token or better, as on the active server): the build,
 //!   `fleet_server_active 0` and the forwarding counters;
-//! - `GET /api/v1/device/desired`, a device's check-in, from its own copy
-//!   of the fleet ([`crate::follow`], kept current by the store's change
-//!   feed), with the device's certificate and request budget checked as
-//!   on the active server; forwarded while the copy is not current or
-//!   does not know the credential (a device enrolled a moment ago);
+//! - a device's own calls, from its own copy of the fleet
+//!   ([`crate::follow`], kept current by the store's change feed), with
+//!   the device's certificate and request budget checked as on the active
+//!   server: its check-in (`GET /api/v1/device/desired`), its report
+//!   (`POST /api/v1/device/report`, stored in the shared store's inbox for
+//!   the active server to apply, durable before the 204) and, with bundles
+//!   in a bucket, the download of a bundle its desired state names
+//!   (`GET /api/v1/bundles/{id}/download`, ranges and presigned redirects
+//!   as on the active server); forwarded while the copy is not current,
+//!   does not know the credential (a device enrolled a moment ago) or does
+//!   not name the bundle yet;
 //! - anything else is **forwarded** to the active server (its
 //!   `[http] advertise_url`, from the lease row), streamed both ways, with
 //!   `X-Forwarded-For`: devices and operators that reach a standby (DNS
@@ -35,10 +43,10 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{Path as UrlPath, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -46,6 +54,7 @@ use crate::api::{AppState, ClientCert, Peer};
 use crate::auth::{Action, Caller, Tokens};
 use crate::error::{Error, Result};
 use crate::http_error::ApiError;
+use crate::metrics::Counter;
 use crate::store::LeaseHolder;
 
 /// Marks a forwarded request, with the lease row's secret: a standby
@@ -80,15 +89,71 @@ struct Face {
     local: Option<Arc<Local>>,
 }
 
-/// What a standby needs to answer check-ins itself.
+/// What a standby needs to answer devices' own calls itself.
 #[derive(Debug)]
 pub struct Local {
     /// Its copy of the fleet.
     pub copy: Arc<crate::follow::Copy>,
     /// Its own request budgets (per replica, like the active server's).
     pub limits: crate::limits::Limits,
-    /// The `[http]` settings of client certificates.
+    /// The `[http]` settings: client certificates, body and download limits.
     pub http: crate::config::HttpConfig,
+    /// Device reports into the shared store's inbox.
+    pub reports: crate::ingest::Ingest,
+    /// The bundle bucket, once opened (not a folder: that is each
+    /// server's own).
+    pub blobs: std::sync::OnceLock<crate::blobs::Blobs>,
+    /// Downloads sent at once at most (`[http] download_concurrency`).
+    pub downloads: Arc<tokio::sync::Semaphore>,
+    /// Bundle sizes looked up (bundles are content addresses: a size
+    /// never changes).
+    sizes: Mutex<std::collections::HashMap<String, u64>>,
+    /// Downloads sent, refused at the limit, redirected to the bucket.
+    pub sent: [Counter; 3],
+}
+
+/// Bundle sizes a standby remembers at most.
+const SIZES: usize = 4096;
+/// Reports larger than this go to the active server (the inbox takes a
+/// device message of up to [`crate::ingest::MAX_PAYLOAD`]).
+const REPORT_INBOX_BYTES: u64 = crate::ingest::MAX_PAYLOAD as u64 / 2;
+
+impl Local {
+    pub fn new(
+        copy: Arc<crate::follow::Copy>,
+        limits: crate::limits::Limits,
+        http: crate::config::HttpConfig,
+        reports: crate::ingest::Ingest,
+    ) -> Local {
+        let downloads = Arc::new(tokio::sync::Semaphore::new(
+            http.download_concurrency.max(1),
+        ));
+        Local {
+            copy,
+            limits,
+            http,
+            reports,
+            blobs: std::sync::OnceLock::new(),
+            downloads,
+            sizes: Mutex::default(),
+            sent: Default::default(),
+        }
+    }
+
+    /// The size of bundle `id` in the bucket; `None` when it is not there.
+    async fn size_of(&self, blobs: &crate::blobs::Blobs, id: &str) -> Result<Option<u64>> {
+        if let Some(n) = self.sizes.lock().ok().and_then(|m| m.get(id).copied()) {
+            return Ok(Some(n));
+        }
+        let n = blobs.size(id).await?;
+        if let (Some(n), Ok(mut m)) = (n, self.sizes.lock()) {
+            if m.len() >= SIZES {
+                m.clear();
+            }
+            m.insert(id.to_string(), n);
+        }
+        Ok(n)
+    }
 }
 
 /// The standby's listener and its serving task (stopped on drop).
@@ -139,6 +204,8 @@ impl Standby {
             .route("/readyz", get(not_ready))
             .route("/metrics", get(metrics))
             .route("/api/v1/device/desired", get(check_in))
+            .route("/api/v1/device/report", post(report))
+            .route("/api/v1/bundles/{id}/download", get(download))
             .fallback(not_serving)
             .with_state(Face {
                 tokens,
@@ -198,7 +265,16 @@ fn unavailable(shared: &Shared, why: &str) -> Response {
     .into_response()
 }
 
+/// `GET /readyz`: 503 `standby`, or with `[http] standby_ready =
+/// "serving"` 200 while the copy is current and the active server known.
 async fn not_ready(State(f): State<Face>) -> Response {
+    let serving = f.local.as_ref().is_some_and(|l| {
+        l.http.standby_ready == crate::config::StandbyReady::Serving && l.copy.fleet().is_some()
+    }) && !f.shared.starting.load(Relaxed)
+        && f.shared.active.lock().is_ok_and(|a| a.url.is_some());
+    if serving {
+        return "standby\n".into_response();
+    }
     unavailable(&f.shared, "")
 }
 
@@ -273,34 +349,157 @@ async fn not_serving(State(f): State<Face>, req: Request) -> Response {
         }
     }
 }
-/// A device's check-in, answered from the standby's copy of the fleet
-/// when it can be (the same document and ETag the active server serves).
-async fn check_in(State(f): State<Face>, req: Request) -> Response {
-    let Some(local) = f.local.clone() else {
-        return not_serving(State(f), req).await;
-    };
-    let Some(fleet) = local.copy.fleet() else {
-        return not_serving(State(f), req).await;
-    };
+/// A device's own call that this standby may answer: its copy is current
+/// and knows the credential, and the client certificate is the device's.
+/// `Err(None)`: forward it; `Err(Some(_))`: the refusal to answer.
+fn device_call(
+    f: &Face,
+    req: &Request,
+) -> std::result::Result<(Arc<Local>, Caller), Option<ApiError>> {
+    let local = f.local.clone().ok_or(None)?;
+    let fleet = local.copy.fleet().ok_or(None)?;
     let caller = crate::auth::bearer(req.headers())
         .and_then(|t| crate::auth::identify(t, &f.tokens, &fleet));
     let Some(Caller::Device { id, cell }) = caller else {
         // An operator token, a credential the copy does not know (yet):
         // the active server answers.
-        return not_serving(State(f), req).await;
+        return Err(None);
     };
     let cert = req.extensions().get::<ClientCert>();
     if let Err(e) = crate::api::device_cert_verdict(&local.http, cert, &id) {
         local.copy.cert_refusals.fetch_add(1, Relaxed);
-        return e.into_response();
+        return Err(Some(e));
     }
-    if let Err((what, wait)) = local.limits.device(&id) {
+    Ok((local, Caller::Device { id, cell }))
+}
+
+/// The device's request budget, spent on a call this standby answers.
+fn spend(local: &Local, caller: &Caller) -> std::result::Result<(), ApiError> {
+    let Caller::Device { id, .. } = caller else {
+        return Ok(());
+    };
+    local.limits.device(id).map_err(|(what, wait)| {
         local.copy.limited.fetch_add(1, Relaxed);
-        return crate::api::rate_limited(what, wait).into_response();
+        crate::api::rate_limited(what, wait)
+    })
+}
+
+/// A device's check-in, answered from the standby's copy of the fleet
+/// when it can be (the same document and ETag the active server serves).
+async fn check_in(State(f): State<Face>, req: Request) -> Response {
+    let (local, caller) = match device_call(&f, &req) {
+        Ok(c) => c,
+        Err(Some(refused)) => return refused.into_response(),
+        Err(None) => return not_serving(State(f), req).await,
+    };
+    if let Err(r) = spend(&local, &caller) {
+        return r.into_response();
     }
+    let Caller::Device { cell, .. } = caller else {
+        return not_serving(State(f), req).await;
+    };
     let doc = crate::fleet::lock(&cell).doc.clone();
     local.copy.served.fetch_add(1, Relaxed);
     crate::api::device::answer_desired(&doc, req.headers())
+}
+
+/// A device's report: stored in the shared store's inbox (durable before
+/// the 204), for the active server to apply as if the device had reported
+/// there.
+async fn report(State(f): State<Face>, req: Request) -> Response {
+    let (local, caller) = match device_call(&f, &req) {
+        Ok(c) => c,
+        Err(Some(refused)) => return refused.into_response(),
+        Err(None) => return not_serving(State(f), req).await,
+    };
+    // A report too large for the inbox (the active server's limit is
+    // `max_request_bytes`): the active server takes it.
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let Caller::Device { id, .. } = &caller else {
+        return not_serving(State(f), req).await;
+    };
+    if declared.is_some_and(|n| n > REPORT_INBOX_BYTES) {
+        return not_serving(State(f), req).await;
+    }
+    if let Err(r) = spend(&local, &caller) {
+        return r.into_response();
+    }
+    let (parts, body) = req.into_parts();
+    let limit = local.http.max_request_bytes.min(REPORT_INBOX_BYTES);
+    let bytes = match crate::api::read_body(body, &parts.headers, limit).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let report: edgefleet_wire::device::DeviceReport = match serde_json::from_slice(&bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            return ApiError::bad_request("malformed_json", format!("report: {e}")).into_response();
+        }
+    };
+    let reported = crate::store::Reported {
+        report,
+        at: edgefleet_wire::time::unix_now(),
+    };
+    let Ok(payload) = serde_json::to_vec(&reported) else {
+        return ApiError::bad_request("malformed_json", "report: cannot be stored").into_response();
+    };
+    let topic = format!("{}/{id}", crate::ingest::REPORT_TOPIC);
+    match local.reports.submit(topic, payload.into()).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(r) => {
+            tracing::warn!(device = %id, reason = r.as_str(), "standby: cannot store a device report in the inbox");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the report could not be stored; retry later",
+            )
+            .retry_after(2)
+            .into_response()
+        }
+    }
+}
+
+/// A device's download of a bundle its desired state names, from the
+/// bundle bucket (or a redirect to a presigned URL of it).
+async fn download(State(f): State<Face>, UrlPath(id): UrlPath<String>, req: Request) -> Response {
+    let (local, caller) = match device_call(&f, &req) {
+        Ok(c) => c,
+        Err(Some(refused)) => return refused.into_response(),
+        Err(None) => return not_serving(State(f), req).await,
+    };
+    // The copy may trail the active server by a moment: what it does not
+    // name yet, the active server decides.
+    let Some(blobs) = local.blobs.get() else {
+        return not_serving(State(f), req).await;
+    };
+    if !crate::api::bundles::assigned(&caller, &id) {
+        return not_serving(State(f), req).await;
+    }
+    let size = match local.size_of(blobs, &id).await {
+        Ok(Some(n)) => n,
+        Ok(None) => return not_serving(State(f), req).await,
+        Err(e) => {
+            tracing::warn!(error = %e, bundle = %id, "standby: cannot look a bundle up in the bucket");
+            return not_serving(State(f), req).await;
+        }
+    };
+    if let Err(r) = spend(&local, &caller) {
+        return r.into_response();
+    }
+    let [sent, refused, redirected] = &local.sent;
+    crate::api::bundles::send_bundle(
+        blobs,
+        &local.downloads,
+        [sent, refused, redirected],
+        (&id, size),
+        req.headers(),
+    )
+    .await
+    .unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn metrics(State(f): State<Face>, headers: HeaderMap) -> Response {
@@ -357,7 +556,7 @@ async fn metrics(State(f): State<Face>, headers: HeaderMap) -> Response {
             ),
             (
                 "fleet_standby_checkins_limited_total",
-                "Check-ins this standby refused (429) for the device's request budget.",
+                "Device calls this standby refused (429) for the device's request budget.",
                 &c.limited,
             ),
             (
@@ -367,6 +566,31 @@ async fn metrics(State(f): State<Face>, headers: HeaderMap) -> Response {
             ),
         ] {
             crate::metrics::counter(&mut out, name, help, v.load(Relaxed));
+        }
+        let [sent, refused, redirected] = &local.sent;
+        for (name, help, v) in [
+            (
+                "fleet_standby_reports_stored_total",
+                "Device reports this standby stored in the inbox (then answered 204) for the active server.",
+                local.reports.metrics.ingested.load(Relaxed),
+            ),
+            (
+                "fleet_standby_downloads_total",
+                "Bundle downloads this standby sent from the bucket (full or ranged).",
+                sent.get(),
+            ),
+            (
+                "fleet_standby_downloads_refused_total",
+                "Downloads this standby answered 503 at its concurrency limit.",
+                refused.get(),
+            ),
+            (
+                "fleet_standby_downloads_redirected_total",
+                "Downloads this standby redirected to a presigned URL of the bucket.",
+                redirected.get(),
+            ),
+        ] {
+            crate::metrics::counter(&mut out, name, help, v);
         }
         crate::metrics::gauge(
             &mut out,

@@ -236,6 +236,19 @@ impl TestFleet {
         assert!(r.status().is_success(), "abort: {}", r.status());
     }
 
+    /// `PUT /api/v1/windows/{scope}` with `body` as the operator.
+    pub async fn put_window(&self, scope: &str, body: Value) -> reqwest::Response {
+        self.req(
+            reqwest::Method::PUT,
+            &format!("/api/v1/windows/{scope}"),
+            Some(OPERATOR),
+        )
+        .json(&body)
+        .send()
+        .await
+        .expect("put a window")
+    }
+
     /// `GET /api/v1/devices/{id}` as the operator.
     pub async fn device(&self, id: &str) -> Value {
         self.req(

@@ -97,15 +97,11 @@ async fn activation_waits_for_the_window_and_the_local_app_after_the_download() 
     assert_eq!(bad.status.code(), Some(2), "a usage error");
     assert!(String::from_utf8_lossy(&bad.stderr).contains("bad time"));
     let r = server
-        .req(
-            reqwest::Method::PUT,
-            "/api/v1/windows/tag:board=rpi4",
-            Some(OPERATOR),
+        .put_window(
+            "tag:board=rpi4",
+            json!({"windows": ["daily 01:00-02:00"], "time_zone": "Mars/Olympus"}),
         )
-        .json(&json!({"windows": ["daily 01:00-02:00"], "time_zone": "Mars/Olympus"}))
-        .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(r.status(), 400);
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["code"], "invalid_window", "{e}");

@@ -45,6 +45,34 @@ fn replica_http(dir: &Path, name: &str, port: u16, http: &str, extra: &str) -> P
     config_file_http(dir, &format!("{name}.toml"), &data, port, http, extra)
 }
 
+/// Two replicas on the `shared` sections (a `[store] url` and the rest):
+/// `a` started first and active, then `b` waiting as its standby; with
+/// `http` lines in their `[http]` sections.
+struct Pair {
+    a: ServerProc,
+    b: ServerProc,
+    ports: (u16, u16),
+    configs: (PathBuf, PathBuf),
+}
+
+fn two_replicas(dir: &Path, [http_a, http_b]: [&str; 2], shared: &str) -> Pair {
+    let (port_a, port_b) = (free_port(), free_port());
+    let configs = (
+        replica_http(dir, "a", port_a, http_a, shared),
+        replica_http(dir, "b", port_b, http_b, shared),
+    );
+    let mut a = ServerProc::start(&configs.0, port_a);
+    a.wait_log("active: this server holds the store's lease", 30);
+    let mut b = ServerProc::start(&configs.1, port_b);
+    b.wait_log("standby: another fleet-server is active", 30);
+    Pair {
+        a,
+        b,
+        ports: (port_a, port_b),
+        configs,
+    }
+}
+
 /// What a standby answers: alive, not ready (a balancer that checks
 /// /readyz sends it nothing), everything else forwarded to the active
 /// server, and its role in /metrics.
@@ -204,19 +232,17 @@ async fn a_standby_takes_over_mid_rollout_and_no_device_goes_backwards() {
     // Nothing shared on disk: state in PostgreSQL, bundle bytes in the
     // bucket, devices on the broker. Each server on its own port, behind
     // the balancer.
-    let (port_a, port_b) = (free_port(), free_port());
     let shared = format!(
         "[store]\nurl = \"{url}\"\n{}{}",
         s3.bundles_toml("bundles", true),
         broker.server_toml_slots("server-secret", Some("fleet"), 1)
     );
-    let cfg_a = replica(dir.path(), "a", port_a, &shared);
-    let cfg_b = replica(dir.path(), "b", port_b, &shared);
-
-    let mut a = ServerProc::start(&cfg_a, port_a);
-    a.wait_log("active: this server holds the store's lease", 30);
-    let mut b = ServerProc::start(&cfg_b, port_b);
-    b.wait_log("standby: another fleet-server is active", 30);
+    let Pair {
+        a,
+        mut b,
+        ports: (port_a, port_b),
+        configs: (cfg_a, cfg_b),
+    } = two_replicas(dir.path(), ["", ""], &shared);
     assert_standby(port_b).await;
     assert_real_clients_are_limited(port_a, port_b).await;
     let m = TestFleet::attach(port_a).metrics(VIEWER).await;
@@ -294,15 +320,20 @@ async fn a_standby_takes_over_mid_rollout_and_no_device_goes_backwards() {
     assert_eq!(r["phase"]["state"], "running", "mid-rollout: {r:#}");
     // The devices' telemetry reaches the active server over the broker.
     let seq_before = wait_telemetry(&fleet, "pi-1", 0).await;
-    // pi-4's enrollment, reports, downloads and the v2 upload went
-    // through the standby.
+    // pi-4's enrollment and the v2 upload went through the standby, and
+    // the attacker's failed logins.
     let m = TestFleet::attach(port_b).metrics(VIEWER).await;
     assert!(counter(&m, "fleet_standby_forwarded_total") > 5, "{m}");
-    // Its check-ins were answered by the standby's copy of the fleet.
-    assert!(
-        counter(&m, "fleet_standby_checkins_served_total") > 0,
-        "{m}"
-    );
+    // Its check-ins, reports and downloads were answered by the standby
+    // (the reports through the inbox the active server applies; the
+    // downloads as redirects to the bucket, `presign_downloads`).
+    for answered in [
+        "fleet_standby_checkins_served_total",
+        "fleet_standby_reports_stored_total",
+        "fleet_standby_downloads_redirected_total",
+    ] {
+        assert!(counter(&m, answered) > 0, "{answered}: {m}");
+    }
     assert_eq!(
         counter(&m, "fleet_standby_forward_failures_total"),
         0,
@@ -439,7 +470,6 @@ async fn device_certificates_reach_the_active_server_through_a_standby() {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki_for(dir.path(), "fleet", &["cert-a", "cert-b"]);
     let other = pki_for(dir.path(), "other", &["cert-a"]);
-    let (port_a, port_b) = (free_port(), free_port());
     let store = format!("[store]\nurl = \"{url}\"");
     let http = format!(
         "tls_cert = \"{}\"\ntls_key = \"{}\"\nclient_ca = \"{ca}\"\n\
@@ -448,16 +478,12 @@ async fn device_certificates_reach_the_active_server_through_a_standby() {
         pki.server_key.display(),
         ca = pki.ca.display(),
     );
-    let mut a = ServerProc::start(
-        &replica_http(dir.path(), "a", port_a, &http, &store),
-        port_a,
-    );
-    a.wait_log("active: this server holds the store's lease", 30);
-    let mut b = ServerProc::start(
-        &replica_http(dir.path(), "b", port_b, &http, &store),
-        port_b,
-    );
-    b.wait_log("standby: another fleet-server is active", 30);
+    let Pair {
+        a,
+        b,
+        ports: (port_a, port_b),
+        ..
+    } = two_replicas(dir.path(), [&http, &http], &store);
 
     let standby = format!("https://127.0.0.1:{port_b}");
     let device = |i: usize| {
@@ -700,15 +726,14 @@ async fn the_replicas_split_the_ingest_and_a_dead_standbys_share_is_adopted() {
     let url = pg.database("fleet");
     let dir = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(dir.path(), &mosquitto_bin, "dash-secret");
-    let (port_a, port_b) = (free_port(), free_port());
     let mqtt = broker.server_toml_slots("server-secret", Some("fleet"), 2);
     let shared = format!("[store]\nurl = \"{url}\"\n{mqtt}");
-    let cfg_a = replica(dir.path(), "a", port_a, &shared);
-    let cfg_b = replica(dir.path(), "b", port_b, &shared);
-    let mut a = ServerProc::start(&cfg_a, port_a);
-    a.wait_log("active: this server holds the store's lease", 30);
-    let mut b = ServerProc::start(&cfg_b, port_b);
-    b.wait_log("standby: another fleet-server is active", 30);
+    let Pair {
+        a,
+        mut b,
+        ports: (port_a, port_b),
+        configs: (_, cfg_b),
+    } = two_replicas(dir.path(), ["", ""], &shared);
     b.wait_log("subscribed to the device topics", 30);
     let fleet = TestFleet::attach(port_a);
     let http = reqwest::Client::new();
@@ -913,25 +938,41 @@ fn signal(pid: u32, signal: &str) {
 /// document and ETag (and its 304), after a rollout, a window change, a
 /// revocation and a new device; with the active server frozen; and again
 /// after the feed's database session is killed (forwarded meanwhile,
-/// then the copy is loaded whole again).
+/// then the copy is loaded whole again). With the active server frozen it
+/// also sends the devices their bundles from the bucket (whole, ranged,
+/// 304) and takes their reports into the inbox, which the active server
+/// applies once it runs again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_standby_answers_check_ins_from_its_copy_of_the_fleet() {
-    let Some(pg) = Postgres::start("a_standby_answers_check_ins_…") else {
+async fn a_standby_answers_check_ins_reports_and_downloads_itself() {
+    let test = "a_standby_answers_check_ins_…";
+    let Some(pg) = Postgres::start(test) else {
+        return;
+    };
+    let Some(s3) = S3::start(test, "fleet") else {
         return;
     };
     let url = pg.database("fleet");
     let dir = tempfile::tempdir().unwrap();
-    let (port_a, port_b) = (free_port(), free_port());
-    let store = format!("[store]\nurl = \"{url}\"");
-    let mut a = ServerProc::start(&replica(dir.path(), "a", port_a, &store), port_a);
-    a.wait_log("active: this server holds the store's lease", 30);
-    let mut b = ServerProc::start(&replica(dir.path(), "b", port_b, &store), port_b);
+    let store = format!(
+        "[store]\nurl = \"{url}\"\n{}",
+        s3.bundles_toml("bundles", false)
+    );
+    let Pair {
+        a,
+        mut b,
+        ports: (port_a, port_b),
+        ..
+    } = two_replicas(dir.path(), ["", "standby_ready = \"serving\"\n"], &store);
     b.wait_log("answering device check-ins from its copy of the fleet", 30);
     let fleet = TestFleet::attach(port_a);
     let standby_fleet = TestFleet::attach(port_b);
-    let standby = standby_fleet.url.clone();
-    let both = (fleet.url.as_str(), standby.as_str());
     let http = reqwest::Client::new();
+    let standby = standby_fleet.url.clone();
+    // `standby_ready = "serving"`: a balancer may send it devices.
+    let r = http.get(format!("{standby}/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "a serving standby is ready");
+    assert_eq!(r.text().await.unwrap(), "standby\n");
+    let both = (fleet.url.as_str(), standby.as_str());
 
     // Three devices enrolled on the active server: the standby's copy
     // learns them and answers their check-ins.
@@ -953,30 +994,30 @@ async fn a_standby_answers_check_ins_from_its_copy_of_the_fleet() {
     let forwarded = counter(&m, "fleet_standby_forwarded_total");
 
     // A rollout gives them a bundle: the copy follows, 304 included.
-    let v1 = fleet.push(Pack::new(Model::Cls, 1).bytes()).await;
+    let v1_bytes = Pack::new(Model::Cls, 1).bytes();
+    let v1 = fleet.push(v1_bytes.clone()).await;
+    let v2 = fleet.push(Pack::new(Model::Cls, 2).bytes()).await;
     fleet
         .create_rollout(json!({
             "bundle": v1, "selector": {},
             "stages": [{"percent": 100, "bake_minutes": 0}], "gates": {},
         }))
         .await;
+    let mut bundle_ref = Value::Null;
     for c in &creds {
-        let (etag, _) = wait_same(&http, both, c, |d| d["bundle"]["id"] == v1.as_str()).await;
+        let (etag, doc) = wait_same(&http, both, c, |d| d["bundle"]["id"] == v1.as_str()).await;
         let (s, e, _) = check_in(&http, &standby, c, Some(&etag)).await;
         assert_eq!((s, e.as_deref()), (304, Some(etag.as_str())));
+        bundle_ref = doc["bundle"].clone();
     }
 
     // A maintenance window (a fleet-wide change) reaches cam-0's document.
     let r = fleet
-        .req(
-            reqwest::Method::PUT,
-            "/api/v1/windows/device:cam-0",
-            Some(OPERATOR),
+        .put_window(
+            "device:cam-0",
+            json!({"windows": ["daily 01:00-02:00"], "time_zone": "UTC"}),
         )
-        .json(&json!({"windows": ["daily 01:00-02:00"], "time_zone": "UTC"}))
-        .send()
-        .await
-        .unwrap();
+        .await;
     assert!(r.status().is_success(), "{}", r.text().await.unwrap());
     wait_same(&http, both, &creds[0], |d| !d["window"].is_null()).await;
 
@@ -987,12 +1028,104 @@ async fn a_standby_answers_check_ins_from_its_copy_of_the_fleet() {
         let doc: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!((s, doc["bundle"]["id"].as_str()), (200, Some(v1.as_str())));
     }
+    // Its bundle, from the bucket: whole, a range, and 304 for its ETag.
+    let download = |range: Option<&str>, etag: Option<&str>| {
+        let mut r = http
+            .get(format!("{standby}/api/v1/bundles/{v1}/download"))
+            .bearer_auth(&creds[0])
+            .timeout(Duration::from_secs(10));
+        if let Some(range) = range {
+            r = r.header("range", range);
+        }
+        if let Some(e) = etag {
+            r = r.header("if-none-match", e);
+        }
+        r.send()
+    };
+    let tag = format!("\"{v1}\"");
+    let r = download(None, None).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["etag"].to_str().unwrap(), tag);
+    assert!(r.bytes().await.unwrap() == v1_bytes, "the bundle's bytes");
+    let r = download(Some("bytes=100-199"), None).await.unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(
+        r.headers()["content-range"].to_str().unwrap(),
+        format!("bytes 100-199/{}", v1_bytes.len())
+    );
+    assert!(r.bytes().await.unwrap() == v1_bytes[100..200]);
+    let r = download(None, Some(&tag)).await.unwrap();
+    assert_eq!(r.status(), 304);
+    // A report, durable in the inbox before the 204; a malformed one is
+    // refused as the active server would.
+    let report = |body: Vec<u8>| {
+        http.post(format!("{standby}/api/v1/device/report"))
+            .bearer_auth(&creds[0])
+            .header("content-type", "application/json")
+            .body(body)
+            .timeout(Duration::from_secs(10))
+            .send()
+    };
+    let sent = json!({
+        "active": bundle_ref, "staged": null, "last_failed": null,
+        "state": "committed", "reason": "reported to the standby",
+        "agent_version": "0.9.9-standby",
+    });
+    let r = report(serde_json::to_vec(&sent).unwrap()).await.unwrap();
+    assert_eq!(r.status(), 204, "{}", r.text().await.unwrap());
+    let r = report(b"{\"state\": 5}".to_vec()).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "malformed_json", "{v}");
     signal(a.pid(), "-CONT");
     let m = standby_fleet.metrics(VIEWER).await;
     assert_eq!(
         counter(&m, "fleet_standby_forwarded_total"),
         forwarded,
-        "every check-in of a known device was answered, none forwarded: {m}"
+        "every call of a known device was answered, none forwarded: {m}"
+    );
+    assert_eq!(counter(&m, "fleet_standby_downloads_total"), 2, "{m}");
+    assert_eq!(counter(&m, "fleet_standby_reports_stored_total"), 1, "{m}");
+    // Running again, the active server applies the report from the inbox.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = fleet.device("cam-0").await;
+        if d["agent_version"] == "0.9.9-standby" {
+            assert_eq!(d["active"]["id"], v1.as_str(), "{d:#}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the report was not applied: {d:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Counted once the inbox row is gone (just after the device shows it).
+    loop {
+        let m = fleet.metrics(VIEWER).await;
+        match counter(&m, "fleet_standby_reports_applied_total") {
+            0 => assert!(Instant::now() < deadline, "{m}"),
+            n => {
+                assert_eq!(n, 1, "{m}");
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A bundle the device's desired state does not name: the active
+    // server decides (and refuses).
+    let r = http
+        .get(format!("{standby}/api/v1/bundles/{v2}/download"))
+        .bearer_auth(&creds[0])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let m = standby_fleet.metrics(VIEWER).await;
+    assert_eq!(
+        counter(&m, "fleet_standby_forwarded_total"),
+        forwarded + 1,
+        "{m}"
     );
 
     // Revoked on the active server: refused by the standby too.

@@ -277,7 +277,7 @@ fn parse_range(value: &str, size: u64) -> Option<Result<(u64, u64), ()>> {
 
 /// Whether a device may fetch `id`: its desired state names it, or named
 /// it recently (a transfer in flight when the rollout moved on).
-fn assigned(caller: &Caller, id: &str) -> bool {
+pub fn assigned(caller: &Caller, id: &str) -> bool {
     let Caller::Device { cell, .. } = caller else {
         return false;
     };
@@ -324,7 +324,30 @@ pub async fn download(
         .registry
         .get(&id)
         .ok_or_else(|| ApiError::not_found("bundle"))?;
-    let etag = format!("\"{}\"", rec.id);
+    let m = &s.metrics;
+    send_bundle(
+        &s.registry.blobs,
+        &s.downloads,
+        [&m.downloads, &m.downloads_refused, &m.downloads_redirected],
+        (&rec.id, rec.size),
+        &headers,
+    )
+    .await
+}
+
+/// Sends bundle `id` of `size` bytes from `blobs` as `headers` ask
+/// (`If-None-Match`, `Range`, `If-Range`), or a redirect to a presigned
+/// bucket URL; at most `permits` transfers at once, counted in `counts`
+/// (sent, refused at the limit, redirected). The active server and a
+/// standby serve downloads alike.
+pub async fn send_bundle(
+    blobs: &crate::blobs::Blobs,
+    permits: &std::sync::Arc<tokio::sync::Semaphore>,
+    [sent, refused, redirected]: [&crate::metrics::Counter; 3],
+    (id, size): (&str, u64),
+    headers: &HeaderMap,
+) -> ApiResult<Response> {
+    let etag = format!("\"{id}\"");
     if headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -333,9 +356,9 @@ pub async fn download(
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
     // A bucket that presigns: the bytes come from it, not through here.
-    if let Some(url) = s.registry.blobs.presigned(&rec.id).await {
+    if let Some(url) = blobs.presigned(id).await {
         let url = url?;
-        s.metrics.downloads_redirected.inc();
+        redirected.inc();
         let mut r = StatusCode::TEMPORARY_REDIRECT.into_response();
         if let Ok(v) = HeaderValue::from_str(&url) {
             r.headers_mut().insert(header::LOCATION, v);
@@ -347,8 +370,8 @@ pub async fn download(
     }
     // Bounded: a rollout to a whole fleet must not open a transfer per
     // device at once. Devices retry 503s with backoff.
-    let Ok(permit) = s.downloads.clone().try_acquire_owned() else {
-        s.metrics.downloads_refused.inc();
+    let Ok(permit) = permits.clone().try_acquire_owned() else {
+        refused.inc();
         let wait = 2 + (edgefleet_wire::backoff::random_unit() * 8.0) as u64;
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -357,7 +380,6 @@ pub async fn download(
         )
         .retry_after(wait));
     };
-    let size = rec.size;
     // If-Range: the range applies only to the same content.
     let if_range_ok = headers
         .get(header::IF_RANGE)
@@ -385,8 +407,8 @@ pub async fn download(
         }
     };
     let len = if size == 0 { 0 } else { end - start + 1 };
-    let stream = s.registry.blobs.read(&rec.id, start, len).await?;
-    s.metrics.downloads.inc();
+    let stream = blobs.read(id, start, len).await?;
+    sent.inc();
     // The permit lives as long as the body is being sent.
     let stream = futures_util::StreamExt::map(stream, move |chunk| {
         let _held = &permit;

@@ -11,7 +11,7 @@ use edgefleet_wire::device::DeviceReport;
 use super::{ApiResult, AppState, read_json};
 use crate::auth::{Action, Caller};
 use crate::fleet::{DesiredDoc, lock};
-use crate::store::{Part, Reported, Write};
+use crate::store::Reported;
 
 #[utoipa::path(get, path = "/api/v1/device/desired", tag = "device",
     params(("If-None-Match" = Option<String>, Header)),
@@ -77,22 +77,7 @@ pub async fn report(
         report,
         at: edgefleet_wire::time::unix_now(),
     };
-    let mut writes = Vec::with_capacity(2);
-    {
-        let mut d = lock(&cell);
-        // The inventory follows agent upgrades.
-        if let Some(v) = &reported.report.agent_version
-            && *v != d.rec.identity.agent_version
-        {
-            d.rec.identity.agent_version.clone_from(v);
-            writes.push(Write::Device(
-                id.clone(),
-                Part::Identity(d.rec.identity.clone()),
-            ));
-        }
-        d.rec.reported = Some(reported.clone());
-    }
-    writes.push(Write::Device(id, Part::Reported(reported)));
+    let writes = crate::ingest::record_report(&mut lock(&cell), &id, reported);
     s.commit(writes).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -65,6 +65,9 @@ pub struct AppState {
     pub limits: Arc<crate::limits::Limits>,
     /// Set when MQTT is configured.
     pub mqtt: Option<Arc<crate::mqtt::Mqtt>>,
+    /// On a shared store: the counters of the standbys' inbox this server
+    /// applies.
+    pub inbox: Option<Arc<crate::mqtt::shared::SharedMetrics>>,
     /// Console sessions (cookie logins).
     pub sessions: Arc<crate::ui::Sessions>,
     /// Change streams (`/api/v1/stream`) that may still open.

@@ -15,6 +15,11 @@
 //!
 //! A standby that becomes active leaves its slot the same way: it stops
 //! taking messages, lets go of the slot, and adopts its own session.
+//!
+//! The inbox also carries the device reports standbys answer over HTTP
+//! (`$edgefleet/report/{device}`, docs/deploy.md "Standbys answer device
+//! calls"): the active server drains it on every shared store, with or
+//! without MQTT.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -24,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::MqttConfig;
 use crate::error::{Error, Result};
-use crate::ingest::{Ingest, IngestMetrics, Refusal};
+use crate::ingest::{Ingest, IngestMetrics, Refusal, Source};
 use crate::store::Store;
 
 /// Inbox messages applied at once at most.
@@ -43,6 +48,8 @@ const SLOT_CHECK: Duration = Duration::from_secs(1);
 pub struct SharedMetrics {
     /// Inbox messages applied (or refused for good) and removed.
     pub applied: AtomicU64,
+    /// Of those, device reports a standby took over HTTP and applied here.
+    pub reports: AtomicU64,
     /// Slot sessions adopted, and the messages taken from them.
     pub adoptions: AtomicU64,
     pub adopted_messages: AtomicU64,
@@ -90,11 +97,19 @@ pub async fn drain(
             return Ok(());
         }
         // Queued in order (one batch of the ingest, mostly), then awaited.
-        let outcomes = futures_util::future::join_all(
-            rows.iter()
-                .map(|r| ingest.submit(r.topic.clone(), bytes::Bytes::from(r.payload.clone()))),
-        )
+        let outcomes = futures_util::future::join_all(rows.iter().map(|r| {
+            ingest.submit_from(
+                Source::Inbox,
+                r.topic.clone(),
+                bytes::Bytes::from(r.payload.clone()),
+            )
+        }))
         .await;
+        let reports = rows
+            .iter()
+            .zip(&outcomes)
+            .filter(|(r, o)| o.is_ok() && r.topic.starts_with(crate::ingest::REPORT_TOPIC))
+            .count() as u64;
         let done: Vec<i64> = rows
             .iter()
             .zip(&outcomes)
@@ -108,6 +123,7 @@ pub async fn drain(
             tracing::warn!(error = %e, "cannot empty the shared ingest's inbox");
         } else {
             m.applied.fetch_add(n, Relaxed);
+            m.reports.fetch_add(reports, Relaxed);
         }
         if !stored && !pause(Duration::from_secs(1), &stop).await {
             return Ok(());

@@ -327,7 +327,7 @@ pub trait Store: Send + Sync + 'static {
     }
 
     // The change feed (PostgreSQL only; docs/deploy.md, "Standbys answer
-    // check-ins"): every commit that changes what a device is served
+    // device calls"): every commit that changes what a device is served
     // (its desired state, its identity and credential, rollouts, windows,
     // trust) tells the listeners which, after it committed. A standby
     // keeps its copy of the fleet current with it.
