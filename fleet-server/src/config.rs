@@ -354,6 +354,14 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
+    /// Device messages waiting for the store: `[mqtt] ingest_queue`, also
+    /// for a shared store's inbox without MQTT.
+    pub fn ingest_queue(&self) -> usize {
+        self.mqtt
+            .as_ref()
+            .map_or(DEFAULT_INGEST_QUEUE, |m| m.ingest_queue)
+    }
+
     /// Reads a TOML file (relative key paths resolve against its folder),
     /// then applies environment overrides.
     pub fn load(path: &Path) -> Result<ServerConfig> {

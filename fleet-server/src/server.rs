@@ -304,12 +304,12 @@ pub async fn start(
     // stored in the inbox (their share of the MQTT messages, the device
     // reports they answered) go through one ingest.
     let ingest = (config.mqtt.is_some() || epoch > 0).then(|| {
-        let queue = config
-            .mqtt
-            .as_ref()
-            .map_or(crate::config::DEFAULT_INGEST_QUEUE, |m| m.ingest_queue);
-        let (ingest, ingest_worker) =
-            Ingest::start(fleet.clone(), writer.clone(), queue, stop.clone());
+        let (ingest, ingest_worker) = Ingest::start(
+            fleet.clone(),
+            writer.clone(),
+            config.ingest_queue(),
+            stop.clone(),
+        );
         spawn("mqtt-ingest", Box::pin(ingest_worker));
         ingest
     });
@@ -540,7 +540,7 @@ async fn take_lease(
                 let local = standby_local(config, store, &share_stop);
                 tracing::info!(
                     listen = %config.http.listen,
-                    "standby: answering health checks (/readyz 503) and devices' check-ins, reports and downloads, forwarding the rest to the active server"
+                    "standby: answering health checks and devices' check-ins, reports and downloads, forwarding the rest to the active server"
                 );
                 standby = Some(Standby::start(
                     listener,
@@ -593,15 +593,11 @@ fn standby_local(
     store: &Arc<dyn Store>,
     stop: &CancellationToken,
 ) -> Arc<crate::standby::Local> {
-    let queue = config
-        .mqtt
-        .as_ref()
-        .map_or(crate::config::DEFAULT_INGEST_QUEUE, |m| m.ingest_queue);
     let (reports, worker) = Ingest::start_inbox(
         store.clone(),
         0,
         Arc::new(crate::ingest::IngestMetrics::default()),
-        queue,
+        config.ingest_queue(),
         stop.clone(),
     );
     tokio::spawn(worker);
