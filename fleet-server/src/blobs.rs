@@ -50,12 +50,15 @@ pub struct Blobs {
     describe: String,
 }
 
+/// The scheme of a bucket URL in `[bundles] url`.
+pub const S3_SCHEME: &str = "s3://";
+
 impl Blobs {
     /// Opens the configured location (and, for a bucket, checks that it
     /// answers with these credentials); drops upload leftovers of a crash.
     pub async fn open(data_dir: &Path, cfg: &BundlesConfig) -> Result<Blobs> {
         let url = cfg.url.as_deref().unwrap_or("");
-        let (dir, backend, describe) = if let Some(rest) = url.strip_prefix("s3://") {
+        let (dir, backend, describe) = if let Some(rest) = url.strip_prefix(S3_SCHEME) {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
                 return Err(Error::Usage(format!("[bundles] url {url}: no bucket")));

@@ -300,6 +300,16 @@ pub struct BundlesConfig {
     pub presign_ttl_secs: u64,
 }
 
+impl BundlesConfig {
+    /// Whether bundles live in an S3-compatible bucket (`s3://…`), shared
+    /// by every replica, rather than in a folder of this server's own.
+    pub fn is_bucket(&self) -> bool {
+        self.url
+            .as_deref()
+            .is_some_and(|u| u.starts_with(crate::blobs::S3_SCHEME))
+    }
+}
+
 impl Default for BundlesConfig {
     fn default() -> Self {
         BundlesConfig {

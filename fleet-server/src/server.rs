@@ -607,12 +607,7 @@ fn standby_local(
         config.http.clone(),
         reports,
     ));
-    if config
-        .bundles
-        .url
-        .as_deref()
-        .is_some_and(|u| u.starts_with("s3://"))
-    {
+    if config.bundles.is_bucket() {
         let (l, data_dir, bundles) = (
             local.clone(),
             config.data_dir.clone(),

@@ -53,6 +53,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{AppState, ClientCert, Peer};
 use crate::auth::{Action, Caller, Tokens};
 use crate::error::{Error, Result};
+use crate::fleet::DeviceCell;
 use crate::http_error::ApiError;
 use crate::metrics::Counter;
 use crate::store::LeaseHolder;
@@ -355,7 +356,7 @@ async fn not_serving(State(f): State<Face>, req: Request) -> Response {
 fn device_call(
     f: &Face,
     req: &Request,
-) -> std::result::Result<(Arc<Local>, Caller), Option<ApiError>> {
+) -> std::result::Result<(Arc<Local>, String, DeviceCell), Option<ApiError>> {
     let local = f.local.clone().ok_or(None)?;
     let fleet = local.copy.fleet().ok_or(None)?;
     let caller = crate::auth::bearer(req.headers())
@@ -370,14 +371,11 @@ fn device_call(
         local.copy.cert_refusals.fetch_add(1, Relaxed);
         return Err(Some(e));
     }
-    Ok((local, Caller::Device { id, cell }))
+    Ok((local, id, cell))
 }
 
 /// The device's request budget, spent on a call this standby answers.
-fn spend(local: &Local, caller: &Caller) -> std::result::Result<(), ApiError> {
-    let Caller::Device { id, .. } = caller else {
-        return Ok(());
-    };
+fn spend(local: &Local, id: &str) -> std::result::Result<(), ApiError> {
     local.limits.device(id).map_err(|(what, wait)| {
         local.copy.limited.fetch_add(1, Relaxed);
         crate::api::rate_limited(what, wait)
@@ -387,17 +385,14 @@ fn spend(local: &Local, caller: &Caller) -> std::result::Result<(), ApiError> {
 /// A device's check-in, answered from the standby's copy of the fleet
 /// when it can be (the same document and ETag the active server serves).
 async fn check_in(State(f): State<Face>, req: Request) -> Response {
-    let (local, caller) = match device_call(&f, &req) {
+    let (local, id, cell) = match device_call(&f, &req) {
         Ok(c) => c,
         Err(Some(refused)) => return refused.into_response(),
         Err(None) => return not_serving(State(f), req).await,
     };
-    if let Err(r) = spend(&local, &caller) {
+    if let Err(r) = spend(&local, &id) {
         return r.into_response();
     }
-    let Caller::Device { cell, .. } = caller else {
-        return not_serving(State(f), req).await;
-    };
     let doc = crate::fleet::lock(&cell).doc.clone();
     local.copy.served.fetch_add(1, Relaxed);
     crate::api::device::answer_desired(&doc, req.headers())
@@ -407,7 +402,7 @@ async fn check_in(State(f): State<Face>, req: Request) -> Response {
 /// the 204), for the active server to apply as if the device had reported
 /// there.
 async fn report(State(f): State<Face>, req: Request) -> Response {
-    let (local, caller) = match device_call(&f, &req) {
+    let (local, id, _) = match device_call(&f, &req) {
         Ok(c) => c,
         Err(Some(refused)) => return refused.into_response(),
         Err(None) => return not_serving(State(f), req).await,
@@ -419,30 +414,20 @@ async fn report(State(f): State<Face>, req: Request) -> Response {
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let Caller::Device { id, .. } = &caller else {
-        return not_serving(State(f), req).await;
-    };
     if declared.is_some_and(|n| n > REPORT_INBOX_BYTES) {
         return not_serving(State(f), req).await;
     }
-    if let Err(r) = spend(&local, &caller) {
+    if let Err(r) = spend(&local, &id) {
         return r.into_response();
     }
     let (parts, body) = req.into_parts();
     let limit = local.http.max_request_bytes.min(REPORT_INBOX_BYTES);
-    let bytes = match crate::api::read_body(body, &parts.headers, limit).await {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    let report: edgefleet_wire::device::DeviceReport = match serde_json::from_slice(&bytes) {
+    let reported = match crate::api::read_body(body, &parts.headers, limit)
+        .await
+        .and_then(|bytes| crate::api::device::parse_report(&bytes))
+    {
         Ok(r) => r,
-        Err(e) => {
-            return ApiError::bad_request("malformed_json", format!("report: {e}")).into_response();
-        }
-    };
-    let reported = crate::store::Reported {
-        report,
-        at: edgefleet_wire::time::unix_now(),
+        Err(e) => return e.into_response(),
     };
     let Ok(payload) = serde_json::to_vec(&reported) else {
         return ApiError::bad_request("malformed_json", "report: cannot be stored").into_response();
@@ -466,7 +451,7 @@ async fn report(State(f): State<Face>, req: Request) -> Response {
 /// A device's download of a bundle its desired state names, from the
 /// bundle bucket (or a redirect to a presigned URL of it).
 async fn download(State(f): State<Face>, UrlPath(id): UrlPath<String>, req: Request) -> Response {
-    let (local, caller) = match device_call(&f, &req) {
+    let (local, device, cell) = match device_call(&f, &req) {
         Ok(c) => c,
         Err(Some(refused)) => return refused.into_response(),
         Err(None) => return not_serving(State(f), req).await,
@@ -476,7 +461,7 @@ async fn download(State(f): State<Face>, UrlPath(id): UrlPath<String>, req: Requ
     let Some(blobs) = local.blobs.get() else {
         return not_serving(State(f), req).await;
     };
-    if !crate::api::bundles::assigned(&caller, &id) {
+    if !crate::api::bundles::assigned(&cell, &id) {
         return not_serving(State(f), req).await;
     }
     let size = match local.size_of(blobs, &id).await {
@@ -487,7 +472,7 @@ async fn download(State(f): State<Face>, UrlPath(id): UrlPath<String>, req: Requ
             return not_serving(State(f), req).await;
         }
     };
-    if let Err(r) = spend(&local, &caller) {
+    if let Err(r) = spend(&local, &device) {
         return r.into_response();
     }
     let [sent, refused, redirected] = &local.sent;

@@ -17,7 +17,7 @@ use http_body_util::BodyExt as _;
 use super::{ApiError, ApiResult, AppState};
 use crate::auth::{Action, Caller, require};
 use crate::error::Error;
-use crate::fleet::lock;
+use crate::fleet::{DeviceCell, lock};
 use crate::store::{BundleRecord, Write};
 
 /// Removes an upload file unless it was moved into place.
@@ -277,10 +277,7 @@ fn parse_range(value: &str, size: u64) -> Option<Result<(u64, u64), ()>> {
 
 /// Whether a device may fetch `id`: its desired state names it, or named
 /// it recently (a transfer in flight when the rollout moved on).
-pub fn assigned(caller: &Caller, id: &str) -> bool {
-    let Caller::Device { cell, .. } = caller else {
-        return false;
-    };
+pub fn assigned(cell: &DeviceCell, id: &str) -> bool {
     let d = lock(cell);
     let desired = &d.rec.desired;
     desired.bundle.as_ref().is_some_and(|b| b.id == id)
@@ -308,9 +305,9 @@ pub async fn download(
 ) -> ApiResult<Response> {
     let caller = s.caller(&headers, None)?;
     match caller {
-        Caller::Device { .. } => {
+        Caller::Device { ref cell, .. } => {
             require(&caller, Action::DownloadAssignedBundle)?;
-            if !assigned(&caller, &id) {
+            if !assigned(cell, &id) {
                 return Err(ApiError::new(
                     StatusCode::FORBIDDEN,
                     "bundle_not_assigned",

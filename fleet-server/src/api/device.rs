@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use edgefleet_wire::api::v1::ErrorBody;
 use edgefleet_wire::device::DeviceReport;
 
-use super::{ApiResult, AppState, read_json};
+use super::{ApiError, ApiResult, AppState};
 use crate::auth::{Action, Caller};
 use crate::fleet::{DesiredDoc, lock};
 use crate::store::Reported;
@@ -21,7 +21,7 @@ use crate::store::Reported;
 pub async fn desired(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     // The credential names the device: there is no way to ask for another's.
     let Caller::Device { cell, .. } = s.allow(&headers, Action::CheckIn)? else {
-        return Err(super::ApiError::new(
+        return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
             "this endpoint is for devices",
@@ -64,20 +64,28 @@ pub async fn report(
     body: Body,
 ) -> ApiResult<Response> {
     let Caller::Device { id, cell } = s.allow(&headers, Action::Report)? else {
-        return Err(super::ApiError::new(
+        return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
             "this endpoint is for devices",
         ));
     };
-    let report: DeviceReport = read_json(&s, body, &headers, "report").await?;
-    // The device is the source of truth for what it runs: record it as is,
-    // including a fallback to an older bundle.
-    let reported = Reported {
-        report,
-        at: edgefleet_wire::time::unix_now(),
-    };
+    let bytes = super::read_body(body, &headers, s.config.http.max_request_bytes).await?;
+    let reported = parse_report(&bytes)?;
     let writes = crate::ingest::record_report(&mut lock(&cell), &id, reported);
     s.commit(writes).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// A device's report body, stamped with the time it arrived: what the
+/// active server records and a standby stores in the inbox alike. The
+/// device is the source of truth for what it runs, so it is kept as is,
+/// a fallback to an older bundle included.
+pub fn parse_report(bytes: &[u8]) -> ApiResult<Reported> {
+    let report: DeviceReport = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request("malformed_json", format!("report: {e}")))?;
+    Ok(Reported {
+        report,
+        at: edgefleet_wire::time::unix_now(),
+    })
 }
