@@ -14,6 +14,9 @@ into heads, scalars broadcast into changed wires, a recurrent layer).
     cnn        batch norm, hard-swish, depthwise conv, split, pools, concat,
                resize, slice, residual, global pool
     lstm       an LSTM layer (tract runs it as a Scan), squeeze, matmul
+    residual   a ResNet block: batch norms after bias-free convolutions whose
+               kernels (9216 values) the optimizer folds them into, a
+               per-channel Div and Sub, a projected shortcut, residual add
 
 Inputs have fixed shapes; weights are seeded, so the files are reproducible
 with the pinned onnx and protobuf (scripts/requirements.txt). Each model is
@@ -209,6 +212,32 @@ def lstm() -> None:
     save("lstm", nodes, inits, [5, 1, 8])
 
 
+def residual() -> None:
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "s1", "b1", "m1", "v1"], ["n1"]),
+        helper.make_node("Relu", ["n1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Div", ["c2", "per_channel"], ["q2"]),
+        helper.make_node("Sub", ["q2", "per_channel"], ["n2"]),
+        helper.make_node("Conv", ["x", "w3", "b3"], ["short"], kernel_shape=[1, 1]),
+        helper.make_node("Add", ["n2", "short"], ["sum"]),
+        helper.make_node("Relu", ["sum"], ["y"]),
+    ]
+    inits = [
+        weight("w1", 32, 32, 3, 3),
+        weight("s1", 32),
+        weight("b1", 32),
+        weight("m1", 32),
+        numpy_helper.from_array((np.abs(RNG.standard_normal(32)) + 0.5).astype(np.float32), "v1"),
+        weight("w2", 32, 32, 3, 3),
+        numpy_helper.from_array((np.abs(RNG.standard_normal((1, 32, 1, 1))) + 0.5).astype(np.float32), "per_channel"),
+        weight("w3", 32, 32, 1, 1),
+        weight("b3", 32),
+    ]
+    save("residual", nodes, inits, [1, 32, 16, 16])
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     attention()
@@ -216,3 +245,4 @@ if __name__ == "__main__":
     unit_axes()
     cnn()
     lstm()
+    residual()

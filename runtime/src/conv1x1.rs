@@ -581,15 +581,27 @@ fn matched(
     } = product;
     let w = weights.try_as_plain_ram()?.as_slice::<f32>()?;
     let weights_t = if m_first {
-        let mut t = vec![0f32; m * k];
-        for (r, row) in w.chunks(k).enumerate() {
-            for (i, &v) in row.iter().enumerate() {
-                t[i * m + r] = v;
+        // `[m, k]` to `[k, m]` by tiles that stay in the cache, into the
+        // tensor itself.
+        const TILE: usize = 32;
+        let mut t = Tensor::zero::<f32>(&[k, m])?;
+        {
+            let mut view = t.try_as_plain_ram_mut()?;
+            let t = view.as_slice_mut::<f32>()?;
+            for r0 in (0..m).step_by(TILE) {
+                for i0 in (0..k).step_by(TILE) {
+                    for r in r0..(r0 + TILE).min(m) {
+                        let row = &w[r * k..][i0..(i0 + TILE).min(k)];
+                        for (i, &v) in (i0..).zip(row) {
+                            t[i * m + r] = v;
+                        }
+                    }
+                }
             }
         }
         t
     } else {
-        w.to_vec()
+        Tensor::from_shape(&[k, m], w)?
     };
     let (last, post, output_shape) = chain(model, id, out_shape, channel_axis, m)?;
     Ok(Some((
@@ -599,7 +611,7 @@ fn matched(
             m,
             k,
             n,
-            weights_t: Arc::new(Tensor::from_shape(&[k, m], &weights_t)?),
+            weights_t: Arc::new(weights_t),
             post,
             image_input: 1 - wi,
             isa,

@@ -852,10 +852,21 @@ fn matched(model: &TypedModel, id: usize, isa: Isa) -> TractResult<Option<(usize
     }
     let k = kernel.try_as_plain_ram()?.as_slice::<f32>()?;
     let steps = ci * kh * kw;
-    let mut weights_p = vec![0f32; co.div_ceil(PACK) * steps * PACK];
-    for (o, filter) in k.chunks_exact(steps).enumerate() {
-        for (step, &v) in filter.iter().enumerate() {
-            weights_p[(o / PACK * steps + step) * PACK + o % PACK] = v;
+    // Packed in place (the weights of a large model are tens of
+    // megabytes: no second copy), a block of PACK channels at a time.
+    let mut weights_p = Tensor::zero::<f32>(&[co.div_ceil(PACK), steps, PACK])?;
+    {
+        let mut view = weights_p.try_as_plain_ram_mut()?;
+        let packed = view.as_slice_mut::<f32>()?;
+        for (filters, block) in k
+            .chunks(steps * PACK)
+            .zip(packed.chunks_exact_mut(steps * PACK))
+        {
+            for (lane, filter) in filters.chunks_exact(steps).enumerate() {
+                for (step, &v) in filter.iter().enumerate() {
+                    block[step * PACK + lane] = v;
+                }
+            }
         }
     }
     let bias = bias.try_as_plain_ram()?.as_slice::<f32>()?;
@@ -870,10 +881,7 @@ fn matched(model: &TypedModel, id: usize, isa: Isa) -> TractResult<Option<(usize
         DirectConv {
             layout: Layout::of(g),
             geometry,
-            weights_p: Arc::new(Tensor::from_shape(
-                &[co.div_ceil(PACK), steps, PACK],
-                &weights_p,
-            )?),
+            weights_p: Arc::new(weights_p),
             bias: Arc::new(tensor1(&bias)),
             post,
             isa,

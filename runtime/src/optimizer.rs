@@ -15,7 +15,10 @@
 //! each patch with [`apply`]: the same edits as tract's `apply`, in the
 //! same order, without that scan. One pass of declutter, `ChangeAxes`, is
 //! replaced by [`change_axes`]'s, which makes the same patches at a cost
-//! that grows with each patch rather than with the graph. The graph that
+//! that grows with each patch rather than with the graph; `PropConst` is
+//! wrapped by [`prop_const`]'s, which folds large f32 arithmetic on
+//! constants (a batch norm into its convolution's weights) by plain loops
+//! where tract's walks ndarray indices. The graph that
 //! comes out is the one tract's own `declutter()` and `optimize()`
 //! produce, node for node (the tests compare them on every model in
 //! `models/` and on graphs of other shapes in `tests/data/`).
@@ -33,6 +36,7 @@ use tract_nnef::tract_core::model::{STAGE_OPTIMIZED, TRACT_STAGE};
 use tract_nnef::tract_core::optim::{Optimizer, TypedPass};
 
 mod change_axes;
+mod prop_const;
 
 /// A map and a set with a fast hasher (hashbrown's): their keys are node
 /// names, ids and axis changes of the graph being optimized.
@@ -126,13 +130,17 @@ fn run(optimizer: &Optimizer, model: &mut TypedModel) -> TractResult<()> {
     // last compaction left it (see `Compaction`).
     let mut compaction = Compaction::default();
     // tract's passes, but `ChangeAxes` is ours: the same patches, each
-    // built in time proportional to it (change_axes.rs)
+    // built in time proportional to it (change_axes.rs); and `PropConst`
+    // folds large f32 arithmetic by plain loops first (prop_const.rs)
     let template: Vec<Box<dyn TypedPass>> = optimizer
         .passes
         .iter()
         .map(|pass| {
-            if format!("{pass:?}") == change_axes::NAME {
+            let name = format!("{pass:?}");
+            if name == change_axes::NAME {
                 Box::new(change_axes::ChangeAxes::default())
+            } else if name.starts_with(prop_const::NAME) {
+                Box::new(prop_const::PropConst::wrapping(pass.clone()))
             } else {
                 pass.clone()
             }
@@ -564,15 +572,17 @@ pub(crate) mod tests {
 
     /// The same on graph shapes the repository's models do not have
     /// (scripts/make_optimizer_models.py: attention heads, 1-D convs, unit
-    /// axes, pools and resize, an LSTM) and on a QDQ-quantized classifier.
+    /// axes, pools and resize, an LSTM, a ResNet block whose batch norms
+    /// `prop_const` folds) and on a QDQ-quantized classifier.
     #[test]
     fn the_driver_builds_the_graph_tract_builds_on_other_graph_shapes() {
-        let models: [(&str, &[usize]); 6] = [
+        let models: [(&str, &[usize]); 7] = [
             ("tests/data/optimizer/attention.onnx", &[1, 16, 32]),
             ("tests/data/optimizer/conv1d.onnx", &[1, 8, 100]),
             ("tests/data/optimizer/unit_axes.onnx", &[1, 1, 32, 1]),
             ("tests/data/optimizer/cnn.onnx", &[1, 3, 32, 32]),
             ("tests/data/optimizer/lstm.onnx", &[5, 1, 8]),
+            ("tests/data/optimizer/residual.onnx", &[1, 32, 16, 16]),
             ("tests/data/cls_qdq_softmax.onnx", &[1, 3, 48, 192]),
         ];
         use tract_onnx::prelude::InferenceModelExt;
@@ -581,7 +591,15 @@ pub(crate) mod tests {
                 .model_for_path(crate::model::tests::repo(path))
                 .unwrap();
             model.set_input_fact(0, f32::fact(shape).into()).unwrap();
+            let folded = prop_const::FOLDED.with(|n| n.get());
             same_as_tracts(model.into_typed().unwrap(), path);
+            let folded = prop_const::FOLDED.with(|n| n.get()) - folded;
+            // The residual block's two 3×3 kernels, times a batch norm's
+            // scale and divided by a per-channel operand, are folded by
+            // prop_const's loops (the small folds are tract's).
+            if path.ends_with("residual.onnx") {
+                assert_eq!(folded, 2, "{path}");
+            }
         }
     }
 
