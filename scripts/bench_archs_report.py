@@ -6,7 +6,7 @@ import sys
 from collections import defaultdict
 from statistics import median
 
-from bench_report import machine
+from bench_report import machine, profile_tables
 
 
 def main() -> None:
@@ -62,17 +62,7 @@ def main() -> None:
         lines += ["", "## Where the time goes", "",
                   "Per-op profiles, one thread (`PROFILE=1`): tract's ops after optimization and ONNX Runtime's "
                   "kernels by ONNX op type. Milliseconds per inference, summed over the nodes of each kind."]
-        for name, m in prof.items():
-            t, o = m.get("bare"), m.get("onnxruntime")
-            if not t or not o:
-                continue
-            lines += ["", f"**{name}**", "", "| tract op | nodes | ms | | ORT op | nodes | ms |",
-                      "|---|---|---|---|---|---|---|"]
-            tp, op = t.get("profile", []), o.get("profile", [])
-            for i in range(max(len(tp), len(op))):
-                cells = lambda p: [p["op"], str(p["nodes"]), f"{p['ms']:.3f}"] if p else ["", "", ""]  # noqa: E731
-                lines.append("| " + " | ".join(cells(tp[i] if i < len(tp) else None) + [""]
-                                               + cells(op[i] if i < len(op) else None)) + " |")
+        lines += profile_tables(prof)
 
     notes = __file__.replace("bench_archs_report.py", "bench_archs_notes.md")
     lines += ["", open(notes).read().rstrip()]

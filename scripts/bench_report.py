@@ -42,6 +42,24 @@ def machine() -> list:
     ]
 
 
+def profile_tables(prof) -> list:
+    """One table per model of tract's ops (its `bare` run) beside ONNX
+    Runtime's op types, from the runs recorded with `--profile`."""
+    lines = []
+    for name, m in prof.items():
+        t, o = m.get("bare"), m.get("onnxruntime")
+        if not t or not o:
+            continue
+        lines += ["", f"**{name}**", "", "| tract op | nodes | ms | | ORT op | nodes | ms |", "|---|---|---|---|---|---|---|"]
+        tp, op = t.get("profile", []), o.get("profile", [])
+        for i in range(max(len(tp), len(op))):
+            a = tp[i] if i < len(tp) else None
+            b = op[i] if i < len(op) else None
+            cells = lambda p: [p["op"], str(p["nodes"]), f"{p['ms']:.3f}"] if p else ["", "", ""]  # noqa: E731
+            lines.append("| " + " | ".join(cells(a) + [""] + cells(b)) + " |")
+    return lines
+
+
 def main() -> None:
     results, out_md = sys.argv[1], sys.argv[2]
     runs = defaultdict(dict)
@@ -190,17 +208,7 @@ def main() -> None:
                   "Per-op profiles, one thread: tract's ops after optimization (`edge-agent bench --profile`, "
                   "a timer around every node of the plan) and ONNX Runtime's kernels by ONNX op type (its own profiler). "
                   "Milliseconds per inference, summed over the nodes of each kind."]
-        for name, m in prof.items():
-            t, o = m.get("bare"), m.get("onnxruntime")
-            if not t or not o:
-                continue
-            lines += ["", f"**{name}**", "", "| tract op | nodes | ms | | ORT op | nodes | ms |", "|---|---|---|---|---|---|---|"]
-            tp, op = t.get("profile", []), o.get("profile", [])
-            for i in range(max(len(tp), len(op))):
-                a = tp[i] if i < len(tp) else None
-                b = op[i] if i < len(op) else None
-                cells = lambda p: [p["op"], str(p["nodes"]), f"{p['ms']:.3f}"] if p else ["", "", ""]  # noqa: E731
-                lines.append("| " + " | ".join(cells(a) + [""] + cells(b)) + " |")
+        lines += profile_tables(prof)
 
     native = levers.get("-C target-cpu=native", {})
     if native:
