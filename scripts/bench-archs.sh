@@ -19,25 +19,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-python3 -m pip install -q -r scripts/requirements.txt
-
-echo "==> building edge-agent and fleetctl (release)"
-cargo build --release --locked -p edge-agent -p fleetctl --bin edge-agent --bin fleetctl
-target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-agent="$target_dir/release/edge-agent"
-fleetctl="$target_dir/release/fleetctl"
-
-work=$(mktemp -d -t edgefleet-archs.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+# shellcheck source=scripts/bench_common.sh
+. scripts/bench_common.sh
+bench_setup archs
 # shellcheck disable=SC2086
 python3 scripts/make_arch_models.py --out "$work/models" ${ONLY:+--only $ONLY}
 "$fleetctl" keygen --out "$work/k" >/dev/null
-results="$work/results.jsonl"
-scale=${ITER_SCALE:-1}
-
-record() { # name lever
-  python3 -c "import json,sys; d=json.load(sys.stdin); d['bench']='$1'; d['lever']='$2'; print(json.dumps(d))" >>"$results"
-}
 
 for dir in "$work"/models/*/; do
   name=$(basename "$dir")

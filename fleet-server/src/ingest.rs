@@ -160,16 +160,16 @@ pub fn apply(fleet: &Fleet, device: &str, msg: Message, now: u64) -> Result<Vec<
     if let Message::Telemetry(t) = &msg {
         d.remember(t);
     }
-    if let Message::Report(r) = msg {
-        // A report a standby stored may be applied after a newer one the
-        // device made here: the device's newest word stands.
-        if d.rec.reported.as_ref().is_some_and(|old| old.at > r.at) {
-            return Ok(Vec::new());
-        }
-        return Ok(record_report(&mut d, device, *r));
-    }
     let live = &mut d.rec.live;
     let writes = match msg {
+        Message::Report(r) => {
+            // A report a standby stored may be applied after a newer one
+            // the device made here: the device's newest word stands.
+            if d.rec.reported.as_ref().is_some_and(|old| old.at > r.at) {
+                return Ok(Vec::new());
+            }
+            record_report(&mut d, device, *r)
+        }
         Message::State(s) => {
             live.online = Some(s.online);
             if s.online {
@@ -194,7 +194,6 @@ pub fn apply(fleet: &Fleet, device: &str, msg: Message, now: u64) -> Result<Vec<
                 vec![live]
             }
         }
-        Message::Report(_) => Vec::new(),
     };
     Ok(writes)
 }

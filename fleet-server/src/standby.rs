@@ -409,12 +409,7 @@ async fn report(State(f): State<Face>, req: Request) -> Response {
     };
     // A report too large for the inbox (the active server's limit is
     // `max_request_bytes`): the active server takes it.
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > REPORT_INBOX_BYTES) {
+    if crate::api::declared_length(req.headers()).is_some_and(|n| n > REPORT_INBOX_BYTES) {
         return not_serving(State(f), req).await;
     }
     if let Err(r) = spend(&local, &id) {

@@ -58,12 +58,7 @@ pub async fn push(
 ) -> ApiResult<Response> {
     let caller = s.allow(&headers, Action::PushBundle)?;
     let limit = s.config.http.max_bundle_bytes;
-    if headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .is_some_and(|n| n > limit)
-    {
+    if super::declared_length(&headers).is_some_and(|n| n > limit) {
         return Err(too_large(limit));
     }
     // Stream to a temporary file while hashing: memory stays flat.

@@ -144,6 +144,15 @@ pub fn random_id() -> ApiResult<String> {
     Ok(hex::encode(b))
 }
 
+/// The body length a request declares (`Content-Length`), if it declares
+/// a valid one; a chunked body declares none.
+pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
 /// Reads a body of at most `limit` bytes; bigger ones are refused with 413
 /// before they are buffered.
 pub async fn read_body(body: Body, headers: &HeaderMap, limit: u64) -> ApiResult<Vec<u8>> {
@@ -154,12 +163,7 @@ pub async fn read_body(body: Body, headers: &HeaderMap, limit: u64) -> ApiResult
             format!("request bodies are limited to {limit} bytes"),
         )
     };
-    if headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .is_some_and(|n| n > limit)
-    {
+    if declared_length(headers).is_some_and(|n| n > limit) {
         return Err(too_large());
     }
     let mut out = Vec::new();
