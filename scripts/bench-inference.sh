@@ -17,24 +17,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
-python3 -m pip install -q -r scripts/requirements.txt
-
-echo "==> building edge-agent and fleetctl (release)"
-cargo build --release --locked -p edge-agent -p fleetctl --bin edge-agent --bin fleetctl
-target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-agent="$target_dir/release/edge-agent"
-fleetctl="$target_dir/release/fleetctl"
-
-work=$(mktemp -d -t edgefleet-bench.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+# shellcheck source=scripts/bench_common.sh
+. scripts/bench_common.sh
+bench_setup bench
 "$fleetctl" keygen --out "$work/bench" >/dev/null
-results="$work/results.jsonl"
-scale=${ITER_SCALE:-1}
-
-# Appends one JSON result line tagged with the benchmark's name (and lever).
-record() { # name lever
-  python3 -c "import json,sys; d=json.load(sys.stdin); d['bench']='$1'; d['lever']='$2'; print(json.dumps(d))" >>"$results"
-}
 
 # name | model | golden dir | cases | iterations | extra pack flags
 models=(
@@ -103,7 +89,7 @@ for spec in "${models[@]}"; do
       for knob in TRACT_DISABLE_DIRECT_SPATIAL=1 TRACT_ENABLE_BLOCKED_CONV=1 \
         TRACT_LAZY_IM2COL_MIN_KERNEL=1 TRACT_LAZY_IM2COL_MIN_KERNEL=100 TRACT_AVGPOOL_SEPARABLE=1 \
         EDGEFLEET_DEPTHWISE=tract EDGEFLEET_POINTWISE=tract EDGEFLEET_CONV1X1=tract \
-        EDGEFLEET_CONV=tract; do
+        EDGEFLEET_CONV=tract EDGEFLEET_MAXPOOL=tract; do
         env "$knob" "$agent" bench --bundle "$bundle" --trust "$work/bench.pub" --iterations "$iters" \
           --json --mode bare | record "$name" "$knob"
       done

@@ -8,10 +8,10 @@
 //! - [`onnx_external`]: inlining an ONNX model's external weight files
 //!   (the packer; feature `onnx`).
 //! - [`depthwise`], [`conv1x1`], [`direct_conv`], [`direct_deconv`],
-//!   [`pointwise`], [`resize`]: ops of ours that replace tract's for
-//!   depthwise, 1×1, other dense and transposed convolutions (x86-64),
-//!   element-wise expressions such as hard-swish, and image resizing,
-//!   between declutter and codegen.
+//!   [`pointwise`], [`resize`], [`maxpool`]: ops of ours that replace
+//!   tract's for depthwise, 1×1, other dense and transposed convolutions
+//!   (x86-64), element-wise expressions such as hard-swish, image resizing
+//!   and max pooling, between declutter and codegen.
 //! - [`threads`]: intra-op parallelism ([`Threads`], `[engine] threads`).
 //! - [`error`]: [`RuntimeError`] and its stable reason codes.
 //!
@@ -25,6 +25,7 @@ pub mod direct_deconv;
 pub mod error;
 pub mod graph_ast;
 mod lowering;
+pub mod maxpool;
 pub mod model;
 mod nnef_ops;
 #[cfg(feature = "onnx")]

@@ -1,6 +1,6 @@
 //! What the runtime's lowerings ([`crate::depthwise`], [`crate::conv1x1`],
 //! [`crate::direct_conv`], [`crate::direct_deconv`], [`crate::pointwise`],
-//! [`crate::resize`]) share: when they run, and how an op of ours takes
+//! [`crate::resize`], [`crate::maxpool`]) share: when they run, and how an op of ours takes
 //! the place of a node and the chain after it.
 
 use tract_nnef::internal::*;

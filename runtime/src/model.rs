@@ -25,6 +25,7 @@ use crate::direct_conv;
 use crate::direct_deconv;
 use crate::error::{Result, RuntimeError};
 use crate::graph_ast;
+use crate::maxpool;
 use crate::optimizer;
 use crate::pointwise;
 use crate::resize;
@@ -371,6 +372,7 @@ impl Model {
             optimizer::drop_identity_casts(&mut optimized).map_err(load_err)?;
         }
         resize::lower(&mut optimized).map_err(load_err)?;
+        maxpool::lower(&mut optimized).map_err(load_err)?;
         depthwise::lower(&mut optimized).map_err(load_err)?;
         conv1x1::lower(&mut optimized).map_err(load_err)?;
         direct_conv::lower(&mut optimized).map_err(load_err)?;
