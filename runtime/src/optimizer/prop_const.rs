@@ -76,6 +76,12 @@ impl TypedPass for PropConst {
                 let wire =
                     patch.wire_node(&node.name, Const::new(value.into_arc_tensor())?, &[])?[0];
                 patch.shunt_outside(model, node.id.into(), wire)?;
+                // Its readers now read a constant: look at them again,
+                // wherever they are (a node a patch wired has a higher id
+                // than the original nodes that read it).
+                for inlet in &node.outputs[0].successors {
+                    self.from = self.from.min(inlet.node);
+                }
                 return Ok(Some(patch));
             }
         }
