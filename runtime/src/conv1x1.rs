@@ -135,6 +135,12 @@ pub(crate) struct Post {
 }
 
 impl Post {
+    /// The steps' functions, for an op's `info`: `Mul, Max, Min`.
+    pub(crate) fn names(post: &[Post]) -> String {
+        let names: Vec<String> = post.iter().map(|p| format!("{:?}", p.fun)).collect();
+        names.join(", ")
+    }
+
     /// Each step's function and values, as the loops read them.
     pub(crate) fn slices(post: &[Post]) -> TractResult<Vec<(PostFun, &[f32])>> {
         post.iter()
@@ -169,13 +175,12 @@ impl Op for Conv1x1 {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        let post: Vec<String> = self.post.iter().map(|p| format!("{:?}", p.fun)).collect();
         Ok(vec![format!(
             "{}x{} weights over {} values, then [{}], {:?}",
             self.m,
             self.k,
             self.n,
-            post.join(", "),
+            Post::names(&self.post),
             self.isa
         )])
     }

@@ -117,7 +117,6 @@ impl Op for DepthwiseRows {
 
     fn info(&self) -> TractResult<Vec<String>> {
         let g = &self.geometry;
-        let post: Vec<String> = self.post.iter().map(|p| format!("{:?}", p.fun)).collect();
         Ok(vec![format!(
             "{}x{} kernel, stride {}x{}, dilation {}x{}, pad {}x{}, {:?}, then [{}]",
             g.kh,
@@ -129,7 +128,7 @@ impl Op for DepthwiseRows {
             g.ph,
             g.pw,
             self.isa,
-            post.join(", ")
+            Post::names(&self.post)
         )])
     }
 

@@ -228,7 +228,6 @@ impl Op for DirectConv {
 
     fn info(&self) -> TractResult<Vec<String>> {
         let g = &self.geometry;
-        let post: Vec<String> = self.post.iter().map(|p| format!("{:?}", p.fun)).collect();
         Ok(vec![format!(
             "{}→{} channels, {}x{} kernel, strides {}x{}, dilations {}x{}, then [{}], {:?}",
             g.ci,
@@ -239,7 +238,7 @@ impl Op for DirectConv {
             g.sw,
             g.dh,
             g.dw,
-            post.join(", "),
+            Post::names(&self.post),
             self.isa
         )])
     }

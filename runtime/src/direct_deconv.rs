@@ -77,7 +77,6 @@ impl Op for DirectDeconv {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        let post: Vec<String> = self.post.iter().map(|p| format!("{:?}", p.fun)).collect();
         Ok(vec![format!(
             "{}→{} channels, strides {}x{}, {} phases with taps, then [{}], {:?}",
             self.base.ci,
@@ -85,7 +84,7 @@ impl Op for DirectDeconv {
             self.sh,
             self.sw,
             self.phases.len(),
-            post.join(", "),
+            Post::names(&self.post),
             self.isa
         )])
     }

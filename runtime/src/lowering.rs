@@ -45,6 +45,42 @@ pub(crate) fn replace<O: TypedOp + Clone>(
     Ok(found.len())
 }
 
+/// Replaces, in place (the same inputs, the same output), the op of every
+/// node whose op is a `T` for which `ours` gives one of ours. Returns how
+/// many.
+pub(crate) fn replace_ops<T: Op, O: TypedOp>(
+    model: &mut TypedModel,
+    ours: impl Fn(&TypedModel, usize, &T) -> TractResult<Option<O>>,
+) -> TractResult<usize> {
+    let mut replaced = 0;
+    for id in 0..model.nodes.len() {
+        let Some(theirs) = model.nodes[id].op_as::<T>() else {
+            continue;
+        };
+        if let Some(op) = ours(model, id, theirs)? {
+            model.nodes[id].op = Box::new(op);
+            replaced += 1;
+        }
+    }
+    Ok(replaced)
+}
+
+/// The output fact of an op of ours that reads an f32 tensor first and
+/// writes one of `shape`; `what` names the op in the error otherwise.
+pub(crate) fn f32_output(
+    inputs: &[&TypedFact],
+    shape: &[usize],
+    what: &str,
+) -> TractResult<TVec<TypedFact>> {
+    ensure!(
+        inputs
+            .first()
+            .is_some_and(|f| f.datum_type == f32::datum_type()),
+        "{what} takes f32"
+    );
+    Ok(tvec!(f32::fact(shape)))
+}
+
 /// The comparison the lowerings' tests share.
 #[cfg(test)]
 pub(crate) mod testing {

@@ -195,13 +195,7 @@ impl EvalOp for ResizeRows {
 
 impl TypedOp for ResizeRows {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        ensure!(
-            inputs
-                .first()
-                .is_some_and(|f| f.datum_type == f32::datum_type()),
-            "ResizeRows resizes f32"
-        );
-        Ok(tvec!(f32::fact(&*self.output_shape)))
+        crate::lowering::f32_output(inputs, &self.output_shape, "ResizeRows")
     }
 
     as_op!();
@@ -212,17 +206,7 @@ pub fn lower(model: &mut TypedModel) -> TractResult<usize> {
     if !enabled() {
         return Ok(0);
     }
-    let mut replaced = 0;
-    for id in 0..model.nodes.len() {
-        let Some(resize) = model.nodes[id].op_as::<Resize>() else {
-            continue;
-        };
-        if let Some(op) = rows_op(model, id, resize)? {
-            model.nodes[id].op = Box::new(op);
-            replaced += 1;
-        }
-    }
-    Ok(replaced)
+    crate::lowering::replace_ops(model, rows_op)
 }
 
 /// Unless `EDGEFLEET_RESIZE=tract`; not in builds with debug assertions
